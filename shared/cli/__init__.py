@@ -1,0 +1,201 @@
+"""The ``nichiiki`` command: start and stop the platform, and the operator's everyday tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import httpx
+
+from shared.kit.logging import configure_logging
+from shared.kit.settings import REPO_ROOT, SERVICE_PORTS, Settings, get_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nichiiki", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("start", help="start the whole platform (embedded stack by default)")
+    commands.add_parser("stop", help="stop the running platform")
+    commands.add_parser("status", help="show what runs and whether it is healthy")
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("services", nargs="*", help="services to migrate (default: all)")
+    commands.add_parser("topics", help="create every platform topic (idempotent)")
+    token = commands.add_parser("token", help="mint a development JWT")
+    token.add_argument("--role", required=True, choices=["resident", "staff", "partner", "admin"])
+    token.add_argument("--subject", default=None, help="the principal id (resident id, staff id...)")
+    token.add_argument("--municipality", default=None, help="staff: the municipality code")
+    token.add_argument("--partner", default=None, help="partner: the partner code (jal, ana...)")
+    token.add_argument("--hours", type=float, default=12.0)
+    dlq = commands.add_parser("dlq", help="dead letters")
+    dlq.add_argument("action", choices=["replay"])
+    dlq.add_argument("topic", help="the dead-letter topic, e.g. registration.residents.v1.dlq")
+    contracts = commands.add_parser("contracts", help="write JSON Schemas and AsyncAPI documents")
+    contracts.add_argument("--out", default=str(REPO_ROOT / "docs" / "contracts"))
+    test = commands.add_parser("test", help="run lint, types and the whole test suite")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    configure_logging("nichiiki", fmt="console", level=os.environ.get("NICHIIKI_LOG_LEVEL", "WARNING"))
+
+    if args.command == "start":
+        from shared.cli.platform import start_platform
+
+        return start_platform(settings)
+    if args.command == "stop":
+        return _stop(settings)
+    if args.command == "status":
+        return _status(settings)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(_wired(settings), args.services))
+    if args.command == "topics":
+        from shared.kit.kafka_admin import ensure_topics
+
+        created = asyncio.run(ensure_topics(_wired(settings)))
+        _out(f"{len(created)} topics created" if created else "every topic exists")
+        return 0
+    if args.command == "token":
+        return _token(settings, args)
+    if args.command == "dlq":
+        from shared.kit.dead_letters import replay_dead_letters
+
+        count = asyncio.run(replay_dead_letters(_wired(settings), args.topic))
+        _out(f"{count} dead letters replayed from {args.topic}")
+        return 0
+    if args.command == "contracts":
+        from pathlib import Path
+
+        from shared.contracts.catalog import write_documents
+
+        written = write_documents(Path(args.out))
+        _out(f"{len(written)} contract documents written to {args.out}")
+        return 0
+    if args.command == "test":
+        return _test(args.pytest_args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _wired(settings: Settings) -> Settings:
+    from shared.cli.platform import settings_for_running_platform
+
+    wired = settings_for_running_platform(settings)
+    if wired.kafka_bootstrap is None or wired.pg_dsn is None:
+        raise SystemExit("no running platform and no NICHIIKI_KAFKA_BOOTSTRAP / NICHIIKI_PG_DSN set: `nichiiki start`")
+    return wired
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _stop(settings: Settings) -> int:
+    from shared.cli.platform import read_run_file
+
+    running = read_run_file(settings)
+    if running is None:
+        _out("the platform is not running")
+        return 0
+    pid = int(running["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            _out("stopped")
+            return 0
+        time.sleep(0.2)
+    _out(f"the launcher (pid {pid}) did not stop within 60 s")
+    return 1
+
+
+def _status(settings: Settings) -> int:
+    from shared.cli.platform import read_run_file
+
+    running = read_run_file(settings)
+    if running is None:
+        _out("the platform is not running")
+        return 1
+    _out(f"launcher pid {running['pid']}")
+    for key, value in running["env"].items():
+        _out(f"  {key:<28} {value}")
+    healthy = True
+    for name, info in running["services"].items():
+        try:
+            ready = httpx.get(f"{info['url']}/readyz", timeout=2).json()
+            state = "ready" if ready.get("ready") else f"NOT READY {ready.get('checks')}"
+        except httpx.HTTPError as error:
+            state = f"DOWN ({error.__class__.__name__})"
+        healthy = healthy and state == "ready"
+        _out(f"  {name:<16} {info['url']:<24} pid {info['pid']:<8} {state}")
+    return 0 if healthy else 1
+
+
+async def _migrate(settings: Settings, services: list[str]) -> int:
+    from shared.kit.migrations import migrate_service
+    from shared.kit.settings import with_database
+
+    for name in services or list(SERVICE_PORTS):
+        folder = REPO_ROOT / "services" / name / "migrations"
+        if not folder.exists():
+            continue
+        applied = await migrate_service(
+            settings.database_dsn(name), with_database(settings.pg_dsn or "", "postgres"),
+            settings.database_name(name), folder,
+        )
+        _out(f"{name:<16} {len(applied)} migrations applied")
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    import uuid
+
+    from shared.kit.auth import Role, mint_token
+
+    role = Role(args.role)
+    subject = args.subject or {
+        Role.RESIDENT: str(uuid.uuid4()), Role.STAFF: f"staff-{args.municipality}",
+        Role.PARTNER: f"partner-{args.partner}", Role.ADMIN: "admin",
+    }[role]
+    try:
+        token = mint_token(
+            settings, subject=subject, role=role, municipality=args.municipality, partner=args.partner,
+            ttl=timedelta(hours=args.hours),
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    _out(token)
+    sys.stderr.write(json.dumps({"subject": subject, "role": role.value}) + "\n")
+    return 0
+
+
+def _test(pytest_args: list[str]) -> int:
+    """Lint, type-check, then every test; the first failure decides the exit code."""
+    python = sys.executable
+    typed = [d for d in ("shared", "services", "tests", "bench") if any((REPO_ROOT / d).rglob("*.py"))]
+    steps = [
+        ("ruff", [python, "-m", "ruff", "check", "."]),
+        ("mypy", [python, "-m", "mypy", *typed]),
+        ("pytest", [python, "-m", "pytest", *(pytest_args or ["-q"])]),
+    ]
+    for name, command in steps:
+        sys.stderr.write(f"==> {name}\n")
+        result = subprocess.run(command, cwd=REPO_ROOT, check=False)
+        if result.returncode != 0:
+            sys.stderr.write(f"==> {name} failed (exit {result.returncode})\n")
+            return result.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

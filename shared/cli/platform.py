@@ -1,0 +1,195 @@
+"""``nichiiki start``: the whole platform on one machine, until Ctrl-C.
+
+Backends first (embedded unless the environment names external servers), then the SMTP sink,
+topics, and every service as its own process; a summary when all are ready. Ctrl-C (or
+``nichiiki stop`` from another terminal) stops the services gracefully, then the backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from shared.cli.processes import ServiceProcess, available_services
+from shared.kit.kafka_admin import ensure_topics
+from shared.kit.settings import REPO_ROOT, SERVICE_PORTS, Settings
+from shared.stack.backends import PLATFORM_PORTS, Backends, start_backends
+from shared.stack.ports import wait_for_port
+
+log = structlog.get_logger("nichiiki")
+
+
+def run_file(settings: Settings) -> Path:
+    return settings.state_dir / "run.json"
+
+
+def read_run_file(settings: Settings) -> dict[str, Any] | None:
+    path = run_file(settings)
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        os.kill(int(data["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # a stale file from a launcher that died
+    return data
+
+
+def settings_for_running_platform(settings: Settings) -> Settings:
+    """Settings that point at the running platform's servers when the environment names none."""
+    running = read_run_file(settings)
+    if running is None:
+        return settings
+    env = running["env"]
+    return settings.model_copy(update={
+        "kafka_bootstrap": settings.kafka_bootstrap or env["NICHIIKI_KAFKA_BOOTSTRAP"],
+        "pg_dsn": settings.pg_dsn or env["NICHIIKI_PG_DSN"],
+        "redis_url": settings.redis_url or env["NICHIIKI_REDIS_URL"],
+        "smtp_url": settings.smtp_url or env.get("NICHIIKI_SMTP_URL"),
+    })
+
+
+class Platform:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir
+        self.logs = self.state_dir / "logs"
+        self.backends: Backends | None = None
+        self.smtp: subprocess.Popen[bytes] | None = None
+        self.services: list[ServiceProcess] = []
+
+    def start(self) -> None:
+        started = time.monotonic()
+        if read_run_file(self.settings) is not None:
+            raise SystemExit(f"the platform is already running (see {run_file(self.settings)}); `nichiiki stop` first")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        _step("backends", "starting broker, PostgreSQL and Redis (embedded unless set in the environment)")
+        self.backends = start_backends(self.state_dir, self.settings, fixed_ports=True)
+        for name, where in self.backends.describe().items():
+            _step(name, where)
+        env = self.backends.env()
+        env["NICHIIKI_STATE_DIR"] = str(self.state_dir)
+        env["NICHIIKI_SMTP_URL"] = self.settings.smtp_url or self._start_smtp_sink()
+        env["NICHIIKI_LOG_FORMAT"] = os.environ.get("NICHIIKI_LOG_FORMAT", "json")
+        _step("smtp", env["NICHIIKI_SMTP_URL"] + ("" if self.settings.smtp_url else f" (sink: {self.mailbox})"))
+        wired = replace_settings(self.settings, env)
+        created = asyncio.run(ensure_topics(wired))
+        _step("topics", f"{len(created)} created" if created else "all present")
+        self._write_run_file(env)
+        for name in available_services():
+            process = ServiceProcess(name, SERVICE_PORTS[name], env, self.logs / f"{name}.log")
+            process.start()
+            self.services.append(process)
+            _step(name, f"starting (pid {process.pid})")
+        for process in self.services:
+            process.wait_ready()
+            _step(process.name, f"ready at {process.url}  (OpenAPI {process.url}/docs)")
+        self._write_run_file(env)
+        _summary(self, env, time.monotonic() - started)
+
+    @property
+    def mailbox(self) -> Path:
+        return self.state_dir / "mailbox"
+
+    def _start_smtp_sink(self) -> str:
+        port = PLATFORM_PORTS["smtp"]
+        with (self.logs / "smtp.log").open("ab") as log_file:
+            self.smtp = subprocess.Popen(
+                [sys.executable, "-m", "shared.stack.smtp_sink", "--dir", str(self.mailbox), "--port", str(port)],
+                cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_for_port("127.0.0.1", port, timeout=10)
+        return f"smtp://127.0.0.1:{port}"
+
+    def _write_run_file(self, env: dict[str, str]) -> None:
+        run_file(self.settings).write_text(json.dumps({
+            "pid": os.getpid(),
+            "env": env,
+            "services": {p.name: {"pid": p.pid, "url": p.url, "log": str(p.log_path)} for p in self.services},
+            "mailbox": str(self.mailbox),
+        }, indent=2))
+
+    def wait(self) -> None:
+        """Block until Ctrl-C / SIGTERM, watching that the services stay up."""
+        stop = False
+
+        def request_stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        reported: set[str] = set()
+        while not stop:
+            for process in self.services:
+                if not process.is_running() and process.name not in reported:
+                    reported.add(process.name)
+                    _step(process.name, f"EXITED — see {process.log_path}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        for process in reversed(self.services):
+            _step(process.name, "stopping")
+            process.stop()
+        if self.smtp is not None and self.smtp.poll() is None:
+            self.smtp.terminate()
+            self.smtp.wait(5)
+        if self.backends is not None:
+            _step("backends", "stopping")
+            self.backends.stop()
+        run_file(self.settings).unlink(missing_ok=True)
+        _step("platform", "stopped")
+
+
+def replace_settings(settings: Settings, env: dict[str, str]) -> Settings:
+    return settings.model_copy(update={
+        "kafka_bootstrap": env["NICHIIKI_KAFKA_BOOTSTRAP"], "pg_dsn": env["NICHIIKI_PG_DSN"],
+        "redis_url": env["NICHIIKI_REDIS_URL"], "smtp_url": env.get("NICHIIKI_SMTP_URL"),
+    })
+
+
+def _step(what: str, message: str) -> None:
+    sys.stderr.write(f"  {what:<16} {message}\n")
+    sys.stderr.flush()
+
+
+def _summary(platform: Platform, env: dict[str, str], seconds: float) -> None:
+    lines = [
+        "",
+        f"Nichiiki is running ({seconds:.1f} s to start). Ctrl-C or `./nichiiki stop` stops everything.",
+        "",
+        *(f"  {p.name:<16} {p.url}/docs" for p in platform.services),
+        "",
+        f"  kafka            {env['NICHIIKI_KAFKA_BOOTSTRAP']}",
+        f"  postgres         {env['NICHIIKI_PG_DSN']}",
+        f"  redis            {env['NICHIIKI_REDIS_URL']}",
+        f"  smtp             {env['NICHIIKI_SMTP_URL']}",
+        f"  logs             {platform.logs}/",
+        f"  mailbox          {platform.mailbox}/",
+        "",
+        "  Try: ./nichiiki status   ./nichiiki token --role staff --municipality 304018",
+        "",
+    ]
+    sys.stderr.write("\n".join(lines) + "\n")
+
+
+def start_platform(settings: Settings) -> int:
+    platform = Platform(settings)
+    try:
+        platform.start()
+        platform.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        platform.stop()
+    return 0
+

@@ -1,0 +1,100 @@
+"""Every topic of the platform, named once: partitions, key, who writes and who reads it.
+
+Partner feeds are one topic per partner (``partner.<code>.v1``), compacted and keyed by
+certificate number, so a partner's consumer always converges on the latest record (or the
+tombstone) per certificate. Every consumed topic has a dead-letter twin ``<topic>.dlq``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DLQ_SUFFIX = ".dlq"
+
+#: The platform's services, the only consumers that park dead letters.
+SERVICES: tuple[str, ...] = (
+    "registration", "certification", "subsidy", "donation", "notification", "partner_gateway",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    name: str
+    partitions: int
+    key: str
+    producer: str
+    consumers: tuple[str, ...] = ()
+    compacted: bool = False
+    description: str = ""
+
+    @property
+    def dlq(self) -> str:
+        return self.name + DLQ_SUFFIX
+
+
+RESIDENTS = Topic(
+    "registration.residents.v1", 4, "resident id", "registration",
+    ("certification", "notification", "partner_gateway"),
+    description="Residents, their furusato registrations, consents and withdrawal.",
+)
+APPLICATIONS = Topic(
+    "certification.applications.v1", 4, "application id", "certification", ("notification",),
+    description="Dual-resident applications: submitted, rejected.",
+)
+CERTIFICATES = Topic(
+    "certification.certificates.v1", 4, "certificate number", "certification",
+    ("subsidy", "notification", "partner_gateway"),
+    description="Certificates: issued, renewed, revoked, expiring, expired.",
+)
+GRANTS = Topic(
+    "subsidy.grants.v1", 4, "certificate number", "subsidy", ("notification", "partner_gateway"),
+    description="Travel grants: issued, waitlisted, redeemed, rejected redemptions, cancelled, expired.",
+)
+BUDGETS = Topic(
+    "subsidy.budgets.v1", 2, "program id", "subsidy", (),
+    description="Program budget changes (JPY and miles).",
+)
+DONATIONS = Topic(
+    "donation.donations.v1", 4, "municipality code", "donation", ("subsidy", "notification"),
+    description="Donations received, receipts issued, refunds, one-stop exception voided.",
+)
+DELIVERIES = Topic(
+    "notification.deliveries.v1", 2, "resident id", "notification", (),
+    description="What was sent to whom by which channel (no message body).",
+)
+REDEMPTIONS = Topic(
+    "partner.redemptions.v1", 4, "grant id", "partners", ("subsidy",),
+    description="Trips and redemptions reported by partners against a grant.",
+)
+
+#: Partners with a feed of their own (seeded from the travel programs reference data).
+PARTNER_CODES: tuple[str, ...] = ("jal", "ana", "jreast", "sadokisen", "kyushuyusen")
+
+
+def partner_feed(code: str) -> Topic:
+    return Topic(
+        f"partner.{code}.v1", 2, "certificate number", "partner_gateway", (code,), compacted=True,
+        description=f"What partner {code} may see: consented certificates and its grants.",
+    )
+
+
+CORE_TOPICS: tuple[Topic, ...] = (
+    RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, BUDGETS, DONATIONS, DELIVERIES, REDEMPTIONS,
+)
+PARTNER_TOPICS: tuple[Topic, ...] = tuple(partner_feed(code) for code in PARTNER_CODES)
+ALL_TOPICS: tuple[Topic, ...] = CORE_TOPICS + PARTNER_TOPICS
+
+
+def dead_letter_topics() -> tuple[Topic, ...]:
+    return tuple(
+        Topic(t.dlq, 1, "original key", ",".join(t.consumers), description=f"Dead letters of {t.name}.")
+        for t in ALL_TOPICS
+        if any(consumer in SERVICES for consumer in t.consumers)
+    )
+
+
+def topic_by_name(name: str) -> Topic:
+    for topic in ALL_TOPICS + dead_letter_topics():
+        if topic.name == name:
+            return topic
+    raise KeyError(name)

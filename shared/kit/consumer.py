@@ -1,0 +1,280 @@
+"""Consuming events: envelope → inbox → handler → outbox, one transaction per batch.
+
+The FastStream subscriber fetches a batch (manual acks, a named group, from the earliest offset)
+and the offsets are committed only after the batch's transaction commits. Records are handled in
+fetch order, so per-key (per-partition) order holds. Faults are sorted three ways:
+
+- transient (database or broker away): the whole batch is retried with backoff, forever;
+- a record that cannot be read (headers, JSON, contract): parked on ``<topic>.dlq`` at once;
+- a handler that fails: retried a few times, then parked on ``<topic>.dlq`` with the reason.
+
+Parking is itself transactional: the dead letter goes through the outbox and the inbox row is
+marked 'parked', so a parked event is neither lost nor applied, and a replay applies it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+import structlog
+from aiokafka import ConsumerRecord
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+
+from shared.contracts.base import EventData
+from shared.contracts.topics import DLQ_SUFFIX, Topic
+from shared.kit import inbox
+from shared.kit.db import Connection
+from shared.kit.envelope import Envelope, EnvelopeError, new_envelope, parse_envelope
+from shared.kit.errors import DomainError, is_transient
+from shared.kit.logging import bound_context
+from shared.kit.outbox import Outbox, OutgoingRecord
+from shared.kit.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+D = TypeVar("D", bound=EventData)
+Handler = Callable[["HandlerContext", Any], Awaitable[None]]
+
+DLQ_HEADERS = ("dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time")
+
+
+@dataclass(slots=True)
+class HandlerContext:
+    """What a handler gets: the open transaction, the incoming envelope and a way to emit events."""
+
+    conn: Connection
+    envelope: Envelope
+    outbox: Outbox
+    service: str
+    settings: Settings
+
+    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
+        """Record an outgoing event caused by the one being handled (same transaction)."""
+        envelope = new_envelope(
+            self.service, data, subject=subject, key=key,
+            correlation_id=self.envelope.correlation_id or str(self.envelope.id),
+            causation_id=str(self.envelope.id),
+        )
+        await self.outbox.add(self.conn, self.settings.topic(topic.name), envelope)
+        return envelope
+
+
+class EventRouter:
+    """Which handler applies which event type; other types on the same topics are skipped."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, tuple[type[EventData], Handler]] = {}
+
+    def on(self, *models: type[EventData]) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            for model in models:
+                if model.event_type in self._routes:
+                    raise ValueError(f"{model.event_type} already has a handler")
+                self._routes[model.event_type] = (model, handler)
+            return handler
+
+        return register
+
+    def route(self, event_type: str) -> tuple[type[EventData], Handler] | None:
+        return self._routes.get(event_type)
+
+    @property
+    def event_types(self) -> list[str]:
+        return sorted(self._routes)
+
+
+@dataclass
+class ConsumerStats:
+    batches: int = 0
+    handled: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    parked: int = 0
+    retries: int = 0
+    last_batch_at: float = field(default=0.0)
+
+
+class EventConsumer:
+    """One consumer group of one service over a set of topics."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        outbox: Outbox,
+        router: EventRouter,
+        topics: Sequence[Topic],
+        name: str | None = None,
+    ) -> None:
+        self.service = service
+        self.name = name or service
+        self.settings = settings
+        self.pool = pool
+        self.outbox = outbox
+        self.router = router
+        self.topics = [settings.topic(topic.name) for topic in topics]
+        self.group_id = settings.topic(f"nichiiki.{self.name}")
+        self.stats = ConsumerStats()
+        self._stopping = False
+
+    def attach(self, broker: KafkaBroker) -> None:
+        s = self.settings
+        broker.subscriber(
+            *self.topics,
+            group_id=self.group_id,
+            batch=True,
+            max_records=s.consumer_batch_size,
+            batch_timeout_ms=25,
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_keep_raw_records,
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
+            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+            title=f"{self.name}:{','.join(self.topics)}",
+        )(self._on_batch)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def _on_batch(self, msg: KafkaMessage) -> None:
+        records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
+        try:
+            await self.handle_batch(records)
+        except BaseException:
+            await msg.nack()  # rewind: the records come again, nothing is committed past them
+            raise
+        await msg.ack()
+
+    async def handle_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Apply a batch exactly once, retrying transient faults until they clear."""
+        backoff = 0.05
+        while True:
+            try:
+                try:
+                    await self._apply(records, isolate=False)
+                except Exception as error:
+                    if is_transient(error):
+                        raise
+                    # Some record fails: run again with a savepoint per record to find it.
+                    await self._apply(records, isolate=True)
+                self.stats.batches += 1
+                self.stats.last_batch_at = time.monotonic()
+                return
+            except Exception as error:
+                if not is_transient(error) or self._stopping:
+                    raise
+                self.stats.retries += 1
+                log.warning("batch hit a transient fault, retrying", error=repr(error), backoff_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _apply(self, records: Sequence[ConsumerRecord[bytes, bytes]], *, isolate: bool) -> None:
+        counts = ConsumerStats()
+        async with self.pool.acquire() as conn, conn.transaction():
+            for record in records:
+                await self._apply_record(conn, record, isolate=isolate, counts=counts)
+        self.stats.handled += counts.handled
+        self.stats.duplicates += counts.duplicates
+        self.stats.skipped += counts.skipped
+        self.stats.parked += counts.parked
+
+    async def _apply_record(
+        self, conn: Connection, record: ConsumerRecord[bytes, bytes], *, isolate: bool, counts: ConsumerStats
+    ) -> None:
+        try:
+            envelope = parse_envelope(record.headers, record.value, record.key)
+        except EnvelopeError as error:
+            await self._park(conn, record, str(error), None)
+            counts.parked += 1
+            return
+        route = self.router.route(envelope.type)
+        if route is None:
+            counts.skipped += 1
+            return
+        if not await inbox.claim(conn, self.name, envelope.id, record.topic):
+            counts.duplicates += 1
+            return
+        model, handler = route
+        context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings)
+        with bound_context(
+            event_id=str(envelope.id), event_type=envelope.type,
+            correlation_id=envelope.correlation_id or str(envelope.id),
+        ):
+            if not isolate:
+                await handler(context, envelope.decode(model))
+                counts.handled += 1
+                return
+            reason = await self._apply_isolated(conn, envelope, model, handler, context)
+            if reason is None:
+                counts.handled += 1
+                return
+            log.error("event parked on the dead-letter topic", reason=reason, topic=record.topic)
+            await inbox.mark_parked(conn, self.name, envelope.id)
+            await self._park(conn, record, reason, envelope)
+            counts.parked += 1
+
+    async def _apply_isolated(
+        self, conn: Connection, envelope: Envelope, model: type[EventData], handler: Handler,
+        context: HandlerContext,
+    ) -> str | None:
+        """Run the handler in a savepoint, retrying it; return the reason it finally failed, if it did."""
+        for attempt in range(1, self.settings.consumer_max_attempts + 1):
+            try:
+                async with conn.transaction():
+                    await handler(context, envelope.decode(model))
+                return None
+            except (EnvelopeError, DomainError) as error:
+                return f"{type(error).__name__}: {error}"  # a retry cannot change the verdict
+            except Exception as error:
+                if is_transient(error):
+                    raise
+                if attempt == self.settings.consumer_max_attempts:
+                    return f"{type(error).__name__}: {error} (after {attempt} attempts)"
+                log.warning("handler failed, retrying", error=repr(error), attempt=attempt)
+                await asyncio.sleep(0.02 * 2**attempt)
+        return None  # unreachable: the loop returns
+
+    async def _park(
+        self, conn: Connection, record: ConsumerRecord[bytes, bytes], reason: str, envelope: Envelope | None
+    ) -> None:
+        headers = [(k, v) for k, v in record.headers if k not in DLQ_HEADERS]
+        headers += [
+            ("dlq_reason", reason[:2000].encode()),
+            ("dlq_service", self.name.encode()),
+            ("dlq_topic", record.topic.encode()),
+            ("dlq_partition", str(record.partition).encode()),
+            ("dlq_offset", str(record.offset).encode()),
+            ("dlq_time", datetime.now(UTC).isoformat().encode()),
+        ]
+        await self.outbox.add_record(
+            conn,
+            OutgoingRecord(
+                record.topic + DLQ_SUFFIX, record.key, headers, record.value or b"",
+                str(uuid.uuid4()),
+            ),
+        )
+
+
+async def _keep_raw_records(msg: Any, original: Any = None) -> Any:
+    """Hand the handler the raw records: a poison record must reach us to be parked."""
+    return msg.raw_message
+
+
+def dead_letter_origin(headers: Sequence[tuple[str, bytes]]) -> tuple[str, list[tuple[str, bytes]]]:
+    """The original topic of a dead letter and its original headers (for replay)."""
+    origin = dict(headers).get("dlq_topic")
+    if origin is None:
+        raise ValueError("record has no dlq_topic header: not a dead letter")
+    return origin.decode(), [(k, v) for k, v in headers if k not in DLQ_HEADERS]

@@ -1,0 +1,68 @@
+"""What can go wrong, classified once for the whole platform.
+
+``DomainError`` is a rule the user broke: HTTP maps it to a problem+json response by its
+``code`` and ``status``; a consumer parks the event on the DLQ with it as the reason.
+``is_transient`` says whether retrying later can succeed (database or broker unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from typing import Any, ClassVar
+
+import asyncpg
+from aiokafka.errors import KafkaError
+
+
+class DomainError(Exception):
+    """A broken business rule. Subclasses set ``code`` (machine-readable) and ``status``."""
+
+    code: ClassVar[str] = "domain-error"
+    status: ClassVar[int] = 422
+    title: ClassVar[str] = "The request breaks a rule"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class NotFound(DomainError):
+    code = "not-found"
+    status = 404
+    title = "Not found"
+
+
+class Conflict(DomainError):
+    code = "conflict"
+    status = 409
+    title = "Conflicts with the current state"
+
+
+class Forbidden(DomainError):
+    code = "forbidden"
+    status = 403
+    title = "Not allowed for this principal"
+
+
+_TRANSIENT_PG = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.LockNotAvailableError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for faults of infrastructure that may clear by themselves; never for a broken rule."""
+    if isinstance(error, DomainError):
+        return False
+    if isinstance(error, (*_TRANSIENT_PG, KafkaError, TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    return isinstance(error, OSError) and error.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE)

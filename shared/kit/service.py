@@ -1,0 +1,206 @@
+"""The composition root every service shares: database, migrations, broker, outbox relay, consumers.
+
+A service builds one ``ServiceRuntime`` with its migrations folder and its consumers, and hands
+``runtime.lifespan`` to its FastAPI app. Start order: database and migrations, topics, producer
+and outbox relay, then consumers. Stop order is the reverse, so in-flight batches finish and
+commit before the connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI
+from faststream.kafka import KafkaBroker
+
+from shared.contracts.base import EventData
+from shared.contracts.topics import Topic
+from shared.kit.consumer import EventConsumer, EventRouter
+from shared.kit.db import Connection
+from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.http import Readiness
+from shared.kit.kafka_admin import ensure_topics
+from shared.kit.migrations import migrate_service
+from shared.kit.outbox import Outbox, OutboxRelay, notify_channel
+from shared.kit.settings import Settings, get_settings, with_database
+
+log = structlog.get_logger(__name__)
+
+BackgroundTask = Callable[["ServiceRuntime"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    router: EventRouter
+    topics: Sequence[Topic]
+    name: str | None = None
+
+
+@dataclass
+class UnitOfWork:
+    """One transaction of an HTTP use case: state changes and outgoing events commit together."""
+
+    conn: Connection
+    runtime: ServiceRuntime
+    correlation_id: str | None = None
+    emitted: list[Envelope] = field(default_factory=list)
+
+    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
+        envelope = new_envelope(
+            self.runtime.service, data, subject=subject, key=key, correlation_id=self.correlation_id
+        )
+        await self.runtime.outbox.add(self.conn, self.runtime.settings.topic(topic.name), envelope)
+        self.emitted.append(envelope)
+        return envelope
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        service: str,
+        *,
+        migrations: Path,
+        consumers: Sequence[ConsumerSpec] = (),
+        background: Sequence[BackgroundTask] = (),
+        settings: Settings | None = None,
+        pool_size: int = 10,
+    ) -> None:
+        self.service = service
+        self.settings = settings or get_settings()
+        self.migrations = migrations
+        self.consumer_specs = consumers
+        self.background = background
+        self.pool_size = pool_size
+        self.dsn = self.settings.database_dsn(service)
+        self.outbox = Outbox(notify_channel(self.settings.database_name(service)))
+        self.readiness = Readiness()
+        self.consumers: list[EventConsumer] = []
+        self.state: dict[str, Any] = {}  # service-specific singletons (redis client, caches...)
+        self._pool: asyncpg.Pool | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._broker: KafkaBroker | None = None
+        self._relay: OutboxRelay | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError(f"{self.service} runtime is not started")
+        return self._pool
+
+    @property
+    def relay(self) -> OutboxRelay:
+        if self._relay is None:
+            raise RuntimeError(f"{self.service} runtime is not started")
+        return self._relay
+
+    async def start(self) -> None:
+        s = self.settings
+        admin_dsn = with_database(s.pg_dsn or "", "postgres")
+        applied = await migrate_service(self.dsn, admin_dsn, s.database_name(self.service), self.migrations)
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=self.pool_size)
+        await ensure_topics(s)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.require_kafka(), acks="all", linger_ms=2, max_batch_size=256 * 1024,
+            request_timeout_ms=10_000, retry_backoff_ms=100,
+        )
+        await self._producer.start()
+        self._relay = OutboxRelay(
+            self.dsn, self.outbox.channel, self._producer,
+            batch_size=s.outbox_batch_size, poll_interval_s=s.outbox_poll_interval_s,
+            recover=self._recreate_topics,
+        )
+        self._spawn(self._relay.run(), "outbox-relay")
+        if self.consumer_specs:
+            self._broker = KafkaBroker(s.require_kafka(), logger=None)
+            for spec in self.consumer_specs:
+                consumer = EventConsumer(
+                    service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
+                    router=spec.router, topics=spec.topics, name=spec.name,
+                )
+                consumer.attach(self._broker)
+                self.consumers.append(consumer)
+            await self._broker.start()
+        for task in self.background:
+            self._spawn(task(self), getattr(task, "__name__", "background"))
+        self.readiness.checks["database"] = self._database_ready
+        self.readiness.checks["broker"] = self._broker_ready
+        log.info("service started", migrations_applied=len(applied), consumers=len(self.consumers))
+
+    async def stop(self) -> None:
+        for consumer in self.consumers:
+            consumer.stop()
+        if self._broker is not None:
+            await self._broker.stop()  # waits for the batch in hand to commit
+        if self._relay is not None:
+            self._relay.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=5)
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("service stopped")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        app.state.runtime = self
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, correlation_id: str | None = None) -> AsyncIterator[UnitOfWork]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield UnitOfWork(conn, self, correlation_id)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task failed", task=name)
+
+        self._tasks.append(asyncio.create_task(guarded(), name=f"{self.service}:{name}"))
+
+    async def _recreate_topics(self) -> None:
+        await ensure_topics(self.settings)
+
+    async def _database_ready(self) -> bool:
+        return bool(await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=2))
+
+    async def _broker_ready(self) -> bool:
+        if self._producer is None:
+            return False
+        await asyncio.wait_for(self._producer.client.force_metadata_update(), timeout=2)
+        return bool(self._producer.client.cluster.brokers())
+
+
+def serve(app: FastAPI, service: str, settings: Settings | None = None) -> None:
+    """Run one service's HTTP server (and with it, through the lifespan, its consumers and relay)."""
+    import uvicorn
+
+    from shared.kit.logging import configure_logging
+    from shared.kit.settings import SERVICE_PORTS
+
+    s = settings or get_settings()
+    configure_logging(service, fmt=s.log_format, level=s.log_level)
+    uvicorn.run(
+        app, host=s.http_host, port=s.http_port or SERVICE_PORTS[service],
+        log_config=None, access_log=False, timeout_graceful_shutdown=10,
+    )

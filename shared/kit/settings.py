@@ -1,0 +1,89 @@
+"""Platform settings: every knob is an environment variable with the ``NICHIIKI_`` prefix.
+
+Unset servers mean "the embedded default": the launcher starts its own broker, PostgreSQL and
+Redis and passes their addresses down to the services through these same variables.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Every service of the platform, in start-up order, with its local HTTP port.
+SERVICE_PORTS: dict[str, int] = {
+    "registration": 8101,
+    "certification": 8102,
+    "subsidy": 8103,
+    "donation": 8104,
+    "notification": 8105,
+    "partner_gateway": 8106,
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NICHIIKI_", extra="ignore")
+
+    kafka_bootstrap: str | None = None
+    pg_dsn: str | None = None
+    redis_url: str | None = None
+    smtp_url: str | None = None
+
+    #: Prefix of every service database; tests use a per-session prefix to stay isolated.
+    db_prefix: str = "nichiiki"
+    #: Prefix of every topic name and consumer group; tests isolate runs with it.
+    topic_prefix: str = ""
+
+    state_dir: Path = REPO_ROOT / ".state"
+    jwt_secret: str = Field(default="nichiiki-development-secret-change-me-0123456789", min_length=32)
+    jwt_issuer: str = "nichiiki"
+
+    log_format: str = "console"  # console | json
+    log_level: str = "INFO"
+
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    max_body_bytes: int = 64 * 1024
+
+    # Consumer tuning: a lone event must be handled in milliseconds, not after the
+    # client's default 500 ms fetch wait; the session timeout bounds group joins.
+    kafka_fetch_max_wait_ms: int = 20
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_interval_ms: int = 1_000
+    kafka_max_poll_interval_ms: int = 300_000
+    consumer_batch_size: int = 500
+    consumer_max_attempts: int = 3
+    outbox_batch_size: int = 500
+    outbox_poll_interval_s: float = 1.0
+
+    def database_dsn(self, service: str) -> str:
+        """The DSN of one service's own database, derived from the one platform DSN."""
+        if self.pg_dsn is None:
+            raise RuntimeError("NICHIIKI_PG_DSN is not set and no embedded PostgreSQL was started")
+        return with_database(self.pg_dsn, self.database_name(service))
+
+    def database_name(self, service: str) -> str:
+        return f"{self.db_prefix}_{service}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def require_kafka(self) -> str:
+        if self.kafka_bootstrap is None:
+            raise RuntimeError("NICHIIKI_KAFKA_BOOTSTRAP is not set and no embedded broker was started")
+        return self.kafka_bootstrap
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,130 @@
+"""Inbox and dead letters over the real broker and database."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+from faststream.kafka import KafkaBroker
+
+from shared.contracts.topics import Topic
+from shared.kit.consumer import EventConsumer, EventRouter, HandlerContext
+from shared.kit.dead_letters import replay_dead_letters
+from shared.kit.envelope import new_envelope
+from shared.kit.outbox import Outbox, OutboxRelay
+from shared.kit.settings import Settings
+from tests.support import Ping, eventually, fresh_database, fresh_topic, produce, read_topic
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    settings: Settings, topic: str, fail_on: set[int] | None = None
+) -> AsyncIterator[tuple[EventConsumer, asyncpg.Pool]]:
+    """A consumer that records each ping in a table; pings whose sequence is in ``fail_on`` fail."""
+    dsn = await fresh_database(settings, "consumer")
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    await pool.execute("CREATE TABLE pings (subject text, sequence int)")
+    router = EventRouter()
+
+    @router.on(Ping)
+    async def record_ping(ctx: HandlerContext, ping: Ping) -> None:
+        if fail_on is not None and ping.sequence in fail_on:
+            raise ValueError(f"cannot handle sequence {ping.sequence}")
+        await ctx.conn.execute("INSERT INTO pings VALUES ($1, $2)", ping.subject, ping.sequence)
+
+    outbox = Outbox("outbox_consumer_test")
+    # The consumer's topic names are already prefixed: hand it an unprefixed Topic.
+    unprefixed = Topic(topic.removeprefix(settings.topic_prefix), 3, "key", "tests")
+    consumer = EventConsumer(
+        service="tests", settings=settings, pool=pool, outbox=outbox, router=router, topics=[unprefixed],
+        name=f"tests-{topic}",
+    )
+    broker = KafkaBroker(settings.kafka_bootstrap, logger=None)
+    consumer.attach(broker)
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    relay = OutboxRelay(dsn, outbox.channel, producer, poll_interval_s=0.05)
+    import asyncio
+
+    relay_task = asyncio.create_task(relay.run())
+    await broker.start()
+    try:
+        yield consumer, pool
+    finally:
+        await broker.stop()
+        relay.stop()
+        await relay_task
+        await producer.stop()
+        await pool.close()
+
+
+def ping_record(subject: str, sequence: int) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    envelope = new_envelope("tests", Ping(subject=subject, sequence=sequence), subject=subject)
+    return envelope.key, envelope.data, envelope.headers()
+
+
+async def test_the_same_event_twice_applies_once(settings: Settings) -> None:
+    topic = await fresh_topic(settings)
+    async with consuming(settings, topic) as (consumer, pool):
+        twice = ping_record("r-1", 1)
+        await produce(settings, topic, [twice, twice, ping_record("r-1", 2), twice])
+
+        async def applied() -> bool:
+            return consumer.stats.handled + consumer.stats.duplicates >= 4
+
+        await eventually(applied)
+        rows = await pool.fetch("SELECT subject, sequence FROM pings ORDER BY sequence")
+        assert [(r["subject"], r["sequence"]) for r in rows] == [("r-1", 1), ("r-1", 2)]
+        assert consumer.stats.duplicates == 2
+        assert await pool.fetchval("SELECT count(*) FROM inbox WHERE status = 'done'") == 2
+
+
+async def test_a_poison_record_is_parked_with_its_reason_and_the_stream_moves_on(settings: Settings) -> None:
+    topic = await fresh_topic(settings)
+    async with consuming(settings, topic) as (consumer, pool):
+        key, _, headers = ping_record("r-2", 1)
+        await produce(settings, topic, [(key, b"{not json", headers), ping_record("r-2", 2)])
+
+        async def next_one_applied() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 2"))
+
+        await eventually(next_one_applied)
+        dead = await read_topic(settings, topic + ".dlq", until=lambda r: len(r) >= 1)
+        assert len(dead) == 1
+        headers_of_dead = dict(dead[0].headers)
+        assert b"does not match" in headers_of_dead["dlq_reason"]
+        assert headers_of_dead["dlq_service"] == f"tests-{topic}".encode()
+        assert headers_of_dead["dlq_topic"] == topic.encode()
+        assert headers_of_dead["ce_type"] == b"jp.nichiiki.tests.ping.v1"  # original headers kept
+        assert dead[0].value == b"{not json"
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_after_the_fix(
+    settings: Settings,
+) -> None:
+    topic = await fresh_topic(settings)
+    failing = {13}
+    async with consuming(settings, topic, fail_on=failing) as (consumer, pool):
+        await produce(settings, topic, [ping_record("r-3", 12), ping_record("r-3", 13), ping_record("r-3", 14)])
+
+        async def others_applied() -> bool:
+            return await pool.fetchval("SELECT count(*) FROM pings") == 2 and consumer.stats.parked == 1
+
+        await eventually(others_applied)
+        dead = await read_topic(settings, topic + ".dlq", until=lambda r: len(r) >= 1)
+        assert b"cannot handle sequence 13 (after 3 attempts)" in dict(dead[0].headers)["dlq_reason"]
+        assert await pool.fetchval("SELECT status FROM inbox WHERE topic = $1 AND status = 'parked'", topic)
+
+        failing.clear()  # the fix is deployed
+        assert await replay_dead_letters(settings, topic + ".dlq") == 1
+
+        async def replayed() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 13"))
+
+        await eventually(replayed)
+        assert await pool.fetchval("SELECT count(*) FROM inbox WHERE status = 'parked'") == 0
+        assert await replay_dead_letters(settings, topic + ".dlq") == 0  # nothing new to replay

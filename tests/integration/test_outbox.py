@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from shared.kit.db import Connection
+from shared.kit.envelope import new_envelope, parse_envelope
+from shared.kit.outbox import Outbox, OutboxRelay, pending_count
+from shared.kit.settings import Settings
+from tests.support import Ping, fresh_database, fresh_topic, read_topic
+
+CHANNEL = "outbox_test"
+
+
+@contextlib.asynccontextmanager
+async def running(relay: OutboxRelay) -> AsyncIterator[OutboxRelay]:
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    yield producer
+    await producer.stop()
+
+
+async def add(conn: Connection, outbox: Outbox, topic: str, subject: str, sequence: int) -> str:
+    envelope = new_envelope("tests", Ping(subject=subject, sequence=sequence), subject=subject)
+    await outbox.add(conn, topic, envelope)
+    return str(envelope.id)
+
+
+def ids(records: list) -> list[str]:  # type: ignore[type-arg]
+    return [str(parse_envelope(r.headers, r.value, r.key).id) for r in records]
+
+
+async def test_a_rolled_back_transaction_publishes_nothing(settings: Settings, producer: AIOKafkaProducer) -> None:
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    conn = await asyncpg.connect(dsn)
+    try:
+        with contextlib.suppress(RuntimeError):
+            async with conn.transaction():
+                await add(conn, outbox, topic, "a", 1)
+                raise RuntimeError("the business rule failed after the event was written")
+        async with conn.transaction():
+            kept = await add(conn, outbox, topic, "a", 2)
+        async with running(OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.05)) as relay:
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 1)
+            await asyncio.sleep(0.3)  # a second record would have arrived by now
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 2, timeout=0.5)
+            assert relay.published == 1
+        assert ids(records) == [kept]
+        assert await pending_count(conn) == 0
+    finally:
+        await conn.close()
+
+
+class CrashAfterPublish(OutboxRelay):
+    """Dies once between publishing a batch and marking it, like a process killed at that instant."""
+
+    crashed = False
+
+    async def _mark_published(self, conn: Connection, row_ids: list[int]) -> None:
+        if not self.crashed:
+            CrashAfterPublish.crashed = True
+            raise RuntimeError("killed between publish and mark")
+        await super()._mark_published(conn, row_ids)
+
+
+async def test_a_crash_between_publish_and_mark_re_sends(settings: Settings, producer: AIOKafkaProducer) -> None:
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            written = [await add(conn, outbox, topic, f"k{i}", i) for i in range(5)]
+        async with running(CrashAfterPublish(dsn, CHANNEL, producer, poll_interval_s=0.05)):
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 10)
+        assert sorted(ids(records)) == sorted(written * 2)  # every event twice: at-least-once
+        assert await pending_count(conn) == 0
+    finally:
+        await conn.close()
+
+
+async def test_order_per_key_holds_and_the_relay_wakes_on_commit(
+    settings: Settings, producer: AIOKafkaProducer
+) -> None:
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    pool = await asyncpg.create_pool(dsn, min_size=3, max_size=3)
+    # Polling every 30 s: anything delivered sooner was woken by NOTIFY.
+    relay = OutboxRelay(dsn, CHANNEL, producer, batch_size=7, poll_interval_s=30)
+    try:
+        async with running(relay):
+            await asyncio.sleep(0.3)  # the relay is listening
+
+            async def write_key(subject: str) -> None:
+                for sequence in range(40):
+                    async with pool.acquire() as conn, conn.transaction():
+                        await add(conn, outbox, topic, subject, sequence)
+
+            await asyncio.gather(*(write_key(s) for s in ("alpha", "beta", "gamma")))
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 120, timeout=10)
+        by_key: dict[str, list[int]] = {}
+        for record in records:
+            ping = parse_envelope(record.headers, record.value, record.key).decode(Ping)
+            by_key.setdefault(ping.subject, []).append(ping.sequence)
+        assert by_key == {s: list(range(40)) for s in ("alpha", "beta", "gamma")}
+    finally:
+        await pool.close()
+
+
+async def test_only_one_relay_publishes_at_a_time(settings: Settings, producer: AIOKafkaProducer) -> None:
+    dsn = await fresh_database(settings, "outbox")
+    first = OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.05)
+    second = OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.05)
+    async with running(first), running(second):
+        await asyncio.sleep(0.5)
+        assert [first.is_leader, second.is_leader].count(True) == 1

@@ -1,0 +1,96 @@
+"""Helpers for tests over the real broker and database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from shared.contracts.base import EventData
+from shared.contracts.topics import Topic
+from shared.kit.kafka_admin import ensure_topics
+from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations
+from shared.kit.settings import Settings, with_database
+
+TEST_TOPIC = Topic("test.pings.v1", 3, "subject", "tests", ("tests",), description="test events")
+
+
+class Ping(EventData, name="tests.ping", topic=TEST_TOPIC):
+    subject: str
+    sequence: int
+
+
+async def fresh_database(settings: Settings, label: str) -> str:
+    """A new database with the kit's tables; returns its DSN."""
+    name = f"{settings.db_prefix}_{label}_{uuid.uuid4().hex[:6]}"
+    await ensure_database(with_database(settings.pg_dsn or "", "postgres"), name)
+    dsn = with_database(settings.pg_dsn or "", name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await apply_migrations(conn, load_migrations(KIT_MIGRATIONS, "kit"))
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def fresh_topic(settings: Settings, partitions: int = 3, *, with_dlq: bool = True) -> str:
+    """A new topic (and its DLQ) of this test alone; returns its full name."""
+    name = f"test.{uuid.uuid4().hex[:8]}.v1"
+    topics = [Topic(name, partitions, "key", "tests")]
+    if with_dlq:
+        topics.append(Topic(name + ".dlq", 1, "key", "tests"))
+    await ensure_topics(settings, topics)
+    return settings.topic(name)
+
+
+async def read_topic(
+    settings: Settings, topic: str, *, until: Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
+    timeout: float = 15.0,
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of a topic from the beginning (no group), until ``until`` holds or time runs out."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        while partitions is None:
+            await consumer.client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while not until(records) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=50)
+            for batch in batches.values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value, headers in records:
+            await producer.send_and_wait(topic, value=value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0, interval: float = 0.02) -> None:
+    """Poll until the check holds; fail with the time it took otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
