@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
+from shared.kit.auth import Role, mint_token
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations
 from shared.kit.settings import Settings, with_database
@@ -76,7 +81,10 @@ async def read_topic(
         await consumer.stop()
 
 
-async def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+RawRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+
+
+async def produce(settings: Settings, topic: str, records: list[RawRecord]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     await producer.start()
     try:
@@ -94,3 +102,22 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextlib.asynccontextmanager
+async def service_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run a service in-process (lifespan: migrations, relay, consumers) with an HTTP client on it."""
+    async with (
+        LifespanManager(app, startup_timeout=60, shutdown_timeout=30),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client,
+    ):
+        yield client
+
+
+def bearer(settings: Settings, role: str, subject: str | None = None, **claims: str) -> dict[str, str]:
+    """Authorization header of a development JWT for the role."""
+    token = mint_token(
+        settings, subject=subject or f"{role}-{uuid.uuid4().hex[:6]}", role=Role(role),
+        municipality=claims.get("municipality"), partner=claims.get("partner"),
+    )
+    return {"Authorization": f"Bearer {token}"}

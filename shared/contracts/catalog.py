@@ -14,7 +14,7 @@ from typing import Any
 
 import shared.contracts
 from shared.contracts.base import EVENT_MODELS, EventData
-from shared.contracts.topics import ALL_TOPICS, SERVICES, Topic
+from shared.contracts.topics import CORE_TOPICS, PARTNER_FEED, SERVICES, Topic
 
 
 def load_all_contracts() -> dict[str, type[EventData]]:
@@ -45,7 +45,7 @@ def asyncapi(service: str) -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
-    for topic in ALL_TOPICS:
+    for topic in (*CORE_TOPICS, PARTNER_FEED):  # one channel stands for every partner's feed
         sends = topic.producer == service
         receives = service in topic.consumers
         if not (sends or receives):

@@ -67,6 +67,12 @@ REDEMPTIONS = Topic(
     description="Trips and redemptions reported by partners against a grant.",
 )
 
+#: The shape every partner feed shares; the real topics are ``partner_feed(code)``.
+PARTNER_FEED = Topic(
+    "partner.<partner>.v1", 2, "certificate number", "partner_gateway", ("partners",), compacted=True,
+    description="What one partner may see: consented certificates and its grants (one topic per partner).",
+)
+
 #: Partners with a feed of their own (seeded from the travel programs reference data).
 PARTNER_CODES: tuple[str, ...] = ("jal", "ana", "jreast", "sadokisen", "kyushuyusen")
 

@@ -40,7 +40,7 @@ async def consuming(
         service="tests", settings=settings, pool=pool, outbox=outbox, router=router, topics=[unprefixed],
         name=f"tests-{topic}",
     )
-    broker = KafkaBroker(settings.kafka_bootstrap, logger=None)
+    broker = KafkaBroker(settings.require_kafka(), logger=None)
     consumer.attach(broker)
     from aiokafka import AIOKafkaProducer
 
@@ -84,7 +84,7 @@ async def test_the_same_event_twice_applies_once(settings: Settings) -> None:
 
 async def test_a_poison_record_is_parked_with_its_reason_and_the_stream_moves_on(settings: Settings) -> None:
     topic = await fresh_topic(settings)
-    async with consuming(settings, topic) as (consumer, pool):
+    async with consuming(settings, topic) as (_, pool):
         key, _, headers = ping_record("r-2", 1)
         await produce(settings, topic, [(key, b"{not json", headers), ping_record("r-2", 2)])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shared.contracts.catalog import asyncapi, load_all_contracts, render_documents
-from shared.contracts.topics import ALL_TOPICS, SERVICES, dead_letter_topics
+from shared.contracts.topics import ALL_TOPICS, PARTNER_FEED, SERVICES, dead_letter_topics
 from shared.kit.settings import Settings
 
 
@@ -40,7 +40,7 @@ def test_every_topic_is_named_once_and_consumed_topics_have_a_dead_letter_twin()
 
 
 def test_every_event_model_names_a_known_topic_and_a_versioned_type() -> None:
-    topic_names = {t.name for t in ALL_TOPICS}
+    topic_names = {t.name for t in ALL_TOPICS} | {PARTNER_FEED.name}
     for event_type, model in load_all_contracts().items():
         assert event_type.startswith("jp.nichiiki.") and event_type.endswith(f".v{model.event_version}")
         assert model.event_topic in topic_names

@@ -1,0 +1,66 @@
+"""Events of the donation service on ``donation.donations.v1`` (key: municipality code).
+
+ふるさと納税 (hometown-tax donation), 企業版ふるさと納税 (corporate), mile donations; receipts
+(寄附金受領証明書) and the one-stop exception (ワンストップ特例).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Literal
+
+from shared.contracts.base import EventData
+from shared.contracts.common import MunicipalityCode
+from shared.contracts.topics import DONATIONS
+
+DonationKind = Literal["hometown_tax", "corporate", "miles"]
+Earmark = Literal["dual_residence", "general"]
+DonationUnit = Literal["jpy", "miles"]
+
+
+class DonationReceived(EventData, name="donation.donation.received", topic=DONATIONS):
+    donation_id: str
+    municipality_code: MunicipalityCode
+    donor_id: str
+    #: Set when the donor is a registered resident, so they can be told about it.
+    resident_id: str | None = None
+    kind: DonationKind
+    unit: DonationUnit
+    amount: int
+    earmark: Earmark
+    payment_date: date
+    calendar_year: int
+    received_at: datetime
+
+
+class ReceiptIssued(EventData, name="donation.receipt.issued", topic=DONATIONS):
+    receipt_number: str
+    donation_id: str
+    municipality_code: MunicipalityCode
+    donor_id: str
+    resident_id: str | None = None
+    amount_jpy: int
+    calendar_year: int
+    issued_at: datetime
+
+
+class DonationRefunded(EventData, name="donation.donation.refunded", topic=DONATIONS):
+    donation_id: str
+    municipality_code: MunicipalityCode
+    donor_id: str
+    resident_id: str | None = None
+    unit: DonationUnit
+    amount: int
+    earmark: Earmark
+    receipt_number: str | None = None
+    refunded_at: datetime
+
+
+class OneStopExceptionVoided(EventData, name="donation.one_stop.voided", topic=DONATIONS):
+    """The donor gave to a sixth municipality this year: every one-stop application is void."""
+
+    donor_id: str
+    resident_id: str | None = None
+    calendar_year: int
+    municipality_codes: list[MunicipalityCode]
+    voided_at: datetime

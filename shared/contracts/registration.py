@@ -1,0 +1,119 @@
+"""Events of the registration service on ``registration.residents.v1`` (key: resident id).
+
+ふるさと住民登録 (furusato resident registration): a person registers with municipalities, basic
+or premium; registering with a municipality also registers them with its prefecture.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.contracts.base import EventData
+from shared.contracts.common import Language, MunicipalityCode, PartnerCode, Tier
+from shared.contracts.topics import RESIDENTS
+
+RegistrationStatus = Literal["active", "pending_review", "rejected", "expired", "withdrawn"]
+#: What a consent is for; ``share_certificate`` is per partner, the others are not.
+ConsentPurpose = Literal["email", "share_certificate", "newsletter"]
+
+
+class Contact(BaseModel):
+    """What other services may keep to reach the resident (erased on withdrawal)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    name_kana: str
+    email: str
+    phone: str | None = None
+    preferred_language: Language = "ja"
+
+
+class ConsentState(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    purpose: ConsentPurpose
+    partner: PartnerCode | None = None
+    granted: bool
+    at: datetime
+
+
+class ResidentRegistered(EventData, name="registration.resident.registered", topic=RESIDENTS):
+    """A registration with one municipality became known (basic: active; premium: pending review)."""
+
+    resident_id: str
+    registration_id: str
+    municipality_code: MunicipalityCode
+    prefecture_code: MunicipalityCode
+    tier: Tier
+    status: RegistrationStatus
+    legal_address_code: MunicipalityCode
+    contact: Contact
+    consents: list[ConsentState] = []
+    registered_at: datetime
+
+
+class PremiumRequested(EventData, name="registration.premium_requested", topic=RESIDENTS):
+    resident_id: str
+    registration_id: str
+    municipality_code: MunicipalityCode
+    activity_count: int
+    requested_at: datetime
+
+
+class PremiumApproved(EventData, name="registration.premium_approved", topic=RESIDENTS):
+    resident_id: str
+    registration_id: str
+    municipality_code: MunicipalityCode
+    valid_until: date
+    decided_at: datetime
+
+
+class PremiumRejected(EventData, name="registration.premium_rejected", topic=RESIDENTS):
+    resident_id: str
+    registration_id: str
+    municipality_code: MunicipalityCode
+    reason: str
+    decided_at: datetime
+
+
+class PremiumExpired(EventData, name="registration.premium_expired", topic=RESIDENTS):
+    resident_id: str
+    registration_id: str
+    municipality_code: MunicipalityCode
+    expired_on: date
+
+
+class RegistrationWithdrawn(EventData, name="registration.withdrawn", topic=RESIDENTS):
+    """One registration ended by the resident; the account stays."""
+
+    resident_id: str
+    registration_id: str
+    municipality_code: MunicipalityCode
+    withdrawn_at: datetime
+
+
+class ConsentChanged(EventData, name="registration.consent_changed", topic=RESIDENTS):
+    """A consent granted or revoked (a revocation is an event too)."""
+
+    resident_id: str
+    purpose: ConsentPurpose
+    partner: PartnerCode | None = None
+    granted: bool
+    at: datetime
+
+
+class ContactChanged(EventData, name="registration.contact_changed", topic=RESIDENTS):
+    resident_id: str
+    contact: Contact
+    at: datetime
+
+
+class ResidentWithdrawn(EventData, name="registration.resident.withdrawn", topic=RESIDENTS):
+    """Erasure request: every service removes or anonymises this person's personal data."""
+
+    resident_id: str
+    withdrawn_at: datetime
