@@ -28,6 +28,8 @@ class DonationReceived(EventData, name="donation.donation.received", topic=DONAT
     unit: DonationUnit
     amount: int
     earmark: Earmark
+    #: The program the donor named, if any (otherwise the municipality's dual-residence programs).
+    program_id: str | None = None
     payment_date: date
     calendar_year: int
     received_at: datetime
