@@ -109,7 +109,9 @@ async def service_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """Run a service in-process (lifespan: migrations, relay, consumers) with an HTTP client on it."""
     async with (
         LifespanManager(app, startup_timeout=60, shutdown_timeout=30),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://service"
+        ) as client,
     ):
         yield client
 

@@ -100,6 +100,7 @@ def _out(text: str) -> None:
 
 def _stop(settings: Settings) -> int:
     from shared.cli.platform import read_run_file
+    from shared.cli.processes import is_alive
 
     running = read_run_file(settings)
     if running is None:
@@ -109,9 +110,7 @@ def _stop(settings: Settings) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if not is_alive(pid):
             _out("stopped")
             return 0
         time.sleep(0.2)

@@ -19,9 +19,9 @@ from typing import Any
 
 import structlog
 
-from shared.cli.processes import ServiceProcess, available_services
+from shared.cli.processes import ServiceProcess, available_services, is_alive
 from shared.kit.kafka_admin import ensure_topics
-from shared.kit.settings import REPO_ROOT, SERVICE_PORTS, Settings
+from shared.kit.settings import REPO_ROOT, Settings
 from shared.stack.backends import PLATFORM_PORTS, Backends, start_backends
 from shared.stack.ports import wait_for_port
 
@@ -37,9 +37,7 @@ def read_run_file(settings: Settings) -> dict[str, Any] | None:
     if not path.exists():
         return None
     data: dict[str, Any] = json.loads(path.read_text())
-    try:
-        os.kill(int(data["pid"]), 0)
-    except (OSError, KeyError, ValueError):
+    if not is_alive(int(data.get("pid", 0))):
         return None  # a stale file from a launcher that died
     return data
 
@@ -86,7 +84,7 @@ class Platform:
         _step("topics", f"{len(created)} created" if created else "all present")
         self._write_run_file(env)
         for name in available_services():
-            process = ServiceProcess(name, SERVICE_PORTS[name], env, self.logs / f"{name}.log")
+            process = ServiceProcess(name, self.settings.service_port(name), env, self.logs / f"{name}.log")
             process.start()
             self.services.append(process)
             _step(name, f"starting (pid {process.pid})")
@@ -101,7 +99,7 @@ class Platform:
         return self.state_dir / "mailbox"
 
     def _start_smtp_sink(self) -> str:
-        port = PLATFORM_PORTS["smtp"]
+        port = PLATFORM_PORTS["smtp"] + self.settings.port_offset
         with (self.logs / "smtp.log").open("ab") as log_file:
             self.smtp = subprocess.Popen(
                 [sys.executable, "-m", "shared.stack.smtp_sink", "--dir", str(self.mailbox), "--port", str(port)],
@@ -115,8 +113,18 @@ class Platform:
             "pid": os.getpid(),
             "env": env,
             "services": {p.name: {"pid": p.pid, "url": p.url, "log": str(p.log_path)} for p in self.services},
+            "servers": self._server_pids(),
             "mailbox": str(self.mailbox),
         }, indent=2))
+
+    def _server_pids(self) -> dict[str, int | None]:
+        b = self.backends
+        return {
+            "broker": b.broker.pid if b and b.broker else None,
+            "postgres": b.postgres.pid if b and b.postgres else None,
+            "redis": b.redis.pid if b and b.redis else None,
+            "smtp": self.smtp.pid if self.smtp else None,
+        }
 
     def wait(self) -> None:
         """Block until Ctrl-C / SIGTERM, watching that the services stay up."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from shared.kit.settings import REPO_ROOT, SERVICE_PORTS
 
@@ -18,6 +19,14 @@ from shared.kit.settings import REPO_ROOT, SERVICE_PORTS
 def available_services() -> list[str]:
     """Services that exist in this checkout (a folder with ``__main__.py``), in start-up order."""
     return [name for name in SERVICE_PORTS if (REPO_ROOT / "services" / name / "__main__.py").exists()]
+
+
+def is_alive(pid: int) -> bool:
+    """True while the process runs (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 @dataclass

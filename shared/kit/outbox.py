@@ -41,7 +41,7 @@ class OutgoingRecord:
     topic: str
     key: bytes | None
     headers: Sequence[tuple[str, bytes]]
-    value: bytes
+    value: bytes | None  # None: a tombstone, which log compaction uses to forget the key
     event_id: str
 
 

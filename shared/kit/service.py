@@ -196,11 +196,10 @@ def serve(app: FastAPI, service: str, settings: Settings | None = None) -> None:
     import uvicorn
 
     from shared.kit.logging import configure_logging
-    from shared.kit.settings import SERVICE_PORTS
 
     s = settings or get_settings()
     configure_logging(service, fmt=s.log_format, level=s.log_level)
     uvicorn.run(
-        app, host=s.http_host, port=s.http_port or SERVICE_PORTS[service],
+        app, host=s.http_host, port=s.http_port or s.service_port(service),
         log_config=None, access_log=False, timeout_graceful_shutdown=10,
     )

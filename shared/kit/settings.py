@@ -48,6 +48,9 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int | None = None
+    #: Shifts every fixed local port of `nichiiki start` (services and embedded servers), so a
+    #: second platform (a test, a colleague's) can run beside the first on one machine.
+    port_offset: int = 0
     max_body_bytes: int = 64 * 1024
 
     # Consumer tuning: a lone event must be handled in milliseconds, not after the
@@ -60,6 +63,9 @@ class Settings(BaseSettings):
     consumer_max_attempts: int = 3
     outbox_batch_size: int = 500
     outbox_poll_interval_s: float = 1.0
+
+    def service_port(self, service: str) -> int:
+        return SERVICE_PORTS[service] + self.port_offset
 
     def database_dsn(self, service: str) -> str:
         """The DSN of one service's own database, derived from the one platform DSN."""

@@ -61,7 +61,7 @@ def start_backends(state_dir: Path, settings: Settings, *, fixed_ports: bool) ->
     broker = postgres = redis = None
 
     def port(name: str) -> int | None:
-        return PLATFORM_PORTS[name] if fixed_ports else None
+        return PLATFORM_PORTS[name] + settings.port_offset if fixed_ports else None
 
     try:
         if settings.pg_dsn is None:

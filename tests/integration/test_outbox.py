@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -10,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 
 from shared.kit.db import Connection
 from shared.kit.envelope import new_envelope, parse_envelope
-from shared.kit.outbox import Outbox, OutboxRelay, pending_count
+from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, pending_count
 from shared.kit.settings import Settings
 from tests.support import Ping, fresh_database, fresh_topic, read_topic
 
@@ -129,3 +130,18 @@ async def test_only_one_relay_publishes_at_a_time(settings: Settings, producer: 
     async with running(first), running(second):
         await asyncio.sleep(0.5)
         assert [first.is_leader, second.is_leader].count(True) == 1
+
+
+async def test_a_tombstone_goes_out_with_a_null_value(settings: Settings, producer: AIOKafkaProducer) -> None:
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await outbox.add_record(conn, OutgoingRecord(topic, b"NCH-304018-2026-000001", [], None, str(uuid.uuid4())))
+        async with running(OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.05)):
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 1)
+        assert records[0].key == b"NCH-304018-2026-000001"
+        assert records[0].value is None
+    finally:
+        await conn.close()

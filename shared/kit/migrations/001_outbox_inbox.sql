@@ -8,7 +8,7 @@ CREATE TABLE outbox (
     key            bytea,
     header_names   text[]      NOT NULL,
     header_values  bytea[]     NOT NULL,
-    payload        bytea       NOT NULL,
+    payload        bytea,  -- NULL is a tombstone (compacted partner feeds)
     created_at     timestamptz NOT NULL DEFAULT now(),
     published_at   timestamptz
 );
