@@ -1,0 +1,156 @@
+"""Measuring tools for the benchmarks: latency percentiles, paced load, process memory."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass
+class Latencies:
+    samples_ms: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float) -> None:
+        self.samples_ms.append(seconds * 1000)
+
+    def percentile(self, p: float) -> float:
+        if not self.samples_ms:
+            return float("nan")
+        ordered = sorted(self.samples_ms)
+        index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))
+        return ordered[index]
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(99)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples_ms) if self.samples_ms else float("nan")
+
+
+@dataclass
+class LoadResult:
+    offered_per_s: float | None
+    completed: int
+    errors: int
+    seconds: float
+    latencies: Latencies
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+
+async def paced(
+    operation: Callable[[int], Awaitable[None]], *, rate_per_s: float, total: int, max_in_flight: int = 512
+) -> LoadResult:
+    """Open-loop load: start one operation every 1/rate seconds, whatever the previous ones do.
+
+    Latency is measured from each operation's *scheduled* start, so a system that falls behind
+    shows it in the percentiles instead of hiding it (no coordinated omission).
+    """
+    latencies = Latencies()
+    errors = 0
+    completed = 0
+    semaphore = asyncio.Semaphore(max_in_flight)
+    started = time.perf_counter()
+
+    async def one(index: int, scheduled: float) -> None:
+        nonlocal errors, completed
+        async with semaphore:
+            try:
+                await operation(index)
+                completed += 1
+                latencies.add(time.perf_counter() - scheduled)
+            except Exception:
+                errors += 1
+
+    tasks = []
+    for index in range(total):
+        scheduled = started + index / rate_per_s
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index, scheduled)))
+    await asyncio.gather(*tasks)
+    return LoadResult(rate_per_s, completed, errors, time.perf_counter() - started, latencies)
+
+
+async def saturate(
+    operation: Callable[[int], Awaitable[None]], *, total: int, concurrency: int
+) -> LoadResult:
+    """Closed-loop load: ``concurrency`` workers back to back; measures the sustainable rate."""
+    latencies = Latencies()
+    errors = 0
+    completed = 0
+    counter = iter(range(total))
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal errors, completed
+        for index in counter:
+            begun = time.perf_counter()
+            try:
+                await operation(index)
+                completed += 1
+                latencies.add(time.perf_counter() - begun)
+            except Exception:
+                errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return LoadResult(None, completed, errors, time.perf_counter() - started, latencies)
+
+
+class PeakMemory:
+    """Samples the resident set size of some processes in the background; keeps each one's peak."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.1) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self.peak_bytes: dict[str, int] = dict.fromkeys(pids, 0)
+        self._task: asyncio.Task[None] | None = None
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            try:
+                rss = int(psutil.Process(pid).memory_info().rss)
+            except psutil.Error:
+                continue
+            self.peak_bytes[name] = max(self.peak_bytes[name], rss)
+
+    async def _run(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._sample()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._sample()
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}/s"
+
+
+def ratio(value: float, limit: float) -> str:
+    return f"{value / limit:.1%}" if limit else "n/a"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
