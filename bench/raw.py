@@ -81,7 +81,7 @@ async def measure_kafka(bootstrap: str, limits: RawLimits, messages: int = 30_00
     try:
         total = messages + 1_500
         seen = 0
-        started = None
+        started: float | None = None
         while seen < total:
             batches = await consumer.getmany(timeout_ms=1000, max_records=500)
             if batches and started is None:
