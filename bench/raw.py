@@ -81,15 +81,15 @@ async def measure_kafka(bootstrap: str, limits: RawLimits, messages: int = 30_00
     try:
         total = messages + 1_500
         seen = 0
-        started: float | None = None
+        first_batch_at: float | None = None
         while seen < total:
             batches = await consumer.getmany(timeout_ms=1000, max_records=500)
-            if batches and started is None:
-                started = time.perf_counter()
+            if batches and first_batch_at is None:
+                first_batch_at = time.perf_counter()
             seen += sum(len(b) for b in batches.values())
             if batches:
                 await consumer.commit()
-        limits.kafka_consume_batched = seen / (time.perf_counter() - (started or time.perf_counter()))
+        limits.kafka_consume_batched = seen / (time.perf_counter() - (first_batch_at or time.perf_counter()))
     finally:
         await consumer.stop()
     limits.kafka_hop_p99_ms = await _kafka_hop(bootstrap, topic)
