@@ -59,16 +59,20 @@ class Outbox:
     async def add_record(self, conn: Connection, record: OutgoingRecord) -> None:
         if not conn.is_in_transaction():
             raise RuntimeError("Outbox.add must run inside the business transaction")
+        # One round trip: the row, and a wake-up for the relay that PostgreSQL delivers on commit.
         await conn.execute(
             """
-            INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            ON CONFLICT (event_id) DO NOTHING
+            WITH written AS (
+                INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (event_id) DO NOTHING
+            )
+            SELECT pg_notify($7, '')
             """,
             record.event_id, record.topic, record.key,
             [name for name, _ in record.headers], [value for _, value in record.headers], record.value,
+            self.channel,
         )
-        await conn.execute("SELECT pg_notify($1, '')", self.channel)
 
 
 class OutboxRelay:
