@@ -100,7 +100,11 @@ async def test_a_poison_record_is_parked_with_its_reason_and_the_stream_moves_on
         assert headers_of_dead["dlq_topic"] == topic.encode()
         assert headers_of_dead["ce_type"] == b"jp.nichiiki.tests.ping.v1"  # original headers kept
         assert dead[0].value == b"{not json"
-        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+        async def outbox_drained() -> bool:  # marked right after the broker's ack
+            return await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+        await eventually(outbox_drained)
 
 
 async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_after_the_fix(
