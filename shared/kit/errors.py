@@ -15,6 +15,10 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 
+#: Members of a problem+json body that the kit fills; a rule's extra members must not reuse them.
+RESERVED_PROBLEM_FIELDS = frozenset({"type", "title", "status", "code", "detail", "instance"})
+
+
 class DomainError(Exception):
     """A broken business rule. Subclasses set ``code`` (machine-readable) and ``status``."""
 
@@ -22,9 +26,13 @@ class DomainError(Exception):
     status: ClassVar[int] = 422
     title: ClassVar[str] = "The request breaks a rule"
 
-    def __init__(self, detail: str, **extra: Any) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        reserved = RESERVED_PROBLEM_FIELDS.intersection(extra)
+        if reserved:
+            raise ValueError(f"problem fields {sorted(reserved)} are set by the kit; name the extra otherwise")
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers or {}
         self.extra = extra
 
 

@@ -154,7 +154,11 @@ def _install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, error: DomainError) -> JSONResponse:
         log.info("request refused", code=error.code, detail=error.detail)
-        return problem(error.status, error.code, error.title, error.detail, instance=request.url.path, **error.extra)
+        response = problem(
+            error.status, error.code, error.title, error.detail, instance=request.url.path, **error.extra
+        )
+        response.headers.update(error.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -34,7 +34,7 @@ def build_app(settings: Settings):  # type: ignore[no-untyped-def]
     ) -> dict[str, int]:
         principal.ensure_municipality(code)
         if body.count == 13:
-            raise AlreadyOrdered("order 13 exists already", order=13)
+            raise AlreadyOrdered("order 13 exists already", order=13, headers={"Retry-After": "5"})
         if body.count == 666:
             raise RuntimeError("a bug")
         return {"count": body.count}
@@ -86,9 +86,9 @@ async def test_domain_errors_keep_their_code_and_unexpected_errors_are_a_500_pro
 ) -> None:
     staff = bearer(settings, "staff", municipality="304018")
     url = "/v1/municipalities/304018/orders"
-    body = assert_problem(await client.post(url, json={"municipality_code": "304018", "count": 13}, headers=staff),
-                          409, "already-ordered")
-    assert body["order"] == 13
+    response = await client.post(url, json={"municipality_code": "304018", "count": 13}, headers=staff)
+    body = assert_problem(response, 409, "already-ordered")
+    assert body["order"] == 13 and response.headers["retry-after"] == "5"
     assert_problem(await client.post(url, json={"municipality_code": "304018", "count": 666}, headers=staff),
                    500, "internal-error")
 
@@ -120,3 +120,8 @@ async def test_operations_endpoints(client: httpx.AsyncClient, settings: Setting
     assert 'http_requests_total{method="POST",route="/v1/municipalities/{code}/orders",status="201"} 1.0' in metrics
     openapi = (await client.get("/openapi.json")).json()
     assert "/v1/municipalities/{code}/orders" in openapi["paths"]
+
+
+def test_extras_may_not_overwrite_the_problem_members() -> None:
+    with pytest.raises(ValueError, match="status"):
+        AlreadyOrdered("x", status="shipped")

@@ -1,0 +1,93 @@
+"""The platform as it runs in production: every service its own process, over real servers.
+
+Used by the journey test and the fault-injection tests: services can be killed (SIGKILL) and
+restarted; the servers (broker, PostgreSQL) can be restarted under them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.cli.processes import ServiceProcess, available_services
+from shared.kit.settings import Settings
+from shared.stack.backends import Backends
+from shared.stack.ports import free_port
+
+
+def service_env(settings: Settings, backends: Backends, smtp_url: str | None) -> dict[str, str]:
+    env = {
+        **backends.env(),
+        "NICHIIKI_DB_PREFIX": settings.db_prefix,
+        "NICHIIKI_TOPIC_PREFIX": settings.topic_prefix,
+        "NICHIIKI_JWT_SECRET": settings.jwt_secret,
+        "NICHIIKI_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+        "NICHIIKI_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
+        "NICHIIKI_KAFKA_FETCH_MAX_WAIT_MS": str(settings.kafka_fetch_max_wait_ms),
+        "NICHIIKI_OUTBOX_POLL_INTERVAL_S": str(settings.outbox_poll_interval_s),
+        "NICHIIKI_LOG_FORMAT": "json",
+        "NICHIIKI_LOG_LEVEL": "INFO",
+    }
+    if smtp_url:
+        env["NICHIIKI_SMTP_URL"] = smtp_url
+    return env
+
+
+@dataclass
+class PlatformUnderTest:
+    settings: Settings
+    backends: Backends
+    log_dir: Path
+    smtp_url: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
+
+    def start(self, names: Iterable[str] | None = None, *, replicas: int = 1) -> None:
+        wanted = list(names) if names is not None else available_services()
+        for name in wanted:
+            for _ in range(replicas):
+                self.add_replica(name)
+        for name in wanted:
+            for process in self.processes[name]:
+                process.wait_ready(timeout=90)
+
+    def add_replica(self, name: str) -> ServiceProcess:
+        replicas = self.processes.setdefault(name, [])
+        env = {**service_env(self.settings, self.backends, self.smtp_url), **self.extra_env}
+        process = ServiceProcess(name, free_port(), env, self.log_dir / f"{name}-{len(replicas)}.log")
+        process.start()
+        replicas.append(process)
+        return process
+
+    def url(self, name: str, replica: int = 0) -> str:
+        return self.processes[name][replica].url
+
+    def client(self, name: str, replica: int = 0) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url(name, replica), timeout=15)
+
+    def kill(self, name: str, replica: int = 0) -> None:
+        self.processes[name][replica].kill()
+
+    def restart(self, name: str, replica: int = 0) -> None:
+        process = self.processes[name][replica]
+        process.stop()
+        process.start()
+        process.wait_ready(timeout=90)
+
+    def wait_all_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        for replicas in self.processes.values():
+            for process in replicas:
+                process.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        for replicas in self.processes.values():
+            for process in replicas:
+                process.stop()
+
+    def logs(self, name: str, replica: int = 0) -> str:
+        return self.processes[name][replica].log_path.read_text(errors="replace")
