@@ -1,0 +1,319 @@
+"""HTTP routes (``/v1``), thin: authenticate, parse, call the use case, shape the response."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field, field_validator
+
+from services.certification.domain import (
+    ApplicationRequest,
+    MunicipalityRules,
+    RequiredRegistration,
+    today_in_japan,
+)
+from services.certification.handlers import CertificationService, Outcome
+from services.certification.views import ApplicationView, AuditView, CertificateView, Page, RulesView
+from shared.contracts.certification import CertificateStatus, HousingBasis
+from shared.contracts.common import PartnerMembership
+from shared.kit.auth import Principal, Role, current_principal, require
+from shared.kit.http import ApiModel
+
+router = APIRouter(prefix="/v1", tags=["certification"])
+
+Resident = Annotated[Principal, Depends(require(Role.RESIDENT))]
+Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+People = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
+Anyone = Annotated[Principal, Depends(current_principal)]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", max_length=200, description="repeat a POST safely")
+]
+Limit = Annotated[int, Query(ge=1, le=200)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def certification(request: Request) -> CertificationService:
+    service: CertificationService = request.app.state.certification
+    return service
+
+
+Service = Annotated[CertificationService, Depends(certification)]
+
+
+def _correlation(request: Request) -> str | None:
+    return getattr(request.state, "correlation_id", None)
+
+
+def _send(outcome: Outcome) -> JSONResponse:
+    return JSONResponse(outcome.body, status_code=outcome.status_code)
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+class MembershipBody(ApiModel):
+    partner: str = Field(max_length=32, description="partner code: jal, ana, jreast, sadokisen, kyushuyusen")
+    member_number: str | None = Field(
+        default=None, max_length=64,
+        description=(
+            "JAL Mileage Bank: 9 digits (7 on older cards); ANA Mileage Club: 10 digits; "
+            "others: up to 20 letters or digits"
+        ),
+    )
+
+
+class ApplicationBody(ApiModel):
+    municipality_code: str = Field(max_length=16, description="the municipality applied to (6-digit code)")
+    planned_stay_days: int = Field(description="planned stay days per year, 1..366 and at least the rule minimum")
+    housing_basis: HousingBasis
+    address_there: str = Field(min_length=1, max_length=200)
+    primary_residence_code: str = Field(max_length=16, description="where the resident's legal address is")
+    partners: list[MembershipBody] = Field(default_factory=list, max_length=10)
+    note: str | None = Field(default=None, max_length=1000)
+
+    def to_request(self) -> ApplicationRequest:
+        return ApplicationRequest(
+            municipality_code=self.municipality_code, planned_stay_days=self.planned_stay_days,
+            housing_basis=self.housing_basis, address_there=self.address_there,
+            primary_residence_code=self.primary_residence_code,
+            # Not validated here: the domain checks each partner against the known partners, with its own code.
+            partners=tuple(
+                PartnerMembership.model_construct(partner=p.partner, member_number=p.member_number)
+                for p in self.partners
+            ),
+            note=self.note or None,
+        )
+
+
+class ApproveBody(ApiModel):
+    valid_from: date | None = Field(default=None, description="default: today (Japan)")
+    valid_until: date | None = Field(default=None, description="default: valid_from + the municipality's validity")
+
+
+class ReasonBody(ApiModel):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class RenewBody(ApiModel):
+    valid_until: date | None = Field(default=None, description="default: current valid_until + the validity")
+
+
+class RulesBody(ApiModel):
+    min_stay_days: int = Field(ge=1, le=366)
+    housing_bases: list[HousingBasis] = Field(min_length=1)
+    validity_days: int = Field(ge=1, le=1096)
+    required_registration: RequiredRegistration
+
+    @field_validator("housing_bases")
+    @classmethod
+    def _unique(cls, value: list[HousingBasis]) -> list[HousingBasis]:
+        return list(dict.fromkeys(value))
+
+
+class PlanBody(ApiModel):
+    adopted_on: date | None = Field(default=None, description="when the 特定居住促進計画 was adopted")
+
+
+# --- applications --------------------------------------------------------------------------------
+
+
+@router.post("/applications", status_code=201, response_model=ApplicationView)
+async def submit_application(
+    body: ApplicationBody, principal: Resident, service: Service, request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """A resident applies for dual-resident certification with a municipality that has a plan."""
+    return _send(
+        await service.submit_application(
+            principal, body.to_request(), idempotency_key=idempotency_key, correlation_id=_correlation(request)
+        )
+    )
+
+
+@router.get("/applications", response_model=Page[ApplicationView])
+async def review_queue(
+    principal: Staff, service: Service,
+    municipality: Annotated[str | None, Query(description="default: the staff member's municipality")] = None,
+    status: Literal["submitted", "approved", "rejected", "any"] = "submitted",
+    housing_basis: HousingBasis | None = None,
+    limit: Limit = 50, offset: Offset = 0,
+) -> Page[ApplicationView]:
+    """The review queue of one municipality, oldest first."""
+    code = municipality or principal.municipality
+    if code is not None:
+        principal.ensure_municipality(code)
+    return await service.applications(
+        municipality_code=code, resident_id=None, status=None if status == "any" else status,
+        housing_basis=housing_basis, limit=limit, offset=offset,
+    )
+
+
+@router.get("/applications/{application_id}", response_model=ApplicationView)
+async def get_application(application_id: str, principal: People, service: Service) -> ApplicationView:
+    """The applicant or the municipality's staff."""
+    return await service.application(principal, application_id)
+
+
+@router.post("/applications/{application_id}/approve", status_code=201, response_model=CertificateView)
+async def approve(
+    application_id: str, principal: Staff, service: Service, request: Request,
+    body: Annotated[ApproveBody | None, Body()] = None, idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Approve: issues the certificate (201 with it)."""
+    body = body or ApproveBody()
+    return _send(
+        await service.approve(
+            principal, application_id, body.valid_from, body.valid_until, idempotency_key=idempotency_key,
+            correlation_id=_correlation(request),
+        )
+    )
+
+
+@router.post("/applications/{application_id}/reject", response_model=ApplicationView)
+async def reject(
+    application_id: str, body: ReasonBody, principal: Staff, service: Service, request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    return _send(
+        await service.reject(
+            principal, application_id, body.reason, idempotency_key=idempotency_key,
+            correlation_id=_correlation(request),
+        )
+    )
+
+
+# --- certificates --------------------------------------------------------------------------------
+
+
+@router.get("/certificates/{number}", response_model=CertificateView)
+async def get_certificate(number: str, principal: People, service: Service) -> CertificateView:
+    """The holder or the issuing municipality's staff; partners verify through the partner gateway."""
+    return await service.certificate(principal, number)
+
+
+@router.post("/certificates/{number}/renew", response_model=CertificateView)
+async def renew(
+    number: str, principal: Staff, service: Service, request: Request,
+    body: Annotated[RenewBody | None, Body()] = None, idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Extend a valid certificate before it expires: new validity, same number."""
+    return _send(
+        await service.renew(
+            principal, number, (body or RenewBody()).valid_until, idempotency_key=idempotency_key,
+            correlation_id=_correlation(request),
+        )
+    )
+
+
+@router.post("/certificates/{number}/revoke", response_model=CertificateView)
+async def revoke(
+    number: str, body: ReasonBody, principal: Staff, service: Service, request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    return _send(
+        await service.revoke(
+            principal, number, body.reason, idempotency_key=idempotency_key, correlation_id=_correlation(request)
+        )
+    )
+
+
+# --- a resident's own --------------------------------------------------------------------------
+
+
+@router.get("/residents/{resident_id}/applications", response_model=Page[ApplicationView])
+async def resident_applications(
+    resident_id: str, principal: People, service: Service, limit: Limit = 50, offset: Offset = 0
+) -> Page[ApplicationView]:
+    """A resident's own applications (staff see those to their municipality)."""
+    principal.ensure_resident(resident_id)
+    return await service.applications(
+        municipality_code=principal.municipality if principal.role is Role.STAFF else None,
+        resident_id=resident_id, status=None, housing_basis=None, limit=limit, offset=offset,
+    )
+
+
+@router.get("/residents/{resident_id}/certificates", response_model=Page[CertificateView])
+async def resident_certificates(
+    resident_id: str, principal: People, service: Service, limit: Limit = 50, offset: Offset = 0
+) -> Page[CertificateView]:
+    """A resident's own certificates (staff see those of their municipality)."""
+    principal.ensure_resident(resident_id)
+    return await service.certificates(
+        municipality_code=principal.municipality if principal.role is Role.STAFF else None,
+        resident_id=resident_id, status=None, limit=limit, offset=offset,
+    )
+
+
+# --- municipalities ------------------------------------------------------------------------------
+
+
+@router.get("/municipalities", response_model=Page[RulesView])
+async def municipalities(
+    principal: Anyone, service: Service, limit: Limit = 100, offset: Offset = 0
+) -> Page[RulesView]:
+    """The municipalities that certify dual residents, with their rules."""
+    return await service.municipalities(limit, offset)
+
+
+@router.get("/municipalities/{code}/rules", response_model=RulesView)
+async def get_rules(code: str, principal: Anyone, service: Service) -> RulesView:
+    return await service.rules(code)
+
+
+@router.put("/municipalities/{code}/rules", response_model=RulesView)
+async def put_rules(code: str, body: RulesBody, principal: Staff, service: Service, request: Request) -> RulesView:
+    """The municipality's staff (or an admin) set its rules; audited."""
+    rules = MunicipalityRules(
+        municipality_code=code, min_stay_days=body.min_stay_days, housing_bases=tuple(body.housing_bases),
+        validity_days=body.validity_days, required_registration=body.required_registration,
+    )
+    return await service.update_rules(principal, rules, _correlation(request))
+
+
+@router.post("/municipalities/{code}/plan", status_code=201, response_model=RulesView)
+async def add_plan(code: str, principal: Admin, service: Service, request: Request,
+                   body: Annotated[PlanBody | None, Body()] = None) -> RulesView:
+    """An admin records a plan adopted after the reference data; the municipality gets default rules."""
+    return await service.add_plan(principal, code, (body or PlanBody()).adopted_on, _correlation(request))
+
+
+@router.get("/municipalities/{code}/certificates", response_model=Page[CertificateView])
+async def municipality_certificates(
+    code: str, principal: Staff, service: Service, status: CertificateStatus | None = None,
+    limit: Limit = 50, offset: Offset = 0,
+) -> Page[CertificateView]:
+    principal.ensure_municipality(code)
+    return await service.certificates(
+        municipality_code=code, resident_id=None, status=status, limit=limit, offset=offset
+    )
+
+
+@router.get(
+    "/municipalities/{code}/certificates.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV with a BOM"}},
+)
+async def municipality_certificates_csv(
+    code: str, principal: Staff, service: Service, status: CertificateStatus | None = None
+) -> Response:
+    """Every certificate of the municipality as CSV (UTF-8 with BOM, for spreadsheet software)."""
+    principal.ensure_municipality(code)
+    text = await service.certificates_csv(code, status)
+    filename = f"certificates-{code}-{today_in_japan().isoformat()}.csv"
+    return Response(
+        content=text.encode("utf-8"), media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/municipalities/{code}/audit", response_model=Page[AuditView])
+async def audit_trail(
+    code: str, principal: Staff, service: Service, limit: Limit = 50, offset: Offset = 0
+) -> Page[AuditView]:
+    """Every decision about the municipality's applications, certificates and rules, newest first."""
+    principal.ensure_municipality(code)
+    return await service.audit(code, limit, offset)

@@ -1,0 +1,631 @@
+"""Rules of dual-resident certification: pure Python, no I/O.
+
+What is decided here: whether an application may be submitted (the municipality's rules, the
+resident's registrations and consents as the projection knows them), how an application is
+decided, how a certificate is numbered, renewed, revoked and when it expires, and how the
+registration events move the resident projection. Every rule a user can break has one error type
+with its problem+json ``code``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo
+
+from shared.contracts.certification import CertificateStatus, HousingBasis
+from shared.contracts.common import PartnerMembership, Tier
+from shared.contracts.registration import (
+    ConsentChanged,
+    ConsentState,
+    PremiumApproved,
+    PremiumExpired,
+    PremiumRejected,
+    PremiumRequested,
+    RegistrationStatus,
+    RegistrationWithdrawn,
+    ResidentRegistered,
+)
+from shared.contracts.topics import PARTNER_CODES
+from shared.kit.errors import Conflict, DomainError, NotFound
+from shared.reference import Municipality, UnknownMunicipality, municipality
+
+TOKYO = ZoneInfo("Asia/Tokyo")
+HOUSING_BASES: tuple[HousingBasis, ...] = get_args(HousingBasis)
+#: Days before ``valid_until`` on which ``certificate.expiring`` is sent.
+EXPIRING_NOTICE_DAYS = 30
+MAX_STAY_DAYS = 366
+#: Who decides when no staff member does (the resident's withdrawal).
+SYSTEM_ACTOR = "system"
+WITHDRAWAL_REASON = "resident withdrew"
+CERTIFICATE_NUMBER = re.compile(r"^NCH-[0-9]{6}-[0-9]{4}-[0-9]{6}$")
+
+RequiredRegistration = Literal["any_active", "premium"]
+ApplicationStatus = Literal["submitted", "approved", "rejected"]
+ResidentStatus = Literal["active", "withdrawn"]
+PremiumStatus = Literal["requested", "approved", "rejected", "expired"]
+
+
+def today_in_japan() -> date:
+    """The calendar day in Japan: validity dates follow the Japanese calendar."""
+    return datetime.now(TOKYO).date()
+
+
+# --- errors: one per rule a user can break -------------------------------------------------------
+
+
+class UnknownMunicipalityCode(DomainError):
+    code = "unknown-municipality"
+    title = "No municipality has this code"
+
+
+class MunicipalityNotFound(NotFound):
+    code = "municipality-not-found"
+    title = "No municipality has this code"
+
+
+class NotAMunicipality(DomainError):
+    code = "not-a-municipality"
+    title = "The code names a prefecture, not a municipality"
+
+
+class MunicipalityWithoutPlan(DomainError):
+    code = "municipality-without-plan"
+    title = "The municipality has no adopted 特定居住促進計画"
+
+
+class RulesNotFound(NotFound):
+    code = "rules-not-found"
+    title = "The municipality has no plan, so no certification rules"
+
+
+class PlanAlreadyRecorded(Conflict):
+    code = "plan-already-recorded"
+    title = "The municipality's plan is recorded already"
+
+
+class PrimaryResidenceSameMunicipality(DomainError):
+    code = "primary-residence-same-municipality"
+    title = "The primary residence must be in another municipality"
+
+
+class StayDaysOutOfRange(DomainError):
+    code = "stay-days-out-of-range"
+    title = "Planned stay days per year must be between 1 and 366"
+
+
+class StayBelowMinimum(DomainError):
+    code = "stay-below-minimum"
+    title = "Planned stay days are below the municipality's minimum"
+
+
+class HousingBasisNotAccepted(DomainError):
+    code = "housing-basis-not-accepted"
+    title = "The municipality does not accept this housing basis"
+
+
+class UnknownPartner(DomainError):
+    code = "unknown-partner"
+    title = "No partner has this code"
+
+
+class DuplicatePartner(DomainError):
+    code = "duplicate-partner"
+    title = "A partner is listed twice"
+
+
+class InvalidMemberNumber(DomainError):
+    code = "invalid-member-number"
+    title = "The member number does not have the partner's format"
+
+
+class PartnerConsentMissing(DomainError):
+    code = "partner-consent-missing"
+    title = "The resident has not consented to share the certificate with this partner"
+
+
+class ResidentNotYetKnown(Conflict):
+    """The registration event has not reached this service yet: the client retries shortly."""
+
+    code = "resident-not-yet-known"
+    title = "The resident's registration is not known here yet"
+
+
+class ResidentWithdrawn(Conflict):
+    code = "resident-withdrawn"
+    title = "The resident has withdrawn"
+
+
+class RegistrationRequired(DomainError):
+    code = "registration-required"
+    title = "An active furusato registration with the municipality is required"
+
+
+class PremiumRegistrationRequired(DomainError):
+    code = "premium-registration-required"
+    title = "An active premium registration with the municipality is required"
+
+
+class RegistrationNoLongerActive(Conflict):
+    code = "registration-no-longer-active"
+    title = "The resident's registration with the municipality is no longer active"
+
+
+class OpenApplicationExists(Conflict):
+    code = "open-application-exists"
+    title = "An application to this municipality is already under review"
+
+
+class CertificateAlreadyHeld(Conflict):
+    code = "certificate-already-held"
+    title = "The resident already holds a valid certificate of this municipality"
+
+
+class ApplicationNotFound(NotFound):
+    code = "application-not-found"
+    title = "No such application"
+
+
+class ApplicationAlreadyDecided(Conflict):
+    code = "application-already-decided"
+    title = "The application was decided already"
+
+
+class InvalidValidityPeriod(DomainError):
+    code = "invalid-validity-period"
+    title = "valid_until precedes valid_from"
+
+
+class ValidityEndsInPast(DomainError):
+    code = "validity-ends-in-past"
+    title = "The certificate would be expired on issue"
+
+
+class CertificateNotFound(NotFound):
+    code = "certificate-not-found"
+    title = "No such certificate"
+
+
+class CertificateAlreadyRevoked(Conflict):
+    code = "certificate-already-revoked"
+    title = "The certificate is revoked already"
+
+
+class CertificateExpired(Conflict):
+    code = "certificate-expired"
+    title = "The certificate has expired"
+
+
+class CertificateNotRenewable(Conflict):
+    code = "certificate-not-renewable"
+    title = "Only a valid, unexpired certificate can be renewed"
+
+
+class RenewalMustExtend(DomainError):
+    code = "renewal-must-extend"
+    title = "A renewal must move valid_until later"
+
+
+# --- municipalities and their rules --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MunicipalityRules:
+    """What one municipality requires of an applicant (defaults: the design's brackets)."""
+
+    municipality_code: str
+    min_stay_days: int = 30
+    housing_bases: tuple[HousingBasis, ...] = HOUSING_BASES
+    validity_days: int = 365
+    required_registration: RequiredRegistration = "any_active"
+    plan_source: Literal["reference", "admin"] = "reference"
+    plan_adopted_on: date | None = None
+
+
+def known_municipality(code: str, field_name: str) -> Municipality:
+    try:
+        return municipality(code)
+    except UnknownMunicipality:
+        raise UnknownMunicipalityCode(f"{field_name}: no municipality has code {code!r}", field=field_name) from None
+
+
+def plannable_municipality(code: str) -> Municipality:
+    """A municipality that may adopt a 特定居住促進計画 (a path parameter: 404 if unknown)."""
+    try:
+        entry = municipality(code)
+    except UnknownMunicipality:
+        raise MunicipalityNotFound(f"no municipality has code {code!r}") from None
+    if entry.is_prefecture:
+        raise NotAMunicipality(f"{code} is {entry.name}, a prefecture; plans here are municipal")
+    return entry
+
+
+def same_municipality(a: str, b: str) -> bool:
+    """Whether two codes name one municipality (a designated city's ward counts as its city)."""
+
+    def city(code: str) -> str:
+        try:
+            return municipality(code).parent_code or code
+        except UnknownMunicipality:
+            return code
+
+    return city(a) == city(b)
+
+
+# --- partners ------------------------------------------------------------------------------------
+
+_MEMBER_NUMBER_FORMATS: Mapping[str, tuple[re.Pattern[str], str]] = {
+    "jal": (re.compile(r"[0-9]{9}|[0-9]{7}"), "a JAL Mileage Bank number is 9 digits (7 on older cards)"),
+    "ana": (re.compile(r"[0-9]{10}"), "an ANA Mileage Club number is 10 digits"),
+}
+_OTHER_MEMBER_NUMBER = (re.compile(r"[0-9A-Za-z]{1,20}"), "a member number is 1 to 20 letters or digits")
+
+
+def check_partners(partners: Sequence[PartnerMembership]) -> None:
+    seen: set[str] = set()
+    for index, membership in enumerate(partners):
+        where = f"partners[{index}]"
+        if membership.partner not in PARTNER_CODES:
+            raise UnknownPartner(
+                f"{where}.partner: {membership.partner!r} is not one of {', '.join(PARTNER_CODES)}",
+                field=f"{where}.partner",
+            )
+        if membership.partner in seen:
+            raise DuplicatePartner(f"{where}.partner: {membership.partner} is listed twice", field=f"{where}.partner")
+        seen.add(membership.partner)
+        if membership.member_number is not None:
+            pattern, expected = _MEMBER_NUMBER_FORMATS.get(membership.partner, _OTHER_MEMBER_NUMBER)
+            if pattern.fullmatch(membership.member_number) is None:
+                raise InvalidMemberNumber(
+                    f"{where}.member_number: {expected}", field=f"{where}.member_number", partner=membership.partner
+                )
+
+
+def shared_partners(declared: Iterable[PartnerMembership], consented: frozenset[str]) -> list[PartnerMembership]:
+    """The memberships a certificate event may carry: declared in the application AND consented now."""
+    return [membership for membership in declared if membership.partner in consented]
+
+
+def without_member_numbers(partners: Iterable[PartnerMembership]) -> list[PartnerMembership]:
+    return [PartnerMembership(partner=membership.partner) for membership in partners]
+
+
+# --- the resident projection ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One furusato registration of a resident with one municipality, as the events tell it."""
+
+    registration_id: str
+    municipality_code: str
+    tier: Tier
+    status: RegistrationStatus
+    premium_status: PremiumStatus | None = None
+    valid_until: date | None = None
+
+    def is_active(self, today: date) -> bool:
+        return self.status == "active" and (self.valid_until is None or self.valid_until >= today)
+
+    def is_active_premium(self, today: date) -> bool:
+        return self.tier == "premium" and self.is_active(today)
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    resident_id: str
+    status: ResidentStatus
+    legal_address_code: str | None
+    registrations: tuple[Registration, ...] = ()
+    consented_partners: frozenset[str] = frozenset()
+
+    def satisfies(self, rules: MunicipalityRules, today: date) -> bool:
+        """Whether the resident's registration with the municipality is what its rules require."""
+        with_municipality = [r for r in self.registrations if r.municipality_code == rules.municipality_code]
+        if rules.required_registration == "premium":
+            return any(r.is_active_premium(today) for r in with_municipality)
+        return any(r.is_active(today) for r in with_municipality)
+
+
+def registration_registered(event: ResidentRegistered) -> Registration:
+    premium: PremiumStatus | None = None
+    if event.tier == "premium":
+        premium = "approved" if event.status == "active" else "requested" if event.status == "pending_review" else None
+    return Registration(event.registration_id, event.municipality_code, event.tier, event.status, premium)
+
+
+def registration_after(
+    current: Registration | None,
+    event: PremiumRequested | PremiumApproved | PremiumRejected | PremiumExpired | RegistrationWithdrawn,
+) -> Registration:
+    """The registration after one of its later events (an unseen registration starts conservatively)."""
+    base = current or Registration(event.registration_id, event.municipality_code, "premium", "pending_review")
+    if isinstance(event, PremiumRequested):
+        return replace(base, premium_status="requested")
+    if isinstance(event, PremiumApproved):
+        return replace(base, tier="premium", status="active", premium_status="approved", valid_until=event.valid_until)
+    if isinstance(event, PremiumRejected):
+        # A premium-only registration under review is rejected; a basic one asking to upgrade stays basic.
+        status: RegistrationStatus = "rejected" if base.status == "pending_review" else base.status
+        return replace(base, status=status, premium_status="rejected")
+    if isinstance(event, PremiumExpired):
+        # Conservative: an expired premium registration satisfies neither rule until an event says more.
+        return replace(base, status="expired", premium_status="expired")
+    return replace(base, status="withdrawn")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentUpdate:
+    partner: str
+    granted: bool
+    at: datetime
+
+
+def share_consents(items: Iterable[ConsentState | ConsentChanged]) -> list[ConsentUpdate]:
+    """The per-partner share_certificate consents among consent facts (others are not ours)."""
+    return [
+        ConsentUpdate(item.partner, item.granted, item.at)
+        for item in items
+        if item.purpose == "share_certificate" and item.partner is not None
+    ]
+
+
+# --- applications --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationRequest:
+    municipality_code: str
+    planned_stay_days: int
+    housing_basis: HousingBasis
+    address_there: str
+    primary_residence_code: str
+    partners: tuple[PartnerMembership, ...] = ()
+    note: str | None = None
+
+
+def check_request(request: ApplicationRequest) -> None:
+    """What can be told from the request alone (before any state is read)."""
+    applying = known_municipality(request.municipality_code, "municipality_code")
+    residence = known_municipality(request.primary_residence_code, "primary_residence_code")
+    for entry, name in ((applying, "municipality_code"), (residence, "primary_residence_code")):
+        if entry.is_prefecture:
+            raise NotAMunicipality(f"{name}: {entry.code} is {entry.name}, a prefecture", field=name)
+    if same_municipality(applying.code, residence.code):
+        raise PrimaryResidenceSameMunicipality(
+            f"the primary residence {residence.full_name} is the municipality applied to",
+            field="primary_residence_code",
+        )
+    if not 1 <= request.planned_stay_days <= MAX_STAY_DAYS:
+        raise StayDaysOutOfRange(
+            f"planned_stay_days is {request.planned_stay_days}; a year has 1 to {MAX_STAY_DAYS} days",
+            field="planned_stay_days",
+        )
+    check_partners(request.partners)
+
+
+def check_against_rules(request: ApplicationRequest, rules: MunicipalityRules | None) -> MunicipalityRules:
+    if rules is None:
+        name = municipality(request.municipality_code).full_name
+        raise MunicipalityWithoutPlan(
+            f"{name} ({request.municipality_code}) has no adopted 特定居住促進計画 and does not certify dual residents",
+            field="municipality_code",
+        )
+    if request.planned_stay_days < rules.min_stay_days:
+        raise StayBelowMinimum(
+            f"planned_stay_days is {request.planned_stay_days}; the municipality requires at least "
+            f"{rules.min_stay_days}", field="planned_stay_days", minimum=rules.min_stay_days,
+        )
+    if request.housing_basis not in rules.housing_bases:
+        raise HousingBasisNotAccepted(
+            f"housing_basis {request.housing_basis!r} is not accepted; accepted: {', '.join(rules.housing_bases)}",
+            field="housing_basis", accepted=list(rules.housing_bases),
+        )
+    return rules
+
+
+def check_applicant(
+    request: ApplicationRequest, rules: MunicipalityRules, resident: Resident | None, today: date,
+    *, retry_after_s: int,
+) -> Resident:
+    """What the resident projection must show before an application is accepted."""
+    if resident is None:
+        # Accepting it would mean deciding on facts we do not have; the registration event is
+        # usually milliseconds away, so the client is told to retry.
+        raise ResidentNotYetKnown(
+            "no furusato registration of this resident has reached the certification service yet; retry shortly",
+            retry_after=retry_after_s,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    if resident.status == "withdrawn":
+        raise ResidentWithdrawn("the resident has withdrawn from the platform")
+    if resident.legal_address_code is not None and same_municipality(
+        resident.legal_address_code, request.municipality_code
+    ):
+        raise PrimaryResidenceSameMunicipality(
+            "the resident's registered legal address is in the municipality applied to",
+            field="municipality_code",
+        )
+    if not resident.satisfies(rules, today):
+        if rules.required_registration == "premium":
+            raise PremiumRegistrationRequired(
+                f"the municipality requires an active premium registration with {rules.municipality_code}"
+            )
+        raise RegistrationRequired(f"register with municipality {rules.municipality_code} first")
+    for index, membership in enumerate(request.partners):
+        if membership.partner not in resident.consented_partners:
+            raise PartnerConsentMissing(
+                f"partners[{index}]: grant the share_certificate consent for {membership.partner} first",
+                field=f"partners[{index}].partner", partner=membership.partner,
+            )
+    return resident
+
+
+def check_still_eligible(rules: MunicipalityRules, resident: Resident | None, today: date) -> Resident:
+    """Before approving or renewing: the facts the application relied on still hold."""
+    if resident is None or resident.status == "withdrawn":
+        raise ResidentWithdrawn("the resident has withdrawn from the platform")
+    if not resident.satisfies(rules, today):
+        raise RegistrationNoLongerActive(
+            f"the resident no longer has the registration with {rules.municipality_code} the rules require"
+        )
+    return resident
+
+
+@dataclass(frozen=True, slots=True)
+class Application:
+    application_id: str
+    resident_id: str
+    municipality_code: str
+    primary_residence_code: str
+    planned_stay_days: int
+    housing_basis: HousingBasis
+    address_there: str | None
+    partners: tuple[PartnerMembership, ...]
+    note: str | None
+    status: ApplicationStatus
+    submitted_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+    decision_reason: str | None = None
+    certificate_number: str | None = None
+
+    @classmethod
+    def submit(cls, resident_id: str, request: ApplicationRequest, at: datetime) -> Application:
+        return cls(
+            application_id=str(uuid.uuid4()), resident_id=resident_id,
+            municipality_code=request.municipality_code, primary_residence_code=request.primary_residence_code,
+            planned_stay_days=request.planned_stay_days, housing_basis=request.housing_basis,
+            address_there=request.address_there, partners=request.partners, note=request.note,
+            status="submitted", submitted_at=at,
+        )
+
+    def _ensure_open(self) -> None:
+        if self.status != "submitted":
+            raise ApplicationAlreadyDecided(
+                f"application {self.application_id} is {self.status} already", current_status=self.status
+            )
+
+    def approve(self, *, by: str, at: datetime, certificate_number: str) -> Application:
+        self._ensure_open()
+        return replace(self, status="approved", decided_at=at, decided_by=by, certificate_number=certificate_number)
+
+    def reject(self, *, by: str, at: datetime, reason: str) -> Application:
+        self._ensure_open()
+        return replace(self, status="rejected", decided_at=at, decided_by=by, decision_reason=reason)
+
+
+# --- certificates --------------------------------------------------------------------------------
+
+
+def certificate_number(municipality_code: str, year: int, sequence: int) -> str:
+    """``NCH-<code6>-<year>-<sequence>``: unique nationwide because the code is."""
+    if not 1 <= sequence <= 999_999:
+        raise ValueError(f"certificate sequence {sequence} out of range for {municipality_code}/{year}")
+    return f"NCH-{municipality_code}-{year:04d}-{sequence:06d}"
+
+
+def validity_period(
+    rules: MunicipalityRules, today: date, valid_from: date | None, valid_until: date | None
+) -> tuple[date, date]:
+    """The certificate's validity (inclusive): from today for the municipality's validity by default."""
+    start = valid_from or today
+    end = valid_until or start + timedelta(days=rules.validity_days - 1)
+    if end < start:
+        raise InvalidValidityPeriod(f"valid_until {end} precedes valid_from {start}", field="valid_until")
+    if end < today:
+        raise ValidityEndsInPast(f"valid_until {end} is before today ({today}, Japan time)", field="valid_until")
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    certificate_number: str
+    municipality_code: str
+    resident_id: str
+    application_id: str
+    valid_from: date
+    valid_until: date
+    status: CertificateStatus
+    partners: tuple[PartnerMembership, ...]
+    issued_at: datetime
+    issued_by: str
+    renewed_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+    @classmethod
+    def issue(
+        cls, application: Application, *, number: str, valid_from: date, valid_until: date, by: str, at: datetime
+    ) -> Certificate:
+        return cls(
+            certificate_number=number, municipality_code=application.municipality_code,
+            resident_id=application.resident_id, application_id=application.application_id,
+            valid_from=valid_from, valid_until=valid_until, status="valid", partners=application.partners,
+            issued_at=at, issued_by=by,
+        )
+
+    def is_expired(self, today: date) -> bool:
+        return self.status == "expired" or (self.status == "valid" and today > self.valid_until)
+
+    def renew(
+        self, *, today: date, validity_days: int, valid_until: date | None, at: datetime
+    ) -> Certificate:
+        """Extend the validity under the same number; valid_from stays, so coverage never lapses."""
+        if self.status != "valid" or self.is_expired(today):
+            state = "expired" if self.is_expired(today) else self.status
+            raise CertificateNotRenewable(f"certificate {self.certificate_number} is {state}", current_status=state)
+        new_until = valid_until or self.valid_until + timedelta(days=validity_days)
+        if new_until <= self.valid_until:
+            raise RenewalMustExtend(
+                f"valid_until {new_until} does not extend the current {self.valid_until}", field="valid_until"
+            )
+        return replace(self, valid_until=new_until, renewed_at=at)
+
+    def revoke(self, *, today: date, reason: str, at: datetime) -> Certificate:
+        if self.status == "revoked":
+            raise CertificateAlreadyRevoked(f"certificate {self.certificate_number} is revoked already")
+        if self.is_expired(today):
+            raise CertificateExpired(f"certificate {self.certificate_number} expired after {self.valid_until}")
+        return replace(self, status="revoked", revoked_at=at, revocation_reason=reason)
+
+    def revoke_on_withdrawal(self, at: datetime) -> Certificate:
+        """The resident withdrew: whatever is still valid ends, with their member numbers."""
+        return replace(
+            self, status="revoked", revoked_at=at, revocation_reason=WITHDRAWAL_REASON,
+            partners=tuple(without_member_numbers(self.partners)),
+        )
+
+
+def expiring_window(today: date) -> tuple[date, date]:
+    """Certificates with valid_until in this inclusive window get their expiring notice now."""
+    return today, today + timedelta(days=EXPIRING_NOTICE_DAYS)
+
+
+def days_left(valid_until: date, today: date) -> int:
+    return (valid_until - today).days
+
+
+def expired_on(valid_until: date) -> date:
+    """A certificate expires on the day after its last valid day (Japan time)."""
+    return valid_until + timedelta(days=1)
+
+
+# --- audit trail ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    actor: str
+    actor_role: str
+    municipality_code: str
+    action: str
+    target_type: Literal["application", "certificate", "municipality"]
+    target_id: str
+    at: datetime
+    reason: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)

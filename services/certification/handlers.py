@@ -1,0 +1,605 @@
+"""Use cases: load, decide (domain), save (store), emit (outbox) — one transaction each.
+
+HTTP use cases run in ``runtime.transaction``; event use cases run in the consumer's batch
+transaction (``HandlerContext``); both expose ``conn`` and ``emit``, which is all a use case needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from services.certification import store
+from services.certification.domain import (
+    SYSTEM_ACTOR,
+    WITHDRAWAL_REASON,
+    Application,
+    ApplicationNotFound,
+    ApplicationRequest,
+    AuditEntry,
+    Certificate,
+    CertificateAlreadyHeld,
+    CertificateNotFound,
+    MunicipalityRules,
+    MunicipalityWithoutPlan,
+    OpenApplicationExists,
+    PlanAlreadyRecorded,
+    RulesNotFound,
+    certificate_number,
+    check_against_rules,
+    check_applicant,
+    check_request,
+    check_still_eligible,
+    days_left,
+    expired_on,
+    expiring_window,
+    plannable_municipality,
+    registration_after,
+    registration_registered,
+    share_consents,
+    shared_partners,
+    validity_period,
+    without_member_numbers,
+)
+from services.certification.views import (
+    ApplicationView,
+    AuditView,
+    CertificateView,
+    Page,
+    RulesView,
+    certificates_csv,
+    json_body,
+)
+from shared.contracts.base import EventData
+from shared.contracts.certification import (
+    ApplicationRejected,
+    ApplicationSubmitted,
+    CertificateExpired,
+    CertificateExpiring,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.common import PartnerMembership
+from shared.contracts.registration import (
+    ConsentChanged,
+    PremiumApproved,
+    PremiumExpired,
+    PremiumRejected,
+    PremiumRequested,
+    RegistrationWithdrawn,
+    ResidentRegistered,
+    ResidentWithdrawn,
+)
+from shared.contracts.topics import APPLICATIONS, CERTIFICATES, Topic
+from shared.kit import idempotency
+from shared.kit.auth import Principal, Role
+from shared.kit.db import Connection
+from shared.kit.envelope import Envelope
+from shared.kit.service import ServiceRuntime
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], date]
+
+
+class Work(Protocol):
+    """An open transaction that can record outgoing events (UnitOfWork or HandlerContext)."""
+
+    @property
+    def conn(self) -> Connection: ...
+
+    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An HTTP use case's result as it is sent (and stored for an Idempotency-Key replay)."""
+
+    status_code: int
+    body: dict[str, Any]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _audit(
+    principal: Principal | None, municipality_code: str, action: str, target: Application | Certificate | str,
+    at: datetime, reason: str | None = None, **details: Any,
+) -> AuditEntry:
+    target_type: Literal["application", "certificate", "municipality"]
+    if isinstance(target, Application):
+        target_type, target_id = "application", target.application_id
+    elif isinstance(target, Certificate):
+        target_type, target_id = "certificate", target.certificate_number
+    else:
+        target_type, target_id = "municipality", target
+    return AuditEntry(
+        actor=principal.subject if principal else SYSTEM_ACTOR,
+        actor_role=principal.role.value if principal else SYSTEM_ACTOR,
+        municipality_code=municipality_code, action=action, target_type=target_type,
+        target_id=target_id, at=at, reason=reason, details=details,
+    )
+
+
+def _certificate_fields(certificate: Certificate, partners: list[PartnerMembership]) -> dict[str, Any]:
+    c = certificate
+    return {
+        "certificate_number": c.certificate_number, "resident_id": c.resident_id,
+        "municipality_code": c.municipality_code, "valid_from": c.valid_from, "valid_until": c.valid_until,
+        "status": c.status, "partners": partners,
+    }
+
+
+CertificateEvent = (
+    CertificateIssued | CertificateRenewed | CertificateRevoked | CertificateExpiring | CertificateExpired
+)
+
+
+async def _emit_certificate(work: Work, event: CertificateEvent) -> None:
+    """Certificate events are keyed (and their subject is) the certificate number."""
+    await work.emit(CERTIFICATES, event, subject=event.certificate_number)
+
+
+# --- the resident projection (consumed from registration.residents.v1) ---------------------------
+
+
+async def record_registered(conn: Connection, event: ResidentRegistered, at: datetime) -> None:
+    if await store.resident_status(conn, event.resident_id) == "withdrawn":
+        log.info("event for a withdrawn resident ignored", resident_id=event.resident_id)
+        return
+    await store.upsert_resident(conn, event.resident_id, event.legal_address_code, at)
+    await store.save_registration(conn, event.resident_id, registration_registered(event), at)
+    for consent in share_consents(event.consents):
+        await store.set_share_consent(conn, event.resident_id, consent.partner, consent.granted, consent.at)
+
+
+async def record_registration_change(
+    conn: Connection,
+    event: PremiumRequested | PremiumApproved | PremiumRejected | PremiumExpired | RegistrationWithdrawn,
+    at: datetime,
+) -> None:
+    if await store.resident_status(conn, event.resident_id) == "withdrawn":
+        log.info("event for a withdrawn resident ignored", resident_id=event.resident_id)
+        return
+    await store.ensure_resident(conn, event.resident_id, at)
+    current = await store.get_registration(conn, event.registration_id)
+    await store.save_registration(conn, event.resident_id, registration_after(current, event), at)
+
+
+async def record_consent(conn: Connection, event: ConsentChanged, at: datetime) -> None:
+    updates = share_consents([event])
+    if not updates or await store.resident_status(conn, event.resident_id) == "withdrawn":
+        return
+    await store.ensure_resident(conn, event.resident_id, at)
+    for consent in updates:
+        await store.set_share_consent(conn, event.resident_id, consent.partner, consent.granted, consent.at)
+
+
+async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) -> None:
+    """Erasure: reject what is open, revoke what is valid, erase what is personal, keep a tombstone."""
+    conn = work.conn
+    resident = await store.load_resident(conn, event.resident_id, lock=True)
+    consented = resident.consented_partners if resident else frozenset()
+    await store.mark_withdrawn(conn, event.resident_id, event.withdrawn_at, at)
+    now = _now()
+    # Applications before certificates: an approval running now holds the application's lock, and
+    # the certificate it issues is visible to the statements after this one.
+    for application in await store.open_applications_of(conn, event.resident_id):
+        rejected = application.reject(by=SYSTEM_ACTOR, at=now, reason=WITHDRAWAL_REASON)
+        await store.save_decision(conn, rejected)
+        await store.append_audit(
+            conn, _audit(None, rejected.municipality_code, "application.rejected", rejected, now, WITHDRAWAL_REASON)
+        )
+        await work.emit(
+            APPLICATIONS,
+            ApplicationRejected(
+                application_id=rejected.application_id, resident_id=rejected.resident_id,
+                municipality_code=rejected.municipality_code, reason=WITHDRAWAL_REASON, decided_at=now,
+            ),
+            subject=rejected.application_id,
+        )
+    for certificate in await store.valid_certificates_of(conn, event.resident_id):
+        revoked = certificate.revoke_on_withdrawal(now)
+        await store.save_certificate(conn, revoked)
+        await store.append_audit(
+            conn, _audit(None, revoked.municipality_code, "certificate.revoked", revoked, now, WITHDRAWAL_REASON)
+        )
+        # The partners that saw the certificate learn it ended; their member numbers are gone.
+        partners = without_member_numbers(shared_partners(certificate.partners, consented))
+        await _emit_certificate(
+            work, CertificateRevoked(**_certificate_fields(revoked, partners), reason=WITHDRAWAL_REASON, revoked_at=now)
+        )
+    await store.erase_applications(conn, event.resident_id, now)
+    await store.erase_certificate_member_numbers(conn, event.resident_id)
+    log.info("resident withdrawn: personal data erased", resident_id=event.resident_id)
+
+
+# --- HTTP use cases ------------------------------------------------------------------------------
+
+
+class CertificationService:
+    def __init__(self, runtime: ServiceRuntime, *, clock: Clock, retry_after_s: int = 5) -> None:
+        self.runtime = runtime
+        self.clock = clock
+        self.retry_after_s = retry_after_s
+
+    async def _idempotent(
+        self, work: Work, principal: Principal, key: str | None, request: dict[str, Any],
+        run: Callable[[], Awaitable[Outcome]],
+    ) -> Outcome:
+        """Run once per Idempotency-Key: the key is reserved and remembered in the use case's transaction."""
+        if key is None:
+            return await run()
+        scope = f"{principal.role.value}:{principal.subject}"
+        body_hash = idempotency.request_hash(request)
+        stored = await idempotency.replay(work.conn, scope, key, body_hash)
+        if stored is not None:
+            return Outcome(stored.status_code, stored.body)
+        outcome = await run()
+        await idempotency.remember(work.conn, scope, key, body_hash, outcome.status_code, outcome.body)
+        return outcome
+
+    # applications
+
+    async def submit_application(
+        self, principal: Principal, request: ApplicationRequest, *, idempotency_key: str | None,
+        correlation_id: str | None,
+    ) -> Outcome:
+        check_request(request)
+        async with self.runtime.transaction(correlation_id) as work:
+
+            async def run() -> Outcome:
+                conn = work.conn
+                rules = check_against_rules(request, await store.get_rules(conn, request.municipality_code))
+                resident = await store.load_resident(conn, principal.subject, lock=True)
+                check_applicant(request, rules, resident, self.clock(), retry_after_s=self.retry_after_s)
+                if await store.has_open_application(conn, principal.subject, request.municipality_code):
+                    raise OpenApplicationExists(
+                        f"an application to {request.municipality_code} is under review already"
+                    )
+                held = await store.valid_certificate_number(conn, principal.subject, request.municipality_code)
+                if held is not None:
+                    raise CertificateAlreadyHeld(
+                        f"certificate {held} is valid; the municipality renews it", certificate_number=held
+                    )
+                application = Application.submit(principal.subject, request, _now())
+                try:
+                    await store.insert_application(conn, application)
+                except store.OpenApplicationConflict:
+                    raise OpenApplicationExists(
+                        f"an application to {request.municipality_code} is under review already"
+                    ) from None
+                await work.emit(
+                    APPLICATIONS,
+                    ApplicationSubmitted(
+                        application_id=application.application_id, resident_id=application.resident_id,
+                        municipality_code=application.municipality_code,
+                        primary_residence_code=application.primary_residence_code,
+                        planned_stay_days=application.planned_stay_days, housing_basis=application.housing_basis,
+                        partners=list(application.partners), submitted_at=application.submitted_at,
+                    ),
+                    subject=application.application_id,
+                )
+                log.info("application submitted", application_id=application.application_id,
+                         municipality_code=application.municipality_code)
+                return Outcome(201, json_body(ApplicationView.of(application)))
+
+            return await self._idempotent(work, principal, idempotency_key, {"submit": _request_json(request)}, run)
+
+    async def approve(
+        self, principal: Principal, application_id: str, valid_from: date | None, valid_until: date | None, *,
+        idempotency_key: str | None, correlation_id: str | None,
+    ) -> Outcome:
+        request = {"approve": application_id, "valid_from": valid_from, "valid_until": valid_until}
+        async with self.runtime.transaction(correlation_id) as work:
+
+            async def run() -> Outcome:
+                conn = work.conn
+                application = await self._application_for_decision(conn, principal, application_id)
+                rules = await self._rules(conn, application.municipality_code)
+                today = self.clock()
+                resident = check_still_eligible(
+                    rules, await store.load_resident(conn, application.resident_id, lock=True), today
+                )
+                start, end = validity_period(rules, today, valid_from, valid_until)
+                sequence = await store.next_sequence(conn, application.municipality_code, today.year)
+                number = certificate_number(application.municipality_code, today.year, sequence)
+                now = _now()
+                approved = application.approve(by=principal.subject, at=now, certificate_number=number)
+                certificate = Certificate.issue(
+                    approved, number=number, valid_from=start, valid_until=end, by=principal.subject, at=now
+                )
+                await store.save_decision(conn, approved)
+                await store.insert_certificate(conn, certificate, today.year, sequence)
+                await store.append_audit(
+                    conn,
+                    _audit(principal, approved.municipality_code, "application.approved", approved, now,
+                           certificate_number=number, valid_from=start, valid_until=end),
+                )
+                partners = shared_partners(certificate.partners, resident.consented_partners)
+                await _emit_certificate(
+                    work,
+                    CertificateIssued(
+                        **_certificate_fields(certificate, partners), application_id=approved.application_id,
+                        issued_at=now,
+                    ),
+                )
+                log.info("certificate issued", certificate_number=number, application_id=application_id)
+                return Outcome(201, json_body(CertificateView.of(certificate)))
+
+            return await self._idempotent(work, principal, idempotency_key, request, run)
+
+    async def reject(
+        self, principal: Principal, application_id: str, reason: str, *, idempotency_key: str | None,
+        correlation_id: str | None,
+    ) -> Outcome:
+        async with self.runtime.transaction(correlation_id) as work:
+
+            async def run() -> Outcome:
+                conn = work.conn
+                application = await self._application_for_decision(conn, principal, application_id)
+                now = _now()
+                rejected = application.reject(by=principal.subject, at=now, reason=reason)
+                await store.save_decision(conn, rejected)
+                await store.append_audit(
+                    conn, _audit(principal, rejected.municipality_code, "application.rejected", rejected, now, reason)
+                )
+                await work.emit(
+                    APPLICATIONS,
+                    ApplicationRejected(
+                        application_id=rejected.application_id, resident_id=rejected.resident_id,
+                        municipality_code=rejected.municipality_code, reason=reason, decided_at=now,
+                    ),
+                    subject=rejected.application_id,
+                )
+                return Outcome(200, json_body(ApplicationView.of(rejected)))
+
+            return await self._idempotent(
+                work, principal, idempotency_key, {"reject": application_id, "reason": reason}, run
+            )
+
+    async def _application_for_decision(
+        self, conn: Connection, principal: Principal, application_id: str
+    ) -> Application:
+        application = await store.get_application(conn, application_id, lock=True)
+        if application is None:
+            raise ApplicationNotFound(f"no application {application_id}")
+        principal.ensure_municipality(application.municipality_code)
+        return application
+
+    # certificates
+
+    async def renew(
+        self, principal: Principal, number: str, valid_until: date | None, *, idempotency_key: str | None,
+        correlation_id: str | None,
+    ) -> Outcome:
+        async with self.runtime.transaction(correlation_id) as work:
+
+            async def run() -> Outcome:
+                conn = work.conn
+                certificate = await self._certificate_for_decision(conn, principal, number)
+                rules = await self._rules(conn, certificate.municipality_code)
+                today = self.clock()
+                now = _now()
+                renewed = certificate.renew(
+                    today=today, validity_days=rules.validity_days, valid_until=valid_until, at=now
+                )
+                resident = check_still_eligible(
+                    rules, await store.load_resident(conn, certificate.resident_id, lock=True), today
+                )
+                await store.save_certificate(conn, renewed, reset_expiring=True)
+                await store.append_audit(
+                    conn,
+                    _audit(principal, renewed.municipality_code, "certificate.renewed", renewed, now,
+                           previous_valid_until=certificate.valid_until, valid_until=renewed.valid_until),
+                )
+                partners = shared_partners(renewed.partners, resident.consented_partners)
+                await _emit_certificate(
+                    work, CertificateRenewed(**_certificate_fields(renewed, partners), renewed_at=now)
+                )
+                return Outcome(200, json_body(CertificateView.of(renewed)))
+
+            return await self._idempotent(
+                work, principal, idempotency_key, {"renew": number, "valid_until": valid_until}, run
+            )
+
+    async def revoke(
+        self, principal: Principal, number: str, reason: str, *, idempotency_key: str | None,
+        correlation_id: str | None,
+    ) -> Outcome:
+        async with self.runtime.transaction(correlation_id) as work:
+
+            async def run() -> Outcome:
+                conn = work.conn
+                certificate = await self._certificate_for_decision(conn, principal, number)
+                now = _now()
+                revoked = certificate.revoke(today=self.clock(), reason=reason, at=now)
+                await store.save_certificate(conn, revoked)
+                await store.append_audit(
+                    conn, _audit(principal, revoked.municipality_code, "certificate.revoked", revoked, now, reason)
+                )
+                consented = (await store.consented_partners(conn, [revoked.resident_id])).get(
+                    revoked.resident_id, frozenset()
+                )
+                partners = shared_partners(revoked.partners, consented)
+                await _emit_certificate(
+                    work, CertificateRevoked(**_certificate_fields(revoked, partners), reason=reason, revoked_at=now)
+                )
+                return Outcome(200, json_body(CertificateView.of(revoked)))
+
+            return await self._idempotent(work, principal, idempotency_key, {"revoke": number, "reason": reason}, run)
+
+    async def _certificate_for_decision(self, conn: Connection, principal: Principal, number: str) -> Certificate:
+        certificate = await store.get_certificate(conn, number, lock=True)
+        if certificate is None:
+            raise CertificateNotFound(f"no certificate {number}")
+        principal.ensure_municipality(certificate.municipality_code)
+        return certificate
+
+    # municipality rules
+
+    async def _rules(self, conn: Connection, code: str) -> MunicipalityRules:
+        rules = await store.get_rules(conn, code)
+        if rules is None:
+            raise MunicipalityWithoutPlan(f"{code} has no adopted 特定居住促進計画")
+        return rules
+
+    async def rules(self, code: str) -> RulesView:
+        plannable_municipality(code)
+        async with self.runtime.pool.acquire() as conn:
+            rules = await store.get_rules(conn, code)
+        if rules is None:
+            raise RulesNotFound(f"{code} has no adopted 特定居住促進計画, so no certification rules")
+        return RulesView.of(rules)
+
+    async def municipalities(self, limit: int, offset: int) -> Page[RulesView]:
+        async with self.runtime.pool.acquire() as conn:
+            rules, total = await store.list_rules(conn, limit, offset)
+        return Page(items=[RulesView.of(r) for r in rules], total=total, limit=limit, offset=offset)
+
+    async def update_rules(
+        self, principal: Principal, rules: MunicipalityRules, correlation_id: str | None
+    ) -> RulesView:
+        principal.ensure_municipality(rules.municipality_code)
+        plannable_municipality(rules.municipality_code)
+        async with self.runtime.transaction(correlation_id) as work:
+            before = await store.get_rules(work.conn, rules.municipality_code)
+            if before is None:
+                raise RulesNotFound(f"{rules.municipality_code} has no adopted 特定居住促進計画")
+            await store.save_rules(work.conn, rules, principal.subject)
+            saved = await self._rules(work.conn, rules.municipality_code)
+            await store.append_audit(
+                work.conn,
+                _audit(principal, rules.municipality_code, "rules.updated", rules.municipality_code, _now(),
+                       before=RulesView.of(before).model_dump(mode="json"),
+                       after=RulesView.of(saved).model_dump(mode="json")),
+            )
+        return RulesView.of(saved)
+
+    async def add_plan(
+        self, principal: Principal, code: str, adopted_on: date | None, correlation_id: str | None
+    ) -> RulesView:
+        plannable_municipality(code)
+        async with self.runtime.transaction(correlation_id) as work:
+            if not await store.insert_plan(work.conn, code, adopted_on, principal.subject):
+                raise PlanAlreadyRecorded(f"{code} has a plan on record already")
+            rules = await self._rules(work.conn, code)
+            await store.append_audit(
+                work.conn, _audit(principal, code, "plan.recorded", code, _now(), adopted_on=adopted_on)
+            )
+        return RulesView.of(rules)
+
+    # reads
+
+    async def application(self, principal: Principal, application_id: str) -> ApplicationView:
+        async with self.runtime.pool.acquire() as conn:
+            application = await store.get_application(conn, application_id)
+        if application is None or (principal.role is Role.RESIDENT and principal.subject != application.resident_id):
+            raise ApplicationNotFound(f"no application {application_id}")
+        if principal.role is not Role.RESIDENT:
+            principal.ensure_municipality(application.municipality_code)
+        return ApplicationView.of(application)
+
+    async def applications(
+        self, *, municipality_code: str | None, resident_id: str | None, status: str | None,
+        housing_basis: str | None, limit: int, offset: int,
+    ) -> Page[ApplicationView]:
+        async with self.runtime.pool.acquire() as conn:
+            items, total = await store.list_applications(
+                conn, municipality_code=municipality_code, resident_id=resident_id, status=status,
+                housing_basis=housing_basis, limit=limit, offset=offset,
+            )
+        return Page(items=[ApplicationView.of(a) for a in items], total=total, limit=limit, offset=offset)
+
+    async def certificate(self, principal: Principal, number: str) -> CertificateView:
+        """Only the holder and the issuing municipality read a certificate; to anyone else it does not exist."""
+        async with self.runtime.pool.acquire() as conn:
+            certificate = await store.get_certificate(conn, number)
+        allowed = certificate is not None and (
+            principal.role is Role.ADMIN
+            or (principal.role is Role.RESIDENT and principal.subject == certificate.resident_id)
+            or (principal.role is Role.STAFF and principal.municipality == certificate.municipality_code)
+        )
+        if certificate is None or not allowed:
+            raise CertificateNotFound(f"no certificate {number}")
+        return CertificateView.of(certificate)
+
+    async def certificates(
+        self, *, municipality_code: str | None, resident_id: str | None, status: str | None, limit: int, offset: int
+    ) -> Page[CertificateView]:
+        async with self.runtime.pool.acquire() as conn:
+            items, total = await store.list_certificates(
+                conn, municipality_code=municipality_code, resident_id=resident_id, status=status,
+                limit=limit, offset=offset,
+            )
+        return Page(items=[CertificateView.of(c) for c in items], total=total, limit=limit, offset=offset)
+
+    async def certificates_csv(self, code: str, status: str | None) -> str:
+        async with self.runtime.pool.acquire() as conn:
+            items, _ = await store.list_certificates(
+                conn, municipality_code=code, resident_id=None, status=status, limit=None
+            )
+        return certificates_csv(items)
+
+    async def audit(self, code: str, limit: int, offset: int) -> Page[AuditView]:
+        async with self.runtime.pool.acquire() as conn:
+            items, total = await store.list_audit(conn, code, limit, offset)
+        return Page(items=[AuditView.model_validate(i) for i in items], total=total, limit=limit, offset=offset)
+
+    # expiry
+
+    async def sweep_expiry(self, batch_size: int = 200) -> tuple[int, int]:
+        """Send due expiring notices and expire what ended; safe to run on every replica at once."""
+        today = self.clock()
+        first_day, last_day = expiring_window(today)
+
+        async def expiring(conn: Connection) -> list[Certificate]:
+            return await store.claim_expiring(conn, first_day, last_day, batch_size)
+
+        async def expired(conn: Connection) -> list[Certificate]:
+            return await store.claim_expired(conn, today, batch_size)
+
+        def expiring_event(c: Certificate, partners: list[PartnerMembership]) -> CertificateEvent:
+            return CertificateExpiring(**_certificate_fields(c, partners), days_left=days_left(c.valid_until, today))
+
+        def expired_event(c: Certificate, partners: list[PartnerMembership]) -> CertificateEvent:
+            return CertificateExpired(**_certificate_fields(c, partners), expired_on=expired_on(c.valid_until))
+
+        notified = await self._sweep(expiring, expiring_event, batch_size)
+        ended = await self._sweep(expired, expired_event, batch_size)
+        if notified or ended:
+            log.info("expiry sweep", today=today.isoformat(), expiring=notified, expired=ended)
+        return notified, ended
+
+    async def _sweep(
+        self,
+        claim: Callable[[Connection], Awaitable[list[Certificate]]],
+        event: Callable[[Certificate, list[PartnerMembership]], CertificateEvent],
+        batch_size: int,
+    ) -> int:
+        count = 0
+        while True:
+            async with self.runtime.transaction() as work:
+                claimed = await claim(work.conn)
+                consents = await store.consented_partners(work.conn, [c.resident_id for c in claimed])
+                for certificate in claimed:
+                    partners = shared_partners(certificate.partners, consents.get(certificate.resident_id, frozenset()))
+                    await _emit_certificate(work, event(certificate, partners))
+            count += len(claimed)
+            if len(claimed) < batch_size:
+                return count
+
+
+def _request_json(request: ApplicationRequest) -> dict[str, Any]:
+    return {
+        "municipality_code": request.municipality_code, "planned_stay_days": request.planned_stay_days,
+        "housing_basis": request.housing_basis, "address_there": request.address_there,
+        "primary_residence_code": request.primary_residence_code,
+        "partners": [p.model_dump() for p in request.partners], "note": request.note,
+    }

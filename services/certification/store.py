@@ -1,0 +1,557 @@
+"""All SQL of the certification service (asyncpg, no ORM): rows in, domain objects out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Any, cast
+
+import asyncpg
+
+from services.certification.domain import (
+    Application,
+    AuditEntry,
+    Certificate,
+    MunicipalityRules,
+    Registration,
+    Resident,
+)
+from shared.contracts.common import PartnerMembership
+from shared.kit.db import Connection
+
+# --- municipality rules --------------------------------------------------------------------------
+
+_RULES_COLUMNS = """
+    municipality_code, plan_source, plan_adopted_on, min_stay_days, housing_bases, validity_days,
+    required_registration
+"""
+
+
+def _rules(row: asyncpg.Record) -> MunicipalityRules:
+    return MunicipalityRules(
+        municipality_code=row["municipality_code"], min_stay_days=row["min_stay_days"],
+        housing_bases=tuple(row["housing_bases"]), validity_days=row["validity_days"],
+        required_registration=row["required_registration"], plan_source=row["plan_source"],
+        plan_adopted_on=row["plan_adopted_on"],
+    )
+
+
+async def seed_rules(conn: Connection, plans: Mapping[str, date | None]) -> int:
+    """Add default rules for each municipality with a plan; rows that exist (maybe edited) stay."""
+    result: str = await conn.execute(
+        """
+        INSERT INTO municipality_rules (municipality_code, plan_source, plan_adopted_on)
+        SELECT code, 'reference', adopted_on FROM unnest($1::text[], $2::date[]) AS p(code, adopted_on)
+        ON CONFLICT (municipality_code) DO NOTHING
+        """,
+        list(plans), list(plans.values()),
+    )
+    return int(result.split()[-1])
+
+
+async def get_rules(conn: Connection, code: str) -> MunicipalityRules | None:
+    row = await conn.fetchrow(f"SELECT {_RULES_COLUMNS} FROM municipality_rules WHERE municipality_code = $1", code)
+    return None if row is None else _rules(row)
+
+
+async def list_rules(conn: Connection, limit: int, offset: int) -> tuple[list[MunicipalityRules], int]:
+    rows = await conn.fetch(
+        f"SELECT {_RULES_COLUMNS} FROM municipality_rules ORDER BY municipality_code LIMIT $1 OFFSET $2",
+        limit, offset,
+    )
+    total = await conn.fetchval("SELECT count(*) FROM municipality_rules")
+    return [_rules(row) for row in rows], int(total)
+
+
+async def save_rules(conn: Connection, rules: MunicipalityRules, by: str) -> bool:
+    result: str = await conn.execute(
+        """
+        UPDATE municipality_rules
+        SET min_stay_days = $2, housing_bases = $3, validity_days = $4, required_registration = $5,
+            updated_at = now(), updated_by = $6
+        WHERE municipality_code = $1
+        """,
+        rules.municipality_code, rules.min_stay_days, list(rules.housing_bases), rules.validity_days,
+        rules.required_registration, by,
+    )
+    return result.endswith(" 1")
+
+
+async def insert_plan(conn: Connection, code: str, adopted_on: date | None, by: str) -> bool:
+    """Record a plan adopted after the reference data; False if the municipality has one already."""
+    row = await conn.fetchval(
+        """
+        INSERT INTO municipality_rules (municipality_code, plan_source, plan_adopted_on, updated_by)
+        VALUES ($1, 'admin', $2, $3)
+        ON CONFLICT (municipality_code) DO NOTHING
+        RETURNING 1
+        """,
+        code, adopted_on, by,
+    )
+    return row is not None
+
+
+# --- the resident projection ---------------------------------------------------------------------
+
+
+async def resident_status(conn: Connection, resident_id: str) -> str | None:
+    status: str | None = await conn.fetchval("SELECT status FROM residents WHERE resident_id = $1", resident_id)
+    return status
+
+
+async def upsert_resident(conn: Connection, resident_id: str, legal_address_code: str, at: datetime) -> None:
+    await conn.execute(
+        """
+        INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
+        VALUES ($1, 'active', $2, $3)
+        ON CONFLICT (resident_id) DO UPDATE
+        SET legal_address_code = EXCLUDED.legal_address_code, last_event_at = EXCLUDED.last_event_at
+        WHERE residents.status = 'active'
+        """,
+        resident_id, legal_address_code, at,
+    )
+
+
+async def ensure_resident(conn: Connection, resident_id: str, at: datetime) -> None:
+    """A resident first seen through a later event (its registration event went astray)."""
+    await conn.execute(
+        """
+        INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
+        VALUES ($1, 'active', NULL, $2)
+        ON CONFLICT (resident_id) DO UPDATE SET last_event_at = EXCLUDED.last_event_at
+        WHERE residents.status = 'active'
+        """,
+        resident_id, at,
+    )
+
+
+def _registration(row: asyncpg.Record) -> Registration:
+    return Registration(
+        registration_id=row["registration_id"], municipality_code=row["municipality_code"], tier=row["tier"],
+        status=row["status"], premium_status=row["premium_status"], valid_until=row["valid_until"],
+    )
+
+
+async def get_registration(conn: Connection, registration_id: str) -> Registration | None:
+    row = await conn.fetchrow(
+        """
+        SELECT registration_id, municipality_code, tier, status, premium_status, valid_until
+        FROM resident_registrations WHERE registration_id = $1
+        """,
+        registration_id,
+    )
+    return None if row is None else _registration(row)
+
+
+async def save_registration(
+    conn: Connection, resident_id: str, registration: Registration, at: datetime
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO resident_registrations
+            (registration_id, resident_id, municipality_code, tier, status, premium_status, valid_until,
+             last_event_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        ON CONFLICT (registration_id) DO UPDATE
+        SET municipality_code = EXCLUDED.municipality_code, tier = EXCLUDED.tier, status = EXCLUDED.status,
+            premium_status = EXCLUDED.premium_status, valid_until = EXCLUDED.valid_until,
+            last_event_at = EXCLUDED.last_event_at
+        """,
+        registration.registration_id, resident_id, registration.municipality_code, registration.tier,
+        registration.status, registration.premium_status, registration.valid_until, at,
+    )
+
+
+async def set_share_consent(conn: Connection, resident_id: str, partner: str, granted: bool, at: datetime) -> None:
+    """Last writer wins by the consent's own time (an older fact never overrides a newer one)."""
+    await conn.execute(
+        """
+        INSERT INTO share_consents (resident_id, partner, granted, at) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (resident_id, partner) DO UPDATE SET granted = EXCLUDED.granted, at = EXCLUDED.at
+        WHERE share_consents.at <= EXCLUDED.at
+        """,
+        resident_id, partner, granted, at,
+    )
+
+
+async def mark_withdrawn(conn: Connection, resident_id: str, withdrawn_at: datetime, at: datetime) -> None:
+    """Keep a tombstone (so late events are ignored), erase the address, drop registrations and consents."""
+    await conn.execute(
+        """
+        INSERT INTO residents (resident_id, status, legal_address_code, withdrawn_at, last_event_at)
+        VALUES ($1, 'withdrawn', NULL, $2, $3)
+        ON CONFLICT (resident_id) DO UPDATE
+        SET status = 'withdrawn', legal_address_code = NULL, withdrawn_at = EXCLUDED.withdrawn_at,
+            last_event_at = EXCLUDED.last_event_at
+        """,
+        resident_id, withdrawn_at, at,
+    )
+    await conn.execute("DELETE FROM resident_registrations WHERE resident_id = $1", resident_id)
+    await conn.execute("DELETE FROM share_consents WHERE resident_id = $1", resident_id)
+
+
+async def load_resident(conn: Connection, resident_id: str, *, lock: bool = False) -> Resident | None:
+    """The resident as the projection knows them; ``lock`` makes a concurrent withdrawal wait for us."""
+    row = await conn.fetchrow(
+        "SELECT resident_id, status, legal_address_code FROM residents WHERE resident_id = $1"
+        + (" FOR SHARE" if lock else ""),
+        resident_id,
+    )
+    if row is None:
+        return None
+    registrations = await conn.fetch(
+        """
+        SELECT registration_id, municipality_code, tier, status, premium_status, valid_until
+        FROM resident_registrations WHERE resident_id = $1 ORDER BY registration_id
+        """,
+        resident_id,
+    )
+    consented = await conn.fetch(
+        "SELECT partner FROM share_consents WHERE resident_id = $1 AND granted", resident_id
+    )
+    return Resident(
+        resident_id=row["resident_id"], status=row["status"], legal_address_code=row["legal_address_code"],
+        registrations=tuple(_registration(r) for r in registrations),
+        consented_partners=frozenset(r["partner"] for r in consented),
+    )
+
+
+async def consented_partners(conn: Connection, resident_ids: Iterable[str]) -> dict[str, frozenset[str]]:
+    rows = await conn.fetch(
+        "SELECT resident_id, partner FROM share_consents WHERE resident_id = ANY($1::text[]) AND granted",
+        list(set(resident_ids)),
+    )
+    result: dict[str, set[str]] = {}
+    for row in rows:
+        result.setdefault(row["resident_id"], set()).add(row["partner"])
+    return {resident: frozenset(partners) for resident, partners in result.items()}
+
+
+# --- applications --------------------------------------------------------------------------------
+
+_APPLICATION_COLUMNS = """
+    application_id, resident_id, municipality_code, primary_residence_code, planned_stay_days, housing_basis,
+    address_there, partners, note, status, submitted_at, decided_at, decided_by, decision_reason,
+    certificate_number
+"""
+
+
+def _partners_json(partners: Sequence[PartnerMembership]) -> str:
+    return json.dumps([membership.model_dump() for membership in partners])
+
+
+def _partners(raw: str) -> tuple[PartnerMembership, ...]:
+    return tuple(PartnerMembership.model_validate(item) for item in json.loads(raw))
+
+
+def _application(row: asyncpg.Record) -> Application:
+    return Application(
+        application_id=row["application_id"], resident_id=row["resident_id"],
+        municipality_code=row["municipality_code"], primary_residence_code=row["primary_residence_code"],
+        planned_stay_days=row["planned_stay_days"], housing_basis=row["housing_basis"],
+        address_there=row["address_there"], partners=_partners(row["partners"]), note=row["note"],
+        status=row["status"], submitted_at=row["submitted_at"], decided_at=row["decided_at"],
+        decided_by=row["decided_by"], decision_reason=row["decision_reason"],
+        certificate_number=row["certificate_number"],
+    )
+
+
+class OpenApplicationConflict(Exception):
+    """The one-open-application index refused a concurrent twin."""
+
+
+async def insert_application(conn: Connection, application: Application) -> None:
+    try:
+        async with conn.transaction():  # a savepoint: the caller's transaction survives the conflict
+            await conn.execute(
+                f"""
+                INSERT INTO applications ({_APPLICATION_COLUMNS})
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14, $15)
+                """,
+                *_application_values(application),
+            )
+    except asyncpg.UniqueViolationError as error:
+        if error.constraint_name == "applications_one_open":
+            raise OpenApplicationConflict from error
+        raise
+
+
+def _application_values(application: Application) -> tuple[Any, ...]:
+    a = application
+    return (
+        a.application_id, a.resident_id, a.municipality_code, a.primary_residence_code, a.planned_stay_days,
+        a.housing_basis, a.address_there, _partners_json(a.partners), a.note, a.status, a.submitted_at,
+        a.decided_at, a.decided_by, a.decision_reason, a.certificate_number,
+    )
+
+
+async def save_decision(conn: Connection, application: Application) -> None:
+    await conn.execute(
+        """
+        UPDATE applications
+        SET status = $2, decided_at = $3, decided_by = $4, decision_reason = $5, certificate_number = $6
+        WHERE application_id = $1
+        """,
+        application.application_id, application.status, application.decided_at, application.decided_by,
+        application.decision_reason, application.certificate_number,
+    )
+
+
+async def get_application(conn: Connection, application_id: str, *, lock: bool = False) -> Application | None:
+    row = await conn.fetchrow(
+        f"SELECT {_APPLICATION_COLUMNS} FROM applications WHERE application_id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        application_id,
+    )
+    return None if row is None else _application(row)
+
+
+async def has_open_application(conn: Connection, resident_id: str, municipality_code: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM applications WHERE resident_id = $1 AND municipality_code = $2 AND status = 'submitted'",
+            resident_id, municipality_code,
+        )
+    )
+
+
+async def open_applications_of(conn: Connection, resident_id: str) -> list[Application]:
+    rows = await conn.fetch(
+        f"""
+        SELECT {_APPLICATION_COLUMNS} FROM applications
+        WHERE resident_id = $1 AND status = 'submitted' ORDER BY submitted_at FOR UPDATE
+        """,
+        resident_id,
+    )
+    return [_application(row) for row in rows]
+
+
+async def list_applications(
+    conn: Connection, *, municipality_code: str | None, resident_id: str | None, status: str | None,
+    housing_basis: str | None, limit: int, offset: int,
+) -> tuple[list[Application], int]:
+    """Oldest first (the review queue's order), filtered by whatever is given."""
+    where = """
+        ($1::text IS NULL OR municipality_code = $1) AND ($2::text IS NULL OR resident_id = $2)
+        AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR housing_basis = $4)
+    """
+    args = (municipality_code, resident_id, status, housing_basis)
+    rows = await conn.fetch(
+        f"""
+        SELECT {_APPLICATION_COLUMNS} FROM applications WHERE {where}
+        ORDER BY submitted_at, application_id LIMIT $5 OFFSET $6
+        """,
+        *args, limit, offset,
+    )
+    total = await conn.fetchval(f"SELECT count(*) FROM applications WHERE {where}", *args)
+    return [_application(row) for row in rows], int(total)
+
+
+async def erase_applications(conn: Connection, resident_id: str, at: datetime) -> None:
+    """Erase what an application holds about the person (address, note, member numbers)."""
+    await conn.execute(
+        """
+        UPDATE applications
+        SET address_there = NULL, note = NULL, erased_at = $2,
+            partners = COALESCE(
+                (SELECT jsonb_agg(jsonb_build_object('partner', p->>'partner', 'member_number', NULL))
+                 FROM jsonb_array_elements(partners) AS p),
+                '[]'::jsonb)
+        WHERE resident_id = $1
+        """,
+        resident_id, at,
+    )
+
+
+# --- certificates --------------------------------------------------------------------------------
+
+_CERTIFICATE_COLUMNS = """
+    certificate_number, municipality_code, resident_id, application_id, valid_from, valid_until, status,
+    partners, issued_at, issued_by, renewed_at, revoked_at, revocation_reason
+"""
+
+
+def _certificate(row: asyncpg.Record) -> Certificate:
+    return Certificate(
+        certificate_number=row["certificate_number"], municipality_code=row["municipality_code"],
+        resident_id=row["resident_id"], application_id=row["application_id"], valid_from=row["valid_from"],
+        valid_until=row["valid_until"], status=row["status"], partners=_partners(row["partners"]),
+        issued_at=row["issued_at"], issued_by=row["issued_by"], renewed_at=row["renewed_at"],
+        revoked_at=row["revoked_at"], revocation_reason=row["revocation_reason"],
+    )
+
+
+async def next_sequence(conn: Connection, municipality_code: str, year: int) -> int:
+    """The next number of the municipality's year; the counter row stays locked until commit."""
+    value = await conn.fetchval(
+        """
+        INSERT INTO certificate_counters (municipality_code, year, last_sequence) VALUES ($1, $2, 1)
+        ON CONFLICT (municipality_code, year)
+        DO UPDATE SET last_sequence = certificate_counters.last_sequence + 1
+        RETURNING last_sequence
+        """,
+        municipality_code, year,
+    )
+    return int(value)
+
+
+async def insert_certificate(conn: Connection, certificate: Certificate, year: int, sequence: int) -> None:
+    c = certificate
+    await conn.execute(
+        f"""
+        INSERT INTO certificates ({_CERTIFICATE_COLUMNS}, year, sequence)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14, $15)
+        """,
+        c.certificate_number, c.municipality_code, c.resident_id, c.application_id, c.valid_from, c.valid_until,
+        c.status, _partners_json(c.partners), c.issued_at, c.issued_by, c.renewed_at, c.revoked_at,
+        c.revocation_reason, year, sequence,
+    )
+
+
+async def save_certificate(conn: Connection, certificate: Certificate, *, reset_expiring: bool = False) -> None:
+    c = certificate
+    await conn.execute(
+        """
+        UPDATE certificates
+        SET valid_until = $2, status = $3, partners = $4::jsonb, renewed_at = $5, revoked_at = $6,
+            revocation_reason = $7,
+            expiring_sent_at = CASE WHEN $8 THEN NULL ELSE expiring_sent_at END
+        WHERE certificate_number = $1
+        """,
+        c.certificate_number, c.valid_until, c.status, _partners_json(c.partners), c.renewed_at, c.revoked_at,
+        c.revocation_reason, reset_expiring,
+    )
+
+
+async def get_certificate(conn: Connection, number: str, *, lock: bool = False) -> Certificate | None:
+    row = await conn.fetchrow(
+        f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE certificate_number = $1"
+        + (" FOR UPDATE" if lock else ""),
+        number,
+    )
+    return None if row is None else _certificate(row)
+
+
+async def valid_certificate_number(conn: Connection, resident_id: str, municipality_code: str) -> str | None:
+    number: str | None = await conn.fetchval(
+        """
+        SELECT certificate_number FROM certificates
+        WHERE resident_id = $1 AND municipality_code = $2 AND status = 'valid' LIMIT 1
+        """,
+        resident_id, municipality_code,
+    )
+    return number
+
+
+async def valid_certificates_of(conn: Connection, resident_id: str) -> list[Certificate]:
+    rows = await conn.fetch(
+        f"""
+        SELECT {_CERTIFICATE_COLUMNS} FROM certificates
+        WHERE resident_id = $1 AND status = 'valid' ORDER BY certificate_number FOR UPDATE
+        """,
+        resident_id,
+    )
+    return [_certificate(row) for row in rows]
+
+
+async def erase_certificate_member_numbers(conn: Connection, resident_id: str) -> None:
+    await conn.execute(
+        """
+        UPDATE certificates
+        SET partners = COALESCE(
+                (SELECT jsonb_agg(jsonb_build_object('partner', p->>'partner', 'member_number', NULL))
+                 FROM jsonb_array_elements(partners) AS p),
+                '[]'::jsonb)
+        WHERE resident_id = $1
+        """,
+        resident_id,
+    )
+
+
+async def list_certificates(
+    conn: Connection, *, municipality_code: str | None, resident_id: str | None, status: str | None,
+    limit: int | None, offset: int = 0,
+) -> tuple[list[Certificate], int]:
+    where = """
+        ($1::text IS NULL OR municipality_code = $1) AND ($2::text IS NULL OR resident_id = $2)
+        AND ($3::text IS NULL OR status = $3)
+    """
+    args = (municipality_code, resident_id, status)
+    rows = await conn.fetch(
+        f"""
+        SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE {where}
+        ORDER BY issued_at, certificate_number LIMIT $4 OFFSET $5
+        """,
+        *args, limit, offset,
+    )
+    total = await conn.fetchval(f"SELECT count(*) FROM certificates WHERE {where}", *args)
+    return [_certificate(row) for row in rows], int(total)
+
+
+async def claim_expiring(conn: Connection, first_day: date, last_day: date, limit: int) -> list[Certificate]:
+    """Mark the certificates whose notice is due as notified, and return them (skipping rows a
+    concurrent replica holds): the mark and the outbox row commit together, so each is sent once."""
+    rows = await conn.fetch(
+        f"""
+        UPDATE certificates SET expiring_sent_at = now()
+        WHERE certificate_number IN (
+            SELECT certificate_number FROM certificates
+            WHERE status = 'valid' AND expiring_sent_at IS NULL AND valid_until BETWEEN $1 AND $2
+            ORDER BY valid_until, certificate_number LIMIT $3
+            FOR UPDATE SKIP LOCKED
+        ) AND status = 'valid' AND expiring_sent_at IS NULL
+        RETURNING {_CERTIFICATE_COLUMNS}
+        """,
+        first_day, last_day, limit,
+    )
+    return sorted((_certificate(row) for row in rows), key=lambda c: c.certificate_number)
+
+
+async def claim_expired(conn: Connection, today: date, limit: int) -> list[Certificate]:
+    """Expire the valid certificates whose last day is before ``today`` and return them (claimed once)."""
+    rows = await conn.fetch(
+        f"""
+        UPDATE certificates SET status = 'expired', expired_at = now()
+        WHERE certificate_number IN (
+            SELECT certificate_number FROM certificates
+            WHERE status = 'valid' AND valid_until < $1
+            ORDER BY valid_until, certificate_number LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        ) AND status = 'valid'
+        RETURNING {_CERTIFICATE_COLUMNS}
+        """,
+        today, limit,
+    )
+    return sorted((_certificate(row) for row in rows), key=lambda c: c.certificate_number)
+
+
+# --- audit trail ---------------------------------------------------------------------------------
+
+
+async def append_audit(conn: Connection, entry: AuditEntry) -> None:
+    await conn.execute(
+        """
+        INSERT INTO audit_trail
+            (at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+        """,
+        entry.at, entry.actor, entry.actor_role, entry.municipality_code, entry.action, entry.target_type,
+        entry.target_id, entry.reason, json.dumps(dict(entry.details), default=str),
+    )
+
+
+async def list_audit(
+    conn: Connection, municipality_code: str, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Newest first."""
+    rows = await conn.fetch(
+        """
+        SELECT id, at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details
+        FROM audit_trail WHERE municipality_code = $1 ORDER BY id DESC LIMIT $2 OFFSET $3
+        """,
+        municipality_code, limit, offset,
+    )
+    total = await conn.fetchval("SELECT count(*) FROM audit_trail WHERE municipality_code = $1", municipality_code)
+    items = [{**dict(row), "details": cast(dict[str, Any], json.loads(row["details"]))} for row in rows]
+    return items, int(total)

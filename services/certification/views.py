@@ -1,0 +1,157 @@
+"""What the HTTP API shows: response models built from domain objects (also stored for Idempotency-Key replays)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from services.certification.domain import (
+    Application,
+    ApplicationStatus,
+    Certificate,
+    MunicipalityRules,
+    RequiredRegistration,
+)
+from shared.contracts.certification import CertificateStatus, HousingBasis
+from shared.contracts.common import PartnerMembership
+from shared.reference import municipality
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class ApplicationView(BaseModel):
+    application_id: str
+    resident_id: str
+    municipality_code: str
+    municipality_name: str
+    primary_residence_code: str
+    planned_stay_days: int
+    housing_basis: HousingBasis
+    address_there: str | None
+    partners: list[PartnerMembership]
+    note: str | None
+    status: ApplicationStatus
+    submitted_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    decision_reason: str | None
+    certificate_number: str | None
+
+    @classmethod
+    def of(cls, application: Application) -> ApplicationView:
+        a = application
+        return cls(
+            application_id=a.application_id, resident_id=a.resident_id, municipality_code=a.municipality_code,
+            municipality_name=municipality(a.municipality_code).full_name,
+            primary_residence_code=a.primary_residence_code, planned_stay_days=a.planned_stay_days,
+            housing_basis=a.housing_basis, address_there=a.address_there, partners=list(a.partners), note=a.note,
+            status=a.status, submitted_at=a.submitted_at, decided_at=a.decided_at, decided_by=a.decided_by,
+            decision_reason=a.decision_reason, certificate_number=a.certificate_number,
+        )
+
+
+class CertificateView(BaseModel):
+    certificate_number: str
+    resident_id: str
+    municipality_code: str
+    municipality_name: str
+    application_id: str
+    valid_from: date
+    valid_until: date
+    status: CertificateStatus
+    #: The memberships declared in the application; events carry those still consented.
+    partners: list[PartnerMembership]
+    issued_at: datetime
+    renewed_at: datetime | None
+    revoked_at: datetime | None
+    revocation_reason: str | None
+
+    @classmethod
+    def of(cls, certificate: Certificate) -> CertificateView:
+        c = certificate
+        return cls(
+            certificate_number=c.certificate_number, resident_id=c.resident_id,
+            municipality_code=c.municipality_code, municipality_name=municipality(c.municipality_code).full_name,
+            application_id=c.application_id, valid_from=c.valid_from, valid_until=c.valid_until, status=c.status,
+            partners=list(c.partners), issued_at=c.issued_at, renewed_at=c.renewed_at, revoked_at=c.revoked_at,
+            revocation_reason=c.revocation_reason,
+        )
+
+
+class RulesView(BaseModel):
+    municipality_code: str
+    municipality_name: str
+    plan_source: Literal["reference", "admin"]
+    plan_adopted_on: date | None
+    min_stay_days: int
+    housing_bases: list[HousingBasis]
+    validity_days: int
+    required_registration: RequiredRegistration
+
+    @classmethod
+    def of(cls, rules: MunicipalityRules) -> RulesView:
+        return cls(
+            municipality_code=rules.municipality_code,
+            municipality_name=municipality(rules.municipality_code).full_name, plan_source=rules.plan_source,
+            plan_adopted_on=rules.plan_adopted_on, min_stay_days=rules.min_stay_days,
+            housing_bases=list(rules.housing_bases), validity_days=rules.validity_days,
+            required_registration=rules.required_registration,
+        )
+
+
+class AuditView(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    actor_role: str
+    municipality_code: str
+    action: str
+    target_type: str
+    target_id: str
+    reason: str | None
+    details: dict[str, Any]
+
+
+def json_body(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+CSV_COLUMNS = (
+    "certificate_number", "resident_id", "status", "valid_from", "valid_until", "issued_at", "renewed_at",
+    "revoked_at", "revocation_reason", "partners",
+)
+
+
+def _cell(value: object) -> str:
+    text = "" if value is None else value.isoformat() if isinstance(value, (date, datetime)) else str(value)
+    # A cell a spreadsheet would run as a formula is written as text (CSV injection).
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def certificates_csv(certificates: Sequence[Certificate]) -> str:
+    """UTF-8 with a BOM (so spreadsheet software reads the Japanese text right), CRLF lines."""
+    out = io.StringIO()
+    out.write("\ufeff")
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for c in certificates:
+        writer.writerow(
+            _cell(value)
+            for value in (
+                c.certificate_number, c.resident_id, c.status, c.valid_from, c.valid_until, c.issued_at,
+                c.renewed_at, c.revoked_at, c.revocation_reason, ";".join(p.partner for p in c.partners),
+            )
+        )
+    return out.getvalue()
