@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
@@ -53,18 +51,13 @@ def create_app(
         SERVICE,
         migrations=MIGRATIONS,
         consumers=[ConsumerSpec(consumers.router, [RESIDENTS], name=config.consumer_name)],
+        prepare=[seed_municipality_rules],
         background=[expiry_scheduler(clock, config.expiry_interval_s)],
         settings=settings,
     )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with runtime.lifespan(app):
-            await seed_municipality_rules(runtime)
-            yield
-
     app = create_http_app(
-        service=SERVICE, settings=settings, routers=[router], lifespan=lifespan, readiness=runtime.readiness,
+        service=SERVICE, settings=settings, routers=[router], lifespan=runtime.lifespan, readiness=runtime.readiness,
         description=__doc__ or "",
     )
     app.state.certification = CertificationService(runtime, clock=clock, retry_after_s=config.resident_retry_after_s)

@@ -1,8 +1,8 @@
 """The composition root every service shares: database, migrations, broker, outbox relay, consumers.
 
 A service builds one ``ServiceRuntime`` with its migrations folder and its consumers, and hands
-``runtime.lifespan`` to its FastAPI app. Start order: database and migrations, topics, producer
-and outbox relay, then consumers. Stop order is the reverse, so in-flight batches finish and
+``runtime.lifespan`` to its FastAPI app. Start order: database and migrations, ``prepare`` steps
+(seeding reference rows), topics, producer and outbox relay, consumers, background tasks. Stop order is the reverse, so in-flight batches finish and
 commit before the connections close.
 """
 
@@ -69,6 +69,7 @@ class ServiceRuntime:
         *,
         migrations: Path,
         consumers: Sequence[ConsumerSpec] = (),
+        prepare: Sequence[BackgroundTask] = (),
         background: Sequence[BackgroundTask] = (),
         settings: Settings | None = None,
         pool_size: int = 10,
@@ -77,6 +78,7 @@ class ServiceRuntime:
         self.settings = settings or get_settings()
         self.migrations = migrations
         self.consumer_specs = consumers
+        self.prepare = prepare
         self.background = background
         self.pool_size = pool_size
         self.dsn = self.settings.database_dsn(service)
@@ -107,6 +109,8 @@ class ServiceRuntime:
         admin_dsn = with_database(s.pg_dsn or "", "postgres")
         applied = await migrate_service(self.dsn, admin_dsn, s.database_name(self.service), self.migrations)
         self._pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=self.pool_size)
+        for step in self.prepare:  # seed data the consumers and routes rely on
+            await step(self)
         await ensure_topics(s)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.require_kafka(), acks="all", linger_ms=2, max_batch_size=256 * 1024,

@@ -1,0 +1,275 @@
+"""HTTP resources of the partner gateway (thin: parse, authorise, call a use case, shape the answer).
+
+- ``GET /v1/certificates/{number}``: verification, for partners (API key or partner JWT);
+- ``GET /v1/partners``, ``POST /v1/partners/{code}/api-keys``, ``DELETE .../api-keys/{id}``: admin;
+- ``GET /v1/deliveries`` and ``/v1/deliveries.csv``: the delivery record, admin (every row) and
+  staff (their municipality's rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import date, datetime
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from services.partner_gateway import handlers, store
+from services.partner_gateway.auth import Admin, PartnerCaller, StaffOrAdmin, gateway_of
+from services.partner_gateway.domain import (
+    CertificateNotFound,
+    InvalidPeriod,
+    MalformedCertificateNumber,
+    UnknownPartnerFilter,
+    day_bounds,
+    is_certificate_number,
+    today_in_tokyo,
+    verification,
+)
+from shared.kit.auth import Principal, Role
+from shared.kit.http import ApiModel
+
+router = APIRouter(prefix="/v1")
+
+_NO_STORE = {"cache-control": "no-store"}
+
+
+# --- Verification -------------------------------------------------------------------------------
+
+
+class Verification(BaseModel):
+    certificate_number: str
+    valid: bool = Field(description="today (Asia/Tokyo) within the validity, and the status is valid")
+    status: str = Field(description="valid | revoked | expired")
+    valid_from: date
+    valid_until: date
+    municipality_code: str
+    programs: list[str] = Field(description="this partner's programs in the certificate's municipality")
+    checked_on: date = Field(description="the day (Asia/Tokyo) the answer is for")
+
+
+@router.get(
+    "/certificates/{number}", tags=["verification"], response_model=Verification,
+    summary="Verify a certificate (partners only; 404 for unknown and for certificates of other partners)",
+)
+async def verify_certificate(number: str, request: Request, principal: PartnerCaller) -> Response:
+    if not is_certificate_number(number):
+        raise MalformedCertificateNumber(f"{number!r} is not of the form NCH-dddddd-dddd-dddddd")
+    assert principal.partner is not None
+    entry = await gateway_of(request).verification.lookup(principal.partner, number)
+    if entry is None:
+        raise CertificateNotFound(f"no certificate {number}")
+    body = json.dumps(verification(entry, today_in_tokyo()), separators=(",", ":"))
+    return Response(body, media_type="application/json", headers=_NO_STORE)
+
+
+# --- Partners and their API keys (admin) --------------------------------------------------------
+
+
+class ApiKeyView(BaseModel):
+    id: uuid.UUID
+    prefix: str
+    label: str | None
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ProgramView(BaseModel):
+    program_id: str
+    municipality_codes: list[str]
+
+
+class PartnerView(BaseModel):
+    code: str
+    name: str
+    kind: str
+    feed_topic: str
+    programs: list[ProgramView]
+    api_keys: list[ApiKeyView]
+
+
+class PartnerList(BaseModel):
+    items: list[PartnerView]
+    total: int
+
+
+class NewApiKey(ApiModel):
+    label: str | None = Field(default=None, max_length=100)
+
+
+class CreatedApiKey(ApiKeyView):
+    partner: str
+    api_key: str = Field(description="the secret: shown once, only its SHA-256 is kept")
+
+
+def _key_view(key: store.ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id, "prefix": key.prefix, "label": key.label, "created_by": key.created_by,
+        "created_at": key.created_at, "revoked_at": key.revoked_at,
+    }
+
+
+@router.get("/partners", tags=["partners"], response_model=PartnerList)
+async def list_partners(request: Request, principal: Admin) -> PartnerList:
+    gateway = gateway_of(request)
+    keys = await store.api_keys(gateway.runtime.pool)
+    items: list[PartnerView] = []
+    for partner in gateway.partners:
+        by_program: dict[str, list[str]] = {}
+        for municipality_code, program_ids in sorted(partner.programs.items()):
+            for program_id in program_ids:
+                by_program.setdefault(program_id, []).append(municipality_code)
+        items.append(
+            PartnerView(
+                code=partner.code, name=partner.name, kind=partner.kind, feed_topic=f"partner.{partner.code}.v1",
+                programs=[ProgramView(program_id=p, municipality_codes=m) for p, m in sorted(by_program.items())],
+                api_keys=[ApiKeyView(**_key_view(k)) for k in keys if k.partner == partner.code],
+            )
+        )
+    return PartnerList(items=items, total=len(items))
+
+
+@router.post(
+    "/partners/{code}/api-keys", tags=["partners"], status_code=201, response_model=CreatedApiKey,
+    summary="Issue an API key to a partner (the secret is in this answer only)",
+)
+async def create_api_key(
+    code: str, request: Request, principal: Admin, body: Annotated[NewApiKey | None, Body()] = None
+) -> Response:
+    gateway = gateway_of(request)
+    key, secret = await handlers.create_api_key(
+        gateway.runtime, gateway.partners, code, body.label if body else None, principal.subject,
+        request.state.correlation_id,
+    )
+    created = CreatedApiKey(**_key_view(key), partner=key.partner, api_key=secret)
+    return Response(created.model_dump_json(), status_code=201, media_type="application/json", headers=_NO_STORE)
+
+
+@router.delete("/partners/{code}/api-keys/{key_id}", tags=["partners"], status_code=204)
+async def revoke_api_key(code: str, key_id: uuid.UUID, request: Request, principal: Admin) -> Response:
+    gateway = gateway_of(request)
+    await handlers.revoke_api_key(
+        gateway.runtime, gateway.partners, code, key_id, principal.subject, request.state.correlation_id
+    )
+    gateway.api_keys.forget()
+    return Response(status_code=204)
+
+
+# --- The delivery record (APPI Art. 29) ---------------------------------------------------------
+
+
+class DeliveryView(BaseModel):
+    delivered_at: datetime
+    partner: str
+    resident_ref: str
+    certificate_number: str
+    municipality_code: str
+    record_type: str
+    items: list[str]
+    consent_purpose: str
+    consent_source: str
+    consent_at: datetime
+    event_id: uuid.UUID
+    cause_event_id: uuid.UUID | None
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryView]
+    total: int
+    limit: int
+    offset: int
+
+
+_CSV_COLUMNS = list(DeliveryView.model_fields)
+
+
+def _delivery_filter(
+    request: Request, principal: Principal, partner: str | None, municipality: str | None,
+    since: date | None, until: date | None,
+) -> store.DeliveryFilter:
+    if partner is not None and partner not in gateway_of(request).partners:
+        raise UnknownPartnerFilter(f"no partner {partner!r}")
+    if since is not None and until is not None and until < since:
+        raise InvalidPeriod(f"'to' ({until}) is before 'from' ({since})")
+    if principal.role is Role.STAFF:
+        if municipality is not None:
+            principal.ensure_municipality(municipality)
+        municipality = principal.municipality
+    start, end = day_bounds(since, until)
+    return store.DeliveryFilter(partner=partner, municipality_code=municipality, since=start, before=end)
+
+
+PartnerQuery = Annotated[str | None, Query(description="partner code, e.g. jal")]
+MunicipalityQuery = Annotated[
+    str | None, Query(pattern=r"^[0-9]{6}$", description="staff: their own municipality only")
+]
+FromQuery = Annotated[date | None, Query(alias="from", description="first day (Asia/Tokyo), inclusive")]
+ToQuery = Annotated[date | None, Query(alias="to", description="last day (Asia/Tokyo), inclusive")]
+
+
+def _delivery(row: asyncpg.Record) -> DeliveryView:
+    return DeliveryView(**{name: row[name] for name in _CSV_COLUMNS})
+
+
+@router.get("/deliveries", tags=["deliveries"], response_model=DeliveryPage)
+async def list_deliveries(
+    request: Request, principal: StaffOrAdmin, partner: PartnerQuery = None, municipality: MunicipalityQuery = None,
+    since: FromQuery = None, until: ToQuery = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
+) -> DeliveryPage:
+    where = _delivery_filter(request, principal, partner, municipality, since, until)
+    rows, total = await store.deliveries(gateway_of(request).runtime.pool, where, limit, offset)
+    return DeliveryPage(items=[_delivery(row) for row in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/deliveries.csv", tags=["deliveries"], response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}}},
+)
+async def export_deliveries(
+    request: Request, principal: StaffOrAdmin, partner: PartnerQuery = None, municipality: MunicipalityQuery = None,
+    since: FromQuery = None, until: ToQuery = None,
+) -> StreamingResponse:
+    where = _delivery_filter(request, principal, partner, municipality, since, until)
+    pool = gateway_of(request).runtime.pool
+
+    async def lines() -> AsyncIterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(_CSV_COLUMNS)
+        yield "\ufeff" + _take(buffer)
+        count = 0
+        async for row in store.iter_deliveries(pool, where):
+            view = _delivery(row).model_dump(mode="json")
+            view["items"] = " ".join(view["items"])
+            writer.writerow([_cell(view[name]) for name in _CSV_COLUMNS])
+            count += 1
+            if count % 500 == 0:
+                yield _take(buffer)
+        yield _take(buffer)
+
+    return StreamingResponse(
+        lines(), media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": 'attachment; filename="deliveries.csv"', **_NO_STORE},
+    )
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell that a spreadsheet will not run as a formula (values come from upstream events)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _take(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate(0)
+    return text

@@ -1,0 +1,111 @@
+"""Who is calling: a partner with an API key or a partner JWT; staff and admin with a JWT.
+
+One dependency, ``authenticated``, accepts both kinds of credential and yields a kit
+``Principal``; ``allow(...)`` then admits roles (401 without a credential or with a bad one,
+403 with a good credential of another role, e.g. a partner key on an admin endpoint).
+API keys are looked up by their SHA-256 and cached in memory (the verification hot path does
+no database work for a known key); a revocation clears this process's cache at once and other
+replicas' within ``positive_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from services.partner_gateway import store
+from services.partner_gateway.domain import InvalidApiKey, UnknownPartnerCredential, api_key_hash
+from services.partner_gateway.handlers import Gateway
+from shared.kit.auth import Principal, Role, Unauthenticated, current_principal
+from shared.kit.errors import Forbidden
+from shared.kit.service import ServiceRuntime
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    principal: Principal | None
+    expires_at: float
+
+
+class ApiKeyCache:
+    """SHA-256 of an API key → the partner principal (or None: unknown/revoked), with a TTL."""
+
+    def __init__(
+        self, runtime: ServiceRuntime, *, positive_ttl_s: float = 30.0, negative_ttl_s: float = 5.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self.runtime = runtime
+        self.positive_ttl_s = positive_ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, _Cached] = {}
+
+    async def principal(self, secret: str) -> Principal | None:
+        digest = api_key_hash(secret)
+        now = time.monotonic()
+        cached = self._entries.get(digest)
+        if cached is not None and cached.expires_at > now:
+            return cached.principal
+        found = await store.active_api_key(self.runtime.pool, digest)
+        principal = (
+            None if found is None
+            else Principal(subject=f"api-key:{found[0]}", role=Role.PARTNER, partner=found[1])
+        )
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # crude but bounded: a flood of wrong keys cannot grow memory
+        ttl = self.positive_ttl_s if principal is not None else self.negative_ttl_s
+        self._entries[digest] = _Cached(principal, now + ttl)
+        return principal
+
+    def forget(self) -> None:
+        self._entries.clear()
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def authenticated(request: Request) -> Principal:
+    """The caller, from ``X-Api-Key`` (partners) or ``Authorization: Bearer`` (every role)."""
+    gateway = gateway_of(request)
+    secret = request.headers.get("x-api-key")
+    if secret is not None:
+        principal = await gateway.api_keys.principal(secret.strip())
+        if principal is None:
+            raise InvalidApiKey("the X-Api-Key is unknown or revoked")
+        return principal
+    if not request.headers.get("authorization"):
+        raise Unauthenticated("send an X-Api-Key header or an Authorization: Bearer token")
+    principal = await current_principal(request)
+    if principal.role is Role.PARTNER and principal.partner not in gateway.partners:
+        raise UnknownPartnerCredential(f"no partner {principal.partner!r}")
+    return principal
+
+
+def allow(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
+    """Admit only these roles: 403 for a valid credential of another role."""
+
+    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if principal.role not in roles:
+            raise Forbidden(f"this needs one of the roles: {', '.join(r.value for r in roles)}")
+        return principal
+
+    return dependency
+
+
+async def partner_caller(request: Request) -> Principal:
+    """``allow(Role.PARTNER)`` in one dependency: the verification hot path pays for one, not two."""
+    principal = await authenticated(request)
+    if principal.role is not Role.PARTNER:
+        raise Forbidden("this needs the role: partner")
+    return principal
+
+
+PartnerCaller = Annotated[Principal, Depends(partner_caller)]
+StaffOrAdmin = Annotated[Principal, Depends(allow(Role.STAFF, Role.ADMIN))]
+Admin = Annotated[Principal, Depends(allow(Role.ADMIN))]

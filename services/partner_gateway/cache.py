@@ -1,0 +1,264 @@
+"""The verification cache: one Redis entry per (partner, certificate), PostgreSQL behind it.
+
+Key ``{topic_prefix}verify:{partner}:{number}``, value JSON: ``{"v": version, "entitled": true,
+"certificate_number", "status", "valid_from", "valid_until", "municipality_code", "programs"}``,
+or ``{"v": version, "entitled": false}`` for a certificate the partner may not (or no longer)
+see. ``valid`` is not cached: it depends on the day and is computed per request.
+
+- Reads: one GET. A miss (cold cache) or an unreachable Redis falls back to the entitlements
+  table and repopulates the entry; after a Redis fault, Redis is skipped for ``down_for_s``.
+- Writes: never inside a consumer transaction. Entitlement changes are queued in the same
+  transaction (``verify_cache_queue``) and this module's sync task writes them after commit,
+  woken by NOTIFY. At start (and after Redis was unreachable) it rebuilds every entry.
+- Every write goes through one Lua script that keeps the entry with the higher ``version``
+  (a sequence bumped on every entitlement change), so a slow repopulation or a rebuild can never
+  overwrite a newer state, and a withdrawal is never undone by a stale read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from services.partner_gateway import store
+from shared.kit.db import Connection
+from shared.kit.service import ServiceRuntime
+from shared.kit.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+#: Keeps whichever entry has the higher version; ARGV: value, version, ttl seconds (0: none).
+SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, stored = pcall(cjson.decode, current)
+  if ok and type(stored) == 'table' and tonumber(stored['v']) and tonumber(stored['v']) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+#: A certificate the partner may no longer see (kept a day, then PostgreSQL answers again).
+WITHDRAWN_TTL_S = 86_400
+#: A number the gateway does not know for this partner (a newer entry replaces it at once).
+UNKNOWN_TTL_S = 60
+
+REDIS_STATE = "redis"
+
+
+def open_redis(settings: Settings) -> Redis | None:
+    """The Redis client of the service (None when no Redis is configured: PostgreSQL serves)."""
+    if settings.redis_url is None:
+        return None
+    return Redis.from_url(
+        settings.redis_url, socket_connect_timeout=0.25, socket_timeout=0.5,
+        retry=Retry(NoBackoff(), 1), health_check_interval=30,
+    )
+
+
+def cache_key(settings: Settings, partner: str, number: str) -> str:
+    return f"{settings.topic_prefix}verify:{partner}:{number}"
+
+
+def entry_of(row: asyncpg.Record | None) -> dict[str, Any]:
+    """The cache entry of an entitlements row (None: unknown to this partner, version 0)."""
+    if row is None:
+        return {"v": 0, "entitled": False}
+    if not row["active"]:
+        return {"v": row["version"], "entitled": False}
+    return {
+        "v": row["version"], "entitled": True,
+        "certificate_number": row["certificate_number"], "status": row["status"],
+        "valid_from": row["valid_from"].isoformat(), "valid_until": row["valid_until"].isoformat(),
+        "municipality_code": row["municipality_code"], "programs": list(row["programs"]),
+    }
+
+
+def _ttl(entry: dict[str, Any]) -> int:
+    if entry["entitled"]:
+        return 0
+    return UNKNOWN_TTL_S if entry["v"] == 0 else WITHDRAWN_TTL_S
+
+
+class VerificationCache:
+    def __init__(
+        self, runtime: ServiceRuntime, *, down_for_s: float = 1.0, batch_size: int = 500,
+        lookups: Counter | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.down_for_s = down_for_s
+        self.batch_size = batch_size
+        self.lookups = lookups
+        self._down_until = 0.0
+        self._children: dict[str, Any] = {}
+        self._wake = asyncio.Event()
+        self.rebuilt = 0  # entries written by the last rebuild
+        self.synced = 0  # entries written by the queue since start
+
+    @property
+    def redis(self) -> Redis | None:
+        client: Redis | None = self.runtime.state.get(REDIS_STATE)
+        return client
+
+    def key(self, partner: str, number: str) -> str:
+        return cache_key(self.settings, partner, number)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def lookup(self, partner: str, number: str) -> dict[str, Any] | None:
+        """The entry this partner may see, or None (unknown, or not this partner's)."""
+        client = self._usable()
+        key = self.key(partner, number)
+        if client is not None:
+            try:
+                raw = await client.get(key)
+            except (RedisError, OSError) as error:
+                self._trip(error)
+                client = None
+            else:
+                if raw is not None:
+                    self._count("redis")
+                    entry: dict[str, Any] = json.loads(raw)
+                    return entry if entry.get("entitled") else None
+        self._count("database")
+        entry = entry_of(await store.verification_row(self.runtime.pool, partner, number))
+        if client is not None:
+            try:
+                await self._write(client, [(key, entry)])
+            except (RedisError, OSError) as error:
+                self._trip(error)
+        return entry if entry["entitled"] else None
+
+    def _usable(self) -> Redis | None:
+        client = self.redis
+        if client is None or asyncio.get_running_loop().time() < self._down_until:
+            return None
+        return client
+
+    def _trip(self, error: BaseException) -> None:
+        self._down_until = asyncio.get_running_loop().time() + self.down_for_s
+        log.warning("redis unavailable, verification served from PostgreSQL", error=repr(error),
+                    retry_in_s=self.down_for_s)
+
+    def _count(self, source: str) -> None:
+        if self.lookups is not None:
+            child = self._children.get(source)
+            if child is None:
+                child = self._children[source] = self.lookups.labels(source)
+            child.inc()
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def _write(self, client: Redis, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        script = client.register_script(SET_IF_NEWER)
+        if len(entries) == 1:
+            key, entry = entries[0]
+            await script(keys=[key], args=[json.dumps(entry), entry["v"], _ttl(entry)])
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            for key, entry in entries:
+                await script(keys=[key], args=[json.dumps(entry), entry["v"], _ttl(entry)], client=pipe)
+            await pipe.execute()
+
+    async def write_rows(self, client: Redis, rows: Sequence[asyncpg.Record]) -> None:
+        await self._write(client, [(self.key(r["partner"], r["certificate_number"]), entry_of(r)) for r in rows])
+
+    async def rebuild(self, client: Redis) -> int:
+        """Write every entitlement to Redis (newer entries already there are kept)."""
+        written = 0
+        after = ("", "")
+        while True:
+            rows = await store.verification_rows_after(self.runtime.pool, after, 1000)
+            if rows:
+                await self.write_rows(client, rows)
+                written += len(rows)
+                after = (rows[-1]["partner"], rows[-1]["certificate_number"])
+            if len(rows) < 1000:
+                break
+        self.rebuilt = written
+        log.info("verification cache rebuilt", entries=written)
+        return written
+
+    async def drain(self, conn: Connection, client: Redis) -> int:
+        """Write the queued entitlement changes; the queue rows go only once Redis has them."""
+        async with conn.transaction():
+            ids, rows = await store.take_cache_queue(conn, self.batch_size)
+            if not ids:
+                return 0
+            await self.write_rows(client, rows)
+            await store.delete_cache_queue(conn, ids)
+        self.synced += len(rows)
+        return len(ids)
+
+    # --- the sync task -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Rebuild, then follow the queue until cancelled; retry with backoff on any fault."""
+        if self.redis is None:
+            log.warning("no Redis configured: verification is served from PostgreSQL only")
+            while True:  # nothing will read the queue: keep it from growing
+                with contextlib.suppress(Exception):
+                    await store.clear_cache_queue(self.runtime.pool)
+                await asyncio.sleep(10.0)
+        needs_rebuild = True
+        backoff = 0.05
+        while True:
+            client = self.redis
+            try:
+                conn: Connection = await asyncpg.connect(self.runtime.dsn)
+                try:
+                    await conn.add_listener(store.CACHE_CHANNEL, self._on_notify)
+                    if needs_rebuild and client is not None:
+                        await self.rebuild(client)
+                        needs_rebuild = False
+                    while client is not None:
+                        self._wake.clear()
+                        if await self.drain(conn, client) < self.batch_size:
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                        backoff = 0.05
+                        if client is not self.redis:  # swapped (tests, reconfiguration): rebuild
+                            client = self.redis
+                            needs_rebuild = True
+                            break
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), timeout=2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if isinstance(error, (RedisError, OSError)):
+                    needs_rebuild = True  # Redis may have restarted empty
+                log.warning("verification cache sync interrupted, retrying", error=repr(error), backoff_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            if client is None:
+                await asyncio.sleep(1.0)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+
+async def sync_verification_cache(runtime: ServiceRuntime) -> None:
+    """Background task of the runtime: keep Redis in step with the entitlements table."""
+    cache: VerificationCache = runtime.state["verification"]
+    await cache.run()

@@ -1,0 +1,358 @@
+"""Use cases of the partner gateway, one unit of work each: load, decide (domain), save, emit.
+
+Consumed events change the projection (consents, certificates, entitlements) and, in the same
+transaction, put the partner records in the outbox and write the delivery record. The Redis
+verification cache is never written here: each entitlement change queues its key, and the cache
+sync (``cache.py``) writes Redis after the commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import structlog
+
+from services.partner_gateway import store
+from services.partner_gateway.domain import (
+    ApiKeyNotFound,
+    Certificate,
+    ConsentBasis,
+    GrantEvent,
+    Partner,
+    PartnerKind,
+    PartnerNotFound,
+    ShareConsent,
+    WithdrawalReason,
+    api_key_hash,
+    api_key_prefix,
+    certificate_record,
+    delivered_items,
+    entitlement,
+    grant_record,
+    new_api_key,
+    new_pseudonym_key,
+    start_of_day,
+    supersedes,
+    withdrawal_record,
+)
+from shared.contracts.base import event_model
+from shared.contracts.certification import (
+    CertificateExpired,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal
+from shared.contracts.topics import partner_feed
+from shared.kit.consumer import HandlerContext
+from shared.kit.db import Connection
+from shared.kit.envelope import SPEC_VERSION, source_of
+from shared.kit.outbox import OutgoingRecord
+from shared.kit.service import ServiceRuntime
+from shared.reference import travel_programs
+
+if TYPE_CHECKING:
+    from services.partner_gateway.auth import ApiKeyCache
+    from services.partner_gateway.cache import VerificationCache
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "partner_gateway"
+
+CertificateEvent = CertificateIssued | CertificateRenewed | CertificateRevoked | CertificateExpired
+
+
+class PartnerDirectory:
+    """The seeded partners, loaded at start before any consumer runs (they change only by a restart)."""
+
+    def __init__(self, partners: Sequence[Partner] = ()) -> None:
+        self._partners = {p.code: p for p in partners}
+
+    def replace(self, partners: Sequence[Partner]) -> None:
+        self._partners = {p.code: p for p in partners}
+
+    def get(self, code: str) -> Partner | None:
+        return self._partners.get(code)
+
+    def __contains__(self, code: object) -> bool:
+        return code in self._partners
+
+    def __iter__(self) -> Iterator[Partner]:
+        return iter(self._partners.values())
+
+    def __len__(self) -> int:
+        return len(self._partners)
+
+
+@dataclass
+class Gateway:
+    """What the HTTP layer needs, built once by the composition root (``app.state.gateway``)."""
+
+    runtime: ServiceRuntime
+    partners: PartnerDirectory
+    api_keys: ApiKeyCache
+    verification: VerificationCache
+
+
+# --- Start-up ----------------------------------------------------------------------------------
+
+
+async def seed_partners(conn: Connection) -> list[Partner]:
+    """Create or refresh the partners from the travel programs reference data (idempotent)."""
+    by_partner: dict[str, list[tuple[str, str]]] = {}
+    described: dict[str, tuple[str, PartnerKind]] = {}
+    for program in travel_programs():
+        described[program.partner_code] = (program.partner, program.partner_kind)
+        by_partner.setdefault(program.partner_code, []).extend(
+            (program.program_id, code) for code in program.municipality_codes
+        )
+    async with conn.transaction():
+        for code, programs in by_partner.items():
+            name, kind = described[code]
+            created = await store.seed_partner(
+                conn, code=code, name=name, kind=kind, programs=programs, new_key=new_pseudonym_key(),
+            )
+            if created:
+                log.info("partner seeded", partner=code, programs=len(programs))
+    return await store.load_partners(conn)
+
+
+# --- The feed: records to one partner, each one recorded (APPI Art. 29) -------------------------
+
+
+@dataclass
+class Feed:
+    """Puts partner records in the outbox of the handler's transaction and records each delivery."""
+
+    ctx: HandlerContext
+
+    async def send(
+        self, partner: str, record: PartnerCertificate | PartnerGrant | PartnerWithdrawal, *,
+        municipality_code: str, basis: ConsentBasis, cause: uuid.UUID | None = None,
+    ) -> None:
+        number = record.certificate_number
+        envelope = await self.ctx.emit(partner_feed(partner), record, subject=number, key=number)
+        await store.insert_delivery(
+            self.ctx.conn,
+            store.Delivery(
+                partner=partner, resident_ref=record.resident_ref, certificate_number=number,
+                municipality_code=municipality_code, record_type=record.event_type,
+                items=delivered_items(record), basis=basis, event_id=envelope.id,
+                cause_event_id=cause or self.ctx.envelope.id,
+            ),
+        )
+
+    async def tombstone(self, partner: str, number: str, *, resident_ref: str, municipality_code: str,
+                        basis: ConsentBasis) -> None:
+        """A null value under the certificate's key: log compaction then forgets the certificate."""
+        event_id = uuid.uuid4()
+        headers = [
+            ("ce_specversion", SPEC_VERSION.encode()),
+            ("ce_id", str(event_id).encode()),
+            ("ce_source", source_of(SERVICE).encode()),
+            ("ce_subject", number.encode()),
+            ("ce_time", datetime.now(UTC).isoformat().encode()),
+            ("ce_correlationid", (self.ctx.envelope.correlation_id or str(self.ctx.envelope.id)).encode()),
+            ("ce_causationid", str(self.ctx.envelope.id).encode()),
+        ]
+        topic = self.ctx.settings.topic(partner_feed(partner).name)
+        await self.ctx.outbox.add_record(
+            self.ctx.conn, OutgoingRecord(topic, number.encode(), headers, None, str(event_id))
+        )
+        await store.insert_delivery(
+            self.ctx.conn,
+            store.Delivery(
+                partner=partner, resident_ref=resident_ref, certificate_number=number,
+                municipality_code=municipality_code, record_type="tombstone", items=["certificate_number"],
+                basis=basis, event_id=event_id, cause_event_id=self.ctx.envelope.id,
+            ),
+        )
+
+    async def withdraw(self, state: store.EntitlementState, reason: WithdrawalReason, basis: ConsentBasis) -> None:
+        """Tell the partner to forget the certificate (withdrawal, then tombstone); stop showing it."""
+        record = withdrawal_record(state.certificate_number, state.resident_ref, reason, basis.at)
+        await self.send(state.partner, record, municipality_code=state.municipality_code, basis=basis)
+        await self.tombstone(
+            state.partner, state.certificate_number, resident_ref=state.resident_ref,
+            municipality_code=state.municipality_code, basis=basis,
+        )
+        await store.withdraw_entitlement(self.ctx.conn, state.partner, state.certificate_number, reason, basis)
+        log.info("partner told to forget a certificate", partner=state.partner,
+                 certificate_number=state.certificate_number, reason=reason)
+
+
+# --- Consumed events ----------------------------------------------------------------------------
+
+
+def certificate_changed_at(event: CertificateEvent) -> datetime:
+    match event:
+        case CertificateIssued():
+            return event.issued_at
+        case CertificateRenewed():
+            return event.renewed_at
+        case CertificateRevoked():
+            return event.revoked_at
+        case CertificateExpired():
+            return start_of_day(event.expired_on)
+
+
+async def apply_certificate_event(ctx: HandlerContext, partners: PartnerDirectory, event: CertificateEvent) -> None:
+    """Project the certificate and send its new state to every entitled partner, nothing to others."""
+    conn = ctx.conn
+    number = event.certificate_number
+    if await store.is_withdrawn(conn, event.resident_id):
+        log.info("certificate event of a withdrawn resident dropped", certificate_number=number)
+        return
+    last = await store.certificate_event_time(conn, number)
+    if last is not None and ctx.envelope.time < last:
+        log.warning("stale certificate event skipped", certificate_number=number)
+        return
+    changed_at = certificate_changed_at(event)
+    certificate = Certificate(
+        number=number, resident_id=event.resident_id, municipality_code=event.municipality_code,
+        valid_from=event.valid_from, valid_until=event.valid_until, status=event.status,
+        memberships={m.partner: m.member_number for m in event.partners}, changed_at=changed_at,
+    )
+    await store.save_certificate(conn, certificate, ctx.envelope.time)
+    consents = await store.share_consents(conn, event.resident_id)
+    current = await store.entitlements_of_certificate(conn, number)
+    feed = Feed(ctx)
+    for partner in partners:
+        view = entitlement(partner, certificate, consents.get(partner.code), withdrawn=False)
+        if view is not None:
+            await store.save_entitlement(conn, view, event.resident_id, changed_at)
+            await feed.send(partner.code, certificate_record(view, changed_at),
+                            municipality_code=view.municipality_code, basis=view.basis)
+            continue
+        previous = current.get(partner.code)
+        if previous is not None and previous.active:  # e.g. the membership was dropped
+            await feed.withdraw(previous, "consent_revoked", ConsentBasis("consent_revocation", changed_at))
+    for event_id, event_type, data in await store.take_held_grants(conn, number):
+        model = event_model(event_type)
+        if model is not None:
+            await deliver_grant(ctx, partners, model.model_validate_json(data), event_id=event_id)  # type: ignore[arg-type]
+
+
+async def apply_share_consent(
+    ctx: HandlerContext, partners: PartnerDirectory, resident_id: str, partner_code: str | None,
+    consent: ShareConsent,
+) -> None:
+    """A share_certificate consent given or revoked: withdraw or (re)send what it now allows."""
+    if partner_code is None:
+        if consent.granted:
+            return  # consent is per partner: a grant that names none allows nothing
+        codes = [p.code for p in partners]  # a revocation that names none revokes every partner
+    else:
+        codes = [partner_code]
+    conn = ctx.conn
+    if await store.is_withdrawn(conn, resident_id):
+        return
+    for code in codes:
+        partner = partners.get(code)
+        if partner is None:
+            log.info("consent for an unknown partner ignored", partner=code)
+            continue
+        if not supersedes(consent, await store.share_consent(conn, resident_id, code)):
+            continue
+        await store.save_share_consent(conn, resident_id, code, consent)
+        await _reconcile_partner(ctx, partner, resident_id, consent)
+
+
+async def _reconcile_partner(ctx: HandlerContext, partner: Partner, resident_id: str, consent: ShareConsent) -> None:
+    feed = Feed(ctx)
+    for certificate in await store.certificates_of(ctx.conn, resident_id):
+        previous = await store.entitlement_state(ctx.conn, partner.code, certificate.number)
+        view = entitlement(partner, certificate, consent, withdrawn=False)
+        if view is None and previous is not None and previous.active:
+            await feed.withdraw(previous, "consent_revoked", ConsentBasis("consent_revocation", consent.at))
+        elif view is not None and (previous is None or not previous.active):
+            await store.save_entitlement(ctx.conn, view, resident_id, consent.at)
+            await feed.send(partner.code, certificate_record(view, consent.at),
+                            municipality_code=view.municipality_code, basis=view.basis)
+
+
+async def apply_resident_withdrawn(
+    ctx: HandlerContext, partners: PartnerDirectory, resident_id: str, at: datetime
+) -> None:
+    """Erasure: every partner that saw the resident is told to forget, then the gateway forgets too."""
+    conn = ctx.conn
+    if not await store.mark_withdrawn(conn, resident_id, at):
+        return
+    feed = Feed(ctx)
+    basis = ConsentBasis("resident_withdrawal", at)
+    for state in await store.active_entitlements_of(conn, resident_id):
+        await feed.withdraw(state, "resident_withdrawn", basis)
+    await store.erase_resident(conn, resident_id)
+    log.info("resident withdrawn from every partner feed")
+
+
+async def apply_grant_event(
+    ctx: HandlerContext, partners: PartnerDirectory, event: GrantEvent
+) -> None:
+    """Send a grant to its partner if the partner may see the certificate; hold it if unknown yet."""
+    conn = ctx.conn
+    if event.partner not in partners or await store.is_withdrawn(conn, event.resident_id):
+        return
+    if await store.certificate(conn, event.certificate_number) is None:
+        # The certificate event is on another topic and may come later: keep the grant until then.
+        await store.hold_grant(
+            conn, number=event.certificate_number, resident_id=event.resident_id, event_id=ctx.envelope.id,
+            event_type=event.event_type, data=ctx.envelope.data,
+        )
+        return
+    await deliver_grant(ctx, partners, event, event_id=ctx.envelope.id)
+
+
+async def deliver_grant(
+    ctx: HandlerContext, partners: PartnerDirectory, event: GrantEvent, *, event_id: uuid.UUID
+) -> None:
+    state = await store.entitlement_state(ctx.conn, event.partner, event.certificate_number)
+    if state is None or not state.active:
+        log.info("grant for a partner without entitlement dropped", partner=event.partner, grant_id=event.grant_id)
+        return
+    record = grant_record(event, state.resident_ref, state.member_number)
+    await Feed(ctx).send(
+        event.partner, record, municipality_code=state.municipality_code, basis=state.basis, cause=event_id
+    )
+
+
+# --- Credentials (HTTP) -------------------------------------------------------------------------
+
+
+async def create_api_key(
+    runtime: ServiceRuntime, partners: PartnerDirectory, partner_code: str, label: str | None, created_by: str,
+    correlation_id: str | None,
+) -> tuple[store.ApiKey, str]:
+    """A new API key for the partner; the secret is returned once and only its hash is stored."""
+    if partner_code not in partners:
+        raise PartnerNotFound(f"no partner {partner_code!r}")
+    secret = new_api_key()
+    async with runtime.transaction(correlation_id) as uow:
+        key = await store.insert_api_key(
+            uow.conn, partner=partner_code, key_hash=api_key_hash(secret), prefix=api_key_prefix(secret),
+            label=label, created_by=created_by,
+        )
+    log.info("partner API key created", partner=partner_code, key_id=str(key.id), by=created_by)
+    return key, secret
+
+
+async def revoke_api_key(
+    runtime: ServiceRuntime, partners: PartnerDirectory, partner_code: str, key_id: uuid.UUID, revoked_by: str,
+    correlation_id: str | None,
+) -> bool:
+    """Revoke a key (idempotent); True if it was active until now."""
+    if partner_code not in partners:
+        raise PartnerNotFound(f"no partner {partner_code!r}")
+    async with runtime.transaction(correlation_id) as uow:
+        key = await store.api_key_of(uow.conn, partner_code, key_id)
+        if key is None:
+            raise ApiKeyNotFound(f"partner {partner_code} has no API key {key_id}")
+        if key.revoked_at is not None:
+            return False
+        await store.revoke_api_key(uow.conn, key_id, revoked_by)
+    log.info("partner API key revoked", partner=partner_code, key_id=str(key_id), by=revoked_by)
+    return True

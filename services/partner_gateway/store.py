@@ -1,0 +1,520 @@
+"""All SQL of the partner gateway (asyncpg, no ORM)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.partner_gateway.domain import (
+    Certificate,
+    ConsentBasis,
+    Entitlement,
+    Partner,
+    PartnerKind,
+    ShareConsent,
+    WithdrawalReason,
+)
+from shared.kit.db import Connection
+
+Pool = asyncpg.Pool
+
+
+#: NOTIFY channel (per database in PostgreSQL) that wakes the verification cache sync on commit.
+CACHE_CHANNEL = "partner_gateway_verify_cache"
+
+
+# --- Partners and API keys ----------------------------------------------------------------------
+
+
+async def seed_partner(
+    conn: Connection, *, code: str, name: str, kind: PartnerKind, programs: Sequence[tuple[str, str]],
+    new_key: bytes,
+) -> bool:
+    """Create or update a partner and its (program, municipality) pairs; True if it was created.
+
+    An existing partner keeps its pseudonym key: changing it would break every resident reference.
+    """
+    created = await conn.fetchval(
+        """
+        INSERT INTO partners (code, name, kind, pseudonym_key) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (code) DO UPDATE SET name = excluded.name, kind = excluded.kind
+        RETURNING (xmax = 0)
+        """,
+        code, name, kind, new_key,
+    )
+    await conn.execute(
+        """
+        DELETE FROM partner_programs p WHERE p.partner = $1
+          AND (p.program_id, p.municipality_code) NOT IN (SELECT * FROM unnest($2::text[], $3::text[]))
+        """,
+        code, [p for p, _ in programs], [m for _, m in programs],
+    )
+    await conn.execute(
+        """
+        INSERT INTO partner_programs (partner, program_id, municipality_code)
+        SELECT $1, p, m FROM unnest($2::text[], $3::text[]) AS t (p, m)
+        ON CONFLICT DO NOTHING
+        """,
+        code, [p for p, _ in programs], [m for _, m in programs],
+    )
+    return bool(created)
+
+
+async def load_partners(conn: Connection | Pool) -> list[Partner]:
+    rows = await conn.fetch(
+        """
+        SELECT p.code, p.name, p.kind, p.pseudonym_key,
+               coalesce(array_agg(pp.program_id ORDER BY pp.program_id)
+                        FILTER (WHERE pp.program_id IS NOT NULL), '{}') AS program_ids,
+               coalesce(array_agg(pp.municipality_code ORDER BY pp.program_id)
+                        FILTER (WHERE pp.program_id IS NOT NULL), '{}') AS municipalities
+        FROM partners p LEFT JOIN partner_programs pp ON pp.partner = p.code
+        GROUP BY p.code ORDER BY p.code
+        """
+    )
+    partners: list[Partner] = []
+    for row in rows:
+        programs: dict[str, list[str]] = {}
+        for program_id, municipality_code in zip(row["program_ids"], row["municipalities"], strict=True):
+            programs.setdefault(municipality_code, []).append(program_id)
+        partners.append(
+            Partner(
+                code=row["code"], name=row["name"], kind=row["kind"],
+                programs={m: tuple(sorted(p)) for m, p in programs.items()},
+                pseudonym_key=bytes(row["pseudonym_key"]),
+            )
+        )
+    return partners
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: uuid.UUID
+    partner: str
+    prefix: str
+    label: str | None
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+_API_KEY_COLUMNS = "id, partner, prefix, label, created_by, created_at, revoked_at"
+
+
+def _api_key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        id=row["id"], partner=row["partner"], prefix=row["prefix"], label=row["label"],
+        created_by=row["created_by"], created_at=row["created_at"], revoked_at=row["revoked_at"],
+    )
+
+
+async def insert_api_key(
+    conn: Connection, *, partner: str, key_hash: str, prefix: str, label: str | None, created_by: str
+) -> ApiKey:
+    row = await conn.fetchrow(
+        f"""
+        INSERT INTO partner_api_keys (id, partner, key_hash, prefix, label, created_by)
+        VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_API_KEY_COLUMNS}
+        """,
+        uuid.uuid4(), partner, key_hash, prefix, label, created_by,
+    )
+    assert row is not None
+    return _api_key(row)
+
+
+async def api_key_of(conn: Connection, partner: str, key_id: uuid.UUID) -> ApiKey | None:
+    row = await conn.fetchrow(
+        f"SELECT {_API_KEY_COLUMNS} FROM partner_api_keys WHERE partner = $1 AND id = $2 FOR UPDATE",
+        partner, key_id,
+    )
+    return None if row is None else _api_key(row)
+
+
+async def revoke_api_key(conn: Connection, key_id: uuid.UUID, revoked_by: str) -> None:
+    await conn.execute(
+        "UPDATE partner_api_keys SET revoked_at = now(), revoked_by = $2 WHERE id = $1 AND revoked_at IS NULL",
+        key_id, revoked_by,
+    )
+
+
+async def api_keys(conn: Connection | Pool) -> list[ApiKey]:
+    rows = await conn.fetch(f"SELECT {_API_KEY_COLUMNS} FROM partner_api_keys ORDER BY partner, created_at")
+    return [_api_key(row) for row in rows]
+
+
+async def active_api_key(conn: Connection | Pool, key_hash: str) -> tuple[uuid.UUID, str] | None:
+    row = await conn.fetchrow(
+        "SELECT id, partner FROM partner_api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+    )
+    return None if row is None else (row["id"], row["partner"])
+
+
+# --- Residents and consents ---------------------------------------------------------------------
+
+
+async def is_withdrawn(conn: Connection, resident_id: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM withdrawn_residents WHERE resident_id = $1", resident_id))
+
+
+async def mark_withdrawn(conn: Connection, resident_id: str, at: datetime) -> bool:
+    """Record the erasure request; False if it was known already."""
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO withdrawn_residents (resident_id, withdrawn_at) VALUES ($1, $2)
+        ON CONFLICT DO NOTHING RETURNING 1
+        """,
+        resident_id, at,
+    )
+    return inserted is not None
+
+
+async def erase_resident(conn: Connection, resident_id: str) -> None:
+    """Forget what identifies the resident; keep pseudonymous entitlements and the delivery record."""
+    await conn.execute("DELETE FROM share_consents WHERE resident_id = $1", resident_id)
+    await conn.execute("DELETE FROM certificates WHERE resident_id = $1", resident_id)
+    await conn.execute("DELETE FROM held_grants WHERE resident_id = $1", resident_id)
+    await conn.execute(
+        "UPDATE entitlements SET resident_id = NULL, member_number = NULL WHERE resident_id = $1", resident_id
+    )
+
+
+async def share_consents(conn: Connection, resident_id: str) -> dict[str, ShareConsent]:
+    rows = await conn.fetch("SELECT partner, granted, at FROM share_consents WHERE resident_id = $1", resident_id)
+    return {row["partner"]: ShareConsent(row["granted"], row["at"]) for row in rows}
+
+
+async def share_consent(conn: Connection, resident_id: str, partner: str) -> ShareConsent | None:
+    row = await conn.fetchrow(
+        "SELECT granted, at FROM share_consents WHERE resident_id = $1 AND partner = $2 FOR UPDATE",
+        resident_id, partner,
+    )
+    return None if row is None else ShareConsent(row["granted"], row["at"])
+
+
+async def save_share_consent(conn: Connection, resident_id: str, partner: str, consent: ShareConsent) -> None:
+    await conn.execute(
+        """
+        INSERT INTO share_consents (resident_id, partner, granted, at) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (resident_id, partner) DO UPDATE SET granted = excluded.granted, at = excluded.at
+        """,
+        resident_id, partner, consent.granted, consent.at,
+    )
+
+
+# --- Certificates -------------------------------------------------------------------------------
+
+_CERTIFICATE_COLUMNS = (
+    "certificate_number, resident_id, municipality_code, valid_from, valid_until, status, memberships, changed_at"
+)
+
+
+def _certificate(row: asyncpg.Record) -> Certificate:
+    memberships = json.loads(row["memberships"])
+    return Certificate(
+        number=row["certificate_number"], resident_id=row["resident_id"],
+        municipality_code=row["municipality_code"], valid_from=row["valid_from"],
+        valid_until=row["valid_until"], status=row["status"],
+        memberships={m["partner"]: m.get("member_number") for m in memberships},
+        changed_at=row["changed_at"],
+    )
+
+
+async def certificate(conn: Connection, number: str) -> Certificate | None:
+    row = await conn.fetchrow(f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE certificate_number = $1", number)
+    return None if row is None else _certificate(row)
+
+
+async def certificate_event_time(conn: Connection, number: str) -> datetime | None:
+    value: datetime | None = await conn.fetchval(
+        "SELECT event_time FROM certificates WHERE certificate_number = $1 FOR UPDATE", number
+    )
+    return value
+
+
+async def certificates_of(conn: Connection, resident_id: str) -> list[Certificate]:
+    rows = await conn.fetch(
+        f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE resident_id = $1 ORDER BY certificate_number",
+        resident_id,
+    )
+    return [_certificate(row) for row in rows]
+
+
+async def save_certificate(conn: Connection, cert: Certificate, event_time: datetime) -> None:
+    memberships = json.dumps([{"partner": p, "member_number": n} for p, n in cert.memberships.items()])
+    await conn.execute(
+        """
+        INSERT INTO certificates (certificate_number, resident_id, municipality_code, valid_from, valid_until,
+                                  status, memberships, changed_at, event_time)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)
+        ON CONFLICT (certificate_number) DO UPDATE SET
+            resident_id = excluded.resident_id, municipality_code = excluded.municipality_code,
+            valid_from = excluded.valid_from, valid_until = excluded.valid_until, status = excluded.status,
+            memberships = excluded.memberships, changed_at = excluded.changed_at, event_time = excluded.event_time
+        """,
+        cert.number, cert.resident_id, cert.municipality_code, cert.valid_from, cert.valid_until, cert.status,
+        memberships, cert.changed_at, event_time,
+    )
+
+
+# --- Entitlements -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EntitlementState:
+    partner: str
+    certificate_number: str
+    resident_ref: str
+    municipality_code: str
+    member_number: str | None
+    active: bool
+    basis: ConsentBasis
+
+
+_ENTITLEMENT_STATE = (
+    "partner, certificate_number, resident_ref, municipality_code, member_number, active, consent_source, consent_at"
+)
+
+
+def _state(row: asyncpg.Record) -> EntitlementState:
+    return EntitlementState(
+        partner=row["partner"], certificate_number=row["certificate_number"], resident_ref=row["resident_ref"],
+        municipality_code=row["municipality_code"], member_number=row["member_number"], active=row["active"],
+        basis=ConsentBasis(row["consent_source"], row["consent_at"]),
+    )
+
+
+async def entitlements_of_certificate(conn: Connection, number: str) -> dict[str, EntitlementState]:
+    rows = await conn.fetch(
+        f"SELECT {_ENTITLEMENT_STATE} FROM entitlements WHERE certificate_number = $1 FOR UPDATE", number
+    )
+    return {row["partner"]: _state(row) for row in rows}
+
+
+async def entitlement_state(conn: Connection, partner: str, number: str) -> EntitlementState | None:
+    row = await conn.fetchrow(
+        f"SELECT {_ENTITLEMENT_STATE} FROM entitlements WHERE partner = $1 AND certificate_number = $2",
+        partner, number,
+    )
+    return None if row is None else _state(row)
+
+
+async def active_entitlements_of(conn: Connection, resident_id: str) -> list[EntitlementState]:
+    rows = await conn.fetch(
+        f"""
+        SELECT {_ENTITLEMENT_STATE} FROM entitlements WHERE resident_id = $1 AND active
+        ORDER BY partner, certificate_number FOR UPDATE
+        """,
+        resident_id,
+    )
+    return [_state(row) for row in rows]
+
+
+async def save_entitlement(conn: Connection, view: Entitlement, resident_id: str, changed_at: datetime) -> None:
+    await conn.execute(
+        """
+        INSERT INTO entitlements (partner, certificate_number, resident_id, resident_ref, municipality_code,
+                                  programs, member_number, status, valid_from, valid_until, active,
+                                  withdrawn_reason, consent_source, consent_at, changed_at, version)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true, NULL, $11, $12, $13, nextval('entitlement_version'))
+        ON CONFLICT (partner, certificate_number) DO UPDATE SET
+            resident_id = excluded.resident_id, resident_ref = excluded.resident_ref,
+            municipality_code = excluded.municipality_code, programs = excluded.programs,
+            member_number = excluded.member_number, status = excluded.status, valid_from = excluded.valid_from,
+            valid_until = excluded.valid_until, active = true, withdrawn_reason = NULL,
+            consent_source = excluded.consent_source, consent_at = excluded.consent_at,
+            changed_at = excluded.changed_at, version = excluded.version
+        """,
+        view.partner, view.certificate_number, resident_id, view.resident_ref, view.municipality_code,
+        list(view.programs), view.member_number, view.status, view.valid_from, view.valid_until,
+        view.basis.source, view.basis.at, changed_at,
+    )
+    await _enqueue_cache(conn, view.partner, view.certificate_number)
+
+
+async def withdraw_entitlement(
+    conn: Connection, partner: str, number: str, reason: WithdrawalReason, basis: ConsentBasis
+) -> None:
+    await conn.execute(
+        """
+        UPDATE entitlements SET active = false, withdrawn_reason = $3, member_number = NULL,
+               consent_source = $4, consent_at = $5, changed_at = $5, version = nextval('entitlement_version')
+        WHERE partner = $1 AND certificate_number = $2
+        """,
+        partner, number, reason, basis.source, basis.at,
+    )
+    await _enqueue_cache(conn, partner, number)
+
+
+async def _enqueue_cache(conn: Connection, partner: str, number: str) -> None:
+    await conn.execute(
+        "INSERT INTO verify_cache_queue (partner, certificate_number) VALUES ($1, $2)", partner, number
+    )
+    await conn.execute("SELECT pg_notify($1, '')", CACHE_CHANNEL)
+
+
+_VERIFICATION_COLUMNS = (
+    "partner, certificate_number, municipality_code, programs, status, valid_from, valid_until, active, version"
+)
+
+
+async def verification_row(conn: Connection | Pool, partner: str, number: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_VERIFICATION_COLUMNS} FROM entitlements WHERE partner = $1 AND certificate_number = $2",
+        partner, number,
+    )
+    return row
+
+
+async def verification_rows_after(
+    conn: Connection | Pool, after: tuple[str, str], limit: int
+) -> list[asyncpg.Record]:
+    """A page of every entitlement, in key order (the start-up rebuild of the cache)."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        SELECT {_VERIFICATION_COLUMNS} FROM entitlements WHERE (partner, certificate_number) > ($1, $2)
+        ORDER BY partner, certificate_number LIMIT $3
+        """,
+        after[0], after[1], limit,
+    )
+    return rows
+
+
+async def take_cache_queue(conn: Connection, limit: int) -> tuple[list[int], list[asyncpg.Record]]:
+    """Queued entitlement changes (locked until the caller's transaction ends) and their current rows."""
+    queued = await conn.fetch(
+        "SELECT id, partner, certificate_number FROM verify_cache_queue ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        limit,
+    )
+    if not queued:
+        return [], []
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        SELECT {_VERIFICATION_COLUMNS} FROM entitlements
+        WHERE (partner, certificate_number) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+        """,
+        [q["partner"] for q in queued], [q["certificate_number"] for q in queued],
+    )
+    return [q["id"] for q in queued], rows
+
+
+async def delete_cache_queue(conn: Connection, ids: list[int]) -> None:
+    await conn.execute("DELETE FROM verify_cache_queue WHERE id = ANY($1::bigint[])", ids)
+
+
+async def clear_cache_queue(pool: Pool) -> None:
+    await pool.execute("DELETE FROM verify_cache_queue")
+
+
+# --- Grants held for their certificate ----------------------------------------------------------
+
+
+async def hold_grant(
+    conn: Connection, *, number: str, resident_id: str, event_id: uuid.UUID, event_type: str, data: bytes
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO held_grants (certificate_number, resident_id, event_id, event_type, data)
+        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING
+        """,
+        number, resident_id, event_id, event_type, data,
+    )
+
+
+async def take_held_grants(conn: Connection, number: str) -> list[tuple[uuid.UUID, str, bytes]]:
+    rows = await conn.fetch(
+        "DELETE FROM held_grants WHERE certificate_number = $1 RETURNING id, event_id, event_type, data", number
+    )
+    return [(row["event_id"], row["event_type"], bytes(row["data"])) for row in sorted(rows, key=lambda r: r["id"])]
+
+
+# --- Delivery record (APPI Art. 29) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    partner: str
+    resident_ref: str
+    certificate_number: str
+    municipality_code: str
+    record_type: str
+    items: list[str]
+    basis: ConsentBasis
+    event_id: uuid.UUID
+    cause_event_id: uuid.UUID | None
+
+
+async def insert_delivery(conn: Connection, delivery: Delivery) -> None:
+    await conn.execute(
+        """
+        INSERT INTO deliveries (partner, resident_ref, certificate_number, municipality_code, record_type, items,
+                                consent_purpose, consent_source, consent_at, event_id, cause_event_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        """,
+        delivery.partner, delivery.resident_ref, delivery.certificate_number, delivery.municipality_code,
+        delivery.record_type, delivery.items, delivery.basis.purpose, delivery.basis.source, delivery.basis.at,
+        delivery.event_id, delivery.cause_event_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFilter:
+    partner: str | None = None
+    municipality_code: str | None = None
+    since: datetime | None = None  # inclusive
+    before: datetime | None = None  # exclusive
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        for column, op, value in (
+            ("partner", "=", self.partner), ("municipality_code", "=", self.municipality_code),
+            ("delivered_at", ">=", self.since), ("delivered_at", "<", self.before),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} {op} ${len(args)}")
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+_DELIVERY_COLUMNS = (
+    "id, delivered_at, partner, resident_ref, certificate_number, municipality_code, record_type, items, "
+    "consent_purpose, consent_source, consent_at, event_id, cause_event_id"
+)
+
+
+async def deliveries(
+    conn: Connection | Pool, where: DeliveryFilter, limit: int, offset: int
+) -> tuple[list[asyncpg.Record], int]:
+    clause, args = where.where()
+    total = int(await conn.fetchval(f"SELECT count(*) FROM deliveries{clause}", *args))
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{clause} "
+        f"ORDER BY id LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
+        *args, limit, offset,
+    )
+    return rows, total
+
+
+async def iter_deliveries(pool: Pool, where: DeliveryFilter, chunk: int = 1000) -> AsyncIterator[asyncpg.Record]:
+    """Every matching row in id order, read in chunks (keyset), for exports."""
+    clause, args = where.where()
+    glue = " AND " if clause else " WHERE "
+    last = 0
+    while True:
+        rows = await pool.fetch(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{clause}{glue}id > ${len(args) + 1} "
+            f"ORDER BY id LIMIT ${len(args) + 2}",
+            *args, last, chunk,
+        )
+        for row in rows:
+            yield row
+        if len(rows) < chunk:
+            return
+        last = rows[-1]["id"]
+
