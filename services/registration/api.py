@@ -1,0 +1,387 @@
+"""HTTP routes (prefix /v1), thin: check who calls, turn the request into a use case call.
+
+Every route of the service first passes ``refuse_my_number``: no string anywhere in a JSON body or
+the query may look like a 12-digit My Number.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AwareDatetime, Field, model_validator
+
+from services.registration import domain, handlers
+from services.registration.domain import Activity, IdentityVerification, Tier
+from services.registration.handlers import IdempotencyScope, Outcome
+from services.registration.store import ListedRegistration
+from services.registration.views import (
+    ConsentView,
+    ExpiryRun,
+    RegistrationDetailView,
+    RegistrationPage,
+    RegistrationView,
+    ResidentView,
+)
+from shared.contracts.registration import ConsentPurpose, RegistrationStatus
+from shared.kit.auth import Principal, Role, require
+from shared.kit.http import ApiModel
+from shared.kit.service import ServiceRuntime
+from shared.reference import municipality
+
+Language = Literal["ja", "en"]
+
+
+async def refuse_my_number(request: Request) -> None:
+    """One guard for the whole service: a My Number-like value in the query or the JSON body is refused."""
+    domain.refuse_my_number([value for _, value in request.query_params.multi_items()], where="query")
+    if request.method in ("POST", "PUT", "PATCH"):
+        raw = await request.body()  # cached by Starlette: the route reads the same bytes
+        if not raw:
+            return
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return  # not JSON: FastAPI answers 400 malformed-json for routes that take a body
+        domain.refuse_my_number(document)
+
+
+router = APIRouter(prefix="/v1", tags=["registration"], dependencies=[Depends(refuse_my_number)])
+
+ResidentOrAdmin = Annotated[Principal, Depends(require(Role.RESIDENT, Role.ADMIN))]
+StaffOrAdmin = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+Anyone = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", description="Repeat a POST with the same key to get the first answer back"),
+]
+
+
+# --- Request bodies ------------------------------------------------------------------------------
+
+
+class ConsentRequest(ApiModel):
+    purpose: ConsentPurpose
+    partner: str | None = Field(None, max_length=32, description="Required for share_certificate, e.g. jal")
+
+
+class NewResidentRequest(ApiModel):
+    name: str = Field(max_length=100, examples=["山田 花子"])
+    name_kana: str = Field(max_length=100, examples=["ヤマダ ハナコ"])
+    email: str = Field(max_length=254, json_schema_extra={"format": "email"}, examples=["hanako@example.jp"])
+    phone: str | None = Field(None, max_length=32, examples=["090-1234-5678"])
+    date_of_birth: dt.date
+    legal_address_code: str = Field(max_length=16, description="Municipality of the 住民票", examples=["131016"])
+    preferred_language: Language = "ja"
+    consents: list[ConsentRequest] = Field(default_factory=list, max_length=20)
+
+
+class ContactChangeRequest(ApiModel):
+    name: str | None = Field(None, max_length=100)
+    name_kana: str | None = Field(None, max_length=100)
+    email: str | None = Field(None, max_length=254, json_schema_extra={"format": "email"})
+    phone: str | None = Field(None, max_length=32, description="null removes the phone number")
+    preferred_language: Language | None = None
+
+    @model_validator(mode="after")
+    def _only_phone_may_be_null(self) -> ContactChangeRequest:
+        for name in ("name", "name_kana", "email", "preferred_language"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be removed")
+        return self
+
+
+class IdentityRequest(ApiModel):
+    """The result of a JPKI (My Number Card certificate) verification, never the My Number."""
+
+    method: Literal["jpki"]
+    verified_at: AwareDatetime
+    certificate_serial: str = Field(min_length=1, max_length=128)
+    subject_ref: str = Field(min_length=1, max_length=256)
+
+    def to_domain(self) -> IdentityVerification:
+        return IdentityVerification(self.method, self.verified_at, self.certificate_serial, self.subject_ref)
+
+
+class ActivityRequest(ApiModel):
+    name: str = Field(min_length=1, max_length=200, examples=["棚田の草刈りボランティア"])
+    date: dt.date
+    document_ref: str | None = Field(None, max_length=256)
+
+    def to_domain(self) -> Activity:
+        return Activity(self.name, self.date, self.document_ref)
+
+
+class RegistrationRequest(ApiModel):
+    municipality_code: str = Field(max_length=16, examples=["304018"])
+    tier: Tier = "basic"
+    identity: IdentityRequest | None = None
+    activities: list[ActivityRequest] = Field(default_factory=list, max_length=50)
+
+
+class RenewalRequest(ApiModel):
+    activities: list[ActivityRequest] = Field(max_length=50)
+    identity: IdentityRequest | None = None
+
+
+class RejectionRequest(ApiModel):
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+# --- Helpers -------------------------------------------------------------------------------------
+
+
+def _runtime(request: Request) -> ServiceRuntime:
+    runtime: ServiceRuntime = request.app.state.runtime
+    return runtime
+
+
+def _correlation(request: Request) -> str | None:
+    return getattr(request.state, "correlation_id", None)
+
+
+def _key(request: Request, principal: Principal, key: str | None, body: ApiModel | None) -> IdempotencyScope | None:
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    payload = body.model_dump(mode="json") if body is not None else None
+    return IdempotencyScope.of(key, principal, route, request.url.path, payload)
+
+
+def _respond(outcome: Outcome) -> JSONResponse:
+    response = JSONResponse(outcome.body, status_code=outcome.status_code)
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+# --- Residents -----------------------------------------------------------------------------------
+
+
+@router.post("/residents", status_code=201, response_model=ResidentView)
+async def create_resident(
+    body: NewResidentRequest, request: Request,
+    principal: Annotated[Principal, Depends(require(Role.RESIDENT))], idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Create the caller's account (the token's subject is the resident id)."""
+    details = domain.contact(body.name, body.name_kana, body.email, body.phone, body.preferred_language)
+    outcome = await handlers.create_resident(
+        _runtime(request), principal, details, body.date_of_birth, body.legal_address_code,
+        [(c.purpose, c.partner) for c in body.consents], _key(request, principal, idempotency_key, body),
+        _correlation(request),
+    )
+    return _respond(outcome)
+
+
+@router.get("/residents/{resident_id}", response_model=ResidentView)
+async def get_resident(resident_id: str, request: Request, principal: ResidentOrAdmin) -> dict[str, Any]:
+    principal.ensure_resident(resident_id)
+    return await handlers.get_resident(_runtime(request), resident_id)
+
+
+@router.patch("/residents/{resident_id}", response_model=ResidentView)
+async def change_contact(
+    resident_id: str, body: ContactChangeRequest, request: Request, principal: ResidentOrAdmin
+) -> dict[str, Any]:
+    principal.ensure_resident(resident_id)
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    return await handlers.update_contact(_runtime(request), resident_id, changes, _correlation(request))
+
+
+@router.delete("/residents/{resident_id}", status_code=204)
+async def erase_resident(resident_id: str, request: Request, principal: ResidentOrAdmin) -> Response:
+    """Erasure request: the account and every registration end; personal data is erased here."""
+    principal.ensure_resident(resident_id)
+    await handlers.erase_resident(_runtime(request), resident_id, _correlation(request))
+    return Response(status_code=204)
+
+
+@router.post("/residents/{resident_id}/registrations", status_code=201, response_model=RegistrationView)
+async def register(
+    resident_id: str, body: RegistrationRequest, request: Request, principal: ResidentOrAdmin,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Register with a municipality (201), or ask to upgrade a basic registration to premium (200)."""
+    principal.ensure_resident(resident_id)
+    outcome = await handlers.register(
+        _runtime(request), resident_id, body.municipality_code, body.tier,
+        body.identity.to_domain() if body.identity is not None else None,
+        [a.to_domain() for a in body.activities], _key(request, principal, idempotency_key, body),
+        _correlation(request),
+    )
+    return _respond(outcome)
+
+
+@router.get("/residents/{resident_id}/consents", response_model=list[ConsentView])
+async def list_consents(resident_id: str, request: Request, principal: ResidentOrAdmin) -> list[dict[str, Any]]:
+    principal.ensure_resident(resident_id)
+    return await handlers.list_consents(_runtime(request), resident_id)
+
+
+@router.post("/residents/{resident_id}/consents", response_model=ConsentView)
+async def grant_consent(
+    resident_id: str, body: ConsentRequest, request: Request, principal: ResidentOrAdmin,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    principal.ensure_resident(resident_id)
+    outcome = await handlers.grant_consent(
+        _runtime(request), resident_id, body.purpose, body.partner,
+        _key(request, principal, idempotency_key, body), _correlation(request),
+    )
+    return _respond(outcome)
+
+
+@router.delete("/residents/{resident_id}/consents/{purpose}", response_model=ConsentView)
+async def revoke_consent(
+    resident_id: str, purpose: ConsentPurpose, request: Request, principal: ResidentOrAdmin,
+    partner: Annotated[str | None, Query(max_length=32)] = None,
+) -> dict[str, Any]:
+    principal.ensure_resident(resident_id)
+    return await handlers.revoke_consent(_runtime(request), resident_id, purpose, partner, _correlation(request))
+
+
+# --- Registrations -------------------------------------------------------------------------------
+
+
+@router.get("/registrations", response_model=RegistrationPage)
+async def list_registrations(
+    request: Request,
+    principal: StaffOrAdmin,
+    municipality: Annotated[str | None, Query(max_length=16, description="Defaults to the staff's own")] = None,
+    tier: Tier | None = None,
+    status: RegistrationStatus | None = None,
+    q: Annotated[str | None, Query(max_length=100, description="Part of the name or its reading")] = None,
+    awaiting_review: bool | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> dict[str, Any]:
+    """Registrations with one municipality, for its staff: paged, filtered, searchable."""
+    registration_filter = handlers.staff_filter(principal, municipality, tier, status, q, awaiting_review)
+    return await handlers.list_registrations(_runtime(request), registration_filter, limit, offset)
+
+
+CSV_COLUMNS = (
+    "registration_id", "resident_id", "municipality_code", "municipality_name", "tier", "status", "registered_at",
+    "valid_from", "valid_until", "awaiting_review", "name", "name_kana", "email", "phone", "preferred_language",
+)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    text = value.astimezone(domain.TOKYO).isoformat() if isinstance(value, dt.datetime) else str(value)
+    # A cell starting like a formula would run in a spreadsheet: make it plain text.
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _csv_row(item: ListedRegistration) -> list[str]:
+    r = item.registration
+    values: list[object] = [
+        r.id, r.resident_id, r.municipality_code, municipality(r.municipality_code).full_name, r.tier, r.status,
+        r.registered_at, r.valid_from, r.valid_until, r.pending_review, item.name, item.name_kana, item.email,
+        item.phone, item.preferred_language,
+    ]
+    return [_cell(v) for v in values]
+
+
+async def _csv(rows: AsyncIterator[ListedRegistration]) -> AsyncIterator[bytes]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    buffer.write("\ufeff")  # the BOM lets Excel read UTF-8 Japanese text
+    writer.writerow(CSV_COLUMNS)
+    async for item in rows:
+        writer.writerow(_csv_row(item))
+        if buffer.tell() > 64 * 1024:
+            yield buffer.getvalue().encode("utf-8")
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue().encode("utf-8")
+
+
+@router.get(
+    "/registrations/export.csv",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV with a BOM"}},
+)
+async def export_registrations(
+    request: Request,
+    principal: StaffOrAdmin,
+    municipality: Annotated[str | None, Query(max_length=16)] = None,
+    tier: Tier | None = None,
+    status: RegistrationStatus | None = None,
+    q: Annotated[str | None, Query(max_length=100)] = None,
+    awaiting_review: bool | None = None,
+) -> StreamingResponse:
+    """The same registrations as the list, as a CSV file for Excel (UTF-8 with BOM)."""
+    registration_filter = handlers.staff_filter(principal, municipality, tier, status, q, awaiting_review)
+    rows = handlers.export_registrations(_runtime(request), registration_filter)
+    filename = f"registrations-{registration_filter.municipality_code}.csv"
+    return StreamingResponse(
+        _csv(rows), media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/registrations/{registration_id}", response_model=RegistrationDetailView)
+async def get_registration(registration_id: str, request: Request, principal: Anyone) -> dict[str, Any]:
+    """A registration with its premium reviews (the person, the municipality's staff, admin)."""
+    return await handlers.get_registration(_runtime(request), principal, registration_id)
+
+
+@router.post("/registrations/{registration_id}/approve", response_model=RegistrationView)
+async def approve(
+    registration_id: str, request: Request, principal: StaffOrAdmin, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Approve the premium request under review: valid for one year from today (Japan)."""
+    outcome = await handlers.approve(
+        _runtime(request), principal, registration_id, _key(request, principal, idempotency_key, None),
+        _correlation(request),
+    )
+    return _respond(outcome)
+
+
+@router.post("/registrations/{registration_id}/reject", response_model=RegistrationView)
+async def reject(
+    registration_id: str, body: RejectionRequest, request: Request, principal: StaffOrAdmin,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    outcome = await handlers.reject(
+        _runtime(request), principal, registration_id, body.reason,
+        _key(request, principal, idempotency_key, body), _correlation(request),
+    )
+    return _respond(outcome)
+
+
+@router.post("/registrations/{registration_id}/renew", response_model=RegistrationView)
+async def renew(
+    registration_id: str, body: RenewalRequest, request: Request, principal: ResidentOrAdmin,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Ask for one more premium year with a new activity record (reviewed by the municipality)."""
+    outcome = await handlers.renew(
+        _runtime(request), principal, registration_id, [a.to_domain() for a in body.activities],
+        body.identity.to_domain() if body.identity is not None else None,
+        _key(request, principal, idempotency_key, body), _correlation(request),
+    )
+    return _respond(outcome)
+
+
+@router.delete("/registrations/{registration_id}", response_model=RegistrationView)
+async def withdraw_registration(registration_id: str, request: Request, principal: ResidentOrAdmin) -> dict[str, Any]:
+    """Withdraw one registration; the account and the other registrations stay."""
+    return await handlers.withdraw_registration(_runtime(request), principal, registration_id, _correlation(request))
+
+
+# --- Operations ----------------------------------------------------------------------------------
+
+
+@router.post("/admin/premium-expiry", response_model=ExpiryRun, tags=["operations"])
+async def run_premium_expiry(
+    request: Request, principal: Annotated[Principal, Depends(require(Role.ADMIN))]
+) -> dict[str, Any]:
+    """Expire premium registrations past their validity now (the service also does it periodically)."""
+    return await handlers.expire_premiums(_runtime(request))

@@ -1,0 +1,656 @@
+"""Rules of furusato registration, pure Python: what a person may register, and how a registration moves.
+
+A registration with a municipality brings a *derived* one with its prefecture (basic, active), which
+lives as long as some live registration with a municipality of that prefecture does. A premium
+request (new, an upgrade of a basic registration, or a yearly renewal) is a *review* that the
+municipality's staff approve or reject; the registration's status only says what holds now.
+
+States of a registration::
+
+    basic:    active ──withdraw──▶ withdrawn
+    premium:  pending_review ──approve──▶ active ──(valid_until passed)──▶ expired
+                    │                        └──withdraw──▶ withdrawn
+                    └──reject──▶ rejected
+    upgrade:  basic active + pending review ──approve──▶ premium active (reject: stays basic)
+    renewal:  premium active + pending review ──approve──▶ valid one more year (reject: unchanged)
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import validate_email
+from pydantic_core import PydanticCustomError
+
+from shared.contracts.registration import ConsentPurpose, RegistrationStatus
+from shared.contracts.topics import PARTNER_CODES
+from shared.kit.errors import Conflict, DomainError, NotFound
+from shared.reference import Municipality, UnknownMunicipality, is_valid_code, municipality
+
+TOKYO = ZoneInfo("Asia/Tokyo")
+
+Tier = Literal["basic", "premium"]
+ReviewKind = Literal["initial", "upgrade", "renewal"]
+Language = Literal["ja", "en"]
+
+LIVE: frozenset[str] = frozenset({"active", "pending_review"})
+PREMIUM_LIMIT = 3
+MIN_ACTIVITIES = 3
+#: A JPKI verification result older than this is not accepted for a new premium request.
+IDENTITY_MAX_AGE = timedelta(days=365)
+CLOCK_SKEW = timedelta(minutes=5)
+#: Kinds a person can register with: prefectures and municipalities (Tokyo's special wards are
+#: municipalities); a designated city's ward is not (register with the city).
+REGISTRABLE_KINDS = frozenset({"prefecture", "city", "town", "village", "ward"})
+RESIDENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+
+# --- Errors: one per rule a person or staff member can break -------------------------------------
+
+
+class MalformedMunicipalityCode(DomainError):
+    code = "malformed-municipality-code"
+    title = "The municipality code is malformed"
+
+
+class UnknownMunicipalityCode(DomainError):
+    code = "unknown-municipality"
+    title = "No municipality has this code"
+
+
+class MunicipalityNotRegistrable(DomainError):
+    code = "municipality-not-registrable"
+    title = "One cannot register with this local government"
+
+
+class InvalidLegalAddress(DomainError):
+    code = "invalid-legal-address"
+    title = "The legal address must be a municipality where people live"
+
+
+class InvalidResidentId(DomainError):
+    code = "invalid-resident-id"
+    title = "The token's subject cannot be a resident id"
+
+
+class InvalidName(DomainError):
+    code = "invalid-name"
+    title = "The name is empty or contains control characters"
+
+
+class InvalidKana(DomainError):
+    code = "invalid-kana"
+    title = "The reading must be written in kana"
+
+
+class InvalidEmail(DomainError):
+    code = "invalid-email"
+    title = "The e-mail address is not valid"
+
+
+class InvalidPhone(DomainError):
+    code = "invalid-phone"
+    title = "The phone number may hold digits, hyphens and a leading +"
+
+
+class BirthDateInFuture(DomainError):
+    code = "birth-date-in-future"
+    title = "The date of birth is in the future"
+
+
+class MyNumberNotAllowed(DomainError):
+    code = "my-number-not-allowed"
+    title = "A value looks like a My Number (individual number), which is never accepted"
+
+
+class ResidentExists(Conflict):
+    code = "resident-exists"
+    title = "This person already has an account"
+
+
+class ResidentErased(Conflict):
+    code = "resident-erased"
+    title = "This account was erased and cannot be reopened"
+
+
+class ResidentNotFound(NotFound):
+    code = "resident-not-found"
+    title = "No such resident"
+
+
+class RegistrationNotFound(NotFound):
+    code = "registration-not-found"
+    title = "No such registration"
+
+
+class AlreadyRegistered(Conflict):
+    code = "already-registered"
+    title = "The person is already registered with this municipality"
+
+
+class ProofNotForBasic(DomainError):
+    code = "proof-not-for-basic"
+    title = "A basic registration takes no identity verification or activities"
+
+
+class IdentityNotVerified(DomainError):
+    code = "identity-not-verified"
+    title = "Premium needs identity verified with the My Number Card (JPKI)"
+
+
+class IdentityVerificationInvalid(DomainError):
+    code = "identity-verification-invalid"
+    title = "The identity verification result is in the future or too old"
+
+
+class PremiumInHomeMunicipality(DomainError):
+    code = "premium-in-home-municipality"
+    title = "Premium is not available in the municipality of one's legal address"
+
+
+class PremiumLimitReached(Conflict):
+    code = "premium-limit-reached"
+    title = "At most 3 premium registrations may be active or under review at a time"
+
+
+class NotEnoughActivities(DomainError):
+    code = "not-enough-activities"
+    title = "Premium needs at least 3 designated activities within the last year"
+
+
+class ActivityOutOfRange(DomainError):
+    code = "activity-out-of-range"
+    title = "An activity is dated in the future or outside the period it must prove"
+
+
+class AlreadyDecided(Conflict):
+    code = "already-decided"
+    title = "Nothing awaits review on this registration"
+
+
+class NotRenewable(Conflict):
+    code = "not-renewable"
+    title = "Only an active premium registration can be renewed"
+
+
+class ReviewPending(Conflict):
+    code = "review-pending"
+    title = "A premium request is already under review"
+
+
+class RegistrationClosed(Conflict):
+    code = "registration-closed"
+    title = "The registration has already ended"
+
+
+class DerivedRegistration(Conflict):
+    code = "derived-registration"
+    title = "The prefecture registration follows the municipal ones"
+
+
+class ConsentPartnerRequired(DomainError):
+    code = "consent-partner-required"
+    title = "Sharing the certificate is consented per partner: name the partner"
+
+
+class ConsentPartnerNotAllowed(DomainError):
+    code = "consent-partner-not-allowed"
+    title = "This consent is not given per partner"
+
+
+class UnknownPartner(DomainError):
+    code = "unknown-partner"
+    title = "No partner has this code"
+
+
+class ConsentNotFound(NotFound):
+    code = "consent-not-found"
+    title = "This consent was never given"
+
+
+class InvalidIdempotencyKey(DomainError):
+    code = "invalid-idempotency-key"
+    title = "An Idempotency-Key is 1-255 visible ASCII characters"
+
+
+class MunicipalityRequired(DomainError):
+    code = "municipality-required"
+    title = "Name the municipality to list"
+
+
+# --- Calendar ----------------------------------------------------------------------------------
+
+
+def tokyo_today(now: datetime) -> date:
+    """The calendar date in Japan at this instant (validity and activity dates follow it)."""
+    return now.astimezone(TOKYO).date()
+
+
+def add_years(day: date, years: int) -> date:
+    """The same calendar day ``years`` later; 29 February becomes 28 February."""
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:
+        return day.replace(year=day.year + years, day=28)
+
+
+# --- Input rules ---------------------------------------------------------------------------------
+
+
+def municipality_from_code(code: str) -> Municipality:
+    """The reference row of a 6-digit code; malformed and unknown codes are told apart."""
+    if not is_valid_code(code):
+        raise MalformedMunicipalityCode(
+            f"{code!r} is not a municipality code: 6 digits whose last one is the check digit (e.g. 304018)"
+        )
+    try:
+        return municipality(code)
+    except UnknownMunicipality as error:
+        raise UnknownMunicipalityCode(f"no municipality has the code {code}") from error
+
+
+def registrable(code: str) -> Municipality:
+    """A prefecture or municipality a person can register with."""
+    entry = municipality_from_code(code)
+    if entry.kind not in REGISTRABLE_KINDS or entry.northern_territories:
+        hint = f"; register with the city {entry.parent_code}" if entry.parent_code else ""
+        raise MunicipalityNotRegistrable(f"{entry.full_name} ({code}) takes no registrations{hint}")
+    return entry
+
+
+def legal_address(code: str) -> Municipality:
+    """The municipality (or designated-city ward) of a person's 住民票."""
+    entry = municipality_from_code(code)
+    if entry.is_prefecture or entry.northern_territories:
+        raise InvalidLegalAddress(f"{entry.full_name} ({code}) cannot be a legal address")
+    return entry
+
+
+def home_municipality(legal_address_code: str) -> str:
+    """The municipality of a legal address: a designated city's ward belongs to its city."""
+    entry = municipality(legal_address_code)
+    return entry.parent_code or entry.code
+
+
+def check_resident_id(subject: str) -> str:
+    if RESIDENT_ID.fullmatch(subject) is None or looks_like_my_number(subject):
+        raise InvalidResidentId(
+            "a resident id is 1-128 characters of letters, digits and . _ : @ -, and never a My Number"
+        )
+    return subject
+
+
+def check_name(value: str) -> str:
+    name = " ".join(unicodedata.normalize("NFC", value).split())
+    if not name or any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise InvalidName("the name must not be empty nor contain control characters")
+    return name
+
+
+_KANA = re.compile(r"^[\u3041-\u3096\u309d\u309e\u30a1-\u30fa\u30fb\u30fc\u30fd\u30fe ]+$")
+
+
+def normalise_kana(value: str) -> str:
+    """The reading in full-width katakana (hiragana and half-width katakana are accepted)."""
+    text = " ".join(unicodedata.normalize("NFKC", value).split())
+    if not text or _KANA.fullmatch(text) is None or not any(ch not in " ・ー" for ch in text):
+        raise InvalidKana("write the reading in katakana or hiragana (ー, ・ and spaces allowed)")
+    return "".join(_to_katakana(ch) for ch in text)
+
+
+def _to_katakana(ch: str) -> str:
+    if "\u3041" <= ch <= "\u3096" or ch in "\u309d\u309e":
+        return chr(ord(ch) + 0x60)
+    return ch
+
+
+def kana_search_term(value: str) -> str:
+    """A search string as stored readings are written (NFKC, hiragana as katakana)."""
+    return "".join(_to_katakana(ch) for ch in unicodedata.normalize("NFKC", value).strip())
+
+
+def check_email(value: str) -> str:
+    try:
+        _, email = validate_email(value)
+    except PydanticCustomError as error:
+        raise InvalidEmail(f"not a valid e-mail address: {error.message()}") from error
+    return email
+
+
+_PHONE = re.compile(r"^\+?[0-9][0-9-]{5,23}[0-9]$")
+
+
+def check_phone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    phone = value.strip()
+    if _PHONE.fullmatch(phone) is None or sum(ch.isdigit() for ch in phone) > 15:
+        raise InvalidPhone("a phone number is digits and hyphens, optionally after a leading +")
+    return phone
+
+
+def check_birth_date(born: date, today: date) -> date:
+    if born > today:
+        raise BirthDateInFuture(f"{born.isoformat()} is after today ({today.isoformat()}, Japan time)")
+    return born
+
+
+_SEPARATORS = str.maketrans("", "", " \t\r\n-\u2010\u2011\u2012\u2013\u2014\u2015\u2212")
+#: Exactly twelve digits in a row once separators are gone. A run right after "+" is an
+#: international phone number (+81 90-1234-5678), and 13 digits are a corporate number.
+_MY_NUMBER = re.compile(r"(?<![0-9+])[0-9]{12}(?![0-9])")
+
+
+def looks_like_my_number(text: str) -> bool:
+    compact = unicodedata.normalize("NFKC", text).translate(_SEPARATORS)
+    return _MY_NUMBER.search(compact) is not None
+
+
+def find_my_number(value: Any, path: str = "$") -> str | None:
+    """The JSON path of the first value that looks like a My Number, anywhere in a document.
+
+    Strings are what the rule is about; a bare 12-digit JSON number is refused too (no field of the
+    service takes one, and it would be a My Number sent without quotes).
+    """
+    if isinstance(value, str):
+        return path if looks_like_my_number(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path if looks_like_my_number(str(value)) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and looks_like_my_number(key):
+                return f"{path} (a member name)"
+            found = find_my_number(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_my_number(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def refuse_my_number(document: Any, where: str = "body") -> None:
+    path = find_my_number(document)
+    if path is not None:
+        # Never echo the value itself: it may be a real individual number.
+        raise MyNumberNotAllowed(f"the {where} value at {path} looks like a 12-digit My Number")
+
+
+# --- Residents -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """What other services may keep to reach the person."""
+
+    name: str
+    name_kana: str
+    email: str
+    phone: str | None
+    preferred_language: Language
+
+
+def contact(name: str, name_kana: str, email: str, phone: str | None, preferred_language: Language) -> Contact:
+    return Contact(check_name(name), normalise_kana(name_kana), check_email(email), check_phone(phone),
+                   preferred_language)
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    id: str
+    contact: Contact
+    date_of_birth: date
+    legal_address_code: str
+    created_at: datetime
+
+
+def new_resident(
+    subject: str, details: Contact, date_of_birth: date, legal_address_code: str, now: datetime
+) -> Resident:
+    return Resident(
+        id=check_resident_id(subject),
+        contact=details,
+        date_of_birth=check_birth_date(date_of_birth, tokyo_today(now)),
+        legal_address_code=legal_address(legal_address_code).code,
+        created_at=now,
+    )
+
+
+# --- Registrations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    id: str
+    resident_id: str
+    municipality_code: str
+    prefecture_code: str
+    tier: Tier
+    status: RegistrationStatus
+    derived_from: str | None
+    registered_at: datetime
+    valid_from: date | None = None
+    valid_until: date | None = None
+    pending_review: ReviewKind | None = None
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in LIVE
+
+    @property
+    def is_prefecture(self) -> bool:
+        return self.municipality_code == self.prefecture_code
+
+    @property
+    def holds_premium_place(self) -> bool:
+        """Counts towards the limit: premium and live, or a premium request under review."""
+        return (self.tier == "premium" and self.is_live) or self.pending_review is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    name: str
+    on: date
+    document_ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityVerification:
+    """The JPKI verification result only: never the card's My Number."""
+
+    method: Literal["jpki"]
+    verified_at: datetime
+    certificate_serial: str
+    subject_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPlan:
+    """What one registration request changes."""
+
+    registration: Registration  # the new row, or the basic row being upgraded
+    is_new: bool
+    review: ReviewKind | None
+    derived_prefecture: Registration | None  # a new derived prefecture row
+    prefecture_registration_id: str | None  # the prefecture row (new or reused); None for a prefecture
+
+
+def check_identity(identity: IdentityVerification | None, now: datetime) -> IdentityVerification:
+    if identity is None:
+        raise IdentityNotVerified("send the JPKI verification result (method, verified_at, certificate reference)")
+    if identity.verified_at > now + CLOCK_SKEW:
+        raise IdentityVerificationInvalid("the identity verification is dated in the future")
+    if identity.verified_at < now - IDENTITY_MAX_AGE:
+        raise IdentityVerificationInvalid("the identity verification is more than a year old: verify again")
+    return identity
+
+
+def check_activities(activities: Sequence[Activity], today: date, since: date, period: str) -> None:
+    """At least 3 distinct activities, each dated between ``since`` and today."""
+    for position, activity in enumerate(activities):
+        if activity.on > today:
+            raise ActivityOutOfRange(f"activities[{position}] is dated after today ({today.isoformat()})")
+        if activity.on < since:
+            raise ActivityOutOfRange(
+                f"activities[{position}] of {activity.on.isoformat()} is before {since.isoformat()} ({period})"
+            )
+    distinct = {(a.name, a.on) for a in activities}
+    if len(distinct) < MIN_ACTIVITIES:
+        raise NotEnoughActivities(
+            f"{len(distinct)} distinct activities listed; at least {MIN_ACTIVITIES} are needed ({period})"
+        )
+
+
+def premium_places(registrations: Iterable[Registration]) -> int:
+    return sum(1 for r in registrations if r.holds_premium_place)
+
+
+def plan_registration(
+    *,
+    resident_id: str,
+    legal_address_code: str,
+    existing: Sequence[Registration],
+    target_code: str,
+    tier: Tier,
+    identity: IdentityVerification | None,
+    activities: Sequence[Activity],
+    now: datetime,
+    new_id: Callable[[], str],
+) -> RegistrationPlan:
+    """Decide a registration request against the person's current registrations."""
+    target = registrable(target_code)
+    live = {r.municipality_code: r for r in existing if r.is_live}
+    current = live.get(target.code)
+    if tier == "basic":
+        if identity is not None or activities:
+            raise ProofNotForBasic("leave out identity and activities, or ask for tier premium")
+        if current is not None:
+            raise AlreadyRegistered(f"already registered with {target.full_name} ({target.code})")
+    else:
+        if current is not None and (current.tier == "premium" or current.pending_review is not None):
+            raise AlreadyRegistered(f"already premium or under review with {target.full_name} ({target.code})")
+        check_identity(identity, now)
+        if target.code == home_municipality(legal_address_code):
+            raise PremiumInHomeMunicipality(f"{target.full_name} is the municipality of the legal address")
+        today = tokyo_today(now)
+        check_activities(activities, today, add_years(today, -1), "within the last year")
+        if premium_places(existing) >= PREMIUM_LIMIT:
+            raise PremiumLimitReached(f"already {PREMIUM_LIMIT} premium registrations active or under review")
+
+    if current is not None:  # a basic registration upgraded to premium, reviewed first
+        upgraded = replace(current, pending_review="upgrade")
+        prefecture = live.get(target.prefecture_code) if not target.is_prefecture else None
+        return RegistrationPlan(upgraded, False, "upgrade", None, prefecture.id if prefecture else None)
+
+    registration = Registration(
+        id=new_id(), resident_id=resident_id, municipality_code=target.code,
+        prefecture_code=target.prefecture_code, tier=tier,
+        status="active" if tier == "basic" else "pending_review", derived_from=None, registered_at=now,
+        pending_review="initial" if tier == "premium" else None,
+    )
+    if target.is_prefecture:
+        return RegistrationPlan(registration, True, registration.pending_review, None, None)
+    reused = live.get(target.prefecture_code)
+    if reused is not None:
+        return RegistrationPlan(registration, True, registration.pending_review, None, reused.id)
+    derived = Registration(
+        id=new_id(), resident_id=resident_id, municipality_code=target.prefecture_code,
+        prefecture_code=target.prefecture_code, tier="basic", status="active", derived_from=registration.id,
+        registered_at=now,
+    )
+    return RegistrationPlan(registration, True, registration.pending_review, derived, derived.id)
+
+
+def plan_renewal(registration: Registration, activities: Sequence[Activity], now: datetime) -> None:
+    """A renewal proves this validity year's activities: each dated since it began."""
+    if registration.tier != "premium" or registration.status != "active":
+        raise NotRenewable(f"registration {registration.id} is {registration.tier} and {registration.status}")
+    if registration.pending_review is not None:
+        raise ReviewPending(f"a {registration.pending_review} request awaits review")
+    today = tokyo_today(now)
+    since = registration.valid_from or add_years(today, -1)
+    check_activities(activities, today, since, f"since the current validity began on {since.isoformat()}")
+
+
+def approve(registration: Registration, now: datetime) -> Registration:
+    """The registration once its pending premium request is approved: valid one year (Japan dates)."""
+    kind = registration.pending_review
+    if kind is None:
+        raise AlreadyDecided(f"registration {registration.id} has no premium request awaiting review")
+    today = tokyo_today(now)
+    current_end = registration.valid_until
+    if kind == "renewal" and registration.status == "active" and current_end is not None and current_end >= today:
+        # An early renewal keeps the days left: the new year follows the current one.
+        valid_from, valid_until = current_end + timedelta(days=1), add_years(current_end, 1)
+    else:
+        valid_from, valid_until = today, add_years(today, 1)
+    return replace(
+        registration, tier="premium", status="active", valid_from=valid_from, valid_until=valid_until,
+        pending_review=None,
+    )
+
+
+def reject(registration: Registration) -> Registration:
+    """A rejected first request ends the registration; a rejected upgrade or renewal changes nothing else."""
+    kind = registration.pending_review
+    if kind is None:
+        raise AlreadyDecided(f"registration {registration.id} has no premium request awaiting review")
+    if kind == "initial":
+        return replace(registration, status="rejected", pending_review=None)
+    return replace(registration, pending_review=None)
+
+
+def check_withdrawable(registration: Registration, existing: Sequence[Registration]) -> bool:
+    """True when the registration is live and may end; False when it already was withdrawn (a no-op)."""
+    if registration.status == "withdrawn":
+        return False
+    if not registration.is_live:
+        raise RegistrationClosed(f"registration {registration.id} is {registration.status}")
+    if registration.is_prefecture and registration.derived_from is not None and registration.tier == "basic":
+        holders = [r for r in existing if r.is_live and not r.is_prefecture
+                   and r.prefecture_code == registration.municipality_code]
+        if holders:
+            raise DerivedRegistration(
+                "the prefecture registration came with registrations with its municipalities; withdraw those"
+            )
+    return True
+
+
+def derived_prefecture_to_release(prefecture_code: str, remaining: Sequence[Registration]) -> Registration | None:
+    """The derived prefecture row to withdraw once no live municipal registration in it remains."""
+    if any(r.is_live and not r.is_prefecture and r.prefecture_code == prefecture_code for r in remaining):
+        return None
+    for r in remaining:
+        if (r.municipality_code == prefecture_code and r.is_live and r.derived_from is not None
+                and r.tier == "basic" and r.pending_review is None):
+            return r
+    return None
+
+
+# --- Consents ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    purpose: ConsentPurpose
+    partner: str | None
+    granted: bool
+    at: datetime
+
+
+def check_consent_target(purpose: ConsentPurpose, partner: str | None) -> None:
+    if purpose == "share_certificate":
+        if partner is None:
+            raise ConsentPartnerRequired("name the partner the certificate may be shared with")
+        if partner not in PARTNER_CODES:
+            raise UnknownPartner(f"no partner {partner!r}; partners: {', '.join(PARTNER_CODES)}")
+    elif partner is not None:
+        raise ConsentPartnerNotAllowed(f"consent {purpose!r} is not given per partner")

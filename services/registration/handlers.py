@@ -1,0 +1,607 @@
+"""Use cases: load, decide (domain), save (store), emit (outbox) — one transaction each.
+
+Every POST runs through ``_once``: with an ``Idempotency-Key`` the first answer is stored in the
+same transaction as the change, and a repeat of the request returns it instead of acting again.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from services.registration import domain, store
+from services.registration.domain import (
+    Activity,
+    Consent,
+    Contact,
+    IdentityVerification,
+    Registration,
+    Resident,
+    Tier,
+)
+from services.registration.views import (
+    ExpiryRun,
+    RegistrationPage,
+    as_json,
+    consent_view,
+    listed_view,
+    registration_detail,
+    registration_view,
+    resident_view,
+)
+from shared.contracts import registration as events
+from shared.contracts.registration import ConsentPurpose, RegistrationStatus
+from shared.contracts.topics import RESIDENTS
+from shared.kit import idempotency
+from shared.kit.auth import Principal, Role
+from shared.kit.db import Connection
+from shared.kit.service import ServiceRuntime, UnitOfWork
+from shared.reference import prefecture_of
+
+log = structlog.get_logger(__name__)
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# --- Idempotent POSTs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyScope:
+    """Where a key is remembered: per principal and route; the hash covers the path and the body."""
+
+    scope: str
+    key: str
+    request_hash: str
+
+    @classmethod
+    def of(
+        cls, key: str | None, principal: Principal, route: str, path: str, body: Any
+    ) -> IdempotencyScope | None:
+        if key is None:
+            return None
+        if _IDEMPOTENCY_KEY.fullmatch(key) is None:
+            raise domain.InvalidIdempotencyKey("send 1-255 visible ASCII characters, e.g. a UUID")
+        # The subject leads the scope so an erasure can forget every answer stored for the person.
+        return cls(f"{principal.subject} POST {route}", key, idempotency.request_hash({"path": path, "body": body}))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status_code: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+async def _once(
+    runtime: ServiceRuntime,
+    key: IdempotencyScope | None,
+    correlation_id: str | None,
+    action: Callable[[UnitOfWork], Awaitable[Outcome]],
+) -> Outcome:
+    async with runtime.transaction(correlation_id) as uow:
+        if key is not None:
+            stored = await idempotency.replay(uow.conn, key.scope, key.key, key.request_hash)
+            if stored is not None:
+                return Outcome(stored.status_code, stored.body, replayed=True)
+        outcome = await action(uow)
+        if key is not None:
+            await idempotency.remember(
+                uow.conn, key.scope, key.key, key.request_hash, outcome.status_code, outcome.body
+            )
+        return outcome
+
+
+# --- Events --------------------------------------------------------------------------------------
+
+
+def _contact(c: Contact) -> events.Contact:
+    return events.Contact(
+        name=c.name, name_kana=c.name_kana, email=c.email, phone=c.phone, preferred_language=c.preferred_language
+    )
+
+
+async def _emit_registered(
+    uow: UnitOfWork, resident: Resident, r: Registration, consents: Sequence[Consent], now: datetime
+) -> None:
+    await uow.emit(
+        RESIDENTS,
+        events.ResidentRegistered(
+            resident_id=resident.id, registration_id=r.id, municipality_code=r.municipality_code,
+            prefecture_code=r.prefecture_code, tier=r.tier, status=r.status,
+            legal_address_code=resident.legal_address_code, contact=_contact(resident.contact),
+            consents=[events.ConsentState(purpose=c.purpose, partner=c.partner, granted=c.granted, at=c.at)
+                      for c in consents],
+            registered_at=now,
+        ),
+        subject=resident.id,
+    )
+
+
+async def _emit_withdrawn(uow: UnitOfWork, r: Registration, now: datetime) -> None:
+    await uow.emit(
+        RESIDENTS,
+        events.RegistrationWithdrawn(
+            resident_id=r.resident_id, registration_id=r.id, municipality_code=r.municipality_code, withdrawn_at=now
+        ),
+        subject=r.resident_id,
+    )
+
+
+async def _release_derived_prefecture(
+    uow: UnitOfWork, ended: Registration, remaining: Sequence[Registration], now: datetime
+) -> None:
+    """Withdraw the derived prefecture registration once no municipal one in the prefecture is live."""
+    if ended.is_prefecture:
+        return
+    derived = domain.derived_prefecture_to_release(ended.prefecture_code, remaining)
+    if derived is not None:
+        withdrawn = replace(derived, status="withdrawn")
+        await store.save_registration(uow.conn, withdrawn, now)
+        await _emit_withdrawn(uow, withdrawn, now)
+
+
+def _with(registrations: Sequence[Registration], changed: Registration) -> list[Registration]:
+    return [changed if r.id == changed.id else r for r in registrations]
+
+
+# --- Residents -----------------------------------------------------------------------------------
+
+
+async def create_resident(
+    runtime: ServiceRuntime,
+    principal: Principal,
+    details: Contact,
+    date_of_birth: date,
+    legal_address_code: str,
+    consents: Sequence[tuple[ConsentPurpose, str | None]],
+    key: IdempotencyScope | None,
+    correlation_id: str | None,
+) -> Outcome:
+    now = _now()
+    resident = domain.new_resident(principal.subject, details, date_of_birth, legal_address_code, now)
+    wanted = list(dict.fromkeys(consents))
+    for purpose, partner in wanted:
+        domain.check_consent_target(purpose, partner)
+
+    async def action(uow: UnitOfWork) -> Outcome:
+        if not await store.insert_resident(uow.conn, resident):
+            if await store.resident_status(uow.conn, resident.id) == "erased":
+                raise domain.ResidentErased(
+                    f"the account {resident.id} was erased; a new account needs a new identity"
+                )
+            raise domain.ResidentExists(f"resident {resident.id} already has an account")
+        granted = [Consent(purpose, partner, True, now) for purpose, partner in wanted]
+        for consent in granted:
+            await store.set_consent(uow.conn, resident.id, consent)
+            await _emit_consent(uow, resident.id, consent)
+        log.info("resident created", resident_id=resident.id)
+        return Outcome(201, as_json(resident_view(resident, [], granted)))
+
+    return await _once(runtime, key, correlation_id, action)
+
+
+async def get_resident(runtime: ServiceRuntime, resident_id: str) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        resident = await store.get_resident(conn, resident_id)
+        if resident is None:
+            raise domain.ResidentNotFound(f"no resident {resident_id}")
+        registrations = await store.registrations_of(conn, resident_id)
+        consents = await store.consents_of(conn, resident_id)
+    return as_json(resident_view(resident, registrations, consents))
+
+
+async def update_contact(
+    runtime: ServiceRuntime, resident_id: str, changes: dict[str, Any], correlation_id: str | None
+) -> dict[str, Any]:
+    """Change name, reading, e-mail, phone or language; other services learn it from ContactChanged."""
+    now = _now()
+    async with runtime.transaction(correlation_id) as uow:
+        resident = await _lock_resident(uow.conn, resident_id)
+        old = resident.contact
+        new = domain.contact(
+            changes.get("name", old.name), changes.get("name_kana", old.name_kana), changes.get("email", old.email),
+            changes.get("phone", old.phone),
+            changes.get("preferred_language", old.preferred_language),
+        )
+        if new != old:
+            await store.update_contact(uow.conn, resident_id, new, now)
+            await uow.emit(
+                RESIDENTS, events.ContactChanged(resident_id=resident_id, contact=_contact(new), at=now),
+                subject=resident_id,
+            )
+            resident = replace(resident, contact=new)
+        registrations = await store.registrations_of(uow.conn, resident_id)
+        consents = await store.consents_of(uow.conn, resident_id)
+    return as_json(resident_view(resident, registrations, consents))
+
+
+async def erase_resident(runtime: ServiceRuntime, resident_id: str, correlation_id: str | None) -> None:
+    """The erasure request: blank the person's data here and tell every service (a repeat is a no-op)."""
+    now = _now()
+    async with runtime.transaction(correlation_id) as uow:
+        resident = await store.lock_resident(uow.conn, resident_id)
+        if resident is None:
+            if await store.resident_status(uow.conn, resident_id) == "erased":
+                return
+            raise domain.ResidentNotFound(f"no resident {resident_id}")
+        await store.erase_resident(uow.conn, resident_id, prefecture_of(resident.legal_address_code).code, now)
+        await uow.emit(
+            RESIDENTS, events.ResidentWithdrawn(resident_id=resident_id, withdrawn_at=now), subject=resident_id
+        )
+    log.info("resident erased", resident_id=resident_id)
+
+
+async def _lock_resident(conn: Connection, resident_id: str) -> Resident:
+    resident = await store.lock_resident(conn, resident_id)
+    if resident is None:
+        raise domain.ResidentNotFound(f"no resident {resident_id}")
+    return resident
+
+
+# --- Registrations -------------------------------------------------------------------------------
+
+
+async def register(
+    runtime: ServiceRuntime,
+    resident_id: str,
+    municipality_code: str,
+    tier: Tier,
+    identity: IdentityVerification | None,
+    activities: Sequence[Activity],
+    key: IdempotencyScope | None,
+    correlation_id: str | None,
+) -> Outcome:
+    """Register with a municipality (and so its prefecture), or ask to upgrade a basic one to premium."""
+    domain.registrable(municipality_code)  # a bad code is refused before any lock is taken
+
+    async def action(uow: UnitOfWork) -> Outcome:
+        now = _now()
+        resident = await _lock_resident(uow.conn, resident_id)
+        existing = await store.registrations_of(uow.conn, resident_id)
+        plan = domain.plan_registration(
+            resident_id=resident_id, legal_address_code=resident.legal_address_code, existing=existing,
+            target_code=municipality_code, tier=tier, identity=identity, activities=activities, now=now,
+            new_id=_new_id,
+        )
+        registration = plan.registration
+        if plan.is_new:
+            await store.insert_registration(uow.conn, registration)
+        if plan.derived_prefecture is not None:
+            await store.insert_registration(uow.conn, plan.derived_prefecture)
+        if plan.review is not None:
+            verification_id = None
+            if identity is not None:
+                verification_id = _new_id()
+                await store.insert_identity(uow.conn, verification_id, resident_id, identity, now)
+            await store.insert_review(uow.conn, _new_id(), registration.id, plan.review, verification_id,
+                                      activities, now)
+        consents = await store.consents_of(uow.conn, resident_id) if plan.is_new else []
+        if plan.is_new:
+            await _emit_registered(uow, resident, registration, consents, now)
+        if plan.derived_prefecture is not None:
+            await _emit_registered(uow, resident, plan.derived_prefecture, consents, now)
+        if plan.review is not None:
+            await _emit_premium_requested(uow, registration, activities, now)
+        log.info("registered", resident_id=resident_id, registration_id=registration.id,
+                 municipality=registration.municipality_code, tier=tier, review=plan.review)
+        view = registration_view(registration, plan.prefecture_registration_id)
+        return Outcome(201 if plan.is_new else 200, as_json(view))
+
+    return await _once(runtime, key, correlation_id, action)
+
+
+async def _emit_premium_requested(
+    uow: UnitOfWork, r: Registration, activities: Sequence[Activity], now: datetime
+) -> None:
+    await uow.emit(
+        RESIDENTS,
+        events.PremiumRequested(
+            resident_id=r.resident_id, registration_id=r.id, municipality_code=r.municipality_code,
+            activity_count=len({(a.name, a.on) for a in activities}), requested_at=now,
+        ),
+        subject=r.resident_id,
+    )
+
+
+async def _load_registration(conn: Connection, registration_id: str) -> Registration:
+    registration = await store.get_registration(conn, registration_id)
+    if registration is None:
+        raise domain.RegistrationNotFound(f"no registration {registration_id}")
+    return registration
+
+
+async def _lock_for_change(conn: Connection, registration: Registration) -> list[Registration]:
+    """Lock the owner (if not erased) and read their registrations afresh."""
+    await store.lock_resident(conn, registration.resident_id)
+    return await store.registrations_of(conn, registration.resident_id)
+
+
+def _current(registrations: Sequence[Registration], registration_id: str) -> Registration:
+    return next(r for r in registrations if r.id == registration_id)
+
+
+async def get_registration(runtime: ServiceRuntime, principal: Principal, registration_id: str) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        registration = await _load_registration(conn, registration_id)
+        _ensure_may_see(principal, registration)
+        reviews = await store.reviews_of(conn, registration_id)
+    if principal.role is Role.RESIDENT:  # the person sees the decisions, not which staff member made them
+        reviews = [replace(review, decided_by=None) for review in reviews]
+    return as_json(registration_detail(registration, reviews))
+
+
+def _ensure_may_see(principal: Principal, registration: Registration) -> None:
+    if principal.role is Role.STAFF:
+        principal.ensure_municipality(registration.municipality_code)
+    else:
+        principal.ensure_resident(registration.resident_id)
+
+
+async def approve(
+    runtime: ServiceRuntime, principal: Principal, registration_id: str, key: IdempotencyScope | None,
+    correlation_id: str | None,
+) -> Outcome:
+    async def action(uow: UnitOfWork) -> Outcome:
+        now = _now()
+        loaded = await _load_registration(uow.conn, registration_id)
+        principal.ensure_municipality(loaded.municipality_code)
+        registration = _current(await _lock_for_change(uow.conn, loaded), registration_id)
+        approved = domain.approve(registration, now)
+        assert approved.valid_until is not None
+        await store.save_registration(uow.conn, approved, now)
+        await store.decide_review(uow.conn, registration_id, "approved", now, decided_by=principal.subject,
+                                  valid_until=approved.valid_until)
+        await uow.emit(
+            RESIDENTS,
+            events.PremiumApproved(
+                resident_id=approved.resident_id, registration_id=approved.id,
+                municipality_code=approved.municipality_code, valid_until=approved.valid_until, decided_at=now,
+            ),
+            subject=approved.resident_id,
+        )
+        log.info("premium approved", registration_id=registration_id, kind=registration.pending_review,
+                 staff=principal.subject, valid_until=str(approved.valid_until))
+        return Outcome(200, as_json(registration_view(approved)))
+
+    return await _once(runtime, key, correlation_id, action)
+
+
+async def reject(
+    runtime: ServiceRuntime, principal: Principal, registration_id: str, reason: str,
+    key: IdempotencyScope | None, correlation_id: str | None,
+) -> Outcome:
+    async def action(uow: UnitOfWork) -> Outcome:
+        now = _now()
+        loaded = await _load_registration(uow.conn, registration_id)
+        principal.ensure_municipality(loaded.municipality_code)
+        registrations = await _lock_for_change(uow.conn, loaded)
+        registration = _current(registrations, registration_id)
+        rejected = domain.reject(registration)
+        await store.save_registration(uow.conn, rejected, now)
+        await store.decide_review(uow.conn, registration_id, "rejected", now, decided_by=principal.subject,
+                                  reason=reason)
+        await uow.emit(
+            RESIDENTS,
+            events.PremiumRejected(
+                resident_id=rejected.resident_id, registration_id=rejected.id,
+                municipality_code=rejected.municipality_code, reason=reason, decided_at=now,
+            ),
+            subject=rejected.resident_id,
+        )
+        if not rejected.is_live:
+            await _release_derived_prefecture(uow, rejected, _with(registrations, rejected), now)
+        log.info("premium rejected", registration_id=registration_id, kind=registration.pending_review,
+                 staff=principal.subject)
+        return Outcome(200, as_json(registration_view(rejected)))
+
+    return await _once(runtime, key, correlation_id, action)
+
+
+async def renew(
+    runtime: ServiceRuntime, principal: Principal, registration_id: str, activities: Sequence[Activity],
+    identity: IdentityVerification | None, key: IdempotencyScope | None, correlation_id: str | None,
+) -> Outcome:
+    """Ask for one more premium year with this year's activities (reviewed like a first request)."""
+    async def action(uow: UnitOfWork) -> Outcome:
+        now = _now()
+        loaded = await _load_registration(uow.conn, registration_id)
+        principal.ensure_resident(loaded.resident_id)
+        registration = _current(await _lock_for_change(uow.conn, loaded), registration_id)
+        domain.plan_renewal(registration, activities, now)
+        verification_id = None
+        if identity is not None:
+            domain.check_identity(identity, now)
+            verification_id = _new_id()
+            await store.insert_identity(uow.conn, verification_id, registration.resident_id, identity, now)
+        await store.insert_review(uow.conn, _new_id(), registration_id, "renewal", verification_id, activities, now)
+        await _emit_premium_requested(uow, registration, activities, now)
+        log.info("premium renewal requested", registration_id=registration_id)
+        return Outcome(200, as_json(registration_view(replace(registration, pending_review="renewal"))))
+
+    return await _once(runtime, key, correlation_id, action)
+
+
+async def withdraw_registration(
+    runtime: ServiceRuntime, principal: Principal, registration_id: str, correlation_id: str | None
+) -> dict[str, Any]:
+    """End one registration; the derived prefecture one ends with the last municipal one in it."""
+    now = _now()
+    async with runtime.transaction(correlation_id) as uow:
+        loaded = await _load_registration(uow.conn, registration_id)
+        principal.ensure_resident(loaded.resident_id)
+        registrations = await _lock_for_change(uow.conn, loaded)
+        registration = _current(registrations, registration_id)
+        if not domain.check_withdrawable(registration, registrations):
+            return as_json(registration_view(registration))
+        withdrawn = replace(registration, status="withdrawn", pending_review=None)
+        await store.save_registration(uow.conn, withdrawn, now)
+        if registration.pending_review is not None:
+            await store.decide_review(uow.conn, registration_id, "cancelled", now)
+        await _emit_withdrawn(uow, withdrawn, now)
+        await _release_derived_prefecture(uow, withdrawn, _with(registrations, withdrawn), now)
+    log.info("registration withdrawn", registration_id=registration_id)
+    return as_json(registration_view(withdrawn))
+
+
+# --- Staff lists ---------------------------------------------------------------------------------
+
+
+def staff_filter(
+    principal: Principal,
+    municipality_code: str | None,
+    tier: Tier | None = None,
+    status: RegistrationStatus | None = None,
+    q: str | None = None,
+    awaiting_review: bool | None = None,
+) -> store.RegistrationFilter:
+    """The filter of a staff list, after checking that the principal may see that municipality."""
+    code = municipality_code or principal.municipality
+    if code is None:
+        raise domain.MunicipalityRequired("pass ?municipality=<6-digit code>")
+    domain.municipality_from_code(code)
+    principal.ensure_municipality(code)
+    name = " ".join(q.split()) if q and q.strip() else None
+    return store.RegistrationFilter(
+        municipality_code=code, tier=tier, status=status, name=name,
+        kana=domain.kana_search_term(name) if name else None, awaiting_review=awaiting_review,
+    )
+
+
+async def list_registrations(
+    runtime: ServiceRuntime, registration_filter: store.RegistrationFilter, limit: int, offset: int
+) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        items, total = await store.search_registrations(conn, registration_filter, limit, offset)
+    page = RegistrationPage(items=[listed_view(i) for i in items], total=total, limit=limit, offset=offset)
+    return as_json(page)
+
+
+async def export_registrations(
+    runtime: ServiceRuntime, registration_filter: store.RegistrationFilter
+) -> AsyncIterator[store.ListedRegistration]:
+    """Every matching registration from one consistent snapshot, streamed."""
+    async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async for item in store.stream_registrations(conn, registration_filter):
+            yield item
+
+
+# --- Consents ------------------------------------------------------------------------------------
+
+
+async def _emit_consent(uow: UnitOfWork, resident_id: str, consent: Consent) -> None:
+    await uow.emit(
+        RESIDENTS,
+        events.ConsentChanged(
+            resident_id=resident_id, purpose=consent.purpose, partner=consent.partner, granted=consent.granted,
+            at=consent.at,
+        ),
+        subject=resident_id,
+    )
+
+
+async def grant_consent(
+    runtime: ServiceRuntime, resident_id: str, purpose: ConsentPurpose, partner: str | None,
+    key: IdempotencyScope | None, correlation_id: str | None,
+) -> Outcome:
+    domain.check_consent_target(purpose, partner)
+
+    async def action(uow: UnitOfWork) -> Outcome:
+        await _lock_resident(uow.conn, resident_id)
+        current = await store.current_consent(uow.conn, resident_id, purpose, partner)
+        if current is not None and current.granted:
+            return Outcome(200, as_json(consent_view(current)))
+        consent = Consent(purpose, partner, True, _now())
+        await store.set_consent(uow.conn, resident_id, consent)
+        await _emit_consent(uow, resident_id, consent)
+        return Outcome(200, as_json(consent_view(consent)))
+
+    return await _once(runtime, key, correlation_id, action)
+
+
+async def revoke_consent(
+    runtime: ServiceRuntime, resident_id: str, purpose: ConsentPurpose, partner: str | None,
+    correlation_id: str | None,
+) -> dict[str, Any]:
+    """A revocation is an event too; revoking what is already revoked changes nothing."""
+    domain.check_consent_target(purpose, partner)
+    async with runtime.transaction(correlation_id) as uow:
+        await _lock_resident(uow.conn, resident_id)
+        current = await store.current_consent(uow.conn, resident_id, purpose, partner)
+        if current is None:
+            raise domain.ConsentNotFound(f"consent {purpose!r} (partner {partner}) was never given")
+        if not current.granted:
+            return as_json(consent_view(current))
+        consent = Consent(purpose, partner, False, _now())
+        await store.set_consent(uow.conn, resident_id, consent)
+        await _emit_consent(uow, resident_id, consent)
+    return as_json(consent_view(consent))
+
+
+async def list_consents(runtime: ServiceRuntime, resident_id: str) -> list[dict[str, Any]]:
+    async with runtime.pool.acquire() as conn:
+        if await store.get_resident(conn, resident_id) is None:
+            raise domain.ResidentNotFound(f"no resident {resident_id}")
+        consents = await store.consents_of(conn, resident_id)
+    return [as_json(consent_view(c)) for c in consents]
+
+
+# --- Maintenance ---------------------------------------------------------------------------------
+
+
+async def expire_premiums(runtime: ServiceRuntime, batch_size: int = 200) -> dict[str, Any]:
+    """Expire premium registrations past their validity: each once, even with several replicas.
+
+    The claim (``UPDATE ... WHERE status = 'active' AND valid_until < today``) and the events commit
+    in one transaction, and residents another replica is expiring are skipped, not waited for.
+    """
+    expired_total = 0
+    while True:
+        now = _now()
+        today = domain.tokyo_today(now)
+        async with runtime.transaction() as uow:
+            resident_ids = await store.lock_residents_with_due_premiums(uow.conn, today, batch_size)
+            if not resident_ids:
+                break
+            expired = await store.claim_due_premiums(uow.conn, resident_ids, today, now)
+            for registration in expired:
+                assert registration.valid_until is not None
+                await uow.emit(
+                    RESIDENTS,
+                    events.PremiumExpired(
+                        resident_id=registration.resident_id, registration_id=registration.id,
+                        municipality_code=registration.municipality_code,
+                        expired_on=registration.valid_until + timedelta(days=1),
+                    ),
+                    subject=registration.resident_id,
+                )
+            for resident_id in sorted({r.resident_id for r in expired}):
+                remaining = await store.registrations_of(uow.conn, resident_id)
+                for ended in [r for r in expired if r.resident_id == resident_id]:
+                    await _release_derived_prefecture(uow, ended, remaining, now)
+                    remaining = await store.registrations_of(uow.conn, resident_id)
+        expired_total += len(expired)
+        if expired:
+            log.info("premium registrations expired", count=len(expired))
+        if not expired or len(resident_ids) < batch_size:
+            break
+    return as_json(ExpiryRun(expired=expired_total))
+
+
+async def purge_relayed_events_of_erased(runtime: ServiceRuntime) -> int:
+    async with runtime.pool.acquire() as conn:
+        return await store.purge_relayed_events_of_erased(conn)

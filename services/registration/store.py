@@ -1,0 +1,481 @@
+"""All SQL of the registration service (asyncpg, no ORM).
+
+Locking order, everywhere: the resident's row first (``lock_resident``), then their registrations.
+Every use case that changes a person's registrations takes that lock, so the duplicate and
+premium-limit rules hold under concurrent requests and the expiry job never deadlocks with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from services.registration.domain import (
+    Activity,
+    Consent,
+    Contact,
+    IdentityVerification,
+    Registration,
+    Resident,
+    ReviewKind,
+    Tier,
+)
+from shared.contracts.registration import ConsentPurpose, RegistrationStatus
+from shared.kit.db import Connection
+
+_ENDED = ("rejected", "expired", "withdrawn")
+
+
+# --- Residents -----------------------------------------------------------------------------------
+
+
+def _resident(row: asyncpg.Record) -> Resident:
+    return Resident(
+        id=row["id"],
+        contact=Contact(row["name"], row["name_kana"], row["email"], row["phone"], row["preferred_language"]),
+        date_of_birth=row["date_of_birth"],
+        legal_address_code=row["legal_address_code"],
+        created_at=row["created_at"],
+    )
+
+
+async def insert_resident(conn: Connection, resident: Resident) -> bool:
+    """Create the account; False if the id is taken (by an active account or an erased one)."""
+    c = resident.contact
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO residents (id, status, name, name_kana, email, phone, date_of_birth, legal_address_code,
+                               preferred_language, created_at, updated_at)
+        VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, $9)
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id
+        """,
+        resident.id, c.name, c.name_kana, c.email, c.phone, resident.date_of_birth, resident.legal_address_code,
+        c.preferred_language, resident.created_at,
+    )
+    return inserted is not None
+
+
+async def get_resident(conn: Connection, resident_id: str) -> Resident | None:
+    row = await conn.fetchrow("SELECT * FROM residents WHERE id = $1 AND status = 'active'", resident_id)
+    return _resident(row) if row is not None else None
+
+
+async def lock_resident(conn: Connection, resident_id: str) -> Resident | None:
+    """The active resident, locked for the rest of the transaction (None if absent or erased)."""
+    row = await conn.fetchrow(
+        "SELECT * FROM residents WHERE id = $1 AND status = 'active' FOR UPDATE", resident_id
+    )
+    return _resident(row) if row is not None else None
+
+
+async def resident_status(conn: Connection, resident_id: str) -> str | None:
+    status: str | None = await conn.fetchval("SELECT status FROM residents WHERE id = $1", resident_id)
+    return status
+
+
+async def update_contact(conn: Connection, resident_id: str, contact: Contact, now: datetime) -> None:
+    await conn.execute(
+        """
+        UPDATE residents SET name = $2, name_kana = $3, email = $4, phone = $5, preferred_language = $6,
+                             updated_at = $7
+        WHERE id = $1
+        """,
+        resident_id, contact.name, contact.name_kana, contact.email, contact.phone, contact.preferred_language, now,
+    )
+
+
+async def erase_resident(conn: Connection, resident_id: str, prefecture_code: str, now: datetime) -> None:
+    """Blank every personal value of the person in this service; keep what statistics need.
+
+    Kept: the resident id (the key other services already hold), registrations' municipality, tier,
+    status and dates, activity dates, consent history. Blanked or removed: name, reading, e-mail,
+    phone, birth date, the legal address below its prefecture, JPKI references, activity names and
+    documents, rejection reasons, stored idempotent responses, and relayed outbox rows of the person.
+    """
+    await conn.execute(
+        """
+        UPDATE residents SET status = 'erased', name = NULL, name_kana = NULL, email = NULL, phone = NULL,
+                             date_of_birth = NULL, legal_address_code = $2, updated_at = $3, erased_at = $3
+        WHERE id = $1
+        """,
+        resident_id, prefecture_code, now,
+    )
+    await conn.execute(
+        """
+        UPDATE registrations SET status = 'withdrawn', ended_at = $2, updated_at = $2
+        WHERE resident_id = $1 AND status IN ('active', 'pending_review')
+        """,
+        resident_id, now,
+    )
+    await conn.execute(
+        """
+        UPDATE premium_reviews pr SET status = CASE WHEN pr.status = 'pending' THEN 'cancelled' ELSE pr.status END,
+                                      reason = CASE WHEN pr.reason IS NULL THEN NULL ELSE '(erased)' END,
+                                      decided_at = CASE WHEN pr.status = 'pending' THEN $2 ELSE pr.decided_at END
+        FROM registrations r WHERE r.id = pr.registration_id AND r.resident_id = $1
+        """,
+        resident_id, now,
+    )
+    await conn.execute(
+        """
+        UPDATE premium_activities pa SET name = NULL, document_ref = NULL
+        FROM premium_reviews pr JOIN registrations r ON r.id = pr.registration_id
+        WHERE pa.review_id = pr.id AND r.resident_id = $1
+        """,
+        resident_id,
+    )
+    await conn.execute(
+        "UPDATE identity_verifications SET certificate_serial = NULL, subject_ref = NULL WHERE resident_id = $1",
+        resident_id,
+    )
+    await conn.execute("DELETE FROM consents WHERE resident_id = $1", resident_id)
+    await conn.execute("DELETE FROM idempotency_keys WHERE starts_with(scope, $1 || ' ')", resident_id)
+    await purge_relayed_events_of(conn, resident_id)
+
+
+async def purge_relayed_events_of(conn: Connection, resident_id: str) -> int:
+    """Delete the person's already relayed outbox rows (their payloads may carry the contact)."""
+    result: str = await conn.execute(
+        "DELETE FROM outbox WHERE key = $1 AND published_at IS NOT NULL", resident_id.encode()
+    )
+    return int(result.split()[-1])
+
+
+async def purge_relayed_events_of_erased(conn: Connection) -> int:
+    """Relayed outbox rows of erased residents that were still pending when the erasure committed."""
+    result: str = await conn.execute(
+        """
+        DELETE FROM outbox o
+        WHERE o.published_at IS NOT NULL AND o.key IS NOT NULL AND EXISTS (
+            SELECT 1 FROM residents p WHERE p.id = convert_from(o.key, 'UTF8') AND p.status = 'erased'
+        )
+        """
+    )
+    return int(result.split()[-1])
+
+
+# --- Registrations -------------------------------------------------------------------------------
+
+_REGISTRATION_COLUMNS = """
+    r.id, r.resident_id, r.municipality_code, r.prefecture_code, r.tier, r.status, r.derived_from,
+    r.registered_at, r.valid_from, r.valid_until, pr.kind AS pending_review
+"""
+_PENDING_JOIN = "LEFT JOIN premium_reviews pr ON pr.registration_id = r.id AND pr.status = 'pending'"
+
+
+def _registration(row: asyncpg.Record) -> Registration:
+    return Registration(
+        id=row["id"], resident_id=row["resident_id"], municipality_code=row["municipality_code"],
+        prefecture_code=row["prefecture_code"], tier=row["tier"], status=row["status"],
+        derived_from=row["derived_from"], registered_at=row["registered_at"], valid_from=row["valid_from"],
+        valid_until=row["valid_until"], pending_review=row["pending_review"],
+    )
+
+
+async def registrations_of(conn: Connection, resident_id: str) -> list[Registration]:
+    rows = await conn.fetch(
+        f"""
+        SELECT {_REGISTRATION_COLUMNS} FROM registrations r {_PENDING_JOIN}
+        WHERE r.resident_id = $1 ORDER BY r.registered_at, r.id
+        """,
+        resident_id,
+    )
+    return [_registration(row) for row in rows]
+
+
+async def get_registration(conn: Connection, registration_id: str) -> Registration | None:
+    row = await conn.fetchrow(
+        f"SELECT {_REGISTRATION_COLUMNS} FROM registrations r {_PENDING_JOIN} WHERE r.id = $1", registration_id
+    )
+    return _registration(row) if row is not None else None
+
+
+async def insert_registration(conn: Connection, registration: Registration) -> None:
+    r = registration
+    await conn.execute(
+        """
+        INSERT INTO registrations (id, resident_id, municipality_code, prefecture_code, tier, status, derived_from,
+                                   registered_at, valid_from, valid_until, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $8)
+        """,
+        r.id, r.resident_id, r.municipality_code, r.prefecture_code, r.tier, r.status, r.derived_from,
+        r.registered_at, r.valid_from, r.valid_until,
+    )
+
+
+async def save_registration(conn: Connection, registration: Registration, now: datetime) -> None:
+    """Store a registration's tier, status and validity as the domain decided them."""
+    r = registration
+    await conn.execute(
+        """
+        UPDATE registrations SET tier = $2, status = $3, valid_from = $4, valid_until = $5, updated_at = $6,
+                                 ended_at = CASE WHEN $3 = ANY($7::text[]) THEN coalesce(ended_at, $6) END
+        WHERE id = $1
+        """,
+        r.id, r.tier, r.status, r.valid_from, r.valid_until, now, list(_ENDED),
+    )
+
+
+async def insert_identity(
+    conn: Connection, verification_id: str, resident_id: str, identity: IdentityVerification, now: datetime
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO identity_verifications (id, resident_id, method, verified_at, certificate_serial, subject_ref,
+                                            recorded_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        """,
+        verification_id, resident_id, identity.method, identity.verified_at, identity.certificate_serial,
+        identity.subject_ref, now,
+    )
+
+
+async def insert_review(
+    conn: Connection,
+    review_id: str,
+    registration_id: str,
+    kind: ReviewKind,
+    identity_verification_id: str | None,
+    activities: Sequence[Activity],
+    now: datetime,
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO premium_reviews (id, registration_id, kind, status, identity_verification_id, requested_at)
+        VALUES ($1, $2, $3, 'pending', $4, $5)
+        """,
+        review_id, registration_id, kind, identity_verification_id, now,
+    )
+    await conn.executemany(
+        """
+        INSERT INTO premium_activities (review_id, position, name, activity_date, document_ref)
+        VALUES ($1, $2, $3, $4, $5)
+        """,
+        [(review_id, i, a.name, a.on, a.document_ref) for i, a in enumerate(activities)],
+    )
+
+
+async def decide_review(
+    conn: Connection,
+    registration_id: str,
+    status: str,
+    now: datetime,
+    *,
+    decided_by: str | None = None,
+    reason: str | None = None,
+    valid_until: date | None = None,
+) -> None:
+    """Close the pending review of a registration (approved, rejected or cancelled)."""
+    await conn.execute(
+        """
+        UPDATE premium_reviews SET status = $2, decided_at = $3, decided_by = $4, reason = $5, valid_until = $6
+        WHERE registration_id = $1 AND status = 'pending'
+        """,
+        registration_id, status, now, decided_by, reason, valid_until,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewRecord:
+    id: str
+    kind: ReviewKind
+    status: str
+    requested_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    reason: str | None
+    identity_method: str | None
+    identity_verified_at: datetime | None
+    activities: list[Activity]
+
+
+async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecord]:
+    rows = await conn.fetch(
+        """
+        SELECT pr.id, pr.kind, pr.status, pr.requested_at, pr.decided_at, pr.decided_by, pr.reason,
+               iv.method, iv.verified_at,
+               coalesce(array_agg(pa.name ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL), '{}')
+                   AS activity_names,
+               coalesce(array_agg(pa.activity_date ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL),
+                        '{}') AS activity_dates,
+               coalesce(array_agg(pa.document_ref ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL),
+                        '{}') AS activity_documents
+        FROM premium_reviews pr
+        LEFT JOIN identity_verifications iv ON iv.id = pr.identity_verification_id
+        LEFT JOIN premium_activities pa ON pa.review_id = pr.id
+        WHERE pr.registration_id = $1
+        GROUP BY pr.id, iv.method, iv.verified_at
+        ORDER BY pr.requested_at, pr.id
+        """,
+        registration_id,
+    )
+    return [
+        ReviewRecord(
+            id=row["id"], kind=row["kind"], status=row["status"], requested_at=row["requested_at"],
+            decided_at=row["decided_at"], decided_by=row["decided_by"], reason=row["reason"],
+            identity_method=row["method"], identity_verified_at=row["verified_at"],
+            activities=[
+                Activity(name or "", on, document)
+                for name, on, document in zip(
+                    row["activity_names"], row["activity_dates"], row["activity_documents"], strict=True
+                )
+            ],
+        )
+        for row in rows
+    ]
+
+
+async def lock_residents_with_due_premiums(conn: Connection, today: date, limit: int) -> list[str]:
+    """Residents with a premium registration past its validity, locked; rows another replica holds are skipped."""
+    rows = await conn.fetch(
+        """
+        SELECT id FROM residents
+        WHERE id IN (
+            SELECT resident_id FROM registrations
+            WHERE status = 'active' AND tier = 'premium' AND valid_until < $1
+            LIMIT $2
+        )
+        ORDER BY id
+        FOR UPDATE SKIP LOCKED
+        """,
+        today, limit,
+    )
+    return [row["id"] for row in rows]
+
+
+async def claim_due_premiums(
+    conn: Connection, resident_ids: list[str], today: date, now: datetime
+) -> list[Registration]:
+    """Expire these residents' premium registrations past their validity; return them as they are now."""
+    rows = await conn.fetch(
+        """
+        UPDATE registrations r SET status = 'expired', ended_at = $3, updated_at = $3
+        WHERE r.resident_id = ANY($1::text[]) AND r.status = 'active' AND r.tier = 'premium' AND r.valid_until < $2
+        RETURNING r.id, r.resident_id, r.municipality_code, r.prefecture_code, r.tier, r.status, r.derived_from,
+                  r.registered_at, r.valid_from, r.valid_until, NULL::text AS pending_review
+        """,
+        resident_ids, today, now,
+    )
+    # A renewal not decided in time lapses with the registration: the person asks again.
+    await conn.execute(
+        """
+        UPDATE premium_reviews SET status = 'cancelled', decided_at = $2
+        WHERE registration_id = ANY($1::text[]) AND status = 'pending'
+        """,
+        [row["id"] for row in rows], now,
+    )
+    return [_registration(row) for row in rows]
+
+
+# --- Consents ------------------------------------------------------------------------------------
+
+
+async def consents_of(conn: Connection, resident_id: str) -> list[Consent]:
+    rows = await conn.fetch(
+        """
+        SELECT purpose, partner, granted, changed_at FROM consents WHERE resident_id = $1
+        ORDER BY purpose, partner
+        """,
+        resident_id,
+    )
+    return [Consent(row["purpose"], row["partner"] or None, row["granted"], row["changed_at"]) for row in rows]
+
+
+async def current_consent(
+    conn: Connection, resident_id: str, purpose: ConsentPurpose, partner: str | None
+) -> Consent | None:
+    row = await conn.fetchrow(
+        "SELECT granted, changed_at FROM consents WHERE resident_id = $1 AND purpose = $2 AND partner = $3",
+        resident_id, purpose, partner or "",
+    )
+    return Consent(purpose, partner, row["granted"], row["changed_at"]) if row is not None else None
+
+
+async def set_consent(conn: Connection, resident_id: str, consent: Consent) -> None:
+    await conn.execute(
+        """
+        INSERT INTO consents (resident_id, purpose, partner, granted, changed_at) VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (resident_id, purpose, partner) DO UPDATE SET granted = $4, changed_at = $5
+        """,
+        resident_id, consent.purpose, consent.partner or "", consent.granted, consent.at,
+    )
+    await conn.execute(
+        "INSERT INTO consent_log (resident_id, purpose, partner, granted, at) VALUES ($1, $2, $3, $4, $5)",
+        resident_id, consent.purpose, consent.partner or "", consent.granted, consent.at,
+    )
+
+
+# --- Staff lists ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationFilter:
+    municipality_code: str
+    tier: Tier | None = None
+    status: RegistrationStatus | None = None
+    name: str | None = None  # a substring of the name
+    kana: str | None = None  # a substring of the reading, in katakana
+    awaiting_review: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedRegistration:
+    registration: Registration
+    name: str | None
+    name_kana: str | None
+    email: str | None
+    phone: str | None
+    preferred_language: str
+
+
+def _like(term: str) -> str:
+    return "%" + term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _where(f: RegistrationFilter) -> tuple[str, list[Any]]:
+    name = _like(f.name) if f.name else None
+    kana = _like(f.kana) if f.kana else name
+    return (
+        """
+        WHERE r.municipality_code = $1 AND ($2::text IS NULL OR r.tier = $2) AND ($3::text IS NULL OR r.status = $3)
+          AND ($4::text IS NULL OR p.name ILIKE $4 OR p.name_kana ILIKE $5)
+          AND ($6::boolean IS NULL OR (pr.kind IS NOT NULL) = $6)
+        """,
+        [f.municipality_code, f.tier, f.status, name, kana, f.awaiting_review],
+    )
+
+
+_LISTED_COLUMNS = f"{_REGISTRATION_COLUMNS}, p.name, p.name_kana, p.email, p.phone, p.preferred_language"
+_LISTED_FROM = f"FROM registrations r JOIN residents p ON p.id = r.resident_id {_PENDING_JOIN}"
+
+
+def _listed(row: asyncpg.Record) -> ListedRegistration:
+    return ListedRegistration(
+        _registration(row), row["name"], row["name_kana"], row["email"], row["phone"], row["preferred_language"]
+    )
+
+
+async def search_registrations(
+    conn: Connection, f: RegistrationFilter, limit: int, offset: int
+) -> tuple[list[ListedRegistration], int]:
+    where, args = _where(f)
+    total = await conn.fetchval(f"SELECT count(*) {_LISTED_FROM} {where}", *args)
+    rows = await conn.fetch(
+        f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where} ORDER BY r.registered_at, r.id LIMIT $7 OFFSET $8",
+        *args, limit, offset,
+    )
+    return [_listed(row) for row in rows], int(total)
+
+
+async def stream_registrations(conn: Connection, f: RegistrationFilter) -> AsyncIterator[ListedRegistration]:
+    """Every matching registration, read through a cursor (the caller holds a transaction)."""
+    where, args = _where(f)
+    async for row in conn.cursor(
+        f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where} ORDER BY r.registered_at, r.id", *args, prefetch=500
+    ):
+        yield _listed(row)

@@ -1,0 +1,615 @@
+"""Registration over the real broker and database: accounts, registrations, premium review, events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.registration.main import create_app
+from shared.contracts.registration import (
+    PremiumApproved,
+    PremiumExpired,
+    PremiumRejected,
+    PremiumRequested,
+    RegistrationWithdrawn,
+    ResidentRegistered,
+)
+from shared.kit.service import ServiceRuntime
+from shared.kit.settings import Settings
+from shared.reference import check_digit
+from tests.integration.test_registration_support import (
+    HOME,
+    IKI,
+    KAMISHIHORO,
+    MITOYO,
+    SHIRAHAMA,
+    SUSAMI,
+    TANABE,
+    WAKAYAMA,
+    activities,
+    admin_auth,
+    assert_problem,
+    create_resident,
+    decoded,
+    events_of,
+    hanako,
+    identity,
+    new_resident_id,
+    of_type,
+    one,
+    premium,
+    register,
+    resident_auth,
+    snapshot,
+    staff_auth,
+    today,
+)
+from tests.support import eventually, service_client
+
+
+@pytest.fixture(scope="module")
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings, maintenance_interval_s=3600)
+    yield application
+
+
+@pytest.fixture(scope="module")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with service_client(app) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def pool(app: FastAPI, client: httpx.AsyncClient) -> asyncpg.Pool:
+    runtime: ServiceRuntime = app.state.runtime
+    return runtime.pool
+
+
+def add_years(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:
+        return day.replace(year=day.year + years, day=28)
+
+
+# --- Accounts ------------------------------------------------------------------------------------
+
+
+async def test_an_account_is_created_for_the_tokens_subject(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = new_resident_id()
+    response = await client.post(
+        "/v1/residents",
+        json=hanako(name="山田　花子", name_kana="やまだ　はなこ", consents=[{"purpose": "email"}]),
+        headers=resident_auth(settings, resident_id),
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["id"] == resident_id
+    assert body["name"] == "山田 花子"
+    assert body["name_kana"] == "ヤマダ ハナコ"  # readings are kept in katakana
+    assert [c["purpose"] for c in body["consents"]] == ["email"]
+    row = await one(pool, "SELECT * FROM residents WHERE id = $1", resident_id)
+    assert row["status"] == "active" and row["legal_address_code"] == HOME
+    assert row["date_of_birth"] == date(1988, 4, 12)
+
+    again = await client.post("/v1/residents", json=hanako(), headers=resident_auth(settings, resident_id))
+    assert_problem(again, 409, "resident-exists")
+
+    mine = await client.get(f"/v1/residents/{resident_id}", headers=resident_auth(settings, resident_id))
+    assert mine.status_code == 200 and mine.json()["email"] == "hanako.yamada@example.jp"
+    other = await client.get(f"/v1/residents/{resident_id}", headers=resident_auth(settings, new_resident_id()))
+    assert_problem(other, 403, "forbidden")
+    staff = await client.get(f"/v1/residents/{resident_id}", headers=staff_auth(settings, SHIRAHAMA))
+    assert_problem(staff, 403, "forbidden")
+    anonymous = await client.get(f"/v1/residents/{resident_id}")
+    assert_problem(anonymous, 401, "unauthenticated")
+
+
+def _unknown_code() -> str:
+    return "99999" + str(check_digit("99999"))
+
+
+BAD_ACCOUNTS: list[tuple[str, dict[str, Any], int, str]] = [
+    ("invalid e-mail", {"email": "hanako@@example"}, 422, "invalid-email"),
+    ("e-mail without domain", {"email": "hanako"}, 422, "invalid-email"),
+    ("birth date in the future", {"date_of_birth": (date.today() + timedelta(days=3)).isoformat()}, 422,
+     "birth-date-in-future"),
+    ("kanji reading", {"name_kana": "山田 花子"}, 422, "invalid-kana"),
+    ("latin reading", {"name_kana": "Yamada Hanako"}, 422, "invalid-kana"),
+    ("only a long vowel mark", {"name_kana": "ー"}, 422, "invalid-kana"),
+    ("empty name", {"name": "   "}, 422, "invalid-name"),
+    ("phone with letters", {"phone": "090-CALL-ME"}, 422, "invalid-phone"),
+    ("malformed legal address", {"legal_address_code": "13101"}, 422, "malformed-municipality-code"),
+    ("wrong check digit", {"legal_address_code": "131017"}, 422, "malformed-municipality-code"),
+    ("unknown legal address", {"legal_address_code": _unknown_code()}, 422, "unknown-municipality"),
+    ("a prefecture as legal address", {"legal_address_code": "130001"}, 422, "invalid-legal-address"),
+    ("My Number as phone", {"phone": "1234-5678-9012"}, 422, "my-number-not-allowed"),
+    ("My Number in the name", {"name": "山田 花子 123456789012"}, 422, "my-number-not-allowed"),
+    ("full-width My Number", {"name_kana": "１２３４ ５６７８ ９０１２"}, 422, "my-number-not-allowed"),
+    ("My Number nested", {"consents": [{"purpose": "share_certificate", "partner": "123456789012"}]}, 422,
+     "my-number-not-allowed"),
+    ("unknown field", {"my_number": "x"}, 422, "invalid-request"),
+    ("My Number as a member name", {"1234-5678-9012": "x"}, 422, "my-number-not-allowed"),
+    ("unknown language", {"preferred_language": "fr"}, 422, "invalid-request"),
+    ("consent per partner without partner", {"consents": [{"purpose": "share_certificate"}]}, 422,
+     "consent-partner-required"),
+    ("unknown partner", {"consents": [{"purpose": "share_certificate", "partner": "zipair"}]}, 422,
+     "unknown-partner"),
+    ("partner on a general consent", {"consents": [{"purpose": "email", "partner": "jal"}]}, 422,
+     "consent-partner-not-allowed"),
+]
+
+
+@pytest.mark.parametrize(("case", "overrides", "status", "code"), BAD_ACCOUNTS, ids=[c[0] for c in BAD_ACCOUNTS])
+async def test_a_bad_account_is_refused_and_nothing_is_written(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool,
+    case: str, overrides: dict[str, Any], status: int, code: str,
+) -> None:
+    before = await snapshot(pool)
+    response = await client.post(
+        "/v1/residents", json=hanako(**overrides), headers=resident_auth(settings, new_resident_id())
+    )
+    problem = assert_problem(response, status, code)
+    if code == "my-number-not-allowed":
+        assert "123456789012" not in response.text and "１２３４" not in response.text  # never echoed
+        assert problem["detail"].startswith("the body value at $")
+    assert await snapshot(pool) == before
+
+
+async def test_an_international_phone_number_is_not_a_my_number(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    resident_id = await create_resident(client, settings, phone="+81-90-1234-5678")
+    response = await client.get(f"/v1/residents/{resident_id}", headers=resident_auth(settings, resident_id))
+    assert response.json()["phone"] == "+81-90-1234-5678"
+
+
+async def test_http_guards_answer_problems(client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool) -> None:
+    before = await snapshot(pool)
+    headers = resident_auth(settings, new_resident_id())
+    too_big = await client.post("/v1/residents", content=b'{"name": "' + b"a" * 70_000 + b'"}',
+                                headers={**headers, "content-type": "application/json"})
+    assert_problem(too_big, 413, "body-too-large")
+    not_json = await client.post("/v1/residents", content=b"{name: hanako",
+                                 headers={**headers, "content-type": "application/json"})
+    assert_problem(not_json, 400, "malformed-json")
+    plain = await client.post("/v1/residents", content=b"name=hanako",
+                              headers={**headers, "content-type": "text/plain"})
+    assert_problem(plain, 415, "unsupported-media-type")
+    form = await client.post("/v1/residents", data={"name": "hanako"}, headers=headers)
+    assert_problem(form, 415, "unsupported-media-type")
+    a_list = await client.post("/v1/residents", json=[hanako()], headers=headers)
+    assert_problem(a_list, 422, "invalid-request")
+    empty = await client.post("/v1/residents", headers=headers)
+    assert_problem(empty, 422, "invalid-request")
+    unauthenticated = await client.post("/v1/residents", json=hanako())
+    assert_problem(unauthenticated, 401, "unauthenticated")
+    staff = await client.post("/v1/residents", json=hanako(), headers=staff_auth(settings, SHIRAHAMA))
+    assert_problem(staff, 403, "forbidden")
+    assert await snapshot(pool) == before
+
+
+# --- Basic registration --------------------------------------------------------------------------
+
+
+async def test_registering_with_a_municipality_registers_with_its_prefecture(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    response = await client.post(
+        f"/v1/residents/{resident_id}/registrations", json={"municipality_code": SHIRAHAMA},
+        headers=resident_auth(settings, resident_id),
+    )
+    assert response.status_code == 201, response.text
+    town = response.json()
+    assert (town["tier"], town["status"], town["municipality_name"]) == ("basic", "active", "和歌山県白浜町")
+    rows = await pool.fetch(
+        "SELECT * FROM registrations WHERE resident_id = $1 ORDER BY derived_from NULLS FIRST", resident_id
+    )
+    assert [(r["municipality_code"], r["tier"], r["status"]) for r in rows] == [
+        (SHIRAHAMA, "basic", "active"), (WAKAYAMA, "basic", "active"),
+    ]
+    assert rows[1]["derived_from"] == town["id"] and town["prefecture_registration_id"] == rows[1]["id"]
+
+    events = await events_of(settings, pool, resident_id, 2)
+    assert [e.type for e in events] == [ResidentRegistered.event_type] * 2
+    first, second = (decoded(e, ResidentRegistered, resident_id) for e in events)
+    assert (first.registration_id, first.municipality_code, first.prefecture_code) == (town["id"], SHIRAHAMA, WAKAYAMA)
+    assert (second.municipality_code, second.prefecture_code, second.tier) == (WAKAYAMA, WAKAYAMA, "basic")
+    assert first.status == "active" and first.legal_address_code == HOME
+    assert first.contact.name == "山田 花子" and first.contact.name_kana == "ヤマダ ハナコ"
+    assert first.contact.email == "hanako.yamada@example.jp" and first.contact.phone == "090-1234-5678"
+    assert first.contact.preferred_language == "ja"
+
+    # A second town in the same prefecture reuses the prefecture registration.
+    tanabe = await register(client, settings, resident_id, {"municipality_code": TANABE})
+    assert tanabe["prefecture_registration_id"] == rows[1]["id"]
+    assert await pool.fetchval("SELECT count(*) FROM registrations WHERE resident_id = $1", resident_id) == 3
+    events = await events_of(settings, pool, resident_id, 3)
+    assert len(events) == 3 and decoded(events[2], ResidentRegistered, resident_id).municipality_code == TANABE
+
+    # The same municipality twice is a conflict, and nothing is written.
+    before = await snapshot(pool)
+    duplicate = await client.post(
+        f"/v1/residents/{resident_id}/registrations", json={"municipality_code": SHIRAHAMA},
+        headers=resident_auth(settings, resident_id),
+    )
+    assert_problem(duplicate, 409, "already-registered")
+    prefecture_again = await client.post(
+        f"/v1/residents/{resident_id}/registrations", json={"municipality_code": WAKAYAMA},
+        headers=resident_auth(settings, resident_id),
+    )
+    assert_problem(prefecture_again, 409, "already-registered")
+    assert await snapshot(pool) == before
+
+
+async def test_registering_directly_with_a_prefecture_derives_nothing(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    body = await register(client, settings, resident_id, {"municipality_code": WAKAYAMA})
+    assert body["prefecture_registration_id"] is None and body["derived_from"] is None
+    town = await register(client, settings, resident_id, {"municipality_code": SHIRAHAMA})
+    assert town["prefecture_registration_id"] == body["id"]  # the direct one serves as the prefecture row
+    assert await pool.fetchval("SELECT count(*) FROM registrations WHERE resident_id = $1", resident_id) == 2
+
+
+BAD_REGISTRATIONS: list[tuple[str, dict[str, Any], int, str]] = [
+    ("malformed code", {"municipality_code": "30401"}, 422, "malformed-municipality-code"),
+    ("letters", {"municipality_code": "30401X"}, 422, "malformed-municipality-code"),
+    ("wrong check digit", {"municipality_code": "304019"}, 422, "malformed-municipality-code"),
+    ("unknown code", {"municipality_code": _unknown_code()}, 422, "unknown-municipality"),
+    ("a designated city's ward", {"municipality_code": "141011"}, 422, "municipality-not-registrable"),
+    ("a northern territories village", {"municipality_code": "016951"}, 422, "municipality-not-registrable"),
+    ("unknown tier", {"municipality_code": SHIRAHAMA, "tier": "gold"}, 422, "invalid-request"),
+    ("basic with activities", {"municipality_code": SHIRAHAMA, "activities": activities(1, 2, 3)}, 422,
+     "proof-not-for-basic"),
+    ("premium in the home municipality", premium(HOME), 422, "premium-in-home-municipality"),
+    ("premium without identity", premium(SHIRAHAMA, identity=None), 422, "identity-not-verified"),
+    ("identity verified in the future", premium(SHIRAHAMA, identity=identity(verified_at="2099-01-01T00:00:00+09:00")),
+     422, "identity-verification-invalid"),
+    ("identity verified two years ago",
+     premium(SHIRAHAMA, identity=identity(verified_at=f"{date.today().year - 2}-01-01T00:00:00+09:00")), 422,
+     "identity-verification-invalid"),
+    ("identity by another method", premium(SHIRAHAMA, identity=identity(method="password")), 422, "invalid-request"),
+    ("two activities", premium(SHIRAHAMA, activities=activities(5, 6)), 422, "not-enough-activities"),
+    ("the same activity thrice",
+     premium(SHIRAHAMA, activities=[{"name": "草刈り", "date": date.today().isoformat()}] * 3), 422,
+     "not-enough-activities"),
+    ("an activity in the future", premium(SHIRAHAMA, activities=activities(5, 6, -3)), 422, "activity-out-of-range"),
+    ("an activity over a year ago", premium(SHIRAHAMA, activities=activities(5, 6, 400)), 422,
+     "activity-out-of-range"),
+    ("My Number as a document", premium(SHIRAHAMA, activities=[
+        *activities(5, 6), {"name": "清掃", "date": date.today().isoformat(), "document_ref": "1234 5678 9012"}]),
+     422, "my-number-not-allowed"),
+    ("My Number as certificate serial", premium(SHIRAHAMA, identity=identity(certificate_serial="123456789012")),
+     422, "my-number-not-allowed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "code"), BAD_REGISTRATIONS, ids=[c[0] for c in BAD_REGISTRATIONS]
+)
+async def test_a_bad_registration_is_refused_and_nothing_is_written(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool,
+    case: str, body: dict[str, Any], status: int, code: str,
+) -> None:
+    resident_id = await create_resident(client, settings)
+    before = await snapshot(pool)
+    response = await client.post(
+        f"/v1/residents/{resident_id}/registrations", json=body, headers=resident_auth(settings, resident_id)
+    )
+    assert_problem(response, status, code)
+    assert await snapshot(pool) == before
+
+
+async def test_registration_needs_the_account_and_its_owner(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    before = await snapshot(pool)
+    nobody = new_resident_id()
+    missing = await client.post(f"/v1/residents/{nobody}/registrations", json={"municipality_code": SHIRAHAMA},
+                                headers=resident_auth(settings, nobody))
+    assert_problem(missing, 404, "resident-not-found")
+    resident_id = await create_resident(client, settings)
+    before = await snapshot(pool)
+    someone_else = await client.post(f"/v1/residents/{resident_id}/registrations",
+                                     json={"municipality_code": SHIRAHAMA}, headers=resident_auth(settings, nobody))
+    assert_problem(someone_else, 403, "forbidden")
+    staff = await client.post(f"/v1/residents/{resident_id}/registrations", json={"municipality_code": SHIRAHAMA},
+                              headers=staff_auth(settings, SHIRAHAMA))
+    assert_problem(staff, 403, "forbidden")
+    assert await snapshot(pool) == before
+
+
+# --- Premium -------------------------------------------------------------------------------------
+
+
+async def test_premium_is_reviewed_by_the_municipality(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    requested = await register(client, settings, resident_id, premium(SHIRAHAMA))
+    assert (requested["tier"], requested["status"], requested["awaiting_review"]) == (
+        "premium", "pending_review", "initial")
+    registration_id = requested["id"]
+
+    # Only what the result says is stored: method, time, certificate serial and subject reference.
+    verification = await one(pool,
+        "SELECT * FROM identity_verifications WHERE resident_id = $1", resident_id
+    )
+    assert set(dict(verification)) == {
+        "id", "resident_id", "method", "verified_at", "certificate_serial", "subject_ref", "recorded_at"}
+    assert verification["method"] == "jpki"
+
+    staff = await client.get(f"/v1/registrations/{registration_id}", headers=staff_auth(settings, SHIRAHAMA))
+    assert staff.status_code == 200
+    review = staff.json()["reviews"][0]
+    assert (review["kind"], review["status"], review["identity_method"]) == ("initial", "pending", "jpki")
+    assert len(review["activities"]) == 3
+
+    before = await snapshot(pool)
+    other_town = await client.post(f"/v1/registrations/{registration_id}/approve",
+                                   headers=staff_auth(settings, TANABE))
+    assert_problem(other_town, 403, "forbidden")
+    prefecture_staff = await client.post(f"/v1/registrations/{registration_id}/approve",
+                                         headers=staff_auth(settings, WAKAYAMA))
+    assert_problem(prefecture_staff, 403, "forbidden")
+    the_person = await client.post(f"/v1/registrations/{registration_id}/approve",
+                                   headers=resident_auth(settings, resident_id))
+    assert_problem(the_person, 403, "forbidden")
+    assert await snapshot(pool) == before
+
+    approved = await client.post(f"/v1/registrations/{registration_id}/approve",
+                                 headers=staff_auth(settings, SHIRAHAMA))
+    assert approved.status_code == 200, approved.text
+    expected_until = add_years(today(), 1)
+    assert approved.json()["status"] == "active" and approved.json()["valid_until"] == expected_until.isoformat()
+
+    before = await snapshot(pool)
+    twice = await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SHIRAHAMA))
+    assert_problem(twice, 409, "already-decided")
+    reject_after = await client.post(f"/v1/registrations/{registration_id}/reject", json={"reason": "遅れた判断"},
+                                     headers=staff_auth(settings, SHIRAHAMA))
+    assert_problem(reject_after, 409, "already-decided")
+    assert await snapshot(pool) == before
+
+    decided = await one(pool, "SELECT * FROM premium_reviews WHERE registration_id = $1", registration_id)
+    assert decided["status"] == "approved" and decided["decided_by"] and decided["valid_until"] == expected_until
+    seen_by_staff = await client.get(f"/v1/registrations/{registration_id}", headers=staff_auth(settings, SHIRAHAMA))
+    assert seen_by_staff.json()["reviews"][0]["decided_by"] == decided["decided_by"]  # audit: who decided
+    seen_by_person = await client.get(f"/v1/registrations/{registration_id}",
+                                      headers=resident_auth(settings, resident_id))
+    assert seen_by_person.json()["reviews"][0]["decided_by"] is None
+
+    events = await events_of(settings, pool, resident_id, 4)
+    assert [e.type for e in events] == [
+        ResidentRegistered.event_type, ResidentRegistered.event_type, PremiumRequested.event_type,
+        PremiumApproved.event_type,
+    ]
+    registered = decoded(events[0], ResidentRegistered, resident_id)
+    assert (registered.tier, registered.status) == ("premium", "pending_review")
+    assert decoded(events[1], ResidentRegistered, resident_id).tier == "basic"  # the derived prefecture row
+    assert decoded(events[2], PremiumRequested, resident_id).activity_count == 3
+    approval = decoded(events[3], PremiumApproved, resident_id)
+    assert (approval.registration_id, approval.valid_until) == (registration_id, expected_until)
+
+
+async def test_a_rejection_ends_the_request_and_its_derived_prefecture_registration(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    requested = await register(client, settings, resident_id, premium(KAMISHIHORO))
+    before = await snapshot(pool)
+    no_reason = await client.post(f"/v1/registrations/{requested['id']}/reject", json={"reason": ""},
+                                  headers=staff_auth(settings, KAMISHIHORO))
+    assert_problem(no_reason, 422, "invalid-request")
+    assert await snapshot(pool) == before
+    rejected = await client.post(
+        f"/v1/registrations/{requested['id']}/reject", json={"reason": "活動の記録が確認できませんでした"},
+        headers=staff_auth(settings, KAMISHIHORO),
+    )
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    statuses = await pool.fetch(
+        "SELECT municipality_code, status FROM registrations WHERE resident_id = $1", resident_id
+    )
+    assert {(r["municipality_code"], r["status"]) for r in statuses} == {
+        (KAMISHIHORO, "rejected"), ("010006", "withdrawn")}
+    events = await events_of(settings, pool, resident_id, 5)
+    assert [e.type for e in events[-2:]] == [PremiumRejected.event_type, RegistrationWithdrawn.event_type]
+    assert decoded(events[-2], PremiumRejected, resident_id).reason == "活動の記録が確認できませんでした"
+    assert decoded(events[-1], RegistrationWithdrawn, resident_id).municipality_code == "010006"
+    # A rejected request does not block a new one.
+    again = await register(client, settings, resident_id, premium(KAMISHIHORO))
+    assert again["status"] == "pending_review"
+
+
+async def test_at_most_three_premium_registrations_even_when_requested_at_once(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    responses = await asyncio.gather(*[
+        client.post(f"/v1/residents/{resident_id}/registrations", json=premium(code),
+                    headers=resident_auth(settings, resident_id))
+        for code in (SHIRAHAMA, KAMISHIHORO, MITOYO, IKI)
+    ])
+    assert sorted(r.status_code for r in responses) == [201, 201, 201, 409]
+    assert_problem(next(r for r in responses if r.status_code == 409), 409, "premium-limit-reached")
+    count = await pool.fetchval(
+        "SELECT count(*) FROM registrations WHERE resident_id = $1 AND tier = 'premium'", resident_id
+    )
+    assert count == 3
+    # Basic registrations are not limited.
+    await register(client, settings, resident_id, {"municipality_code": SUSAMI})
+
+
+async def test_a_basic_registration_is_upgraded_after_review(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    basic = await register(client, settings, resident_id, {"municipality_code": MITOYO})
+    response = await client.post(f"/v1/residents/{resident_id}/registrations", json=premium(MITOYO),
+                                 headers=resident_auth(settings, resident_id))
+    assert response.status_code == 200, response.text  # the same registration, now under review
+    upgrade = response.json()
+    assert (upgrade["id"], upgrade["tier"], upgrade["status"], upgrade["awaiting_review"]) == (
+        basic["id"], "basic", "active", "upgrade")
+    again = await client.post(f"/v1/residents/{resident_id}/registrations", json=premium(MITOYO),
+                              headers=resident_auth(settings, resident_id))
+    assert_problem(again, 409, "already-registered")
+    approved = await client.post(f"/v1/registrations/{basic['id']}/approve", headers=staff_auth(settings, MITOYO))
+    assert (approved.json()["tier"], approved.json()["status"]) == ("premium", "active")
+    events = await events_of(settings, pool, resident_id, 4)
+    assert [e.type for e in events[2:]] == [PremiumRequested.event_type, PremiumApproved.event_type]
+
+
+async def test_renewal_needs_a_new_activity_record(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    requested = await register(client, settings, resident_id, premium(SUSAMI))
+    registration_id = requested["id"]
+    await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SUSAMI))
+    # Pretend the year is nearly over: it began 300 days ago.
+    began = today() - timedelta(days=300)
+    await pool.execute(
+        "UPDATE registrations SET valid_from = $2, valid_until = $3 WHERE id = $1",
+        registration_id, began, add_years(began, 1),
+    )
+    before = await snapshot(pool)
+    old_record = await client.post(f"/v1/registrations/{registration_id}/renew",
+                                   json={"activities": activities(10, 20, 330)},
+                                   headers=resident_auth(settings, resident_id))
+    assert_problem(old_record, 422, "activity-out-of-range")
+    too_few = await client.post(f"/v1/registrations/{registration_id}/renew", json={"activities": activities(10, 20)},
+                                headers=resident_auth(settings, resident_id))
+    assert_problem(too_few, 422, "not-enough-activities")
+    assert await snapshot(pool) == before
+
+    renewal = await client.post(f"/v1/registrations/{registration_id}/renew",
+                                json={"activities": activities(10, 50, 200, prefix="移住相談会")},
+                                headers=resident_auth(settings, resident_id))
+    assert renewal.status_code == 200, renewal.text
+    assert (renewal.json()["status"], renewal.json()["awaiting_review"]) == ("active", "renewal")
+    pending = await client.post(f"/v1/registrations/{registration_id}/renew",
+                                json={"activities": activities(1, 2, 3)}, headers=resident_auth(settings, resident_id))
+    assert_problem(pending, 409, "review-pending")
+    approved = await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SUSAMI))
+    # An early renewal keeps the days left: one more year after the current one.
+    assert approved.json()["valid_until"] == add_years(add_years(began, 1), 1).isoformat()
+    events = await events_of(settings, pool, resident_id, 6)
+    assert [e.type for e in events[-2:]] == [PremiumRequested.event_type, PremiumApproved.event_type]
+
+    basic_id = (await register(client, settings, resident_id, {"municipality_code": SHIRAHAMA}))["id"]
+    not_premium = await client.post(f"/v1/registrations/{basic_id}/renew", json={"activities": activities(1, 2, 3)},
+                                    headers=resident_auth(settings, resident_id))
+    assert_problem(not_premium, 409, "not-renewable")
+
+
+async def test_premium_expires_once_after_its_year(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    requested = await register(client, settings, resident_id, premium(IKI))
+    await client.post(f"/v1/registrations/{requested['id']}/approve", headers=staff_auth(settings, IKI))
+    renewal = await client.post(f"/v1/registrations/{requested['id']}/renew", json={"activities": activities(0, 0, 0)},
+                                headers=resident_auth(settings, resident_id))
+    assert renewal.json()["awaiting_review"] == "renewal"
+    yesterday = today() - timedelta(days=1)
+    await pool.execute("UPDATE registrations SET valid_until = $2 WHERE id = $1", requested["id"], yesterday)
+
+    forbidden = await client.post("/v1/admin/premium-expiry", headers=staff_auth(settings, IKI))
+    assert_problem(forbidden, 403, "forbidden")
+    runs = await asyncio.gather(*[
+        client.post("/v1/admin/premium-expiry", headers=admin_auth(settings)) for _ in range(3)
+    ])
+    assert sum(r.json()["expired"] for r in runs) == 1
+    row = await one(pool, "SELECT status, ended_at FROM registrations WHERE id = $1", requested["id"])
+    assert row["status"] == "expired" and row["ended_at"] is not None
+    # The renewal not decided in time lapses with it.
+    late = await client.post(f"/v1/registrations/{requested['id']}/approve", headers=staff_auth(settings, IKI))
+    assert_problem(late, 409, "already-decided")
+
+    events = await events_of(settings, pool, resident_id, 7)
+    expired = of_type(events, PremiumExpired)
+    assert len(expired) == 1
+    data = decoded(expired[0], PremiumExpired, resident_id)
+    assert (data.registration_id, data.expired_on) == (requested["id"], today())
+    prefecture = decoded(of_type(events, RegistrationWithdrawn)[0], RegistrationWithdrawn, resident_id)
+    assert prefecture.municipality_code == "420000"  # 長崎県, derived from 壱岐市 alone
+
+
+async def test_a_second_replica_expires_premiums_in_the_background(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    requested = await register(client, settings, resident_id, premium(TANABE))
+    await client.post(f"/v1/registrations/{requested['id']}/approve", headers=staff_auth(settings, TANABE))
+    await pool.execute(
+        "UPDATE registrations SET valid_until = $2 WHERE id = $1", requested["id"], today() - timedelta(days=3)
+    )
+    replica = create_app(settings, maintenance_interval_s=0.1)
+    async with service_client(replica):
+
+        async def expired() -> bool:
+            status = await pool.fetchval("SELECT status FROM registrations WHERE id = $1", requested["id"])
+            return bool(status == "expired")
+
+        await eventually(expired, timeout=20)
+        await asyncio.sleep(0.5)  # a few more rounds of both replicas: still one event
+    events = await events_of(settings, pool, resident_id, 6)
+    assert len(of_type(events, PremiumExpired)) == 1
+
+
+# --- Idempotency ---------------------------------------------------------------------------------
+
+
+async def test_a_repeated_post_with_the_same_key_returns_the_first_result(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = new_resident_id()
+    headers = {**resident_auth(settings, resident_id), "Idempotency-Key": "create-1"}
+    first = await client.post("/v1/residents", json=hanako(), headers=headers)
+    second = await client.post("/v1/residents", json=hanako(), headers=headers)
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert first.json() == second.json() and second.headers["Idempotent-Replayed"] == "true"
+    reused = await client.post("/v1/residents", json=hanako(name="山田 太郎"), headers=headers)
+    assert_problem(reused, 422, "idempotency-key-reused")
+    bad_key = await client.post("/v1/residents", json=hanako(), headers={**headers, "Idempotency-Key": "x" * 300})
+    assert_problem(bad_key, 422, "invalid-idempotency-key")
+
+    register_headers = {**resident_auth(settings, resident_id), "Idempotency-Key": "register-1"}
+    body = premium(SHIRAHAMA)
+    attempts = await asyncio.gather(*[
+        client.post(f"/v1/residents/{resident_id}/registrations", json=body, headers=register_headers)
+        for _ in range(3)
+    ])
+    assert {a.status_code for a in attempts} == {201}
+    assert len({a.json()["id"] for a in attempts}) == 1
+    assert await pool.fetchval("SELECT count(*) FROM registrations WHERE resident_id = $1", resident_id) == 2
+    assert await pool.fetchval(
+        "SELECT count(*) FROM premium_reviews pr JOIN registrations r ON r.id = pr.registration_id "
+        "WHERE r.resident_id = $1", resident_id) == 1
+    registration_id = attempts[0].json()["id"]
+
+    staff = {**staff_auth(settings, SHIRAHAMA), "Idempotency-Key": "approve-1"}
+    approvals = [await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff) for _ in range(2)]
+    assert [a.status_code for a in approvals] == [200, 200] and approvals[0].json() == approvals[1].json()
+    without_key = await client.post(f"/v1/registrations/{registration_id}/approve",
+                                    headers=staff_auth(settings, SHIRAHAMA))
+    assert_problem(without_key, 409, "already-decided")
+
+    events = await events_of(settings, pool, resident_id, 4)
+    assert [e.type for e in events] == [
+        ResidentRegistered.event_type, ResidentRegistered.event_type, PremiumRequested.event_type,
+        PremiumApproved.event_type,
+    ]

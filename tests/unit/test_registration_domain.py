@@ -1,0 +1,351 @@
+"""The registration rules without a database: inputs, registration plans, review decisions, calendar."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.registration import domain
+from services.registration.domain import Activity, IdentityVerification, Registration
+from shared.reference import municipality
+
+# 2026-03-01 15:30 UTC is already 2 March in Japan.
+NOW = datetime(2026, 3, 1, 15, 30, tzinfo=UTC)
+TODAY = date(2026, 3, 2)
+HOME = "131016"  # 東京都千代田区
+SHIRAHAMA, TANABE, WAKAYAMA = "304018", "302066", "300004"
+YOKOHAMA, TSURUMI = "141003", "141011"  # 横浜市 and its ward 鶴見区
+
+
+def new_id_factory() -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: f"reg-{next(counter)}"
+
+
+def jpki(verified_at: datetime = NOW - timedelta(days=1)) -> IdentityVerification:
+    return IdentityVerification("jpki", verified_at, "SERIAL-1", "SUBJECT-1")
+
+
+def acts(*days_ago: int) -> list[Activity]:
+    return [Activity(f"活動{i}", TODAY - timedelta(days=d)) for i, d in enumerate(days_ago)]
+
+
+def registration(code: str, **fields: object) -> Registration:
+    values: dict[str, object] = {
+        "id": f"r-{code}", "resident_id": "res-1", "municipality_code": code,
+        "prefecture_code": municipality(code).prefecture_code, "tier": "basic", "status": "active",
+        "derived_from": None, "registered_at": NOW,
+    }
+    values.update(fields)
+    return Registration(**values)  # type: ignore[arg-type]
+
+
+def plan(
+    target: str, tier: domain.Tier = "basic", existing: list[Registration] | None = None,
+    legal: str = HOME, identity: IdentityVerification | None = None, activities: list[Activity] | None = None,
+) -> domain.RegistrationPlan:
+    return domain.plan_registration(
+        resident_id="res-1", legal_address_code=legal, existing=existing or [], target_code=target, tier=tier,
+        identity=identity, activities=activities or [], now=NOW, new_id=new_id_factory(),
+    )
+
+
+# --- Inputs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given_kana", "stored"), [
+    ("ヤマダ ハナコ", "ヤマダ ハナコ"),
+    ("やまだ　はなこ", "ヤマダ ハナコ"),
+    ("ﾔﾏﾀﾞ ﾊﾅｺ", "ヤマダ ハナコ"),
+    ("スミス・ジョン", "スミス・ジョン"),
+    ("  コーヘー  ", "コーヘー"),
+    ("ゔぁいおりん", "ヴァイオリン"),
+])
+def test_readings_are_kept_in_katakana(given_kana: str, stored: str) -> None:
+    assert domain.normalise_kana(given_kana) == stored
+
+
+@pytest.mark.parametrize("bad", ["山田 花子", "Yamada", "ヤマダ1", "", "   ", "ー・", "ヤマダ\nハナコ!"])
+def test_a_reading_that_is_not_kana_is_refused(bad: str) -> None:
+    with pytest.raises(domain.InvalidKana):
+        domain.normalise_kana(bad)
+
+
+def test_names_are_trimmed_and_control_characters_refused() -> None:
+    assert domain.check_name(" 山田　 花子 ") == "山田 花子"
+    for bad in ("", "  ", "山田\x00花子"):
+        with pytest.raises(domain.InvalidName):
+            domain.check_name(bad)
+
+
+@pytest.mark.parametrize("bad", ["hanako", "hanako@", "@example.jp", "hanako@@example.jp", "花子 @example.jp"])
+def test_invalid_email_is_refused(bad: str) -> None:
+    with pytest.raises(domain.InvalidEmail):
+        domain.check_email(bad)
+
+
+def test_valid_email_and_phone_pass() -> None:
+    assert domain.check_email("hanako.yamada@example.jp") == "hanako.yamada@example.jp"
+    for phone in ("090-1234-5678", "03-1234-5678", "+81-90-1234-5678", "0312345678"):
+        assert domain.check_phone(phone) == phone
+    assert domain.check_phone(None) is None
+    for bad in ("090 1234 5678", "call me", "+", "12", "++81-90", "090-1234-5678-"):
+        with pytest.raises(domain.InvalidPhone):
+            domain.check_phone(bad)
+
+
+def test_a_resident_id_is_a_plain_identifier_and_never_a_my_number() -> None:
+    assert domain.check_resident_id("res-abc_1@idp") == "res-abc_1@idp"
+    for bad in ("", "has space", "x" * 129, "123456789012", "id-1234-5678-9012"):
+        with pytest.raises(domain.InvalidResidentId):
+            domain.check_resident_id(bad)
+
+
+def test_a_birth_date_may_be_today_in_japan_but_not_later() -> None:
+    assert domain.check_birth_date(TODAY, domain.tokyo_today(NOW)) == TODAY
+    with pytest.raises(domain.BirthDateInFuture):
+        domain.check_birth_date(TODAY + timedelta(days=1), domain.tokyo_today(NOW))
+
+
+@pytest.mark.parametrize("text", [
+    "123456789012", "1234-5678-9012", "1234 5678 9012", "１２３４５６７８９０１２", "番号は123456789012です",
+    "1234‐5678‐9012", "1 2 3 4 5 6 7 8 9 0 1 2",
+])
+def test_twelve_digits_look_like_a_my_number(text: str) -> None:
+    assert domain.looks_like_my_number(text)
+
+
+@pytest.mark.parametrize("text", [
+    "090-1234-5678", "+81-90-1234-5678", "+819012345678", "1234567890123", "2026-03-02T10:00:00+09:00",
+    "12345678901", "JPKI-SIGN-7F3A90C2", "棚田の草刈り 2026-02-01",
+])
+def test_other_numbers_do_not(text: str) -> None:
+    assert not domain.looks_like_my_number(text)
+
+
+@given(st.text(alphabet="0123456789", min_size=12, max_size=12), st.lists(st.sampled_from([" ", "-", "　"]),
+                                                                            max_size=11))
+def test_any_twelve_digits_with_separators_are_found(digits: str, separators: list[str]) -> None:
+    text = "".join(d + (separators[i] if i < len(separators) else "") for i, d in enumerate(digits))
+    assert domain.looks_like_my_number(f"番号 {text} です")
+
+
+def test_the_path_of_a_my_number_is_reported_not_its_value() -> None:
+    document = {"name": "山田", "activities": [{"name": "a"}, {"document_ref": "1234-5678-9012"}]}
+    assert domain.find_my_number(document) == "$.activities[1].document_ref"
+    with pytest.raises(domain.MyNumberNotAllowed) as refused:
+        domain.refuse_my_number(document)
+    assert "1234" not in refused.value.detail
+    assert domain.find_my_number({"unquoted": 123456789012}) == "$.unquoted"
+    assert domain.find_my_number({"a": {"123456789012": "x"}}) == "$.a (a member name)"
+    assert domain.find_my_number({"count": 3, "flag": True, "nothing": None}) is None
+
+
+def test_municipality_codes_are_malformed_unknown_or_known() -> None:
+    for malformed in ("30401", "3040188", "30401X", "304019", "３０４０１８"):
+        with pytest.raises(domain.MalformedMunicipalityCode):
+            domain.municipality_from_code(malformed)
+    with pytest.raises(domain.UnknownMunicipalityCode):
+        domain.municipality_from_code("999997")
+    assert domain.municipality_from_code(SHIRAHAMA).full_name == "和歌山県白浜町"
+
+
+def test_what_one_may_register_with_and_live_in() -> None:
+    assert domain.registrable(WAKAYAMA).is_prefecture
+    assert domain.registrable("131016").kind == "ward"  # Tokyo's special wards are municipalities
+    with pytest.raises(domain.MunicipalityNotRegistrable):
+        domain.registrable(TSURUMI)
+    with pytest.raises(domain.MunicipalityNotRegistrable):
+        domain.registrable("016951")  # 色丹村
+    with pytest.raises(domain.InvalidLegalAddress):
+        domain.legal_address("130001")
+    assert domain.legal_address(TSURUMI).code == TSURUMI
+    assert domain.home_municipality(TSURUMI) == YOKOHAMA
+
+
+def test_identity_verification_must_be_recent_and_not_in_the_future() -> None:
+    with pytest.raises(domain.IdentityNotVerified):
+        domain.check_identity(None, NOW)
+    with pytest.raises(domain.IdentityVerificationInvalid):
+        domain.check_identity(jpki(NOW + timedelta(hours=1)), NOW)
+    with pytest.raises(domain.IdentityVerificationInvalid):
+        domain.check_identity(jpki(NOW - timedelta(days=366)), NOW)
+    assert domain.check_identity(jpki(NOW + timedelta(minutes=1)), NOW)  # clock skew
+
+
+def test_consents_per_partner_only_for_sharing_the_certificate() -> None:
+    domain.check_consent_target("share_certificate", "jal")
+    domain.check_consent_target("email", None)
+    with pytest.raises(domain.ConsentPartnerRequired):
+        domain.check_consent_target("share_certificate", None)
+    with pytest.raises(domain.UnknownPartner):
+        domain.check_consent_target("share_certificate", "zipair")
+    with pytest.raises(domain.ConsentPartnerNotAllowed):
+        domain.check_consent_target("newsletter", "ana")
+
+
+# --- Registration plans --------------------------------------------------------------------------
+
+
+def test_a_basic_registration_brings_a_derived_prefecture_one() -> None:
+    result = plan(SHIRAHAMA)
+    assert result.is_new and result.review is None
+    assert (result.registration.status, result.registration.prefecture_code) == ("active", WAKAYAMA)
+    derived = result.derived_prefecture
+    assert derived is not None and derived.municipality_code == WAKAYAMA
+    assert derived.derived_from == result.registration.id and result.prefecture_registration_id == derived.id
+
+
+def test_a_live_prefecture_registration_is_reused() -> None:
+    prefecture = registration(WAKAYAMA, derived_from="r-x")
+    result = plan(TANABE, existing=[registration(SHIRAHAMA), prefecture])
+    assert result.derived_prefecture is None and result.prefecture_registration_id == prefecture.id
+    ended = registration(WAKAYAMA, status="withdrawn")
+    assert plan(TANABE, existing=[ended]).derived_prefecture is not None
+
+
+def test_a_prefecture_directly_derives_nothing() -> None:
+    result = plan(WAKAYAMA)
+    assert result.derived_prefecture is None and result.prefecture_registration_id is None
+
+
+def test_duplicates_are_conflicts_but_ended_registrations_are_not() -> None:
+    with pytest.raises(domain.AlreadyRegistered):
+        plan(SHIRAHAMA, existing=[registration(SHIRAHAMA)])
+    with pytest.raises(domain.AlreadyRegistered):
+        plan(WAKAYAMA, existing=[registration(WAKAYAMA, derived_from="r-x")])
+    for status in ("withdrawn", "rejected", "expired"):
+        assert plan(SHIRAHAMA, existing=[registration(SHIRAHAMA, status=status)]).is_new
+
+
+def test_a_basic_registration_may_ask_for_premium() -> None:
+    basic = registration(SHIRAHAMA)
+    result = plan(SHIRAHAMA, "premium", [basic], identity=jpki(), activities=acts(1, 2, 3))
+    assert not result.is_new and result.review == "upgrade" and result.registration.id == basic.id
+    assert result.registration.status == "active" and result.registration.tier == "basic"
+    under_review = replace(basic, pending_review="upgrade")
+    with pytest.raises(domain.AlreadyRegistered):
+        plan(SHIRAHAMA, "premium", [under_review], identity=jpki(), activities=acts(1, 2, 3))
+
+
+def test_premium_rules() -> None:
+    ok = plan(SHIRAHAMA, "premium", identity=jpki(), activities=acts(0, 100, 365))
+    assert ok.registration.status == "pending_review" and ok.review == "initial"
+    with pytest.raises(domain.ProofNotForBasic):
+        plan(SHIRAHAMA, "basic", activities=acts(1, 2, 3))
+    with pytest.raises(domain.IdentityNotVerified):
+        plan(SHIRAHAMA, "premium", activities=acts(1, 2, 3))
+    with pytest.raises(domain.PremiumInHomeMunicipality):
+        plan(HOME, "premium", identity=jpki(), activities=acts(1, 2, 3))
+    with pytest.raises(domain.PremiumInHomeMunicipality):  # a ward's municipality is its city
+        plan(YOKOHAMA, "premium", legal=TSURUMI, identity=jpki(), activities=acts(1, 2, 3))
+    # The home prefecture is allowed: the rule names the municipality.
+    assert plan("130001", "premium", identity=jpki(), activities=acts(1, 2, 3)).review == "initial"
+    with pytest.raises(domain.NotEnoughActivities):
+        plan(SHIRAHAMA, "premium", identity=jpki(), activities=acts(1, 2))
+    with pytest.raises(domain.NotEnoughActivities):
+        plan(SHIRAHAMA, "premium", identity=jpki(), activities=[Activity("同じ", TODAY)] * 3)
+    with pytest.raises(domain.ActivityOutOfRange):
+        plan(SHIRAHAMA, "premium", identity=jpki(), activities=acts(1, 2, -1))
+    with pytest.raises(domain.ActivityOutOfRange):
+        plan(SHIRAHAMA, "premium", identity=jpki(), activities=acts(1, 2, 366))
+
+
+def test_at_most_three_premium_places_including_requests_under_review() -> None:
+    held = [
+        registration("016331", tier="premium"),
+        registration("372081", tier="premium", status="pending_review", pending_review="initial"),
+        registration("422100", pending_review="upgrade"),  # a basic one asking for premium
+    ]
+    with pytest.raises(domain.PremiumLimitReached):
+        plan(SHIRAHAMA, "premium", held, identity=jpki(), activities=acts(1, 2, 3))
+    freed = [*held[:2], replace(held[2], pending_review=None), registration("152242", tier="premium",
+                                                                            status="expired")]
+    assert plan(SHIRAHAMA, "premium", freed, identity=jpki(), activities=acts(1, 2, 3)).is_new
+
+
+# --- Review decisions ----------------------------------------------------------------------------
+
+
+def test_approval_makes_premium_valid_one_year_from_today_in_japan() -> None:
+    pending = registration(SHIRAHAMA, tier="premium", status="pending_review", pending_review="initial")
+    approved = domain.approve(pending, NOW)
+    assert (approved.status, approved.valid_from, approved.valid_until) == ("active", TODAY, date(2027, 3, 2))
+    assert approved.pending_review is None
+    with pytest.raises(domain.AlreadyDecided):
+        domain.approve(approved, NOW)
+    leap = datetime(2028, 2, 29, 3, 0, tzinfo=UTC)
+    assert domain.approve(pending, leap).valid_until == date(2029, 2, 28)
+
+
+def test_an_early_renewal_keeps_the_days_left() -> None:
+    active = registration(SHIRAHAMA, tier="premium", valid_from=date(2025, 5, 1), valid_until=date(2026, 5, 1),
+                          pending_review="renewal")
+    renewed = domain.approve(active, NOW)
+    assert (renewed.valid_from, renewed.valid_until) == (date(2026, 5, 2), date(2027, 5, 1))
+    lapsed = replace(active, status="expired", valid_until=date(2026, 2, 1))
+    assert domain.approve(lapsed, NOW).valid_until == date(2027, 3, 2)
+
+
+def test_a_rejection_ends_only_a_first_request() -> None:
+    first = registration(SHIRAHAMA, tier="premium", status="pending_review", pending_review="initial")
+    assert domain.reject(first).status == "rejected"
+    upgrade = registration(SHIRAHAMA, pending_review="upgrade")
+    assert (domain.reject(upgrade).tier, domain.reject(upgrade).status) == ("basic", "active")
+    renewal = registration(SHIRAHAMA, tier="premium", valid_until=date(2026, 5, 1), pending_review="renewal")
+    assert domain.reject(renewal) == replace(renewal, pending_review=None)
+    with pytest.raises(domain.AlreadyDecided):
+        domain.reject(registration(SHIRAHAMA))
+
+
+def test_renewal_needs_activities_of_the_current_year() -> None:
+    active = registration(SHIRAHAMA, tier="premium", valid_from=TODAY - timedelta(days=200),
+                          valid_until=TODAY + timedelta(days=165))
+    domain.plan_renewal(active, acts(1, 50, 199), NOW)
+    with pytest.raises(domain.ActivityOutOfRange):
+        domain.plan_renewal(active, acts(1, 50, 201), NOW)
+    with pytest.raises(domain.ReviewPending):
+        domain.plan_renewal(replace(active, pending_review="renewal"), acts(1, 2, 3), NOW)
+    with pytest.raises(domain.NotRenewable):
+        domain.plan_renewal(registration(SHIRAHAMA), acts(1, 2, 3), NOW)
+    with pytest.raises(domain.NotRenewable):
+        domain.plan_renewal(replace(active, status="expired"), acts(1, 2, 3), NOW)
+
+
+# --- Withdrawal ----------------------------------------------------------------------------------
+
+
+def test_the_derived_prefecture_follows_the_last_municipal_registration() -> None:
+    prefecture = registration(WAKAYAMA, derived_from="r-304018")
+    town, city = registration(SHIRAHAMA), registration(TANABE)
+    assert domain.derived_prefecture_to_release(WAKAYAMA, [replace(town, status="withdrawn"), city,
+                                                           prefecture]) is None
+    assert domain.derived_prefecture_to_release(WAKAYAMA, [replace(town, status="withdrawn"), prefecture]) == prefecture
+    direct = replace(prefecture, derived_from=None)
+    assert domain.derived_prefecture_to_release(WAKAYAMA, [direct]) is None
+    upgraded = replace(prefecture, tier="premium")
+    assert domain.derived_prefecture_to_release(WAKAYAMA, [upgraded]) is None
+
+
+def test_what_may_be_withdrawn() -> None:
+    prefecture = registration(WAKAYAMA, derived_from="r-304018")
+    town = registration(SHIRAHAMA)
+    with pytest.raises(domain.DerivedRegistration):
+        domain.check_withdrawable(prefecture, [town, prefecture])
+    assert domain.check_withdrawable(prefecture, [replace(town, status="withdrawn"), prefecture])
+    assert domain.check_withdrawable(town, [town, prefecture])
+    assert not domain.check_withdrawable(replace(town, status="withdrawn"), [])
+    with pytest.raises(domain.RegistrationClosed):
+        domain.check_withdrawable(replace(town, status="rejected"), [])
+
+
+def test_calendar_helpers() -> None:
+    assert domain.tokyo_today(datetime(2026, 12, 31, 15, 0, tzinfo=UTC)) == date(2027, 1, 1)
+    assert domain.add_years(date(2024, 2, 29), 1) == date(2025, 2, 28)
+    assert domain.add_years(date(2025, 3, 1), -1) == date(2024, 3, 1)
