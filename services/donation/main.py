@@ -1,0 +1,29 @@
+"""Composition root of the donation service: runtime (database, migrations, outbox relay) and routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from shared.kit.http import create_app as create_http_app
+from shared.kit.service import ServiceRuntime
+from shared.kit.settings import Settings, get_settings
+
+from .api import router
+
+SERVICE = "donation"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def create_app(settings: Settings | None = None, *, pool_size: int = 10) -> FastAPI:
+    settings = settings or get_settings()
+    runtime = ServiceRuntime(SERVICE, migrations=MIGRATIONS, settings=settings, pool_size=pool_size)
+    return create_http_app(
+        service=SERVICE,
+        settings=settings,
+        routers=[router],
+        lifespan=runtime.lifespan,
+        readiness=runtime.readiness,
+        description=__doc__ or "",
+    )

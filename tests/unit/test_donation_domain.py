@@ -1,0 +1,239 @@
+"""The donation rules, without a database."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+from pypdf import PdfReader
+
+from services.donation import domain
+from services.donation.domain import DonorFacts, DonorYear, LedgerEntry
+from services.donation.receipt_pdf import ReceiptDocument, render_receipt
+from services.donation.schemas import CompanyDonor, DonationConfirmation, IndividualDonor
+from shared.kit.auth import Principal, Role
+from shared.kit.errors import DomainError, Forbidden
+from shared.reference import find_municipality_by_full_name
+
+SHIRAHAMA = "304018"
+TANABE = find_municipality_by_full_name("和歌山県田辺市").code
+SANJO = find_municipality_by_full_name("新潟県三条市").code
+MINATO = find_municipality_by_full_name("東京都港区").code
+SAPPORO_CHUO = find_municipality_by_full_name("北海道札幌市中央区").code
+SAPPORO = find_municipality_by_full_name("北海道札幌市").code
+HOKKAIDO = find_municipality_by_full_name("北海道").code
+TODAY = date(2026, 11, 26)
+PERSON = DonorFacts("individual")
+
+
+def confirmation(**overrides: Any) -> DonationConfirmation:
+    values: dict[str, Any] = {
+        "payment_reference": "pay-1", "municipality_code": SHIRAHAMA, "kind": "hometown_tax", "amount": 10_000,
+        "payment_date": "2026-11-20",
+        "donor": {"type": "individual", "name": "山田 太郎", "address": "東京都千代田区1-1"},
+    }
+    values.update(overrides)
+    return DonationConfirmation.model_validate(values)
+
+
+def refused(error: type[DomainError], confirmation: DonationConfirmation, donor: DonorFacts = PERSON) -> None:
+    with pytest.raises(error):
+        domain.plan_donation(confirmation, donor, TODAY)
+
+
+def test_a_hometown_tax_donation_gets_a_receipt_and_counts_for_one_stop() -> None:
+    plan = domain.plan_donation(confirmation(payment_date="2025-12-31"), PERSON, TODAY)
+    assert (plan.unit, plan.earmark, plan.calendar_year) == ("jpy", "general", 2025)
+    assert plan.issues_receipt and plan.counts_for_one_stop
+    assert plan.ledger == (LedgerEntry("donation", 10_000),)
+
+
+def test_dual_residence_money_and_miles_are_transferred_to_the_program() -> None:
+    earmarked = domain.plan_donation(confirmation(earmark="dual_residence"), PERSON, TODAY)
+    assert earmarked.ledger == (LedgerEntry("donation", 10_000), LedgerEntry("transfer", -10_000))
+    miles = domain.plan_donation(confirmation(kind="miles", amount=7_500), PERSON, TODAY)
+    assert (miles.unit, miles.earmark, miles.issues_receipt, miles.counts_for_one_stop) == (
+        "miles", "dual_residence", False, False,
+    )
+    named = domain.plan_donation(confirmation(program_id="jal-dual-residence-miles"), PERSON, TODAY)
+    assert named.earmark == "dual_residence"
+    # The subsidy service's own id of the program's budget in this municipality is accepted too.
+    domain.plan_donation(confirmation(program_id=f"jal-dual-residence-miles@{SHIRAHAMA}"), PERSON, TODAY)
+    refused(domain.UnknownProgram, confirmation(program_id=f"jal-dual-residence-miles@{TANABE}"))
+
+
+def test_the_payment_date_may_be_today_in_japan_but_not_later() -> None:
+    # 2026-11-26 15:30 UTC is already 27 November in Japan.
+    japan_today = domain.today_in_japan(datetime(2026, 11, 26, 15, 30, tzinfo=UTC))
+    assert japan_today == date(2026, 11, 27)
+    domain.plan_donation(confirmation(payment_date="2026-11-27"), PERSON, japan_today)
+    refused(domain.PaymentDateInFuture, confirmation(payment_date="2026-11-27"))
+
+
+def test_amounts_are_positive() -> None:
+    refused(domain.NonPositiveAmount, confirmation(amount=0))
+    refused(domain.NonPositiveAmount, confirmation(amount=-1))
+
+
+def test_corporate_rules() -> None:
+    company = DonorFacts("company", MINATO)
+    ok = domain.plan_donation(
+        confirmation(kind="corporate", amount=100_000, project="観光振興"), company, TODAY
+    )
+    assert ok.issues_receipt and not ok.counts_for_one_stop
+    refused(domain.CorporateDonationBelowMinimum, confirmation(kind="corporate", amount=99_999, project="p"), company)
+    refused(domain.CorporateProjectRequired, confirmation(kind="corporate", amount=100_000), company)
+    refused(domain.DonorKindMismatch, confirmation(kind="corporate", amount=100_000, project="p"), PERSON)
+    refused(domain.DonorKindMismatch, confirmation(), company)
+    at_home = DonorFacts("company", SHIRAHAMA)
+    refused(domain.CorporateDonationToHeadOffice,
+            confirmation(kind="corporate", amount=100_000, project="p"), at_home)
+    refused(domain.CorporateDonationToHeadOffice,
+            confirmation(kind="corporate", amount=100_000, project="p", municipality_code="300004"), at_home)
+    in_ward = DonorFacts("company", SAPPORO_CHUO)
+    for recipient in (SAPPORO, HOKKAIDO):
+        refused(domain.CorporateDonationToHeadOffice,
+                confirmation(kind="corporate", amount=100_000, project="p", municipality_code=recipient), in_ward)
+    # Another town of the same prefecture is fine.
+    domain.plan_donation(confirmation(kind="corporate", amount=100_000, project="p", municipality_code=TANABE),
+                         at_home, TODAY)
+
+
+def test_recipients_are_local_governments() -> None:
+    refused(domain.UnknownMunicipalityCode, confirmation(municipality_code="999999"))
+    refused(domain.UnknownMunicipalityCode, confirmation(municipality_code="abc"))
+    refused(domain.NotADonationRecipient, confirmation(municipality_code=SAPPORO_CHUO))
+    assert domain.recipient("300004").is_prefecture
+    assert domain.issuer_title(domain.recipient(SHIRAHAMA)) == "白浜町長"
+    assert domain.issuer_title(domain.recipient("300004")) == "和歌山県知事"
+
+
+def test_miles_and_programs() -> None:
+    refused(domain.NoMileProgram, confirmation(kind="miles", municipality_code=SANJO))
+    refused(domain.MilesMustFundProgram, confirmation(kind="miles", earmark="general"))
+    refused(domain.UnknownProgram, confirmation(program_id="nope"))
+    refused(domain.UnknownProgram, confirmation(program_id="jal-dual-residence-miles", municipality_code=SANJO))
+    iki = find_municipality_by_full_name("長崎県壱岐市").code  # JAL miles and a ferry fare discount
+    refused(domain.UnknownProgram, confirmation(kind="miles", municipality_code=iki, program_id="iki-island-routes"))
+    domain.plan_donation(confirmation(municipality_code=iki, program_id="iki-island-routes"), PERSON, TODAY)
+    refused(domain.ProgramRequiresDualResidenceEarmark,
+            confirmation(program_id="jal-dual-residence-miles", earmark="general"))
+    refused(domain.OneStopNotApplicable, confirmation(kind="miles", one_stop_requested=True))
+
+
+def test_one_stop_void_on_the_sixth_municipality_and_the_donor_is_told_once() -> None:
+    five = frozenset(f"00000{i}" for i in range(5))
+    six = five | {"000009"}
+    assert domain.one_stop_decision(DonorYear(five, requested=True, voided=False, announced=False)) == (
+        domain.OneStopDecision(void=False, announce=False)
+    )
+    assert domain.one_stop_decision(DonorYear(six, requested=True, voided=False, announced=False)) == (
+        domain.OneStopDecision(void=True, announce=True)
+    )
+    assert domain.one_stop_decision(DonorYear(six, requested=True, voided=True, announced=True)) == (
+        domain.OneStopDecision(void=False, announce=False)
+    )
+    # Never asked: voided silently, told when they first ask.
+    assert domain.one_stop_decision(DonorYear(six, requested=False, voided=False, announced=False)) == (
+        domain.OneStopDecision(void=True, announce=False)
+    )
+    assert domain.one_stop_decision(DonorYear(six, requested=True, voided=True, announced=False)) == (
+        domain.OneStopDecision(void=False, announce=True)
+    )
+
+
+def test_applications_after_10_january_are_late_and_void_years_void_them() -> None:
+    assert domain.one_stop_deadline(2025) == date(2026, 1, 10)
+    assert domain.application_status(2025, date(2026, 1, 10), year_voided=False) == "valid"
+    assert domain.application_status(2025, date(2026, 1, 11), year_voided=False) == "late"
+    assert domain.application_status(2025, date(2025, 12, 1), year_voided=True) == "void"
+    with pytest.raises(domain.ReceivedDateInFuture):
+        domain.check_application(kind="hometown_tax", refunded=False, payment_date=date(2025, 1, 1),
+                                 received_on=date(2026, 11, 27), today=TODAY)
+    with pytest.raises(domain.ReceivedBeforePayment):
+        domain.check_application(kind="hometown_tax", refunded=False, payment_date=date(2025, 6, 1),
+                                 received_on=date(2025, 5, 31), today=TODAY)
+    with pytest.raises(domain.OneStopNotApplicable):
+        domain.check_application(kind="corporate", refunded=False, payment_date=date(2025, 6, 1),
+                                 received_on=date(2025, 7, 1), today=TODAY)
+    with pytest.raises(domain.DonationRefunded):
+        domain.check_application(kind="hometown_tax", refunded=True, payment_date=date(2025, 6, 1),
+                                 received_on=date(2025, 7, 1), today=TODAY)
+
+
+def test_a_refund_reverses_donation_and_transfer() -> None:
+    entries = [LedgerEntry("donation", 5_000), LedgerEntry("transfer", -5_000)]
+    reversal = domain.refund_entries(entries)
+    assert reversal == (LedgerEntry("refund", -5_000), LedgerEntry("transfer_reversal", 5_000))
+    assert sum(e.amount for e in [*entries, *reversal]) == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "123456789012", "1234-5678-9012", "1234 5678 9012", "１２３４５６７８９０１２", "番号123456789012です",
+        {"note": ["x", {"deep": "123456789012"}]}, {"123456789012": "key"}, 123456789012,
+    ],
+)
+def test_a_my_number_is_found_anywhere(value: object) -> None:
+    assert domain.contains_my_number(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1234567890123",  # a 13-digit corporate number
+        "03-1234-5678", "090-1234-5678", "〒649-2211", "12345678901", "2026-01-10",
+        {"payment_reference": "202612310001"},  # a provider's own reference
+        {"amount": 100_000, "one_stop_requested": True},
+    ],
+)
+def test_other_numbers_pass(value: object) -> None:
+    assert not domain.contains_my_number(value)
+
+
+def test_donor_identity_ignores_spacing_and_width() -> None:
+    a = IndividualDonor(type="individual", name="山田　太郎", address="東京都千代田区１－２")
+    b = IndividualDonor(type="individual", name="山田 太郎", address="東京都千代田区1-2")
+    assert domain.donor_key(a) == domain.donor_key(b)
+    resident = IndividualDonor(type="individual", name="x", address="y", resident_id="r-1")
+    assert domain.donor_key(resident) == "resident:r-1"
+    numbered = CompanyDonor(type="company", name="株式会社A", head_office_code=MINATO, corporate_number="1234567890123")
+    assert domain.donor_key(numbered) == "company:1234567890123"
+    with pytest.raises(domain.UnknownMunicipalityCode):
+        domain.check_donor_details(CompanyDonor(type="company", name="B", head_office_code="000000"))
+
+
+def test_access_to_a_donors_data() -> None:
+    domain.ensure_donor_access(Principal("admin", Role.ADMIN), None)
+    domain.ensure_donor_access(Principal("r-1", Role.RESIDENT), "r-1")
+    for principal, linked in [
+        (Principal("r-2", Role.RESIDENT), "r-1"), (Principal("r-1", Role.RESIDENT), None),
+        (Principal("s", Role.STAFF, municipality=SHIRAHAMA), "r-1"),
+    ]:
+        with pytest.raises(Forbidden):
+            domain.ensure_donor_access(principal, linked)
+    domain.ensure_donation_access(Principal("s", Role.STAFF, municipality=SHIRAHAMA), SHIRAHAMA, None)
+    with pytest.raises(Forbidden):
+        domain.ensure_donation_access(Principal("s", Role.STAFF, municipality=TANABE), SHIRAHAMA, None)
+
+
+def test_the_receipt_pdf_shows_what_a_receipt_shows() -> None:
+    pdf = render_receipt(
+        ReceiptDocument(
+            number="304018-2026-000042", donor_name="株式会社テスト", donor_address="東京都港区", donor_is_company=True,
+            municipality_name="和歌山県白浜町", issuer="白浜町長", donation_date=date(2026, 12, 31), amount_jpy=100_000,
+            kind_label="企業版ふるさと納税（地方創生応援税制）", project="観光振興事業", issued_on=date(2026, 12, 31),
+            reissue_count=0, reissued_on=None,
+        )
+    )
+    reader = PdfReader(io.BytesIO(pdf))
+    assert len(reader.pages) == 1
+    assert abs(float(reader.pages[0].mediabox.width) - 595.28) < 1  # A4
+    text = reader.pages[0].extract_text()
+    for shown in ("寄附金受領証明書", "¥100,000", "株式会社テスト", "御中", "2026年12月31日", "観光振興事業",
+                  "304018-2026-000042"):
+        assert shown in text
+    assert domain.yen(1_234_567) == "¥1,234,567"
