@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import asyncpg
 from aiokafka.errors import KafkaError
 
-
 #: Members of a problem+json body that the kit fills; a rule's extra members must not reuse them.
 RESERVED_PROBLEM_FIELDS = frozenset({"type", "title", "status", "code", "detail", "instance"})
 

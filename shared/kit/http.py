@@ -110,21 +110,7 @@ def create_app(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     )
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
-        correlation_id = request.headers.get("x-correlation-id") or request_id
-        request.state.correlation_id = correlation_id
-        started = time.perf_counter()
-        with bound_context(request_id=request_id, correlation_id=correlation_id):
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(request.method, path).observe(time.perf_counter() - started)
-        response.headers["x-request-id"] = request_id
-        return response
-
+    app.add_middleware(Observe, requests=requests, latency=latency)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     _install_problem_handlers(app)
 
@@ -185,6 +171,45 @@ def _install_problem_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error", path=request.url.path)
         return problem(500, "internal-error", "Internal error", "the error was logged", instance=request.url.path)
+
+
+class Observe:
+    """Request id, correlation id and metrics for every request (plain ASGI: it is on the hot path).
+
+    The ids are bound to every log line of the request and the correlation id is kept in
+    ``request.state.correlation_id`` for the events the request causes.
+    """
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or str(uuid.uuid4())
+        correlation_id = headers.get(b"x-correlation-id", b"").decode("latin-1") or request_id
+        scope.setdefault("state", {})["correlation_id"] = correlation_id
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            with bound_context(request_id=request_id, correlation_id=correlation_id):
+                await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
 class BodyGuard:

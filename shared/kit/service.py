@@ -2,8 +2,8 @@
 
 A service builds one ``ServiceRuntime`` with its migrations folder and its consumers, and hands
 ``runtime.lifespan`` to its FastAPI app. Start order: database and migrations, ``prepare`` steps
-(seeding reference rows), topics, producer and outbox relay, consumers, background tasks. Stop order is the reverse, so in-flight batches finish and
-commit before the connections close.
+(seeding reference rows), topics, producer and outbox relay, consumers, background tasks. Stop
+order is the reverse, so in-flight batches finish and commit before the connections close.
 """
 
 from __future__ import annotations
