@@ -1,4 +1,3 @@
-from services.certification.main import create_app
 from shared.kit.service import serve
 
-serve(create_app(), "certification")
+serve("certification")

@@ -1,4 +1,3 @@
-from services.partner_gateway.main import create_app
 from shared.kit.service import serve
 
-serve(create_app(), "partner_gateway")
+serve("partner_gateway")

@@ -1,4 +1,3 @@
-from services.registration.main import create_app
 from shared.kit.service import serve
 
-serve(create_app(), "registration")
+serve("registration")

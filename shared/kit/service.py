@@ -195,8 +195,12 @@ class ServiceRuntime:
         return bool(self._producer.client.cluster.brokers())
 
 
-def serve(app: FastAPI, service: str, settings: Settings | None = None) -> None:
-    """Run one service's HTTP server (and with it, through the lifespan, its consumers and relay)."""
+def serve(service: str, settings: Settings | None = None) -> None:
+    """Run one service: HTTP, and with it (through the lifespan) its consumers and relay.
+
+    ``NICHIIKI_HTTP_WORKERS`` > 1 runs that many processes of the service; they share the
+    consumer group (partitions are split between them) and elect one outbox relay.
+    """
     import uvicorn
 
     from shared.kit.logging import configure_logging
@@ -204,6 +208,7 @@ def serve(app: FastAPI, service: str, settings: Settings | None = None) -> None:
     s = settings or get_settings()
     configure_logging(service, fmt=s.log_format, level=s.log_level)
     uvicorn.run(
-        app, host=s.http_host, port=s.http_port or s.service_port(service),
+        f"services.{service}.main:create_app", factory=True, workers=s.http_workers,
+        host=s.http_host, port=s.http_port or s.service_port(service),
         log_config=None, access_log=False, timeout_graceful_shutdown=10,
     )

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int | None = None
+    http_workers: int = 1
     #: Shifts every fixed local port of `nichiiki start` (services and embedded servers), so a
     #: second platform (a test, a colleague's) can run beside the first on one machine.
     port_offset: int = 0
