@@ -1,6 +1,6 @@
-"""The platform as it runs in production: every service its own process, over real servers.
+"""A fleet of service processes over given servers, as in production: each service its own process.
 
-Used by the journey test and the fault-injection tests: services can be killed (SIGKILL) and
+Used by the end-to-end and fault-injection tests and the benchmarks: services can be killed (SIGKILL) and
 restarted; the servers (broker, PostgreSQL) can be restarted under them.
 """
 
@@ -38,7 +38,7 @@ def service_env(settings: Settings, backends: Backends, smtp_url: str | None) ->
 
 
 @dataclass
-class PlatformUnderTest:
+class ServiceFleet:
     settings: Settings
     backends: Backends
     log_dir: Path
