@@ -66,6 +66,10 @@ _TRANSIENT_PG = (
 )
 
 
+#: Exception classes that are always infrastructure faults (HTTP answers them with 503).
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*_TRANSIENT_PG, KafkaError, TimeoutError, ConnectionError)
+
+
 def is_transient(error: BaseException) -> bool:
     """True for faults of infrastructure that may clear by themselves; never for a broken rule."""
     if isinstance(error, DomainError):

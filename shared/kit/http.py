@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.kit.errors import DomainError
+from shared.kit.errors import TRANSIENT_ERRORS, DomainError, is_transient
 from shared.kit.logging import bound_context
 from shared.kit.settings import Settings
 
@@ -167,8 +167,23 @@ def _install_problem_handlers(app: FastAPI) -> None:
             str(error.detail), instance=request.url.path,
         )
 
+    async def unavailable(request: Request, error: Exception) -> JSONResponse:
+        # The database or broker is away: nothing was committed, and a retry will work later.
+        log.warning("request failed on a transient fault", path=request.url.path, error=repr(error))
+        response = problem(
+            503, "service-unavailable", "Temporarily unavailable", "a backing server is unavailable; retry shortly",
+            instance=request.url.path,
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    for transient in TRANSIENT_ERRORS:
+        app.add_exception_handler(transient, unavailable)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        if is_transient(error):
+            return await unavailable(request, error)
         log.exception("unhandled error", path=request.url.path)
         return problem(500, "internal-error", "Internal error", "the error was logged", instance=request.url.path)
 

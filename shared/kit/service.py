@@ -28,6 +28,7 @@ from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics
+from shared.kit.metrics import EventMetrics
 from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox, OutboxRelay, notify_channel
 from shared.kit.settings import Settings, get_settings, with_database
@@ -99,6 +100,10 @@ class ServiceRuntime:
         return self._pool
 
     @property
+    def relay_or_none(self) -> OutboxRelay | None:
+        return self._relay
+
+    @property
     def relay(self) -> OutboxRelay:
         if self._relay is None:
             raise RuntimeError(f"{self.service} runtime is not started")
@@ -160,6 +165,9 @@ class ServiceRuntime:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = self
+        registry = getattr(app.state, "metrics_registry", None)
+        if registry is not None:
+            registry.register(EventMetrics(self))
         await self.start()
         try:
             yield

@@ -125,3 +125,19 @@ async def test_operations_endpoints(client: httpx.AsyncClient, settings: Setting
 def test_extras_may_not_overwrite_the_problem_members() -> None:
     with pytest.raises(ValueError, match="status"):
         AlreadyOrdered("x", status="shipped")
+
+
+async def test_a_database_outage_is_a_503_problem_with_retry_after(settings: Settings) -> None:
+    import asyncpg
+
+    router = APIRouter()
+
+    @router.get("/v1/down")
+    async def down() -> None:
+        await asyncpg.connect("postgresql://postgres@127.0.0.1:1/postgres")  # nothing listens on port 1
+
+    app = create_app(service="kit-test", settings=settings, routers=[router])
+    async with service_client(app) as client:
+        response = await client.get("/v1/down")
+    assert_problem(response, 503, "service-unavailable")
+    assert response.headers["retry-after"] == "1"
