@@ -15,10 +15,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from shared.kit.auth import Principal, Role, require
+from shared.kit.my_number import refuse_my_number
 from shared.kit.service import ServiceRuntime
 
 from . import handlers
-from .domain import MyNumberNotAllowed, contains_my_number
+from .domain import MY_NUMBER_EXEMPT_FIELDS
 from .schemas import (
     DonationConfirmation,
     DonationPage,
@@ -52,8 +53,7 @@ def caller(*roles: Role) -> Callable[..., Awaitable[Principal]]:
                 body = json.loads(raw)
             except ValueError:
                 return principal  # malformed JSON: the framework answers 400
-            if contains_my_number(body):
-                raise MyNumberNotAllowed("remove the 12-digit number: a My Number is never accepted or stored")
+            refuse_my_number(body, exempt=MY_NUMBER_EXEMPT_FIELDS)
         return principal
 
     return dependency

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Literal
@@ -113,9 +113,6 @@ class ProgramRequiresDualResidenceEarmark(DomainError):
     title = "A donation naming a program is earmarked for dual residence"
 
 
-class MyNumberNotAllowed(DomainError):
-    code = "my-number-not-allowed"
-    title = "The request contains what looks like a My Number (12 digits); it is never accepted"
 
 
 class AlreadyRefunded(Conflict):
@@ -432,31 +429,8 @@ def application_status(calendar_year: int, received_on: date, year_voided: bool)
 
 # ---------------------------------------------------------------------------- personal data
 
-_MY_NUMBER = re.compile(r"(?<![0-9])[0-9]{4}[-\s]?[0-9]{4}[-\s]?[0-9]{4}(?![0-9])")
 #: Fields that carry identifiers of other systems, not personal data (a payment provider's own id).
 MY_NUMBER_EXEMPT_FIELDS = frozenset({"payment_reference"})
-
-
-def contains_my_number(value: object, exempt: frozenset[str] = MY_NUMBER_EXEMPT_FIELDS) -> bool:
-    """Whether any text (or number) in a JSON value has a run of exactly 12 digits.
-
-    A My Number (個人番号) is 12 digits; it may come spaced or hyphenated (4-4-4) or in
-    full-width digits. 13-digit corporate numbers and shorter numbers (phones, postcodes) pass.
-    """
-    if isinstance(value, str):
-        return _MY_NUMBER.search(unicodedata.normalize("NFKC", value)) is not None
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return _MY_NUMBER.search(str(abs(value))) is not None
-    if isinstance(value, Mapping):
-        return any(
-            contains_my_number(k, exempt) or (k not in exempt and contains_my_number(v, exempt))
-            for k, v in value.items()
-        )
-    if isinstance(value, Sequence):
-        return any(contains_my_number(v, exempt) for v in value)
-    return False
 
 
 # ---------------------------------------------------------------------------- access

@@ -30,6 +30,7 @@ from services.registration.views import (
     ResidentView,
 )
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
+from shared.kit import my_number
 from shared.kit.auth import Principal, Role, require
 from shared.kit.http import ApiModel
 from shared.kit.service import ServiceRuntime
@@ -40,7 +41,7 @@ Language = Literal["ja", "en"]
 
 async def refuse_my_number(request: Request) -> None:
     """One guard for the whole service: a My Number-like value in the query or the JSON body is refused."""
-    domain.refuse_my_number([value for _, value in request.query_params.multi_items()], where="query")
+    my_number.refuse_my_number([value for _, value in request.query_params.multi_items()], where="query")
     if request.method in ("POST", "PUT", "PATCH"):
         raw = await request.body()  # cached by Starlette: the route reads the same bytes
         if not raw:
@@ -49,7 +50,7 @@ async def refuse_my_number(request: Request) -> None:
             document = json.loads(raw)
         except ValueError:
             return  # not JSON: FastAPI answers 400 malformed-json for routes that take a body
-        domain.refuse_my_number(document)
+        my_number.refuse_my_number(document)
 
 
 router = APIRouter(prefix="/v1", tags=["registration"], dependencies=[Depends(refuse_my_number)])

@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import validate_email
@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.topics import PARTNER_CODES
 from shared.kit.errors import Conflict, DomainError, NotFound
+from shared.kit.my_number import looks_like_my_number
 from shared.reference import Municipality, UnknownMunicipality, is_valid_code, municipality
 
 TOKYO = ZoneInfo("Asia/Tokyo")
@@ -104,9 +105,6 @@ class BirthDateInFuture(DomainError):
     title = "The date of birth is in the future"
 
 
-class MyNumberNotAllowed(DomainError):
-    code = "my-number-not-allowed"
-    title = "A value looks like a My Number (individual number), which is never accepted"
 
 
 class ResidentExists(Conflict):
@@ -339,49 +337,6 @@ def check_birth_date(born: date, today: date) -> date:
     if born > today:
         raise BirthDateInFuture(f"{born.isoformat()} is after today ({today.isoformat()}, Japan time)")
     return born
-
-
-_SEPARATORS = str.maketrans("", "", " \t\r\n-\u2010\u2011\u2012\u2013\u2014\u2015\u2212")
-#: Exactly twelve digits in a row once separators are gone. A run right after "+" is an
-#: international phone number (+81 90-1234-5678), and 13 digits are a corporate number.
-_MY_NUMBER = re.compile(r"(?<![0-9+])[0-9]{12}(?![0-9])")
-
-
-def looks_like_my_number(text: str) -> bool:
-    compact = unicodedata.normalize("NFKC", text).translate(_SEPARATORS)
-    return _MY_NUMBER.search(compact) is not None
-
-
-def find_my_number(value: Any, path: str = "$") -> str | None:
-    """The JSON path of the first value that looks like a My Number, anywhere in a document.
-
-    Strings are what the rule is about; a bare 12-digit JSON number is refused too (no field of the
-    service takes one, and it would be a My Number sent without quotes).
-    """
-    if isinstance(value, str):
-        return path if looks_like_my_number(value) else None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return path if looks_like_my_number(str(value)) else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(key, str) and looks_like_my_number(key):
-                return f"{path} (a member name)"
-            found = find_my_number(item, f"{path}.{key}")
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = find_my_number(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    return None
-
-
-def refuse_my_number(document: Any, where: str = "body") -> None:
-    path = find_my_number(document)
-    if path is not None:
-        # Never echo the value itself: it may be a real individual number.
-        raise MyNumberNotAllowed(f"the {where} value at {path} looks like a 12-digit My Number")
 
 
 # --- Residents -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from services.registration import domain
 from services.registration.domain import Activity, IdentityVerification, Registration
+from shared.kit import my_number
 from shared.reference import municipality
 
 # 2026-03-01 15:30 UTC is already 2 March in Japan.
@@ -118,7 +119,7 @@ def test_a_birth_date_may_be_today_in_japan_but_not_later() -> None:
     "1234‐5678‐9012", "1 2 3 4 5 6 7 8 9 0 1 2",
 ])
 def test_twelve_digits_look_like_a_my_number(text: str) -> None:
-    assert domain.looks_like_my_number(text)
+    assert my_number.looks_like_my_number(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -126,25 +127,25 @@ def test_twelve_digits_look_like_a_my_number(text: str) -> None:
     "12345678901", "JPKI-SIGN-7F3A90C2", "棚田の草刈り 2026-02-01",
 ])
 def test_other_numbers_do_not(text: str) -> None:
-    assert not domain.looks_like_my_number(text)
+    assert not my_number.looks_like_my_number(text)
 
 
 @given(st.text(alphabet="0123456789", min_size=12, max_size=12), st.lists(st.sampled_from([" ", "-", "　"]),
                                                                             max_size=11))
 def test_any_twelve_digits_with_separators_are_found(digits: str, separators: list[str]) -> None:
     text = "".join(d + (separators[i] if i < len(separators) else "") for i, d in enumerate(digits))
-    assert domain.looks_like_my_number(f"番号 {text} です")
+    assert my_number.looks_like_my_number(f"番号 {text} です")
 
 
 def test_the_path_of_a_my_number_is_reported_not_its_value() -> None:
     document = {"name": "山田", "activities": [{"name": "a"}, {"document_ref": "1234-5678-9012"}]}
-    assert domain.find_my_number(document) == "$.activities[1].document_ref"
-    with pytest.raises(domain.MyNumberNotAllowed) as refused:
-        domain.refuse_my_number(document)
+    assert my_number.find_my_number(document) == "$.activities[1].document_ref"
+    with pytest.raises(my_number.MyNumberNotAllowed) as refused:
+        my_number.refuse_my_number(document)
     assert "1234" not in refused.value.detail
-    assert domain.find_my_number({"unquoted": 123456789012}) == "$.unquoted"
-    assert domain.find_my_number({"a": {"123456789012": "x"}}) == "$.a (a member name)"
-    assert domain.find_my_number({"count": 3, "flag": True, "nothing": None}) is None
+    assert my_number.find_my_number({"unquoted": 123456789012}) == "$.unquoted"
+    assert my_number.find_my_number({"a": {"123456789012": "x"}}) == "$.a (a member name)"
+    assert my_number.find_my_number({"count": 3, "flag": True, "nothing": None}) is None
 
 
 def test_municipality_codes_are_malformed_unknown_or_known() -> None:
