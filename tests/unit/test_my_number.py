@@ -7,7 +7,9 @@ import pytest
 from shared.kit.my_number import MyNumberNotAllowed, find_my_number, looks_like_my_number, refuse_my_number
 
 
-@pytest.mark.parametrize("text", ["123456789012", "1234-5678-9012", "1234 5678 9012", "１２３４５６７８９０１２", "番号は123456789012"])
+@pytest.mark.parametrize(
+    "text", ["123456789012", "1234-5678-9012", "1234 5678 9012", "１２３４５６７８９０１２", "番号は123456789012"]
+)
 def test_twelve_digits_in_any_writing_look_like_a_my_number(text: str) -> None:
     assert looks_like_my_number(text)
 

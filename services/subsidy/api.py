@@ -1,0 +1,312 @@
+"""HTTP routes of the subsidy service (thin: parse, authorise, call a use case, shape the answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import date
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AwareDatetime, Field, StrictInt
+
+from services.subsidy import handlers, store
+from services.subsidy.domain import GrantStatus, Program, tokyo_today, utc_now
+from shared.contracts.common import MunicipalityCode, PartnerCode
+from shared.contracts.partners import TripKind
+from shared.contracts.subsidy import BudgetUnit, Mechanism
+from shared.kit import idempotency
+from shared.kit.auth import Principal, Role, require
+from shared.kit.db import Connection
+from shared.kit.errors import is_transient
+from shared.kit.http import ApiModel
+from shared.kit.service import ServiceRuntime, UnitOfWork
+
+router = APIRouter(prefix="/v1", tags=["subsidy"])
+
+T = TypeVar("T")
+Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+Partner = Annotated[Principal, Depends(require(Role.PARTNER))]
+Reader = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+class ProgramRequest(ApiModel):
+    program_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._@-]{2,99}$", examples=["jal-dual-residence-miles@304018"])
+    title: str = Field(min_length=1, max_length=300)
+    partner: PartnerCode
+    municipality_code: MunicipalityCode
+    mechanism: Mechanism
+    #: Per mechanism, integers only: mileage_grant {required_round_trips, max_one_ways, miles_per_one_way,
+    #: window_days, jpy_per_mile?}; fare_voucher {voucher_jpy, max_one_ways, window_days?};
+    #: fare_discount {discount_percent, max_discount_jpy, max_one_ways, window_days?}.
+    parameters: dict[str, Any]
+    active_from: date
+    active_until: date
+    opening_budget: StrictInt = 0
+
+
+class TopUpRequest(ApiModel):
+    unit: BudgetUnit
+    amount: StrictInt
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class RedemptionRequest(ApiModel):
+    """A trip under a grant, as on ``partner.redemptions.v1`` minus the partner (from the token)."""
+
+    grant_id: str = Field(min_length=1, max_length=200)
+    certificate_number: str = Field(min_length=1, max_length=100)
+    trip_id: str = Field(min_length=1, max_length=200)
+    trip_kind: TripKind
+    travelled_on: date
+    discount_jpy: StrictInt | None = None
+    reported_at: AwareDatetime | None = None
+
+
+def _runtime(request: Request) -> ServiceRuntime:
+    runtime: ServiceRuntime = request.app.state.runtime
+    return runtime
+
+
+async def _in_transaction(request: Request, action: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+    """Run a use case in one transaction, again if the database broke a deadlock or lost the line."""
+    runtime = _runtime(request)
+    for attempt in range(1, 4):
+        try:
+            async with runtime.transaction(getattr(request.state, "correlation_id", None)) as uow:
+                return await action(uow)
+        except Exception as error:
+            if attempt == 3 or not is_transient(error):
+                raise
+            await asyncio.sleep(0.02 * attempt)
+    raise AssertionError("unreachable")
+
+
+async def _idempotent(
+    request: Request, scope: str, key: str | None, body: ApiModel,
+    action: Callable[[UnitOfWork], Awaitable[tuple[int, Any]]],
+) -> JSONResponse:
+    body_hash = idempotency.request_hash(body.model_dump(mode="json"))
+
+    async def run(uow: UnitOfWork) -> tuple[int, Any]:
+        if key is not None:
+            stored = await idempotency.replay(uow.conn, scope, key, body_hash)
+            if stored is not None:
+                return stored.status_code, stored.body
+        status, result = await action(uow)
+        encoded = jsonable_encoder(result)
+        if key is not None:
+            await idempotency.remember(uow.conn, scope, key, body_hash, status, encoded)
+        return status, encoded
+
+    status, result = await _in_transaction(request, run)
+    return JSONResponse(result, status_code=status)
+
+
+# --- programs and budgets -------------------------------------------------------------------------
+
+
+@router.post("/programs", status_code=201, summary="Create a travel program (admin)")
+async def create_program(
+    request: Request, body: ProgramRequest, principal: Admin, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    draft = handlers.ProgramDraft(
+        program_id=body.program_id, title=body.title, partner=body.partner, municipality_code=body.municipality_code,
+        mechanism=body.mechanism, parameters=body.parameters, active_from=body.active_from,
+        active_until=body.active_until, opening_budget=body.opening_budget,
+    )
+
+    async def act(uow: UnitOfWork) -> tuple[int, Any]:
+        program = await handlers.create_program(uow, draft, f"{principal.role}:{principal.subject}", tokyo_today())
+        return 201, await _program_view(uow.conn, program)
+
+    return await _idempotent(request, "subsidy:programs", idempotency_key, body, act)
+
+
+@router.get("/programs/{program_id}", summary="A program with its budget and ledger sums")
+async def get_program(request: Request, program_id: str, principal: Staff) -> dict[str, Any]:
+    async with _runtime(request).pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        program = await handlers.load_program(conn, program_id)
+        principal.ensure_municipality(program.municipality_code)
+        return await _program_view(conn, program)
+
+
+@router.get("/programs/{program_id}/ledger", summary="The program's budget ledger, oldest first")
+async def get_ledger(
+    request: Request, program_id: str, principal: Staff, limit: Limit = 100, offset: Offset = 0
+) -> dict[str, Any]:
+    async with _runtime(request).pool.acquire() as conn:
+        program = await handlers.load_program(conn, program_id)
+        principal.ensure_municipality(program.municipality_code)
+        items, total = await store.ledger_page(conn, program_id, limit, offset)
+    return {"items": jsonable_encoder(items), "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/programs/{program_id}/grants", summary="The program's grants, by status")
+async def get_program_grants(
+    request: Request, program_id: str, principal: Staff, status: GrantStatus | None = None,
+    limit: Limit = 100, offset: Offset = 0,
+) -> dict[str, Any]:
+    async with _runtime(request).pool.acquire() as conn:
+        program = await handlers.load_program(conn, program_id)
+        principal.ensure_municipality(program.municipality_code)
+        items, total = await store.grants_of_program(conn, program_id, status, limit, offset)
+    return {"items": jsonable_encoder(items), "total": total, "limit": limit, "offset": offset}
+
+
+@router.post("/programs/{program_id}/budget", status_code=201, summary="Top up a program's budget")
+async def top_up_budget(
+    request: Request, program_id: str, body: TopUpRequest, principal: Staff, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    async def act(uow: UnitOfWork) -> tuple[int, Any]:
+        result = await handlers.top_up(
+            uow, program_id, principal, body.unit, body.amount, body.reason, tokyo_today()
+        )
+        return 201, {
+            "program_id": result.program_id, "unit": result.unit, "credited": result.credited,
+            "ledger_entry_id": result.entry_id,
+            "budget": {"available": result.available, "reserved": result.reserved, "spent": result.spent},
+            "issued_from_waitlist": result.issued_from_waitlist,
+        }
+
+    return await _idempotent(request, f"subsidy:top-up:{program_id}", idempotency_key, body, act)
+
+
+@router.get("/municipalities/{code}/programs", summary="The municipality's programs and budgets")
+async def municipality_programs(request: Request, code: str, principal: Staff) -> dict[str, Any]:
+    principal.ensure_municipality(code)
+    async with _runtime(request).pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        programs = await store.programs_of_municipality(conn, code)
+        items = [await _program_view(conn, program) for program in programs]
+    return {"items": items, "total": len(items)}
+
+
+async def _program_view(conn: Connection, program: Program) -> dict[str, Any]:
+    """The program with its budget: available (the budget row), reserved and spent (the ledger),
+    checked against the ledger and the grants."""
+    budgets = []
+    grants = await store.grant_sums(conn, program.program_id)
+    for budget in await store.budgets_of_program(conn, program.program_id):
+        sums = await store.ledger_sums(conn, program.program_id, budget.unit)
+        budgets.append({
+            "unit": budget.unit, "available": budget.available, "reserved": sums.reserved, "spent": sums.spent,
+            "credited": sums.available + sums.reserved + sums.spent,
+            "ledger": {
+                "available": sums.available, "reserved": sums.reserved, "spent": sums.spent,
+                "entries": sums.entries, "by_kind": sums.by_kind,
+            },
+            "balanced": budget.available == sums.available
+            and (sums.reserved, sums.spent) == (grants.remaining, grants.drawn),
+        })
+    return {
+        "program_id": program.program_id, "title": program.title, "partner": program.partner,
+        "municipality_code": program.municipality_code, "mechanism": program.mechanism, "unit": program.unit,
+        "parameters": program.parameters.model_dump(exclude_none=True), "grant_value": program.grant_value,
+        "active_from": program.active_from.isoformat(), "active_until": program.active_until.isoformat(),
+        "reference_program": program.reference_program, "budgets": budgets,
+        "grants": await store.grant_counts(conn, program.program_id),
+    }
+
+
+# --- grants and redemptions -----------------------------------------------------------------------
+
+
+@router.get("/residents/{resident_id}/grants", summary="A resident's grants")
+async def resident_grants(
+    request: Request, resident_id: str, principal: Reader, limit: Limit = 100, offset: Offset = 0
+) -> dict[str, Any]:
+    principal.ensure_resident(resident_id)
+    municipality = principal.municipality if principal.role is Role.STAFF else None
+    async with _runtime(request).pool.acquire() as conn:
+        items, total = await store.grants_of_resident(conn, resident_id, municipality, limit, offset)
+    return {"items": jsonable_encoder(items), "total": total, "limit": limit, "offset": offset}
+
+
+@router.post(
+    "/redemptions", status_code=201,
+    summary="Report a trip under a grant (partners that cannot produce to Kafka)",
+    description="201 with the outcome (accepted or refused with a reason) for a new trip id; 200 with the "
+    "first outcome when the same trip is reported again. Reports that cannot be this partner's are problems.",
+)
+async def report_redemption(request: Request, body: RedemptionRequest, principal: Partner) -> JSONResponse:
+    assert principal.partner is not None  # a partner token always names its partner
+    report = handlers.TripReport(
+        partner=principal.partner, grant_id=body.grant_id, certificate_number=body.certificate_number,
+        trip_id=body.trip_id, trip_kind=body.trip_kind, travelled_on=body.travelled_on,
+        discount_jpy=body.discount_jpy, reported_at=body.reported_at or utc_now(),
+    )
+
+    async def act(uow: UnitOfWork) -> handlers.TripOutcome:
+        return await handlers.report_trip(uow, report, "http", tokyo_today())
+
+    outcome = await _in_transaction(request, act)
+    return JSONResponse(jsonable_encoder(outcome.as_json()), status_code=200 if outcome.duplicate else 201)
+
+
+@router.get("/municipalities/{code}/redemptions", summary="The municipality's reported trips and their outcomes")
+async def redemptions(
+    request: Request, code: str, principal: Staff, program_id: str | None = None, limit: Limit = 100,
+    offset: Offset = 0,
+) -> dict[str, Any]:
+    principal.ensure_municipality(code)
+    async with _runtime(request).pool.acquire() as conn:
+        items, total = await store.redemptions_page(conn, code, program_id, limit, offset)
+    return {"items": jsonable_encoder(items), "total": total, "limit": limit, "offset": offset}
+
+
+_CSV_COLUMNS = (
+    "recorded_at", "reported_at", "partner", "trip_id", "program_id", "grant_id", "certificate_number", "trip_kind",
+    "travelled_on", "discount_jpy", "accepted", "reason", "detail", "unit", "amount", "trips_counted", "completed",
+    "channel",
+)
+
+
+@router.get("/municipalities/{code}/redemptions.csv", summary="Every reported trip of the municipality, as CSV")
+async def redemptions_csv(request: Request, code: str, principal: Staff) -> StreamingResponse:
+    principal.ensure_municipality(code)
+    pool = _runtime(request).pool
+
+    async def lines() -> AsyncIterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(_CSV_COLUMNS)
+        yield "\ufeff" + _drain(buffer)
+        rows = 0
+        async for row in store.redemption_rows(pool, code):
+            writer.writerow(_csv_value(row[column]) for column in _CSV_COLUMNS)
+            rows += 1
+            if rows % 200 == 0:
+                yield _drain(buffer)
+        yield _drain(buffer)
+
+    return StreamingResponse(
+        lines(), media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="redemptions-{code}.csv"'},
+    )
+
+
+def _drain(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text
+
+
+def _csv_value(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value  # partners choose trip ids: never let a spreadsheet run one as a formula
+    return value

@@ -1,0 +1,52 @@
+"""What the subsidy service consumes: certificates and donations (one group), trips (another).
+
+Trips get a consumer group of their own so that a burst of partner reports never delays the
+grants of newly issued certificates, and the other way round.
+"""
+
+from __future__ import annotations
+
+from services.subsidy import handlers
+from services.subsidy.domain import tokyo_today
+from shared.contracts.certification import (
+    CertificateExpired,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.donation import DonationReceived, DonationRefunded
+from shared.contracts.partners import TripReported
+from shared.kit.consumer import EventRouter, HandlerContext
+
+certificates_and_donations = EventRouter()
+trips = EventRouter()
+
+
+@certificates_and_donations.on(CertificateIssued, CertificateRenewed)
+async def on_certificate_granted(ctx: HandlerContext, event: CertificateIssued | CertificateRenewed) -> None:
+    await handlers.grant_certificate(ctx, event, tokyo_today())
+
+
+@certificates_and_donations.on(CertificateRevoked, CertificateExpired)
+async def on_certificate_closed(ctx: HandlerContext, event: CertificateRevoked | CertificateExpired) -> None:
+    await handlers.close_certificate(ctx, event, tokyo_today())
+
+
+@certificates_and_donations.on(DonationReceived)
+async def on_donation_received(ctx: HandlerContext, event: DonationReceived) -> None:
+    await handlers.credit_donation(ctx, event, tokyo_today())
+
+
+@certificates_and_donations.on(DonationRefunded)
+async def on_donation_refunded(ctx: HandlerContext, event: DonationRefunded) -> None:
+    await handlers.refund_donation(ctx, event)
+
+
+@trips.on(TripReported)
+async def on_trip_reported(ctx: HandlerContext, event: TripReported) -> None:
+    report = handlers.TripReport(
+        partner=event.partner, grant_id=event.grant_id, certificate_number=event.certificate_number,
+        trip_id=event.trip_id, trip_kind=event.trip_kind, travelled_on=event.travelled_on,
+        discount_jpy=event.discount_jpy, reported_at=event.reported_at,
+    )
+    await handlers.report_trip(ctx, report, "kafka", tokyo_today())
