@@ -1,0 +1,64 @@
+"""Which events the service listens to; each handler is one line into ``handlers``."""
+
+from __future__ import annotations
+
+from services.notification import handlers
+from shared.contracts.base import EventData
+from shared.contracts.certification import (
+    ApplicationRejected,
+    ApplicationSubmitted,
+    CertificateExpired,
+    CertificateExpiring,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.registration import (
+    ConsentChanged,
+    ContactChanged,
+    PremiumApproved,
+    PremiumRejected,
+    PremiumRequested,
+    ResidentRegistered,
+    ResidentWithdrawn,
+)
+from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed, GrantWaitlisted
+from shared.contracts.topics import APPLICATIONS, CERTIFICATES, DONATIONS, GRANTS, RESIDENTS
+from shared.kit.consumer import EventRouter, HandlerContext
+
+TOPICS = (RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, DONATIONS)
+
+router = EventRouter()
+
+
+@router.on(ResidentRegistered)
+async def on_resident_registered(ctx: HandlerContext, event: ResidentRegistered) -> None:
+    await handlers.resident_registered(ctx, event)
+
+
+@router.on(ConsentChanged)
+async def on_consent_changed(ctx: HandlerContext, event: ConsentChanged) -> None:
+    await handlers.consent_changed(ctx, event)
+
+
+@router.on(ContactChanged)
+async def on_contact_changed(ctx: HandlerContext, event: ContactChanged) -> None:
+    await handlers.contact_changed(ctx, event)
+
+
+@router.on(ResidentWithdrawn)
+async def on_resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
+    await handlers.resident_withdrawn(ctx, event)
+
+
+@router.on(
+    PremiumRequested, PremiumApproved, PremiumRejected,
+    ApplicationSubmitted, ApplicationRejected,
+    CertificateIssued, CertificateRenewed, CertificateExpiring, CertificateExpired, CertificateRevoked,
+    GrantIssued, GrantWaitlisted, GrantRedeemed, GrantCancelled,
+    ReceiptIssued, OneStopExceptionVoided,
+)
+async def on_decision(ctx: HandlerContext, event: EventData) -> None:
+    """A decision about a resident: tell them (the event's type decides the message)."""
+    await handlers.notify(ctx, event)

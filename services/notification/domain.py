@@ -1,0 +1,352 @@
+"""What the service decides, without I/O: which events become which messages, how facts are written
+in each language, how the contact projection changes, and how a failed e-mail is retried.
+
+A *notice* is the language-free content of one message: its kind (the template's name) and its
+facts (dates, amounts, municipality codes, free text). Rendering turns it into a subject and a
+body in the resident's language (``templates.py``); every wording lives in the template files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Literal, get_args
+from zoneinfo import ZoneInfo
+
+from shared.contracts.base import EventData
+from shared.contracts.certification import (
+    ApplicationRejected,
+    ApplicationSubmitted,
+    CertificateExpired,
+    CertificateExpiring,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.common import Language
+from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.registration import (
+    ConsentState,
+    PremiumApproved,
+    PremiumRejected,
+    PremiumRequested,
+    ResidentRegistered,
+)
+from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed, GrantWaitlisted
+from shared.kit.errors import Forbidden, NotFound
+from shared.reference import municipality
+
+JAPAN = ZoneInfo("Asia/Tokyo")
+
+Kind = Literal[
+    "registration_confirmed",
+    "premium_requested",
+    "premium_approved",
+    "premium_rejected",
+    "application_received",
+    "application_rejected",
+    "certificate_issued",
+    "certificate_renewed",
+    "certificate_expiring",
+    "certificate_expired",
+    "certificate_revoked",
+    "grant_issued",
+    "grant_waitlisted",
+    "grant_redeemed",
+    "grant_cancelled",
+    "receipt_issued",
+    "one_stop_voided",
+]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+LANGUAGES: tuple[Language, ...] = get_args(Language)
+DEFAULT_LANGUAGE: Language = "ja"
+Unit = Literal["jpy", "miles"]
+
+
+# -- facts: values that are written differently in each language -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Amount:
+    """Money (yen) or miles, always an int."""
+
+    value: int
+    unit: Unit
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A municipality or prefecture, by its 6-digit code."""
+
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Places:
+    codes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """A fixed phrase looked up in the language's label file (``templates/_labels.<lang>.txt``)."""
+
+    key: str
+
+
+Fact = str | int | date | datetime | Amount | Place | Places | Label
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One message to one resident, before it is put into words."""
+
+    kind: Kind
+    resident_id: str
+    facts: Mapping[str, Fact] = field(default_factory=dict)
+
+
+def local_date(moment: datetime) -> date:
+    """The calendar date of an instant in Japan."""
+    return moment.astimezone(JAPAN).date()
+
+
+_MONTHS_EN = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)
+
+
+def format_date(day: date | datetime, language: Language) -> str:
+    """西暦 in Japanese (``2026年11月26日``), day-month-year in English (``26 November 2026``)."""
+    if isinstance(day, datetime):
+        day = local_date(day)
+    if language == "ja":
+        return f"{day.year}年{day.month}月{day.day}日"
+    return f"{day.day} {_MONTHS_EN[day.month - 1]} {day.year}"
+
+
+def format_number(value: int) -> str:
+    return f"{value:,}"
+
+
+def format_amount(amount: Amount, language: Language) -> str:
+    """``30,000円`` / ``¥30,000``; ``30,000マイル`` / ``30,000 miles``."""
+    number = format_number(amount.value)
+    if amount.unit == "jpy":
+        if language == "ja":
+            return f"{number}円"
+        return f"¥{number}"
+    if language == "ja":
+        return f"{number}マイル"
+    return f"{number} mile" if amount.value == 1 else f"{number} miles"
+
+
+def place_name(code: str) -> str:
+    """The municipality's full name (prefecture + name) as written in Japanese, in every language."""
+    return municipality(code).full_name
+
+
+def format_places(codes: Sequence[str], language: Language) -> str:
+    separator = "、" if language == "ja" else ", "
+    return separator.join(place_name(code) for code in codes)
+
+
+# -- which events become which messages -------------------------------------------------------
+
+
+def is_derived_prefecture_row(event: ResidentRegistered) -> bool:
+    """Registering with a municipality also registers with its prefecture: that row is not news."""
+    return event.municipality_code == event.prefecture_code
+
+
+def notice_for(event: EventData) -> Notice | None:
+    """The message an event calls for, or None when it concerns no resident we should tell."""
+    match event:
+        case ResidentRegistered():
+            # Premium sign-ups start pending review and are announced by PremiumRequested.
+            if event.status != "active" or is_derived_prefecture_row(event):
+                return None
+            return Notice("registration_confirmed", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "prefecture": Place(event.prefecture_code),
+                "tier": Label(f"tier.{event.tier}"),
+                "registered_on": event.registered_at,
+            })
+        case PremiumRequested():
+            return Notice("premium_requested", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "activity_count": event.activity_count,
+                "requested_on": event.requested_at,
+            })
+        case PremiumApproved():
+            return Notice("premium_approved", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "valid_until": event.valid_until,
+                "decided_on": event.decided_at,
+            })
+        case PremiumRejected():
+            return Notice("premium_rejected", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "reason": event.reason,
+                "decided_on": event.decided_at,
+            })
+        case ApplicationSubmitted():
+            return Notice("application_received", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "application_id": event.application_id,
+                "submitted_on": event.submitted_at,
+            })
+        case ApplicationRejected():
+            return Notice("application_rejected", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "application_id": event.application_id,
+                "reason": event.reason,
+                "decided_on": event.decided_at,
+            })
+        case CertificateIssued() | CertificateRenewed():
+            kind: Kind = "certificate_issued" if isinstance(event, CertificateIssued) else "certificate_renewed"
+            return Notice(kind, event.resident_id, _certificate_facts(event))
+        case CertificateExpiring():
+            return Notice("certificate_expiring", event.resident_id, {
+                **_certificate_facts(event), "days_left": event.days_left,
+            })
+        case CertificateExpired():
+            return Notice("certificate_expired", event.resident_id, {
+                **_certificate_facts(event), "expired_on": event.expired_on,
+            })
+        case CertificateRevoked():
+            return Notice("certificate_revoked", event.resident_id, {
+                **_certificate_facts(event), "reason": event.reason, "revoked_on": event.revoked_at,
+            })
+        case GrantIssued():
+            return Notice("grant_issued", event.resident_id, {
+                **_grant_facts(event.partner, event.municipality_code, event.program_id, event.certificate_number),
+                "amount": Amount(event.reserved, event.unit),
+                "window_from": event.window_from,
+                "window_until": event.window_until,
+            })
+        case GrantWaitlisted():
+            return Notice("grant_waitlisted", event.resident_id, {
+                **_grant_facts(event.partner, event.municipality_code, event.program_id, event.certificate_number),
+                "amount": Amount(event.needed, event.unit),
+                "position": event.position,
+            })
+        case GrantRedeemed():
+            return Notice("grant_redeemed", event.resident_id, {
+                **_grant_facts(event.partner, event.municipality_code, event.program_id, event.certificate_number),
+                "amount": Amount(event.amount, event.unit),
+                "trips_counted": event.trips_counted,
+                "completion": Label("grant.completed" if event.completed else "grant.in_progress"),
+                "redeemed_on": event.redeemed_at,
+            })
+        case GrantCancelled():
+            return Notice("grant_cancelled", event.resident_id, {
+                **_grant_facts(event.partner, event.municipality_code, event.program_id, event.certificate_number),
+                "reason": event.reason,
+                "cancelled_on": event.cancelled_at,
+            })
+        case ReceiptIssued():
+            if event.resident_id is None:  # a donor who is not a registered resident: no inbox
+                return None
+            return Notice("receipt_issued", event.resident_id, {
+                "municipality": Place(event.municipality_code),
+                "receipt_number": event.receipt_number,
+                "amount": Amount(event.amount_jpy, "jpy"),
+                "calendar_year": str(event.calendar_year),
+                "issued_on": event.issued_at,
+            })
+        case OneStopExceptionVoided():
+            if event.resident_id is None:
+                return None
+            return Notice("one_stop_voided", event.resident_id, {
+                "calendar_year": str(event.calendar_year),
+                "municipalities": Places(tuple(event.municipality_codes)),
+                "municipality_count": len(event.municipality_codes),
+                "voided_on": event.voided_at,
+            })
+    return None
+
+
+def _certificate_facts(
+    event: CertificateIssued | CertificateRenewed | CertificateExpiring | CertificateExpired | CertificateRevoked,
+) -> dict[str, Fact]:
+    return {
+        "certificate_number": event.certificate_number,
+        "municipality": Place(event.municipality_code),
+        "valid_from": event.valid_from,
+        "valid_until": event.valid_until,
+    }
+
+
+def _grant_facts(partner: str, municipality_code: str, program_id: str, certificate_number: str) -> dict[str, Fact]:
+    return {
+        "partner": Label(f"partner.{partner}"),
+        "municipality": Place(municipality_code),
+        "program_id": program_id,
+        "certificate_number": certificate_number,
+    }
+
+
+# -- the contact projection --------------------------------------------------------------------
+
+
+def email_consent(consents: Sequence[ConsentState]) -> ConsentState | None:
+    """The latest e-mail consent in a list of consents (None if the list says nothing about e-mail)."""
+    latest: ConsentState | None = None
+    for consent in consents:
+        if consent.purpose == "email" and (latest is None or consent.at >= latest.at):
+            latest = consent
+    return latest
+
+
+# -- e-mail delivery: retries and failures -----------------------------------------------------
+
+SmtpStage = Literal["connect", "mail", "rcpt", "data"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff for temporary SMTP failures, with a cap and a last attempt."""
+
+    base: timedelta = timedelta(seconds=30)
+    cap: timedelta = timedelta(hours=1)
+    max_attempts: int = 12
+
+    def delay(self, attempts: int) -> timedelta:
+        """The wait after the ``attempts``-th failed attempt (1 → base, 2 → 2·base, ... ≤ cap)."""
+        exponent = max(attempts - 1, 0)
+        return min(self.base * (1 << min(exponent, 30)), self.cap)
+
+    def gives_up_after(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts
+
+
+def is_permanent_smtp_failure(stage: SmtpStage, code: int | None) -> bool:
+    """Only a 5xx answer about this message (recipient or content) is final.
+
+    A refused connection, a 4xx, or a 5xx to our own MAIL FROM / login is a problem of the
+    server or of our configuration: retrying later, with backoff, can succeed.
+    """
+    return code is not None and 500 <= code <= 599 and stage in ("rcpt", "data")
+
+
+def scrub_address(reason: str, address: str | None) -> str:
+    """A server's reason without the recipient's address in it (failure events carry no personal data)."""
+    if address:
+        reason = re.sub(re.escape(address), "<recipient>", reason, flags=re.IGNORECASE)
+    return reason[:500]
+
+
+# -- rules a caller of the HTTP API can break ----------------------------------------------------
+
+
+class NotificationNotFound(NotFound):
+    code = "notification-not-found"
+    title = "The resident has no such notification"
+
+
+class OtherResidentsNotifications(Forbidden):
+    code = "other-residents-notifications"
+    title = "A resident may only see their own notifications"

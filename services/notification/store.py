@@ -1,0 +1,357 @@
+"""All SQL of the notification service (asyncpg, no ORM)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from shared.contracts.common import Language
+from shared.kit.db import Connection
+
+# -- the contact projection -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    resident_id: str
+    name: str | None
+    email: str | None
+    language: Language
+    email_consent: bool
+    bounced_email: str | None
+    withdrawn_at: datetime | None
+
+    @property
+    def can_receive_email(self) -> bool:
+        return self.withdrawn_at is None and self.email_consent and bool(self.email)
+
+    @property
+    def address_bounced(self) -> bool:
+        return self.email is not None and self.bounced_email is not None and (
+            self.email.strip().lower() == self.bounced_email.strip().lower()
+        )
+
+
+_RESIDENT_COLUMNS = "resident_id, name, email, preferred_language, email_consent, bounced_email, withdrawn_at"
+
+
+def _resident(row: asyncpg.Record) -> Resident:
+    return Resident(
+        resident_id=row["resident_id"], name=row["name"], email=row["email"], language=row["preferred_language"],
+        email_consent=row["email_consent"], bounced_email=row["bounced_email"], withdrawn_at=row["withdrawn_at"],
+    )
+
+
+async def get_resident(conn: Connection, resident_id: str) -> Resident | None:
+    row = await conn.fetchrow(f"SELECT {_RESIDENT_COLUMNS} FROM residents WHERE resident_id = $1", resident_id)
+    return _resident(row) if row is not None else None
+
+
+async def residents_by_id(conn: Connection, resident_ids: list[str]) -> dict[str, Resident]:
+    rows = await conn.fetch(
+        f"SELECT {_RESIDENT_COLUMNS} FROM residents WHERE resident_id = ANY($1::text[])", resident_ids
+    )
+    return {row["resident_id"]: _resident(row) for row in rows}
+
+
+async def save_contact(conn: Connection, resident_id: str, name: str, email: str, language: Language) -> None:
+    """Record how to reach the resident (a registration after a withdrawal starts afresh)."""
+    await conn.execute(
+        """
+        INSERT INTO residents (resident_id, name, email, preferred_language)
+        VALUES ($1, $2, $3, $4)
+        ON CONFLICT (resident_id) DO UPDATE SET
+            name = EXCLUDED.name, email = EXCLUDED.email, preferred_language = EXCLUDED.preferred_language,
+            withdrawn_at = NULL,
+            -- a new address gets a fresh chance; the refused one stays refused
+            bounced_email = CASE WHEN lower(residents.email) = lower(EXCLUDED.email)
+                                 THEN residents.bounced_email END,
+            bounce_reason = CASE WHEN lower(residents.email) = lower(EXCLUDED.email)
+                                 THEN residents.bounce_reason END,
+            updated_at = now()
+        """,
+        resident_id, name, email, language,
+    )
+
+
+async def save_email_consent(conn: Connection, resident_id: str, granted: bool, at: datetime) -> None:
+    """Apply a consent unless a later one is already recorded (a stale copy changes nothing)."""
+    await conn.execute(
+        """
+        INSERT INTO residents (resident_id, email_consent, email_consent_at) VALUES ($1, $2, $3)
+        ON CONFLICT (resident_id) DO UPDATE SET
+            email_consent = EXCLUDED.email_consent, email_consent_at = EXCLUDED.email_consent_at, updated_at = now()
+        WHERE residents.email_consent_at IS NULL OR residents.email_consent_at <= EXCLUDED.email_consent_at
+        """,
+        resident_id, granted, at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    messages: int
+    emails: int
+
+
+async def erase_resident(conn: Connection, resident_id: str, withdrawn_at: datetime) -> Erasure:
+    """Delete the inbox and every e-mail (sent or not) and keep only a tombstone of the resident."""
+    messages = await conn.execute("DELETE FROM messages WHERE resident_id = $1", resident_id)
+    emails = await conn.execute("DELETE FROM email_outbox WHERE resident_id = $1", resident_id)
+    await conn.execute(
+        """
+        INSERT INTO residents (resident_id, withdrawn_at) VALUES ($1, $2)
+        ON CONFLICT (resident_id) DO UPDATE SET
+            name = NULL, email = NULL, preferred_language = 'ja', email_consent = false,
+            email_consent_at = EXCLUDED.withdrawn_at, bounced_email = NULL, bounce_reason = NULL,
+            withdrawn_at = EXCLUDED.withdrawn_at, updated_at = now()
+        """,
+        resident_id, withdrawn_at,
+    )
+    return Erasure(_count(messages), _count(emails))
+
+
+async def record_bounce(conn: Connection, resident_id: str, address: str, reason: str) -> None:
+    await conn.execute(
+        """
+        UPDATE residents SET bounced_email = $2, bounce_reason = $3, updated_at = now()
+        WHERE resident_id = $1 AND lower(email) = lower($2)
+        """,
+        resident_id, address, reason,
+    )
+
+
+# -- the inbox ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: uuid.UUID
+    resident_id: str
+    kind: str
+    language: Language
+    subject: str
+    body: str
+    source_event_id: uuid.UUID
+    source_event_type: str
+
+
+async def insert_message(conn: Connection, message: NewMessage) -> datetime | None:
+    """Add the message; its creation time, or None if this event already produced one."""
+    created: datetime | None = await conn.fetchval(
+        """
+        INSERT INTO messages (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        ON CONFLICT (source_event_id, resident_id) DO NOTHING
+        RETURNING created_at
+        """,
+        message.id, message.resident_id, message.kind, message.language, message.subject, message.body,
+        message.source_event_id, message.source_event_type,
+    )
+    return created
+
+
+_MESSAGE_COLUMNS = "id, resident_id, kind, language, subject, body, source_event_type, created_at, read_at"
+
+
+async def list_messages(
+    conn: Connection | asyncpg.Pool, resident_id: str, *, unread: bool | None, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    where = "resident_id = $1"
+    if unread is True:
+        where += " AND read_at IS NULL"
+    elif unread is False:
+        where += " AND read_at IS NOT NULL"
+    rows = await conn.fetch(
+        f"""
+        SELECT {_MESSAGE_COLUMNS}, count(*) OVER () AS total FROM messages WHERE {where}
+        ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3
+        """,
+        resident_id, limit, offset,
+    )
+    if rows:
+        total = int(rows[0]["total"])
+    else:
+        total = int(await conn.fetchval(f"SELECT count(*) FROM messages WHERE {where}", resident_id))
+    return [{k: v for k, v in row.items() if k != "total"} for row in rows], total
+
+
+async def unread_count(conn: Connection | asyncpg.Pool, resident_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT count(*) FROM messages WHERE resident_id = $1 AND read_at IS NULL", resident_id
+    )
+    return int(value)
+
+
+async def mark_read(conn: Connection | asyncpg.Pool, resident_id: str, message_id: uuid.UUID) -> dict[str, Any] | None:
+    """Mark the message read (the first read time stays); None if the resident has no such message."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE messages SET read_at = coalesce(read_at, now())
+        WHERE id = $1 AND resident_id = $2
+        RETURNING {_MESSAGE_COLUMNS}
+        """,
+        message_id, resident_id,
+    )
+    return dict(row.items()) if row is not None else None
+
+
+# -- e-mails -------------------------------------------------------------------------------
+
+
+async def insert_email(conn: Connection, message: NewMessage, email_id: uuid.UUID) -> bool:
+    """Queue the e-mail of a message; False if this event already queued one for this resident."""
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO email_outbox
+            (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        ON CONFLICT (source_event_id, channel, resident_id) DO NOTHING
+        RETURNING 1
+        """,
+        email_id, message.resident_id, message.kind, message.language, message.subject, message.body,
+        message.source_event_id, message.source_event_type,
+    )
+    return inserted is not None
+
+
+async def wake_sender(conn: Connection, channel: str) -> None:
+    """Tell the senders there is mail (delivered when the transaction commits)."""
+    await conn.execute("SELECT pg_notify($1, '')", channel)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEmail:
+    id: uuid.UUID
+    resident_id: str
+    kind: str
+    language: Language
+    subject: str
+    body: str
+    source_event_id: uuid.UUID
+    source_event_type: str
+    attempts: int
+    #: The resident as of the claim (None if erased meanwhile).
+    resident: Resident | None
+
+
+async def claim_due_emails(conn: Connection, limit: int, lease: timedelta) -> list[ClaimedEmail]:
+    """Take due rows for this sender: 'sending', one more attempt, and a lease until which no one else may.
+
+    Rows locked by another sender's claim are skipped, so two replicas never take the same row; a
+    row whose lease ran out (its sender died mid-send) is due again.
+    """
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
+            WITH due AS (
+                SELECT id FROM email_outbox
+                WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
+                ORDER BY next_attempt_at, created_at
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE email_outbox e SET
+                status = 'sending', attempts = e.attempts + 1, last_attempt_at = now(),
+                next_attempt_at = now() + $2::interval
+            FROM due WHERE e.id = due.id
+            RETURNING e.id, e.resident_id, e.kind, e.language, e.subject, e.body, e.source_event_id,
+                      e.source_event_type, e.attempts
+            """,
+            limit, lease,
+        )
+        residents = await residents_by_id(conn, list({row["resident_id"] for row in rows}))
+    return [
+        ClaimedEmail(
+            id=row["id"], resident_id=row["resident_id"], kind=row["kind"], language=row["language"],
+            subject=row["subject"], body=row["body"], source_event_id=row["source_event_id"],
+            source_event_type=row["source_event_type"], attempts=row["attempts"],
+            resident=residents.get(row["resident_id"]),
+        )
+        for row in sorted(rows, key=lambda r: (r["resident_id"], r["id"]))
+    ]
+
+
+async def mark_sending_recipient(conn: Connection | asyncpg.Pool, email: ClaimedEmail, recipient: str) -> bool:
+    """Record the address this attempt goes to, just before connecting (still ours?)."""
+    result = await conn.execute(
+        "UPDATE email_outbox SET recipient = $3 WHERE id = $1 AND status = 'sending' AND attempts = $2",
+        email.id, email.attempts, recipient,
+    )
+    return _count(result) == 1
+
+
+async def finish_email(
+    conn: Connection | asyncpg.Pool, email: ClaimedEmail, status: str, error: str | None = None
+) -> datetime | None:
+    """Close this attempt as sent, failed or cancelled; None if the claim is no longer ours."""
+    finished: datetime | None = await conn.fetchval(
+        """
+        UPDATE email_outbox SET status = $3, finished_at = now(), last_error = coalesce($4, last_error)
+        WHERE id = $1 AND status = 'sending' AND attempts = $2
+        RETURNING finished_at
+        """,
+        email.id, email.attempts, status, error,
+    )
+    return finished
+
+
+async def retry_email_later(
+    conn: Connection | asyncpg.Pool, email: ClaimedEmail, delay: timedelta, error: str
+) -> bool:
+    result = await conn.execute(
+        """
+        UPDATE email_outbox SET status = 'pending', next_attempt_at = now() + $3::interval, last_error = $4
+        WHERE id = $1 AND status = 'sending' AND attempts = $2
+        """,
+        email.id, email.attempts, delay, error,
+    )
+    return _count(result) == 1
+
+
+async def release_claims(conn: Connection | asyncpg.Pool, emails: list[ClaimedEmail]) -> None:
+    """Give back rows this sender claimed but never tried (shutting down): due again at once."""
+    for email in emails:
+        await conn.execute(
+            """
+            UPDATE email_outbox SET status = 'pending', attempts = attempts - 1, next_attempt_at = now()
+            WHERE id = $1 AND status = 'sending' AND attempts = $2
+            """,
+            email.id, email.attempts,
+        )
+
+
+async def seconds_until_next_due(conn: Connection | asyncpg.Pool) -> float | None:
+    value = await conn.fetchval(
+        """
+        SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM email_outbox
+        WHERE status IN ('pending', 'sending')
+        """
+    )
+    return float(value) if value is not None else None
+
+
+async def list_emails(
+    conn: Connection | asyncpg.Pool, resident_id: str, *, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    rows = await conn.fetch(
+        """
+        SELECT id, kind, language, status, attempts, last_error, source_event_type, created_at,
+               last_attempt_at, next_attempt_at, finished_at, count(*) OVER () AS total
+        FROM email_outbox WHERE resident_id = $1
+        ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3
+        """,
+        resident_id, limit, offset,
+    )
+    if rows:
+        total = int(rows[0]["total"])
+    else:
+        total = int(await conn.fetchval("SELECT count(*) FROM email_outbox WHERE resident_id = $1", resident_id))
+    return [{k: v for k, v in row.items() if k != "total"} for row in rows], total
+
+
+def _count(command_tag: str) -> int:
+    return int(command_tag.split()[-1])

@@ -1,0 +1,384 @@
+"""Notification: which events become which messages, and every message in Japanese and English.
+
+``sample_events`` is shared with the integration tests: one event of every kind that makes a
+message, with facts the assertions below look for in the text.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+
+from services.notification.domain import (
+    KINDS,
+    Amount,
+    Notice,
+    Place,
+    RetryPolicy,
+    email_consent,
+    format_amount,
+    format_date,
+    is_permanent_smtp_failure,
+    notice_for,
+    scrub_address,
+)
+from services.notification.templates import (
+    TemplateError,
+    check_templates,
+    parse_template,
+    render,
+)
+from shared.contracts.base import EventData
+from shared.contracts.certification import (
+    ApplicationRejected,
+    ApplicationSubmitted,
+    CertificateExpired,
+    CertificateExpiring,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.common import Language
+from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.registration import (
+    ConsentState,
+    Contact,
+    PremiumApproved,
+    PremiumExpired,
+    PremiumRejected,
+    PremiumRequested,
+    ResidentRegistered,
+)
+from shared.contracts.subsidy import (
+    GrantCancelled,
+    GrantIssued,
+    GrantRedeemed,
+    GrantRedemptionRejected,
+    GrantWaitlisted,
+)
+
+SHIRAHAMA = "304018"  # 和歌山県白浜町
+WAKAYAMA = "300004"  # 和歌山県
+SADO = "152242"  # 新潟県佐渡市
+KAMISHIHORO = "016331"  # 北海道上士幌町
+IKI = "422100"  # 長崎県壱岐市
+MITOYO = "372081"  # 香川県三豊市
+SUSAKI = "392065"  # 高知県須崎市
+
+# 2026-11-25 20:00 UTC is already 26 November in Japan: dates are written in Japan time.
+DECIDED = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
+
+
+def registration(
+    resident_id: str, *, name: str = "山田 太郎", email: str = "taro@example.jp", language: Language = "ja",
+    email_consent: bool = True, municipality: str = SHIRAHAMA, prefecture: str = WAKAYAMA,
+    status: str = "active", tier: str = "basic",
+) -> ResidentRegistered:
+    return ResidentRegistered.model_validate({
+        "resident_id": resident_id, "registration_id": f"reg-{resident_id}-{municipality}",
+        "municipality_code": municipality, "prefecture_code": prefecture, "tier": tier, "status": status,
+        "legal_address_code": "131121",
+        "contact": Contact(name=name, name_kana="ヤマダ タロウ", email=email, preferred_language=language),
+        "consents": [ConsentState(purpose="email", granted=email_consent, at=DECIDED - timedelta(days=1))],
+        "registered_at": DECIDED,
+    })
+
+
+def sample_events(resident_id: str) -> dict[str, EventData]:
+    """One event per message kind (the key), all about ``resident_id``."""
+    certificate = {
+        "certificate_number": f"C-304018-{resident_id[-6:]}", "resident_id": resident_id,
+        "municipality_code": SHIRAHAMA, "valid_from": date(2026, 11, 26), "valid_until": date(2027, 11, 25),
+        "status": "valid",
+    }
+    grant = {
+        "grant_id": f"g-{resident_id}", "program_id": "jal-dual-residence-miles", "partner": "jal",
+        "mechanism": "mileage_grant", "certificate_number": certificate["certificate_number"],
+        "resident_id": resident_id, "municipality_code": SHIRAHAMA,
+    }
+    return {
+        "registration_confirmed": registration(resident_id),
+        "premium_requested": PremiumRequested(
+            resident_id=resident_id, registration_id="reg-p", municipality_code=SADO, activity_count=3,
+            requested_at=DECIDED,
+        ),
+        "premium_approved": PremiumApproved(
+            resident_id=resident_id, registration_id="reg-p", municipality_code=SADO,
+            valid_until=date(2027, 3, 31), decided_at=DECIDED,
+        ),
+        "premium_rejected": PremiumRejected(
+            resident_id=resident_id, registration_id="reg-p", municipality_code=SADO,
+            reason="活動実績の証明書類が不足しています", decided_at=DECIDED,
+        ),
+        "application_received": ApplicationSubmitted(
+            application_id="A-2026-000123", resident_id=resident_id, municipality_code=SHIRAHAMA,
+            primary_residence_code="131121", planned_stay_days=60, housing_basis="rented", submitted_at=DECIDED,
+        ),
+        "application_rejected": ApplicationRejected(
+            application_id="A-2026-000124", resident_id=resident_id, municipality_code=SHIRAHAMA,
+            reason="planned stay below 30 days", decided_at=DECIDED,
+        ),
+        "certificate_issued": CertificateIssued.model_validate(
+            {**certificate, "application_id": "A-2026-000123", "issued_at": DECIDED}
+        ),
+        "certificate_renewed": CertificateRenewed.model_validate(
+            {**certificate, "valid_from": date(2027, 11, 26), "valid_until": date(2028, 11, 25), "renewed_at": DECIDED}
+        ),
+        "certificate_expiring": CertificateExpiring.model_validate({**certificate, "days_left": 30}),
+        "certificate_expired": CertificateExpired.model_validate(
+            {**certificate, "status": "expired", "expired_on": date(2027, 11, 26)}
+        ),
+        "certificate_revoked": CertificateRevoked.model_validate(
+            {**certificate, "status": "revoked", "reason": "虚偽の申請が判明したため", "revoked_at": DECIDED}
+        ),
+        "grant_issued": GrantIssued.model_validate({
+            **grant, "unit": "miles", "reserved": 30000, "window_from": date(2026, 12, 1),
+            "window_until": date(2027, 3, 31), "member_number": "JMB123456789", "issued_at": DECIDED,
+        }),
+        "grant_waitlisted": GrantWaitlisted.model_validate(
+            {**grant, "unit": "miles", "needed": 30000, "position": 4, "waitlisted_at": DECIDED}
+        ),
+        "grant_redeemed": GrantRedeemed.model_validate({
+            **grant, "partner": "ana", "mechanism": "fare_discount", "program_id": "ana-dual-residence-fare",
+            "trip_id": "T-1", "unit": "jpy", "amount": 12500, "trips_counted": 2, "completed": False,
+            "redeemed_at": DECIDED,
+        }),
+        "grant_cancelled": GrantCancelled.model_validate(
+            {**grant, "unit": "miles", "released": 30000, "reason": "certificate revoked", "cancelled_at": DECIDED}
+        ),
+        "receipt_issued": ReceiptIssued(
+            receipt_number="304018-2026-000042", donation_id="d-1", municipality_code=SHIRAHAMA, donor_id="donor-1",
+            resident_id=resident_id, amount_jpy=30000, calendar_year=2026, issued_at=DECIDED,
+        ),
+        "one_stop_voided": OneStopExceptionVoided(
+            donor_id="donor-1", resident_id=resident_id, calendar_year=2026,
+            municipality_codes=[SHIRAHAMA, SADO, KAMISHIHORO, IKI, MITOYO, SUSAKI], voided_at=DECIDED,
+        ),
+    }
+
+
+#: What each kind's text must contain, in each language (besides the resident's name).
+EXPECTED: dict[str, dict[Language, list[str]]] = {
+    "registration_confirmed": {
+        "ja": ["和歌山県白浜町", "ベーシック", "2026年11月26日", "和歌山県"],
+        "en": ["和歌山県白浜町", "basic", "26 November 2026"],
+    },
+    "premium_requested": {
+        "ja": ["新潟県佐渡市", "3件", "2026年11月26日"], "en": ["新潟県佐渡市", "Activities submitted: 3"],
+    },
+    "premium_approved": {"ja": ["新潟県佐渡市", "2027年3月31日"], "en": ["Valid until: 31 March 2027"]},
+    "premium_rejected": {
+        "ja": ["理由: 活動実績の証明書類が不足しています"], "en": ["Reason: 活動実績の証明書類が不足しています"],
+    },
+    "application_received": {"ja": ["A-2026-000123", "和歌山県白浜町"], "en": ["Application number: A-2026-000123"]},
+    "application_rejected": {
+        "ja": ["理由: planned stay below 30 days", "A-2026-000124"], "en": ["Reason: planned stay below 30 days"],
+    },
+    "certificate_issued": {
+        "ja": ["証明書番号: C-304018-", "有効期間: 2026年11月26日から2027年11月25日まで"],
+        "en": ["Certificate number: C-304018-", "Valid from 26 November 2026 until 25 November 2027"],
+    },
+    "certificate_renewed": {
+        "ja": ["2027年11月26日から2028年11月25日まで"],
+        "en": ["Now valid from 26 November 2027 until 25 November 2028"],
+    },
+    "certificate_expiring": {
+        "ja": ["あと30日", "2027年11月25日"], "en": ["expires in 30 days", "expires on 25 November 2027"],
+    },
+    "certificate_expired": {
+        "ja": ["2027年11月25日をもって有効期限が切れました"], "en": ["expired after 25 November 2027"],
+    },
+    "certificate_revoked": {
+        "ja": ["理由: 虚偽の申請が判明したため", "2026年11月26日"],
+        "en": ["Reason: 虚偽の申請が判明したため", "on 26 November 2026"],
+    },
+    "grant_issued": {
+        "ja": ["30,000マイル", "日本航空", "2026年12月1日から2027年3月31日まで"],
+        "en": ["Amount: 30,000 miles", "(JAL)", "Usable from 1 December 2026 until 31 March 2027"],
+    },
+    "grant_waitlisted": {
+        "ja": ["4番目", "30,000マイル"], "en": ["Position on the waiting list: 4", "Amount needed: 30,000 miles"],
+    },
+    "grant_redeemed": {
+        "ja": ["12,500円", "2回", "全日本空輸", "引き続きご利用いただけます"],
+        "en": ["¥12,500", "Trips counted so far: 2", "(ANA)", "You can keep using"],
+    },
+    "grant_cancelled": {"ja": ["理由: certificate revoked"], "en": ["Reason: certificate revoked"]},
+    "receipt_issued": {
+        "ja": ["304018-2026-000042", "30,000円", "2026年"], "en": ["Receipt number: 304018-2026-000042", "¥30,000"],
+    },
+    "one_stop_voided": {
+        "ja": ["2026年のワンストップ特例", "和歌山県白浜町、新潟県佐渡市", "6団体", "確定申告"],
+        "en": ["for 2026", "和歌山県白浜町, 新潟県佐渡市", "Municipalities (6)", "file a tax return"],
+    },
+}
+
+
+def test_the_samples_cover_every_kind() -> None:
+    assert set(sample_events("r-000001")) == set(KINDS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("language", ["ja", "en"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_renders_its_facts_in_both_languages(kind: str, language: Language) -> None:
+    event = sample_events("r-000001")[kind]
+    notice = notice_for(event)
+    assert notice is not None and notice.kind == kind and notice.resident_id == "r-000001"
+    rendered = render(notice, language, "山田 太郎")
+    text = rendered.subject + "\n" + rendered.body
+    assert "山田 太郎" in rendered.body
+    for expected in EXPECTED[kind][language]:
+        assert expected in text, f"{kind}.{language}: {expected!r} not in\n{text}"
+    assert "$" not in text.replace("¥", "")
+    assert rendered.subject and "\n" not in rendered.subject
+    if language == "en":  # English text never falls back to Japanese words of our own
+        assert "様" not in text and "日本航空" not in text
+
+
+def test_specific_subjects_and_greetings() -> None:
+    issued = notice_for(sample_events("r-000001")["certificate_issued"])
+    assert issued is not None
+    ja = render(issued, "ja", "佐藤 花子")
+    en = render(issued, "en", "Hanako Sato")
+    assert ja.subject == "二地域居住者証明書を発行しました（C-304018-000001）"
+    assert ja.body.startswith("佐藤 花子 様\n")
+    assert en.subject == "Your dual-resident certificate is issued (C-304018-000001)"
+    assert en.body.startswith("Dear Hanako Sato,\n")
+
+
+def test_an_unknown_resident_is_greeted_generically() -> None:
+    notice = notice_for(sample_events("r-000001")["receipt_issued"])
+    assert notice is not None
+    assert render(notice, "ja", None).body.startswith("ご登録者 様")
+    assert render(notice, "en", None).body.startswith("Dear registrant,")
+
+
+def test_a_completed_grant_says_so() -> None:
+    event = sample_events("r-000001")["grant_redeemed"]
+    assert isinstance(event, GrantRedeemed)
+    notice = notice_for(event.model_copy(update={"completed": True, "unit": "miles", "amount": 30000}))
+    assert notice is not None
+    assert "支援の全額をご利用いただきました" in render(notice, "ja", "x").body
+    assert "30,000 miles" in render(notice, "en", "x").body
+    assert "used your travel support in full" in render(notice, "en", "x").body
+
+
+def test_an_unknown_partner_is_named_by_its_code() -> None:
+    event = sample_events("r-000001")["grant_issued"]
+    assert isinstance(event, GrantIssued)
+    notice = notice_for(event.model_copy(update={"partner": "newair"}))
+    assert notice is not None
+    assert "NEWAIR" in render(notice, "en", "x").subject
+
+
+# -- which events make a message ------------------------------------------------------------------
+
+
+def test_only_an_active_municipal_registration_is_confirmed() -> None:
+    assert notice_for(registration("r-1")) is not None
+    # The derived prefecture row (registering with 白浜町 also registers with 和歌山県): no second message.
+    assert notice_for(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA)) is None
+    # A premium sign-up pending review is announced by PremiumRequested, not here.
+    assert notice_for(registration("r-1", status="pending_review", tier="premium")) is None
+
+
+def test_donations_without_a_resident_and_unlisted_events_make_no_message() -> None:
+    samples = sample_events("r-1")
+    receipt = samples["receipt_issued"]
+    voided = samples["one_stop_voided"]
+    assert notice_for(receipt.model_copy(update={"resident_id": None})) is None
+    assert notice_for(voided.model_copy(update={"resident_id": None})) is None
+    assert notice_for(DonationReceived(
+        donation_id="d", municipality_code=SHIRAHAMA, donor_id="x", resident_id="r-1", kind="hometown_tax",
+        unit="jpy", amount=10000, earmark="general", payment_date=date(2026, 1, 1), calendar_year=2026,
+        received_at=DECIDED,
+    )) is None
+    assert notice_for(PremiumExpired(
+        resident_id="r-1", registration_id="x", municipality_code=SADO, expired_on=date(2027, 1, 1)
+    )) is None
+    assert notice_for(GrantRedemptionRejected(
+        grant_id="g", program_id="p", partner="jal", mechanism="mileage_grant", certificate_number="c",
+        resident_id="r-1", municipality_code=SHIRAHAMA, trip_id="t", reason="over_count", detail="",
+        rejected_at=DECIDED,
+    )) is None
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+
+def test_dates_are_written_in_japan_time() -> None:
+    assert format_date(date(2026, 11, 26), "ja") == "2026年11月26日"
+    assert format_date(date(2026, 11, 26), "en") == "26 November 2026"
+    assert format_date(date(2027, 1, 3), "en") == "3 January 2027"
+    assert format_date(datetime(2026, 12, 31, 15, 0, tzinfo=UTC), "ja") == "2027年1月1日"
+    assert format_date(datetime(2026, 12, 31, 14, 59, tzinfo=UTC), "ja") == "2026年12月31日"
+
+
+def test_yen_and_miles() -> None:
+    assert format_amount(Amount(30000, "jpy"), "ja") == "30,000円"
+    assert format_amount(Amount(30000, "jpy"), "en") == "¥30,000"
+    assert format_amount(Amount(1234567, "jpy"), "en") == "¥1,234,567"
+    assert format_amount(Amount(30000, "miles"), "ja") == "30,000マイル"
+    assert format_amount(Amount(30000, "miles"), "en") == "30,000 miles"
+    assert format_amount(Amount(1, "miles"), "en") == "1 mile"
+    assert format_amount(Amount(0, "jpy"), "ja") == "0円"
+
+
+# -- templates -----------------------------------------------------------------------------------
+
+
+def test_every_template_file_exists_and_parses() -> None:
+    check_templates()
+
+
+def test_malformed_templates_are_refused() -> None:
+    with pytest.raises(TemplateError, match="Subject"):
+        parse_template("Hello\n\nbody", "x.ja.txt")
+    with pytest.raises(TemplateError, match="blank line"):
+        parse_template("Subject: hi\nbody", "x.ja.txt")
+    template = parse_template("Subject: $a\n\n$b and $$\n", "x.ja.txt")
+    assert template.subject.substitute(a="1") == "1"
+    assert template.body.substitute(b="2") == "2 and $\n"
+
+
+def test_a_missing_fact_is_an_error_not_a_blank() -> None:
+    notice = Notice("certificate_issued", "r-1", {"municipality": Place(SHIRAHAMA)})
+    with pytest.raises(TemplateError, match="certificate_issued"):
+        render(notice, "ja", "x")
+
+
+# -- the contact projection and e-mail retries ---------------------------------------------------
+
+
+def test_the_latest_email_consent_wins() -> None:
+    early = ConsentState(purpose="email", granted=True, at=DECIDED)
+    late = ConsentState(purpose="email", granted=False, at=DECIDED + timedelta(hours=1))
+    other = ConsentState(purpose="share_certificate", partner="jal", granted=True, at=DECIDED + timedelta(days=1))
+    assert email_consent([late, early, other]) == late
+    assert email_consent([other]) is None
+    assert email_consent([]) is None
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    policy = RetryPolicy(base=timedelta(seconds=30), cap=timedelta(minutes=5), max_attempts=4)
+    assert [policy.delay(n).total_seconds() for n in range(1, 7)] == [30, 60, 120, 240, 300, 300]
+    assert not policy.gives_up_after(3)
+    assert policy.gives_up_after(4)
+    assert policy.delay(500) == timedelta(minutes=5)
+
+
+def test_only_a_5xx_about_the_message_is_permanent() -> None:
+    assert is_permanent_smtp_failure("rcpt", 550)
+    assert is_permanent_smtp_failure("data", 554)
+    assert not is_permanent_smtp_failure("rcpt", 451)
+    assert not is_permanent_smtp_failure("connect", None)
+    assert not is_permanent_smtp_failure("connect", 554)  # server refuses us: configuration, retry
+    assert not is_permanent_smtp_failure("mail", 550)  # our sender address: configuration, retry
+
+
+def test_failure_reasons_do_not_carry_the_address() -> None:
+    reason = "550 5.1.1 <Taro@Example.jp>: Recipient address rejected"
+    assert scrub_address(reason, "taro@example.jp") == "550 5.1.1 <<recipient>>: Recipient address rejected"
+    assert scrub_address("451 try later", None) == "451 try later"
+    assert len(scrub_address("x" * 2000, None)) == 500
