@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 
@@ -43,6 +44,7 @@ log = structlog.get_logger(__name__)
 D = TypeVar("D", bound=EventData)
 Handler = Callable[["HandlerContext", Any], Awaitable[None]]
 
+COMMIT_TIMEOUT_S = 10.0
 DLQ_HEADERS = ("dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time")
 
 
@@ -125,6 +127,9 @@ class EventConsumer:
         self.topics = [settings.topic(topic.name) for topic in topics]
         self.group_id = settings.topic(f"nichiiki.{self.name}")
         self.stats = ConsumerStats()
+        #: Set when offsets cannot be committed (the broker lost the group or the topic): the
+        #: runtime then re-subscribes from scratch; the inbox makes re-reading harmless.
+        self.needs_resubscribe = False
         self._stopping = False
 
     def attach(self, broker: KafkaBroker) -> None:
@@ -155,7 +160,13 @@ class EventConsumer:
         except BaseException:
             await msg.nack()  # rewind: the records come again, nothing is committed past them
             raise
-        await msg.ack()
+        try:
+            # aiokafka retries a commit for as long as the coordinator refuses it; a broker that
+            # restarted without its state refuses forever, so bound the wait and re-subscribe.
+            await asyncio.wait_for(msg.ack(), timeout=COMMIT_TIMEOUT_S)
+        except (TimeoutError, KafkaError) as error:
+            log.warning("offsets could not be committed; the consumer will re-subscribe", error=repr(error))
+            self.needs_resubscribe = True
 
     async def handle_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Apply a batch exactly once, retrying transient faults until they clear."""

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
 
+import shared.kit.kafka_client  # noqa: F401  (topics are never auto-created)
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
 from shared.kit.consumer import EventConsumer, EventRouter
@@ -129,15 +130,15 @@ class ServiceRuntime:
         )
         self._spawn(self._relay.run(), "outbox-relay")
         if self.consumer_specs:
-            self._broker = KafkaBroker(s.require_kafka(), logger=None)
-            for spec in self.consumer_specs:
-                consumer = EventConsumer(
+            self.consumers = [
+                EventConsumer(
                     service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
                     router=spec.router, topics=spec.topics, name=spec.name,
                 )
-                consumer.attach(self._broker)
-                self.consumers.append(consumer)
-            await self._broker.start()
+                for spec in self.consumer_specs
+            ]
+            await self._subscribe()
+            self._spawn(self._watch_broker(), "broker-watchdog")
         for task in self.background:
             self._spawn(task(self), getattr(task, "__name__", "background"))
         self.readiness.checks["database"] = self._database_ready
@@ -189,6 +190,37 @@ class ServiceRuntime:
                 log.exception("background task failed", task=name)
 
         self._tasks.append(asyncio.create_task(guarded(), name=f"{self.service}:{name}"))
+
+    async def _subscribe(self) -> None:
+        broker = KafkaBroker(self.settings.require_kafka(), logger=None)
+        for consumer in self.consumers:
+            consumer.needs_resubscribe = False
+            consumer.attach(broker)
+        await broker.start()
+        self._broker = broker
+
+    async def _watch_broker(self) -> None:
+        """Re-subscribe when the broker lost its state (its topics, or our group's offsets).
+
+        A Kafka cluster keeps both across restarts, so this fires only with the in-memory
+        embedded broker or after a cluster was rebuilt; the inbox makes the re-read harmless.
+        """
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                lost_topics = bool(await ensure_topics(self.settings))
+            except Exception as error:
+                log.info("broker not reachable from the watchdog", error=repr(error))
+                continue
+            if lost_topics or any(c.needs_resubscribe for c in self.consumers):
+                log.warning("the broker lost its state: re-subscribing the consumers", topics_recreated=lost_topics)
+                if self._broker is not None:
+                    try:
+                        await asyncio.wait_for(self._broker.stop(), timeout=15)
+                    except Exception as error:
+                        log.warning("old subscription did not stop cleanly", error=repr(error))
+                await self._subscribe()
+                log.info("consumers re-subscribed")
 
     async def _recreate_topics(self) -> None:
         await ensure_topics(self.settings)
