@@ -6,7 +6,7 @@ from datetime import date
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, field_validator
 
 from services.certification.domain import (
@@ -16,10 +16,11 @@ from services.certification.domain import (
     today_in_japan,
 )
 from services.certification.handlers import CertificationService, Outcome
-from services.certification.views import ApplicationView, AuditView, CertificateView, Page, RulesView
+from services.certification.views import CSV_COLUMNS, ApplicationView, AuditView, CertificateView, Page, RulesView
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
 from shared.kit.auth import Principal, Role, current_principal, require
+from shared.kit.csv_export import csv_response
 from shared.kit.http import ApiModel
 
 router = APIRouter(prefix="/v1", tags=["certification"])
@@ -294,20 +295,16 @@ async def municipality_certificates(
 
 @router.get(
     "/municipalities/{code}/certificates.csv",
-    response_class=Response,
+    response_class=StreamingResponse,
     responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV with a BOM"}},
 )
 async def municipality_certificates_csv(
     code: str, principal: Staff, service: Service, status: CertificateStatus | None = None
-) -> Response:
+) -> StreamingResponse:
     """Every certificate of the municipality as CSV (UTF-8 with BOM, for spreadsheet software)."""
     principal.ensure_municipality(code)
-    text = await service.certificates_csv(code, status)
-    filename = f"certificates-{code}-{today_in_japan().isoformat()}.csv"
-    return Response(
-        content=text.encode("utf-8"), media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    rows = await service.certificate_rows(code, status)
+    return csv_response(f"certificates-{code}-{today_in_japan().isoformat()}.csv", CSV_COLUMNS, rows)
 
 
 @router.get("/municipalities/{code}/audit", response_model=Page[AuditView])

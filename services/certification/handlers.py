@@ -51,7 +51,7 @@ from services.certification.views import (
     CertificateView,
     Page,
     RulesView,
-    certificates_csv,
+    certificate_row,
     json_body,
 )
 from shared.contracts.base import EventData
@@ -540,12 +540,12 @@ class CertificationService:
             )
         return Page(items=[CertificateView.of(c) for c in items], total=total, limit=limit, offset=offset)
 
-    async def certificates_csv(self, code: str, status: str | None) -> str:
+    async def certificate_rows(self, code: str, status: str | None) -> list[list[object]]:
         async with self.runtime.pool.acquire() as conn:
             items, _ = await store.list_certificates(
                 conn, municipality_code=code, resident_id=None, status=status, limit=None
             )
-        return certificates_csv(items)
+        return [certificate_row(c) for c in items]
 
     async def audit(self, code: str, limit: int, offset: int) -> Page[AuditView]:
         async with self.runtime.pool.acquire() as conn:

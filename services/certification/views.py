@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Generic, Literal, TypeVar
 
@@ -134,24 +131,8 @@ CSV_COLUMNS = (
 )
 
 
-def _cell(value: object) -> str:
-    text = "" if value is None else value.isoformat() if isinstance(value, (date, datetime)) else str(value)
-    # A cell a spreadsheet would run as a formula is written as text (CSV injection).
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def certificates_csv(certificates: Sequence[Certificate]) -> str:
-    """UTF-8 with a BOM (so spreadsheet software reads the Japanese text right), CRLF lines."""
-    out = io.StringIO()
-    out.write("\ufeff")
-    writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
-    for c in certificates:
-        writer.writerow(
-            _cell(value)
-            for value in (
-                c.certificate_number, c.resident_id, c.status, c.valid_from, c.valid_until, c.issued_at,
-                c.renewed_at, c.revoked_at, c.revocation_reason, ";".join(p.partner for p in c.partners),
-            )
-        )
-    return out.getvalue()
+def certificate_row(c: Certificate) -> list[object]:
+    return [
+        c.certificate_number, c.resident_id, c.status, c.valid_from, c.valid_until, c.issued_at,
+        c.renewed_at, c.revoked_at, c.revocation_reason, ";".join(p.partner for p in c.partners),
+    ]

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from shared.kit.auth import Principal, Role, require
+from shared.kit.csv_export import csv_response
 from shared.kit.my_number import refuse_my_number
 from shared.kit.service import ServiceRuntime
 
@@ -211,10 +212,7 @@ async def export_donations(
     code: str, principal: StaffOrAdmin, request: Request, year: Annotated[int, Query(ge=2008, le=2100)]
 ) -> StreamingResponse:
     rows = handlers.export_donations_csv(_runtime(request), principal, code, year)
-    return StreamingResponse(
-        rows, media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="donations-{code}-{year}.csv"'},
-    )
+    return csv_response(f"donations-{code}-{year}.csv", handlers.CSV_COLUMNS, rows)
 
 
 @router.get("/municipalities/{code}/funds", response_model=FundsView)

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +32,7 @@ from services.partner_gateway.domain import (
     verification,
 )
 from shared.kit.auth import Principal, Role
+from shared.kit.csv_export import csv_response
 from shared.kit.http import ApiModel
 
 router = APIRouter(prefix="/v1")
@@ -239,37 +238,11 @@ async def export_deliveries(
     since: FromQuery = None, until: ToQuery = None,
 ) -> StreamingResponse:
     where = _delivery_filter(request, principal, partner, municipality, since, until)
-    pool = gateway_of(request).runtime.pool
 
-    async def lines() -> AsyncIterator[str]:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(_CSV_COLUMNS)
-        yield "\ufeff" + _take(buffer)
-        count = 0
-        async for row in store.iter_deliveries(pool, where):
+    async def rows() -> AsyncIterator[list[object]]:
+        async for row in store.iter_deliveries(gateway_of(request).runtime.pool, where):
             view = _delivery(row).model_dump(mode="json")
             view["items"] = " ".join(view["items"])
-            writer.writerow([_cell(view[name]) for name in _CSV_COLUMNS])
-            count += 1
-            if count % 500 == 0:
-                yield _take(buffer)
-        yield _take(buffer)
+            yield [view[name] for name in _CSV_COLUMNS]
 
-    return StreamingResponse(
-        lines(), media_type="text/csv; charset=utf-8",
-        headers={"content-disposition": 'attachment; filename="deliveries.csv"', **_NO_STORE},
-    )
-
-
-def _cell(value: Any) -> str:
-    """A CSV cell that a spreadsheet will not run as a formula (values come from upstream events)."""
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def _take(buffer: io.StringIO) -> str:
-    text = buffer.getvalue()
-    buffer.seek(0)
-    buffer.truncate(0)
-    return text
+    return csv_response("deliveries.csv", _CSV_COLUMNS, rows())

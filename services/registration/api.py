@@ -6,11 +6,8 @@ the query may look like a 12-digit My Number.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -32,6 +29,7 @@ from services.registration.views import (
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.kit import my_number
 from shared.kit.auth import Principal, Role, require
+from shared.kit.csv_export import csv_response
 from shared.kit.http import ApiModel
 from shared.kit.service import ServiceRuntime
 from shared.reference import municipality
@@ -271,36 +269,15 @@ CSV_COLUMNS = (
 )
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    text = value.astimezone(domain.TOKYO).isoformat() if isinstance(value, dt.datetime) else str(value)
-    # A cell starting like a formula would run in a spreadsheet: make it plain text.
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def _csv_row(item: ListedRegistration) -> list[str]:
+def _csv_row(item: ListedRegistration) -> list[object]:
     r = item.registration
     values: list[object] = [
         r.id, r.resident_id, r.municipality_code, municipality(r.municipality_code).full_name, r.tier, r.status,
         r.registered_at, r.valid_from, r.valid_until, r.pending_review, item.name, item.name_kana, item.email,
         item.phone, item.preferred_language,
     ]
-    return [_cell(v) for v in values]
-
-
-async def _csv(rows: AsyncIterator[ListedRegistration]) -> AsyncIterator[bytes]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    buffer.write("\ufeff")  # the BOM lets Excel read UTF-8 Japanese text
-    writer.writerow(CSV_COLUMNS)
-    async for item in rows:
-        writer.writerow(_csv_row(item))
-        if buffer.tell() > 64 * 1024:
-            yield buffer.getvalue().encode("utf-8")
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue().encode("utf-8")
+    # Staff read times in Japan time.
+    return [v.astimezone(domain.TOKYO) if isinstance(v, dt.datetime) else v for v in values]
 
 
 @router.get(
@@ -319,12 +296,8 @@ async def export_registrations(
 ) -> StreamingResponse:
     """The same registrations as the list, as a CSV file for Excel (UTF-8 with BOM)."""
     registration_filter = handlers.staff_filter(principal, municipality, tier, status, q, awaiting_review)
-    rows = handlers.export_registrations(_runtime(request), registration_filter)
-    filename = f"registrations-{registration_filter.municipality_code}.csv"
-    return StreamingResponse(
-        _csv(rows), media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    rows = (_csv_row(item) async for item in handlers.export_registrations(_runtime(request), registration_filter))
+    return csv_response(f"registrations-{registration_filter.municipality_code}.csv", CSV_COLUMNS, rows)
 
 
 @router.get("/registrations/{registration_id}", response_model=RegistrationDetailView)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +19,7 @@ from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism
 from shared.kit import idempotency
 from shared.kit.auth import Principal, Role, require
+from shared.kit.csv_export import csv_response
 from shared.kit.db import Connection
 from shared.kit.errors import is_transient
 from shared.kit.http import ApiModel
@@ -272,41 +271,8 @@ _CSV_COLUMNS = (
 @router.get("/municipalities/{code}/redemptions.csv", summary="Every reported trip of the municipality, as CSV")
 async def redemptions_csv(request: Request, code: str, principal: Staff) -> StreamingResponse:
     principal.ensure_municipality(code)
-    pool = _runtime(request).pool
-
-    async def lines() -> AsyncIterator[str]:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(_CSV_COLUMNS)
-        yield "\ufeff" + _drain(buffer)
-        rows = 0
-        async for row in store.redemption_rows(pool, code):
-            writer.writerow(_csv_value(row[column]) for column in _CSV_COLUMNS)
-            rows += 1
-            if rows % 200 == 0:
-                yield _drain(buffer)
-        yield _drain(buffer)
-
-    return StreamingResponse(
-        lines(), media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="redemptions-{code}.csv"'},
+    rows = (
+        tuple(row[column] for column in _CSV_COLUMNS)
+        async for row in store.redemption_rows(_runtime(request).pool, code)
     )
-
-
-def _drain(buffer: io.StringIO) -> str:
-    text = buffer.getvalue()
-    buffer.seek(0)
-    buffer.truncate()
-    return text
-
-
-def _csv_value(value: object) -> object:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
-        return "'" + value  # partners choose trip ids: never let a spreadsheet run one as a formula
-    return value
+    return csv_response(f"redemptions-{code}.csv", _CSV_COLUMNS, rows)

@@ -55,7 +55,7 @@ from services.certification.domain import (
     today_in_japan,
     validity_period,
 )
-from services.certification.views import certificates_csv
+from services.certification.views import CSV_COLUMNS, certificate_row
 from shared.contracts.common import PartnerMembership
 from shared.contracts.registration import (
     ConsentChanged,
@@ -67,6 +67,7 @@ from shared.contracts.registration import (
     RegistrationWithdrawn,
     ResidentRegistered,
 )
+from shared.kit.csv_export import csv_lines
 from shared.kit.errors import DomainError
 
 SHIRAHAMA, CHIYODA = "304018", "131016"
@@ -339,7 +340,8 @@ def test_today_is_the_japanese_calendar_day() -> None:
     assert today_in_japan() in {datetime.now(TOKYO).date(), (datetime.now(TOKYO) - timedelta(seconds=5)).date()}
 
 
-def test_the_csv_export_has_a_bom_and_neutralises_formulas() -> None:
-    text = certificates_csv([certificate(status="revoked", revocation_reason="=HYPERLINK(\"x\")")])
+async def test_the_csv_export_has_a_bom_and_neutralises_formulas() -> None:
+    rows = [certificate_row(certificate(status="revoked", revocation_reason="=HYPERLINK(\"x\")"))]
+    text = "".join([chunk async for chunk in csv_lines(CSV_COLUMNS, rows)])
     assert text.startswith("\ufeffcertificate_number,")
     assert "'=HYPERLINK" in text and text.endswith("\r\n")
