@@ -23,9 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nichiiki", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("start", help="start the whole platform (embedded stack by default)")
+    start = commands.add_parser("start", help="start the whole platform (embedded stack by default)")
+    start.add_argument("--demo", action="store_true", help="once it is up, run the resident journey demo on it")
     commands.add_parser("stop", help="stop the running platform")
     commands.add_parser("status", help="show what runs and whether it is healthy")
+    commands.add_parser("demo", help="run the resident journey on the running platform, step by step")
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("services", nargs="*", help="services to migrate (default: all)")
     commands.add_parser("topics", help="create every platform topic (idempotent)")
@@ -50,11 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "start":
         from shared.cli.platform import start_platform
 
-        return start_platform(settings)
+        return start_platform(settings, demo=args.demo)
     if args.command == "stop":
         return _stop(settings)
     if args.command == "status":
         return _status(settings)
+    if args.command == "demo":
+        from shared.cli.demo import run_demo
+
+        return run_demo(_wired(settings))
     if args.command == "migrate":
         return asyncio.run(_migrate(_wired(settings), args.services))
     if args.command == "topics":

@@ -190,14 +190,25 @@ def _summary(platform: Platform, env: dict[str, str], seconds: float) -> None:
     sys.stderr.write("\n".join(lines) + "\n")
 
 
-def start_platform(settings: Settings) -> int:
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def start_platform(settings: Settings, demo: bool = False) -> int:
     platform = Platform(settings)
+    outcome = 0
     try:
         platform.start()
+        if demo:
+            from shared.cli.demo import run_demo
+
+            signal.signal(signal.SIGTERM, _interrupt)  # `nichiiki stop` during the demo stops everything in order
+            outcome = run_demo(settings_for_running_platform(settings))
+            _step("demo", "finished" if outcome == 0 else "FAILED (see above); the platform keeps running")
         platform.wait()
     except KeyboardInterrupt:
         pass
     finally:
         platform.stop()
-    return 0
+    return outcome
 
