@@ -433,9 +433,10 @@ def check_applicant(
     *, retry_after_s: int,
 ) -> Resident:
     """What the resident projection must show before an application is accepted."""
-    if resident is None:
+    if resident is None or (resident.status != "withdrawn" and not resident.registrations):
         # Accepting it would mean deciding on facts we do not have; the registration event is
-        # usually milliseconds away, so the client is told to retry.
+        # usually milliseconds away, so the client is told to retry. (A consent event can make the
+        # resident known before any of their registrations is.)
         raise ResidentNotYetKnown(
             "no furusato registration of this resident has reached the certification service yet; retry shortly",
             retry_after=retry_after_s,

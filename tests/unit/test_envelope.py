@@ -52,3 +52,19 @@ def test_event_ids_are_unique_and_types_are_versioned() -> None:
     assert len(ids) == 100
     assert all(isinstance(i, uuid.UUID) for i in ids)
     assert Ping.event_type.endswith(".v1")
+
+
+def test_a_batch_is_merged_by_time_across_partitions_keeping_each_partitions_order() -> None:
+    from types import SimpleNamespace
+
+    from shared.kit.consumer import in_time_order
+
+    def record(topic: str, partition: int, offset: int, timestamp: int) -> SimpleNamespace:
+        return SimpleNamespace(topic=topic, partition=partition, offset=offset, timestamp=timestamp)
+
+    residents = [record("residents", 0, 0, 100), record("residents", 0, 1, 300)]
+    applications = [record("applications", 2, 0, 200), record("applications", 2, 1, 150)]  # a clock went back
+    merged = in_time_order([*applications, *residents])
+    assert [(r.topic, r.offset) for r in merged] == [
+        ("residents", 0), ("applications", 0), ("applications", 1), ("residents", 1),
+    ]
