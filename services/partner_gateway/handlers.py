@@ -160,8 +160,8 @@ class Feed:
             ("ce_causationid", str(self.ctx.envelope.id).encode()),
         ]
         topic = self.ctx.settings.topic(partner_feed(partner).name)
-        await self.ctx.outbox.add_record(
-            self.ctx.conn, OutgoingRecord(topic, number.encode(), headers, None, str(event_id))
+        await self.ctx.add_record(
+            OutgoingRecord(topic, number.encode(), headers, None, str(event_id))
         )
         await store.insert_delivery(
             self.ctx.conn,

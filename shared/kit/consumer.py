@@ -58,6 +58,9 @@ class HandlerContext:
     outbox: Outbox
     service: str
     settings: Settings
+    #: Outgoing records of the whole batch, written to the outbox in one go before it commits
+    #: (None: write each at once, as the savepoint-per-event path must).
+    pending: list[OutgoingRecord] | None = None
 
     async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
         """Record an outgoing event caused by the one being handled (same transaction)."""
@@ -66,8 +69,17 @@ class HandlerContext:
             correlation_id=self.envelope.correlation_id or str(self.envelope.id),
             causation_id=str(self.envelope.id),
         )
-        await self.outbox.add(self.conn, self.settings.topic(topic.name), envelope)
+        await self.add_record(OutgoingRecord(
+            self.settings.topic(topic.name), envelope.key, envelope.headers(), envelope.data, str(envelope.id)
+        ))
         return envelope
+
+    async def add_record(self, record: OutgoingRecord) -> None:
+        """Record a prepared outgoing record (e.g. a tombstone), in order with the emitted events."""
+        if self.pending is not None:
+            self.pending.append(record)
+        else:
+            await self.outbox.add_record(self.conn, record)
 
 
 class EventRouter:
@@ -194,17 +206,60 @@ class EventConsumer:
 
     async def _apply(self, records: Sequence[ConsumerRecord[bytes, bytes]], *, isolate: bool) -> None:
         counts = ConsumerStats()
+        ordered = in_time_order(records)
         async with self.pool.acquire() as conn, conn.transaction():
-            for record in in_time_order(records):
-                await self._apply_record(conn, record, isolate=isolate, counts=counts)
+            if isolate:
+                for record in ordered:
+                    await self._apply_record(conn, record, counts=counts)
+            else:
+                await self._apply_batch(conn, ordered, counts)
         self.stats.handled += counts.handled
         self.stats.duplicates += counts.duplicates
         self.stats.skipped += counts.skipped
         self.stats.parked += counts.parked
 
-    async def _apply_record(
-        self, conn: Connection, record: ConsumerRecord[bytes, bytes], *, isolate: bool, counts: ConsumerStats
+    async def _apply_batch(
+        self, conn: Connection, records: Sequence[ConsumerRecord[bytes, bytes]], counts: ConsumerStats
     ) -> None:
+        """The common path: one inbox statement and one outbox write for the whole batch.
+
+        Any handler failure aborts the batch, which is then re-run record by record in savepoints
+        (``_apply_record``) to find and park the culprit.
+        """
+        pending: list[OutgoingRecord] = []
+        routed: list[tuple[ConsumerRecord[bytes, bytes], Envelope, type[EventData], Handler]] = []
+        for record in records:
+            try:
+                envelope = parse_envelope(record.headers, record.value, record.key)
+            except EnvelopeError as error:
+                await self._park(conn, record, str(error), None, pending)
+                counts.parked += 1
+                continue
+            route = self.router.route(envelope.type)
+            if route is None:
+                counts.skipped += 1
+                continue
+            routed.append((record, envelope, *route))
+        first_seen = {envelope.id: record.topic for record, envelope, _, _ in reversed(routed)}
+        claimed = await inbox.claim_many(conn, self.name, list(first_seen.items()))
+        for _, envelope, model, handler in routed:
+            if envelope.id not in claimed:
+                counts.duplicates += 1
+                continue
+            claimed.discard(envelope.id)  # a second copy in the same batch is a duplicate too
+            context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings, pending)
+            with bound_context(
+                event_id=str(envelope.id), event_type=envelope.type,
+                correlation_id=envelope.correlation_id or str(envelope.id),
+            ):
+                await handler(context, envelope.decode(model))
+            counts.handled += 1
+        await self.outbox.add_many(conn, pending)
+
+    async def _apply_record(
+        self, conn: Connection, record: ConsumerRecord[bytes, bytes], *, counts: ConsumerStats
+    ) -> None:
+        """One record in a savepoint of its own: a failing handler is retried, then parked."""
         try:
             envelope = parse_envelope(record.headers, record.value, record.key)
         except EnvelopeError as error:
@@ -224,10 +279,6 @@ class EventConsumer:
             event_id=str(envelope.id), event_type=envelope.type,
             correlation_id=envelope.correlation_id or str(envelope.id),
         ):
-            if not isolate:
-                await handler(context, envelope.decode(model))
-                counts.handled += 1
-                return
             reason = await self._apply_isolated(conn, envelope, model, handler, context)
             if reason is None:
                 counts.handled += 1
@@ -259,7 +310,8 @@ class EventConsumer:
         return None  # unreachable: the loop returns
 
     async def _park(
-        self, conn: Connection, record: ConsumerRecord[bytes, bytes], reason: str, envelope: Envelope | None
+        self, conn: Connection, record: ConsumerRecord[bytes, bytes], reason: str, envelope: Envelope | None,
+        pending: list[OutgoingRecord] | None = None,
     ) -> None:
         headers = [(k, v) for k, v in record.headers if k not in DLQ_HEADERS]
         headers += [
@@ -270,13 +322,11 @@ class EventConsumer:
             ("dlq_offset", str(record.offset).encode()),
             ("dlq_time", datetime.now(UTC).isoformat().encode()),
         ]
-        await self.outbox.add_record(
-            conn,
-            OutgoingRecord(
-                record.topic + DLQ_SUFFIX, record.key, headers, record.value or b"",
-                str(uuid.uuid4()),
-            ),
-        )
+        dead_letter = OutgoingRecord(record.topic + DLQ_SUFFIX, record.key, headers, record.value, str(uuid.uuid4()))
+        if pending is not None:
+            pending.append(dead_letter)
+        else:
+            await self.outbox.add_record(conn, dead_letter)
 
 
 def in_time_order(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[ConsumerRecord[bytes, bytes]]:

@@ -29,3 +29,23 @@ async def mark_parked(conn: Connection, consumer: str, event_id: uuid.UUID) -> N
     await conn.execute(
         "UPDATE inbox SET status = 'parked' WHERE consumer = $1 AND event_id = $2", consumer, event_id
     )
+
+
+async def claim_many(conn: Connection, consumer: str, events: list[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+    """Record a batch of events in one statement; return the ids this consumer had not handled yet.
+
+    ``events`` must not repeat an id (one statement cannot update the same row twice).
+    """
+    if not events:
+        return set()
+    rows = await conn.fetch(
+        """
+        INSERT INTO inbox (consumer, event_id, topic, status)
+        SELECT $1, batch.event_id, batch.topic, 'done' FROM unnest($2::uuid[], $3::text[]) AS batch(event_id, topic)
+        ON CONFLICT (consumer, event_id) DO UPDATE SET status = 'done', received_at = now()
+            WHERE inbox.status = 'parked'
+        RETURNING event_id
+        """,
+        consumer, [event_id for event_id, _ in events], [topic for _, topic in events],
+    )
+    return {row["event_id"] for row in rows}

@@ -75,6 +75,26 @@ class Outbox:
         )
 
 
+    async def add_many(self, conn: Connection, records: Sequence[OutgoingRecord]) -> None:
+        """Write several records in one pipelined statement and wake the relay once (same transaction)."""
+        if not records:
+            return
+        if not conn.is_in_transaction():
+            raise RuntimeError("Outbox.add_many must run inside the business transaction")
+        await conn.executemany(
+            """
+            INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (event_id) DO NOTHING
+            """,
+            [
+                (r.event_id, r.topic, r.key, [n for n, _ in r.headers], [v for _, v in r.headers], r.value)
+                for r in records
+            ],
+        )
+        await conn.execute("SELECT pg_notify($1, '')", self.channel)
+
+
 class OutboxRelay:
     """Publishes pending outbox rows to Kafka; one leader per database."""
 
