@@ -13,6 +13,7 @@ from services.certification.domain import (
     ApplicationRequest,
     MunicipalityRules,
     RequiredRegistration,
+    plannable_municipality,
     today_in_japan,
 )
 from services.certification.handlers import CertificationService, Outcome
@@ -21,7 +22,7 @@ from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
 from shared.kit.auth import Principal, Role, current_principal, require
 from shared.kit.csv_export import csv_response
-from shared.kit.http import ApiModel
+from shared.kit.http import ApiModel, Offset
 
 router = APIRouter(prefix="/v1", tags=["certification"])
 
@@ -34,7 +35,6 @@ IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", max_length=200, description="repeat a POST safely")
 ]
 Limit = Annotated[int, Query(ge=1, le=200)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 def certification(request: Request) -> CertificationService:
@@ -302,6 +302,7 @@ async def municipality_certificates_csv(
     code: str, principal: Staff, service: Service, status: CertificateStatus | None = None
 ) -> StreamingResponse:
     """Every certificate of the municipality as CSV (UTF-8 with BOM, for spreadsheet software)."""
+    plannable_municipality(code)
     principal.ensure_municipality(code)
     rows = await service.certificate_rows(code, status)
     return csv_response(f"certificates-{code}-{today_in_japan().isoformat()}.csv", CSV_COLUMNS, rows)

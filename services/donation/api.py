@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from shared.kit.auth import Principal, Role, require
 from shared.kit.csv_export import csv_response
+from shared.kit.http import Offset
 from shared.kit.my_number import refuse_my_number
 from shared.kit.service import ServiceRuntime
 
@@ -67,7 +68,6 @@ DonorOrAdmin = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.ADMIN))]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
 Year = Annotated[int | None, Query(ge=2008, le=2100, description="calendar year of the payment date")]
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
 
 
 def _runtime(request: Request) -> ServiceRuntime:

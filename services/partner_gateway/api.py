@@ -33,7 +33,7 @@ from services.partner_gateway.domain import (
 )
 from shared.kit.auth import Principal, Role
 from shared.kit.csv_export import csv_response
-from shared.kit.http import ApiModel
+from shared.kit.http import ApiModel, Offset
 
 router = APIRouter(prefix="/v1")
 
@@ -222,7 +222,7 @@ def _delivery(row: asyncpg.Record) -> DeliveryView:
 async def list_deliveries(
     request: Request, principal: StaffOrAdmin, partner: PartnerQuery = None, municipality: MunicipalityQuery = None,
     since: FromQuery = None, until: ToQuery = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Offset = 0,
 ) -> DeliveryPage:
     where = _delivery_filter(request, principal, partner, municipality, since, until)
     rows, total = await store.deliveries(gateway_of(request).runtime.pool, where, limit, offset)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AwareDatetime, Field, StrictInt
 
 from services.subsidy import handlers, store
-from services.subsidy.domain import GrantStatus, Program, tokyo_today, utc_now
+from services.subsidy.domain import GrantStatus, Program, known_municipality, tokyo_today, utc_now
 from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism
@@ -22,7 +22,7 @@ from shared.kit.auth import Principal, Role, require
 from shared.kit.csv_export import csv_response
 from shared.kit.db import Connection
 from shared.kit.errors import is_transient
-from shared.kit.http import ApiModel
+from shared.kit.http import ApiModel, Offset
 from shared.kit.service import ServiceRuntime, UnitOfWork
 
 router = APIRouter(prefix="/v1", tags=["subsidy"])
@@ -33,7 +33,6 @@ Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 Partner = Annotated[Principal, Depends(require(Role.PARTNER))]
 Reader = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
@@ -270,6 +269,7 @@ _CSV_COLUMNS = (
 
 @router.get("/municipalities/{code}/redemptions.csv", summary="Every reported trip of the municipality, as CSV")
 async def redemptions_csv(request: Request, code: str, principal: Staff) -> StreamingResponse:
+    known_municipality(code)
     principal.ensure_municipality(code)
     rows = (
         tuple(row[column] for column in _CSV_COLUMNS)

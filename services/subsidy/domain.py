@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism, RedemptionRefusal
 from shared.kit.errors import Conflict, DomainError, Forbidden, NotFound
-from shared.reference import TravelProgram
+from shared.reference import TravelProgram, UnknownMunicipality, municipality
 
 TOKYO = ZoneInfo("Asia/Tokyo")
 
@@ -42,6 +42,20 @@ def utc_now() -> datetime:
 
 
 # --- errors: one per rule a caller can break ------------------------------------------------------
+
+
+class MunicipalityNotFound(NotFound):
+    code = "municipality-not-found"
+    title = "No municipality has this code"
+
+
+def known_municipality(code: str) -> str:
+    """A municipality code from a path: 404 if no municipality has it."""
+    try:
+        municipality(code)
+    except UnknownMunicipality:
+        raise MunicipalityNotFound(f"no municipality has code {code!r}") from None
+    return code
 
 
 class UnknownProgram(NotFound):

@@ -11,6 +11,7 @@ import csv
 import io
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from datetime import date, datetime
+from urllib.parse import quote
 
 from fastapi.responses import StreamingResponse
 
@@ -61,9 +62,14 @@ def csv_response(
     return StreamingResponse(
         csv_lines(header, rows),
         media_type="text/csv; charset=utf-8",
-        headers={"content-disposition": f'attachment; filename="{filename}"', "cache-control": "no-store",
-                 **(headers or {})},
+        headers={"content-disposition": content_disposition(filename), "cache-control": "no-store", **(headers or {})},
     )
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII name and the exact one in RFC 5987 form (headers are Latin-1)."""
+    ascii_name = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in filename)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _take(buffer: io.StringIO) -> str:

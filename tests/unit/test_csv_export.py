@@ -31,3 +31,11 @@ async def test_async_rows_are_streamed_in_chunks() -> None:
 
 def test_cells() -> None:
     assert cell(None) == "" and cell(False) == "false" and cell("-5") == "'-5" and cell(30000) == "30000"
+
+
+def test_a_filename_outside_latin_1_cannot_break_the_header() -> None:
+    from shared.kit.csv_export import content_disposition
+
+    header = content_disposition("certificates-東京.csv")
+    header.encode("latin-1")
+    assert 'filename="certificates-__.csv"' in header and "filename*=UTF-8''certificates-%E6%9D%B1" in header
