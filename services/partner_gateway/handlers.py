@@ -234,7 +234,7 @@ async def apply_certificate_event(ctx: HandlerContext, partners: PartnerDirector
     for event_id, event_type, data in await store.take_held_grants(conn, number):
         model = event_model(event_type)
         if model is not None:
-            await deliver_grant(ctx, partners, model.model_validate_json(data), event_id=event_id)  # type: ignore[arg-type]
+            await deliver_grant(ctx, model.model_validate_json(data), event_id=event_id)  # type: ignore[arg-type]
 
 
 async def apply_share_consent(
@@ -273,6 +273,13 @@ async def _reconcile_partner(ctx: HandlerContext, partner: Partner, resident_id:
             await store.save_entitlement(ctx.conn, view, resident_id, consent.at)
             await feed.send(partner.code, certificate_record(view, consent.at),
                             municipality_code=view.municipality_code, basis=view.basis)
+            # The partner was told to forget this certificate's grants (or never saw them): send
+            # each grant's latest state again, so it knows every grant id it may report trips on.
+            for event_id, event_type, data in await store.grant_states(ctx.conn, partner.code, certificate.number):
+                model = event_model(event_type)
+                if model is not None:
+                    grant = model.model_validate_json(data)
+                    await deliver_grant(ctx, grant, event_id=event_id)  # type: ignore[arg-type]
 
 
 async def apply_resident_withdrawn(
@@ -297,6 +304,10 @@ async def apply_grant_event(
     conn = ctx.conn
     if event.partner not in partners or await store.is_withdrawn(conn, event.resident_id):
         return
+    await store.remember_grant(
+        conn, partner=event.partner, grant_id=event.grant_id, number=event.certificate_number,
+        resident_id=event.resident_id, event_id=ctx.envelope.id, event_type=event.event_type, data=ctx.envelope.data,
+    )
     if await store.certificate(conn, event.certificate_number) is None:
         # The certificate event is on another topic and may come later: keep the grant until then.
         await store.hold_grant(
@@ -304,12 +315,10 @@ async def apply_grant_event(
             event_type=event.event_type, data=ctx.envelope.data,
         )
         return
-    await deliver_grant(ctx, partners, event, event_id=ctx.envelope.id)
+    await deliver_grant(ctx, event, event_id=ctx.envelope.id)
 
 
-async def deliver_grant(
-    ctx: HandlerContext, partners: PartnerDirectory, event: GrantEvent, *, event_id: uuid.UUID
-) -> None:
+async def deliver_grant(ctx: HandlerContext, event: GrantEvent, *, event_id: uuid.UUID) -> None:
     state = await store.entitlement_state(ctx.conn, event.partner, event.certificate_number)
     if state is None or not state.active:
         log.info("grant for a partner without entitlement dropped", partner=event.partner, grant_id=event.grant_id)

@@ -179,6 +179,7 @@ async def erase_resident(conn: Connection, resident_id: str) -> None:
     await conn.execute("DELETE FROM share_consents WHERE resident_id = $1", resident_id)
     await conn.execute("DELETE FROM certificates WHERE resident_id = $1", resident_id)
     await conn.execute("DELETE FROM held_grants WHERE resident_id = $1", resident_id)
+    await conn.execute("DELETE FROM grant_states WHERE resident_id = $1", resident_id)
     await conn.execute(
         "UPDATE entitlements SET resident_id = NULL, member_number = NULL WHERE resident_id = $1", resident_id
     )
@@ -431,6 +432,34 @@ async def take_held_grants(conn: Connection, number: str) -> list[tuple[uuid.UUI
         "DELETE FROM held_grants WHERE certificate_number = $1 RETURNING id, event_id, event_type, data", number
     )
     return [(row["event_id"], row["event_type"], bytes(row["data"])) for row in sorted(rows, key=lambda r: r["id"])]
+
+
+async def remember_grant(
+    conn: Connection, *, partner: str, grant_id: str, number: str, resident_id: str, event_id: uuid.UUID,
+    event_type: str, data: bytes,
+) -> None:
+    """Keep the grant's latest event (events of one certificate arrive in order: one key)."""
+    await conn.execute(
+        """
+        INSERT INTO grant_states (partner, grant_id, certificate_number, resident_id, event_id, event_type, data)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (partner, grant_id) DO UPDATE SET
+            event_id = EXCLUDED.event_id, event_type = EXCLUDED.event_type, data = EXCLUDED.data,
+            last_seq = nextval(pg_get_serial_sequence('grant_states', 'last_seq'))
+        """,
+        partner, grant_id, number, resident_id, event_id, event_type, data,
+    )
+
+
+async def grant_states(conn: Connection, partner: str, number: str) -> list[tuple[uuid.UUID, str, bytes]]:
+    rows = await conn.fetch(
+        """
+        SELECT event_id, event_type, data FROM grant_states
+        WHERE partner = $1 AND certificate_number = $2 ORDER BY last_seq
+        """,
+        partner, number,
+    )
+    return [(row["event_id"], row["event_type"], bytes(row["data"])) for row in rows]
 
 
 # --- Delivery record (APPI Art. 29) -------------------------------------------------------------

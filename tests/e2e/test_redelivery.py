@@ -709,12 +709,6 @@ async def in_each_order(
     return list(await asyncio.gather(*(one(items, f"o{i}") for i, items in enumerate(orders))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (partner gateway): after a share_certificate consent is revoked and given again, the partner "
-    "gets the certificate re-sent but not the open grants it was told to forget with it, so whether JAL "
-    "ever learns the grant id (it needs it to report trips) depends on how residents and grants interleave",
-)
 async def test_partner_gateway_consent_given_again_ends_the_same_whenever_the_grant_arrives(
     backends: Backends, run_id: str
 ) -> None:
