@@ -1,0 +1,172 @@
+"""Partner gateway (issue 5): the feed lag to JAL, and certificate verification from Redis.
+
+Feed lag: ``CertificateIssued`` envelopes for 白浜町 listing JAL are published straight onto
+``certification.certificates.v1`` at 50/s, as the certification service would (its relay, acks=all),
+and timed until JAL's record for that number appears on ``partner.jal.v1``. The residents are new
+to the gateway, so it has no share_certificate fact about them and the certificate's partner list
+(declared ∩ consented by the certification service) is the consent basis (``certificate_membership``).
+
+Verification: ``GET /v1/certificates/{number}`` with an ``X-Api-Key`` the gateway issued to JAL
+(admin ``POST /v1/partners/jal/api-keys``, revoked at the end), over the certificates of the feed
+test, every entry read once first so Redis is warm, then at a fixed offered load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaProducer
+
+from bench.measure import paced
+from bench.scenarios._http import (
+    SHIRAHAMA,
+    CpuMeter,
+    HttpPool,
+    LoopLag,
+    Schedule,
+    TopicWatcher,
+    bounded,
+    cpu_note,
+    describe,
+    idle_cpu,
+    subject_of,
+    wait_consumers_caught_up,
+)
+from shared.contracts.certification import CertificateIssued
+from shared.contracts.common import PartnerMembership
+from shared.contracts.partners import PartnerCertificate
+from shared.contracts.topics import CERTIFICATES, GRANTS, partner_feed
+from shared.kit.envelope import new_envelope
+
+if TYPE_CHECKING:
+    from bench.run import BenchContext, ScenarioResult
+
+FEED_RATE = 50.0
+VERIFY_RATE = 1_000.0
+
+
+def certificate_event(number: str) -> CertificateIssued:
+    today = datetime.now(UTC).date()
+    return CertificateIssued(
+        certificate_number=number, resident_id=str(uuid.uuid4()), municipality_code=SHIRAHAMA,
+        valid_from=today, valid_until=today + timedelta(days=364), status="valid",
+        partners=[PartnerMembership(partner="jal", member_number="123456789")],
+        application_id=str(uuid.uuid4()), issued_at=datetime.now(UTC),
+    )
+
+
+async def verification_sources(http: HttpPool) -> dict[str, float]:
+    """partner_gateway_verifications_total by source (redis / database), from /metrics."""
+    _, text = await http.request("GET", "/metrics")
+    found: dict[str, float] = {}
+    for match in re.finditer(rb'partner_gateway_verifications_total\{source="(\w+)"\} ([0-9.e+]+)', text):
+        found[match.group(1).decode()] = float(match.group(2))
+    return found
+
+
+async def run(ctx: BenchContext) -> ScenarioResult:
+    from bench.run import Metric, ScenarioResult
+
+    certificates = ctx.scale(750, 150)  # 15 s (quick: 3 s) at 50/s
+    verifications = ctx.scale(10_000, 2_000)  # 10 s (quick: 2 s) at 1,000/s
+    # A year of the sequence no real certificate has yet: these numbers are this scenario's alone.
+    prefix = f"NCH-{SHIRAHAMA}-9{random.randrange(1000):03d}-"
+    numbers = [f"{prefix}{i:06d}" for i in range(certificates)]
+    certificates_topic = ctx.settings.topic(CERTIFICATES.name)
+    watcher = TopicWatcher(
+        ctx.settings, ctx.settings.topic(partner_feed("jal").name), subject_of(PartnerCertificate.event_type)
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.settings.kafka_bootstrap, acks="all", linger_ms=0)
+    http = HttpPool(ctx.fleet.url("partner_gateway"), size=128)
+    admin = ctx.headers("admin")
+    key_id: str | None = None
+    try:
+        await producer.start()
+        await watcher.start()
+        idle = await idle_cpu()
+
+        # --- Feed lag: certificate event published → JAL's record seen --------------------------------
+        envelopes = [
+            new_envelope("certification", certificate_event(number), subject=number, key=number) for number in numbers
+        ]
+        schedule = Schedule(FEED_RATE)
+
+        async def publish(index: int) -> None:
+            envelope = envelopes[index]
+            await producer.send_and_wait(
+                certificates_topic, envelope.data, key=envelope.key, headers=envelope.headers()
+            )
+            schedule.record(index, await watcher.wait(numbers[index]))
+
+        cpu = CpuMeter()
+        feed = await paced(publish, rate_per_s=FEED_RATE, total=certificates)
+        feed_cpu = cpu.stop()
+        lag = schedule.latencies
+        await wait_consumers_caught_up(ctx, CERTIFICATES)
+        await wait_consumers_caught_up(ctx, GRANTS)
+
+        # --- Verification, Redis warm ---------------------------------------------------------------
+        created = await http.json("POST", "/v1/partners/jal/api-keys", headers=admin, body={"label": "bench"})
+        key_id = str(created["id"])
+        jal = {"X-Api-Key": str(created["api_key"])}
+        sample = json.loads((await http.request("GET", f"/v1/certificates/{numbers[0]}", headers=jal))[1])
+
+        async def verify_once(index: int) -> None:
+            await http.request("GET", f"/v1/certificates/{numbers[index]}", headers=jal)
+
+        await bounded(len(numbers), verify_once, concurrency=16)  # every entry read once: Redis warm
+        chosen = [random.randrange(len(numbers)) for _ in range(verifications)]
+        paths = [f"/v1/certificates/{numbers[i]}" for i in chosen]
+        before = await verification_sources(http)
+
+        async def verify(index: int) -> None:
+            await http.request("GET", paths[index], headers=jal)
+
+        cpu = CpuMeter()
+        with LoopLag() as client_lag:
+            checked = await paced(verify, rate_per_s=VERIFY_RATE, total=verifications)
+        verify_cpu = cpu.stop()
+        after = await verification_sources(http)
+    finally:
+        if key_id is not None:
+            await http.request("DELETE", f"/v1/partners/jal/api-keys/{key_id}", headers=admin, ok=(204,))
+        await http.close()
+        await watcher.stop()
+        await producer.stop()
+
+    served = {source: after.get(source, 0.0) - before.get(source, 0.0) for source in ("redis", "database")}
+    rate = checked.completed / checked.seconds if checked.seconds else 0.0
+    latency = checked.latencies
+    return ScenarioResult(
+        "Partner gateway: JAL's feed (certificate event → partner.jal.v1) and verification from Redis",
+        [
+            Metric(f"feed lag p50 at {FEED_RATE:.0f} certificates/s", lag.p50, "ms"),
+            Metric(f"feed lag p99 at {FEED_RATE:.0f} certificates/s", lag.p99, "ms", target="< 200 ms",
+                   met=lag.p99 < 200 and feed.errors == 0),
+            Metric(f"verifications/s at {VERIFY_RATE:,.0f}/s offered", rate, "req/s", limit="redis_get_one_at_a_time",
+                   target=f"{VERIFY_RATE:,.0f}/s sustained", met=checked.errors == 0 and rate >= 0.97 * VERIFY_RATE),
+            Metric(f"verification p50 at {VERIFY_RATE:,.0f}/s", latency.p50, "ms"),
+            Metric(f"verification p99 at {VERIFY_RATE:,.0f}/s", latency.p99, "ms", target="< 5 ms",
+                   met=latency.p99 < 5 and checked.errors == 0),
+        ],
+        [
+            f"Feed: {certificates:,} CertificateIssued published one by one (acks=all) at {FEED_RATE:.0f}/s, "
+            f"{feed.errors} errors; lag from each event's scheduled publication to JAL's record seen: {describe(lag)}. "
+            "The subsidy service also reacts to each certificate (JAL mileage grant or waitlist), whose grant "
+            "records reach partner.jal.v1 too; that work runs during the window.",
+            cpu_note(feed_cpu, feed.seconds, feed.completed, "certificate", idle) + " (feed)",
+            f"Verification: {verifications:,} GETs offered open-loop at {VERIFY_RATE:,.0f}/s over {certificates:,} "
+            f"certificates (uniform), {checked.errors} errors, from the scheduled start: {describe(latency)}. "
+            f"Answers by source: {served['redis']:,.0f} from Redis, {served['database']:,.0f} from PostgreSQL. "
+            f"The {client_lag.note()}. Credential: an X-Api-Key issued by the gateway (revoked at the end). "
+            f"Sample answer: valid={sample.get('valid')}, programs={sample.get('programs')}.",
+            cpu_note(verify_cpu, checked.seconds, checked.completed, "verification", idle) + " (verification)",
+            "Record seen = an aiokafka consumer in the load generator (all partitions assigned before the load, "
+            "fetch_max_wait_ms 10). Client: keep-alive HTTP/1.1 over asyncio, in the same process, same machine.",
+        ],
+    )
