@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
-import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.scenarios._common import OUTSIDE, read_response
 from shared.contracts.certification import CertificateIssued
 from shared.contracts.common import PartnerMembership
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
@@ -97,7 +97,7 @@ class LeanHttp:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     conn.writer.write(raw)
-                    status, body, keep = await _read_response(conn.reader)
+                    status, body, keep = await read_response(conn.reader)
             except BaseException:
                 conn.writer.close()
                 raise
@@ -131,36 +131,6 @@ class LeanHttp:
             conn.writer.close()
             with contextlib.suppress(Exception):
                 await conn.writer.wait_closed()
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    length: int | None = None
-    chunked = False
-    keep = True
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-        elif name == b"connection":
-            keep = b"close" not in value.lower()
-    if chunked:
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
-                break
-            parts.append((await reader.readexactly(size + 2))[:-2])
-        return status, b"".join(parts), keep
-    if length is None:
-        return status, await reader.read(), False
-    return status, await reader.readexactly(length), keep
 
 
 # --- Kafka ----------------------------------------------------------------------------------------------------
@@ -411,64 +381,13 @@ def certificate_issued(
 # --- Where the CPU went ---------------------------------------------------------------------------------------
 
 
-def _group_of(process: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        name = process.name()
-        if name.startswith("postgres"):
-            return "postgres"
-        if name.startswith("tansu"):
-            return "broker"
-        if name.startswith("redis"):
-            return "redis"
-        for part in process.cmdline():
-            if part.startswith("services."):
-                return str(part).removeprefix("services.")
-    return "other"
-
-
-def _cpu_of(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    # An exited PostgreSQL backend's time moves to its parent's children_* times.
-    return float(times.user + times.system + times.children_user + times.children_system)
-
-
-class CpuMeter:
-    """CPU seconds per part of this run during a window, and the machine's other busy time."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-        self._wall = time.perf_counter()
-
-    @staticmethod
-    def _sample() -> tuple[dict[int, tuple[str, float]], float]:
-        me = psutil.Process()
-        seen: dict[int, tuple[str, float]] = {me.pid: ("load generator", _cpu_of(me))}
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                seen[child.pid] = (_group_of(child), _cpu_of(child))
-        total = psutil.cpu_times()
-        busy = float(sum(total)) - float(total.idle) - float(getattr(total, "iowait", 0.0))
-        return seen, busy
-
-    def stop(self) -> tuple[dict[str, float], float]:
-        """(seconds per group, wall seconds); ``outside this run`` is the rest of the machine."""
-        before, busy_before = self._start
-        after, busy_after = self._sample()
-        spent: dict[str, float] = {}
-        for pid, (group, seconds) in after.items():
-            earlier = before.get(pid)
-            spent[group] = spent.get(group, 0.0) + seconds - (earlier[1] if earlier is not None else 0.0)
-        spent["outside this run"] = max(0.0, (busy_after - busy_before) - sum(spent.values()))
-        return spent, time.perf_counter() - self._wall
-
-
 def cpu_note(spent: dict[str, float], seconds: float, per: int, unit: str) -> str:
     parts = [
         f"{group} {value / seconds:.2f} cores ({value / per * 1000:.2f} ms/{unit})"
         for group, value in sorted(spent.items(), key=lambda item: -item[1])
         if value / seconds >= 0.01
     ]
-    total = sum(v for k, v in spent.items() if k != "outside this run")
+    total = sum(v for k, v in spent.items() if k != OUTSIDE)
     return (
         f"CPU during the window ({seconds:.1f} s, {os.cpu_count()} cores): " + ", ".join(parts)
         + f"; this run in all {total / per * 1000:.2f} ms CPU/{unit}."

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bench.measure import Latencies, LoadResult, paced, saturate
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._http import (
     JAL_TOWNS,
     SHIRAHAMA,
-    CpuMeter,
     HttpPool,
     Pending,
     Schedule,

@@ -23,8 +23,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._events import (
-    CpuMeter,
     Progress,
     RoundTripProbe,
     baselines,
@@ -95,7 +95,8 @@ async def burst(
         sending = asyncio.create_task(publish(ctx.settings, topic, envelopes))
         await watch_consumers(ctx, progresses, started_at=started, timeout_s=240)
         sent_in = await sending
-    spent, wall = meter.stop()
+    spent = meter.stop()
+    wall = meter.wall
     settled, _ = await settle(ctx)
     ids = [str(e.id) for e in envelopes]
     applied = {p.service: await inbox_count(ctx, p.service, p.consumer, ids) for p in progresses}

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from bench.measure import LoadResult, saturate
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._events import (
-    CpuMeter,
     HttpStatusError,
     LeanHttp,
     RoundTripProbe,
@@ -84,7 +84,8 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         meter = CpuMeter()
         async with RoundTripProbe(ctx.settings.database_dsn("donation")) as spread_probe:
             spread = await drive(spread_requests)
-        spread_cpu, spread_wall = meter.stop()
+        spread_cpu = meter.stop()
+        spread_wall = meter.wall
         after_spread, idle = await settle(ctx)
         notes.append(
             f"spread: {spread.completed:,} donations over {min(spread_total, len(spread_codes)):,} municipalities "
@@ -102,7 +103,8 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         meter = CpuMeter()
         async with RoundTripProbe(ctx.settings.database_dsn("donation")) as hot_probe:
             hot = await drive(hot_requests)
-        hot_cpu, hot_wall = meter.stop()
+        hot_cpu = meter.stop()
+        hot_wall = meter.wall
         after_hot, idle = await settle(ctx)
         town = municipalities()[HOT].full_name
         notes.append(

@@ -18,9 +18,9 @@ import time
 from typing import TYPE_CHECKING
 
 from bench.measure import Latencies, paced, saturate
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._http import (
     JAL_TOWNS,
-    CpuMeter,
     HttpPool,
     Schedule,
     TopicWatcher,

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._events import (
-    CpuMeter,
     Progress,
     RoundTripProbe,
     baselines,
@@ -149,7 +149,8 @@ async def burst(ctx: BenchContext, mailbox: Path, kind: str, topic: Topic, envel
                 break
             await asyncio.sleep(0.05)
         await sending
-    spent, wall = meter.stop()
+    spent = meter.stop()
+    wall = meter.wall
     result.cpu = f"{probe.describe()}. " + cpu_note(spent, wall, len(envelopes), "event")
     await settle(ctx)
     return result

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from aiokafka import AIOKafkaProducer
 
 from bench.measure import paced
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._http import (
     SHIRAHAMA,
-    CpuMeter,
     HttpPool,
     LoopLag,
     Schedule,

@@ -12,9 +12,9 @@ import time
 from typing import TYPE_CHECKING
 
 from bench.measure import Latencies, paced, saturate
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._http import (
     SHIRAHAMA,
-    CpuMeter,
     HttpPool,
     Schedule,
     TopicWatcher,

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from bench.measure import Latencies, LoadResult, saturate
+from bench.scenarios._common import CpuMeter
 from bench.scenarios._events import (
-    CpuMeter,
     HttpStatusError,
     LeanHttp,
     RoundTripProbe,
@@ -95,7 +95,8 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         meter = CpuMeter()
         async with RoundTripProbe(ctx.settings.database_dsn("subsidy")) as probe:
             over_http = await saturate(redeem, total=len(requests), concurrency=CONCURRENCY)
-        http_cpu, http_wall = meter.stop()
+        http_cpu = meter.stop()
+        http_wall = meter.wall
         after_http, _ = await settle(ctx)
         notes.append(
             f"HTTP: {over_http.completed:,} accepted trips over {len(grants)} grants, {CONCURRENCY} concurrent "
@@ -215,7 +216,8 @@ async def kafka_trips(
                 await asyncio.sleep(0.05)
             seconds = time.perf_counter() - started
             await sending
-        spent, wall = meter.stop()
+        spent = meter.stop()
+        wall = meter.wall
     finally:
         await conn.close()
     result = LoadResult(None, accepted, len(envelopes) - accepted, seconds, Latencies())
