@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import structlog
 from prometheus_client import Counter
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -68,10 +68,13 @@ def open_redis(settings: Settings) -> Redis | None:
     """The Redis client of the service (None when no Redis is configured: PostgreSQL serves)."""
     if settings.redis_url is None:
         return None
-    return Redis.from_url(
-        settings.redis_url, socket_connect_timeout=0.25, socket_timeout=0.5,
+    # A blocking pool: at a burst, a request waits a moment for a free connection instead of
+    # failing with "too many connections" (which would send it to PostgreSQL as if Redis were down).
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=64, timeout=0.5, socket_connect_timeout=0.25, socket_timeout=0.5,
         retry=Retry(NoBackoff(), 1), health_check_interval=30,
     )
+    return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 
 
 def cache_key(settings: Settings, partner: str, number: str) -> str:

@@ -152,7 +152,8 @@ class EventConsumer:
             group_id=self.group_id,
             batch=True,
             max_records=s.consumer_batch_size,
-            batch_timeout_ms=25,
+            # FastStream sleeps this long after an empty fetch without listening: keep it short.
+            batch_timeout_ms=5,
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.MANUAL,
             decoder=_keep_raw_records,
