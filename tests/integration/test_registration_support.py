@@ -43,7 +43,7 @@ def today() -> date:
 
 
 def new_resident_id() -> str:
-    return f"res-{uuid.uuid4().hex[:12]}"
+    return str(uuid.uuid4())  # a canonical UUID, like a real token subject: never mistaken for a My Number
 
 
 def resident_auth(settings: Settings, resident_id: str) -> dict[str, str]:
