@@ -123,3 +123,46 @@ def bearer(settings: Settings, role: str, subject: str | None = None, **claims: 
         municipality=claims.get("municipality"), partner=claims.get("partner"),
     )
     return {"Authorization": f"Bearer {token}"}
+
+
+async def caught_up(
+    app: FastAPI, *, also_empty: str | None = None, timeout: float = 60.0, interval: float = 0.05
+) -> None:
+    """Every consumer group of a running service committed past the end of its topics, its outbox
+    is relayed, and the optional ``also_empty`` count query (another queue of the service) is 0."""
+    runtime = app.state.runtime
+    groups = {consumer.group_id: consumer.topics for consumer in runtime.consumers}
+    # One client per group that never subscribes (so it never joins the group): it reads the commits.
+    probes = {
+        group: AIOKafkaConsumer(bootstrap_servers=runtime.settings.kafka_bootstrap, group_id=group,
+                                enable_auto_commit=False)
+        for group in groups
+    }
+    for probe in probes.values():
+        await probe.start()
+    try:
+        partitions: dict[str, list[TopicPartition]] = {}
+        if probes:
+            first = next(iter(probes.values()))
+            await first.topics()  # fetches the metadata
+            partitions = {
+                group: [TopicPartition(t, p) for t in topics for p in sorted(first.partitions_for_topic(t) or ())]
+                for group, topics in groups.items()
+            }
+
+        async def done() -> bool:
+            if await runtime.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
+                return False
+            if also_empty is not None and await runtime.pool.fetchval(also_empty):
+                return False
+            for group, tps in partitions.items():
+                ends = await probes[group].end_offsets(tps)
+                for tp in tps:
+                    if (await probes[group].committed(tp) or 0) < ends[tp]:
+                        return False
+            return True
+
+        await eventually(done, timeout=timeout, interval=interval)
+    finally:
+        for probe in probes.values():
+            await probe.stop()

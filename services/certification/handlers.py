@@ -141,6 +141,24 @@ CertificateEvent = (
 )
 
 
+async def _record_rejection(
+    work: Work, principal: Principal | None, rejected: Application, reason: str, at: datetime
+) -> None:
+    """Save a rejected application, audit who rejected it and why, and announce it."""
+    await store.save_decision(work.conn, rejected)
+    await store.append_audit(
+        work.conn, _audit(principal, rejected.municipality_code, "application.rejected", rejected, at, reason)
+    )
+    await work.emit(
+        APPLICATIONS,
+        ApplicationRejected(
+            application_id=rejected.application_id, resident_id=rejected.resident_id,
+            municipality_code=rejected.municipality_code, reason=reason, decided_at=at,
+        ),
+        subject=rejected.application_id,
+    )
+
+
 async def _emit_certificate(work: Work, event: CertificateEvent) -> None:
     """Certificate events are keyed (and their subject is) the certificate number."""
     await work.emit(CERTIFICATES, event, subject=event.certificate_number)
@@ -192,18 +210,7 @@ async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) 
     # the certificate it issues is visible to the statements after this one.
     for application in await store.open_applications_of(conn, event.resident_id):
         rejected = application.reject(by=SYSTEM_ACTOR, at=now, reason=WITHDRAWAL_REASON)
-        await store.save_decision(conn, rejected)
-        await store.append_audit(
-            conn, _audit(None, rejected.municipality_code, "application.rejected", rejected, now, WITHDRAWAL_REASON)
-        )
-        await work.emit(
-            APPLICATIONS,
-            ApplicationRejected(
-                application_id=rejected.application_id, resident_id=rejected.resident_id,
-                municipality_code=rejected.municipality_code, reason=WITHDRAWAL_REASON, decided_at=now,
-            ),
-            subject=rejected.application_id,
-        )
+        await _record_rejection(work, None, rejected, WITHDRAWAL_REASON, now)
     for certificate in await store.valid_certificates_of(conn, event.resident_id):
         revoked = certificate.revoke_on_withdrawal(now)
         await store.save_certificate(conn, revoked)
@@ -346,18 +353,7 @@ class CertificationService:
                 application = await self._application_for_decision(conn, principal, application_id)
                 now = _now()
                 rejected = application.reject(by=principal.subject, at=now, reason=reason)
-                await store.save_decision(conn, rejected)
-                await store.append_audit(
-                    conn, _audit(principal, rejected.municipality_code, "application.rejected", rejected, now, reason)
-                )
-                await work.emit(
-                    APPLICATIONS,
-                    ApplicationRejected(
-                        application_id=rejected.application_id, resident_id=rejected.resident_id,
-                        municipality_code=rejected.municipality_code, reason=reason, decided_at=now,
-                    ),
-                    subject=rejected.application_id,
-                )
+                await _record_rejection(work, principal, rejected, reason, now)
                 return Outcome(200, json_body(ApplicationView.of(rejected)))
 
             return await self._idempotent(

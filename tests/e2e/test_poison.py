@@ -37,7 +37,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from fastapi import FastAPI
 
 from services.subsidy import handlers as subsidy_handlers
@@ -69,6 +69,7 @@ from shared.reference import prefecture_of
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
 from tests.support import bearer, eventually, produce, read_topic, service_client
+from tests.support import caught_up as support_caught_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
 
@@ -546,36 +547,7 @@ async def test_a_trip_parked_before_its_certificate_is_answered_once_after_repla
 
 
 async def caught_up(svc: Service, timeout: float = 40.0) -> None:
-    """Every consumer group of ``svc`` committed past the end of its topics, and its outbox is relayed."""
-    consumers: list[EventConsumer] = svc.app.state.runtime.consumers
-    groups = {c.group_id: c.topics for c in consumers}
-    # one client per group, never subscribed (it does not join the group): it only reads the commits
-    probes = {g: AIOKafkaConsumer(bootstrap_servers=svc.settings.kafka_bootstrap, group_id=g,
-                                  enable_auto_commit=False) for g in groups}
-    for probe in probes.values():
-        await probe.start()
-    try:
-        any_probe = next(iter(probes.values()))
-        await any_probe.topics()  # fetches the metadata
-        partitions = {
-            group: [TopicPartition(t, p) for t in topics for p in sorted(any_probe.partitions_for_topic(t) or ())]
-            for group, topics in groups.items()
-        }
-
-        async def done() -> bool:
-            if await svc.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
-                return False
-            for group, tps in partitions.items():
-                ends = await probes[group].end_offsets(tps)
-                for tp in tps:
-                    if (await probes[group].committed(tp) or 0) < ends[tp]:
-                        return False
-            return True
-
-        await eventually(done, timeout=timeout, interval=0.1)
-    finally:
-        for probe in probes.values():
-            await probe.stop()
+    await support_caught_up(svc.app, timeout=timeout, interval=0.1)
 
 
 async def test_an_event_parked_by_a_bug_is_applied_once_after_the_fix_and_others_skip_it(

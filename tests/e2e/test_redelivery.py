@@ -92,7 +92,7 @@ from shared.kit.settings import Settings
 from shared.reference import prefecture_of
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
-from tests.support import bearer, eventually, service_client
+from tests.support import bearer, caught_up, service_client
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
 
@@ -170,41 +170,7 @@ DRAINED = {"partner_gateway": "SELECT count(*) FROM verify_cache_queue"}
 
 async def quiescent(run: Run, timeout: float = 60.0) -> None:
     """Every consumer group of the run committed to the end of its topics; nothing left to relay."""
-    consumers: list[EventConsumer] = run.app.state.runtime.consumers
-    groups = {c.group_id: c.topics for c in consumers}
-    # one client per group that never subscribes (so it never joins the group): it reads the commits
-    probes = {
-        group: AIOKafkaConsumer(
-            bootstrap_servers=run.settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
-        )
-        for group in groups
-    }
-    for probe in probes.values():
-        await probe.start()
-    try:
-        first = next(iter(probes.values()))
-        await first.topics()  # fetches the metadata
-        partitions = {
-            group: [TopicPartition(t, p) for t in topics for p in sorted(first.partitions_for_topic(t) or ())]
-            for group, topics in groups.items()
-        }
-
-        async def done() -> bool:
-            if await run.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
-                return False
-            if run.service in DRAINED and await run.pool.fetchval(DRAINED[run.service]):
-                return False
-            for group, tps in partitions.items():
-                ends = await probes[group].end_offsets(tps)
-                for tp in tps:
-                    if (await probes[group].committed(tp) or 0) < ends[tp]:
-                        return False
-            return True
-
-        await eventually(done, timeout=timeout, interval=0.05)
-    finally:
-        for probe in probes.values():
-            await probe.stop()
+    await caught_up(run.app, also_empty=DRAINED.get(run.service), timeout=timeout)
 
 
 async def publish(run: Run, items: list[Item]) -> None:
