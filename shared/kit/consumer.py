@@ -214,6 +214,7 @@ class EventConsumer:
                     await self._apply_record(conn, record, counts=counts)
             else:
                 await self._apply_batch(conn, ordered, counts)
+        self.outbox.committed()
         self.stats.handled += counts.handled
         self.stats.duplicates += counts.duplicates
         self.stats.skipped += counts.skipped

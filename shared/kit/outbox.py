@@ -1,11 +1,17 @@
 """Transactional outbox: the state change and its events commit together, or neither does.
 
-``Outbox.add`` inserts the event in the caller's transaction and NOTIFYs the relay, which wakes
-at once (the notification is delivered on commit, never for a rolled-back transaction). The relay
-publishes pending rows in id order with ``acks=all`` and marks them published. A crash between
-publishing and marking re-sends on restart: delivery is at-least-once and consumers deduplicate
-by ``ce_id``. Only one relay per database publishes at a time (an advisory lock), which keeps
-per-key order across replicas.
+``Outbox.add`` inserts the event in the caller's transaction. The relay publishes pending rows in
+id order with ``acks=all`` and marks them published. A crash between publishing and marking
+re-sends on restart: delivery is at-least-once and consumers deduplicate by ``ce_id``. Only one
+relay per database publishes at a time (an advisory lock), which keeps per-key order across
+replicas.
+
+Waking the relay: when this process's relay is the leader, whoever commits an outbox write calls
+``Outbox.committed()`` and the relay wakes in-process. Only when the leader lives in another
+process (a second worker or replica) does the write add a ``pg_notify``, which PostgreSQL delivers
+on commit. NOTIFY is not free: PostgreSQL lets one NOTIFY-sending transaction commit at a time
+across the whole server, which measured 1,977 → 869 commits/s over 8 connections. The relay
+also polls (``outbox_poll_interval_s``) as a backstop.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope
@@ -28,6 +35,7 @@ from shared.kit.errors import is_transient
 log = structlog.get_logger(__name__)
 
 _RELAY_LOCK_ID = 0x4F55_5442  # "OUTB"
+_PARTITIONER = DefaultPartitioner()
 
 
 def notify_channel(database: str) -> str:
@@ -43,6 +51,9 @@ class OutgoingRecord:
     headers: Sequence[tuple[str, bytes]]
     value: bytes | None  # None: a tombstone, which log compaction uses to forget the key
     event_id: str
+    #: Place the record on the partition of this key instead of its own (same partitioner), so
+    #: records with different compaction keys keep one order; None: by ``key``.
+    partition_key: bytes | None = None
 
 
 class Outbox:
@@ -50,6 +61,8 @@ class Outbox:
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
+        #: The relay of this process, if any: woken directly while it leads (see the module doc).
+        self.local_relay: OutboxRelay | None = None
 
     async def add(self, conn: Connection, topic: str, envelope: Envelope) -> None:
         await self.add_record(
@@ -57,42 +70,44 @@ class Outbox:
         )
 
     async def add_record(self, conn: Connection, record: OutgoingRecord) -> None:
-        if not conn.is_in_transaction():
-            raise RuntimeError("Outbox.add must run inside the business transaction")
-        # One round trip: the row, and a wake-up for the relay that PostgreSQL delivers on commit.
-        await conn.execute(
-            """
-            WITH written AS (
-                INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                ON CONFLICT (event_id) DO NOTHING
-            )
-            SELECT pg_notify($7, '')
-            """,
-            record.event_id, record.topic, record.key,
-            [name for name, _ in record.headers], [value for _, value in record.headers], record.value,
-            self.channel,
-        )
-
+        await self.add_many(conn, [record])
 
     async def add_many(self, conn: Connection, records: Sequence[OutgoingRecord]) -> None:
-        """Write several records in one pipelined statement and wake the relay once (same transaction)."""
+        """Write records in the caller's transaction, in order (one pipelined statement)."""
         if not records:
             return
         if not conn.is_in_transaction():
-            raise RuntimeError("Outbox.add_many must run inside the business transaction")
-        await conn.executemany(
-            """
-            INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            ON CONFLICT (event_id) DO NOTHING
-            """,
-            [
-                (r.event_id, r.topic, r.key, [n for n, _ in r.headers], [v for _, v in r.headers], r.value)
-                for r in records
-            ],
-        )
-        await conn.execute("SELECT pg_notify($1, '')", self.channel)
+            raise RuntimeError("Outbox writes must run inside the business transaction")
+        rows = [
+            (r.event_id, r.topic, r.key, [n for n, _ in r.headers], [v for _, v in r.headers], r.value, r.partition_key)
+            for r in records
+        ]
+        notify = not self.relay_is_local()
+        if len(rows) == 1 and notify:
+            await conn.execute(_INSERT_AND_NOTIFY, *rows[0], self.channel)  # one round trip
+            return
+        if len(rows) == 1:
+            await conn.execute(_INSERT, *rows[0])
+        else:
+            await conn.executemany(_INSERT, rows)
+        if notify:
+            await conn.execute("SELECT pg_notify($1, '')", self.channel)  # delivered on commit
+
+    def relay_is_local(self) -> bool:
+        return self.local_relay is not None and self.local_relay.is_leader
+
+    def committed(self) -> None:
+        """Call after a transaction that may have written here committed: the local relay looks."""
+        if self.local_relay is not None:
+            self.local_relay.wake()
+
+
+_INSERT = """
+    INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, partition_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (event_id) DO NOTHING
+"""
+_INSERT_AND_NOTIFY = f"WITH written AS ({_INSERT}) SELECT pg_notify($8, '')"
 
 
 class OutboxRelay:
@@ -148,6 +163,9 @@ class OutboxRelay:
         self._stopping = True
         self._wake.set()
 
+    def wake(self) -> None:
+        self._wake.set()
+
     async def _run_connected(self) -> None:
         conn: Connection = await asyncpg.connect(self.dsn)
         try:
@@ -173,7 +191,7 @@ class OutboxRelay:
     async def _relay_batch(self, conn: Connection) -> int:
         rows = await conn.fetch(
             """
-            SELECT id, topic, key, header_names, header_values, payload FROM outbox
+            SELECT id, topic, key, header_names, header_values, payload, partition_key FROM outbox
             WHERE published_at IS NULL ORDER BY id LIMIT $1
             """,
             self.batch_size,
@@ -185,6 +203,7 @@ class OutboxRelay:
                 row["topic"],
                 value=row["payload"],
                 key=row["key"],
+                partition=await self._partition_of(row["topic"], row["partition_key"]),
                 headers=list(zip(row["header_names"], row["header_values"], strict=True)),
             )
             for row in rows
@@ -194,6 +213,14 @@ class OutboxRelay:
         await self._mark_published(conn, [row["id"] for row in rows])
         self.published += len(rows)
         return len(rows)
+
+    async def _partition_of(self, topic: str, partition_key: bytes | None) -> int | None:
+        if partition_key is None:
+            return None  # the producer places it by its own key
+        partitions = sorted(await self.producer.partitions_for(topic))
+        # The producer's own partitioner (murmur2, as Java clients): the same partition the
+        # record keyed by ``partition_key`` itself goes to.
+        return int(_PARTITIONER(partition_key, partitions, partitions))
 
     async def _mark_published(self, conn: Connection, ids: list[int]) -> None:
         await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", ids)

@@ -130,6 +130,7 @@ class ServiceRuntime:
             batch_size=s.outbox_batch_size, poll_interval_s=s.outbox_poll_interval_s,
             recover=self._recreate_topics,
         )
+        self.outbox.local_relay = self._relay
         self._spawn(self._relay.run(), "outbox-relay")
         if self.consumer_specs:
             self.consumers = [
@@ -181,6 +182,7 @@ class ServiceRuntime:
     async def transaction(self, correlation_id: str | None = None) -> AsyncIterator[UnitOfWork]:
         async with self.pool.acquire() as conn, conn.transaction():
             yield UnitOfWork(conn, self, correlation_id)
+        self.outbox.committed()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         async def guarded() -> None:

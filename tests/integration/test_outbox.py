@@ -145,3 +145,59 @@ async def test_a_tombstone_goes_out_with_a_null_value(settings: Settings, produc
         assert records[0].value is None
     finally:
         await conn.close()
+
+
+async def test_a_leading_relay_in_this_process_is_woken_directly_without_notify(
+    settings: Settings, producer: AIOKafkaProducer
+) -> None:
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    relay = OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=30)  # anything sooner was woken
+    outbox.local_relay = relay
+    heard: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener(CHANNEL, lambda *args: heard.append(str(args[2])))
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with running(relay):
+            for _ in range(100):
+                if relay.is_leader:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # past the relay's first look at the (empty) table
+            async with conn.transaction():
+                written = await add(conn, outbox, topic, "a", 1)
+            outbox.committed()
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 1, timeout=5)
+        assert ids(records) == [written]
+        assert heard == []  # no NOTIFY: it would serialize commits server-wide
+    finally:
+        await conn.close()
+        await listener.close()
+
+
+async def test_a_record_with_a_partition_key_shares_that_keys_partition(
+    settings: Settings, producer: AIOKafkaProducer
+) -> None:
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings, partitions=6)
+    outbox = Outbox(CHANNEL)
+    numbers = [f"NCH-304018-2026-{n:06d}".encode() for n in range(1, 13)]
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await outbox.add_many(conn, [
+                record
+                for number in numbers
+                for record in (
+                    OutgoingRecord(topic, number, [], b"certificate", str(uuid.uuid4())),
+                    OutgoingRecord(topic, number + b"/grant/1", [], b"grant", str(uuid.uuid4()), partition_key=number),
+                )
+            ])
+        async with running(OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.05)):
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 24)
+        partition_of = {r.key: r.partition for r in records}
+        assert {partition_of[n] for n in numbers} != {partition_of[numbers[0]]}  # keys do spread
+        for number in numbers:
+            assert partition_of[number + b"/grant/1"] == partition_of[number]
+    finally:
+        await conn.close()
