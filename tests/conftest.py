@@ -53,6 +53,7 @@ def make_settings(backends: Backends, run_id: str, **overrides: object) -> Setti
         "kafka_fetch_max_wait_ms": 10,
         "outbox_poll_interval_s": 0.2,
         "log_level": "WARNING",
+        "gc_freeze_after_start": False,  # many runtimes share this process
     }
     values.update(overrides)
     return Settings.model_validate(values)

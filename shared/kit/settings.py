@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     consumer_max_attempts: int = 3
     outbox_batch_size: int = 500
     outbox_poll_interval_s: float = 1.0
+    #: Freeze the start-up heap out of the garbage collector's view (see ``ServiceRuntime.start``);
+    #: off where one process starts many runtimes, as the tests do.
+    gc_freeze_after_start: bool = True
 
     def service_port(self, service: str) -> int:
         return SERVICE_PORTS[service] + self.port_offset
