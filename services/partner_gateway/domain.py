@@ -21,7 +21,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from shared.contracts.base import EventData
-from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal
+from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
 from shared.contracts.subsidy import (
     GrantCancelled,
     GrantExpired,
@@ -273,6 +273,18 @@ def grant_record(event: GrantEvent, resident_ref: str, member_number: str | None
         case GrantExpired():
             return PartnerGrant(**common, state="expired", unit=event.unit, amount=event.released,
                                 changed_at=start_of_day(event.expired_on))
+
+
+def feed_key(record: PartnerCertificate | PartnerGrant | PartnerWithdrawal) -> tuple[str, str | None]:
+    """The record's key on the compacted partner feed, and the key whose partition it must share.
+
+    A certificate's records are keyed by its number and a grant's by ``<number>/grants/<grant id>``,
+    so compaction keeps the latest state of each. A grant goes to its certificate's partition, so
+    the partner reads a certificate and its grants in order.
+    """
+    if isinstance(record, PartnerGrant):
+        return grant_key(record.certificate_number, record.grant_id), record.certificate_number
+    return record.certificate_number, None
 
 
 def delivered_items(record: EventData) -> list[str]:

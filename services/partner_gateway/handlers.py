@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -32,6 +32,7 @@ from services.partner_gateway.domain import (
     certificate_record,
     delivered_items,
     entitlement,
+    feed_key,
     grant_record,
     new_api_key,
     new_pseudonym_key,
@@ -46,12 +47,10 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal
+from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
 from shared.contracts.topics import partner_feed
 from shared.kit.consumer import HandlerContext
 from shared.kit.db import Connection
-from shared.kit.envelope import SPEC_VERSION, source_of
-from shared.kit.outbox import OutgoingRecord
 from shared.kit.service import ServiceRuntime
 from shared.reference import travel_programs
 
@@ -126,7 +125,13 @@ async def seed_partners(conn: Connection) -> list[Partner]:
 
 @dataclass
 class Feed:
-    """Puts partner records in the outbox of the handler's transaction and records each delivery."""
+    """Puts partner records in the outbox of the handler's transaction and records each delivery.
+
+    Keys on the compacted feed (``domain.feed_key``): a certificate's records under its number, a
+    grant's under ``<number>/grants/<grant id>`` on the certificate's partition. The gateway
+    remembers which grant keys a partner's feed holds, so that forgetting a certificate tombstones
+    each of them too.
+    """
 
     ctx: HandlerContext
 
@@ -135,7 +140,12 @@ class Feed:
         municipality_code: str, basis: ConsentBasis, cause: uuid.UUID | None = None,
     ) -> None:
         number = record.certificate_number
-        envelope = await self.ctx.emit(partner_feed(partner), record, subject=number, key=number)
+        key, partition_key = feed_key(record)
+        envelope = await self.ctx.emit(
+            partner_feed(partner), record, subject=number, key=key, partition_key=partition_key
+        )
+        if isinstance(record, PartnerGrant):
+            await store.grant_key_sent(self.ctx.conn, partner, number, record.grant_id)
         await store.insert_delivery(
             self.ctx.conn,
             store.Delivery(
@@ -147,42 +157,43 @@ class Feed:
         )
 
     async def tombstone(self, partner: str, number: str, *, resident_ref: str, municipality_code: str,
-                        basis: ConsentBasis) -> None:
-        """A null value under the certificate's key: log compaction then forgets the certificate."""
-        event_id = uuid.uuid4()
-        headers = [
-            ("ce_specversion", SPEC_VERSION.encode()),
-            ("ce_id", str(event_id).encode()),
-            ("ce_source", source_of(SERVICE).encode()),
-            ("ce_subject", number.encode()),
-            ("ce_time", datetime.now(UTC).isoformat().encode()),
-            ("ce_correlationid", (self.ctx.envelope.correlation_id or str(self.ctx.envelope.id)).encode()),
-            ("ce_causationid", str(self.ctx.envelope.id).encode()),
-        ]
-        topic = self.ctx.settings.topic(partner_feed(partner).name)
-        await self.ctx.add_record(
-            OutgoingRecord(topic, number.encode(), headers, None, str(event_id))
+                        basis: ConsentBasis, grant_id: str | None = None) -> None:
+        """A null value under the certificate's key (or one grant's key, on the certificate's
+        partition): log compaction then forgets it."""
+        if grant_id is None:
+            key, partition_key, items = number, None, ["certificate_number"]
+        else:
+            key, partition_key, items = grant_key(number, grant_id), number, ["certificate_number", "grant_id"]
+        event_id = await self.ctx.tombstone(
+            partner_feed(partner), subject=number, key=key, partition_key=partition_key
         )
         await store.insert_delivery(
             self.ctx.conn,
             store.Delivery(
                 partner=partner, resident_ref=resident_ref, certificate_number=number,
-                municipality_code=municipality_code, record_type="tombstone", items=["certificate_number"],
+                municipality_code=municipality_code, record_type="tombstone", items=items,
                 basis=basis, event_id=event_id, cause_event_id=self.ctx.envelope.id,
             ),
         )
 
     async def withdraw(self, state: store.EntitlementState, reason: WithdrawalReason, basis: ConsentBasis) -> None:
-        """Tell the partner to forget the certificate (withdrawal, then tombstone); stop showing it."""
-        record = withdrawal_record(state.certificate_number, state.resident_ref, reason, basis.at)
-        await self.send(state.partner, record, municipality_code=state.municipality_code, basis=basis)
+        """Tell the partner to forget the certificate and its grants (withdrawal, a tombstone for
+        each grant key it holds, then the certificate's tombstone); stop showing it."""
+        partner, number = state.partner, state.certificate_number
+        record = withdrawal_record(number, state.resident_ref, reason, basis.at)
+        await self.send(partner, record, municipality_code=state.municipality_code, basis=basis)
+        grant_ids = await store.take_grant_keys(self.ctx.conn, partner, number)
+        for grant_id in grant_ids:
+            await self.tombstone(
+                partner, number, resident_ref=state.resident_ref, municipality_code=state.municipality_code,
+                basis=basis, grant_id=grant_id,
+            )
         await self.tombstone(
-            state.partner, state.certificate_number, resident_ref=state.resident_ref,
-            municipality_code=state.municipality_code, basis=basis,
+            partner, number, resident_ref=state.resident_ref, municipality_code=state.municipality_code, basis=basis,
         )
-        await store.withdraw_entitlement(self.ctx.conn, state.partner, state.certificate_number, reason, basis)
-        log.info("partner told to forget a certificate", partner=state.partner,
-                 certificate_number=state.certificate_number, reason=reason)
+        await store.withdraw_entitlement(self.ctx.conn, partner, number, reason, basis)
+        log.info("partner told to forget a certificate", partner=partner, certificate_number=number,
+                 reason=reason, grants=len(grant_ids))
 
 
 # --- Consumed events ----------------------------------------------------------------------------

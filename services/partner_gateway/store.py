@@ -462,6 +462,30 @@ async def grant_states(conn: Connection, partner: str, number: str) -> list[tupl
     return [(row["event_id"], row["event_type"], bytes(row["data"])) for row in rows]
 
 
+# --- Grant keys live on a partner's feed ---------------------------------------------------------
+
+
+async def grant_key_sent(conn: Connection, partner: str, number: str, grant_id: str) -> None:
+    """The partner's feed now holds a grant record under this grant's key (until its tombstone)."""
+    await conn.execute(
+        """
+        INSERT INTO feed_grant_keys (partner, certificate_number, grant_id) VALUES ($1, $2, $3)
+        ON CONFLICT DO NOTHING
+        """,
+        partner, number, grant_id,
+    )
+
+
+async def take_grant_keys(conn: Connection, partner: str, number: str) -> list[str]:
+    """The grant ids of the certificate whose keys the partner's feed holds, in first-sent order;
+    forgotten here (the caller sends their tombstones in the same transaction)."""
+    rows = await conn.fetch(
+        "DELETE FROM feed_grant_keys WHERE partner = $1 AND certificate_number = $2 RETURNING grant_id, seq",
+        partner, number,
+    )
+    return [row["grant_id"] for row in sorted(rows, key=lambda r: r["seq"])]
+
+
 # --- Delivery record (APPI Art. 29) -------------------------------------------------------------
 
 

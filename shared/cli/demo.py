@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from shared.contracts.partners import PartnerCertificate, PartnerGrant
+from shared.contracts.partners import PartnerCertificate, PartnerGrant, certificate_of_key
 from shared.kit.auth import Role, mint_token
 from shared.kit.settings import Settings
 from shared.reference import municipality
@@ -339,7 +339,7 @@ class Journey:
         finally:
             await self._feed.stop()
             numbers = {a.certificate_number, b.certificate_number} - {""}
-            self.result.jal_feed = [r for r in self._feed.records() if r.key in numbers]
+            self.result.jal_feed = [r for r in self._feed.records() if certificate_of_key(r.key) in numbers]
         self.result.seconds = time.monotonic() - started
         self._say(
             f"The journey is complete ({self.result.seconds:.1f} s): 2 certificates, "
@@ -575,7 +575,7 @@ class Journey:
         assert feed is not None
 
         async def seen() -> tuple[FeedRecord | None, str]:
-            records = [r for r in feed.records() if r.key == who.certificate_number]
+            records = [r for r in feed.records() if certificate_of_key(r.key) == who.certificate_number]
             for record in records:
                 if match(record):
                     return record, "found"

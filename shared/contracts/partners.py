@@ -1,8 +1,19 @@
 """What partners write and read.
 
 ``partner.redemptions.v1`` (key: grant id): written by partners, a trip used against a grant.
-``partner.<code>.v1`` (key: certificate number, compacted): what one partner may see. A record
-with a null value is the tombstone of a withdrawn certificate or consent.
+
+``partner.<code>.v1`` (compacted): what one partner may see. Keys:
+
+- ``partner.certificate`` and ``partner.withdrawal``: the certificate number;
+- ``partner.grant``: ``<certificate number>/grants/<grant id>`` (:func:`grant_key`), sent to the
+  partition of the certificate number (the Kafka default partitioner, murmur2), so a certificate
+  and its grants share a partition and keep their order.
+
+Compaction keeps the latest record of each key, so a partner keeps the latest state per key: the
+certificate, and each of its grants. ``ce_subject`` is the certificate number on every record. A
+record with a null value (a tombstone) forgets its key. When a partner must forget a certificate
+(consent revoked, resident withdrawn) it gets a ``partner.withdrawal``, then a tombstone for every
+grant key it was sent for that certificate, then the certificate's tombstone.
 """
 
 from __future__ import annotations
@@ -15,6 +26,19 @@ from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.topics import PARTNER_FEED, REDEMPTIONS
 
 TripKind = Literal["one_way", "round_trip"]
+
+#: Between the certificate number and the grant id in a grant record's key.
+GRANT_KEY_INFIX = "/grants/"
+
+
+def grant_key(certificate_number: str, grant_id: str) -> str:
+    """The key of a grant's records on a partner feed (the certificate number is the partition key)."""
+    return f"{certificate_number}{GRANT_KEY_INFIX}{grant_id}"
+
+
+def certificate_of_key(key: str) -> str:
+    """The certificate number a partner feed key belongs to (the key itself for certificate records)."""
+    return key.split(GRANT_KEY_INFIX, 1)[0]
 
 
 class TripReported(EventData, name="partner.trip.reported", topic=REDEMPTIONS):
@@ -32,7 +56,10 @@ class TripReported(EventData, name="partner.trip.reported", topic=REDEMPTIONS):
 
 
 class PartnerCertificate(EventData, name="partner.certificate", topic=PARTNER_FEED):
-    """The current state of one certificate as one partner may see it (no personal data)."""
+    """The current state of one certificate as one partner may see it (no personal data).
+
+    Key: the certificate number. Its grants come on the same partition, keyed per grant.
+    """
 
     certificate_number: str
     status: Literal["valid", "revoked", "expired"]
@@ -48,7 +75,11 @@ class PartnerCertificate(EventData, name="partner.certificate", topic=PARTNER_FE
 
 
 class PartnerGrant(EventData, name="partner.grant", topic=PARTNER_FEED):
-    """A grant of this partner's program for a certificate (issued, redeemed, cancelled...)."""
+    """A grant of this partner's program for a certificate (issued, redeemed, cancelled...).
+
+    Key ``<certificate number>/grants/<grant id>``, on the certificate's partition: the latest
+    record of the key is the grant's current state.
+    """
 
     certificate_number: str
     grant_id: str
@@ -64,7 +95,11 @@ class PartnerGrant(EventData, name="partner.grant", topic=PARTNER_FEED):
 
 
 class PartnerWithdrawal(EventData, name="partner.withdrawal", topic=PARTNER_FEED):
-    """Consent revoked or resident withdrawn: forget this certificate (followed by a tombstone)."""
+    """Consent revoked or resident withdrawn: forget this certificate and its grants.
+
+    Key: the certificate number. Followed by a tombstone for each grant key the partner was sent
+    for the certificate, then by the certificate's tombstone.
+    """
 
     certificate_number: str
     resident_ref: str

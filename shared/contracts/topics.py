@@ -1,8 +1,11 @@
 """Every topic of the platform, named once: partitions, key, who writes and who reads it.
 
-Partner feeds are one topic per partner (``partner.<code>.v1``), compacted and keyed by
-certificate number, so a partner's consumer always converges on the latest record (or the
-tombstone) per certificate. Every consumed topic has a dead-letter twin ``<topic>.dlq``.
+Partner feeds are one topic per partner (``partner.<code>.v1``), compacted. A certificate's records
+(``partner.certificate``, ``partner.withdrawal``) are keyed by the certificate number, each grant's
+records (``partner.grant``) by ``<certificate number>/grants/<grant id>`` and placed on the
+certificate's partition, so compaction keeps the latest record (or the tombstone) of the
+certificate and of each of its grants, and a partner still reads a certificate and its grants in
+order. Every consumed topic has a dead-letter twin ``<topic>.dlq``.
 """
 
 from __future__ import annotations
@@ -67,10 +70,24 @@ REDEMPTIONS = Topic(
     description="Trips and redemptions reported by partners against a grant.",
 )
 
+#: The key scheme of every partner feed (see ``shared.contracts.partners``).
+PARTNER_FEED_KEY = (
+    "certificate number for partner.certificate and partner.withdrawal; "
+    "<certificate number>/grants/<grant id> for partner.grant, on the partition of the certificate number "
+    "(murmur2, the Kafka default partitioner); a tombstone (null value) forgets its key"
+)
+_PARTNER_FEED_READING = (
+    "Compaction keeps the latest record of each key: a partner keeps, per key, the latest state. Every "
+    "record of a certificate, its grants' included, is on the certificate's partition, in order; ce_subject "
+    "is always the certificate number. A partner.withdrawal is followed by a tombstone for each grant key "
+    "and then for the certificate key: forget the certificate and all its grants."
+)
+
 #: The shape every partner feed shares; the real topics are ``partner_feed(code)``.
 PARTNER_FEED = Topic(
-    "partner.<partner>.v1", 2, "certificate number", "partner_gateway", ("partners",), compacted=True,
-    description="What one partner may see: consented certificates and its grants (one topic per partner).",
+    "partner.<partner>.v1", 2, PARTNER_FEED_KEY, "partner_gateway", ("partners",), compacted=True,
+    description="What one partner may see: consented certificates and its grants (one topic per partner). "
+    + _PARTNER_FEED_READING,
 )
 
 #: Partners with a feed of their own (seeded from the travel programs reference data).
@@ -79,8 +96,8 @@ PARTNER_CODES: tuple[str, ...] = ("jal", "ana", "jreast", "sadokisen", "kyushuyu
 
 def partner_feed(code: str) -> Topic:
     return Topic(
-        f"partner.{code}.v1", 2, "certificate number", "partner_gateway", (code,), compacted=True,
-        description=f"What partner {code} may see: consented certificates and its grants.",
+        f"partner.{code}.v1", 2, PARTNER_FEED_KEY, "partner_gateway", (code,), compacted=True,
+        description=f"What partner {code} may see: consented certificates and its grants. " + _PARTNER_FEED_READING,
     )
 
 

@@ -34,7 +34,7 @@ from shared.contracts.base import EventData
 from shared.contracts.topics import DLQ_SUFFIX, Topic
 from shared.kit import inbox
 from shared.kit.db import Connection
-from shared.kit.envelope import Envelope, EnvelopeError, new_envelope, parse_envelope
+from shared.kit.envelope import SPEC_VERSION, Envelope, EnvelopeError, new_envelope, parse_envelope, source_of
 from shared.kit.errors import DomainError, is_transient
 from shared.kit.logging import bound_context
 from shared.kit.outbox import Outbox, OutgoingRecord
@@ -62,17 +62,47 @@ class HandlerContext:
     #: (None: write each at once, as the savepoint-per-event path must).
     pending: list[OutgoingRecord] | None = None
 
-    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
-        """Record an outgoing event caused by the one being handled (same transaction)."""
+    async def emit(
+        self, topic: Topic, data: EventData, *, subject: str, key: str | None = None,
+        partition_key: str | None = None,
+    ) -> Envelope:
+        """Record an outgoing event caused by the one being handled (same transaction).
+
+        ``partition_key``: put it on that key's partition (see ``OutgoingRecord``)."""
         envelope = new_envelope(
             self.service, data, subject=subject, key=key,
-            correlation_id=self.envelope.correlation_id or str(self.envelope.id),
-            causation_id=str(self.envelope.id),
+            correlation_id=self._correlation_id(), causation_id=str(self.envelope.id),
         )
         await self.add_record(OutgoingRecord(
-            self.settings.topic(topic.name), envelope.key, envelope.headers(), envelope.data, str(envelope.id)
+            self.settings.topic(topic.name), envelope.key, envelope.headers(), envelope.data, str(envelope.id),
+            partition_key=None if partition_key is None else partition_key.encode(),
         ))
         return envelope
+
+    async def tombstone(
+        self, topic: Topic, *, subject: str, key: str, partition_key: str | None = None
+    ) -> uuid.UUID:
+        """Record a null value under ``key``, which log compaction uses to forget it; its event id.
+
+        A tombstone has no type or data, only the CloudEvents attributes that trace it."""
+        event_id = uuid.uuid4()
+        headers = [
+            ("ce_specversion", SPEC_VERSION.encode()),
+            ("ce_id", str(event_id).encode()),
+            ("ce_source", source_of(self.service).encode()),
+            ("ce_subject", subject.encode()),
+            ("ce_time", datetime.now(UTC).isoformat().encode()),
+            ("ce_correlationid", self._correlation_id().encode()),
+            ("ce_causationid", str(self.envelope.id).encode()),
+        ]
+        await self.add_record(OutgoingRecord(
+            self.settings.topic(topic.name), key.encode(), headers, None, str(event_id),
+            partition_key=None if partition_key is None else partition_key.encode(),
+        ))
+        return event_id
+
+    def _correlation_id(self) -> str:
+        return self.envelope.correlation_id or str(self.envelope.id)
 
     async def add_record(self, record: OutgoingRecord) -> None:
         """Record a prepared outgoing record (e.g. a tombstone), in order with the emitted events."""

@@ -17,7 +17,7 @@ import pytest
 
 from shared.cli.demo import A_INBOX, B_INBOX, JAL_PROGRAM, PARTNER_RECORD_FIELDS, Journey, JourneyResult
 from shared.cli.fleet import ServiceFleet
-from shared.contracts.partners import PartnerCertificate, PartnerGrant
+from shared.contracts.partners import PartnerCertificate, PartnerGrant, grant_key
 from shared.kit.settings import Settings
 from shared.stack.backends import Backends
 from shared.stack.smtp_sink import SmtpSink
@@ -118,7 +118,7 @@ async def test_the_thirty_thousand_miles_are_credited_exactly_once(
     assert a.grant_states == ["issued", "completed"]
     redeemed = [
         r.data for r in journey.jal_feed
-        if r.key == a.certificate_number and r.ce_type == PartnerGrant.event_type and r.data
+        if r.ce_type == PartnerGrant.event_type and r.data and r.key == grant_key(a.certificate_number, a.grant_id)
         and r.data["state"] == "redeemed" and (r.data["amount"] or 0) > 0
     ]
     assert len(redeemed) == 1 and redeemed[0]["amount"] == 30_000 and redeemed[0]["unit"] == "miles"
@@ -160,9 +160,11 @@ async def test_b_is_waitlisted_then_issued_after_the_donation(
     ]
     states = [
         r.data["state"] for r in journey.jal_feed
-        if r.key == b.certificate_number and r.ce_type == PartnerGrant.event_type and r.data
+        if r.key == grant_key(b.certificate_number, b.grant_id) and r.ce_type == PartnerGrant.event_type and r.data
     ]
-    assert states == ["waitlisted", "issued"]  # JAL heard of both, in order (one key, one partition)
+    assert states == ["waitlisted", "issued"]  # JAL heard of both, in order (the grant's key)
+    home = next(r.partition for r in journey.jal_feed if r.key == b.certificate_number)
+    assert {r.partition for r in journey.jal_feed if r.key.startswith(b.certificate_number)} == {home}
 
 
 async def test_both_residents_find_every_message_in_the_inbox_and_the_mailbox(

@@ -42,6 +42,7 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 from fastapi import FastAPI
 
 from services.subsidy.config import SubsidySettings
@@ -57,7 +58,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded, OneStopExceptionVoided, ReceiptIssued
-from shared.contracts.partners import TripReported
+from shared.contracts.partners import TripReported, certificate_of_key, grant_key
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
@@ -81,6 +82,7 @@ from shared.contracts.topics import (
     DONATIONS,
     GRANTS,
     PARTNER_CODES,
+    PARTNER_FEED,
     REDEMPTIONS,
     RESIDENTS,
     Topic,
@@ -459,6 +461,11 @@ def grant(kind: type[EventData], grant_id: str, number: str, resident_id: str, m
 
 async def read_feed(run: Run, partner: str) -> list[tuple[bytes, bytes | None]]:
     """Every (key, value) of a partner's topic, in offset order per partition."""
+    return [(key, value) for _, key, value in await read_feed_partitions(run, partner)]
+
+
+async def read_feed_partitions(run: Run, partner: str) -> list[tuple[int, bytes, bytes | None]]:
+    """Every (partition, key, value) of a partner's topic, in offset order per partition."""
     topic = run.settings.topic(partner_feed(partner).name)
     consumer = AIOKafkaConsumer(bootstrap_servers=run.settings.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -468,11 +475,11 @@ async def read_feed(run: Run, partner: str) -> list[tuple[bytes, bytes | None]]:
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        records: list[tuple[bytes, bytes | None]] = []
+        records: list[tuple[int, bytes, bytes | None]] = []
         for tp in tps:
             while await consumer.position(tp) < ends[tp]:
                 batch = await consumer.getmany(tp, timeout_ms=200)
-                records += [(r.key, r.value) for r in batch.get(tp, [])]
+                records += [(tp.partition, r.key, r.value) for r in batch.get(tp, [])]
         return records
     finally:
         await consumer.stop()
@@ -482,7 +489,8 @@ async def gateway_state(run: Run, numbers: list[str], residents: list[str]) -> d
     """What each partner can verify, and what each partner's feed leaves it knowing.
 
     The feed is folded as a partner keeps it: per certificate, the latest certificate record and its
-    grants by id; a withdrawal or a tombstone forgets the certificate with its grants. The pseudonym
+    grants by id (key ``<number>/grants/<grant id>``); a withdrawal or the certificate's tombstone
+    forgets the certificate with its grants, a grant's tombstone forgets the grant. The pseudonym
     is checked against the partner's key and replaced by the resident id; ``changed_at`` (when the
     partner's basis changed, which the order decides) is left out.
     """
@@ -496,12 +504,19 @@ async def gateway_state(run: Run, numbers: list[str], residents: list[str]) -> d
             response = await run.client.get(f"/v1/certificates/{number}", headers=run.auth("partner", partner=partner))
             verified[number] = (response.status_code, response.json())
         view: dict[str, dict[str, Any]] = {}
-        for key, value in await read_feed(run, partner):
-            number = key.decode()
+        for raw_key, value in await read_feed(run, partner):
+            key = raw_key.decode()
+            number = certificate_of_key(key)
             if value is None:
-                view.pop(number, None)
+                if key == number:
+                    view.pop(number, None)
+                else:
+                    view.get(number, {"grants": {}})["grants"].pop(key.removeprefix(grant_key(number, "")), None)
                 continue
             record = json.loads(value)
+            assert number == record["certificate_number"] and (
+                key == grant_key(number, record["grant_id"]) if "grant_id" in record else key == number
+            ), (key, record)
             record["resident_ref"] = refs[record["resident_ref"]]  # a pseudonym of someone else fails here
             record.pop("changed_at")
             if "reason" in record and "grant_id" not in record:  # partner.withdrawal
@@ -659,7 +674,7 @@ async def test_notification_redelivered_and_reordered_ends_where_the_once_only_r
     assert len(once[r1]["emails"]) == len(once[r1]["inbox"]) and once[r2]["emails"] == []
 
 
-# --- Found by the comparison: order-dependent partner views (marked as bugs) ----------------------
+# --- Found by the comparison: order-dependent partner views, and the compacted feed ---------------
 
 
 async def in_each_order(
@@ -695,29 +710,109 @@ async def test_partner_gateway_consent_given_again_ends_the_same_whenever_the_gr
     assert grant_first == grant_last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (partner feed contract): certificate and grant records share the key (certificate number) on "
-    "the compacted partner.<code>.v1 topics, so compaction keeps only the last of them: a partner reading "
-    "the compacted feed loses the certificate's status and validity (and all but the last grant)",
-)
-async def test_a_compacted_partner_feed_still_tells_the_partner_its_certificates(
+def compacted(records: list[tuple[int, bytes, bytes | None]]) -> dict[str, tuple[int, Any]]:
+    """What log compaction leaves of a partner feed: the last value of each key (None: a tombstone,
+    kept until ``delete.retention.ms``), with the key's partition."""
+    latest: dict[str, tuple[int, Any]] = {}
+    for partition, key, value in records:
+        name = key.decode()
+        assert latest.get(name, (partition,))[0] == partition, f"{name} is on more than one partition"
+        latest[name] = (partition, None if value is None else json.loads(value))
+    return latest
+
+
+def partition_of(key: str) -> int:
+    """Where the default partitioner (murmur2) puts a key on a partner feed."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % PARTNER_FEED.partitions
+
+
+def number_apart_from(code: str, grant_ids: list[str], taken: set[int]) -> str:
+    """A certificate number whose grants' own keys would land on another partition than its own,
+    and whose partition no certificate in ``taken`` has: so only placement by the certificate
+    number puts the grants with their certificate."""
+    while True:
+        number = new_number(code)
+        home = partition_of(number)
+        if home not in taken and all(partition_of(grant_key(number, g)) != home for g in grant_ids):
+            return number
+
+
+async def test_a_compacted_partner_feed_keeps_each_certificate_and_grant_and_forgets_a_withdrawn_person(
     backends: Backends, run_id: str
 ) -> None:
-    r, c = new_id("res"), new_number(SHIRAHAMA)
-    items = [
-        registered(r, SHIRAHAMA, 1, shares=("jal",)), issued(c, r, members("jal"), 2),
-        grant(GrantIssued, new_id("gr"), c, r, 3, unit="miles", reserved=30_000, window_from=TODAY,
-              window_until=TODAY + timedelta(days=121), issued_at=at(3)),
-    ]
+    """Issue #5: certificate and grant records no longer share a key, so compaction (the latest record
+    per key) leaves the certificate and each grant; forgetting a person tombstones every key of theirs."""
+    r1, r2 = new_id("res"), new_id("res")
+    g1, g2, g3, g4 = (new_id("gr") for _ in range(4))
+    c1 = number_apart_from(SHIRAHAMA, [g1, g2, g4], set())
+    c2 = number_apart_from(SHIRAHAMA, [g3], {partition_of(c1)})
+    window: dict[str, Any] = {"unit": "miles", "window_from": TODAY, "window_until": TODAY + timedelta(days=121)}
 
-    async def compacted(run: Run) -> dict[str, Any]:
-        """What log compaction leaves: the last value of each key."""
-        latest: dict[str, Any] = {}
-        for key, value in await read_feed(run, "jal"):
-            latest[key.decode()] = None if value is None else json.loads(value)
-        return latest
+    def issued_grant(grant_id: str, number: str, resident: str, minute: int) -> Item:
+        return grant(GrantIssued, grant_id, number, resident, minute, reserved=30_000, issued_at=at(minute), **window)
 
-    [latest] = await in_each_order(backends, run_id, "partner_gateway", [items], compacted)
-    assert c in latest
-    assert {"status", "valid_from", "valid_until"} <= set(latest[c]), latest[c]
+    def keys_of(latest: dict[str, tuple[int, Any]], number: str) -> dict[str, Any]:
+        return {key: value for key, (_, value) in latest.items() if certificate_of_key(key) == number}
+
+    async with running(backends, run_id, "partner_gateway", "k") as run:
+
+        async def feed_after(*items: Item) -> tuple[dict[str, tuple[int, Any]], list[tuple[int, bytes, bytes | None]]]:
+            await once_in_order(run, [constant(list(items))])
+            records = await read_feed_partitions(run, "jal")
+            return compacted(records), records
+
+        # Certificates and grants; c1 renewed after its grants, and g1 redeemed after g2 was issued.
+        latest, _ = await feed_after(
+            registered(r1, SHIRAHAMA, 1, shares=("jal",)), registered(r2, SHIRAHAMA, 2, shares=("jal",)),
+            issued(c1, r1, members("jal", jal="JMB-1"), 3), issued(c2, r2, members("jal"), 4),
+            issued_grant(g1, c1, r1, 5), issued_grant(g2, c1, r1, 6), issued_grant(g3, c2, r2, 7),
+            grant(GrantRedeemed, g1, c1, r1, 8, trip_id="jl-1", unit="miles", amount=0, trips_counted=2,
+                  completed=False, redeemed_at=at(8)),
+            event(CERTIFICATES, CertificateRenewed(
+                **cert_fields(c1, r1, members("jal", jal="JMB-1"), valid_until=TODAY + timedelta(days=700)),
+                renewed_at=at(9)), c1, minute=9),
+        )
+        assert set(keys_of(latest, c1)) == {c1, grant_key(c1, g1), grant_key(c1, g2)}, latest
+        assert set(keys_of(latest, c2)) == {c2, grant_key(c2, g3)}, latest
+        certificate = latest[c1][1]
+        assert certificate["status"] == "valid" and certificate["member_number"] == "JMB-1"
+        assert certificate["valid_until"] == (TODAY + timedelta(days=700)).isoformat()
+        assert latest[c2][1]["status"] == "valid"
+        assert {g: latest[grant_key(c1, g)][1]["state"] for g in (g1, g2)} == {g1: "redeemed", g2: "issued"}
+        assert latest[grant_key(c2, g3)][1]["state"] == "issued"
+        assert latest[grant_key(c1, g1)][1]["resident_ref"] == certificate["resident_ref"]
+        # Each grant on its certificate's partition (not where its own key would go), each certificate on its own.
+        for number in (c1, c2):
+            assert {partition for key, (partition, _) in latest.items() if certificate_of_key(key) == number} == {
+                partition_of(number)
+            }
+        assert partition_of(c1) != partition_of(c2)
+
+        # r1 revokes JAL's consent: a withdrawal, then every key of r1 ends in a tombstone; r2 untouched.
+        latest, records = await feed_after(share(r1, "jal", False, 10))
+        assert keys_of(latest, c1) == {c1: None, grant_key(c1, g1): None, grant_key(c1, g2): None}
+        assert all(value is not None for value in keys_of(latest, c2).values())
+        tail = [(k.decode(), v is None) for _, k, v in records if certificate_of_key(k.decode()) == c1][-4:]
+        assert tail == [(c1, False), (grant_key(c1, g1), True), (grant_key(c1, g2), True), (c1, True)], tail
+
+        # Consent given again: the certificate and each grant's latest state, under their own keys again.
+        latest, _ = await feed_after(share(r1, "jal", True, 11))
+        again = keys_of(latest, c1)
+        assert again[c1]["status"] == "valid" and again[c1]["valid_until"] == certificate["valid_until"]
+        assert {g: again[grant_key(c1, g)]["state"] for g in (g1, g2)} == {g1: "redeemed", g2: "issued"}
+
+        # Both residents withdraw (r1 after a consent given again, r2 straight from the first
+        # delivery); later events about them send nothing, not even a new grant's key.
+        latest, records = await feed_after(
+            event(RESIDENTS, ResidentWithdrawn(resident_id=r1, withdrawn_at=at(12)), r1, minute=12),
+            event(RESIDENTS, ResidentWithdrawn(resident_id=r2, withdrawn_at=at(13)), r2, minute=13),
+            grant(GrantCancelled, g2, c1, r1, 14, unit="miles", released=30_000, reason="withdrawn",
+                  cancelled_at=at(14)),
+            issued_grant(g4, c1, r1, 15),
+            revoked(c2, r2, members("jal"), 16),
+        )
+        assert keys_of(latest, c1) == {c1: None, grant_key(c1, g1): None, grant_key(c1, g2): None}
+        assert keys_of(latest, c2) == {c2: None, grant_key(c2, g3): None}
+        for number in (c1, c2):  # and the withdrawal is the last record of theirs with a value
+            last = [json.loads(v) for _, k, v in records if certificate_of_key(k.decode()) == number and v][-1]
+            assert last["reason"] == "resident_withdrawn", last

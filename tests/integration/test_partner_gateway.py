@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import jsonschema  # type: ignore[import-untyped]
 import pytest
+from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -39,7 +40,13 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import PartnerMembership
-from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal
+from shared.contracts.partners import (
+    PartnerCertificate,
+    PartnerGrant,
+    PartnerWithdrawal,
+    certificate_of_key,
+    grant_key,
+)
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
@@ -47,8 +54,8 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
-from shared.contracts.subsidy import GrantIssued, GrantRedeemed
-from shared.contracts.topics import CERTIFICATES, GRANTS, RESIDENTS, Topic
+from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed
+from shared.contracts.topics import CERTIFICATES, GRANTS, PARTNER_FEED, RESIDENTS, Topic
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
@@ -144,9 +151,15 @@ def consent(resident_id: str, partner: str | None, granted: bool) -> ConsentChan
     )
 
 
-def grant_issued(number: str, resident_id: str, partner: str, program: str) -> GrantIssued:
+def new_grant_id() -> str:
+    return f"gr-{uuid.uuid4().hex[:8]}"
+
+
+def grant_issued(
+    number: str, resident_id: str, partner: str, program: str, grant_id: str | None = None
+) -> GrantIssued:
     return GrantIssued(
-        grant_id=f"gr-{uuid.uuid4().hex[:8]}", program_id=program, partner=partner, mechanism="mileage_grant",
+        grant_id=grant_id or new_grant_id(), program_id=program, partner=partner, mechanism="mileage_grant",
         certificate_number=number, resident_id=resident_id, municipality_code=number[4:10], unit="miles",
         reserved=30000, window_from=TODAY, window_until=TODAY + timedelta(days=122),
         member_number="OTHER-NUMBER", issued_at=datetime.now(UTC),
@@ -183,6 +196,7 @@ class FeedRecord:
     key: str
     value: bytes | None
     headers: dict[str, str]
+    partition: int = -1
 
     @property
     def type(self) -> str | None:
@@ -195,17 +209,33 @@ class FeedRecord:
 
 
 async def feed(gw: Gateway, partner: str, number: str, *, count: int, timeout: float = 10.0) -> list[FeedRecord]:
-    """The records of one certificate on a partner's topic (waits for ``count`` of them)."""
+    """The records of one certificate on a partner's topic, its grants' included (keys ``number`` and
+    ``number/grants/<id>``), in order (waits for ``count`` of them)."""
     topic = gw.settings.topic(f"partner.{partner}.v1")
 
     def mine(records: list[Any]) -> list[Any]:
-        return [r for r in records if r.key == number.encode()]
+        return [r for r in records if certificate_of_key(r.key.decode()) == number]
 
-    records = await read_topic(gw.settings, topic, until=lambda rs: len(mine(rs)) >= count, timeout=timeout)
+    records = mine(await read_topic(gw.settings, topic, until=lambda rs: len(mine(rs)) >= count, timeout=timeout))
+    assert len({r.partition for r in records}) <= 1, "a certificate's records are on one partition"
     return [
-        FeedRecord(r.key.decode(), r.value, {k: v.decode() for k, v in r.headers})
-        for r in sorted(mine(records), key=lambda r: r.offset)
+        FeedRecord(r.key.decode(), r.value, {k: v.decode() for k, v in r.headers}, r.partition)
+        for r in sorted(records, key=lambda r: r.offset)
     ]
+
+
+def partition_of(key: str) -> int:
+    """Where the default partitioner (murmur2) puts a key on a partner feed."""
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % PARTNER_FEED.partitions
+
+
+def number_apart_from(municipality: str, grant_ids: list[str]) -> str:
+    """A certificate number whose grants' own keys would go to another partition than the number:
+    only placement by the certificate number puts those grants with their certificate."""
+    while True:
+        number = new_number(municipality)
+        if all(partition_of(grant_key(number, g)) != partition_of(number) for g in grant_ids):
+            return number
 
 
 async def partner_key(gw: Gateway, partner: str) -> bytes:
@@ -473,8 +503,9 @@ async def test_resident_withdrawal_reaches_every_partner_and_erases_the_projecti
 
 async def test_grants_flow_to_their_partner_only_and_may_come_before_the_certificate(gw: Gateway) -> None:
     resident = new_resident()
-    number = new_number(IKI)
-    early = grant_issued(number, resident, "jal", "jal-dual-residence-miles")
+    grant_id = new_grant_id()
+    number = number_apart_from(IKI, [grant_id])
+    early = grant_issued(number, resident, "jal", "jal-dual-residence-miles", grant_id)
     await publish(gw, GRANTS, early, number)  # the certificate is not known yet: held
     assert await gw.pool.fetchval("SELECT count(*) FROM held_grants WHERE certificate_number = $1", number) == 1
     not_consented = grant_issued(number, resident, "kyushuyusen", "iki-island-routes")
@@ -491,6 +522,10 @@ async def test_grants_flow_to_their_partner_only_and_may_come_before_the_certifi
     assert [r.type for r in records] == [
         PartnerCertificate.event_type, PartnerGrant.event_type, PartnerGrant.event_type,
     ]
+    # Keyed per grant (compaction keeps the certificate and each grant), on the certificate's partition.
+    assert [r.key for r in records] == [number, f"{number}/grants/{grant_id}", f"{number}/grants/{grant_id}"]
+    assert {r.partition for r in records} == {partition_of(number)}
+    assert all(r.headers["ce_subject"] == number for r in records)
     issued_grant, redeemed_grant = records[1].data(), records[2].data()
     assert issued_grant["state"] == "issued" and issued_grant["amount"] == 30000 and issued_grant["unit"] == "miles"
     assert issued_grant["member_number"] == "JMB-5"  # the number consented for JAL, nothing else
@@ -498,6 +533,74 @@ async def test_grants_flow_to_their_partner_only_and_may_come_before_the_certifi
     assert redeemed_grant["state"] == "redeemed" and redeemed_grant["trip_id"] == "JL-0101"
     assert await feed(gw, "kyushuyusen", number, count=1, timeout=1.0) == []
     assert await gw.pool.fetchval("SELECT count(*) FROM held_grants WHERE certificate_number = $1", number) == 0
+
+
+async def test_forgetting_a_certificate_tombstones_every_grant_key_the_partner_was_sent(gw: Gateway) -> None:
+    resident = new_resident()
+    g1, g2, g3 = new_grant_id(), new_grant_id(), new_grant_id()
+    number = number_apart_from(IKI, [g1, g2, g3])
+    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal", "kyushuyusen")), number)
+    await publish(gw, GRANTS, grant_issued(number, resident, "jal", "jal-dual-residence-miles", g1), number)
+    await publish(gw, GRANTS, grant_issued(number, resident, "jal", "jal-dual-residence-miles", g2), number)
+    await publish(gw, GRANTS, grant_issued(number, resident, "kyushuyusen", "iki-island-routes", g3), number)
+    k1, k2, k3 = (grant_key(number, g) for g in (g1, g2, g3))
+    await publish(gw, RESIDENTS, consent(resident, "jal", False), resident)
+
+    records = await feed(gw, "jal", number, count=7)
+    assert [(r.key, r.type) for r in records] == [
+        (number, PartnerCertificate.event_type), (k1, PartnerGrant.event_type), (k2, PartnerGrant.event_type),
+        (number, PartnerWithdrawal.event_type), (k1, None), (k2, None), (number, None),
+    ]
+    assert all(r.value is None for r in records[4:])
+    assert {r.partition for r in records} == {partition_of(number)}
+    for tombstone in records[4:]:
+        assert tombstone.headers["ce_subject"] == number and "ce_type" not in tombstone.headers
+        assert tombstone.headers["ce_causationid"] == records[3].headers["ce_causationid"]
+    assert [(r.key, r.type) for r in await feed(gw, "kyushuyusen", number, count=2)] == [
+        (number, PartnerCertificate.event_type), (k3, PartnerGrant.event_type),
+    ]
+    assert await gw.pool.fetchval(
+        "SELECT count(*) FROM feed_grant_keys WHERE partner = 'jal' AND certificate_number = $1", number
+    ) == 0
+
+    # Consent given again: the certificate and each grant's latest state under their keys; then the
+    # resident withdraws: every key each partner holds ends in a tombstone.
+    cancelled = GrantCancelled(
+        grant_id=g2, program_id="jal-dual-residence-miles", partner="jal", mechanism="mileage_grant",
+        certificate_number=number, resident_id=resident, municipality_code=IKI, unit="miles", released=30000,
+        reason="the resident asked", cancelled_at=datetime.now(UTC),
+    )
+    await publish(gw, GRANTS, cancelled, number)  # while JAL may not see it: remembered, not sent
+    await publish(gw, RESIDENTS, consent(resident, "jal", True), resident)
+    await publish(gw, RESIDENTS, ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident)
+    records = await feed(gw, "jal", number, count=14)
+    assert [(r.key, r.type) for r in records[7:]] == [
+        (number, PartnerCertificate.event_type), (k1, PartnerGrant.event_type), (k2, PartnerGrant.event_type),
+        (number, PartnerWithdrawal.event_type), (k1, None), (k2, None), (number, None),
+    ]
+    assert records[9].data()["state"] == "cancelled" and records[10].data()["reason"] == "resident_withdrawn"
+    ferry = await feed(gw, "kyushuyusen", number, count=5)
+    assert [(r.key, r.type) for r in ferry] == [
+        (number, PartnerCertificate.event_type), (k3, PartnerGrant.event_type),
+        (number, PartnerWithdrawal.event_type), (k3, None), (number, None),
+    ]
+    for partner_records in (records, ferry):  # what compaction leaves: a tombstone under every key
+        latest = {r.key: r.value for r in partner_records}
+        assert set(latest.values()) == {None}, latest
+    assert await gw.pool.fetchval("SELECT count(*) FROM feed_grant_keys WHERE certificate_number = $1", number) == 0
+
+    rows = await gw.pool.fetch(
+        "SELECT record_type, items, consent_source, event_id FROM deliveries "
+        "WHERE partner = 'jal' AND certificate_number = $1 ORDER BY id", number,
+    )
+    assert [str(r["event_id"]) for r in rows] == [r.headers["ce_id"] for r in records]
+    assert [(r["record_type"], r["items"]) for r in rows if r["record_type"] == "tombstone"] == [
+        ("tombstone", ["certificate_number", "grant_id"]), ("tombstone", ["certificate_number", "grant_id"]),
+        ("tombstone", ["certificate_number"]),
+    ] * 2
+    assert [r["consent_source"] for r in rows if r["record_type"] == "tombstone"] == (
+        ["consent_revocation"] * 3 + ["resident_withdrawal"] * 3
+    )
 
 
 async def test_a_redelivered_certificate_event_changes_nothing(gw: Gateway) -> None:
@@ -559,7 +662,9 @@ def consume_as_partner(
             key = message.key()
             assert isinstance(key, bytes)
             value = message.value()
-            records.append(FeedRecord(key.decode(), bytes(value) if value is not None else None, headers))
+            records.append(
+                FeedRecord(key.decode(), bytes(value) if value is not None else None, headers, message.partition() or 0)
+            )
     finally:
         consumer.close()
     raise AssertionError(f"the partner's consumer did not finish within {timeout} s ({len(records)} records)")
@@ -590,23 +695,30 @@ async def test_jal_reads_its_feed_with_its_own_client_and_every_record_fits_the_
     )
     assert has_tombstone(records)
     for record in records:  # every record on JAL's topic, from every test so far
+        # ce_subject: the certificate number; the key: the same, or <number>/grants/<grant id>
+        assert record.headers["ce_subject"] == certificate_of_key(record.key)
         if record.value is None:
-            assert "ce_type" not in record.headers and record.headers["ce_subject"] == record.key
+            assert "ce_type" not in record.headers
             continue
         model = EVENT_MODELS[record.headers["ce_type"]]
         assert model in (PartnerCertificate, PartnerGrant, PartnerWithdrawal)
         jsonschema.validate(record.data(), json_schema(model))
         assert not FORBIDDEN_FIELDS & set(record.data())
-        assert record.headers["ce_subject"] == record.key == record.data()["certificate_number"]
+        assert record.headers["ce_subject"] == record.data()["certificate_number"]
+        data = record.data()
+        expected = grant_key(data["certificate_number"], data["grant_id"]) if model is PartnerGrant else None
+        assert record.key == (expected or data["certificate_number"])
         assert parse_envelope(
             [(k, v.encode()) for k, v in record.headers.items()], record.value, record.key.encode()
         ).type == model.event_type
-    mine = [r for r in records if r.key == number]
+    mine = [r for r in records if certificate_of_key(r.key) == number]
     assert [r.type for r in mine] == [
         PartnerCertificate.event_type, PartnerGrant.event_type, PartnerCertificate.event_type,
-        PartnerWithdrawal.event_type, None,
+        PartnerWithdrawal.event_type, None, None,
     ]
     assert mine[2].data()["status"] == "expired"
+    assert [r.key for r in mine[4:]] == [mine[1].key, number]  # the grant's tombstone, then the certificate's
+    assert {r.partition for r in mine} == {partition_of(number)}
 
     # ANA's client, reading its whole topic, sees its own resident and nothing of the JAL-only one.
     ana = await asyncio.to_thread(

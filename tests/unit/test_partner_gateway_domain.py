@@ -19,6 +19,7 @@ from services.partner_gateway.domain import (
     day_bounds,
     delivered_items,
     entitlement,
+    feed_key,
     grant_record,
     is_certificate_number,
     new_api_key,
@@ -30,6 +31,7 @@ from services.partner_gateway.domain import (
 )
 from services.partner_gateway.handlers import certificate_changed_at
 from shared.contracts.certification import CertificateExpired, CertificateRevoked
+from shared.contracts.partners import certificate_of_key, grant_key
 from shared.contracts.subsidy import (
     GrantCancelled,
     GrantExpired,
@@ -131,6 +133,18 @@ def test_grant_events_become_partner_grants(event: GrantIssued, expected: dict[s
     assert {k: dumped[k] for k in expected} == expected
     assert dumped["resident_ref"] == "ref-1" and dumped["member_number"] == "JMB-1"  # the consented one only
     assert "resident_id" not in dumped
+
+
+def test_feed_keys_one_per_certificate_and_one_per_grant_on_the_certificates_partition() -> None:
+    number = "NCH-422100-2026-000001"
+    view = entitlement(JAL, certificate(jal=None), None, withdrawn=False)
+    assert view is not None
+    assert feed_key(certificate_record(view, NOW)) == (number, None)
+    assert feed_key(withdrawal_record(number, "ref", "consent_revoked", NOW)) == (number, None)
+    grant = grant_record(GrantCancelled(**GRANT, unit="miles", released=1, reason="r", cancelled_at=NOW), "ref", None)
+    assert feed_key(grant) == (f"{number}/grants/g-1", number)  # partitioned by the certificate number
+    assert grant_key(number, "g-1") == f"{number}/grants/g-1"
+    assert certificate_of_key(grant_key(number, "g-1")) == certificate_of_key(number) == number
 
 
 def test_certificate_numbers() -> None:
