@@ -149,7 +149,6 @@ async def _record(
     code = plan.municipality.code
     donor_id: uuid.UUID = donor_row["id"]
     resident_id: str | None = donor_row["resident_id"]
-    # Announced before the receipt counter is locked, so the lock is held for fewer round trips.
     await uow.emit(
         DONATIONS,
         DonationReceived(

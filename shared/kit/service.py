@@ -32,7 +32,7 @@ from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics, platform_topics
 from shared.kit.metrics import EventMetrics
 from shared.kit.migrations import migrate_service
-from shared.kit.outbox import Outbox, OutboxRelay, notify_channel
+from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, notify_channel
 from shared.kit.settings import Settings, get_settings, with_database
 
 log = structlog.get_logger(__name__)
@@ -52,20 +52,32 @@ class ConsumerSpec:
 
 @dataclass
 class UnitOfWork:
-    """One transaction of an HTTP use case: state changes and outgoing events commit together."""
+    """One transaction of an HTTP use case: state changes and outgoing events commit together.
+
+    Emitted events are written to the outbox in one statement just before the commit (in emit
+    order), so a use case pays one round trip for its events however many it emits.
+    """
 
     conn: Connection
     runtime: ServiceRuntime
     correlation_id: str | None = None
     emitted: list[Envelope] = field(default_factory=list)
+    _pending: list[OutgoingRecord] = field(default_factory=list)
 
     async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
         envelope = new_envelope(
             self.runtime.service, data, subject=subject, key=key, correlation_id=self.correlation_id
         )
-        await self.runtime.outbox.add(self.conn, self.runtime.settings.topic(topic.name), envelope)
+        self._pending.append(OutgoingRecord(
+            self.runtime.settings.topic(topic.name), envelope.key, envelope.headers(), envelope.data, str(envelope.id)
+        ))
         self.emitted.append(envelope)
         return envelope
+
+    async def flush(self) -> None:
+        """Write the emitted events to the outbox (the runtime does this before committing)."""
+        pending, self._pending = self._pending, []
+        await self.runtime.outbox.add_many(self.conn, pending)
 
 
 class ServiceRuntime:
@@ -191,7 +203,9 @@ class ServiceRuntime:
     @contextlib.asynccontextmanager
     async def transaction(self, correlation_id: str | None = None) -> AsyncIterator[UnitOfWork]:
         async with self.pool.acquire() as conn, conn.transaction():
-            yield UnitOfWork(conn, self, correlation_id)
+            work = UnitOfWork(conn, self, correlation_id)
+            yield work
+            await work.flush()
         self.outbox.committed()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
