@@ -515,6 +515,11 @@ class Application:
         self._ensure_open()
         return replace(self, status="approved", decided_at=at, decided_by=by, certificate_number=certificate_number)
 
+    def approval(self, *, by: str, at: datetime, year: int, valid_from: date, valid_until: date) -> Approval:
+        """Decide to approve; the certificate number is taken afterwards, when the approval is recorded."""
+        self._ensure_open()
+        return Approval(self, by=by, at=at, year=year, valid_from=valid_from, valid_until=valid_until)
+
     def reject(self, *, by: str, at: datetime, reason: str) -> Application:
         self._ensure_open()
         return replace(self, status="rejected", decided_at=at, decided_by=by, decision_reason=reason)
@@ -524,7 +529,10 @@ class Application:
 
 
 def certificate_number(municipality_code: str, year: int, sequence: int) -> str:
-    """``NCH-<code6>-<year>-<sequence>``: unique nationwide because the code is."""
+    """``NCH-<code6>-<year>-<sequence>``: unique nationwide because the code is.
+
+    ``store.issue_certificate`` formats the number the same way in SQL (the tests hold them equal).
+    """
     if not 1 <= sequence <= 999_999:
         raise ValueError(f"certificate sequence {sequence} out of range for {municipality_code}/{year}")
     return f"NCH-{municipality_code}-{year:04d}-{sequence:06d}"
@@ -541,6 +549,28 @@ def validity_period(
     if end < today:
         raise ValidityEndsInPast(f"valid_until {end} is before today ({today}, Japan time)", field="valid_until")
     return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """An approval decided in full but for its number: ``NCH-<code6>-<year>-<sequence>``, whose
+    sequence the store takes in the statement that records the approval (the counter row of the
+    municipality's year stays locked from then until commit, so it is taken as late as possible)."""
+
+    application: Application
+    by: str
+    at: datetime
+    year: int
+    valid_from: date
+    valid_until: date
+
+    def numbered(self, number: str) -> tuple[Application, Certificate]:
+        """The approved application and its certificate, as recorded under ``number``."""
+        approved = self.application.approve(by=self.by, at=self.at, certificate_number=number)
+        certificate = Certificate.issue(
+            approved, number=number, valid_from=self.valid_from, valid_until=self.valid_until, by=self.by, at=self.at
+        )
+        return approved, certificate
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,6 @@ from services.certification.domain import (
     OpenApplicationExists,
     PlanAlreadyRecorded,
     RulesNotFound,
-    certificate_number,
     check_against_rules,
     check_applicant,
     check_request,
@@ -315,20 +314,18 @@ class CertificationService:
                     rules, await store.load_resident(conn, application.resident_id, lock=True), today
                 )
                 start, end = validity_period(rules, today, valid_from, valid_until)
-                sequence = await store.next_sequence(conn, application.municipality_code, today.year)
-                number = certificate_number(application.municipality_code, today.year, sequence)
                 now = _now()
-                approved = application.approve(by=principal.subject, at=now, certificate_number=number)
-                certificate = Certificate.issue(
-                    approved, number=number, valid_from=start, valid_until=end, by=principal.subject, at=now
+                approval = application.approval(
+                    by=principal.subject, at=now, year=today.year, valid_from=start, valid_until=end
                 )
-                await store.save_decision(conn, approved)
-                await store.insert_certificate(conn, certificate, today.year, sequence)
-                await store.append_audit(
-                    conn,
-                    _audit(principal, approved.municipality_code, "application.approved", approved, now,
-                           certificate_number=number, valid_from=start, valid_until=end),
+                # One statement takes the number and writes the approval: every approval of the town
+                # waits for the counter row from that statement until our commit.
+                number = await store.issue_certificate(
+                    conn, approval,
+                    _audit(principal, application.municipality_code, "application.approved", application, now,
+                           valid_from=start, valid_until=end),
                 )
+                approved, certificate = approval.numbered(number)
                 partners = shared_partners(certificate.partners, resident.consented_partners)
                 await _emit_certificate(
                     work,

@@ -11,6 +11,7 @@ import asyncpg
 
 from services.certification.domain import (
     Application,
+    Approval,
     AuditEntry,
     Certificate,
     MunicipalityRules,
@@ -382,31 +383,48 @@ def _certificate(row: asyncpg.Record) -> Certificate:
     )
 
 
-async def next_sequence(conn: Connection, municipality_code: str, year: int) -> int:
-    """The next number of the municipality's year; the counter row stays locked until commit."""
-    value = await conn.fetchval(
+async def issue_certificate(conn: Connection, approval: Approval, audit: AuditEntry) -> str:
+    """Take the municipality's next number and record the approval under it, in one statement.
+
+    The counter row stays locked from the increment until commit and every approval of the town
+    waits for it, so callers run this last (only the outbox row follows). The decision, the
+    certificate and the audit entry (its details gain the number) are written by the same
+    statement. A rollback undoes the increment with the rest: numbers stay gapless. The number is
+    formatted as ``domain.certificate_number`` does; the counter's CHECK keeps it to 6 digits.
+    """
+    a, application = approval, approval.application
+    number: str = await conn.fetchval(
         """
-        INSERT INTO certificate_counters (municipality_code, year, last_sequence) VALUES ($1, $2, 1)
-        ON CONFLICT (municipality_code, year)
-        DO UPDATE SET last_sequence = certificate_counters.last_sequence + 1
-        RETURNING last_sequence
+        WITH counter AS (
+            INSERT INTO certificate_counters (municipality_code, year, last_sequence) VALUES ($2, $3, 1)
+            ON CONFLICT (municipality_code, year)
+            DO UPDATE SET last_sequence = certificate_counters.last_sequence + 1
+            RETURNING last_sequence AS sequence,
+                format('NCH-%s-%s-%s', municipality_code, lpad(year::text, 4, '0'), lpad(last_sequence::text, 6, '0'))
+                    AS number
+        ), decision AS (
+            UPDATE applications SET status = 'approved', decided_at = $8, decided_by = $9,
+                certificate_number = counter.number
+            FROM counter WHERE application_id = $1
+        ), certificate AS (
+            INSERT INTO certificates
+                (certificate_number, municipality_code, year, sequence, application_id, resident_id, valid_from,
+                 valid_until, status, partners, issued_at, issued_by)
+            SELECT counter.number, $2, $3, counter.sequence, $1, $4, $5, $6, 'valid', $7::jsonb, $8, $9
+            FROM counter
+        ), audit AS (
+            INSERT INTO audit_trail
+                (at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details)
+            SELECT $10, $11, $12, $13, $14, $15, $16, $17,
+                $18::jsonb || jsonb_build_object('certificate_number', counter.number)
+            FROM counter
+        )
+        SELECT number FROM counter
         """,
-        municipality_code, year,
+        application.application_id, application.municipality_code, a.year, application.resident_id, a.valid_from,
+        a.valid_until, _partners_json(application.partners), a.at, a.by, *_audit_values(audit),
     )
-    return int(value)
-
-
-async def insert_certificate(conn: Connection, certificate: Certificate, year: int, sequence: int) -> None:
-    c = certificate
-    await conn.execute(
-        f"""
-        INSERT INTO certificates ({_CERTIFICATE_COLUMNS}, year, sequence)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14, $15)
-        """,
-        c.certificate_number, c.municipality_code, c.resident_id, c.application_id, c.valid_from, c.valid_until,
-        c.status, _partners_json(c.partners), c.issued_at, c.issued_by, c.renewed_at, c.revoked_at,
-        c.revocation_reason, year, sequence,
-    )
+    return number
 
 
 async def save_certificate(conn: Connection, certificate: Certificate, *, reset_expiring: bool = False) -> None:
@@ -536,6 +554,12 @@ async def append_audit(conn: Connection, entry: AuditEntry) -> None:
             (at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
         """,
+        *_audit_values(entry),
+    )
+
+
+def _audit_values(entry: AuditEntry) -> tuple[Any, ...]:
+    return (
         entry.at, entry.actor, entry.actor_role, entry.municipality_code, entry.action, entry.target_type,
         entry.target_id, entry.reason, json.dumps(dict(entry.details), default=str),
     )

@@ -22,7 +22,8 @@ import pytest
 from aiokafka import ConsumerRecord
 from fastapi import FastAPI
 
-from services.certification.domain import today_in_japan
+from services.certification import handlers
+from services.certification.domain import certificate_number, today_in_japan
 from services.certification.main import CertificationConfig, create_app, seed_municipality_rules
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -369,27 +370,70 @@ async def test_an_idempotency_key_makes_a_repeated_application_act_once(h: Harne
     assert_problem(other, 422, "idempotency-key-reused")
 
 
-async def test_concurrent_approvals_get_consecutive_numbers_and_twin_applications_one_row(h: Harness) -> None:
+async def test_concurrent_approvals_get_consecutive_numbers_and_twin_applications_one_row(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     yaizu = "222127"  # 静岡県焼津市: has a plan; only this test issues certificates there
-    residents = [new_id() for _ in range(6)]
+    residents = [new_id() for _ in range(30)]
+    await publish(h.settings, *(registered(r, yaizu) for r in residents))
     for resident in residents:
-        await register(h, resident, yaizu)
+        await known(h, resident, municipality=yaizu)
     twins = await asyncio.gather(*(
         h.client.post("/v1/applications", json=application_body(municipality_code=yaizu), headers=h.resident(r))
         for r in (residents[0], residents[0])
     ))
     assert sorted(t.status_code for t in twins) == [201, 409]
     applications = [next(t.json() for t in twins if t.status_code == 201)]
-    applications += [await apply(h, r, municipality_code=yaizu) for r in residents[1:]]
+    applications += await asyncio.gather(*(apply(h, r, municipality_code=yaizu) for r in residents[1:]))
+
+    # Three approvals fail after their number was taken (their event cannot be recorded): the
+    # rollback gives the number back, so the others and the retries leave no gap.
+    emit_certificate = handlers._emit_certificate
+    issued_here = 0
+
+    async def failing_thrice(work: handlers.Work, event: handlers.CertificateEvent) -> None:
+        nonlocal issued_here
+        if isinstance(event, CertificateIssued) and event.municipality_code == yaizu:
+            issued_here += 1
+            if issued_here in (2, 9, 17):
+                raise RuntimeError("the outbox is unavailable")
+        await emit_certificate(work, event)
+
+    monkeypatch.setattr(handlers, "_emit_certificate", failing_thrice)
     approvals = await asyncio.gather(*(
         h.client.post(f"/v1/applications/{a['application_id']}/approve", headers=h.staff(yaizu))
         for a in applications
     ))
-    assert all(a.status_code == 201 for a in approvals), [a.text for a in approvals]
+    assert sorted(a.status_code for a in approvals) == [201] * 27 + [500] * 3, [a.text for a in approvals]
     year = h.clock.today.year
-    assert sorted(a.json()["certificate_number"] for a in approvals) == [
-        f"NCH-{yaizu}-{year}-{n:06d}" for n in range(1, 7)
+    assert sorted(a.json()["certificate_number"] for a in approvals if a.status_code == 201) == [
+        certificate_number(yaizu, year, n) for n in range(1, 28)
     ]
+    failed = [a for a, response in zip(applications, approvals, strict=True) if response.status_code == 500]
+    retried = [await approve(h, a["application_id"], yaizu) for a in failed]
+    assert sorted(r["certificate_number"] for r in retried) == [
+        certificate_number(yaizu, year, n) for n in (28, 29, 30)
+    ]
+
+    rows = await h.pool.fetch(
+        """
+        SELECT c.sequence, c.certificate_number, a.certificate_number AS application_number,
+               (SELECT count(*) FROM audit_trail t WHERE t.target_id = a.application_id
+                AND t.details->>'certificate_number' = c.certificate_number) AS audited
+        FROM certificates c JOIN applications a USING (application_id)
+        WHERE c.municipality_code = $1 AND c.year = $2 ORDER BY c.sequence
+        """,
+        yaizu, year,
+    )
+    assert [r["sequence"] for r in rows] == list(range(1, 31))
+    assert all(
+        r["certificate_number"] == r["application_number"] == certificate_number(yaizu, year, r["sequence"])
+        and r["audited"] == 1
+        for r in rows
+    ), [dict(r) for r in rows]
+    assert await h.pool.fetchval(
+        "SELECT last_sequence FROM certificate_counters WHERE municipality_code = $1 AND year = $2", yaizu, year
+    ) == 30
 
 
 # --- refusals ------------------------------------------------------------------------------------
