@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from prometheus_client import Counter
+from starlette.middleware import Middleware
 
 from services.partner_gateway import api
 from services.partner_gateway.auth import ApiKeyCache
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = create_service_app(
         service=SERVICE, settings=settings, routers=[api.router], lifespan=lifespan,
         readiness=runtime.readiness, description=DESCRIPTION,
+        hot_paths=[Middleware(api.VerificationHotPath, gateway=gateway)],
     )
     app.state.gateway = gateway
     verification.lookups = Counter(

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.kit.errors import TRANSIENT_ERRORS, DomainError, is_transient
@@ -95,7 +96,11 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     readiness: Readiness | None = None,
     description: str = "",
+    hot_paths: Sequence[Middleware] = (),
 ) -> FastAPI:
+    """The service's app. ``hot_paths``: plain ASGI handlers for the few requests that must skip
+    FastAPI's routing and dependency machinery; they sit inside ``Observe`` and ``BodyGuard`` (ids,
+    metrics and limits as for every request) and hand everything else on."""
     app = FastAPI(
         title=f"Nichiiki {service.replace('_', ' ')}",
         version="1.0.0",
@@ -116,6 +121,8 @@ def create_app(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     )
 
+    for hot_path in reversed(hot_paths):  # each add wraps the previous: the first listed runs first
+        app.add_middleware(hot_path.cls, *hot_path.args, **hot_path.kwargs)
     app.add_middleware(Observe, requests=requests, latency=latency)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     _install_problem_handlers(app)
@@ -145,12 +152,7 @@ def create_app(
 def _install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, error: DomainError) -> JSONResponse:
-        log.info("request refused", code=error.code, detail=error.detail)
-        response = problem(
-            error.status, error.code, error.title, error.detail, instance=request.url.path, **error.extra
-        )
-        response.headers.update(error.headers)
-        return response
+        return refusal(error, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -174,24 +176,41 @@ def _install_problem_handlers(app: FastAPI) -> None:
         )
 
     async def unavailable(request: Request, error: Exception) -> JSONResponse:
-        # The database or broker is away: nothing was committed, and a retry will work later.
-        log.warning("request failed on a transient fault", path=request.url.path, error=repr(error))
-        response = problem(
-            503, "service-unavailable", "Temporarily unavailable", "a backing server is unavailable; retry shortly",
-            instance=request.url.path,
-        )
-        response.headers["Retry-After"] = "1"
-        return response
+        return unavailable_response(error, request.url.path)
 
     for transient in TRANSIENT_ERRORS:
         app.add_exception_handler(transient, unavailable)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        if is_transient(error):
-            return await unavailable(request, error)
-        log.exception("unhandled error", path=request.url.path)
-        return problem(500, "internal-error", "Internal error", "the error was logged", instance=request.url.path)
+        return failure_response(error, request.url.path)
+
+
+def refusal(error: DomainError, path: str) -> JSONResponse:
+    """The problem+json answer to a refused request."""
+    log.info("request refused", code=error.code, detail=error.detail)
+    response = problem(error.status, error.code, error.title, error.detail, instance=path, **error.extra)
+    response.headers.update(error.headers)
+    return response
+
+
+def unavailable_response(error: Exception, path: str) -> JSONResponse:
+    # The database or broker is away: nothing was committed, and a retry will work later.
+    log.warning("request failed on a transient fault", path=path, error=repr(error))
+    response = problem(
+        503, "service-unavailable", "Temporarily unavailable", "a backing server is unavailable; retry shortly",
+        instance=path,
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def failure_response(error: Exception, path: str) -> JSONResponse:
+    """503 for a transient fault, else a logged 500: never a bare traceback."""
+    if is_transient(error):
+        return unavailable_response(error, path)
+    log.exception("unhandled error", path=path)
+    return problem(500, "internal-error", "Internal error", "the error was logged", instance=path)
 
 
 class Observe:
