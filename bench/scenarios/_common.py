@@ -24,6 +24,8 @@ def group_of(process: psutil.Process) -> str:
         for part in process.cmdline():
             if part.startswith("services."):
                 return str(part).removeprefix("services.")
+            if part == "bench.loadgen":
+                return CLIENT
     return "other"
 
 
