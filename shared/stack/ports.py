@@ -14,6 +14,7 @@ pytest fixtures and from scripts alike.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -47,15 +48,36 @@ _POLL_INTERVAL = 0.01
 
 
 def free_port(host: str = LOCALHOST) -> int:
-    """A TCP port nobody listens on right now (the kernel picks it by binding port 0).
+    """A TCP port nobody listens on right now, below the kernel's ephemeral range.
 
-    There is an unavoidable race between closing the probe socket and the server binding the
-    port; the servers of the stack bind within milliseconds, which makes it a non-issue locally.
+    A service binds its port only after start-up (migrations, broker), seconds later. A port the
+    kernel picked by binding port 0 is an ephemeral one, which an outgoing connection of any
+    process (a Kafka or PostgreSQL client) may take in the meantime: seen here as "address already
+    in use". Ports below the ephemeral range are never handed to outgoing connections.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - _BELOW_EPHEMERAL), low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        if port not in _HANDED_OUT and port_is_free(port, host):
+            _HANDED_OUT.add(port)  # two picks before either server binds must still differ
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # fall back to the kernel's pick
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
+
+
+_HANDED_OUT: set[int] = set()
+#: How far below the ephemeral range ``free_port`` looks (clear of the fixed platform ports).
+_BELOW_EPHEMERAL = 12_000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
 
 
 def port_is_free(port: int, host: str = LOCALHOST) -> bool:
