@@ -408,6 +408,28 @@ async def wait_consumers_caught_up(ctx: BenchContext, topic: Topic, *, timeout_s
 
 
 
+async def settle(ctx: BenchContext, *topics: Topic, timeout_s: float = 120.0) -> float:
+    """Wait until the work a scenario's setup caused downstream is done: every consumer of ``topics``
+    caught up and the notification service's e-mails sent (the sink's mailbox stops growing).
+
+    Setup (residents registered, applications sent) makes e-mails that take far longer to send than
+    the setup takes; measured windows that start earlier pay for them. Returns the seconds waited.
+    """
+    started = time.perf_counter()
+    for topic in topics:
+        await wait_consumers_caught_up(ctx, topic, timeout_s=timeout_s)
+    mailbox = ctx.fleet.log_dir.parent / "mailbox"
+    last, stable_since = -1, time.monotonic()
+    while time.perf_counter() - started < timeout_s:
+        count = sum(1 for _ in mailbox.rglob("*.eml")) if mailbox.is_dir() else 0
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif time.monotonic() - stable_since >= 1.5:
+            break
+        await asyncio.sleep(0.25)
+    return time.perf_counter() - started
+
+
 async def idle_cpu(seconds: float = 2.0) -> dict[str, float]:
     """Cores each part of the run uses with no load offered (consumers polling, background tasks)."""
     meter = CpuMeter()
