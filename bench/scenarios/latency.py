@@ -28,13 +28,14 @@ from bench.scenarios._http import (
     describe,
     field_of,
     idle_cpu,
+    settle,
     subject_of,
     submitted_applications,
     wait_consumers_caught_up,
 )
 from shared.contracts.certification import CertificateIssued
 from shared.contracts.partners import PartnerCertificate
-from shared.contracts.topics import CERTIFICATES, GRANTS, partner_feed
+from shared.contracts.topics import APPLICATIONS, CERTIFICATES, GRANTS, RESIDENTS, partner_feed
 
 if TYPE_CHECKING:
     from bench.run import BenchContext, ScenarioResult
@@ -61,6 +62,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         towns = [JAL_TOWNS[i % len(JAL_TOWNS)] for i in range(warm + fixed)]
         pending = await submitted_applications(ctx, registration, certification, towns)
         setup_s = time.perf_counter() - started
+        await settle(ctx, RESIDENTS, APPLICATIONS)  # the setup's e-mails are not the decisions' cost
         await to_jal.start()
         await issued.start()
 

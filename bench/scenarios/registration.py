@@ -23,6 +23,7 @@ from bench.scenarios._http import (
     describe,
     idle_cpu,
     new_resident_ids,
+    settle,
     subject_of,
     wait_consumers_caught_up,
 )
@@ -74,6 +75,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             answer_alone.add(await register(warm + index) - begun)
 
         alone = await saturate(one_at_a_time, total=serial, concurrency=1)
+        await settle(ctx, RESIDENTS)  # each phase starts with the previous one's e-mails sent
         idle = await idle_cpu()
 
         # Fixed offered load: latency from each request's scheduled start to the event seen.
@@ -91,6 +93,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         steady_cpu = cpu.stop()
         e2e = schedule.latencies
         drained_after_fixed = await wait_consumers_caught_up(ctx, RESIDENTS)
+        await settle(ctx, RESIDENTS)
 
         # Sustained maximum: closed loop, each worker registers and waits for the event.
         base = first + fixed
