@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from services.partner_gateway.api import VerificationHotPath
 from services.partner_gateway.domain import today_in_tokyo
 from services.partner_gateway.main import create_app
 from shared.contracts.base import EVENT_MODELS, EventData
@@ -766,6 +767,37 @@ async def test_verification_answers_the_entitled_partner_only(gw: Gateway) -> No
             await gw.client.get(f"/v1/certificates/{malformed}", headers=gw.key("jal")), 422,
             "malformed-certificate-number",
         )
+
+
+async def test_the_verification_hot_path_answers_as_the_documented_route_and_hands_on_the_rest(gw: Gateway) -> None:
+    number = new_number(IKI)
+    await publish(gw, CERTIFICATES, issued(number, new_resident(), memberships("jal")), number)
+    hot = await gw.client.get(f"/v1/certificates/{number}", headers=gw.key("jal"))
+    assert hot.status_code == 200 and hot.headers["x-request-id"]
+    assert hot.headers["cache-control"] == "no-store"
+
+    # The same request through what the hot path wraps: FastAPI's own routing and error handling.
+    layer: Any = gw.app.middleware_stack
+    while not isinstance(layer, VerificationHotPath):
+        layer = layer.app
+    inner = layer.app
+
+    async def fastapi_only(scope: Any, receive: Any, send: Any) -> None:
+        await inner({**scope, "app": gw.app}, receive, send)  # as Starlette's own entry sets it
+
+    routed = httpx.AsyncClient(transport=httpx.ASGITransport(app=fastapi_only), base_url="http://service")
+    async with routed:
+        documented = await routed.get(f"/v1/certificates/{number}", headers=gw.key("jal"))
+        refused = await routed.get(f"/v1/certificates/{number}")
+    assert documented.status_code == 200 and documented.json() == hot.json()
+    assert documented.headers["cache-control"] == hot.headers["cache-control"]
+    assert_problem(await gw.client.get(f"/v1/certificates/{number}"), 401, refused.json()["code"])
+
+    # Not the verification route: FastAPI answers (405 for another method, 404 for other paths).
+    assert (await gw.client.post(f"/v1/certificates/{number}", headers=gw.key("jal"), json={})).status_code == 405
+    assert_problem(await gw.client.get(f"/v1/certificates/{number}/x", headers=gw.key("jal")), 404, "not-found")
+    metrics = (await gw.client.get("/metrics")).text
+    assert 'http_requests_total{method="GET",route="/v1/certificates/{number}",status="200"}' in metrics
 
 
 async def test_revoked_expired_and_out_of_window_certificates_are_answered_not_valid(gw: Gateway) -> None:
