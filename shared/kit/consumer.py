@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
-from faststream import AckPolicy, ContextRepo
+from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from shared.contracts.base import EventData
@@ -174,10 +174,8 @@ class EventConsumer:
         #: runtime then re-subscribes from scratch; the inbox makes re-reading harmless.
         self.needs_resubscribe = False
         self._stopping = False
-        self._context = ContextRepo()  # the broker's, once attached
 
     def attach(self, broker: KafkaBroker) -> None:
-        self._context = broker.context
         s = self.settings
         broker.subscriber(
             *self.topics,
@@ -199,11 +197,8 @@ class EventConsumer:
     def stop(self) -> None:
         self._stopping = True
 
-    async def _on_batch(self, records: Any) -> None:
-        # The message (to ack or nack) comes from the broker's context: a ``KafkaMessage`` parameter
-        # is resolved by a synchronous dependency that fast_depends runs in a worker thread, a
-        # thread hop for every batch (seen in profiles of idle-rate consumers).
-        msg: KafkaMessage = self._context.get_local("message")
+    async def _on_batch(self, msg: KafkaMessage) -> None:
+        records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
         try:
             await self.handle_batch(records)
         except BaseException:
