@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.notification import handlers
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -32,14 +34,18 @@ TOPICS = (RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, DONATIONS)
 router = EventRouter()
 
 
-@router.on(ResidentRegistered)
-async def on_resident_registered(ctx: HandlerContext, event: ResidentRegistered) -> None:
-    await handlers.resident_registered(ctx, event)
-
-
-@router.on(ConsentChanged)
-async def on_consent_changed(ctx: HandlerContext, event: ConsentChanged) -> None:
-    await handlers.consent_changed(ctx, event)
+@router.on_many(
+    ResidentRegistered, ConsentChanged,
+    PremiumRequested, PremiumApproved, PremiumRejected,
+    ApplicationSubmitted, ApplicationRejected,
+    CertificateIssued, CertificateRenewed, CertificateExpiring, CertificateExpired, CertificateRevoked,
+    GrantIssued, GrantWaitlisted, GrantRedeemed, GrantCancelled,
+    ReceiptIssued, OneStopExceptionVoided,
+)
+async def on_registration_consent_or_decision(items: Sequence[tuple[HandlerContext, EventData]]) -> None:
+    """Keep the contact projection and tell residents about every decision, a run at a time (the
+    event's type decides the message)."""
+    await handlers.apply_events(items)
 
 
 @router.on(ContactChanged)
@@ -50,15 +56,3 @@ async def on_contact_changed(ctx: HandlerContext, event: ContactChanged) -> None
 @router.on(ResidentWithdrawn)
 async def on_resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
     await handlers.resident_withdrawn(ctx, event)
-
-
-@router.on(
-    PremiumRequested, PremiumApproved, PremiumRejected,
-    ApplicationSubmitted, ApplicationRejected,
-    CertificateIssued, CertificateRenewed, CertificateExpiring, CertificateExpired, CertificateRevoked,
-    GrantIssued, GrantWaitlisted, GrantRedeemed, GrantCancelled,
-    ReceiptIssued, OneStopExceptionVoided,
-)
-async def on_decision(ctx: HandlerContext, event: EventData) -> None:
-    """A decision about a resident: tell them (the event's type decides the message)."""
-    await handlers.notify(ctx, event)

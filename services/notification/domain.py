@@ -9,10 +9,10 @@ body in the resident's language (``templates.py``); every wording lives in the t
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 from zoneinfo import ZoneInfo
 
 from shared.contracts.base import EventData
@@ -28,7 +28,9 @@ from shared.contracts.certification import (
 from shared.contracts.common import Language
 from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
 from shared.contracts.registration import (
+    ConsentChanged,
     ConsentState,
+    Contact,
     PremiumApproved,
     PremiumRejected,
     PremiumRequested,
@@ -39,6 +41,7 @@ from shared.kit.errors import Forbidden, NotFound
 from shared.reference import municipality
 
 JAPAN = ZoneInfo("Asia/Tokyo")
+T = TypeVar("T")
 
 Kind = Literal[
     "registration_confirmed",
@@ -299,6 +302,107 @@ def email_consent(consents: Sequence[ConsentState]) -> ConsentState | None:
         if consent.purpose == "email" and (latest is None or consent.at >= latest.at):
             latest = consent
     return latest
+
+
+@dataclass(frozen=True, slots=True)
+class ContactUpdate:
+    name: str
+    email: str
+    language: Language
+
+    @classmethod
+    def of(cls, contact: Contact) -> ContactUpdate:
+        return cls(contact.name, contact.email, contact.preferred_language)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentUpdate:
+    """An e-mail consent, applied unless a later one is already recorded."""
+
+    granted: bool
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """What one event does here, in this order: update the resident's contact, then their e-mail
+    consent, then tell them (the message reads the contact and consent as they are by then)."""
+
+    resident_id: str
+    contact: ContactUpdate | None = None
+    consent: ConsentUpdate | None = None
+    notice: Notice | None = None
+
+
+def effect_of(event: EventData) -> Effect | None:
+    """What a registration, an e-mail consent or a decision does here (None: nothing)."""
+    match event:
+        case ResidentRegistered():
+            consent = email_consent(event.consents)
+            return Effect(
+                event.resident_id, contact=ContactUpdate.of(event.contact),
+                consent=None if consent is None else ConsentUpdate(consent.granted, consent.at),
+                notice=notice_for(event),
+            )
+        case ConsentChanged():
+            if event.purpose != "email":
+                return None
+            return Effect(event.resident_id, consent=ConsentUpdate(event.granted, event.at))
+    notice = notice_for(event)
+    return None if notice is None else Effect(notice.resident_id, notice=notice)
+
+
+Update = TypeVar("Update", ContactUpdate, ConsentUpdate)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    contacts: dict[str, ContactUpdate] = field(default_factory=dict)
+    consents: dict[str, ConsentUpdate] = field(default_factory=dict)
+    told: set[str] = field(default_factory=set)
+
+    def admits(self, effect: Effect) -> bool:
+        resident = effect.resident_id
+        return _fits(self.contacts, effect.contact, resident, self.told) and _fits(
+            self.consents, effect.consent, resident, self.told
+        )
+
+    def add(self, effect: Effect) -> None:
+        if effect.contact is not None:
+            self.contacts[effect.resident_id] = effect.contact
+        if effect.consent is not None:
+            self.consents[effect.resident_id] = effect.consent
+        if effect.notice is not None:
+            self.told.add(effect.resident_id)
+
+
+def _fits(updates: Mapping[str, Update], update: Update | None, resident: str, told: set[str]) -> bool:
+    if update is None:
+        return True
+    if resident in updates:
+        # Applying the same update again changes nothing (a registration's derived prefecture row
+        # repeats its municipal row's contact and consents); another one would touch the row twice.
+        return updates[resident] == update
+    return resident not in told  # a message earlier in the chunk must not see it
+
+
+def conflict_free_runs(items: Sequence[T], effect: Callable[[T], Effect]) -> Iterator[Sequence[T]]:
+    """Consecutive chunks of ``items`` that can each be applied at once, with the outcome of
+    applying the items one by one: every contact update of the chunk, then every consent update,
+    then every message (which reads the residents as updated).
+
+    That holds when a chunk updates a resident's contact (or consent) at most once — repeating the
+    same update is harmless — and never after a message to them earlier in the chunk.
+    """
+    start, chunk = 0, _Chunk()
+    for index, item in enumerate(items):
+        change = effect(item)
+        if not chunk.admits(change):
+            yield items[start:index]
+            start, chunk = index, _Chunk()
+        chunk.add(change)
+    if start < len(items):
+        yield items[start:]
 
 
 # -- e-mail delivery: retries and failures -----------------------------------------------------

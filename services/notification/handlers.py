@@ -9,6 +9,8 @@ later, from the background sender (``sender.py``), never inside this transaction
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -17,15 +19,17 @@ import structlog
 from services.notification import store
 from services.notification.domain import (
     DEFAULT_LANGUAGE,
+    ContactUpdate,
+    Effect,
     Notice,
     NotificationNotFound,
-    email_consent,
-    notice_for,
+    conflict_free_runs,
+    effect_of,
 )
 from services.notification.templates import render
 from shared.contracts.base import EventData
 from shared.contracts.notification import MessageDelivered
-from shared.contracts.registration import ConsentChanged, ContactChanged, ResidentRegistered, ResidentWithdrawn
+from shared.contracts.registration import ConsentChanged, ContactChanged, ResidentWithdrawn
 from shared.contracts.topics import DELIVERIES
 from shared.kit.consumer import HandlerContext
 from shared.kit.settings import Settings
@@ -40,76 +44,107 @@ def sender_channel(settings: Settings) -> str:
     return f"email_{settings.database_name(SERVICE)}"[:63]
 
 
-# -- the contact projection (registration.residents.v1) ------------------------------------------
+# -- registrations, e-mail consents and decisions, a run at a time ------------------------------
 
 
-async def resident_registered(ctx: HandlerContext, event: ResidentRegistered) -> None:
-    contact = event.contact
-    await store.save_contact(ctx.conn, event.resident_id, contact.name, contact.email, contact.preferred_language)
-    consent = email_consent(event.consents)
-    if consent is not None:
-        await store.save_email_consent(ctx.conn, event.resident_id, consent.granted, consent.at)
-    await notify(ctx, event)
+async def apply_events(items: Sequence[tuple[HandlerContext, EventData]]) -> None:
+    """Apply a run of registrations, e-mail consents and decisions in a few statements per chunk.
+
+    Each chunk (``conflict_free_runs``) saves its contacts, then its consents, then writes its
+    messages, which read the residents as saved: what applying the events one by one gives. The
+    sender is woken once for the whole run.
+    """
+    planned = [(ctx, effect) for ctx, event in items if (effect := effect_of(event)) is not None]
+    queued = 0
+    for chunk in conflict_free_runs(planned, effect=lambda item: item[1]):
+        queued += await _apply_chunk(chunk)
+    if queued:
+        ctx = planned[0][0]
+        await store.wake_sender(ctx.conn, sender_channel(ctx.settings))
+    for _, event in items:
+        if isinstance(event, ConsentChanged) and event.purpose == "email":
+            log.info("e-mail consent changed", resident_id=event.resident_id, granted=event.granted)
 
 
-async def consent_changed(ctx: HandlerContext, event: ConsentChanged) -> None:
-    if event.purpose != "email":
-        return
-    await store.save_email_consent(ctx.conn, event.resident_id, event.granted, event.at)
-    log.info("e-mail consent changed", resident_id=event.resident_id, granted=event.granted)
+async def _apply_chunk(chunk: Sequence[tuple[HandlerContext, Effect]]) -> int:
+    """Contacts, consents, then messages; how many e-mails were queued."""
+    conn = chunk[0][0].conn
+    # A chunk updates a resident at most once: equal keys carry equal updates.
+    contacts = {effect.resident_id: effect.contact for _, effect in chunk if effect.contact is not None}
+    if contacts:
+        await store.save_contacts(conn, contacts)
+    consents = {effect.resident_id: effect.consent for _, effect in chunk if effect.consent is not None}
+    if consents:
+        await store.save_email_consents(conn, consents)
+    notices = [(ctx, effect.notice) for ctx, effect in chunk if effect.notice is not None]
+    return await deliver(notices) if notices else 0
+
+
+async def deliver(notices: Sequence[tuple[HandlerContext, Notice]]) -> int:
+    """Tell each resident: inbox always, e-mail with consent; how many e-mails were queued.
+
+    Every statement covers all the notices: one read of the residents, one insert of the messages,
+    one of the e-mails. An event whose message already exists changes nothing and emits nothing.
+    """
+    conn = notices[0][0].conn
+    residents = await store.residents_by_id(conn, list({notice.resident_id for _, notice in notices}))
+    drafts: list[tuple[HandlerContext, store.NewMessage, store.Resident | None]] = []
+    for ctx, notice in notices:
+        resident = residents.get(notice.resident_id)
+        if resident is not None and resident.withdrawn_at is not None:
+            log.info("resident withdrawn, no message", resident_id=notice.resident_id, kind=notice.kind)
+            continue
+        drafts.append((ctx, draft_message(ctx, notice, resident), resident))
+    if not drafts:
+        return 0
+    created = await store.insert_messages(conn, [message for _, message, _ in drafts])
+    emails: list[tuple[uuid.UUID, store.NewMessage]] = []
+    for ctx, message, resident in drafts:
+        created_at = created.get(message.id)
+        if created_at is None:
+            continue  # this event already produced its message
+        await emit_delivered(ctx, message, created_at)
+        if resident is not None and resident.can_receive_email:
+            emails.append((uuid.uuid4(), message))
+    return await store.insert_emails(conn, emails) if emails else 0
+
+
+def draft_message(ctx: HandlerContext, notice: Notice, resident: store.Resident | None) -> store.NewMessage:
+    """The message in the resident's language (Japanese and a generic greeting for a stranger)."""
+    language = resident.language if resident is not None else DEFAULT_LANGUAGE
+    rendered = render(notice, language, resident.name if resident is not None else None)
+    return store.NewMessage(
+        id=uuid.uuid4(), resident_id=notice.resident_id, kind=notice.kind, language=language,
+        subject=rendered.subject, body=rendered.body,
+        source_event_id=ctx.envelope.id, source_event_type=ctx.envelope.type,
+    )
+
+
+async def emit_delivered(ctx: HandlerContext, message: store.NewMessage, created_at: datetime) -> None:
+    await ctx.emit(
+        DELIVERIES,
+        MessageDelivered(
+            delivery_id=str(message.id), resident_id=message.resident_id, channel="inbox",
+            template=message.kind, language=message.language, source_event_id=str(message.source_event_id),
+            source_event_type=message.source_event_type, delivered_at=created_at,
+        ),
+        subject=message.resident_id,
+    )
+
+
+# -- the rest of the contact projection (registration.residents.v1) ------------------------------
 
 
 async def contact_changed(ctx: HandlerContext, event: ContactChanged) -> None:
     resident = await store.get_resident(ctx.conn, event.resident_id)
     if resident is not None and resident.withdrawn_at is not None:
         return  # erased: a late contact change must not bring the data back
-    contact = event.contact
-    await store.save_contact(ctx.conn, event.resident_id, contact.name, contact.email, contact.preferred_language)
+    await store.save_contacts(ctx.conn, {event.resident_id: ContactUpdate.of(event.contact)})
 
 
 async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
     erased = await store.erase_resident(ctx.conn, event.resident_id, event.withdrawn_at)
     log.info("resident erased", resident_id=event.resident_id, messages=erased.messages, emails=erased.emails)
-
-
-# -- messages ----------------------------------------------------------------------------------
-
-
-async def notify(ctx: HandlerContext, event: EventData) -> None:
-    """Tell the resident about the event, if it calls for it: inbox always, e-mail with consent."""
-    notice = notice_for(event)
-    if notice is not None:
-        await deliver(ctx, notice)
-
-
-async def deliver(ctx: HandlerContext, notice: Notice) -> None:
-    resident = await store.get_resident(ctx.conn, notice.resident_id)
-    if resident is not None and resident.withdrawn_at is not None:
-        log.info("resident withdrawn, no message", resident_id=notice.resident_id, kind=notice.kind)
-        return
-    language = resident.language if resident is not None else DEFAULT_LANGUAGE
-    rendered = render(notice, language, resident.name if resident is not None else None)
-    message = store.NewMessage(
-        id=uuid.uuid4(), resident_id=notice.resident_id, kind=notice.kind, language=language,
-        subject=rendered.subject, body=rendered.body,
-        source_event_id=ctx.envelope.id, source_event_type=ctx.envelope.type,
-    )
-    created_at = await store.insert_message(ctx.conn, message)
-    if created_at is None:
-        return  # this event already produced its message
-    await ctx.emit(
-        DELIVERIES,
-        MessageDelivered(
-            delivery_id=str(message.id), resident_id=message.resident_id, channel="inbox",
-            template=message.kind, language=language, source_event_id=str(message.source_event_id),
-            source_event_type=message.source_event_type, delivered_at=created_at,
-        ),
-        subject=message.resident_id,
-    )
-    if resident is None or not resident.can_receive_email:
-        return
-    if await store.insert_email(ctx.conn, message, uuid.uuid4()):
-        await store.wake_sender(ctx.conn, sender_channel(ctx.settings))
 
 
 # -- the inbox over HTTP -----------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from services.notification.domain import ConsentUpdate, ContactUpdate
 from shared.contracts.common import Language
 from shared.kit.db import Connection
 
@@ -58,12 +60,13 @@ async def residents_by_id(conn: Connection, resident_ids: list[str]) -> dict[str
     return {row["resident_id"]: _resident(row) for row in rows}
 
 
-async def save_contact(conn: Connection, resident_id: str, name: str, email: str, language: Language) -> None:
-    """Record how to reach the resident (a registration after a withdrawal starts afresh)."""
+async def save_contacts(conn: Connection, contacts: Mapping[str, ContactUpdate]) -> None:
+    """Record how to reach each resident (a registration after a withdrawal starts afresh)."""
+    rows = sorted(contacts.items())  # in resident order: transactions lock shared rows in one order
     await conn.execute(
         """
         INSERT INTO residents (resident_id, name, email, preferred_language)
-        VALUES ($1, $2, $3, $4)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
         ON CONFLICT (resident_id) DO UPDATE SET
             name = EXCLUDED.name, email = EXCLUDED.email, preferred_language = EXCLUDED.preferred_language,
             withdrawn_at = NULL,
@@ -74,20 +77,22 @@ async def save_contact(conn: Connection, resident_id: str, name: str, email: str
                                  THEN residents.bounce_reason END,
             updated_at = now()
         """,
-        resident_id, name, email, language,
+        [r for r, _ in rows], [c.name for _, c in rows], [c.email for _, c in rows], [c.language for _, c in rows],
     )
 
 
-async def save_email_consent(conn: Connection, resident_id: str, granted: bool, at: datetime) -> None:
-    """Apply a consent unless a later one is already recorded (a stale copy changes nothing)."""
+async def save_email_consents(conn: Connection, consents: Mapping[str, ConsentUpdate]) -> None:
+    """Apply each consent unless a later one is already recorded (a stale copy changes nothing)."""
+    rows = sorted(consents.items())  # in resident order: transactions lock shared rows in one order
     await conn.execute(
         """
-        INSERT INTO residents (resident_id, email_consent, email_consent_at) VALUES ($1, $2, $3)
+        INSERT INTO residents (resident_id, email_consent, email_consent_at)
+        SELECT * FROM unnest($1::text[], $2::boolean[], $3::timestamptz[])
         ON CONFLICT (resident_id) DO UPDATE SET
             email_consent = EXCLUDED.email_consent, email_consent_at = EXCLUDED.email_consent_at, updated_at = now()
         WHERE residents.email_consent_at IS NULL OR residents.email_consent_at <= EXCLUDED.email_consent_at
         """,
-        resident_id, granted, at,
+        [r for r, _ in rows], [c.granted for _, c in rows], [c.at for _, c in rows],
     )
 
 
@@ -139,19 +144,31 @@ class NewMessage:
     source_event_type: str
 
 
-async def insert_message(conn: Connection, message: NewMessage) -> datetime | None:
-    """Add the message; its creation time, or None if this event already produced one."""
-    created: datetime | None = await conn.fetchval(
+async def insert_messages(conn: Connection, messages: Sequence[NewMessage]) -> dict[uuid.UUID, datetime]:
+    """Add the messages, in order; the creation time of each one added (not of one whose event
+    already produced its message)."""
+    rows = await conn.fetch(
         """
         INSERT INTO messages (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        SELECT id, resident_id, kind, language, subject, body, source_event_id, source_event_type
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::uuid[], $8::text[])
+             WITH ORDINALITY AS m (id, resident_id, kind, language, subject, body, source_event_id,
+                                   source_event_type, position)
+        ORDER BY position  -- created_at is the statement clock: rows are stamped in this order
         ON CONFLICT (source_event_id, resident_id) DO NOTHING
-        RETURNING created_at
+        RETURNING id, created_at
         """,
-        message.id, message.resident_id, message.kind, message.language, message.subject, message.body,
-        message.source_event_id, message.source_event_type,
+        *_message_columns(messages),
     )
-    return created
+    return {row["id"]: row["created_at"] for row in rows}
+
+
+def _message_columns(messages: Sequence[NewMessage]) -> list[list[Any]]:
+    return [
+        [m.id for m in messages], [m.resident_id for m in messages], [m.kind for m in messages],
+        [m.language for m in messages], [m.subject for m in messages], [m.body for m in messages],
+        [m.source_event_id for m in messages], [m.source_event_type for m in messages],
+    ]
 
 
 _MESSAGE_COLUMNS = "id, resident_id, kind, language, subject, body, source_event_type, created_at, read_at"
@@ -202,20 +219,21 @@ async def mark_read(conn: Connection | asyncpg.Pool, resident_id: str, message_i
 # -- e-mails -------------------------------------------------------------------------------
 
 
-async def insert_email(conn: Connection, message: NewMessage, email_id: uuid.UUID) -> bool:
-    """Queue the e-mail of a message; False if this event already queued one for this resident."""
-    inserted = await conn.fetchval(
+async def insert_emails(conn: Connection, emails: Sequence[tuple[uuid.UUID, NewMessage]]) -> int:
+    """Queue the e-mail of each message (with its row id); how many were queued (not those whose
+    event already queued one for the resident)."""
+    result = await conn.execute(
         """
         INSERT INTO email_outbox
             (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        SELECT * FROM unnest(
+            $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::uuid[], $8::text[]
+        )
         ON CONFLICT (source_event_id, channel, resident_id) DO NOTHING
-        RETURNING 1
         """,
-        email_id, message.resident_id, message.kind, message.language, message.subject, message.body,
-        message.source_event_id, message.source_event_type,
+        [email_id for email_id, _ in emails], *_message_columns([message for _, message in emails])[1:],
     )
-    return inserted is not None
+    return _count(result)
 
 
 async def wake_sender(conn: Connection, channel: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 from aiokafka import ConsumerRecord
 
@@ -35,12 +37,13 @@ async def consumer_with_runs(
     router = EventRouter()
 
     @router.on_many(Ping)
-    async def pings(items: list[tuple[HandlerContext, Ping]]) -> None:
+    async def pings(items: Sequence[tuple[HandlerContext, Ping]]) -> None:
         if any(ping.sequence == fail_on for _, ping in items):
             raise ValueError(f"cannot handle sequence {fail_on}")
         runs.append([ping.sequence for _, ping in items])
         await items[0][0].conn.execute(
-            "INSERT INTO applied (what) SELECT 'ping ' || s FROM unnest($1::int[]) WITH ORDINALITY AS t(s, n) ORDER BY n",
+            "INSERT INTO applied (what) SELECT 'ping ' || s"
+            " FROM unnest($1::int[]) WITH ORDINALITY AS t(s, n) ORDER BY n",
             [ping.sequence for _, ping in items],
         )
 

@@ -1,0 +1,251 @@
+"""Notification's set-based consumer over the real database: a batch of mixed events leaves exactly
+the rows and events that handling them one at a time leaves, in a handful of statements.
+
+The consumer is the service's own (its router, its migrations) fed crafted records through
+``EventConsumer.handle_batch``, as the broker would hand them over.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiokafka import ConsumerRecord
+from asyncpg.connection import LoggedQuery
+
+from services.notification import consumers
+from services.notification.handlers import sender_channel
+from shared.contracts.base import EventData
+from shared.contracts.common import Language
+from shared.contracts.notification import MessageDelivered
+from shared.contracts.registration import ConsentChanged, ResidentWithdrawn
+from shared.kit.consumer import EventConsumer
+from shared.kit.envelope import Envelope
+from shared.kit.migrations import apply_migrations, load_migrations
+from shared.kit.outbox import Outbox
+from shared.kit.settings import Settings
+from tests.integration.test_notification import address, envelope_of, resident_id
+from tests.support import fresh_database
+from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
+
+MIGRATIONS = Path(consumers.__file__).parent / "migrations"
+
+
+@dataclass
+class Service:
+    consumer: EventConsumer
+    pool: asyncpg.Pool
+    settings: Settings
+    statements: list[LoggedQuery] = field(default_factory=list)
+    offset: int = 0
+
+    def records(self, envelopes: Sequence[Envelope]) -> list[ConsumerRecord[bytes, bytes]]:
+        """The envelopes as the broker hands them over, in this order (record time follows it)."""
+        made = []
+        for envelope in envelopes:
+            self.offset += 1
+            topic = self.settings.topic(envelope.data_model().event_topic)
+            key = envelope.key or b""
+            made.append(ConsumerRecord(
+                topic, 0, self.offset, 1_000 + self.offset, 0, envelope.key, envelope.data, None,
+                len(key), len(envelope.data), envelope.headers(),
+            ))
+        return made
+
+    async def one_at_a_time(self, envelopes: Sequence[Envelope]) -> None:
+        for record in self.records(envelopes):
+            await self.consumer.handle_batch([record])
+
+    async def in_one_batch(self, envelopes: Sequence[Envelope]) -> list[str]:
+        """Handle the envelopes as one batch; the statements it ran on the service's own tables."""
+        self.statements.clear()
+        await self.consumer.handle_batch(self.records(envelopes))
+        return [
+            s.query for s in self.statements
+            if any(table in s.query for table in ("residents", "messages", "email_outbox"))
+            or s.args == (sender_channel(self.settings),)
+        ]
+
+
+async def notification_service(settings: Settings) -> Service:
+    dsn = await fresh_database(settings, "notification_runs")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await apply_migrations(conn, load_migrations(MIGRATIONS, "service"))
+    finally:
+        await conn.close()
+    service: Service
+
+    async def log_statements(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        conn.add_query_logger(lambda record: service.statements.append(record))
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=log_statements)
+    consumer = EventConsumer(
+        service="notification", settings=settings, pool=pool, outbox=Outbox("outbox_notification_runs"),
+        router=consumers.router, topics=consumers.TOPICS,
+    )
+    service = Service(consumer, pool, settings)
+    return service
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the service keeps and emits, without its own ids and clocks."""
+
+    residents: list[tuple[Any, ...]]
+    messages: list[tuple[Any, ...]]
+    emails: list[tuple[Any, ...]]
+    delivered: list[tuple[Any, ...]]
+
+
+async def outcome(pool: asyncpg.Pool) -> Outcome:
+    residents = await pool.fetch(
+        """
+        SELECT resident_id, name, email, preferred_language, email_consent, email_consent_at, bounced_email,
+               bounce_reason, withdrawn_at
+        FROM residents ORDER BY resident_id
+        """
+    )
+    messages = await pool.fetch(
+        """
+        SELECT id, resident_id, kind, language, subject, body, source_event_id, source_event_type, created_at
+        FROM messages ORDER BY created_at, id
+        """
+    )
+    emails = await pool.fetch(
+        """
+        SELECT resident_id, kind, language, subject, body, source_event_id, source_event_type, status
+        FROM email_outbox ORDER BY source_event_id, resident_id
+        """
+    )
+    delivered = []
+    created = {row["id"]: row["created_at"] for row in messages}
+    for row in await pool.fetch("SELECT payload FROM outbox ORDER BY id"):
+        event = MessageDelivered.model_validate(json.loads(row["payload"]))
+        assert created[uuid.UUID(event.delivery_id)] == event.delivered_at  # the message's own row
+        delivered.append((event.resident_id, event.channel, event.template, event.language, event.source_event_id))
+    return Outcome(
+        [tuple(row.values()) for row in residents],
+        [tuple(row.values())[1:-1] for row in messages],
+        [tuple(row.values()) for row in emails],
+        delivered,
+    )
+
+
+async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Settings) -> None:
+    emma, bo, chris, dana, eri, stranger, gone = (resident_id() for _ in range(7))
+    samples = {r: sample_events(r) for r in (emma, bo, chris, dana, eri, stranger, gone)}
+    # Before the batch: a resident who withdrew, and an event whose message exists but whose inbox
+    # row is gone (as after a replay): it must not make a second message or MessageDelivered.
+    already = envelope_of(samples[dana]["certificate_issued"])
+    before = [
+        envelope_of(registration(gone, email=address(gone))),
+        envelope_of(ResidentWithdrawn(resident_id=gone, withdrawn_at=DECIDED)),
+        envelope_of(registration(dana, name="Dana Lee", email=address(dana), language="en")),
+        already,
+    ]
+    copy = envelope_of(samples[emma]["certificate_issued"])
+    batch = [
+        envelope_of(registration(emma, name="Emma Brown", email=address(emma), language="en")),
+        # Its derived prefecture row: the same contact and consent again, no message.
+        envelope_of(registration(emma, name="Emma Brown", email=address(emma), language="en",
+                                 municipality=WAKAYAMA, prefecture=WAKAYAMA)),
+        copy,
+        copy,  # a duplicate in the same batch
+        envelope_of(ConsentChanged(resident_id=emma, purpose="email", granted=False, at=DECIDED + timedelta(hours=1))),
+        envelope_of(samples[emma]["grant_issued"]),  # inbox only from now on
+        envelope_of(registration(bo, name="Bo", email=address(bo), email_consent=False)),
+        envelope_of(samples[bo]["receipt_issued"]),
+        envelope_of(samples[stranger]["application_received"]),  # never registered: Japanese, no e-mail
+        envelope_of(samples[chris]["application_received"]),  # before Chris is known ...
+        envelope_of(registration(chris, name="Chris Wu", email=address(chris), language="en")),
+        envelope_of(samples[chris]["certificate_issued"]),  # ... and after
+        # A stale consent (older than the registration's) changes nothing.
+        envelope_of(ConsentChanged(resident_id=bo, purpose="email", granted=True, at=DECIDED - timedelta(days=2))),
+        envelope_of(samples[gone]["certificate_revoked"]),  # withdrawn: no message
+        already,
+        envelope_of(registration(eri, email=address(eri), status="pending_review", tier="premium")),
+        envelope_of(samples[eri]["premium_requested"]),
+        envelope_of(ConsentChanged(resident_id=bo, purpose="newsletter", granted=True, at=DECIDED)),
+    ]
+
+    batched, alone = await notification_service(settings), await notification_service(settings)
+    try:
+        for service in (batched, alone):
+            await service.one_at_a_time(before)
+            await service.pool.execute("DELETE FROM inbox WHERE event_id = $1", already.id)
+            await service.pool.execute("DELETE FROM outbox")
+        statements = await batched.in_one_batch(batch)
+        await alone.one_at_a_time(batch)
+
+        got, expected = await outcome(batched.pool), await outcome(alone.pool)
+        assert got == expected
+        assert batched.consumer.stats.parked == alone.consumer.stats.parked == 0
+
+        kinds = {(m[0], m[1], m[2]) for m in got.messages}
+        assert [(m[0], m[1], m[2]) for m in got.messages if m[0] != dana] == [
+            (emma, "registration_confirmed", "en"), (emma, "certificate_issued", "en"), (emma, "grant_issued", "en"),
+            (bo, "registration_confirmed", "ja"), (bo, "receipt_issued", "ja"),
+            (stranger, "application_received", "ja"),
+            (chris, "application_received", "ja"), (chris, "registration_confirmed", "en"),
+            (chris, "certificate_issued", "en"),
+            (eri, "premium_requested", "ja"),
+        ]
+        assert len([k for k in kinds if k[0] == dana]) == 2  # from before the batch, once each
+        by_event = {(m[0], m[1]): m for m in got.messages}
+        assert "Emma Brown" in by_event[(emma, "certificate_issued")][4]
+        assert "Chris Wu" not in by_event[(chris, "application_received")][4]
+        assert "Chris Wu" in by_event[(chris, "certificate_issued")][4]
+        assert sorted((e[0], e[1]) for e in got.emails if e[0] != dana) == sorted([
+            (emma, "registration_confirmed"), (emma, "certificate_issued"),
+            (chris, "registration_confirmed"), (chris, "certificate_issued"),
+            (eri, "premium_requested"),
+        ])
+        assert [(d[0], d[1], d[2]) for d in got.delivered] == [
+            (m[0], "inbox", m[1]) for m in got.messages if m[0] != dana
+        ]
+        consent = {row[0]: row[4] for row in got.residents}
+        assert (consent[emma], consent[bo], consent[chris], consent[gone]) == (False, False, True, False)
+
+        # Three chunks (the consent after Emma's message, Chris's registration after his message
+        # cut the run), at most five statements each, and one wake-up of the sender.
+        wakes = [s for s in statements if "pg_notify" in s]
+        assert len(wakes) == 1
+        assert len(statements) <= 3 * 5 + 1, statements
+    finally:
+        await batched.pool.close()
+        await alone.pool.close()
+
+
+async def test_a_burst_of_registrations_and_decisions_costs_six_statements(settings: Settings) -> None:
+    residents = [resident_id() for _ in range(200)]
+    events: list[EventData] = []
+    for i, resident in enumerate(residents):
+        language: Language = "en" if i % 2 else "ja"
+        events.append(registration(resident, email=address(resident), language=language))
+        events.append(registration(resident, email=address(resident), language=language,
+                                   municipality=WAKAYAMA, prefecture=WAKAYAMA))
+    events += [sample_events(resident)["certificate_issued"] for resident in residents]
+    service = await notification_service(settings)
+    try:
+        statements = await service.in_one_batch([envelope_of(event) for event in events])
+
+        # Contacts, consents, the residents read back, messages, e-mails, the sender's wake-up.
+        assert len(statements) == 6, statements
+        counts = await service.pool.fetchrow(
+            """
+            SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM email_outbox) AS emails,
+                   (SELECT count(*) FROM outbox) AS delivered, (SELECT count(*) FROM residents) AS residents
+            """
+        )
+        assert counts is not None
+        assert dict(counts) == {"messages": 400, "emails": 400, "delivered": 400, "residents": 200}
+        assert service.consumer.stats.handled == len(events)
+    finally:
+        await service.pool.close()

@@ -1,0 +1,80 @@
+"""Notification: how a run of events is cut into chunks that are applied set-based."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from services.notification.domain import (
+    ConsentUpdate,
+    ContactUpdate,
+    Effect,
+    conflict_free_runs,
+    effect_of,
+)
+from shared.contracts.base import EventData
+from shared.contracts.donation import ReceiptIssued
+from shared.contracts.registration import ConsentChanged, Contact, ContactChanged
+from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
+
+
+def chunked(events: list[EventData]) -> list[list[int]]:
+    """The chunks, as positions in ``events`` of the events that do something here."""
+    planned = [(index, effect) for index, event in enumerate(events) if (effect := effect_of(event)) is not None]
+    return [[index for index, _ in chunk] for chunk in conflict_free_runs(planned, effect=lambda item: item[1])]
+
+
+def test_a_registration_tells_after_saving_its_contact_and_consent() -> None:
+    effect = effect_of(registration("r-1", name="Emma", email="e@example.jp", language="en"))
+    assert effect is not None and effect.notice is not None
+    assert effect.resident_id == effect.notice.resident_id == "r-1"
+    assert effect.contact == ContactUpdate("Emma", "e@example.jp", "en")
+    assert effect.consent == ConsentUpdate(True, DECIDED - timedelta(days=1))
+    derived = effect_of(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
+    assert derived is not None and derived.notice is None and derived.contact is not None
+
+
+def test_what_does_nothing_here_has_no_effect() -> None:
+    contact = Contact(name="n", name_kana="n", email="e@example.jp")
+    assert effect_of(ConsentChanged(resident_id="r-1", purpose="newsletter", granted=True, at=DECIDED)) is None
+    assert effect_of(ContactChanged(resident_id="r-1", contact=contact, at=DECIDED)) is None  # handled alone
+    receipt = sample_events("r-1")["receipt_issued"]
+    assert isinstance(receipt, ReceiptIssued)
+    assert effect_of(receipt.model_copy(update={"resident_id": None})) is None
+    assert effect_of(ConsentChanged(resident_id="r-1", purpose="email", granted=False, at=DECIDED)) == Effect(
+        "r-1", consent=ConsentUpdate(False, DECIDED)
+    )
+
+
+def test_registrations_their_prefecture_rows_and_later_decisions_go_in_one_chunk() -> None:
+    events: list[EventData] = []
+    for resident in ("a", "b", "c"):
+        events += [registration(resident), registration(resident, municipality=WAKAYAMA, prefecture=WAKAYAMA)]
+    events += [sample_events(r)[kind] for r in ("a", "b", "a") for kind in ("certificate_issued", "grant_issued")]
+    assert chunked(events) == [list(range(len(events)))]
+
+
+def test_a_change_after_a_message_to_the_same_resident_starts_a_new_chunk() -> None:
+    decision = sample_events("a")["application_received"]
+    revoke = ConsentChanged(resident_id="a", purpose="email", granted=False, at=DECIDED)
+    events: list[EventData] = [
+        decision, registration("b"),  # the message to a read a's contact before the registration
+        registration("a"),
+        sample_events("a")["certificate_issued"],
+        revoke,  # after a message to a: the message must not see it
+        sample_events("b")["grant_issued"],
+        ConsentChanged(resident_id="a", purpose="email", granted=True, at=DECIDED + timedelta(hours=1)),
+        ConsentChanged(resident_id="b", purpose="newsletter", granted=True, at=DECIDED),  # nothing here
+    ]
+    assert chunked(events) == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+def test_a_second_different_update_of_one_resident_starts_a_new_chunk() -> None:
+    events: list[EventData] = [
+        registration("a", email="old@example.jp", status="pending_review"),  # no message
+        registration("a", email="new@example.jp", status="pending_review"),
+        registration("b", status="pending_review"),
+        ConsentChanged(resident_id="b", purpose="email", granted=False, at=DECIDED),
+        ConsentChanged(resident_id="b", purpose="email", granted=False, at=DECIDED),  # the same again
+    ]
+    assert chunked(events) == [[0], [1, 2], [3, 4]]
+    assert chunked([]) == []
