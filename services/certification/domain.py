@@ -374,6 +374,103 @@ def share_consents(items: Iterable[ConsentState | ConsentChanged]) -> list[Conse
     ]
 
 
+RegistrationChange = PremiumRequested | PremiumApproved | PremiumRejected | PremiumExpired | RegistrationWithdrawn
+#: The events of ``registration.residents.v1`` that move the projection (withdrawal aside: it erases).
+ProjectionEvent = ResidentRegistered | RegistrationChange | ConsentChanged
+
+
+@dataclass(frozen=True, slots=True)
+class ResidentRow:
+    resident_id: str
+    #: None: keep what the row holds (a resident first seen through a later event gets none).
+    legal_address_code: str | None
+    last_event_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationRow:
+    resident_id: str
+    registration: Registration
+    last_event_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRow:
+    resident_id: str
+    consent: ConsentUpdate
+
+
+@dataclass(slots=True)
+class ProjectionChanges:
+    """The rows a run of events leaves, one per key: each is what the last event touching it wrote."""
+
+    residents: dict[str, ResidentRow] = field(default_factory=dict)
+    registrations: dict[str, RegistrationRow] = field(default_factory=dict)
+    consents: dict[tuple[str, str], ConsentRow] = field(default_factory=dict)
+
+    def touch_resident(self, resident_id: str, at: datetime, legal_address_code: str | None = None) -> None:
+        """Every event refreshes ``last_event_at``; only a registration carries the legal address."""
+        previous = self.residents.get(resident_id)
+        if legal_address_code is None and previous is not None:
+            legal_address_code = previous.legal_address_code
+        self.residents[resident_id] = ResidentRow(resident_id, legal_address_code, at)
+
+    def save_registration(self, resident_id: str, registration: Registration, at: datetime) -> None:
+        # A saved registration keeps the resident it was first saved under (as the upsert does).
+        previous = self.registrations.get(registration.registration_id)
+        owner = previous.resident_id if previous is not None else resident_id
+        self.registrations[registration.registration_id] = RegistrationRow(owner, registration, at)
+
+    def registration(self, registration_id: str) -> Registration | None:
+        row = self.registrations.get(registration_id)
+        return None if row is None else row.registration
+
+    def set_consent(self, resident_id: str, consent: ConsentUpdate) -> None:
+        """Last writer wins by the consent's own time, a tie by arrival (as ``share_consents`` does)."""
+        key = (resident_id, consent.partner)
+        previous = self.consents.get(key)
+        if previous is None or previous.consent.at <= consent.at:
+            self.consents[key] = ConsentRow(resident_id, consent)
+
+
+def registrations_to_read(events: Iterable[ProjectionEvent]) -> list[str]:
+    """The registrations whose stored state a run builds on: changed before the run itself saved them."""
+    saved: set[str] = set()
+    needed: list[str] = []
+    for event in events:
+        if isinstance(event, ConsentChanged):
+            continue
+        if not isinstance(event, ResidentRegistered) and event.registration_id not in saved:
+            needed.append(event.registration_id)
+        saved.add(event.registration_id)
+    return needed
+
+
+def project_events(
+    events: Iterable[tuple[ProjectionEvent, datetime]], stored: Mapping[str, Registration]
+) -> ProjectionChanges:
+    """Fold a run of events (of active residents, in order, each with its envelope time) into the
+    rows applying them one by one would leave; ``stored``: the registrations the run builds on."""
+    changes = ProjectionChanges()
+    for event, at in events:
+        if isinstance(event, ResidentRegistered):
+            changes.touch_resident(event.resident_id, at, event.legal_address_code)
+            changes.save_registration(event.resident_id, registration_registered(event), at)
+            for consent in share_consents(event.consents):
+                changes.set_consent(event.resident_id, consent)
+        elif isinstance(event, ConsentChanged):
+            updates = share_consents([event])
+            if updates:  # a consent of another purpose is not ours: it touches nothing
+                changes.touch_resident(event.resident_id, at)
+            for consent in updates:
+                changes.set_consent(event.resident_id, consent)
+        else:
+            changes.touch_resident(event.resident_id, at)
+            current = changes.registration(event.registration_id) or stored.get(event.registration_id)
+            changes.save_registration(event.resident_id, registration_after(current, event), at)
+    return changes
+
+
 # --- applications --------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ transaction (``HandlerContext``); both expose ``conn`` and ``emit``, which is al
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
@@ -28,6 +28,7 @@ from services.certification.domain import (
     MunicipalityWithoutPlan,
     OpenApplicationExists,
     PlanAlreadyRecorded,
+    ProjectionEvent,
     RulesNotFound,
     check_against_rules,
     check_applicant,
@@ -37,9 +38,8 @@ from services.certification.domain import (
     expired_on,
     expiring_window,
     plannable_municipality,
-    registration_after,
-    registration_registered,
-    share_consents,
+    project_events,
+    registrations_to_read,
     shared_partners,
     validity_period,
     without_member_numbers,
@@ -64,16 +64,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import PartnerMembership
-from shared.contracts.registration import (
-    ConsentChanged,
-    PremiumApproved,
-    PremiumExpired,
-    PremiumRejected,
-    PremiumRequested,
-    RegistrationWithdrawn,
-    ResidentRegistered,
-    ResidentWithdrawn,
-)
+from shared.contracts.registration import ResidentWithdrawn
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES, Topic
 from shared.kit import idempotency
 from shared.kit.auth import Principal, Role
@@ -166,36 +157,28 @@ async def _emit_certificate(work: Work, event: CertificateEvent) -> None:
 # --- the resident projection (consumed from registration.residents.v1) ---------------------------
 
 
-async def record_registered(conn: Connection, event: ResidentRegistered, at: datetime) -> None:
-    if await store.resident_status(conn, event.resident_id) == "withdrawn":
-        log.info("event for a withdrawn resident ignored", resident_id=event.resident_id)
-        return
-    await store.upsert_resident(conn, event.resident_id, event.legal_address_code, at)
-    await store.save_registration(conn, event.resident_id, registration_registered(event), at)
-    for consent in share_consents(event.consents):
-        await store.set_share_consent(conn, event.resident_id, consent.partner, consent.granted, consent.at)
-
-
-async def record_registration_change(
-    conn: Connection,
-    event: PremiumRequested | PremiumApproved | PremiumRejected | PremiumExpired | RegistrationWithdrawn,
-    at: datetime,
+async def record_projection_events(
+    conn: Connection, events: Sequence[tuple[ProjectionEvent, datetime]]
 ) -> None:
-    if await store.resident_status(conn, event.resident_id) == "withdrawn":
-        log.info("event for a withdrawn resident ignored", resident_id=event.resident_id)
-        return
-    await store.ensure_resident(conn, event.resident_id, at)
-    current = await store.get_registration(conn, event.registration_id)
-    await store.save_registration(conn, event.resident_id, registration_after(current, event), at)
+    """Apply a run of registration events (each with its envelope time) in a few statements, leaving
+    the rows applying them one by one would: read what the run builds on, fold it, write each table once."""
+    withdrawn = await store.withdrawn_among(conn, (event.resident_id for event, _ in events))
+    live = [(event, at) for event, at in events if not _of_withdrawn(event, withdrawn)]
+    needed = registrations_to_read(event for event, _ in live)
+    stored = await store.get_registrations(conn, needed) if needed else {}
+    changes = project_events(live, stored)
+    # Residents first: registrations and consents reference them.
+    await store.upsert_residents(conn, list(changes.residents.values()))
+    await store.save_registrations(conn, list(changes.registrations.values()))
+    await store.set_share_consents(conn, list(changes.consents.values()))
 
 
-async def record_consent(conn: Connection, event: ConsentChanged, at: datetime) -> None:
-    updates = share_consents([event])
-    if not updates or await store.resident_status(conn, event.resident_id) == "withdrawn":
-        return
-    await store.ensure_resident(conn, event.resident_id, at)
-    for consent in updates:
-        await store.set_share_consent(conn, event.resident_id, consent.partner, consent.granted, consent.at)
+def _of_withdrawn(event: ProjectionEvent, withdrawn: set[str]) -> bool:
+    # No withdrawal is in a run (it is handled alone), so who withdrew stays the same throughout.
+    if event.resident_id not in withdrawn:
+        return False
+    log.info("event for a withdrawn resident ignored", resident_id=event.resident_id, event_type=event.event_type)
+    return True
 
 
 async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) -> None:

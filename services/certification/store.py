@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any, cast
 
@@ -14,9 +14,12 @@ from services.certification.domain import (
     Approval,
     AuditEntry,
     Certificate,
+    ConsentRow,
     MunicipalityRules,
     Registration,
+    RegistrationRow,
     Resident,
+    ResidentRow,
 )
 from shared.contracts.common import PartnerMembership
 from shared.kit.db import Connection
@@ -96,34 +99,30 @@ async def insert_plan(conn: Connection, code: str, adopted_on: date | None, by: 
 # --- the resident projection ---------------------------------------------------------------------
 
 
-async def resident_status(conn: Connection, resident_id: str) -> str | None:
-    status: str | None = await conn.fetchval("SELECT status FROM residents WHERE resident_id = $1", resident_id)
-    return status
-
-
-async def upsert_resident(conn: Connection, resident_id: str, legal_address_code: str, at: datetime) -> None:
-    await conn.execute(
-        """
-        INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
-        VALUES ($1, 'active', $2, $3)
-        ON CONFLICT (resident_id) DO UPDATE
-        SET legal_address_code = EXCLUDED.legal_address_code, last_event_at = EXCLUDED.last_event_at
-        WHERE residents.status = 'active'
-        """,
-        resident_id, legal_address_code, at,
+async def withdrawn_among(conn: Connection, resident_ids: Iterable[str]) -> set[str]:
+    """Which of these residents withdrew (their tombstone makes late events be ignored)."""
+    rows = await conn.fetch(
+        "SELECT resident_id FROM residents WHERE resident_id = ANY($1::text[]) AND status = 'withdrawn'",
+        list(set(resident_ids)),
     )
+    return {row["resident_id"] for row in rows}
 
 
-async def ensure_resident(conn: Connection, resident_id: str, at: datetime) -> None:
-    """A resident first seen through a later event (its registration event went astray)."""
+async def upsert_residents(conn: Connection, rows: Collection[ResidentRow]) -> None:
+    """Insert new residents as active, refresh known active ones; a NULL address keeps the known one."""
+    if not rows:
+        return
     await conn.execute(
         """
         INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
-        VALUES ($1, 'active', NULL, $2)
-        ON CONFLICT (resident_id) DO UPDATE SET last_event_at = EXCLUDED.last_event_at
+        SELECT r.resident_id, 'active', r.legal_address_code, r.last_event_at
+        FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS r(resident_id, legal_address_code, last_event_at)
+        ON CONFLICT (resident_id) DO UPDATE
+        SET legal_address_code = COALESCE(EXCLUDED.legal_address_code, residents.legal_address_code),
+            last_event_at = EXCLUDED.last_event_at
         WHERE residents.status = 'active'
         """,
-        resident_id, at,
+        [r.resident_id for r in rows], [r.legal_address_code for r in rows], [r.last_event_at for r in rows],
     )
 
 
@@ -134,45 +133,54 @@ def _registration(row: asyncpg.Record) -> Registration:
     )
 
 
-async def get_registration(conn: Connection, registration_id: str) -> Registration | None:
-    row = await conn.fetchrow(
+async def get_registrations(conn: Connection, registration_ids: Iterable[str]) -> dict[str, Registration]:
+    rows = await conn.fetch(
         """
         SELECT registration_id, municipality_code, tier, status, premium_status, valid_until
-        FROM resident_registrations WHERE registration_id = $1
+        FROM resident_registrations WHERE registration_id = ANY($1::text[])
         """,
-        registration_id,
+        list(set(registration_ids)),
     )
-    return None if row is None else _registration(row)
+    return {row["registration_id"]: _registration(row) for row in rows}
 
 
-async def save_registration(
-    conn: Connection, resident_id: str, registration: Registration, at: datetime
-) -> None:
+async def save_registrations(conn: Connection, rows: Collection[RegistrationRow]) -> None:
+    """Write each registration whole; one keeps the resident it was first saved under."""
+    if not rows:
+        return
+    registrations = [r.registration for r in rows]
     await conn.execute(
         """
         INSERT INTO resident_registrations
             (registration_id, resident_id, municipality_code, tier, status, premium_status, valid_until,
              last_event_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
+                             $8::timestamptz[])
         ON CONFLICT (registration_id) DO UPDATE
         SET municipality_code = EXCLUDED.municipality_code, tier = EXCLUDED.tier, status = EXCLUDED.status,
             premium_status = EXCLUDED.premium_status, valid_until = EXCLUDED.valid_until,
             last_event_at = EXCLUDED.last_event_at
         """,
-        registration.registration_id, resident_id, registration.municipality_code, registration.tier,
-        registration.status, registration.premium_status, registration.valid_until, at,
+        [g.registration_id for g in registrations], [r.resident_id for r in rows],
+        [g.municipality_code for g in registrations], [g.tier for g in registrations],
+        [g.status for g in registrations], [g.premium_status for g in registrations],
+        [g.valid_until for g in registrations], [r.last_event_at for r in rows],
     )
 
 
-async def set_share_consent(conn: Connection, resident_id: str, partner: str, granted: bool, at: datetime) -> None:
+async def set_share_consents(conn: Connection, rows: Collection[ConsentRow]) -> None:
     """Last writer wins by the consent's own time (an older fact never overrides a newer one)."""
+    if not rows:
+        return
     await conn.execute(
         """
-        INSERT INTO share_consents (resident_id, partner, granted, at) VALUES ($1, $2, $3, $4)
+        INSERT INTO share_consents (resident_id, partner, granted, at)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::timestamptz[])
         ON CONFLICT (resident_id, partner) DO UPDATE SET granted = EXCLUDED.granted, at = EXCLUDED.at
         WHERE share_consents.at <= EXCLUDED.at
         """,
-        resident_id, partner, granted, at,
+        [r.resident_id for r in rows], [r.consent.partner for r in rows], [r.consent.granted for r in rows],
+        [r.consent.at for r in rows],
     )
 
 

@@ -1,0 +1,281 @@
+"""Certification's resident projection applied set-based: one batch of mixed registration events
+leaves exactly the rows that applying them one event per batch leaves, in a handful of statements.
+
+The consumer's ``handle_batch`` is called directly with crafted records (as the kit's own run tests
+do), on fresh databases with the service's migrations: no broker, no running service.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+from aiokafka import ConsumerRecord
+
+from services.certification import consumers
+from services.certification.main import MIGRATIONS
+from shared.contracts.base import EventData
+from shared.contracts.registration import (
+    ConsentChanged,
+    ConsentState,
+    Contact,
+    ContactChanged,
+    PremiumApproved,
+    PremiumRejected,
+    PremiumRequested,
+    RegistrationWithdrawn,
+    ResidentRegistered,
+    ResidentWithdrawn,
+)
+from shared.contracts.topics import RESIDENTS
+from shared.kit.consumer import EventConsumer
+from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.migrations import migrate_service
+from shared.kit.outbox import Outbox
+from shared.kit.settings import Settings, with_database
+from shared.reference import prefecture_of
+
+SHIRAHAMA, TANABE, SUSAMI = "304018", "302066", "304069"
+CHIYODA, HACHIOJI = "131016", "132012"  # legal addresses
+T0 = datetime(2026, 4, 1, 9, 0, tzinfo=UTC)
+PROJECTION = {
+    "residents": "resident_id",
+    "resident_registrations": "registration_id",
+    "share_consents": "resident_id, partner",
+}
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+
+
+class Feed:
+    """Envelopes in the order the registration service would publish them, each a record of one
+    partition (the topic's key is the resident, so one resident's events share a partition)."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.records: list[Record] = []
+
+    def add(self, event: EventData, *, minutes: int) -> Envelope:
+        """The event, published at T0 + ``minutes`` (its envelope time: the projection's last_event_at)."""
+        envelope = new_envelope(
+            "registration", event, subject=getattr(event, "resident_id"),  # noqa: B009
+            time=T0 + timedelta(minutes=minutes),
+        )
+        self.again(envelope)
+        return envelope
+
+    def again(self, envelope: Envelope) -> None:
+        """The same envelope once more (a redelivery): the inbox must skip it."""
+        offset = len(self.records)
+        self.records.append(ConsumerRecord(
+            self.topic, 0, offset, 1_000 + offset, 0, envelope.key, envelope.data, None,
+            len(envelope.key or b""), len(envelope.data or b""), envelope.headers(),
+        ))
+
+
+def registered(
+    resident_id: str, registration_id: str, municipality: str, *, legal: str = CHIYODA, tier: str = "basic",
+    status: str = "active", consents: dict[str, bool] | None = None, minutes: int = 0,
+) -> ResidentRegistered:
+    at = T0 + timedelta(minutes=minutes)
+    return ResidentRegistered(
+        resident_id=resident_id, registration_id=registration_id, municipality_code=municipality,
+        prefecture_code=prefecture_of(municipality).code, tier=tier, status=status, legal_address_code=legal,
+        contact=Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        consents=[
+            ConsentState(purpose="share_certificate", partner=partner, granted=granted, at=at)
+            for partner, granted in (consents or {}).items()
+        ] + [ConsentState(purpose="email", granted=True, at=at)],  # not a consent of ours
+        registered_at=at,
+    )
+
+
+def consent(
+    resident_id: str, partner: str | None, granted: bool, *, minutes: int, purpose: str = "share_certificate"
+) -> ConsentChanged:
+    return ConsentChanged(
+        resident_id=resident_id, purpose=purpose, partner=partner, granted=granted, at=T0 + timedelta(minutes=minutes)
+    )
+
+
+async def projection_database(settings: Settings, label: str, statements: list[str] | None = None) -> asyncpg.Pool:
+    """A fresh database with certification's migrations; ``statements`` collects every query run."""
+    name = f"{settings.db_prefix}_{label}_{uuid.uuid4().hex[:6]}"
+    dsn = with_database(settings.pg_dsn or "", name)
+    await migrate_service(dsn, with_database(settings.pg_dsn or "", "postgres"), name, MIGRATIONS)
+
+    async def log_queries(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        if statements is not None:
+            conn.add_query_logger(lambda query: statements.append(query.query))
+
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=log_queries)
+
+
+def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
+    return EventConsumer(
+        service="certification", settings=settings, pool=pool, outbox=Outbox("certification_runs_test"),
+        router=consumers.router, topics=[RESIDENTS], name="certification",
+    )
+
+
+async def projection(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
+    return {
+        table: [dict(r) for r in await pool.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
+        for table, order in PROJECTION.items()
+    }
+
+
+@pytest.fixture
+async def pools(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[asyncpg.Pool] = []
+
+    async def open_pool(label: str, statements: list[str] | None = None) -> asyncpg.Pool:
+        pool = await projection_database(settings, label, statements)
+        opened.append(pool)
+        return pool
+
+    yield open_pool
+    for pool in opened:
+        await pool.close()
+
+
+def ids() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:6]
+    names = ("a", "b", "c", "d", "e", "w", "a1", "a2", "a3", "b1", "c1", "e1", "w1", "w2")
+    return {name: f"{name}-{tag}" for name in names}
+
+
+async def test_one_batch_of_mixed_events_leaves_what_one_event_per_batch_leaves(
+    settings: Settings, pools: Callable[..., Any]
+) -> None:
+    k = ids()
+    topic = settings.topic(RESIDENTS.name)
+    history, feed = Feed(topic), Feed(topic)
+    # Before the batch: C has a premium registration under review and consented to JAL at 0:10;
+    # W registered and withdrew.
+    history.add(registered(k["c"], k["c1"], TANABE, tier="premium", status="pending_review",
+                           consents={"jal": True}, minutes=10), minutes=10)
+    history.add(registered(k["w"], k["w1"], SHIRAHAMA, consents={"jal": True}), minutes=11)
+    history.add(ResidentWithdrawn(resident_id=k["w"], withdrawn_at=T0 + timedelta(minutes=12)), minutes=12)
+
+    first = feed.add(registered(k["a"], k["a1"], SHIRAHAMA, consents={"jal": True, "ana": True}, minutes=20),
+                     minutes=20)
+    feed.add(registered(k["a"], k["a2"], TANABE, legal=HACHIOJI, consents={"ana": True}, minutes=21), minutes=21)
+    feed.add(PremiumRequested(resident_id=k["a"], registration_id=k["a1"], municipality_code=SHIRAHAMA,
+                              activity_count=3, requested_at=T0), minutes=22)
+    feed.add(registered(k["w"], k["w2"], TANABE, consents={"ana": True}, minutes=23), minutes=23)  # too late
+    feed.add(consent(k["w"], "jal", True, minutes=24), minutes=24)  # too late as well
+    feed.again(first)  # a redelivery of A's first registration
+    feed.add(PremiumApproved(resident_id=k["c"], registration_id=k["c1"], municipality_code=TANABE,
+                             valid_until=date(2030, 3, 31), decided_at=T0), minutes=25)
+    feed.add(consent(k["c"], "jal", False, minutes=5), minutes=26)  # an older fact arriving later: loses
+    feed.add(consent(k["a"], "ana", False, minutes=27), minutes=27)
+    feed.add(consent(k["a"], "ana", True, minutes=27), minutes=28)  # same time: the later one wins
+    feed.add(consent(k["a"], None, False, minutes=29, purpose="email"), minutes=29)  # not ours: touches nothing
+    feed.add(ContactChanged(resident_id=k["a"], contact=Contact(name="x", name_kana="エックス", email="x@example.jp"),
+                            at=T0), minutes=30)  # not routed
+    # a3: registered, asked to upgrade and refused within the run (the change builds on the run's own state)
+    feed.add(registered(k["a"], k["a3"], SUSAMI, minutes=30), minutes=30)
+    feed.add(PremiumRequested(resident_id=k["a"], registration_id=k["a3"], municipality_code=SUSAMI,
+                              activity_count=2, requested_at=T0), minutes=30)
+    feed.add(PremiumRejected(resident_id=k["a"], registration_id=k["a3"], municipality_code=SUSAMI,
+                             reason="活動不足", decided_at=T0), minutes=30)
+    feed.add(registered(k["b"], k["b1"], SUSAMI, consents={"jal": True}, minutes=31), minutes=31)
+    feed.add(ResidentWithdrawn(resident_id=k["b"], withdrawn_at=T0 + timedelta(minutes=32)), minutes=32)
+    feed.add(registered(k["b"], k["b1"], SUSAMI, consents={"jal": True}, minutes=33), minutes=33)  # after: ignored
+    feed.add(PremiumRequested(resident_id=k["b"], registration_id=k["b1"], municipality_code=SUSAMI,
+                              activity_count=1, requested_at=T0), minutes=34)
+    feed.add(registered(k["a"], k["a1"], SHIRAHAMA, tier="premium", status="pending_review",
+                        consents={"jal": False}, minutes=35), minutes=35)  # a1 registered again, now premium
+    feed.add(RegistrationWithdrawn(resident_id=k["a"], registration_id=k["a2"], municipality_code=TANABE,
+                                   withdrawn_at=T0), minutes=36)
+    feed.add(consent(k["d"], "jal", True, minutes=37), minutes=37)  # D first seen through a consent
+    feed.add(PremiumRejected(resident_id=k["e"], registration_id=k["e1"], municipality_code=SHIRAHAMA,
+                             reason="活動不足", decided_at=T0), minutes=38)  # E through a change of an unseen one
+
+    batched, one_by_one = await pools("cert_batched"), await pools("cert_one_by_one")
+    for pool in (batched, one_by_one):
+        for record in history.records:
+            await consumer_on(settings, pool).handle_batch([record])
+    consumer = consumer_on(settings, batched)
+    await consumer.handle_batch(feed.records)
+    await consumer.handle_batch(feed.records)  # the whole batch again changes nothing
+    single = consumer_on(settings, one_by_one)
+    for record in feed.records:
+        await single.handle_batch([record])
+
+    rows = await projection(batched)
+    assert rows == await projection(one_by_one)
+    assert (consumer.stats.handled, consumer.stats.skipped, consumer.stats.duplicates) == (21, 2, 23)
+
+    def minutes(m: int) -> datetime:
+        return T0 + timedelta(minutes=m)
+
+    mine = set(k.values())
+    assert [(r["resident_id"], r["status"], r["legal_address_code"], r["last_event_at"])
+            for r in rows["residents"] if r["resident_id"] in mine] == sorted([
+        (k["a"], "active", CHIYODA, minutes(36)),  # the last registration's address; the last event's time
+        (k["b"], "withdrawn", None, minutes(32)),
+        (k["c"], "active", CHIYODA, minutes(26)),  # the consent that lost still touched the resident
+        (k["d"], "active", None, minutes(37)),
+        (k["e"], "active", None, minutes(38)),
+        (k["w"], "withdrawn", None, minutes(12)),
+    ])
+    assert [(r["registration_id"], r["resident_id"], r["municipality_code"], r["tier"], r["status"],
+             r["premium_status"], r["valid_until"], r["last_event_at"])
+            for r in rows["resident_registrations"] if r["resident_id"] in mine] == sorted([
+        (k["a1"], k["a"], SHIRAHAMA, "premium", "pending_review", "requested", None, minutes(35)),
+        (k["a2"], k["a"], TANABE, "basic", "withdrawn", None, None, minutes(36)),
+        (k["a3"], k["a"], SUSAMI, "basic", "active", "rejected", None, minutes(30)),
+        (k["c1"], k["c"], TANABE, "premium", "active", "approved", date(2030, 3, 31), minutes(25)),
+        (k["e1"], k["e"], SHIRAHAMA, "premium", "rejected", "rejected", None, minutes(38)),
+    ])
+    assert [(r["resident_id"], r["partner"], r["granted"], r["at"])
+            for r in rows["share_consents"] if r["resident_id"] in mine] == sorted([
+        (k["a"], "ana", True, minutes(27)),
+        (k["a"], "jal", False, minutes(35)),
+        (k["c"], "jal", True, minutes(10)),
+        (k["d"], "jal", True, minutes(37)),
+    ])
+
+
+async def test_a_run_of_registrations_costs_a_handful_of_statements(
+    settings: Settings, pools: Callable[..., Any]
+) -> None:
+    statements: list[str] = []
+    pool = await pools("cert_statements", statements)
+    feed = Feed(settings.topic(RESIDENTS.name))
+    tag = uuid.uuid4().hex[:6]
+    for n in range(500):
+        # 250 residents, two registrations each (one per municipality), two consents each time
+        resident = f"r{n // 2}-{tag}"
+        town = SHIRAHAMA if n % 2 else TANABE
+        feed.add(registered(resident, f"g{n}-{tag}", town, consents={"jal": True, "ana": n % 2 == 0}, minutes=n),
+                 minutes=n)
+    consumer = consumer_on(settings, pool)
+    warm_up = Feed(feed.topic)  # a connection's first use of a type costs asyncpg an introspection query
+    warm_up.add(registered(f"warm-{tag}", f"warm-{tag}", SHIRAHAMA, consents={"jal": True}), minutes=0)
+    await consumer.handle_batch(warm_up.records)
+    statements.clear()
+    await consumer.handle_batch(feed.records)
+
+    # Before: 5 per event (resident status, resident, registration, 2 consents), 2,500 in all.
+    batch = statements[statements.index("BEGIN;") + 1:statements.index("COMMIT;")]
+    assert [" ".join(statement.split()[:3]) for statement in batch] == [
+        "INSERT INTO inbox", "SELECT resident_id FROM", "INSERT INTO residents",
+        "INSERT INTO resident_registrations", "INSERT INTO share_consents",
+    ]
+    assert consumer.stats.handled == 501
+
+    async def count(table: str, where: str = "true") -> int:
+        return int(await pool.fetchval(f"SELECT count(*) FROM {table} WHERE resident_id LIKE $1 AND {where}",
+                                       f"r%-{tag}"))
+
+    assert (await count("residents"), await count("resident_registrations"), await count("share_consents")) == (
+        250, 500, 500)
+    # ana: granted with the first registration, revoked with the second (jal stays granted)
+    assert await count("share_consents", "granted") == 250
