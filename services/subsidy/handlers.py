@@ -262,34 +262,51 @@ async def _emit_issued(work: Work, grant: GrantState, now: datetime) -> None:
     )
 
 
-async def grant_certificate(work: Work, event: CertificateIssued | CertificateRenewed, today: date) -> None:
-    """Grant every active program of the municipality whose partner the resident consented to."""
-    certificate = await _project_certificate(work, event)
-    if certificate.status != "valid":
+GrantingEvent = CertificateIssued | CertificateRenewed
+ClosingEvent = CertificateRevoked | CertificateExpired
+
+
+async def grant_certificates(items: Sequence[tuple[Work, GrantingEvent]], today: date) -> None:
+    """A run of issued and renewed certificates, each with its own unit of work (one transaction):
+    one statement projects them all and one reads the programs of their towns; only certificates of
+    towns with programs go on to be granted, one by one in order (budget locks, waitlist)."""
+    conn = items[0][0].conn
+    # Granting never reads the projection, so writing it first (each certificate as its last event
+    # left it) changes nothing for the grants that follow.
+    await store.upsert_certificates(conn, [_certificate_row(event) for _, event in items])
+    valid = [(work, event) for work, event in items if event.status == "valid"]
+    if not valid:
         return
+    programs = await store.programs_of_municipalities(conn, {event.municipality_code for _, event in valid})
+    for work, event in valid:
+        if event.municipality_code in programs:
+            await grant_certificate(work, event, programs[event.municipality_code], today)
+
+
+async def grant_certificate(work: Work, event: GrantingEvent, programs: Sequence[Program], today: date) -> None:
+    """Grant every active program of the certificate's town (``programs``) whose partner the
+    resident consented to; the certificate is projected already."""
+    certificate = _certificate_state(event)
     members: dict[str, str | None] = {}
     for membership in event.partners:
         members.setdefault(membership.partner, membership.member_number)
     years = certificate_years(certificate.valid_from, certificate.valid_until, today)
-    for program in await store.programs_of_municipality(work.conn, event.municipality_code):
+    for program in programs:
         if program.partner in members and program.is_active_on(today):
             for year in years:
                 await _grant_program(work, program, certificate, year, members[program.partner], today)
 
 
-async def _project_certificate(
-    work: Work, event: CertificateIssued | CertificateRenewed | CertificateRevoked | CertificateExpired
-) -> CertificateState:
-    partners: Sequence[PartnerMembership] = event.partners
-    await store.upsert_certificate(
-        work.conn, certificate_number=event.certificate_number, resident_id=event.resident_id,
-        municipality_code=event.municipality_code, valid_from=event.valid_from, valid_until=event.valid_until,
-        status=event.status, partners=partners,
-    )
+def _certificate_state(event: GrantingEvent | ClosingEvent) -> CertificateState:
     return CertificateState(
         event.certificate_number, event.resident_id, event.municipality_code, event.valid_from, event.valid_until,
         event.status,
     )
+
+
+def _certificate_row(event: GrantingEvent | ClosingEvent) -> store.CertificateRow:
+    partners: Sequence[PartnerMembership] = event.partners
+    return store.CertificateRow(_certificate_state(event), partners)
 
 
 async def _grant_program(
@@ -347,11 +364,9 @@ async def _grant_program(
     bound.info("grant waitlisted", grant_id=grant_id, needed=value, position=position)
 
 
-async def close_certificate(
-    work: Work, event: CertificateRevoked | CertificateExpired, today: date
-) -> None:
+async def close_certificate(work: Work, event: ClosingEvent, today: date) -> None:
     """Cancel (revoked) or expire (expired) the certificate's open grants and release what they hold."""
-    await _project_certificate(work, event)
+    await store.upsert_certificates(work.conn, [_certificate_row(event)])
     if await store.forget_withdrawn_member_numbers(work.conn, event.certificate_number, event.partners):
         log.info("member numbers erased from grants", certificate_number=event.certificate_number)
     if isinstance(event, CertificateRevoked):

@@ -9,7 +9,7 @@ never overdraw the budget, however many run at once.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, cast
@@ -87,6 +87,21 @@ async def programs_of_municipality(conn: Connection, municipality_code: str) -> 
         municipality_code,
     )
     return [_program(row) for row in rows]
+
+
+async def programs_of_municipalities(conn: Connection, municipality_codes: Iterable[str]) -> dict[str, list[Program]]:
+    """The programs of each of these towns that has any (in program id order)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_PROGRAM_COLUMNS} FROM programs WHERE municipality_code = ANY($1::text[])
+        ORDER BY municipality_code, program_id
+        """,
+        list(set(municipality_codes)),
+    )
+    programs: dict[str, list[Program]] = {}
+    for row in rows:
+        programs.setdefault(row["municipality_code"], []).append(_program(row))
+    return programs
 
 
 async def funding_candidates(conn: Connection, municipality_code: str) -> list[FundingCandidate]:
@@ -242,29 +257,34 @@ async def ledger_page(
 # --- certificates ---------------------------------------------------------------------------------
 
 
-async def upsert_certificate(
-    conn: Connection,
-    *,
-    certificate_number: str,
-    resident_id: str,
-    municipality_code: str,
-    valid_from: date,
-    valid_until: date,
-    status: str,
-    partners: Sequence[PartnerMembership],
-) -> None:
+@dataclass(frozen=True, slots=True)
+class CertificateRow:
+    state: CertificateState
+    partners: Sequence[PartnerMembership]
+
+
+async def upsert_certificates(conn: Connection, rows: Sequence[CertificateRow]) -> None:
+    """Project certificates in one statement; a certificate given twice is written as its last row
+    (one INSERT ... ON CONFLICT may touch a row only once)."""
+    last = {row.state.certificate_number: row for row in rows}
+    ordered = [last[number] for number in sorted(last)]  # rows locked in one order, whoever writes
+    states = [row.state for row in ordered]
     await conn.execute(
         """
         INSERT INTO certificates (certificate_number, resident_id, municipality_code, valid_from, valid_until,
                                   status, partners)
-        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        SELECT c.certificate_number, c.resident_id, c.municipality_code, c.valid_from, c.valid_until, c.status,
+               c.partners::jsonb
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::date[], $6::text[], $7::text[])
+            AS c(certificate_number, resident_id, municipality_code, valid_from, valid_until, status, partners)
         ON CONFLICT (certificate_number) DO UPDATE SET
             resident_id = EXCLUDED.resident_id, municipality_code = EXCLUDED.municipality_code,
             valid_from = EXCLUDED.valid_from, valid_until = EXCLUDED.valid_until, status = EXCLUDED.status,
             partners = EXCLUDED.partners, updated_at = now()
         """,
-        certificate_number, resident_id, municipality_code, valid_from, valid_until, status,
-        json.dumps([p.model_dump() for p in partners]),
+        [s.certificate_number for s in states], [s.resident_id for s in states],
+        [s.municipality_code for s in states], [s.valid_from for s in states], [s.valid_until for s in states],
+        [s.status for s in states], [json.dumps([p.model_dump() for p in row.partners]) for row in ordered],
     )
 
 

@@ -449,7 +449,7 @@ async def test_concurrent_reservations_never_overdraw_and_keep_arrival_order(sub
 
     async def grant(certificate: CertificateIssued) -> None:
         async with subsidy.runtime.transaction() as uow:
-            await handlers.grant_certificate(uow, certificate, TODAY)
+            await handlers.grant_certificates([(uow, certificate)], TODAY)
 
     await asyncio.gather(*[grant(c) for c in certificates])
     statuses = await subsidy.pool.fetch(
