@@ -1,4 +1,5 @@
-"""What the gateway consumes (thin: each event becomes one use-case call in the batch's transaction).
+"""What the gateway consumes (thin: each event, or run of consecutive consent or certificate events,
+becomes one use-case call in the batch's transaction).
 
 ``registration.residents.v1``: share_certificate consents (at registration and changed later) and
 withdrawal; ``certification.certificates.v1``: issued, renewed, revoked, expired (``expiring``
@@ -7,9 +8,11 @@ changes nothing a partner sees and is not routed); ``subsidy.grants.v1``: every 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.partner_gateway import handlers
 from services.partner_gateway.domain import GRANT_EVENTS, SHARE_PURPOSE, GrantEvent, ShareConsent
-from services.partner_gateway.handlers import CertificateEvent, PartnerDirectory
+from services.partner_gateway.handlers import CertificateEvent, ConsentChange, PartnerDirectory
 from shared.contracts.certification import (
     CertificateExpired,
     CertificateIssued,
@@ -19,35 +22,40 @@ from shared.contracts.certification import (
 from shared.contracts.registration import ConsentChanged, ResidentRegistered, ResidentWithdrawn
 from shared.kit.consumer import EventRouter, HandlerContext
 
+ResidentEvent = ResidentRegistered | ConsentChanged
+
 
 def build_router(partners: PartnerDirectory) -> EventRouter:
     router = EventRouter()
 
-    @router.on(ResidentRegistered)
-    async def resident_registered(ctx: HandlerContext, event: ResidentRegistered) -> None:
-        for consent in event.consents:
-            if consent.purpose == SHARE_PURPOSE:
-                await handlers.apply_share_consent(
-                    ctx, partners, event.resident_id, consent.partner, ShareConsent(consent.granted, consent.at)
-                )
-
-    @router.on(ConsentChanged)
-    async def consent_changed(ctx: HandlerContext, event: ConsentChanged) -> None:
-        if event.purpose == SHARE_PURPOSE:
-            await handlers.apply_share_consent(
-                ctx, partners, event.resident_id, event.partner, ShareConsent(event.granted, event.at)
-            )
+    # Consents and certificate events are applied set-based: a run of them in a few statements.
+    @router.on_many(ResidentRegistered, ConsentChanged)
+    async def share_consents_changed(items: Sequence[tuple[HandlerContext, ResidentEvent]]) -> None:
+        changes = [change for ctx, event in items for change in _changes(ctx, event)]
+        await handlers.apply_share_consents(partners, changes)
 
     @router.on(ResidentWithdrawn)
     async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
         await handlers.apply_resident_withdrawn(ctx, partners, event.resident_id, event.withdrawn_at)
 
-    @router.on(CertificateIssued, CertificateRenewed, CertificateRevoked, CertificateExpired)
-    async def certificate_changed(ctx: HandlerContext, event: CertificateEvent) -> None:
-        await handlers.apply_certificate_event(ctx, partners, event)
+    @router.on_many(CertificateIssued, CertificateRenewed, CertificateRevoked, CertificateExpired)
+    async def certificates_changed(items: Sequence[tuple[HandlerContext, CertificateEvent]]) -> None:
+        await handlers.apply_certificate_events(partners, items)
 
     @router.on(*GRANT_EVENTS)
     async def grant_changed(ctx: HandlerContext, event: GrantEvent) -> None:
         await handlers.apply_grant_event(ctx, partners, event)
 
     return router
+
+
+def _changes(ctx: HandlerContext, event: ResidentEvent) -> list[ConsentChange]:
+    """The share_certificate consents an event states, in its order."""
+    if isinstance(event, ConsentChanged):
+        states = [(event.purpose, event.partner, event.granted, event.at)]
+    else:
+        states = [(c.purpose, c.partner, c.granted, c.at) for c in event.consents]
+    return [
+        ConsentChange(ctx, event.resident_id, partner, ShareConsent(granted, at))
+        for purpose, partner, granted, at in states if purpose == SHARE_PURPOSE
+    ]

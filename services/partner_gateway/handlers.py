@@ -9,7 +9,7 @@ sync (``cache.py``) writes Redis after the commit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from services.partner_gateway.domain import (
     ApiKeyNotFound,
     Certificate,
     ConsentBasis,
+    Entitlement,
     GrantEvent,
     Partner,
     PartnerKind,
@@ -49,7 +50,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
 from shared.contracts.topics import partner_feed
-from shared.kit.consumer import HandlerContext
+from shared.kit.consumer import HandlerContext, distinct_runs
 from shared.kit.db import Connection
 from shared.kit.service import ServiceRuntime
 from shared.reference import travel_programs
@@ -131,9 +132,13 @@ class Feed:
     grant's under ``<number>/grants/<grant id>`` on the certificate's partition. The gateway
     remembers which grant keys a partner's feed holds, so that forgetting a certificate tombstones
     each of them too.
+
+    ``deliveries``: a list shared by the feeds of a set-based run, written in one statement at its
+    end (``store.insert_deliveries``; nothing in a handler reads them back); None: each at once.
     """
 
     ctx: HandlerContext
+    deliveries: list[store.Delivery] | None = None
 
     async def send(
         self, partner: str, record: PartnerCertificate | PartnerGrant | PartnerWithdrawal, *,
@@ -146,15 +151,12 @@ class Feed:
         )
         if isinstance(record, PartnerGrant):
             await store.grant_key_sent(self.ctx.conn, partner, number, record.grant_id)
-        await store.insert_delivery(
-            self.ctx.conn,
-            store.Delivery(
-                partner=partner, resident_ref=record.resident_ref, certificate_number=number,
-                municipality_code=municipality_code, record_type=record.event_type,
-                items=delivered_items(record), basis=basis, event_id=envelope.id,
-                cause_event_id=cause or self.ctx.envelope.id,
-            ),
-        )
+        await self._record(store.Delivery(
+            partner=partner, resident_ref=record.resident_ref, certificate_number=number,
+            municipality_code=municipality_code, record_type=record.event_type,
+            items=delivered_items(record), basis=basis, event_id=envelope.id,
+            cause_event_id=cause or self.ctx.envelope.id,
+        ))
 
     async def tombstone(self, partner: str, number: str, *, resident_ref: str, municipality_code: str,
                         basis: ConsentBasis, grant_id: str | None = None) -> None:
@@ -167,14 +169,11 @@ class Feed:
         event_id = await self.ctx.tombstone(
             partner_feed(partner), subject=number, key=key, partition_key=partition_key
         )
-        await store.insert_delivery(
-            self.ctx.conn,
-            store.Delivery(
-                partner=partner, resident_ref=resident_ref, certificate_number=number,
-                municipality_code=municipality_code, record_type="tombstone", items=items,
-                basis=basis, event_id=event_id, cause_event_id=self.ctx.envelope.id,
-            ),
-        )
+        await self._record(store.Delivery(
+            partner=partner, resident_ref=resident_ref, certificate_number=number,
+            municipality_code=municipality_code, record_type="tombstone", items=items,
+            basis=basis, event_id=event_id, cause_event_id=self.ctx.envelope.id,
+        ))
 
     async def withdraw(self, state: store.EntitlementState, reason: WithdrawalReason, basis: ConsentBasis) -> None:
         """Tell the partner to forget the certificate and its grants (withdrawal, a tombstone for
@@ -195,8 +194,17 @@ class Feed:
         log.info("partner told to forget a certificate", partner=partner, certificate_number=number,
                  reason=reason, grants=len(grant_ids))
 
+    async def _record(self, delivery: store.Delivery) -> None:
+        if self.deliveries is None:
+            await store.insert_deliveries(self.ctx.conn, [delivery])
+        else:
+            self.deliveries.append(delivery)
+
 
 # --- Consumed events ----------------------------------------------------------------------------
+#
+# Consents and certificate events come in runs (``router.on_many``): a run is applied in a few
+# statements whatever its length, and ends as applying its events one by one in order would.
 
 
 def certificate_changed_at(event: CertificateEvent) -> datetime:
@@ -211,86 +219,191 @@ def certificate_changed_at(event: CertificateEvent) -> datetime:
             return start_of_day(event.expired_on)
 
 
-async def apply_certificate_event(ctx: HandlerContext, partners: PartnerDirectory, event: CertificateEvent) -> None:
-    """Project the certificate and send its new state to every entitled partner, nothing to others."""
-    conn = ctx.conn
-    number = event.certificate_number
-    if await store.is_withdrawn(conn, event.resident_id):
-        log.info("certificate event of a withdrawn resident dropped", certificate_number=number)
-        return
-    last = await store.certificate_event_time(conn, number)
-    if last is not None and ctx.envelope.time < last:
-        log.warning("stale certificate event skipped", certificate_number=number)
-        return
-    changed_at = certificate_changed_at(event)
-    certificate = Certificate(
-        number=number, resident_id=event.resident_id, municipality_code=event.municipality_code,
+def certificate_of(event: CertificateEvent) -> Certificate:
+    return Certificate(
+        number=event.certificate_number, resident_id=event.resident_id, municipality_code=event.municipality_code,
         valid_from=event.valid_from, valid_until=event.valid_until, status=event.status,
-        memberships={m.partner: m.member_number for m in event.partners}, changed_at=changed_at,
+        memberships={m.partner: m.member_number for m in event.partners}, changed_at=certificate_changed_at(event),
     )
-    await store.save_certificate(conn, certificate, ctx.envelope.time)
-    consents = await store.share_consents(conn, event.resident_id)
-    current = await store.entitlements_of_certificate(conn, number)
-    feed = Feed(ctx)
+
+
+#: What a certificate event does for one partner: send it the view, or withdraw what it was sent.
+FeedAction = Entitlement | store.EntitlementState
+
+
+async def apply_certificate_events(
+    partners: PartnerDirectory, items: Sequence[tuple[HandlerContext, CertificateEvent]]
+) -> None:
+    """Project the certificates and send each new state to every entitled partner, nothing to others.
+
+    Split where a certificate repeats (issued, then revoked in the same run), so that each chunk
+    reads and writes a certificate's rows once, and later chunks see what earlier ones wrote."""
+    if not items:
+        return
+    deliveries: list[store.Delivery] = []
+    for chunk in distinct_runs(items, key=lambda item: item[1].certificate_number):
+        await _apply_certificate_chunk(partners, chunk, deliveries)
+    await store.insert_deliveries(items[0][0].conn, deliveries)
+
+
+async def _apply_certificate_chunk(
+    partners: PartnerDirectory, chunk: Sequence[tuple[HandlerContext, CertificateEvent]],
+    deliveries: list[store.Delivery],
+) -> None:
+    """Certificate events with distinct numbers: read all, decide, write all, then emit in event order."""
+    conn = chunk[0][0].conn
+    applied = await _certificates_to_apply(conn, chunk)
+    if not applied:
+        return
+    await store.save_certificates(conn, [(certificate, ctx.envelope.time) for ctx, certificate in applied])
+    consents = await store.share_consents_of(conn, {certificate.resident_id for _, certificate in applied})
+    current = await store.entitlements_of_certificates(conn, [certificate.number for _, certificate in applied])
+    plans = [
+        (ctx, certificate, _feed_actions(partners, certificate, consents.get(certificate.resident_id, {}),
+                                         current.get(certificate.number, {})))
+        for ctx, certificate in applied
+    ]
+    # The new views first (one statement): held grants, delivered below, read them.
+    await store.save_entitlements(conn, [
+        (action, certificate.resident_id, certificate.changed_at)
+        for _, certificate, actions in plans for action in actions if isinstance(action, Entitlement)
+    ])
+    held = await store.take_held_grants(conn, [certificate.number for _, certificate in applied])
+    for ctx, certificate, actions in plans:
+        feed = Feed(ctx, deliveries)
+        for action in actions:
+            if isinstance(action, Entitlement):
+                await feed.send(action.partner, certificate_record(action, certificate.changed_at),
+                                municipality_code=action.municipality_code, basis=action.basis)
+            else:  # e.g. the membership was dropped
+                basis = ConsentBasis("consent_revocation", certificate.changed_at)
+                await feed.withdraw(action, "consent_revoked", basis)
+        for event_id, event_type, data in held.get(certificate.number, ()):
+            model = event_model(event_type)
+            if model is not None:
+                await deliver_grant(feed, model.model_validate_json(data), event_id=event_id)  # type: ignore[arg-type]
+
+
+async def _certificates_to_apply(
+    conn: Connection, chunk: Sequence[tuple[HandlerContext, CertificateEvent]]
+) -> list[tuple[HandlerContext, Certificate]]:
+    """The chunk's events that change something: not of a withdrawn resident, not older than the last
+    applied event of their certificate (a DLQ replay, say). Locks the known certificates' rows."""
+    withdrawn = await store.withdrawn_among(conn, {event.resident_id for _, event in chunk})
+    last_times = await store.certificate_event_times(
+        conn, [event.certificate_number for _, event in chunk if event.resident_id not in withdrawn]
+    )
+    applied: list[tuple[HandlerContext, Certificate]] = []
+    for ctx, event in chunk:
+        number = event.certificate_number
+        if event.resident_id in withdrawn:
+            log.info("certificate event of a withdrawn resident dropped", certificate_number=number,
+                     event_id=str(ctx.envelope.id))
+            continue
+        last = last_times.get(number)
+        if last is not None and ctx.envelope.time < last:
+            log.warning("stale certificate event skipped", certificate_number=number, event_id=str(ctx.envelope.id))
+            continue
+        applied.append((ctx, certificate_of(event)))
+    return applied
+
+
+def _feed_actions(
+    partners: PartnerDirectory, certificate: Certificate, consents: Mapping[str, ShareConsent],
+    current: Mapping[str, store.EntitlementState],
+) -> list[FeedAction]:
+    """Per partner, in directory order: the view to send if it may see the certificate, else the
+    entitlement to withdraw if it was showing it."""
+    actions: list[FeedAction] = []
     for partner in partners:
         view = entitlement(partner, certificate, consents.get(partner.code), withdrawn=False)
         if view is not None:
-            await store.save_entitlement(conn, view, event.resident_id, changed_at)
-            await feed.send(partner.code, certificate_record(view, changed_at),
-                            municipality_code=view.municipality_code, basis=view.basis)
+            actions.append(view)
             continue
         previous = current.get(partner.code)
-        if previous is not None and previous.active:  # e.g. the membership was dropped
-            await feed.withdraw(previous, "consent_revoked", ConsentBasis("consent_revocation", changed_at))
-    for event_id, event_type, data in await store.take_held_grants(conn, number):
-        model = event_model(event_type)
-        if model is not None:
-            await deliver_grant(ctx, model.model_validate_json(data), event_id=event_id)  # type: ignore[arg-type]
+        if previous is not None and previous.active:
+            actions.append(previous)
+    return actions
 
 
-async def apply_share_consent(
-    ctx: HandlerContext, partners: PartnerDirectory, resident_id: str, partner_code: str | None,
-    consent: ShareConsent,
-) -> None:
-    """A share_certificate consent given or revoked: withdraw or (re)send what it now allows."""
-    if partner_code is None:
-        if consent.granted:
-            return  # consent is per partner: a grant that names none allows nothing
-        codes = [p.code for p in partners]  # a revocation that names none revokes every partner
-    else:
-        codes = [partner_code]
-    conn = ctx.conn
-    if await store.is_withdrawn(conn, resident_id):
+@dataclass(frozen=True, slots=True)
+class ConsentChange:
+    """A share_certificate consent given or revoked, as an event states it (partner None: every partner)."""
+
+    ctx: HandlerContext
+    resident_id: str
+    partner: str | None
+    consent: ShareConsent
+
+
+async def apply_share_consents(partners: PartnerDirectory, changes: Sequence[ConsentChange]) -> None:
+    """Record each consent that supersedes the one on record; for a resident who holds certificates,
+    withdraw or (re)send what it now allows (one by one: rare, and each may send grants again)."""
+    if not changes:
         return
-    for code in codes:
-        partner = partners.get(code)
-        if partner is None:
-            log.info("consent for an unknown partner ignored", partner=code)
-            continue
-        if not supersedes(consent, await store.share_consent(conn, resident_id, code)):
-            continue
-        await store.save_share_consent(conn, resident_id, code, consent)
-        await _reconcile_partner(ctx, partner, resident_id, consent)
+    conn = changes[0].ctx.conn
+    withdrawn = await store.withdrawn_among(conn, {change.resident_id for change in changes})
+    facts = [
+        (change, partner)
+        for change in changes if change.resident_id not in withdrawn
+        for partner in _partners_named(partners, change)
+    ]
+    if not facts:
+        return
+    on_record = await store.lock_share_consents(conn, {(change.resident_id, p.code) for change, p in facts})
+    superseding: list[tuple[ConsentChange, Partner]] = []
+    for change, partner in facts:  # in order: a later change is weighed against an earlier one of the run
+        key = (change.resident_id, partner.code)
+        if supersedes(change.consent, on_record.get(key)):
+            on_record[key] = change.consent
+            superseding.append((change, partner))
+    if not superseding:
+        return
+    keys = {(change.resident_id, partner.code) for change, partner in superseding}
+    await store.save_share_consents(conn, {key: on_record[key] for key in keys})
+    # Certificates do not change during a run of consents: read them once.
+    certificates_of = await store.certificates_of_residents(conn, {change.resident_id for change, _ in superseding})
+    deliveries: list[store.Delivery] = []
+    for change, partner in superseding:
+        certificates = certificates_of.get(change.resident_id)
+        if certificates:
+            await _reconcile_partner(Feed(change.ctx, deliveries), partner, change.resident_id, change.consent,
+                                     certificates)
+    await store.insert_deliveries(conn, deliveries)
 
 
-async def _reconcile_partner(ctx: HandlerContext, partner: Partner, resident_id: str, consent: ShareConsent) -> None:
-    feed = Feed(ctx)
-    for certificate in await store.certificates_of(ctx.conn, resident_id):
-        previous = await store.entitlement_state(ctx.conn, partner.code, certificate.number)
+def _partners_named(partners: PartnerDirectory, change: ConsentChange) -> list[Partner]:
+    if change.partner is None:
+        # Consent is per partner: a grant that names none allows nothing; a revocation that names
+        # none revokes every partner.
+        return [] if change.consent.granted else list(partners)
+    partner = partners.get(change.partner)
+    if partner is None:
+        log.info("consent for an unknown partner ignored", partner=change.partner)
+        return []
+    return [partner]
+
+
+async def _reconcile_partner(
+    feed: Feed, partner: Partner, resident_id: str, consent: ShareConsent, certificates: Sequence[Certificate]
+) -> None:
+    conn = feed.ctx.conn
+    for certificate in certificates:
+        previous = await store.entitlement_state(conn, partner.code, certificate.number)
         view = entitlement(partner, certificate, consent, withdrawn=False)
         if view is None and previous is not None and previous.active:
             await feed.withdraw(previous, "consent_revoked", ConsentBasis("consent_revocation", consent.at))
         elif view is not None and (previous is None or not previous.active):
-            await store.save_entitlement(ctx.conn, view, resident_id, consent.at)
+            await store.save_entitlement(conn, view, resident_id, consent.at)
             await feed.send(partner.code, certificate_record(view, consent.at),
                             municipality_code=view.municipality_code, basis=view.basis)
             # The partner was told to forget this certificate's grants (or never saw them): send
             # each grant's latest state again, so it knows every grant id it may report trips on.
-            for event_id, event_type, data in await store.grant_states(ctx.conn, partner.code, certificate.number):
+            for event_id, event_type, data in await store.grant_states(conn, partner.code, certificate.number):
                 model = event_model(event_type)
                 if model is not None:
                     grant = model.model_validate_json(data)
-                    await deliver_grant(ctx, grant, event_id=event_id)  # type: ignore[arg-type]
+                    await deliver_grant(feed, grant, event_id=event_id)  # type: ignore[arg-type]
 
 
 async def apply_resident_withdrawn(
@@ -326,16 +439,16 @@ async def apply_grant_event(
             event_type=event.event_type, data=ctx.envelope.data,
         )
         return
-    await deliver_grant(ctx, event, event_id=ctx.envelope.id)
+    await deliver_grant(Feed(ctx), event, event_id=ctx.envelope.id)
 
 
-async def deliver_grant(ctx: HandlerContext, event: GrantEvent, *, event_id: uuid.UUID) -> None:
-    state = await store.entitlement_state(ctx.conn, event.partner, event.certificate_number)
+async def deliver_grant(feed: Feed, event: GrantEvent, *, event_id: uuid.UUID) -> None:
+    state = await store.entitlement_state(feed.ctx.conn, event.partner, event.certificate_number)
     if state is None or not state.active:
         log.info("grant for a partner without entitlement dropped", partner=event.partner, grant_id=event.grant_id)
         return
     record = grant_record(event, state.resident_ref, state.member_number)
-    await Feed(ctx).send(
+    await feed.send(
         event.partner, record, municipality_code=state.municipality_code, basis=state.basis, cause=event_id
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -185,26 +185,53 @@ async def erase_resident(conn: Connection, resident_id: str) -> None:
     )
 
 
-async def share_consents(conn: Connection, resident_id: str) -> dict[str, ShareConsent]:
-    rows = await conn.fetch("SELECT partner, granted, at FROM share_consents WHERE resident_id = $1", resident_id)
-    return {row["partner"]: ShareConsent(row["granted"], row["at"]) for row in rows}
-
-
-async def share_consent(conn: Connection, resident_id: str, partner: str) -> ShareConsent | None:
-    row = await conn.fetchrow(
-        "SELECT granted, at FROM share_consents WHERE resident_id = $1 AND partner = $2 FOR UPDATE",
-        resident_id, partner,
+async def withdrawn_among(conn: Connection, resident_ids: Collection[str]) -> set[str]:
+    """The residents of these who asked for erasure."""
+    rows = await conn.fetch(
+        "SELECT resident_id FROM withdrawn_residents WHERE resident_id = ANY($1::text[])", list(resident_ids)
     )
-    return None if row is None else ShareConsent(row["granted"], row["at"])
+    return {row["resident_id"] for row in rows}
 
 
-async def save_share_consent(conn: Connection, resident_id: str, partner: str, consent: ShareConsent) -> None:
+async def share_consents_of(conn: Connection, resident_ids: Collection[str]) -> dict[str, dict[str, ShareConsent]]:
+    """resident → partner → the consent on record."""
+    rows = await conn.fetch(
+        "SELECT resident_id, partner, granted, at FROM share_consents WHERE resident_id = ANY($1::text[])",
+        list(resident_ids),
+    )
+    consents: dict[str, dict[str, ShareConsent]] = {}
+    for row in rows:
+        consents.setdefault(row["resident_id"], {})[row["partner"]] = ShareConsent(row["granted"], row["at"])
+    return consents
+
+
+async def lock_share_consents(
+    conn: Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], ShareConsent]:
+    """The consents on record for these (resident, partner) pairs, locked until the transaction ends."""
+    rows = await conn.fetch(
+        """
+        SELECT resident_id, partner, granted, at FROM share_consents
+        WHERE (resident_id, partner) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+        ORDER BY resident_id, partner FOR UPDATE
+        """,
+        [resident for resident, _ in keys], [partner for _, partner in keys],
+    )
+    return {(row["resident_id"], row["partner"]): ShareConsent(row["granted"], row["at"]) for row in rows}
+
+
+async def save_share_consents(conn: Connection, consents: Mapping[tuple[str, str], ShareConsent]) -> None:
+    """Upsert (resident, partner) → consent, one statement (each pair once, so no row is touched twice)."""
+    if not consents:
+        return
     await conn.execute(
         """
-        INSERT INTO share_consents (resident_id, partner, granted, at) VALUES ($1, $2, $3, $4)
+        INSERT INTO share_consents (resident_id, partner, granted, at)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::timestamptz[])
         ON CONFLICT (resident_id, partner) DO UPDATE SET granted = excluded.granted, at = excluded.at
         """,
-        resident_id, partner, consent.granted, consent.at,
+        [resident for resident, _ in consents], [partner for _, partner in consents],
+        [c.granted for c in consents.values()], [c.at for c in consents.values()],
     )
 
 
@@ -231,35 +258,64 @@ async def certificate(conn: Connection, number: str) -> Certificate | None:
     return None if row is None else _certificate(row)
 
 
-async def certificate_event_time(conn: Connection, number: str) -> datetime | None:
-    value: datetime | None = await conn.fetchval(
-        "SELECT event_time FROM certificates WHERE certificate_number = $1 FOR UPDATE", number
-    )
-    return value
-
-
-async def certificates_of(conn: Connection, resident_id: str) -> list[Certificate]:
+async def certificate_event_times(conn: Connection, numbers: Collection[str]) -> dict[str, datetime]:
+    """The ce_time of the last applied event of each known certificate, locked until the transaction ends."""
     rows = await conn.fetch(
-        f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE resident_id = $1 ORDER BY certificate_number",
-        resident_id,
+        """
+        SELECT certificate_number, event_time FROM certificates WHERE certificate_number = ANY($1::text[])
+        ORDER BY certificate_number FOR UPDATE
+        """,
+        list(numbers),
     )
-    return [_certificate(row) for row in rows]
+    return {row["certificate_number"]: row["event_time"] for row in rows}
 
 
-async def save_certificate(conn: Connection, cert: Certificate, event_time: datetime) -> None:
-    memberships = json.dumps([{"partner": p, "member_number": n} for p, n in cert.memberships.items()])
+async def certificates_of_residents(conn: Connection, resident_ids: Collection[str]) -> dict[str, list[Certificate]]:
+    """resident → their certificates, by number."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE resident_id = ANY($1::text[])
+        ORDER BY certificate_number
+        """,
+        list(resident_ids),
+    )
+    certificates: dict[str, list[Certificate]] = {}
+    for row in rows:
+        certificates.setdefault(row["resident_id"], []).append(_certificate(row))
+    return certificates
+
+
+async def save_certificates(conn: Connection, certificates: Sequence[tuple[Certificate, datetime]]) -> None:
+    """Upsert certificates with the ce_time of the event that set them (each number once)."""
+    if not certificates:
+        return
+    columns = zip(
+        *(
+            (
+                cert.number, cert.resident_id, cert.municipality_code, cert.valid_from, cert.valid_until, cert.status,
+                json.dumps([{"partner": p, "member_number": n} for p, n in cert.memberships.items()]),
+                cert.changed_at, event_time,
+            )
+            for cert, event_time in certificates
+        ),
+        strict=True,
+    )
     await conn.execute(
         """
         INSERT INTO certificates (certificate_number, resident_id, municipality_code, valid_from, valid_until,
                                   status, memberships, changed_at, event_time)
-        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)
+        SELECT t.number, t.resident_id, t.municipality_code, t.valid_from, t.valid_until, t.status,
+               t.memberships::jsonb, t.changed_at, t.event_time
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::date[], $6::text[], $7::text[],
+                    $8::timestamptz[], $9::timestamptz[])
+             AS t (number, resident_id, municipality_code, valid_from, valid_until, status, memberships,
+                   changed_at, event_time)
         ON CONFLICT (certificate_number) DO UPDATE SET
             resident_id = excluded.resident_id, municipality_code = excluded.municipality_code,
             valid_from = excluded.valid_from, valid_until = excluded.valid_until, status = excluded.status,
             memberships = excluded.memberships, changed_at = excluded.changed_at, event_time = excluded.event_time
         """,
-        cert.number, cert.resident_id, cert.municipality_code, cert.valid_from, cert.valid_until, cert.status,
-        memberships, cert.changed_at, event_time,
+        *(list(column) for column in columns),
     )
 
 
@@ -290,11 +346,21 @@ def _state(row: asyncpg.Record) -> EntitlementState:
     )
 
 
-async def entitlements_of_certificate(conn: Connection, number: str) -> dict[str, EntitlementState]:
+async def entitlements_of_certificates(
+    conn: Connection, numbers: Collection[str]
+) -> dict[str, dict[str, EntitlementState]]:
+    """certificate number → partner → entitlement, locked until the transaction ends."""
     rows = await conn.fetch(
-        f"SELECT {_ENTITLEMENT_STATE} FROM entitlements WHERE certificate_number = $1 FOR UPDATE", number
+        f"""
+        SELECT {_ENTITLEMENT_STATE} FROM entitlements WHERE certificate_number = ANY($1::text[])
+        ORDER BY partner, certificate_number FOR UPDATE
+        """,
+        list(numbers),
     )
-    return {row["partner"]: _state(row) for row in rows}
+    states: dict[str, dict[str, EntitlementState]] = {}
+    for row in rows:
+        states.setdefault(row["certificate_number"], {})[row["partner"]] = _state(row)
+    return states
 
 
 async def entitlement_state(conn: Connection, partner: str, number: str) -> EntitlementState | None:
@@ -317,25 +383,56 @@ async def active_entitlements_of(conn: Connection, resident_id: str) -> list[Ent
 
 
 async def save_entitlement(conn: Connection, view: Entitlement, resident_id: str, changed_at: datetime) -> None:
+    await save_entitlements(conn, [(view, resident_id, changed_at)])
+
+
+async def save_entitlements(conn: Connection, views: Sequence[tuple[Entitlement, str, datetime]]) -> None:
+    """Make each (view, resident id, changed at) the active entitlement, with a new version each, and
+    queue their cache writes: one statement (each (partner, certificate) once)."""
+    if not views:
+        return
+    columns = zip(
+        *(
+            (
+                view.partner, view.certificate_number, resident_id, view.resident_ref, view.municipality_code,
+                json.dumps(list(view.programs)), view.member_number, view.status, view.valid_from, view.valid_until,
+                view.basis.source, view.basis.at, changed_at,
+            )
+            for view, resident_id, changed_at in views
+        ),
+        strict=True,
+    )
     await conn.execute(
         """
-        INSERT INTO entitlements (partner, certificate_number, resident_id, resident_ref, municipality_code,
-                                  programs, member_number, status, valid_from, valid_until, active,
-                                  withdrawn_reason, consent_source, consent_at, changed_at, version)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true, NULL, $11, $12, $13, nextval('entitlement_version'))
-        ON CONFLICT (partner, certificate_number) DO UPDATE SET
-            resident_id = excluded.resident_id, resident_ref = excluded.resident_ref,
-            municipality_code = excluded.municipality_code, programs = excluded.programs,
-            member_number = excluded.member_number, status = excluded.status, valid_from = excluded.valid_from,
-            valid_until = excluded.valid_until, active = true, withdrawn_reason = NULL,
-            consent_source = excluded.consent_source, consent_at = excluded.consent_at,
-            changed_at = excluded.changed_at, version = excluded.version
+        WITH saved AS (
+            INSERT INTO entitlements (partner, certificate_number, resident_id, resident_ref, municipality_code,
+                                      programs, member_number, status, valid_from, valid_until, active,
+                                      withdrawn_reason, consent_source, consent_at, changed_at, version)
+            SELECT t.partner, t.number, t.resident_id, t.resident_ref, t.municipality_code,
+                   ARRAY(SELECT jsonb_array_elements_text(t.programs::jsonb)), t.member_number, t.status,
+                   t.valid_from, t.valid_until, true, NULL, t.consent_source, t.consent_at, t.changed_at,
+                   nextval('entitlement_version')
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                        $8::text[], $9::date[], $10::date[], $11::text[], $12::timestamptz[], $13::timestamptz[])
+                 WITH ORDINALITY AS t (partner, number, resident_id, resident_ref, municipality_code, programs,
+                                       member_number, status, valid_from, valid_until, consent_source, consent_at,
+                                       changed_at, position)
+            ORDER BY t.position
+            ON CONFLICT (partner, certificate_number) DO UPDATE SET
+                resident_id = excluded.resident_id, resident_ref = excluded.resident_ref,
+                municipality_code = excluded.municipality_code, programs = excluded.programs,
+                member_number = excluded.member_number, status = excluded.status, valid_from = excluded.valid_from,
+                valid_until = excluded.valid_until, active = true, withdrawn_reason = NULL,
+                consent_source = excluded.consent_source, consent_at = excluded.consent_at,
+                changed_at = excluded.changed_at, version = excluded.version
+            RETURNING partner, certificate_number
+        ), queued AS (
+            INSERT INTO verify_cache_queue (partner, certificate_number) SELECT partner, certificate_number FROM saved
+        )
+        SELECT pg_notify($14, '')
         """,
-        view.partner, view.certificate_number, resident_id, view.resident_ref, view.municipality_code,
-        list(view.programs), view.member_number, view.status, view.valid_from, view.valid_until,
-        view.basis.source, view.basis.at, changed_at,
+        *(list(column) for column in columns), CACHE_CHANNEL,
     )
-    await _enqueue_cache(conn, view.partner, view.certificate_number)
 
 
 async def withdraw_entitlement(
@@ -427,11 +524,21 @@ async def hold_grant(
     )
 
 
-async def take_held_grants(conn: Connection, number: str) -> list[tuple[uuid.UUID, str, bytes]]:
+async def take_held_grants(
+    conn: Connection, numbers: Collection[str]
+) -> dict[str, list[tuple[uuid.UUID, str, bytes]]]:
+    """certificate number → the grant events held for it, in arrival order; no longer held."""
     rows = await conn.fetch(
-        "DELETE FROM held_grants WHERE certificate_number = $1 RETURNING id, event_id, event_type, data", number
+        """
+        DELETE FROM held_grants WHERE certificate_number = ANY($1::text[])
+        RETURNING id, certificate_number, event_id, event_type, data
+        """,
+        list(numbers),
     )
-    return [(row["event_id"], row["event_type"], bytes(row["data"])) for row in sorted(rows, key=lambda r: r["id"])]
+    held: dict[str, list[tuple[uuid.UUID, str, bytes]]] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        held.setdefault(row["certificate_number"], []).append((row["event_id"], row["event_type"], bytes(row["data"])))
+    return held
 
 
 async def remember_grant(
@@ -502,16 +609,34 @@ class Delivery:
     cause_event_id: uuid.UUID | None
 
 
-async def insert_delivery(conn: Connection, delivery: Delivery) -> None:
+async def insert_deliveries(conn: Connection, deliveries: Sequence[Delivery]) -> None:
+    """Record deliveries in this order (ids follow it), one statement."""
+    if not deliveries:
+        return
+    columns = zip(
+        *(
+            (
+                d.partner, d.resident_ref, d.certificate_number, d.municipality_code, d.record_type,
+                json.dumps(d.items), d.basis.purpose, d.basis.source, d.basis.at, d.event_id, d.cause_event_id,
+            )
+            for d in deliveries
+        ),
+        strict=True,
+    )
     await conn.execute(
         """
         INSERT INTO deliveries (partner, resident_ref, certificate_number, municipality_code, record_type, items,
                                 consent_purpose, consent_source, consent_at, event_id, cause_event_id)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        SELECT t.partner, t.resident_ref, t.number, t.municipality_code, t.record_type,
+               ARRAY(SELECT jsonb_array_elements_text(t.items::jsonb)), t.purpose, t.source, t.at, t.event_id,
+               t.cause_event_id
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                    $9::timestamptz[], $10::uuid[], $11::uuid[])
+             WITH ORDINALITY AS t (partner, resident_ref, number, municipality_code, record_type, items, purpose,
+                                   source, at, event_id, cause_event_id, position)
+        ORDER BY t.position
         """,
-        delivery.partner, delivery.resident_ref, delivery.certificate_number, delivery.municipality_code,
-        delivery.record_type, delivery.items, delivery.basis.purpose, delivery.basis.source, delivery.basis.at,
-        delivery.event_id, delivery.cause_event_id,
+        *(list(column) for column in columns),
     )
 
 
