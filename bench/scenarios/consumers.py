@@ -52,7 +52,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
     from bench.run import ScenarioResult
 
     tag = uuid.uuid4().hex[:8]
-    count = ctx.scale(3_000, 1_000)
+    count = ctx.scale(10_000, 1_000)
     residents = [str(uuid.uuid4()) for _ in range(count)]
     metrics: list[Metric] = []
     notes: list[str] = []
