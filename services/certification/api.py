@@ -37,7 +37,8 @@ IdempotencyKey = Annotated[
 Limit = Annotated[int, Query(ge=1, le=200)]
 
 
-def certification(request: Request) -> CertificationService:
+async def certification(request: Request) -> CertificationService:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
     service: CertificationService = request.app.state.certification
     return service
 
