@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
 from shared.kit.auth import Role, mint_token
+from shared.kit.envelope import Envelope
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations
 from shared.kit.settings import Settings, with_database
@@ -27,6 +28,22 @@ TEST_TOPIC = Topic("test.pings.v1", 3, "subject", "tests", ("tests",), descripti
 class Ping(EventData, name="tests.ping", topic=TEST_TOPIC):
     subject: str
     sequence: int
+
+
+def broker_record(
+    topic: str, offset: int, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], *,
+    timestamp_ms: int | None = None,
+) -> ConsumerRecord[bytes, bytes]:
+    """A record of partition 0 as the broker hands it over, for ``EventConsumer.handle_batch``
+    (record time follows the offset unless given)."""
+    timestamp = 1_000 + offset if timestamp_ms is None else timestamp_ms
+    return ConsumerRecord(
+        topic, 0, offset, timestamp, 0, key, value, None, len(key or b""), len(value or b""), headers,
+    )
+
+
+def envelope_record(topic: str, offset: int, envelope: Envelope) -> ConsumerRecord[bytes, bytes]:
+    return broker_record(topic, offset, envelope.key, envelope.data, envelope.headers())
 
 
 async def fresh_database(settings: Settings, label: str) -> str:

@@ -38,6 +38,7 @@ from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings, with_database
 from shared.reference import prefecture_of
+from tests.support import envelope_record
 
 SHIRAHAMA, TANABE, SUSAMI = "304018", "302066", "304069"
 CHIYODA, HACHIOJI = "131016", "132012"  # legal addresses
@@ -70,11 +71,7 @@ class Feed:
 
     def again(self, envelope: Envelope) -> None:
         """The same envelope once more (a redelivery): the inbox must skip it."""
-        offset = len(self.records)
-        self.records.append(ConsumerRecord(
-            self.topic, 0, offset, 1_000 + offset, 0, envelope.key, envelope.data, None,
-            len(envelope.key or b""), len(envelope.data or b""), envelope.headers(),
-        ))
+        self.records.append(envelope_record(self.topic, len(self.records), envelope))
 
 
 def registered(

@@ -13,7 +13,7 @@ from shared.kit.consumer import EventConsumer, EventRouter, HandlerContext, dist
 from shared.kit.envelope import new_envelope
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
-from tests.support import TEST_TOPIC, Ping, fresh_database
+from tests.support import TEST_TOPIC, Ping, envelope_record, fresh_database
 
 
 class Pause(EventData, name="tests.pause", topic=TEST_TOPIC):
@@ -21,11 +21,7 @@ class Pause(EventData, name="tests.pause", topic=TEST_TOPIC):
 
 
 def record(data: EventData, offset: int, subject: str) -> ConsumerRecord[bytes, bytes]:
-    envelope = new_envelope("tests", data, subject=subject)
-    return ConsumerRecord(
-        TEST_TOPIC.name, 0, offset, 1_000 + offset, 0, envelope.key, envelope.data, None,
-        len(envelope.key or b""), len(envelope.data or b""), envelope.headers(),
-    )
+    return envelope_record(TEST_TOPIC.name, offset, new_envelope("tests", data, subject=subject))
 
 
 async def consumer_with_runs(

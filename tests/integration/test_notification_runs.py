@@ -31,7 +31,7 @@ from shared.kit.migrations import apply_migrations, load_migrations
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from tests.integration.test_notification import address, envelope_of, resident_id
-from tests.support import fresh_database
+from tests.support import envelope_record, fresh_database
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
 
 MIGRATIONS = Path(consumers.__file__).parent / "migrations"
@@ -50,12 +50,7 @@ class Service:
         made = []
         for envelope in envelopes:
             self.offset += 1
-            topic = self.settings.topic(envelope.data_model().event_topic)
-            key = envelope.key or b""
-            made.append(ConsumerRecord(
-                topic, 0, self.offset, 1_000 + self.offset, 0, envelope.key, envelope.data, None,
-                len(key), len(envelope.data), envelope.headers(),
-            ))
+            made.append(envelope_record(self.settings.topic(envelope.data_model().event_topic), self.offset, envelope))
         return made
 
     async def one_at_a_time(self, envelopes: Sequence[Envelope]) -> None:

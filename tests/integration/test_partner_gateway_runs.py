@@ -43,7 +43,7 @@ from shared.kit.migrations import apply_migrations, load_migrations
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
-from tests.support import fresh_database
+from tests.support import broker_record, fresh_database
 
 pytestmark = pytest.mark.stack
 
@@ -142,9 +142,7 @@ class Records:
         offset = self.offsets.get(topic, 0)
         self.offsets[topic] = offset + 1
         self.clock += 1
-        return ConsumerRecord(
-            topic, 0, offset, 1_000 + self.clock, 0, key, value, None, len(key or b""), len(value), headers,
-        )
+        return broker_record(topic, offset, key, value, headers, timestamp_ms=1_000 + self.clock)
 
 
 def new_number(municipality: str) -> str:

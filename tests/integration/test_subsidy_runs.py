@@ -35,6 +35,7 @@ from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings, with_database
+from tests.support import envelope_record
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 OpenPool: TypeAlias = Callable[..., Awaitable[asyncpg.Pool]]
@@ -72,11 +73,7 @@ class Feed:
         return envelope
 
     def again(self, envelope: Envelope, event: EventData) -> None:
-        offset = len(self.records)
-        self.records.append(ConsumerRecord(
-            self.settings.topic(event.event_topic), 0, offset, 1_000 + offset, 0, envelope.key, envelope.data,
-            None, len(envelope.key or b""), len(envelope.data or b""), envelope.headers(),
-        ))
+        self.records.append(envelope_record(self.settings.topic(event.event_topic), len(self.records), envelope))
 
 
 def issued(municipality: str, *partners: str, valid_from: date | None = None) -> CertificateIssued:
