@@ -237,7 +237,7 @@ async def _handled(url: str) -> float:
 async def test_postgres_restarted_under_load_loses_nothing(
     fleet: ServiceFleet, own_settings: Settings, own_backends: Backends
 ) -> None:
-    residents = [str(uuid.uuid4()) for _ in range(80)]
+    residents = [str(uuid.uuid4()) for _ in range(200)]
     semaphore = asyncio.Semaphore(8)
 
     async def one(resident_id: str) -> None:
@@ -245,9 +245,19 @@ async def test_postgres_restarted_under_load_loses_nothing(
             await register_through_http(fleet, own_settings, resident_id)
 
     burst = asyncio.gather(*(one(r) for r in residents))
-    await asyncio.sleep(0.5)
+    registration_db = await asyncpg.connect(own_settings.database_dsn("registration"))
+    try:
+        async def some_registered() -> bool:
+            return bool(await registration_db.fetchval(
+                "SELECT count(*) >= 20 FROM registrations WHERE resident_id = ANY($1::text[])", residents
+            ))
+
+        await eventually(some_registered, timeout=60)
+    finally:
+        await registration_db.close()
     assert own_backends.postgres is not None
     own_backends.postgres.stop()  # fast shutdown: open transactions abort
+    assert not burst.done()  # the database goes away in the middle of the requests
     await asyncio.sleep(1.5)
     own_backends.postgres.start()
     await burst
