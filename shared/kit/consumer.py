@@ -1,8 +1,10 @@
 """Consuming events: envelope → inbox → handler → outbox, one transaction per batch.
 
 The FastStream subscriber fetches a batch (manual acks, a named group, from the earliest offset)
-and the offsets are committed only after the batch's transaction commits. Records are handled in
-fetch order, so per-key (per-partition) order holds. Faults are sorted three ways:
+and the offsets are committed only after the batch's transaction commits — not after every batch,
+but at most every ``consumer_commit_interval_ms`` (and on a graceful stop): the inbox makes the
+re-read of an applied but uncommitted tail harmless. Records are handled in fetch order, so per-key
+(per-partition) order holds. Faults are sorted three ways:
 
 - transient (database or broker away): the whole batch is retried with backoff, forever;
 - a record that cannot be read (headers, JSON, contract): parked on ``<topic>.dlq`` at once;
@@ -25,7 +27,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import structlog
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -190,6 +192,8 @@ class ConsumerStats:
     skipped: int = 0
     parked: int = 0
     retries: int = 0
+    #: Offset commits sent: fewer than batches when batches come faster than the commit interval.
+    commits: int = 0
     last_batch_at: float = field(default=0.0)
 
 
@@ -220,9 +224,15 @@ class EventConsumer:
         #: runtime then re-subscribes from scratch; the inbox makes re-reading harmless.
         self.needs_resubscribe = False
         self._stopping = False
+        #: Applied but not yet committed: partition → the next offset to read; and the client
+        #: that read them (a re-subscription brings a new one, and the old offsets are dropped).
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._client: Any = None
+        self._commit_task: asyncio.Task[None] | None = None
 
     def attach(self, broker: KafkaBroker) -> None:
         s = self.settings
+        self._uncommitted, self._client = {}, None  # a new subscription re-reads from its group's offsets
         broker.subscriber(
             *self.topics,
             group_id=self.group_id,
@@ -243,6 +253,12 @@ class EventConsumer:
     def stop(self) -> None:
         self._stopping = True
 
+    async def flush_commits(self) -> None:
+        """Commit the offsets of every applied batch now (a graceful stop calls it)."""
+        if self._commit_task is not None and not self._commit_task.done():
+            self._commit_task.cancel()
+        await self._commit()
+
     async def _on_batch(self, msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
         try:
@@ -250,10 +266,35 @@ class EventConsumer:
         except BaseException:
             await msg.nack()  # rewind: the records come again, nothing is committed past them
             raise
+        if msg.consumer is not self._client:
+            self._uncommitted, self._client = {}, msg.consumer
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), record.offset + 1)
+        if self._stopping:
+            await self._commit()  # the last batch before the subscription closes
+        elif self._commit_task is None or self._commit_task.done():
+            self._commit_task = asyncio.create_task(self._commit_soon())
+
+    async def _commit_soon(self) -> None:
+        await asyncio.sleep(self.settings.consumer_commit_interval_ms / 1000)
+        await self._commit()
+
+    async def _commit(self) -> None:
+        client, pending, self._uncommitted = self._client, self._uncommitted, {}
+        if client is None or not pending:
+            return
+        # A partition handed to another member since is that member's to commit: it re-reads
+        # from the last committed offset, and its inbox skips what was applied here.
+        assigned = client.assignment()
+        offsets = {tp: offset for tp, offset in pending.items() if tp in assigned}
+        if not offsets:
+            return
         try:
             # aiokafka retries a commit for as long as the coordinator refuses it; a broker that
             # restarted without its state refuses forever, so bound the wait and re-subscribe.
-            await asyncio.wait_for(msg.ack(), timeout=COMMIT_TIMEOUT_S)
+            await asyncio.wait_for(client.commit(offsets), timeout=COMMIT_TIMEOUT_S)
+            self.stats.commits += 1
         except (TimeoutError, KafkaError) as error:
             log.warning("offsets could not be committed; the consumer will re-subscribe", error=repr(error))
             self.needs_resubscribe = True

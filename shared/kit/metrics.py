@@ -25,8 +25,15 @@ class EventMetrics(Collector):
         retries = CounterMetricFamily(
             "nichiiki_consumer_batch_retries", "Batches retried after a transient fault", labels=["consumer"]
         )
+        batches = CounterMetricFamily("nichiiki_consumer_batches", "Batches applied", labels=["consumer"])
+        commits = CounterMetricFamily(
+            "nichiiki_consumer_offset_commits", "Offset commits sent (at most one per commit interval)",
+            labels=["consumer"],
+        )
         for consumer in self.runtime.consumers:
             stats = consumer.stats
+            batches.add_metric([consumer.name], stats.batches)
+            commits.add_metric([consumer.name], stats.commits)
             for outcome, value in (
                 ("handled", stats.handled), ("duplicate", stats.duplicates),
                 ("skipped", stats.skipped), ("parked", stats.parked),
@@ -35,6 +42,8 @@ class EventMetrics(Collector):
             retries.add_metric([consumer.name], stats.retries)
         yield events
         yield retries
+        yield batches
+        yield commits
         relay = self.runtime.relay_or_none
         published = CounterMetricFamily("nichiiki_outbox_published", "Outbox rows published to Kafka")
         published.add_metric([], relay.published if relay else 0)

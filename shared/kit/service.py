@@ -173,8 +173,9 @@ class ServiceRuntime:
     async def stop(self) -> None:
         for consumer in self.consumers:
             consumer.stop()
+            await consumer.flush_commits()
         if self._broker is not None:
-            await self._broker.stop()  # waits for the batch in hand to commit
+            await self._broker.stop()  # waits for the batch in hand to commit (and its offsets)
         if self._relay is not None:
             self._relay.stop()
         for task in self._tasks:

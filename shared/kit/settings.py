@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = 1_000
     kafka_max_poll_interval_ms: int = 300_000
     consumer_batch_size: int = 500
+    #: Offsets of applied batches are committed at most this often, not after every batch: a commit
+    #: is a broker round trip on the consumer's path and about 0.35 ms of CPU, and the inbox makes
+    #: re-reading the uncommitted tail after a crash harmless.
+    consumer_commit_interval_ms: int = 100
     consumer_max_attempts: int = 3
     outbox_batch_size: int = 500
     outbox_poll_interval_s: float = 1.0

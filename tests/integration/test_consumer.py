@@ -132,3 +132,50 @@ async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_af
         await eventually(replayed)
         assert await pool.fetchval("SELECT count(*) FROM inbox WHERE status = 'parked'") == 0
         assert await replay_dead_letters(settings, topic + ".dlq") == 0  # nothing new to replay
+
+
+async def committed_offsets(settings: Settings, consumer: EventConsumer) -> dict[int, int]:
+    """Partition → committed offset of the consumer's group on its one-partition topic."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(
+            consumer.group_id, partitions=[TopicPartition(consumer.topics[0], 0)]
+        )
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+async def test_offsets_are_committed_once_per_interval_not_per_batch(settings: Settings) -> None:
+    topic = await fresh_topic(settings, partitions=1)
+    async with consuming(settings, topic) as (consumer, _):
+        await produce(settings, topic, [ping_record("r-4", i) for i in range(20)])  # one send at a time
+
+        async def all_committed() -> bool:
+            return consumer.stats.handled == 20 and await committed_offsets(settings, consumer) == {0: 20}
+
+        await eventually(all_committed)  # the interval (100 ms) passed and the tail was committed
+        assert consumer.stats.batches > 1
+        assert consumer.stats.commits < consumer.stats.batches
+
+
+async def test_a_graceful_stop_commits_what_was_applied(settings: Settings) -> None:
+    topic = await fresh_topic(settings, partitions=1)
+    lazy = settings.model_copy(update={"consumer_commit_interval_ms": 60_000})
+    async with consuming(lazy, topic) as (consumer, _):
+        await produce(settings, topic, [ping_record("r-5", i) for i in range(5)])
+
+        async def applied() -> bool:
+            return consumer.stats.handled == 5
+
+        await eventually(applied)
+        assert consumer.stats.commits == 0  # not yet: the interval is a minute
+        assert await committed_offsets(settings, consumer) == {}
+        consumer.stop()
+        await consumer.flush_commits()
+        assert await committed_offsets(settings, consumer) == {0: 5}
+        assert consumer.stats.commits == 1
