@@ -7,11 +7,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from asgi_lifespan import LifespanManager
+from asyncpg.connection import LoggedQuery
 from fastapi import FastAPI
 
 from shared.contracts.base import EventData
@@ -19,7 +21,7 @@ from shared.contracts.topics import Topic
 from shared.kit.auth import Role, mint_token
 from shared.kit.envelope import Envelope
 from shared.kit.kafka_admin import ensure_topics
-from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations
+from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations, migrate_service
 from shared.kit.settings import Settings, with_database
 
 TEST_TOPIC = Topic("test.pings.v1", 3, "subject", "tests", ("tests",), description="test events")
@@ -28,6 +30,26 @@ TEST_TOPIC = Topic("test.pings.v1", 3, "subject", "tests", ("tests",), descripti
 class Ping(EventData, name="tests.ping", topic=TEST_TOPIC):
     subject: str
     sequence: int
+
+
+async def service_database(settings: Settings, label: str, migrations: Path) -> str:
+    """A new database with the kit's and one service's migrations; returns its DSN."""
+    name = f"{settings.db_prefix}_{label}_{uuid.uuid4().hex[:6]}"
+    dsn = with_database(settings.pg_dsn or "", name)
+    await migrate_service(dsn, with_database(settings.pg_dsn or "", "postgres"), name, migrations)
+    return dsn
+
+
+async def query_logging_pool(
+    dsn: str, on_query: Callable[[LoggedQuery], None] | None, *, max_size: int = 1
+) -> asyncpg.Pool:
+    """A pool whose connections hand every statement they run to ``on_query`` (for counting)."""
+
+    async def log_queries(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        if on_query is not None:
+            conn.add_query_logger(on_query)
+
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=log_queries)
 
 
 def broker_record(

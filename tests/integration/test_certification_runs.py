@@ -34,11 +34,10 @@ from shared.contracts.registration import (
 from shared.contracts.topics import RESIDENTS
 from shared.kit.consumer import EventConsumer
 from shared.kit.envelope import Envelope, new_envelope
-from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox
-from shared.kit.settings import Settings, with_database
+from shared.kit.settings import Settings
 from shared.reference import prefecture_of
-from tests.support import envelope_record
+from tests.support import envelope_record, query_logging_pool, service_database
 
 SHIRAHAMA, TANABE, SUSAMI = "304018", "302066", "304069"
 CHIYODA, HACHIOJI = "131016", "132012"  # legal addresses
@@ -101,15 +100,8 @@ def consent(
 
 async def projection_database(settings: Settings, label: str, statements: list[str] | None = None) -> asyncpg.Pool:
     """A fresh database with certification's migrations; ``statements`` collects every query run."""
-    name = f"{settings.db_prefix}_{label}_{uuid.uuid4().hex[:6]}"
-    dsn = with_database(settings.pg_dsn or "", name)
-    await migrate_service(dsn, with_database(settings.pg_dsn or "", "postgres"), name, MIGRATIONS)
-
-    async def log_queries(conn: asyncpg.Connection[asyncpg.Record]) -> None:
-        if statements is not None:
-            conn.add_query_logger(lambda query: statements.append(query.query))
-
-    return await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=log_queries)
+    dsn = await service_database(settings, label, MIGRATIONS)
+    return await query_logging_pool(dsn, None if statements is None else lambda query: statements.append(query.query))
 
 
 def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:

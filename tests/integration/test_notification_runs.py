@@ -27,11 +27,10 @@ from shared.contracts.notification import MessageDelivered
 from shared.contracts.registration import ConsentChanged, ResidentWithdrawn
 from shared.kit.consumer import EventConsumer
 from shared.kit.envelope import Envelope
-from shared.kit.migrations import apply_migrations, load_migrations
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from tests.integration.test_notification import address, envelope_of, resident_id
-from tests.support import envelope_record, fresh_database
+from tests.support import envelope_record, query_logging_pool, service_database
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
 
 MIGRATIONS = Path(consumers.__file__).parent / "migrations"
@@ -69,18 +68,9 @@ class Service:
 
 
 async def notification_service(settings: Settings) -> Service:
-    dsn = await fresh_database(settings, "notification_runs")
-    conn = await asyncpg.connect(dsn)
-    try:
-        await apply_migrations(conn, load_migrations(MIGRATIONS, "service"))
-    finally:
-        await conn.close()
+    dsn = await service_database(settings, "notification_runs", MIGRATIONS)
     service: Service
-
-    async def log_statements(conn: asyncpg.Connection[asyncpg.Record]) -> None:
-        conn.add_query_logger(lambda record: service.statements.append(record))
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=log_statements)
+    pool = await query_logging_pool(dsn, lambda record: service.statements.append(record))
     consumer = EventConsumer(
         service="notification", settings=settings, pool=pool, outbox=Outbox("outbox_notification_runs"),
         router=consumers.router, topics=consumers.TOPICS,

@@ -39,11 +39,10 @@ from shared.contracts.subsidy import GrantIssued
 from shared.contracts.topics import CERTIFICATES, DLQ_SUFFIX, GRANTS, RESIDENTS, Topic
 from shared.kit.consumer import EventConsumer, HandlerContext, in_time_order
 from shared.kit.envelope import new_envelope
-from shared.kit.migrations import apply_migrations, load_migrations
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
-from tests.support import broker_record, fresh_database
+from tests.support import broker_record, query_logging_pool, service_database
 
 pytestmark = pytest.mark.stack
 
@@ -73,15 +72,10 @@ class GatewayDb:
 async def gateway_db(settings: Settings, label: str, keys: dict[str, bytes] | None = None) -> GatewayDb:
     """A fresh gateway database (migrated, partners seeded; with these pseudonym keys if given) and
     the gateway's consumer on it, not attached to any broker."""
-    dsn = await fresh_database(settings, label)
+    dsn = await service_database(settings, label, MIGRATIONS)
     queries: list[str] = []
-
-    async def log_queries(conn: asyncpg.Connection[asyncpg.Record]) -> None:
-        conn.add_query_logger(lambda logged: queries.append(logged.query))
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=log_queries)
+    pool = await query_logging_pool(dsn, lambda logged: queries.append(logged.query), max_size=2)
     async with pool.acquire() as conn:
-        await apply_migrations(conn, load_migrations(MIGRATIONS, "service"))
         await seed_partners(conn)
         for code, key in (keys or {}).items():
             await conn.execute("UPDATE partners SET pseudonym_key = $2 WHERE code = $1", code, key)

@@ -32,10 +32,9 @@ from shared.contracts.topics import CERTIFICATES, DONATIONS, Topic
 from shared.kit.consumer import EventConsumer
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
-from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox
-from shared.kit.settings import Settings, with_database
-from tests.support import envelope_record
+from shared.kit.settings import Settings
+from tests.support import envelope_record, query_logging_pool, service_database
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 OpenPool: TypeAlias = Callable[..., Awaitable[asyncpg.Pool]]
@@ -110,15 +109,8 @@ def donation(municipality: str, miles: int) -> DonationReceived:
 
 async def subsidy_database(settings: Settings, label: str, statements: list[str] | None) -> asyncpg.Pool:
     """A fresh database with subsidy's migrations and seeded programs; ``statements`` collects queries."""
-    name = f"{settings.db_prefix}_{label}_{uuid.uuid4().hex[:6]}"
-    dsn = with_database(settings.pg_dsn or "", name)
-    await migrate_service(dsn, with_database(settings.pg_dsn or "", "postgres"), name, MIGRATIONS)
-
-    async def log_queries(conn: asyncpg.Connection[asyncpg.Record]) -> None:
-        if statements is not None:
-            conn.add_query_logger(lambda query: statements.append(query.query))
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=log_queries)
+    dsn = await service_database(settings, label, MIGRATIONS)
+    pool = await query_logging_pool(dsn, None if statements is None else lambda query: statements.append(query.query))
     async with pool.acquire() as conn, conn.transaction():
         await handlers.seed_programs(Seeding(conn), SubsidySettings())
     return pool
