@@ -82,11 +82,7 @@ async def program(conn: Connection, program_id: str) -> Program | None:
 
 
 async def programs_of_municipality(conn: Connection, municipality_code: str) -> list[Program]:
-    rows = await conn.fetch(
-        f"SELECT {_PROGRAM_COLUMNS} FROM programs WHERE municipality_code = $1 ORDER BY program_id",
-        municipality_code,
-    )
-    return [_program(row) for row in rows]
+    return (await programs_of_municipalities(conn, [municipality_code])).get(municipality_code, [])
 
 
 async def programs_of_municipalities(conn: Connection, municipality_codes: Iterable[str]) -> dict[str, list[Program]]:
