@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import Field, field_validator
 
 from services.certification.domain import (
@@ -14,15 +14,15 @@ from services.certification.domain import (
     MunicipalityRules,
     RequiredRegistration,
     plannable_municipality,
-    today_in_japan,
 )
-from services.certification.handlers import CertificationService, Outcome
+from services.certification.handlers import CertificationService
 from services.certification.views import CSV_COLUMNS, ApplicationView, AuditView, CertificateView, Page, RulesView
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
 from shared.kit.auth import Principal, Role, current_principal, require
 from shared.kit.csv_export import csv_response
 from shared.kit.http import ApiModel, Offset
+from shared.kit.use_case import WriteRequest
 
 router = APIRouter(prefix="/v1", tags=["certification"])
 
@@ -31,9 +31,6 @@ Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 People = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 Anyone = Annotated[Principal, Depends(current_principal)]
-IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", max_length=200, description="repeat a POST safely")
-]
 Limit = Annotated[int, Query(ge=1, le=200)]
 
 
@@ -44,14 +41,6 @@ async def certification(request: Request) -> CertificationService:
 
 
 Service = Annotated[CertificationService, Depends(certification)]
-
-
-def _correlation(request: Request) -> str | None:
-    return getattr(request.state, "correlation_id", None)
-
-
-def _send(outcome: Outcome) -> JSONResponse:
-    return JSONResponse(outcome.body, status_code=outcome.status_code)
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -125,15 +114,10 @@ class PlanBody(ApiModel):
 
 @router.post("/applications", status_code=201, response_model=ApplicationView)
 async def submit_application(
-    body: ApplicationBody, principal: Resident, service: Service, request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    body: ApplicationBody, principal: Resident, service: Service, write: WriteRequest
+) -> Response:
     """A resident applies for dual-resident certification with a municipality that has a plan."""
-    return _send(
-        await service.submit_application(
-            principal, body.to_request(), idempotency_key=idempotency_key, correlation_id=_correlation(request)
-        )
-    )
+    return (await service.submit_application(write, body.to_request())).response()
 
 
 @router.get("/applications", response_model=Page[ApplicationView])
@@ -162,30 +146,19 @@ async def get_application(application_id: str, principal: People, service: Servi
 
 @router.post("/applications/{application_id}/approve", status_code=201, response_model=CertificateView)
 async def approve(
-    application_id: str, principal: Staff, service: Service, request: Request,
-    body: Annotated[ApproveBody | None, Body()] = None, idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    application_id: str, principal: Staff, service: Service, write: WriteRequest,
+    body: Annotated[ApproveBody | None, Body()] = None,
+) -> Response:
     """Approve: issues the certificate (201 with it)."""
     body = body or ApproveBody()
-    return _send(
-        await service.approve(
-            principal, application_id, body.valid_from, body.valid_until, idempotency_key=idempotency_key,
-            correlation_id=_correlation(request),
-        )
-    )
+    return (await service.approve(write, application_id, body.valid_from, body.valid_until)).response()
 
 
 @router.post("/applications/{application_id}/reject", response_model=ApplicationView)
 async def reject(
-    application_id: str, body: ReasonBody, principal: Staff, service: Service, request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    return _send(
-        await service.reject(
-            principal, application_id, body.reason, idempotency_key=idempotency_key,
-            correlation_id=_correlation(request),
-        )
-    )
+    application_id: str, body: ReasonBody, principal: Staff, service: Service, write: WriteRequest
+) -> Response:
+    return (await service.reject(write, application_id, body.reason)).response()
 
 
 # --- certificates --------------------------------------------------------------------------------
@@ -199,28 +172,16 @@ async def get_certificate(number: str, principal: People, service: Service) -> C
 
 @router.post("/certificates/{number}/renew", response_model=CertificateView)
 async def renew(
-    number: str, principal: Staff, service: Service, request: Request,
-    body: Annotated[RenewBody | None, Body()] = None, idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    number: str, principal: Staff, service: Service, write: WriteRequest,
+    body: Annotated[RenewBody | None, Body()] = None,
+) -> Response:
     """Extend a valid certificate before it expires: new validity, same number."""
-    return _send(
-        await service.renew(
-            principal, number, (body or RenewBody()).valid_until, idempotency_key=idempotency_key,
-            correlation_id=_correlation(request),
-        )
-    )
+    return (await service.renew(write, number, (body or RenewBody()).valid_until)).response()
 
 
 @router.post("/certificates/{number}/revoke", response_model=CertificateView)
-async def revoke(
-    number: str, body: ReasonBody, principal: Staff, service: Service, request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    return _send(
-        await service.revoke(
-            principal, number, body.reason, idempotency_key=idempotency_key, correlation_id=_correlation(request)
-        )
-    )
+async def revoke(number: str, body: ReasonBody, principal: Staff, service: Service, write: WriteRequest) -> Response:
+    return (await service.revoke(write, number, body.reason)).response()
 
 
 # --- a resident's own --------------------------------------------------------------------------
@@ -267,20 +228,21 @@ async def get_rules(code: str, principal: Anyone, service: Service) -> RulesView
 
 
 @router.put("/municipalities/{code}/rules", response_model=RulesView)
-async def put_rules(code: str, body: RulesBody, principal: Staff, service: Service, request: Request) -> RulesView:
+async def put_rules(code: str, body: RulesBody, principal: Staff, service: Service, write: WriteRequest) -> Response:
     """The municipality's staff (or an admin) set its rules; audited."""
     rules = MunicipalityRules(
         municipality_code=code, min_stay_days=body.min_stay_days, housing_bases=tuple(body.housing_bases),
         validity_days=body.validity_days, required_registration=body.required_registration,
     )
-    return await service.update_rules(principal, rules, _correlation(request))
+    return (await service.update_rules(write, rules)).response()
 
 
 @router.post("/municipalities/{code}/plan", status_code=201, response_model=RulesView)
-async def add_plan(code: str, principal: Admin, service: Service, request: Request,
-                   body: Annotated[PlanBody | None, Body()] = None) -> RulesView:
+async def add_plan(
+    code: str, principal: Admin, service: Service, write: WriteRequest, body: Annotated[PlanBody | None, Body()] = None
+) -> Response:
     """An admin records a plan adopted after the reference data; the municipality gets default rules."""
-    return await service.add_plan(principal, code, (body or PlanBody()).adopted_on, _correlation(request))
+    return (await service.add_plan(write, code, (body or PlanBody()).adopted_on)).response()
 
 
 @router.get("/municipalities/{code}/certificates", response_model=Page[CertificateView])
@@ -306,7 +268,7 @@ async def municipality_certificates_csv(
     plannable_municipality(code)
     principal.ensure_municipality(code)
     rows = await service.certificate_rows(code, status)
-    return csv_response(f"certificates-{code}-{today_in_japan().isoformat()}.csv", CSV_COLUMNS, rows)
+    return csv_response(f"certificates-{code}-{service.clock.today().isoformat()}.csv", CSV_COLUMNS, rows)
 
 
 @router.get("/municipalities/{code}/audit", response_model=Page[AuditView])

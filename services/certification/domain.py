@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, get_args
-from zoneinfo import ZoneInfo
 
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership, Tier
@@ -34,7 +33,6 @@ from shared.contracts.topics import PARTNER_CODES
 from shared.kit.errors import Conflict, DomainError, NotFound
 from shared.reference import Municipality, UnknownMunicipality, municipality
 
-TOKYO = ZoneInfo("Asia/Tokyo")
 HOUSING_BASES: tuple[HousingBasis, ...] = get_args(HousingBasis)
 #: Days before ``valid_until`` on which ``certificate.expiring`` is sent.
 EXPIRING_NOTICE_DAYS = 30
@@ -42,17 +40,11 @@ MAX_STAY_DAYS = 366
 #: Who decides when no staff member does (the resident's withdrawal).
 SYSTEM_ACTOR = "system"
 WITHDRAWAL_REASON = "resident withdrew"
-CERTIFICATE_NUMBER = re.compile(r"^NCH-[0-9]{6}-[0-9]{4}-[0-9]{6}$")
 
 RequiredRegistration = Literal["any_active", "premium"]
 ApplicationStatus = Literal["submitted", "approved", "rejected"]
 ResidentStatus = Literal["active", "withdrawn"]
 PremiumStatus = Literal["requested", "approved", "rejected", "expired"]
-
-
-def today_in_japan() -> date:
-    """The calendar day in Japan: validity dates follow the Japanese calendar."""
-    return datetime.now(TOKYO).date()
 
 
 # --- errors: one per rule a user can break -------------------------------------------------------
@@ -625,16 +617,6 @@ class Application:
 # --- certificates --------------------------------------------------------------------------------
 
 
-def certificate_number(municipality_code: str, year: int, sequence: int) -> str:
-    """``NCH-<code6>-<year>-<sequence>``: unique nationwide because the code is.
-
-    ``store.issue_certificate`` formats the number the same way in SQL (the tests hold them equal).
-    """
-    if not 1 <= sequence <= 999_999:
-        raise ValueError(f"certificate sequence {sequence} out of range for {municipality_code}/{year}")
-    return f"NCH-{municipality_code}-{year:04d}-{sequence:06d}"
-
-
 def validity_period(
     rules: MunicipalityRules, today: date, valid_from: date | None, valid_until: date | None
 ) -> tuple[date, date]:
@@ -650,8 +632,8 @@ def validity_period(
 
 @dataclass(frozen=True, slots=True)
 class Approval:
-    """An approval decided in full but for its number: ``NCH-<code6>-<year>-<sequence>``, whose
-    sequence the store takes in the statement that records the approval (the counter row of the
+    """An approval decided in full but for its number (``shared.contracts.formats.CertificateNumber``:
+    ``NCH-<code6>-<year>-<sequence>``), whose sequence the store takes in the statement that records the approval (the counter row of the
     municipality's year stays locked from then until commit, so it is taken as late as possible)."""
 
     application: Application

@@ -7,9 +7,8 @@ transaction (``HandlerContext``); both expose ``conn`` and ``emit``, which is al
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from typing import Any, Literal, Protocol
+from datetime import date, datetime
+from typing import Any, Literal
 
 import structlog
 
@@ -53,7 +52,6 @@ from services.certification.views import (
     certificate_row,
     json_body,
 )
-from shared.contracts.base import EventData
 from shared.contracts.certification import (
     ApplicationRejected,
     ApplicationSubmitted,
@@ -65,38 +63,14 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import PartnerMembership
 from shared.contracts.registration import ResidentWithdrawn
-from shared.contracts.topics import APPLICATIONS, CERTIFICATES, Topic
-from shared.kit import idempotency
+from shared.contracts.topics import APPLICATIONS, CERTIFICATES
 from shared.kit.auth import Principal, Role
+from shared.kit.clock import utc_now
 from shared.kit.db import Connection
-from shared.kit.envelope import Envelope
-from shared.kit.service import ServiceRuntime
+from shared.kit.service import ServiceRuntime, UnitOfWork
+from shared.kit.use_case import Outcome, Work, Write
 
 log = structlog.get_logger(__name__)
-
-Clock = Callable[[], date]
-
-
-class Work(Protocol):
-    """An open transaction that can record outgoing events (UnitOfWork or HandlerContext)."""
-
-    @property
-    def conn(self) -> Connection: ...
-
-    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """An HTTP use case's result as it is sent (and stored for an Idempotency-Key replay)."""
-
-    status_code: int
-    body: dict[str, Any]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
 
 def _audit(
     principal: Principal | None, municipality_code: str, action: str, target: Application | Certificate | str,
@@ -187,7 +161,7 @@ async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) 
     resident = await store.load_resident(conn, event.resident_id, lock=True)
     consented = resident.consented_partners if resident else frozenset()
     await store.mark_withdrawn(conn, event.resident_id, event.withdrawn_at, at)
-    now = _now()
+    now = utc_now()
     # Applications before certificates: an approval running now holds the application's lock, and
     # the certificate it issues is visible to the statements after this one.
     for application in await store.open_applications_of(conn, event.resident_id):
@@ -213,210 +187,177 @@ async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) 
 
 
 class CertificationService:
-    def __init__(self, runtime: ServiceRuntime, *, clock: Clock, retry_after_s: int = 5) -> None:
+    def __init__(self, runtime: ServiceRuntime, *, retry_after_s: int = 5) -> None:
         self.runtime = runtime
-        self.clock = clock
+        self.clock = runtime.clock
         self.retry_after_s = retry_after_s
-
-    async def _idempotent(
-        self, work: Work, principal: Principal, key: str | None, request: dict[str, Any],
-        run: Callable[[], Awaitable[Outcome]],
-    ) -> Outcome:
-        """Run once per Idempotency-Key: the key is reserved and remembered in the use case's transaction."""
-        if key is None:
-            return await run()
-        scope = f"{principal.role.value}:{principal.subject}"
-        body_hash = idempotency.request_hash(request)
-        stored = await idempotency.replay(work.conn, scope, key, body_hash)
-        if stored is not None:
-            return Outcome(stored.status_code, stored.body)
-        outcome = await run()
-        await idempotency.remember(work.conn, scope, key, body_hash, outcome.status_code, outcome.body)
-        return outcome
 
     # applications
 
-    async def submit_application(
-        self, principal: Principal, request: ApplicationRequest, *, idempotency_key: str | None,
-        correlation_id: str | None,
-    ) -> Outcome:
+    async def submit_application(self, write: Write, request: ApplicationRequest) -> Outcome:
         check_request(request)
-        async with self.runtime.transaction(correlation_id) as work:
+        principal = write.principal
 
-            async def run() -> Outcome:
-                conn = work.conn
-                rules = check_against_rules(request, await store.get_rules(conn, request.municipality_code))
-                resident = await store.load_resident(conn, principal.subject, lock=True)
-                check_applicant(request, rules, resident, self.clock(), retry_after_s=self.retry_after_s)
-                if await store.has_open_application(conn, principal.subject, request.municipality_code):
-                    raise OpenApplicationExists(
-                        f"an application to {request.municipality_code} is under review already"
-                    )
-                held = await store.valid_certificate_number(conn, principal.subject, request.municipality_code)
-                if held is not None:
-                    raise CertificateAlreadyHeld(
-                        f"certificate {held} is valid; the municipality renews it", certificate_number=held
-                    )
-                application = Application.submit(principal.subject, request, _now())
-                try:
-                    await store.insert_application(conn, application)
-                except store.OpenApplicationConflict:
-                    raise OpenApplicationExists(
-                        f"an application to {request.municipality_code} is under review already"
-                    ) from None
-                await work.emit(
-                    APPLICATIONS,
-                    ApplicationSubmitted(
-                        application_id=application.application_id, resident_id=application.resident_id,
-                        municipality_code=application.municipality_code,
-                        primary_residence_code=application.primary_residence_code,
-                        planned_stay_days=application.planned_stay_days, housing_basis=application.housing_basis,
-                        partners=list(application.partners), submitted_at=application.submitted_at,
-                    ),
-                    subject=application.application_id,
+        async def act(work: UnitOfWork) -> Outcome:
+            conn = work.conn
+            rules = check_against_rules(request, await store.get_rules(conn, request.municipality_code))
+            resident = await store.load_resident(conn, principal.subject, lock=True)
+            check_applicant(request, rules, resident, self.clock.today(), retry_after_s=self.retry_after_s)
+            if await store.has_open_application(conn, principal.subject, request.municipality_code):
+                raise OpenApplicationExists(f"an application to {request.municipality_code} is under review already")
+            held = await store.valid_certificate_number(conn, principal.subject, request.municipality_code)
+            if held is not None:
+                raise CertificateAlreadyHeld(
+                    f"certificate {held} is valid; the municipality renews it", certificate_number=held
                 )
-                log.info("application submitted", application_id=application.application_id,
-                         municipality_code=application.municipality_code)
-                return Outcome(201, json_body(ApplicationView.of(application)))
+            application = Application.submit(principal.subject, request, self.clock.now())
+            try:
+                await store.insert_application(conn, application)
+            except store.OpenApplicationConflict:
+                raise OpenApplicationExists(
+                    f"an application to {request.municipality_code} is under review already"
+                ) from None
+            await work.emit(
+                APPLICATIONS,
+                ApplicationSubmitted(
+                    application_id=application.application_id, resident_id=application.resident_id,
+                    municipality_code=application.municipality_code,
+                    primary_residence_code=application.primary_residence_code,
+                    planned_stay_days=application.planned_stay_days, housing_basis=application.housing_basis,
+                    partners=list(application.partners), submitted_at=application.submitted_at,
+                ),
+                subject=application.application_id,
+            )
+            log.info("application submitted", application_id=application.application_id,
+                     municipality_code=application.municipality_code)
+            return Outcome(201, json_body(ApplicationView.of(application)))
 
-            return await self._idempotent(work, principal, idempotency_key, {"submit": _request_json(request)}, run)
+        return await write.run(act)
 
     async def approve(
-        self, principal: Principal, application_id: str, valid_from: date | None, valid_until: date | None, *,
-        idempotency_key: str | None, correlation_id: str | None,
+        self, write: Write, application_id: str, valid_from: date | None, valid_until: date | None
     ) -> Outcome:
-        request = {"approve": application_id, "valid_from": valid_from, "valid_until": valid_until}
-        async with self.runtime.transaction(correlation_id) as work:
+        principal = write.principal
 
-            async def run() -> Outcome:
-                conn = work.conn
-                application = await self._application_for_decision(conn, principal, application_id)
-                rules = await self._rules(conn, application.municipality_code)
-                today = self.clock()
-                resident = check_still_eligible(
-                    rules, await store.load_resident(conn, application.resident_id, lock=True), today
-                )
-                start, end = validity_period(rules, today, valid_from, valid_until)
-                now = _now()
-                approval = application.approval(
-                    by=principal.subject, at=now, year=today.year, valid_from=start, valid_until=end
-                )
-                # One statement takes the number and writes the approval: every approval of the town
-                # waits for the counter row from that statement until our commit.
-                number = await store.issue_certificate(
-                    conn, approval,
-                    _audit(principal, application.municipality_code, "application.approved", application, now,
-                           valid_from=start, valid_until=end),
-                )
-                approved, certificate = approval.numbered(number)
-                partners = shared_partners(certificate.partners, resident.consented_partners)
-                await _emit_certificate(
-                    work,
-                    CertificateIssued(
-                        **_certificate_fields(certificate, partners), application_id=approved.application_id,
-                        issued_at=now,
-                    ),
-                )
-                log.info("certificate issued", certificate_number=number, application_id=application_id)
-                return Outcome(201, json_body(CertificateView.of(certificate)))
-
-            return await self._idempotent(work, principal, idempotency_key, request, run)
-
-    async def reject(
-        self, principal: Principal, application_id: str, reason: str, *, idempotency_key: str | None,
-        correlation_id: str | None,
-    ) -> Outcome:
-        async with self.runtime.transaction(correlation_id) as work:
-
-            async def run() -> Outcome:
-                conn = work.conn
-                application = await self._application_for_decision(conn, principal, application_id)
-                now = _now()
-                rejected = application.reject(by=principal.subject, at=now, reason=reason)
-                await _record_rejection(work, principal, rejected, reason, now)
-                return Outcome(200, json_body(ApplicationView.of(rejected)))
-
-            return await self._idempotent(
-                work, principal, idempotency_key, {"reject": application_id, "reason": reason}, run
+        async def act(work: UnitOfWork, application: Application) -> Outcome:
+            conn = work.conn
+            rules = await self._rules(conn, application.municipality_code)
+            today = self.clock.today()
+            resident = check_still_eligible(
+                rules, await store.load_resident(conn, application.resident_id, lock=True), today
             )
+            start, end = validity_period(rules, today, valid_from, valid_until)
+            now = self.clock.now()
+            approval = application.approval(
+                by=principal.subject, at=now, year=today.year, valid_from=start, valid_until=end
+            )
+            # One statement takes the number and writes the approval: every approval of the town
+            # waits for the counter row from that statement until our commit.
+            number = await store.issue_certificate(
+                conn, approval,
+                _audit(principal, application.municipality_code, "application.approved", application, now,
+                       valid_from=start, valid_until=end),
+            )
+            approved, certificate = approval.numbered(number)
+            partners = shared_partners(certificate.partners, resident.consented_partners)
+            await _emit_certificate(
+                work,
+                CertificateIssued(
+                    **_certificate_fields(certificate, partners), application_id=approved.application_id,
+                    issued_at=now,
+                ),
+            )
+            log.info("certificate issued", certificate_number=number, application_id=application_id)
+            return Outcome(201, json_body(CertificateView.of(certificate)))
 
-    async def _application_for_decision(
-        self, conn: Connection, principal: Principal, application_id: str
-    ) -> Application:
-        application = await store.get_application(conn, application_id, lock=True)
-        if application is None:
-            raise ApplicationNotFound(f"no application {application_id}")
-        principal.ensure_municipality(application.municipality_code)
-        return application
+        return await write.run(act, authorise=self._application_for_decision(principal, application_id))
+
+    async def reject(self, write: Write, application_id: str, reason: str) -> Outcome:
+        principal = write.principal
+
+        async def act(work: UnitOfWork, application: Application) -> Outcome:
+            now = self.clock.now()
+            rejected = application.reject(by=principal.subject, at=now, reason=reason)
+            await _record_rejection(work, principal, rejected, reason, now)
+            return Outcome(200, json_body(ApplicationView.of(rejected)))
+
+        return await write.run(act, authorise=self._application_for_decision(principal, application_id))
+
+    def _application_for_decision(
+        self, principal: Principal, application_id: str
+    ) -> Callable[[UnitOfWork], Awaitable[Application]]:
+        """Only the municipality's staff decide on its applications (the application is locked for it)."""
+
+        async def authorise(work: UnitOfWork) -> Application:
+            application = await store.get_application(work.conn, application_id, lock=True)
+            if application is None:
+                raise ApplicationNotFound(f"no application {application_id}")
+            principal.ensure_municipality(application.municipality_code)
+            return application
+
+        return authorise
 
     # certificates
 
-    async def renew(
-        self, principal: Principal, number: str, valid_until: date | None, *, idempotency_key: str | None,
-        correlation_id: str | None,
-    ) -> Outcome:
-        async with self.runtime.transaction(correlation_id) as work:
+    async def renew(self, write: Write, number: str, valid_until: date | None) -> Outcome:
+        principal = write.principal
 
-            async def run() -> Outcome:
-                conn = work.conn
-                certificate = await self._certificate_for_decision(conn, principal, number)
-                rules = await self._rules(conn, certificate.municipality_code)
-                today = self.clock()
-                now = _now()
-                renewed = certificate.renew(
-                    today=today, validity_days=rules.validity_days, valid_until=valid_until, at=now
-                )
-                resident = check_still_eligible(
-                    rules, await store.load_resident(conn, certificate.resident_id, lock=True), today
-                )
-                await store.save_certificate(conn, renewed, reset_expiring=True)
-                await store.append_audit(
-                    conn,
-                    _audit(principal, renewed.municipality_code, "certificate.renewed", renewed, now,
-                           previous_valid_until=certificate.valid_until, valid_until=renewed.valid_until),
-                )
-                partners = shared_partners(renewed.partners, resident.consented_partners)
-                await _emit_certificate(
-                    work, CertificateRenewed(**_certificate_fields(renewed, partners), renewed_at=now)
-                )
-                return Outcome(200, json_body(CertificateView.of(renewed)))
-
-            return await self._idempotent(
-                work, principal, idempotency_key, {"renew": number, "valid_until": valid_until}, run
+        async def act(work: UnitOfWork, certificate: Certificate) -> Outcome:
+            conn = work.conn
+            rules = await self._rules(conn, certificate.municipality_code)
+            today = self.clock.today()
+            now = self.clock.now()
+            renewed = certificate.renew(today=today, validity_days=rules.validity_days, valid_until=valid_until, at=now)
+            resident = check_still_eligible(
+                rules, await store.load_resident(conn, certificate.resident_id, lock=True), today
             )
+            await store.save_certificate(conn, renewed, reset_expiring=True)
+            await store.append_audit(
+                conn,
+                _audit(principal, renewed.municipality_code, "certificate.renewed", renewed, now,
+                       previous_valid_until=certificate.valid_until, valid_until=renewed.valid_until),
+            )
+            partners = shared_partners(renewed.partners, resident.consented_partners)
+            await _emit_certificate(work, CertificateRenewed(**_certificate_fields(renewed, partners), renewed_at=now))
+            return Outcome(200, json_body(CertificateView.of(renewed)))
 
-    async def revoke(
-        self, principal: Principal, number: str, reason: str, *, idempotency_key: str | None,
-        correlation_id: str | None,
-    ) -> Outcome:
-        async with self.runtime.transaction(correlation_id) as work:
+        return await write.run(act, authorise=self._certificate_for_decision(principal, number))
 
-            async def run() -> Outcome:
-                conn = work.conn
-                certificate = await self._certificate_for_decision(conn, principal, number)
-                now = _now()
-                revoked = certificate.revoke(today=self.clock(), reason=reason, at=now)
-                await store.save_certificate(conn, revoked)
-                await store.append_audit(
-                    conn, _audit(principal, revoked.municipality_code, "certificate.revoked", revoked, now, reason)
-                )
-                consented = (await store.consented_partners(conn, [revoked.resident_id])).get(
-                    revoked.resident_id, frozenset()
-                )
-                partners = shared_partners(revoked.partners, consented)
-                await _emit_certificate(
-                    work, CertificateRevoked(**_certificate_fields(revoked, partners), reason=reason, revoked_at=now)
-                )
-                return Outcome(200, json_body(CertificateView.of(revoked)))
+    async def revoke(self, write: Write, number: str, reason: str) -> Outcome:
+        principal = write.principal
 
-            return await self._idempotent(work, principal, idempotency_key, {"revoke": number, "reason": reason}, run)
+        async def act(work: UnitOfWork, certificate: Certificate) -> Outcome:
+            conn = work.conn
+            now = self.clock.now()
+            revoked = certificate.revoke(today=self.clock.today(), reason=reason, at=now)
+            await store.save_certificate(conn, revoked)
+            await store.append_audit(
+                conn, _audit(principal, revoked.municipality_code, "certificate.revoked", revoked, now, reason)
+            )
+            consented = (await store.consented_partners(conn, [revoked.resident_id])).get(
+                revoked.resident_id, frozenset()
+            )
+            partners = shared_partners(revoked.partners, consented)
+            await _emit_certificate(
+                work, CertificateRevoked(**_certificate_fields(revoked, partners), reason=reason, revoked_at=now)
+            )
+            return Outcome(200, json_body(CertificateView.of(revoked)))
 
-    async def _certificate_for_decision(self, conn: Connection, principal: Principal, number: str) -> Certificate:
-        certificate = await store.get_certificate(conn, number, lock=True)
-        if certificate is None:
-            raise CertificateNotFound(f"no certificate {number}")
-        principal.ensure_municipality(certificate.municipality_code)
-        return certificate
+        return await write.run(act, authorise=self._certificate_for_decision(principal, number))
+
+    def _certificate_for_decision(
+        self, principal: Principal, number: str
+    ) -> Callable[[UnitOfWork], Awaitable[Certificate]]:
+        """Only the issuing municipality's staff decide on a certificate (it is locked for it)."""
+
+        async def authorise(work: UnitOfWork) -> Certificate:
+            certificate = await store.get_certificate(work.conn, number, lock=True)
+            if certificate is None:
+                raise CertificateNotFound(f"no certificate {number}")
+            principal.ensure_municipality(certificate.municipality_code)
+            return certificate
+
+        return authorise
 
     # municipality rules
 
@@ -439,12 +380,14 @@ class CertificationService:
             rules, total = await store.list_rules(conn, limit, offset)
         return Page(items=[RulesView.of(r) for r in rules], total=total, limit=limit, offset=offset)
 
-    async def update_rules(
-        self, principal: Principal, rules: MunicipalityRules, correlation_id: str | None
-    ) -> RulesView:
-        principal.ensure_municipality(rules.municipality_code)
+    async def update_rules(self, write: Write, rules: MunicipalityRules) -> Outcome:
+        principal = write.principal
         plannable_municipality(rules.municipality_code)
-        async with self.runtime.transaction(correlation_id) as work:
+
+        async def authorise(work: UnitOfWork) -> None:
+            principal.ensure_municipality(rules.municipality_code)
+
+        async def act(work: UnitOfWork, _: None) -> Outcome:
             before = await store.get_rules(work.conn, rules.municipality_code)
             if before is None:
                 raise RulesNotFound(f"{rules.municipality_code} has no adopted 特定居住促進計画")
@@ -452,24 +395,28 @@ class CertificationService:
             saved = await self._rules(work.conn, rules.municipality_code)
             await store.append_audit(
                 work.conn,
-                _audit(principal, rules.municipality_code, "rules.updated", rules.municipality_code, _now(),
+                _audit(principal, rules.municipality_code, "rules.updated", rules.municipality_code, self.clock.now(),
                        before=RulesView.of(before).model_dump(mode="json"),
                        after=RulesView.of(saved).model_dump(mode="json")),
             )
-        return RulesView.of(saved)
+            return Outcome(200, json_body(RulesView.of(saved)))
 
-    async def add_plan(
-        self, principal: Principal, code: str, adopted_on: date | None, correlation_id: str | None
-    ) -> RulesView:
+        return await write.run(act, authorise=authorise)
+
+    async def add_plan(self, write: Write, code: str, adopted_on: date | None) -> Outcome:
+        principal = write.principal
         plannable_municipality(code)
-        async with self.runtime.transaction(correlation_id) as work:
+
+        async def act(work: UnitOfWork) -> Outcome:
             if not await store.insert_plan(work.conn, code, adopted_on, principal.subject):
                 raise PlanAlreadyRecorded(f"{code} has a plan on record already")
             rules = await self._rules(work.conn, code)
             await store.append_audit(
-                work.conn, _audit(principal, code, "plan.recorded", code, _now(), adopted_on=adopted_on)
+                work.conn, _audit(principal, code, "plan.recorded", code, self.clock.now(), adopted_on=adopted_on)
             )
-        return RulesView.of(rules)
+            return Outcome(201, json_body(RulesView.of(rules)))
+
+        return await write.run(act)
 
     # reads
 
@@ -532,7 +479,7 @@ class CertificationService:
 
     async def sweep_expiry(self, batch_size: int = 200) -> tuple[int, int]:
         """Send due expiring notices and expire what ended; safe to run on every replica at once."""
-        today = self.clock()
+        today = self.clock.today()
         first_day, last_day = expiring_window(today)
 
         async def expiring(conn: Connection) -> list[Certificate]:
@@ -571,11 +518,3 @@ class CertificationService:
             if len(claimed) < batch_size:
                 return count
 
-
-def _request_json(request: ApplicationRequest) -> dict[str, Any]:
-    return {
-        "municipality_code": request.municipality_code, "planned_stay_days": request.planned_stay_days,
-        "housing_basis": request.housing_basis, "address_there": request.address_there,
-        "primary_residence_code": request.primary_residence_code,
-        "partners": [p.model_dump() for p in request.partners], "note": request.note,
-    }

@@ -11,10 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.certification import consumers, store
 from services.certification.api import router
-from services.certification.domain import today_in_japan
-from services.certification.handlers import CertificationService, Clock
+from services.certification.handlers import CertificationService
 from services.certification.scheduler import expiry_scheduler
 from shared.contracts.topics import RESIDENTS
+from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
@@ -46,21 +46,21 @@ def create_app(
     """The certification app; tests pass their settings, config and a clock ("today" in Japan)."""
     settings = settings or get_settings()
     config = config or CertificationConfig()
-    clock = clock or today_in_japan
     runtime = ServiceRuntime(
         SERVICE,
         migrations=MIGRATIONS,
         consumers=[ConsumerSpec(consumers.router, [RESIDENTS], name=config.consumer_name)],
         prepare=[seed_municipality_rules],
-        background=[expiry_scheduler(clock, config.expiry_interval_s)],
+        background=[expiry_scheduler(config.expiry_interval_s)],
         settings=settings,
+        clock=clock or SYSTEM_CLOCK,
     )
 
     app = create_http_app(
         service=SERVICE, settings=settings, routers=[router], lifespan=runtime.lifespan, readiness=runtime.readiness,
         description=__doc__ or "",
     )
-    app.state.certification = CertificationService(runtime, clock=clock, retry_after_s=config.resident_retry_after_s)
+    app.state.certification = CertificationService(runtime, retry_after_s=config.resident_retry_after_s)
 
     return app
 

@@ -6,18 +6,18 @@ import asyncio
 
 import structlog
 
-from services.certification.handlers import CertificationService, Clock
+from services.certification.handlers import CertificationService
 from shared.kit.errors import is_transient
 from shared.kit.service import BackgroundTask, ServiceRuntime
 
 log = structlog.get_logger(__name__)
 
 
-def expiry_scheduler(clock: Clock, interval_s: float) -> BackgroundTask:
+def expiry_scheduler(interval_s: float) -> BackgroundTask:
     """Every ``interval_s``: send due ``certificate.expiring`` notices and expire ended certificates."""
 
     async def expiry_scheduler(runtime: ServiceRuntime) -> None:
-        service = CertificationService(runtime, clock=clock)
+        service = CertificationService(runtime)
         while True:
             try:
                 await service.sweep_expiry()

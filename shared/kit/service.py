@@ -25,6 +25,7 @@ from faststream.kafka import KafkaBroker
 import shared.kit.kafka_client  # noqa: F401  (topics are never auto-created)
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
+from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.consumer import EventConsumer, EventRouter
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
@@ -91,8 +92,11 @@ class ServiceRuntime:
         background: Sequence[BackgroundTask] = (),
         settings: Settings | None = None,
         pool_size: int = 10,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.service = service
+        #: The service's one clock (instants in UTC, dates in Japan); tests hand in a fixed one.
+        self.clock = clock
         self.settings = settings or get_settings()
         self.migrations = migrations
         self.consumer_specs = consumers

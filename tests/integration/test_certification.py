@@ -23,7 +23,7 @@ from aiokafka import ConsumerRecord
 from fastapi import FastAPI
 
 from services.certification import handlers
-from services.certification.domain import certificate_number, today_in_japan
+from services.certification.domain import certificate_number
 from services.certification.main import CertificationConfig, create_app, seed_municipality_rules
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -50,9 +50,11 @@ from shared.contracts.registration import (
     ResidentWithdrawn,
 )
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES, RESIDENTS
+from shared.kit.clock import JAPAN, SYSTEM_CLOCK, Clock
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
+from shared.kit.use_case import Work
 from shared.reference import municipalities_with_plan, prefecture_of
 from tests.support import bearer, eventually, produce, read_topic, service_client
 
@@ -67,13 +69,16 @@ PROBLEM = "application/problem+json"
 
 
 class FakeClock:
-    """Today in Japan, movable by tests."""
+    """Today in Japan, movable by tests; ``clock`` is the kit's clock reading it."""
 
     def __init__(self) -> None:
-        self.today = today_in_japan()
+        self.today = SYSTEM_CLOCK.today()
+        self.clock = Clock(self.now)
 
-    def __call__(self) -> date:
-        return self.today
+    def now(self) -> datetime:
+        # The current time of day on the (movable) day in Japan.
+        real = datetime.now(JAPAN)
+        return datetime.combine(self.today, real.timetz()).astimezone(UTC)
 
 
 @dataclass
@@ -105,7 +110,7 @@ class Harness:
 @pytest.fixture(scope="module")
 async def h(settings: Settings) -> AsyncIterator[Harness]:
     clock = FakeClock()
-    app = create_app(settings, config=CertificationConfig(expiry_interval_s=3600), clock=clock)
+    app = create_app(settings, config=CertificationConfig(expiry_interval_s=3600), clock=clock.clock)
     async with service_client(app) as client:
         yield Harness(settings, client, app, clock)
 
@@ -391,7 +396,7 @@ async def test_concurrent_approvals_get_consecutive_numbers_and_twin_application
     emit_certificate = handlers._emit_certificate
     issued_here = 0
 
-    async def failing_thrice(work: handlers.Work, event: handlers.CertificateEvent) -> None:
+    async def failing_thrice(work: Work, event: handlers.CertificateEvent) -> None:
         nonlocal issued_here
         if isinstance(event, CertificateIssued) and event.municipality_code == yaizu:
             issued_here += 1
@@ -866,8 +871,8 @@ async def test_two_replicas_send_each_expiring_and_expired_notice_exactly_once(s
     start = clock.today
     replica_settings = settings.model_copy(update={"db_prefix": f"{settings.db_prefix}_expiry"})
     config = CertificationConfig(expiry_interval_s=0.05, consumer_name=new_id("certification-expiry"))
-    first, second = create_app(replica_settings, config=config, clock=clock), create_app(
-        replica_settings, config=config, clock=clock)
+    first, second = create_app(replica_settings, config=config, clock=clock.clock), create_app(
+        replica_settings, config=config, clock=clock.clock)
     async with service_client(first) as client_a, service_client(second) as client_b:
         harnesses = [Harness(replica_settings, c, app, clock) for c, app in ((client_a, first), (client_b, second))]
         numbers = []

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from services.certification.domain import (
-    TOKYO,
     Application,
     ApplicationAlreadyDecided,
     ApplicationRequest,
@@ -52,7 +51,6 @@ from services.certification.domain import (
     registration_registered,
     share_consents,
     shared_partners,
-    today_in_japan,
     validity_period,
 )
 from services.certification.views import CSV_COLUMNS, certificate_row
@@ -334,10 +332,6 @@ def test_expiry_dates() -> None:
     assert expiring_window(TODAY) == (TODAY, date(2026, 7, 1))
     assert days_left(date(2026, 7, 1), TODAY) == 30
     assert expired_on(date(2026, 12, 31)) == date(2027, 1, 1)
-
-
-def test_today_is_the_japanese_calendar_day() -> None:
-    assert today_in_japan() in {datetime.now(TOKYO).date(), (datetime.now(TOKYO) - timedelta(seconds=5)).date()}
 
 
 async def test_the_csv_export_has_a_bom_and_neutralises_formulas() -> None:

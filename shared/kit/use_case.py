@@ -1,0 +1,233 @@
+"""Every HTTP write of every service runs through one runner, in one order:
+
+1. **authorise** — the use case's permission check (who may act on this target) runs first, before
+   anything is replayed or changed; it may load and lock the target, and hands it to the action;
+2. **idempotency** — with an ``Idempotency-Key``, the key is scoped to the caller's identity and
+   the operation: the same caller repeating the same request gets the first response back; the
+   same key with another body is a 422 problem; another caller's key is another key;
+3. **one transaction** for the state change, the stored response and the outgoing events (written
+   to the outbox in one statement just before the commit);
+4. **transient faults retried** — a database that is briefly away, a serialisation failure or a
+   deadlock re-runs the whole attempt after a jittered backoff; a commit whose outcome is unknown
+   is never re-run (it answers 503, and an Idempotency-Key makes the client's retry safe).
+
+Routes get a ``Write`` through the ``WriteRequest`` dependency (it is the only way to run a
+use case from HTTP) and call ``write.run(act, authorise=...)``; ``tests/unit/test_use_cases.py``
+walks every write route of every service and fails on one without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol, TypeVar, overload
+
+import structlog
+from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
+
+from shared.contracts.base import EventData
+from shared.contracts.topics import Topic
+from shared.kit import idempotency
+from shared.kit.auth import Principal, current_principal
+from shared.kit.db import Connection
+from shared.kit.envelope import Envelope
+from shared.kit.errors import DomainError, is_transient
+from shared.kit.service import ServiceRuntime, UnitOfWork
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: Attempts of one write when the database is briefly away (the first one included).
+ATTEMPTS = 4
+#: The first retry waits about this long (jittered ±50 %), each next one twice as long.
+FIRST_BACKOFF_S = 0.025
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class Work(Protocol):
+    """An open transaction that can record outgoing events: a use case's ``UnitOfWork`` or a
+    consumer's ``HandlerContext``. It is all a use case needs."""
+
+    @property
+    def conn(self) -> Connection: ...
+
+    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope: ...
+
+
+class InvalidIdempotencyKey(DomainError):
+    code = "invalid-idempotency-key"
+    status = 422
+    title = "The Idempotency-Key is not usable"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A write's answer as it is sent, and as it is stored for an Idempotency-Key replay.
+
+    ``replay_body``: what a replay answers instead of ``body`` when the first answer holds what must
+    never be stored (an API key's secret is shown once)."""
+
+    status_code: int
+    body: Any = None
+    replayed: bool = False
+    replay_body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> Response:
+        headers = dict(self.headers)
+        if self.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        if self.body is None:
+            return Response(status_code=self.status_code, headers=headers)
+        return JSONResponse(self.body, status_code=self.status_code, headers=headers)
+
+
+class _CommitUncertain(Exception):
+    """The commit failed on the wire: it may or may not have happened, so it is never re-run."""
+
+
+@dataclass(slots=True)
+class Write:
+    """One HTTP write: who asks, for which operation, with which request, under which key."""
+
+    runtime: ServiceRuntime
+    principal: Principal
+    #: ``METHOD /route/{template}``: a key is remembered per caller and operation.
+    operation: str
+    #: What the key's fingerprint covers: the concrete path, query and body.
+    request: Any
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    ran: bool = False
+
+    @property
+    def caller(self) -> str:
+        """The caller's identity; it leads the key's scope so an erasure can forget a person's keys."""
+        p = self.principal
+        where = p.municipality or p.partner
+        return f"{p.subject} {p.role.value}{'@' + where if where else ''}"
+
+    @overload
+    async def run(self, act: Callable[[UnitOfWork], Awaitable[Outcome]]) -> Outcome: ...
+
+    @overload
+    async def run(
+        self, act: Callable[[UnitOfWork, T], Awaitable[Outcome]], *, authorise: Callable[[UnitOfWork], Awaitable[T]]
+    ) -> Outcome: ...
+
+    async def run(self, act: Callable[..., Awaitable[Outcome]], *, authorise: Any = None) -> Outcome:
+        """Authorise, replay or act, commit; retry what a transient fault interrupted.
+
+        ``authorise`` checks who may act on the target (and may load and lock it for ``act``); it
+        must not check the target's state, so that a replay finds the first answer, not a 409.
+        Without it the route's role check is the whole permission check."""
+        if self.ran:
+            raise RuntimeError(f"{self.operation}: a write runs once")
+        self.ran = True
+        attempt = 1
+        while True:
+            try:
+                return await self._attempt(act, authorise)
+            except _CommitUncertain as uncertain:
+                raise uncertain.__cause__ or uncertain from None
+            except Exception as error:
+                if not is_transient(error) or attempt >= ATTEMPTS:
+                    raise
+                delay = FIRST_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+                log.warning("write hit a transient fault, retrying", operation=self.operation,
+                            error=repr(error), attempt=attempt, backoff_s=round(delay, 3))
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, act: Callable[..., Awaitable[Outcome]], authorise: Any) -> Outcome:
+        runtime = self.runtime
+        async with runtime.pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                work = UnitOfWork(conn, runtime, self.correlation_id)
+                target = await authorise(work) if authorise is not None else None
+                scope, fingerprint = self._key_scope()
+                if scope is not None:
+                    assert self.idempotency_key is not None
+                    stored = await idempotency.replay(conn, scope, self.idempotency_key, fingerprint)
+                    if stored is not None:
+                        await transaction.rollback()
+                        log.info("write replayed", operation=self.operation)
+                        return Outcome(stored.status_code, stored.body, replayed=True)
+                outcome = await (act(work, target) if authorise is not None else act(work))
+                if scope is not None:
+                    assert self.idempotency_key is not None
+                    kept = outcome.body if outcome.replay_body is None else outcome.replay_body
+                    await idempotency.remember(
+                        conn, scope, self.idempotency_key, fingerprint, outcome.status_code, kept
+                    )
+                await work.flush()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except Exception as error:
+                raise _CommitUncertain from error
+        runtime.outbox.committed()
+        return outcome
+
+    def _key_scope(self) -> tuple[str | None, str]:
+        if self.idempotency_key is None:
+            return None, ""
+        return (
+            f"{self.caller} {self.operation}",
+            idempotency.request_hash({"operation": self.operation, "request": self.request}),
+        )
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", max_length=255,
+        description="repeat this write safely: the same key and request answer the first response again",
+    ),
+]
+
+
+async def write_request(
+    request: Request,
+    principal: Annotated[Principal, Depends(current_principal)],
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Write:
+    """The ``Write`` of an HTTP request (FastAPI has parsed and validated the body before this runs)."""
+    if idempotency_key is not None and _IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
+        raise InvalidIdempotencyKey("send 1-255 visible ASCII characters, e.g. a UUID")
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    return Write(
+        runtime=request.app.state.runtime,
+        principal=principal,
+        operation=f"{request.method} {route}",
+        request={"path": request.url.path, "query": str(request.query_params), "body": await _body_of(request)},
+        idempotency_key=idempotency_key,
+        correlation_id=getattr(request.state, "correlation_id", None),
+    )
+
+
+async def _body_of(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.hex()
+
+
+#: The dependency every write route takes: ``write: WriteRequest``.
+WriteRequest = Annotated[Write, Depends(write_request)]
