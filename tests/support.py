@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -205,3 +206,50 @@ async def caught_up(
     finally:
         for probe in probes.values():
             await probe.stop()
+
+
+async def assert_key_scoped(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    *,
+    owner: dict[str, str],
+    other: dict[str, str],
+    body: Any = None,
+    changed_body: Any = None,
+    changed_path: str | None = None,
+) -> httpx.Response:
+    """The Idempotency-Key contract of one write route, as seen from outside:
+
+    - the owner's first request succeeds (2xx), and repeating it answers the stored first response
+      (``Idempotent-Replayed: true``, same status and body);
+    - another caller sending the same key and request never gets the owner's response: its own
+      answer (a 403/404 where it may not act, or its own fresh result), never a replay;
+    - the owner sending the same key with another valid request (``changed_body``, or the same body
+      to ``changed_path``) gets a 422 ``idempotency-key-reused``.
+
+    Returns the owner's first response."""
+    assert changed_body is not None or changed_path is not None, "name the changed request"
+    key = f"scope-{uuid.uuid4()}"
+
+    async def send(headers: dict[str, str], payload: Any, to: str = path) -> httpx.Response:
+        kwargs: dict[str, Any] = {"headers": {**headers, "Idempotency-Key": key}}
+        if payload is not None:
+            kwargs["json"] = payload
+        return await client.request(method, to, **kwargs)
+
+    first = await send(owner, body)
+    assert first.status_code < 300, f"{method} {path}: {first.status_code} {first.text}"
+    again = await send(owner, body)
+    assert (again.status_code, again.content and again.json()) == (first.status_code, first.content and first.json())
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    theirs = await send(other, body)
+    assert theirs.headers.get("Idempotent-Replayed") is None, f"{method} {path}: another caller got a replay"
+    if theirs.status_code < 300:
+        assert theirs.content != first.content or theirs.status_code != first.status_code or first.status_code == 204
+    else:
+        assert theirs.status_code in (400, 403, 404, 409, 422), theirs.text
+    changed = await send(owner, body if changed_body is None else changed_body, changed_path or path)
+    assert changed.status_code == 422, changed.text
+    assert changed.json()["code"] == "idempotency-key-reused", changed.text
+    return first

@@ -9,8 +9,6 @@ contact data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.certification import handlers
 from services.certification.domain import ProjectionEvent
 from shared.contracts.registration import (
@@ -23,7 +21,7 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
-from shared.kit.consumer import EventRouter, HandlerContext
+from shared.kit.consumer import EventRouter, HandlerContext, Run
 
 router = EventRouter()
 
@@ -32,9 +30,9 @@ router = EventRouter()
     ResidentRegistered, PremiumRequested, PremiumApproved, PremiumRejected, PremiumExpired, RegistrationWithdrawn,
     ConsentChanged,
 )
-async def projection_events(items: Sequence[tuple[HandlerContext, ProjectionEvent]]) -> None:
+async def projection_events(run: Run[ProjectionEvent]) -> None:
     # One handler for all of them keeps runs long: the kit splits a run where the handler changes.
-    await handlers.record_projection_events(items[0][0].conn, [(event, ctx.envelope.time) for ctx, event in items])
+    await handlers.record_projection_events(run.conn, [(event, ctx.envelope.time) for ctx, event in run])
 
 
 @router.on(ResidentWithdrawn)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.notification import handlers
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -27,7 +25,7 @@ from shared.contracts.registration import (
 )
 from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed, GrantWaitlisted
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES, DONATIONS, GRANTS, RESIDENTS
-from shared.kit.consumer import EventRouter, HandlerContext
+from shared.kit.consumer import EventRouter, HandlerContext, Run
 
 TOPICS = (RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, DONATIONS)
 
@@ -42,10 +40,10 @@ router = EventRouter()
     GrantIssued, GrantWaitlisted, GrantRedeemed, GrantCancelled,
     ReceiptIssued, OneStopExceptionVoided,
 )
-async def on_registration_consent_or_decision(items: Sequence[tuple[HandlerContext, EventData]]) -> None:
+async def on_registration_consent_or_decision(run: Run[EventData]) -> None:
     """Keep the contact projection and tell residents about every decision, a run at a time (the
     event's type decides the message)."""
-    await handlers.apply_events(items)
+    await handlers.apply_events(run)
 
 
 @router.on(ContactChanged)

@@ -8,8 +8,6 @@ changes nothing a partner sees and is not routed); ``subsidy.grants.v1``: every 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.partner_gateway import handlers
 from services.partner_gateway.domain import GRANT_EVENTS, SHARE_PURPOSE, GrantEvent, ShareConsent
 from services.partner_gateway.handlers import CertificateEvent, ConsentChange, PartnerDirectory
@@ -20,7 +18,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.registration import ConsentChanged, ResidentRegistered, ResidentWithdrawn
-from shared.kit.consumer import EventRouter, HandlerContext
+from shared.kit.consumer import EventRouter, HandlerContext, Run
 
 ResidentEvent = ResidentRegistered | ConsentChanged
 
@@ -30,8 +28,8 @@ def build_router(partners: PartnerDirectory) -> EventRouter:
 
     # Consents and certificate events are applied set-based: a run of them in a few statements.
     @router.on_many(ResidentRegistered, ConsentChanged)
-    async def share_consents_changed(items: Sequence[tuple[HandlerContext, ResidentEvent]]) -> None:
-        changes = [change for ctx, event in items for change in _changes(ctx, event)]
+    async def share_consents_changed(run: Run[ResidentEvent]) -> None:
+        changes = [change for ctx, event in run for change in _changes(ctx, event)]
         await handlers.apply_share_consents(partners, changes)
 
     @router.on(ResidentWithdrawn)
@@ -39,8 +37,8 @@ def build_router(partners: PartnerDirectory) -> EventRouter:
         await handlers.apply_resident_withdrawn(ctx, partners, event.resident_id, event.withdrawn_at)
 
     @router.on_many(CertificateIssued, CertificateRenewed, CertificateRevoked, CertificateExpired)
-    async def certificates_changed(items: Sequence[tuple[HandlerContext, CertificateEvent]]) -> None:
-        await handlers.apply_certificate_events(partners, items)
+    async def certificates_changed(run: Run[CertificateEvent]) -> None:
+        await handlers.apply_certificate_events(partners, run)
 
     @router.on(*GRANT_EVENTS)
     async def grant_changed(ctx: HandlerContext, event: GrantEvent) -> None:

@@ -8,8 +8,6 @@ only those of towns with travel programs are granted one by one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from services.subsidy import handlers
 from services.subsidy.domain import tokyo_today
 from shared.contracts.certification import (
@@ -20,15 +18,15 @@ from shared.contracts.certification import (
 )
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.partners import TripReported
-from shared.kit.consumer import EventRouter, HandlerContext
+from shared.kit.consumer import EventRouter, HandlerContext, Run
 
 certificates_and_donations = EventRouter()
 trips = EventRouter()
 
 
 @certificates_and_donations.on_many(CertificateIssued, CertificateRenewed)
-async def on_certificates_granted(items: Sequence[tuple[HandlerContext, handlers.GrantingEvent]]) -> None:
-    await handlers.grant_certificates(items, tokyo_today())
+async def on_certificates_granted(run: Run[handlers.GrantingEvent]) -> None:
+    await handlers.grant_certificates(run, tokyo_today())
 
 
 @certificates_and_donations.on(CertificateRevoked, CertificateExpired)

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import asyncpg
 import structlog
@@ -45,10 +45,11 @@ from shared.kit.settings import Settings
 log = structlog.get_logger(__name__)
 
 D = TypeVar("D", bound=EventData)
+E = TypeVar("E")
 T = TypeVar("T")
 Handler = Callable[["HandlerContext", Any], Awaitable[None]]
 #: A set-based handler: consecutive events of its types in one batch, each with its own context.
-BatchHandler = Callable[[Sequence[tuple["HandlerContext", Any]]], Awaitable[None]]
+BatchHandler = Callable[["Run[Any]"], Awaitable[None]]
 
 COMMIT_TIMEOUT_S = 10.0
 DLQ_HEADERS = ("dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time")
@@ -115,6 +116,70 @@ class HandlerContext:
             self.pending.append(record)
         else:
             await self.outbox.add_record(self.conn, record)
+
+
+class Run(Sequence[tuple[HandlerContext, E]], Generic[E]):
+    """A run of consecutive events of one set-based handler's types in a batch, in order, each with
+    the context it was received in; what ``router.on_many`` handlers get.
+
+    A run is a sequence of ``(context, event)`` pairs on one open transaction (``conn``). ``split``
+    cuts it where a key repeats, for statements that may touch a row only once; ``emit`` records an
+    outgoing event caused by one of its events."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Sequence[tuple[HandlerContext, E]]) -> None:
+        if not items:
+            raise ValueError("a run has at least one event")
+        self._items = items
+
+    @property
+    def conn(self) -> Connection:
+        return self._items[0][0].conn
+
+    @property
+    def settings(self) -> Settings:
+        return self._items[0][0].settings
+
+    @property
+    def events(self) -> list[E]:
+        return [event for _, event in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[HandlerContext, E]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[HandlerContext, E]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[HandlerContext, E] | Sequence[tuple[HandlerContext, E]]:
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[tuple[HandlerContext, E]]:
+        return iter(self._items)
+
+    def split(self, key: Callable[[E], Hashable]) -> Iterator[Run[E]]:
+        """Consecutive pieces in which no event's key repeats (see ``distinct_runs``)."""
+        for piece in distinct_runs(self._items, key=lambda item: key(item[1])):
+            yield Run(piece)
+
+    def pieces(self, cut: Callable[[Sequence[tuple[HandlerContext, E]]], Iterator[Sequence[tuple[HandlerContext, E]]]]
+               ) -> Iterator[Run[E]]:
+        """The pieces a handler's own rule cuts the run into, each a run."""
+        for piece in cut(self._items):
+            yield Run(piece)
+
+    async def emit(
+        self, cause: E, topic: Topic, data: EventData, *, subject: str, key: str | None = None,
+        partition_key: str | None = None,
+    ) -> Envelope:
+        """Record an outgoing event caused by ``cause``, one of this run's events."""
+        for context, event in self._items:
+            if event is cause:
+                return await context.emit(topic, data, subject=subject, key=key, partition_key=partition_key)
+        raise ValueError("the cause is not an event of this run")
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +402,24 @@ class EventConsumer:
         self.stats.skipped += counts.skipped
         self.stats.parked += counts.parked
 
+    async def _route(
+        self, conn: Connection, record: ConsumerRecord[bytes, bytes], counts: ConsumerStats,
+        pending: list[OutgoingRecord] | None = None,
+    ) -> tuple[Envelope, Route] | None:
+        """The record's envelope and the route of its type; None for a record parked as unreadable
+        (with its dead letter in ``pending``, or written at once) or of a type nobody here handles."""
+        try:
+            envelope = parse_envelope(record.headers, record.value, record.key)
+        except EnvelopeError as error:
+            await self._park(conn, record, str(error), None, pending)
+            counts.parked += 1
+            return None
+        route = self.router.route(envelope.type)
+        if route is None:
+            counts.skipped += 1
+            return None
+        return envelope, route
+
     async def _apply_batch(
         self, conn: Connection, records: Sequence[ConsumerRecord[bytes, bytes]], counts: ConsumerStats
     ) -> None:
@@ -348,17 +431,9 @@ class EventConsumer:
         pending: list[OutgoingRecord] = []
         routed: list[tuple[ConsumerRecord[bytes, bytes], Envelope, Route]] = []
         for record in records:
-            try:
-                envelope = parse_envelope(record.headers, record.value, record.key)
-            except EnvelopeError as error:
-                await self._park(conn, record, str(error), None, pending)
-                counts.parked += 1
-                continue
-            route = self.router.route(envelope.type)
-            if route is None:
-                counts.skipped += 1
-                continue
-            routed.append((record, envelope, route))
+            found = await self._route(conn, record, counts, pending)
+            if found is not None:
+                routed.append((record, *found))
         first_seen = {envelope.id: record.topic for record, envelope, _ in reversed(routed)}
         claimed = await inbox.claim_many(conn, self.name, list(first_seen.items()))
         run: list[tuple[HandlerContext, Any]] = []
@@ -391,23 +466,20 @@ class EventConsumer:
     async def _apply_run(handler: BatchHandler | None, run: list[tuple[HandlerContext, Any]]) -> None:
         assert handler is not None
         first = run[0][0].envelope
-        with bound_context(event_id=str(first.id), event_type=first.type, events=len(run)):
-            await handler(run)
+        with bound_context(
+            event_id=str(first.id), event_type=first.type, events=len(run),
+            correlation_id=first.correlation_id or str(first.id),
+        ):
+            await handler(Run(run))
 
     async def _apply_record(
         self, conn: Connection, record: ConsumerRecord[bytes, bytes], *, counts: ConsumerStats
     ) -> None:
         """One record in a savepoint of its own: a failing handler is retried, then parked."""
-        try:
-            envelope = parse_envelope(record.headers, record.value, record.key)
-        except EnvelopeError as error:
-            await self._park(conn, record, str(error), None)
-            counts.parked += 1
+        found = await self._route(conn, record, counts)
+        if found is None:
             return
-        route = self.router.route(envelope.type)
-        if route is None:
-            counts.skipped += 1
-            return
+        envelope, route = found
         if not await inbox.claim(conn, self.name, envelope.id, record.topic):
             counts.duplicates += 1
             return
@@ -434,7 +506,7 @@ class EventConsumer:
                 async with conn.transaction():
                     event = envelope.decode(route.model)
                     if route.many is not None:
-                        await route.many([(context, event)])
+                        await route.many(Run([(context, event)]))
                     else:
                         assert route.handler is not None
                         await route.handler(context, event)
