@@ -58,7 +58,12 @@ def create_app(
 
     app = create_http_app(
         service=SERVICE, settings=settings, routers=[router], lifespan=runtime.lifespan, readiness=runtime.readiness,
-        description=__doc__ or "",
+        description=(
+            "Dual-resident certification (二地域居住者の証明): a person with a furusato registration applies to a "
+            "municipality with a specific residence promotion plan, its staff approve or reject the application, "
+            "and certificates are issued, renewed, revoked and expire. "
+            "Events: certification.applications.v1, certification.certificates.v1."
+        ),
     )
     app.state.certification = CertificationService(runtime, retry_after_s=config.resident_retry_after_s)
 

@@ -25,5 +25,9 @@ def create_app(settings: Settings | None = None, *, pool_size: int = 10) -> Fast
         routers=[router],
         lifespan=runtime.lifespan,
         readiness=runtime.readiness,
-        description=__doc__ or "",
+        description=(
+            "Hometown-tax (ふるさと納税), corporate and mile donations to municipalities: donation receipts with a "
+            "gapless number per municipality and year, refunds, the yearly one-stop exception counts and each "
+            "municipality's fund ledger per earmark. Events: donation.donations.v1."
+        ),
     )

@@ -1,7 +1,8 @@
 """JSON Schema per event type and an AsyncAPI 3.0 document per service, generated from the models.
 
 ``nichiiki contracts`` writes them under ``docs/contracts/``; a test keeps the committed copies
-equal to what the models generate, so the published contracts never drift from the code.
+equal to what the models generate, so the published contracts never drift from the code, and
+another (``compatibility.py``) fails when a published event version changes in a breaking way.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 import shared.contracts
 from shared.contracts.base import EVENT_MODELS, EventData
 from shared.contracts.topics import CORE_TOPICS, PARTNER_FEED, SERVICES, Topic
+from shared.reference import travel_programs
 
 
 def load_all_contracts() -> dict[str, type[EventData]]:
     """Import every contract module so that every event model is registered."""
     for module in pkgutil.iter_modules(shared.contracts.__path__):
-        if module.name not in {"base", "catalog", "topics"}:
+        if module.name not in {"base", "catalog", "compatibility", "topics"}:
             importlib.import_module(f"shared.contracts.{module.name}")
     # Only the published contracts: tests define event models of their own.
     return {t: m for t, m in sorted(EVENT_MODELS.items()) if m.__module__.startswith("shared.contracts.")}
@@ -38,6 +40,122 @@ def events_on(topic: Topic) -> list[type[EventData]]:
     return [m for m in load_all_contracts().values() if m.event_topic == topic.name]
 
 
+#: Event versions no longer published. Their schema files stay in ``docs/contracts/schemas/`` as the
+#: record of what was promised; the compatibility test accepts their models being gone. Event type →
+#: why and since when, e.g. ``"jp.nichiiki.x.y.v1": "replaced by v2 on 2025-04-01; no producer sends it"``.
+RETIRED_EVENT_TYPES: dict[str, str] = {}
+
+#: The AsyncAPI address of the partner feeds: one topic per partner, ``partner.{partner}.v1``.
+PARTNER_FEED_ADDRESS = "partner.{partner}.v1"
+PARTNER_FEED_CHANNEL = "partner_feed_v1"
+
+_INTERNAL_SERVER = "internal"
+_PARTNER_SERVER = "partners"
+_SERVERS: dict[str, Any] = {
+    _INTERNAL_SERVER: {
+        "host": "{bootstrap}",
+        "protocol": "kafka-secure",
+        "title": "The platform's Kafka cluster",
+        "description": "Where the services publish and consume every event. The security scheme is the one a "
+        "production cluster is to use (SASL_SSL, SCRAM-SHA-512, a user per service); as of this version the local "
+        "embedded stack (`./nichiiki start`, Tansu), the tests and docker-compose.yml still listen in plaintext "
+        "without authentication.",
+        "variables": {
+            "bootstrap": {
+                "description": "Bootstrap servers (`NICHIIKI_KAFKA_BOOTSTRAP`).",
+                "default": "kafka:9092",
+                "examples": ["kafka:9092", "127.0.0.1:19092"],
+            },
+        },
+        "security": [{"$ref": "#/components/securitySchemes/scramSha512"}],
+    },
+    _PARTNER_SERVER: {
+        "host": "{host}",
+        "protocol": "kafka-secure",
+        "title": "The partner-facing listener of the cluster",
+        "description": "What airlines, railways and ferries connect to: each partner reads its own feed "
+        "(`partner.{partner}.v1`) and writes trips and redemptions (`partner.redemptions.v1`). To be secured "
+        "with SASL_SSL and SCRAM-SHA-512, a credential per partner; not yet separated from the internal cluster "
+        "in this version.",
+        "variables": {
+            "host": {"description": "The partner-facing bootstrap address, given to each partner at onboarding."},
+        },
+        "security": [{"$ref": "#/components/securitySchemes/partnerScramSha512"}],
+    },
+}
+_SECURITY_SCHEMES: dict[str, Any] = {
+    "scramSha512": {
+        "type": "scramSha512",
+        "description": "SASL/SCRAM-SHA-512 over TLS (Kafka `security.protocol=SASL_SSL`).",
+    },
+    "partnerScramSha512": {
+        "type": "scramSha512",
+        "description": "SASL/SCRAM-SHA-512 over TLS (Kafka `security.protocol=SASL_SSL`), the partner's own "
+        "credential: a partner reads its own feed only.",
+    },
+}
+
+
+def partner_codes() -> list[str]:
+    """The partners of the travel programs reference data, in the order listed (``jal``, ``ana``, …)."""
+    return list(dict.fromkeys(program.partner_code for program in travel_programs()))
+
+
+def _channel(topic: Topic, models: list[type[EventData]]) -> tuple[str, dict[str, Any]]:
+    description = f"{topic.description} Key: {topic.key}. Partitions: {topic.partitions}." + (
+        " Compacted." if topic.compacted else ""
+    )
+    channel: dict[str, Any] = {
+        "address": topic.name,
+        "description": description,
+        "messages": {m.__name__: {"$ref": f"#/components/messages/{m.__name__}"} for m in models},
+        "servers": [{"$ref": f"#/servers/{_INTERNAL_SERVER}"}],
+    }
+    if topic == PARTNER_FEED:  # topics.py names the shape ``partner.<partner>.v1``; AsyncAPI has parameters
+        channel["address"] = PARTNER_FEED_ADDRESS
+        channel["parameters"] = {
+            "partner": {
+                "description": "The partner's code (lower-case letters and digits): one topic per partner.",
+                "enum": partner_codes(),
+            },
+        }
+    if topic == PARTNER_FEED or topic.producer == "partners":
+        channel["servers"].append({"$ref": f"#/servers/{_PARTNER_SERVER}"})
+    return (PARTNER_FEED_CHANNEL if topic == PARTNER_FEED else topic.name.replace(".", "_")), channel
+
+
+def _payload_components(model: type[EventData], schemas: dict[str, Any]) -> dict[str, Any]:
+    """The model's schema as components: its nested models move from ``$defs`` to components/schemas.
+
+    Embedded in an AsyncAPI document, ``#/$defs/...`` would point at the document's root, where there
+    are no ``$defs``; and ``$id`` would make the references resolve against another document.
+    """
+    schema = json_schema(model)
+    del schema["$id"]
+    definitions: dict[str, Any] = schema.pop("$defs", {})
+    as_is = {name: name for name in definitions}
+    names: dict[str, str] = {}
+    for name, definition in definitions.items():
+        # Models share nested models (PartnerMembership); a different one of the same name gets its own.
+        same = schemas.get(name, _rewrite_refs(definition, as_is)) == _rewrite_refs(definition, as_is)
+        names[name] = name if same else f"{model.__name__}.{name}"
+    rewritten: dict[str, Any] = _rewrite_refs(schema, names)
+    for name, definition in definitions.items():
+        schemas[names[name]] = _rewrite_refs(definition, names)
+    return rewritten
+
+
+def _rewrite_refs(node: Any, names: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            node = {**node, "$ref": f"#/components/schemas/{names[ref.removeprefix('#/$defs/')]}"}
+        return {k: (v if k == "$ref" else _rewrite_refs(v, names)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(item, names) for item in node]
+    return node
+
+
 def asyncapi(service: str) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of one service: the channels it sends to and receives from."""
     if service not in SERVICES:
@@ -45,26 +163,22 @@ def asyncapi(service: str) -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
-    for topic in (*CORE_TOPICS, PARTNER_FEED):  # one channel stands for every partner's feed
+    schemas: dict[str, Any] = {}
+    for topic in (*CORE_TOPICS, PARTNER_FEED):  # one parameterised channel stands for every partner's feed
         sends = topic.producer == service
         receives = service in topic.consumers
         if not (sends or receives):
             continue
         models = events_on(topic)
-        channel_id = topic.name.replace(".", "_")
-        channels[channel_id] = {
-            "address": topic.name,
-            "description": f"{topic.description} Key: {topic.key}. Partitions: {topic.partitions}."
-            + (" Compacted." if topic.compacted else ""),
-            "messages": {m.__name__: {"$ref": f"#/components/messages/{m.__name__}"} for m in models},
-        }
+        channel_id, channels[channel_id] = _channel(topic, models)
         for model in models:
+            schemas[model.__name__] = _payload_components(model, schemas)
             messages[model.__name__] = {
                 "name": model.event_type,
                 "title": model.__name__,
                 "contentType": "application/json",
                 "headers": _CLOUDEVENTS_HEADERS,
-                "payload": json_schema(model),
+                "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
             }
         if sends:
             operations[f"send_{channel_id}"] = {"action": "send", "channel": {"$ref": f"#/channels/{channel_id}"}}
@@ -72,13 +186,23 @@ def asyncapi(service: str) -> dict[str, Any]:
             operations[f"receive_{channel_id}"] = {
                 "action": "receive", "channel": {"$ref": f"#/channels/{channel_id}"},
             }
+    used = {ref["$ref"].removeprefix("#/servers/") for c in channels.values() for ref in c["servers"]}
+    servers = {name: server for name, server in _SERVERS.items() if name in used}
+    security = {
+        ref["$ref"].removeprefix("#/components/securitySchemes/") for s in servers.values() for ref in s["security"]
+    }
     return {
         "asyncapi": "3.0.0",
         "info": {"title": f"Nichiiki {service}", "version": "1.0.0"},
         "defaultContentType": "application/json",
+        "servers": servers,
         "channels": channels,
         "operations": operations,
-        "components": {"messages": messages},
+        "components": {
+            "messages": messages,
+            "schemas": dict(sorted(schemas.items())),
+            "securitySchemes": {name: s for name, s in _SECURITY_SCHEMES.items() if name in security},
+        },
     }
 
 
