@@ -40,6 +40,7 @@ from bench.scenarios._http import (
 )
 from shared.contracts.certification import CertificateIssued
 from shared.contracts.common import PartnerMembership
+from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import PartnerCertificate
 from shared.contracts.topics import CERTIFICATES, GRANTS, partner_feed
 from shared.kit.envelope import new_envelope
@@ -94,8 +95,8 @@ async def run(ctx: BenchContext) -> ScenarioResult:
     certificates = ctx.scale(750, 150)  # 15 s (quick: 3 s) at 50/s
     verifications = ctx.scale(10_000, 2_000)  # 10 s (quick: 2 s) at 1,000/s
     # A year of the sequence no real certificate has yet: these numbers are this scenario's alone.
-    prefix = f"NCH-{SHIRAHAMA}-9{random.randrange(1000):03d}-"
-    numbers = [f"{prefix}{i:06d}" for i in range(certificates)]
+    year = 9000 + random.randrange(1000)
+    numbers = [CertificateNumber.format(SHIRAHAMA, year, i) for i in range(1, certificates + 1)]
     certificates_topic = ctx.settings.topic(CERTIFICATES.name)
     watcher = TopicWatcher(
         ctx.settings, ctx.settings.topic(partner_feed("jal").name), subject_of(PartnerCertificate.event_type)

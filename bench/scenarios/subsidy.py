@@ -40,6 +40,7 @@ from bench.scenarios._events import (
     settle,
     today_in_japan,
 )
+from shared.contracts.formats import ProgramId
 from shared.contracts.partners import TripReported
 from shared.contracts.topics import CERTIFICATES, REDEMPTIONS
 from shared.kit.envelope import new_envelope
@@ -62,7 +63,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
     legs = ctx.scale(12, 10)  # per grant: half over HTTP, half over Kafka, then two refused
     http_per_grant = legs // 2
     kafka_per_grant = legs - http_per_grant
-    program_id = f"bench-voucher-{tag}@{TOWN}"
+    program_id = ProgramId.format(f"bench-voucher-{tag}", TOWN)
     today = today_in_japan()
     http = LeanHttp(ctx.fleet.url("subsidy"), size=CONCURRENCY)
     notes: list[str] = []

@@ -633,8 +633,9 @@ def validity_period(
 @dataclass(frozen=True, slots=True)
 class Approval:
     """An approval decided in full but for its number (``shared.contracts.formats.CertificateNumber``:
-    ``NCH-<code6>-<year>-<sequence>``), whose sequence the store takes in the statement that records the approval (the counter row of the
-    municipality's year stays locked from then until commit, so it is taken as late as possible)."""
+    ``NCH-<code6>-<year>-<sequence>``), whose sequence the store takes in the statement that records
+    the approval (the counter row of the municipality's year stays locked from then until commit, so
+    it is taken as late as possible)."""
 
     application: Application
     by: str

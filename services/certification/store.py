@@ -22,6 +22,7 @@ from services.certification.domain import (
     ResidentRow,
 )
 from shared.contracts.common import PartnerMembership
+from shared.contracts.formats import CertificateNumber
 from shared.kit.db import Connection
 
 # --- municipality rules --------------------------------------------------------------------------
@@ -398,10 +399,11 @@ async def issue_certificate(conn: Connection, approval: Approval, audit: AuditEn
     waits for it, so callers run this last (only the outbox row follows). The decision, the
     certificate and the audit entry (its details gain the number) are written by the same
     statement. A rollback undoes the increment with the rest: numbers stay gapless. The number is
-    formatted as ``domain.certificate_number`` does; the counter's CHECK keeps it to 6 digits.
+    composed in SQL (the sequence exists only inside the statement) as ``CertificateNumber`` does,
+    and checked against it; the counter's CHECK keeps the sequence to 6 digits.
     """
     a, application = approval, approval.application
-    number: str = await conn.fetchval(
+    row = await conn.fetchrow(
         """
         WITH counter AS (
             INSERT INTO certificate_counters (municipality_code, year, last_sequence) VALUES ($2, $3, 1)
@@ -427,11 +429,16 @@ async def issue_certificate(conn: Connection, approval: Approval, audit: AuditEn
                 $18::jsonb || jsonb_build_object('certificate_number', counter.number)
             FROM counter
         )
-        SELECT number FROM counter
+        SELECT number, sequence FROM counter
         """,
         application.application_id, application.municipality_code, a.year, application.resident_id, a.valid_from,
         a.valid_until, _partners_json(application.partners), a.at, a.by, *_audit_values(audit),
     )
+    assert row is not None  # the upsert always returns its row
+    number: str = row["number"]
+    # A number partners and the gateway would refuse must not be issued: roll the approval back.
+    if number != CertificateNumber.format(application.municipality_code, a.year, row["sequence"]):
+        raise RuntimeError(f"certificate number {number!r} composed in SQL differs from CertificateNumber")
     return number
 
 

@@ -36,7 +36,9 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from shared.contracts.formats import ProgramId
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, certificate_of_key
+from shared.contracts.topics import SERVICES
 from shared.kit.auth import Role, mint_token
 from shared.kit.settings import Settings
 from shared.reference import municipality
@@ -58,11 +60,9 @@ Printer = Callable[[str], None]
 MailboxReader = Callable[[], list[EmailMessage]]
 
 SHIRAHAMA = "304018"
-JAL_PROGRAM = f"jal-dual-residence-miles@{SHIRAHAMA}"
+JAL_PROGRAM = ProgramId.format("jal-dual-residence-miles", SHIRAHAMA)
 JAL_FEED = "partner.jal.v1"
 TOKYO = ZoneInfo("Asia/Tokyo")
-#: The services the journey talks to.
-SERVICES = ("registration", "certification", "subsidy", "donation", "notification", "partner_gateway")
 #: What a partner record may carry (docs/services/partner_gateway.md): never a name, an address...
 PARTNER_RECORD_FIELDS = frozenset({
     "certificate_number", "status", "valid_from", "valid_until", "municipality_code", "programs",

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.contracts.topics import SERVICES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Every service of the platform, in start-up order, with its local HTTP port.
@@ -24,6 +26,9 @@ SERVICE_PORTS: dict[str, int] = {
     "notification": 8105,
     "partner_gateway": 8106,
 }
+# The services are listed once (``SERVICES``); this map only gives them their ports.
+if tuple(SERVICE_PORTS) != SERVICES:
+    raise RuntimeError(f"SERVICE_PORTS lists {tuple(SERVICE_PORTS)}, not SERVICES {SERVICES} in order")
 
 
 class Settings(BaseSettings):

@@ -47,6 +47,7 @@ from shared.contracts.base import EventData
 from shared.contracts.certification import ApplicationSubmitted, CertificateIssued
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, ReceiptIssued
+from shared.contracts.formats import CertificateNumber, ProgramId
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, TripReported
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
 from shared.contracts.subsidy import GrantIssued, GrantRedemptionRejected
@@ -171,7 +172,7 @@ def new_id(prefix: str) -> str:
 
 
 def new_number(code: str) -> str:
-    return f"NCH-{code}-{TODAY.year}-{random.randrange(10**6):06d}"
+    return CertificateNumber.format(code, TODAY.year, random.randint(1, CertificateNumber.MAX_SEQUENCE))
 
 
 def registered(resident_id: str, *, share_with: str | None = None) -> ResidentRegistered:
@@ -186,7 +187,8 @@ def registered(resident_id: str, *, share_with: str | None = None) -> ResidentRe
 
 def certificate(number: str, resident_id: str, partner: str, member_number: str | None = None) -> CertificateIssued:
     return CertificateIssued(
-        certificate_number=number, resident_id=resident_id, municipality_code=number[4:10],
+        certificate_number=number, resident_id=resident_id,
+        municipality_code=CertificateNumber.parse(number).municipality_code,
         valid_from=TODAY - timedelta(days=10), valid_until=TODAY + timedelta(days=354), status="valid",
         partners=[PartnerMembership(partner=partner, member_number=member_number)],
         application_id=new_id("app"), issued_at=NOW,
@@ -195,7 +197,7 @@ def certificate(number: str, resident_id: str, partner: str, member_number: str 
 
 def grant_issued(number: str, resident_id: str) -> GrantIssued:
     return GrantIssued(
-        grant_id=new_id("gr"), program_id=f"jal-dual-residence-miles@{SHIRAHAMA}", partner="jal",
+        grant_id=new_id("gr"), program_id=ProgramId.format("jal-dual-residence-miles", SHIRAHAMA), partner="jal",
         mechanism="mileage_grant", certificate_number=number, resident_id=resident_id, municipality_code=SHIRAHAMA,
         unit="miles", reserved=30_000, window_from=TODAY, window_until=TODAY + timedelta(days=121), issued_at=NOW,
     )

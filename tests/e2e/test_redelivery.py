@@ -58,6 +58,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded, OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.formats import CertificateNumber, ProgramId
 from shared.contracts.partners import TripReported, certificate_of_key, grant_key
 from shared.contracts.registration import (
     ConsentChanged,
@@ -282,7 +283,7 @@ def new_id(prefix: str) -> str:
 
 
 def new_number(code: str) -> str:
-    return f"NCH-{code}-{TODAY.year}-{random.randrange(10**6):06d}"
+    return CertificateNumber.format(code, TODAY.year, random.randint(1, CertificateNumber.MAX_SEQUENCE))
 
 
 def members(*partners: str, **numbers: str) -> list[PartnerMembership]:
@@ -292,7 +293,8 @@ def members(*partners: str, **numbers: str) -> list[PartnerMembership]:
 def cert_fields(number: str, resident_id: str, partners: list[PartnerMembership], **kw: Any) -> dict[str, Any]:
     valid_from: date = kw.pop("valid_from", TODAY - timedelta(days=10))
     return {
-        "certificate_number": number, "resident_id": resident_id, "municipality_code": number[4:10],
+        "certificate_number": number, "resident_id": resident_id,
+        "municipality_code": CertificateNumber.parse(number).municipality_code,
         "valid_from": valid_from, "valid_until": kw.pop("valid_until", valid_from + timedelta(days=364)),
         "status": kw.pop("status", "valid"), "partners": partners,
     }
@@ -430,7 +432,7 @@ async def test_subsidy_redelivered_and_reordered_ends_where_the_once_only_run_en
     once, _ = await compare_runs(backends, run_id, "subsidy", [constant(first), trips_phase], subsidy_state)
 
     # and that state is the one the scenario calls for
-    budgets = {p["program_id"].split("@")[0]: p["budgets"][0] for p in once["programs"]}
+    budgets = {ProgramId.parse(p["program_id"]).reference: p["budgets"][0] for p in once["programs"]}
     jal, ferry = budgets["jal-dual-residence-miles"], budgets["iki-island-routes"]
     assert (jal["available"], jal["reserved"], jal["spent"], jal["balanced"]) == (40_000, 0, 30_000, True)
     assert (ferry["reserved"], ferry["spent"], ferry["balanced"]) == (120_000 - 5_000, 5_000, True)
@@ -451,10 +453,11 @@ async def test_subsidy_redelivered_and_reordered_ends_where_the_once_only_run_en
 
 
 def grant(kind: type[EventData], grant_id: str, number: str, resident_id: str, minute: int, **extra: Any) -> Item:
+    town = CertificateNumber.parse(number).municipality_code
     fields: dict[str, Any] = {
-        "grant_id": grant_id, "program_id": f"jal-dual-residence-miles@{number[4:10]}", "partner": "jal",
+        "grant_id": grant_id, "program_id": ProgramId.format("jal-dual-residence-miles", town), "partner": "jal",
         "mechanism": "mileage_grant", "certificate_number": number, "resident_id": resident_id,
-        "municipality_code": number[4:10],
+        "municipality_code": town,
     }
     return event(GRANTS, kind.model_validate(fields | extra), grant_id, number, minute=minute)
 

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.contracts.topics import SERVICES
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 INIT_SQL = ROOT / "deploy" / "postgres" / "init.sql"
 
-SERVICES = ["registration", "certification", "subsidy", "donation", "notification", "partner_gateway"]
 ENV_VARS = {
     "NICHIIKI_KAFKA_BOOTSTRAP": "kafka:9092",
     "NICHIIKI_PG_DSN": "postgresql://nichiiki:nichiiki@postgres:5432/nichiiki",
