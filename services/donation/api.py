@@ -1,4 +1,5 @@
-"""HTTP routes of the donation service (thin: parse, authorise, call a handler, shape the response).
+"""HTTP routes of the donation service (thin: parse, turn the body into the domain's command, call
+the use case, shape the response). Every write takes the kit's ``WriteRequest`` and runs through it.
 
 Who calls what: the payment-provider integration (role admin) confirms payments and refunds;
 municipality staff see their municipality's donations, funds and receipts and record one-stop
@@ -11,17 +12,17 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from shared.kit.auth import Principal, Role, require
 from shared.kit.csv_export import csv_response
 from shared.kit.http import Offset
 from shared.kit.my_number import refuse_my_number
-from shared.kit.service import ServiceRuntime
+from shared.kit.use_case import WriteRequest
 
-from . import handlers
 from .domain import MY_NUMBER_EXEMPT_FIELDS
+from .handlers import CSV_COLUMNS, DonationService
 from .schemas import (
     DonationConfirmation,
     DonationPage,
@@ -65,18 +66,17 @@ Admin = Annotated[Principal, Depends(caller(Role.ADMIN))]
 StaffOrAdmin = Annotated[Principal, Depends(caller(Role.STAFF, Role.ADMIN))]
 AnyRole = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 DonorOrAdmin = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.ADMIN))]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
 Year = Annotated[int | None, Query(ge=2008, le=2100, description="calendar year of the payment date")]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-def _runtime(request: Request) -> ServiceRuntime:
-    runtime: ServiceRuntime = request.app.state.runtime
-    return runtime
+async def donation_service(request: Request) -> DonationService:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
+    service: DonationService = request.app.state.donation
+    return service
 
 
-def _correlation(request: Request) -> str | None:
-    return getattr(request.state, "correlation_id", None)
+Service = Annotated[DonationService, Depends(donation_service)]
 
 
 # ---------------------------------------------------------------------------- donations
@@ -87,49 +87,40 @@ def _correlation(request: Request) -> str | None:
     responses={200: {"model": DonationView, "description": "This payment was already recorded (same content)"}},
 )
 async def confirm_donation(
-    body: DonationConfirmation, principal: Admin, request: Request, response: Response
-) -> DonationView:
+    body: DonationConfirmation, principal: Admin, service: Service, write: WriteRequest
+) -> Response:
     """A confirmed payment (from the payment provider): recorded once per payment reference."""
-    result = await handlers.confirm_donation(_runtime(request), body, correlation_id=_correlation(request))
-    response.status_code = 201 if result.created else 200
-    return result.donation
+    return (await service.confirm_donation(write, body.to_domain())).response()
 
 
 @router.get("/donations/{donation_id}", response_model=DonationView)
-async def get_donation(donation_id: uuid.UUID, principal: AnyRole, request: Request) -> DonationView:
-    return await handlers.get_donation(_runtime(request), principal, donation_id)
+async def get_donation(donation_id: uuid.UUID, principal: AnyRole, service: Service) -> DonationView:
+    return await service.get_donation(principal, donation_id)
 
 
 @router.post("/donations/{donation_id}/refund", response_model=DonationView)
 async def refund_donation(
-    donation_id: uuid.UUID, body: RefundRequest, principal: Admin, request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> DonationView:
+    donation_id: uuid.UUID, body: RefundRequest, principal: Admin, service: Service, write: WriteRequest
+) -> Response:
     """The payment was reversed: ledger reversed, receipt cancelled, ``donation.refunded`` emitted."""
-    return await handlers.refund_donation(
-        _runtime(request), donation_id, body.reason, idempotency_key=idempotency_key,
-        correlation_id=_correlation(request),
-    )
+    return (await service.refund_donation(write, donation_id, body.reason)).response()
 
 
 @router.post("/donations/{donation_id}/one-stop", status_code=201, response_model=OneStopApplicationView)
 async def receive_one_stop_application(
-    donation_id: uuid.UUID, body: OneStopApplicationReceived, principal: StaffOrAdmin, request: Request,
-    idempotency_key: IdempotencyKey = None,
-) -> OneStopApplicationView:
+    donation_id: uuid.UUID, body: OneStopApplicationReceived, principal: StaffOrAdmin, service: Service,
+    write: WriteRequest,
+) -> Response:
     """The municipality received the donor's one-stop application (ワンストップ特例申請書)."""
-    return await handlers.receive_one_stop_application(
-        _runtime(request), principal, donation_id, body, idempotency_key=idempotency_key,
-        correlation_id=_correlation(request),
-    )
+    return (await service.receive_one_stop_application(write, donation_id, body.to_domain())).response()
 
 
 @router.post("/donations/{donation_id}/one-stop/verify", response_model=OneStopApplicationView)
 async def verify_one_stop_application(
-    donation_id: uuid.UUID, principal: StaffOrAdmin, request: Request
-) -> OneStopApplicationView:
+    donation_id: uuid.UUID, principal: StaffOrAdmin, service: Service, write: WriteRequest
+) -> Response:
     """The application's identity documents were checked (only the fact is recorded)."""
-    return await handlers.verify_one_stop_application(_runtime(request), principal, donation_id)
+    return (await service.verify_one_stop_application(write, donation_id)).response()
 
 
 # ---------------------------------------------------------------------------- donors
@@ -139,29 +130,27 @@ async def verify_one_stop_application(
     "/donors", status_code=201, response_model=DonorView,
     responses={200: {"model": DonorView, "description": "A donor with this identity exists (details updated)"}},
 )
-async def register_donor(body: DonorDetails, principal: Admin, request: Request, response: Response) -> DonorView:
-    result = await handlers.register_donor(_runtime(request), body, correlation_id=_correlation(request))
-    response.status_code = 201 if result.created else 200
-    return result.donor
+async def register_donor(body: DonorDetails, principal: Admin, service: Service, write: WriteRequest) -> Response:
+    return (await service.register_donor(write, body.to_domain())).response()
 
 
 @router.get("/donors/{donor_id}", response_model=DonorView)
-async def get_donor(donor_id: uuid.UUID, principal: DonorOrAdmin, request: Request) -> DonorView:
-    return await handlers.get_donor(_runtime(request), principal, donor_id)
+async def get_donor(donor_id: uuid.UUID, principal: DonorOrAdmin, service: Service) -> DonorView:
+    return await service.get_donor(principal, donor_id)
 
 
 @router.get("/donors/{donor_id}/summary", response_model=DonorSummary)
 async def donor_summary(
-    donor_id: uuid.UUID, principal: DonorOrAdmin, request: Request, year: Year = None
+    donor_id: uuid.UUID, principal: DonorOrAdmin, service: Service, year: Year = None
 ) -> DonorSummary:
     """The donor's donations of a calendar year (default: this year in Japan) and one-stop status."""
-    return await handlers.donor_summary(_runtime(request), principal, donor_id, year)
+    return await service.donor_summary(principal, donor_id, year)
 
 
 @router.get("/residents/{resident_id}/donor", response_model=DonorView)
-async def donor_of_resident(resident_id: str, principal: DonorOrAdmin, request: Request) -> DonorView:
+async def donor_of_resident(resident_id: str, principal: DonorOrAdmin, service: Service) -> DonorView:
     """The donor record of a registered resident (how a resident finds their donor id)."""
-    return await handlers.donor_of_resident(_runtime(request), principal, resident_id)
+    return await service.donor_of_resident(principal, resident_id)
 
 
 # ---------------------------------------------------------------------------- receipts
@@ -171,8 +160,8 @@ async def donor_of_resident(resident_id: str, principal: DonorOrAdmin, request: 
     "/receipts/{number}.pdf", response_class=Response,
     responses={200: {"content": {"application/pdf": {}}, "description": "The printable receipt (A4)"}},
 )
-async def receipt_pdf(number: str, principal: AnyRole, request: Request) -> Response:
-    pdf = await handlers.receipt_pdf(_runtime(request), principal, number)
+async def receipt_pdf(number: str, principal: AnyRole, service: Service) -> Response:
+    pdf = await service.receipt_pdf(principal, number)
     return Response(
         pdf, media_type="application/pdf",
         headers={"Content-Disposition": f'inline; filename="receipt-{number}.pdf"'},
@@ -180,18 +169,14 @@ async def receipt_pdf(number: str, principal: AnyRole, request: Request) -> Resp
 
 
 @router.get("/receipts/{number}", response_model=ReceiptView)
-async def get_receipt(number: str, principal: AnyRole, request: Request) -> ReceiptView:
-    return await handlers.get_receipt(_runtime(request), principal, number)
+async def get_receipt(number: str, principal: AnyRole, service: Service) -> ReceiptView:
+    return await service.get_receipt(principal, number)
 
 
 @router.post("/receipts/{number}/reissue", response_model=ReceiptView)
-async def reissue_receipt(
-    number: str, principal: AnyRole, request: Request, idempotency_key: IdempotencyKey = None
-) -> ReceiptView:
-    """Re-issue a receipt: same number, the re-issue is counted and dated."""
-    return await handlers.reissue_receipt(
-        _runtime(request), principal, number, idempotency_key=idempotency_key, correlation_id=_correlation(request)
-    )
+async def reissue_receipt(number: str, principal: AnyRole, service: Service, write: WriteRequest) -> Response:
+    """Re-issue a receipt: same number, the re-issue is counted and dated (who may read it may)."""
+    return (await service.reissue_receipt(write, number)).response()
 
 
 # ---------------------------------------------------------------------------- municipality staff
@@ -199,9 +184,9 @@ async def reissue_receipt(
 
 @router.get("/municipalities/{code}/donations", response_model=DonationPage)
 async def municipality_donations(
-    code: str, principal: StaffOrAdmin, request: Request, year: Year = None, limit: Limit = 50, offset: Offset = 0
+    code: str, principal: StaffOrAdmin, service: Service, year: Year = None, limit: Limit = 50, offset: Offset = 0
 ) -> DonationPage:
-    return await handlers.municipality_donations(_runtime(request), principal, code, year, limit, offset)
+    return await service.municipality_donations(principal, code, year, limit, offset)
 
 
 @router.get(
@@ -209,20 +194,20 @@ async def municipality_donations(
     responses={200: {"content": {"text/csv": {}}, "description": "The year's donations, UTF-8 with BOM"}},
 )
 async def export_donations(
-    code: str, principal: StaffOrAdmin, request: Request, year: Annotated[int, Query(ge=2008, le=2100)]
+    code: str, principal: StaffOrAdmin, service: Service, year: Annotated[int, Query(ge=2008, le=2100)]
 ) -> StreamingResponse:
-    rows = handlers.export_donations_csv(_runtime(request), principal, code, year)
-    return csv_response(f"donations-{code}-{year}.csv", handlers.CSV_COLUMNS, rows)
+    rows = service.export_donations_csv(principal, code, year)
+    return csv_response(f"donations-{code}-{year}.csv", CSV_COLUMNS, rows)
 
 
 @router.get("/municipalities/{code}/funds", response_model=FundsView)
-async def funds(code: str, principal: StaffOrAdmin, request: Request) -> FundsView:
+async def funds(code: str, principal: StaffOrAdmin, service: Service) -> FundsView:
     """Balances per earmark and unit, summed from the ledger."""
-    return await handlers.funds(_runtime(request), principal, code)
+    return await service.funds(principal, code)
 
 
 @router.get("/municipalities/{code}/funds/ledger", response_model=LedgerPage)
 async def fund_ledger(
-    code: str, principal: StaffOrAdmin, request: Request, limit: Limit = 100, offset: Offset = 0
+    code: str, principal: StaffOrAdmin, service: Service, limit: Limit = 100, offset: Offset = 0
 ) -> LedgerPage:
-    return await handlers.ledger(_runtime(request), principal, code, limit, offset)
+    return await service.ledger(principal, code, limit, offset)

@@ -1,28 +1,29 @@
 """Rules of donations, receipts, the one-stop exception and the fund ledger (pure Python, no I/O).
 
 Every rule a caller can break is one ``DomainError`` subclass with its problem ``code``. The
-handlers load facts, ask these functions what to do, then store and emit what they decided.
+handlers load facts, ask these functions what to do, then store and emit what they decided. The
+service's concepts are plain dataclasses here; the domain knows no HTTP request model and no
+caller (who may act is the handlers' check), and reads no clock: dates and instants are passed in.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import unicodedata
+import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime
 from typing import Literal
-from zoneinfo import ZoneInfo
 
 from shared.contracts.donation import DonationKind, DonationUnit, Earmark
-from shared.kit.auth import Principal, Role
-from shared.kit.errors import Conflict, DomainError, Forbidden, NotFound
+from shared.contracts.formats import ProgramId, ProgramIdError
+from shared.kit.errors import Conflict, DomainError, NotFound
 from shared.reference import Municipality, UnknownMunicipality, municipality, travel_program, travel_programs
 from shared.reference import UnknownTravelProgram as UnknownTravelProgramId
 
-from .schemas import CompanyDonor, DonationConfirmation, IndividualDonor
-
-TOKYO = ZoneInfo("Asia/Tokyo")
 #: 企業版ふるさと納税: the smallest corporate donation.
 CORPORATE_MINIMUM_JPY = 100_000
 #: One-stop exception: at most this many distinct municipalities in a calendar year.
@@ -33,6 +34,7 @@ RECEIPT_NUMBER = re.compile(r"[0-9]{6}-[0-9]{4}-[0-9]{6,}")
 DonorType = Literal["individual", "company"]
 LedgerEntryKind = Literal["donation", "refund", "transfer", "transfer_reversal"]
 ApplicationStatus = Literal["valid", "void", "late"]
+ReceiptStatus = Literal["issued", "cancelled"]
 
 
 # ---------------------------------------------------------------------------- errors
@@ -170,14 +172,6 @@ class OneStopApplicationNotFound(NotFound):
     code = "one-stop-application-not-found"
 
 
-# ---------------------------------------------------------------------------- time
-
-
-def today_in_japan(now: datetime) -> date:
-    """The Japanese calendar date at ``now`` (payment dates and deadlines follow it)."""
-    return now.astimezone(TOKYO).date()
-
-
 # ---------------------------------------------------------------------------- municipalities
 
 
@@ -219,6 +213,35 @@ def issuer_title(recipient: Municipality) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class PersonDetails:
+    """A person giving a hometown-tax or mile donation, as the payment notification names them."""
+
+    name: str
+    address: str
+    #: Set when the donor is a registered resident of the platform (their resident id).
+    resident_id: str | None = None
+    email: str | None = None
+    type: Literal["individual"] = "individual"
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyDetails:
+    """A company giving a corporate (企業版) donation."""
+
+    name: str
+    #: The municipality code of the company's head office (本社所在地).
+    head_office_code: str
+    address: str | None = None
+    #: 法人番号 (13 digits, public); the company's identity when given.
+    corporate_number: str | None = None
+    email: str | None = None
+    type: Literal["company"] = "company"
+
+
+DonorDetails = PersonDetails | CompanyDetails
+
+
+@dataclass(frozen=True, slots=True)
 class DonorFacts:
     """What the donation rules need to know about a donor."""
 
@@ -226,14 +249,56 @@ class DonorFacts:
     head_office_code: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class NewDonor:
+    """A donor record to find by ``donor_key`` or create (the latest details win)."""
+
+    id: uuid.UUID
+    donor_key: str
+    type: DonorType
+    name: str
+    address: str | None
+    resident_id: str | None
+    email: str | None
+    head_office_code: str | None
+    corporate_number: str | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Donor:
+    id: uuid.UUID
+    type: DonorType
+    name: str
+    address: str | None
+    resident_id: str | None
+    email: str | None
+    head_office_code: str | None
+    corporate_number: str | None
+    created_at: datetime
+
+    @property
+    def facts(self) -> DonorFacts:
+        return DonorFacts(self.type, self.head_office_code)
+
+    @property
+    def receipt_address(self) -> str:
+        """The address a receipt shows: the donor's, or a company's head-office municipality."""
+        if self.address:
+            return self.address
+        if self.type == "company" and self.head_office_code:
+            return municipality(self.head_office_code).full_name
+        return ""
+
+
 def _normalised(text: str) -> str:
     """NFKC, no whitespace: ``"山田　太郎"`` and ``"山田太郎"`` are one name, ``"１－２"`` is ``"1-2"``."""
     return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).lower()
 
 
-def donor_key(details: IndividualDonor | CompanyDonor) -> str:
+def donor_key(details: DonorDetails) -> str:
     """The identity a payment notification's donor is matched on (one donor record per identity)."""
-    if isinstance(details, IndividualDonor):
+    if isinstance(details, PersonDetails):
         if details.resident_id is not None:
             return f"resident:{details.resident_id}"
         return f"individual:{_normalised(details.name)}|{_normalised(details.address)}"
@@ -242,8 +307,8 @@ def donor_key(details: IndividualDonor | CompanyDonor) -> str:
     return f"company:{details.head_office_code}|{_normalised(details.name)}"
 
 
-def check_donor_details(details: IndividualDonor | CompanyDonor) -> DonorFacts:
-    if isinstance(details, CompanyDonor):
+def check_donor_details(details: DonorDetails) -> DonorFacts:
+    if isinstance(details, CompanyDetails):
         try:
             municipality(details.head_office_code)
         except UnknownMunicipality:
@@ -255,13 +320,20 @@ def check_donor_details(details: IndividualDonor | CompanyDonor) -> DonorFacts:
     return DonorFacts("individual")
 
 
-def receipt_address(donor_type: DonorType, address: str | None, head_office_code: str | None) -> str:
-    """The address a receipt shows: the donor's, or a company's head-office municipality."""
-    if address:
-        return address
-    if donor_type == "company" and head_office_code:
-        return municipality(head_office_code).full_name
-    return ""
+def new_donor(details: DonorDetails, donor_id: uuid.UUID, at: datetime) -> NewDonor:
+    """The donor record the details stand for (checked: a company's head office exists)."""
+    check_donor_details(details)
+    if isinstance(details, PersonDetails):
+        return NewDonor(
+            id=donor_id, donor_key=donor_key(details), type="individual", name=details.name,
+            address=details.address, resident_id=details.resident_id, email=details.email,
+            head_office_code=None, corporate_number=None, at=at,
+        )
+    return NewDonor(
+        id=donor_id, donor_key=donor_key(details), type="company", name=details.name, address=details.address,
+        resident_id=None, email=details.email, head_office_code=details.head_office_code,
+        corporate_number=details.corporate_number, at=at,
+    )
 
 
 # ---------------------------------------------------------------------------- donations
@@ -271,6 +343,47 @@ def receipt_address(donor_type: DonorType, address: str | None, head_office_code
 class LedgerEntry:
     entry: LedgerEntryKind
     amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentConfirmation:
+    """A payment the payment provider confirmed: recorded once per payment reference."""
+
+    payment_reference: str
+    municipality_code: str
+    kind: DonationKind
+    #: Yen, or miles for a mile donation.
+    amount: int
+    payment_date: date
+    #: Defaults to ``general`` for money and ``dual_residence`` for miles or a named program.
+    earmark: Earmark | None = None
+    program_id: str | None = None
+    #: The named project of a corporate donation.
+    project: str | None = None
+    #: The donor's details (found or created by identity) or the id of a donor on file: one of them.
+    donor: DonorDetails | None = None
+    donor_id: uuid.UUID | None = None
+    one_stop_requested: bool = False
+
+    def content_hash(self) -> str:
+        """What a repeated notification of the payment is compared on: the whole content.
+
+        Hashed as the JSON of the request (sorted keys, dates ISO, ids as text): the same value the
+        rows recorded before this class existed carry, so their re-notifications still match."""
+        body = {
+            "payment_reference": self.payment_reference, "municipality_code": self.municipality_code,
+            "kind": self.kind, "amount": self.amount, "earmark": self.earmark, "program_id": self.program_id,
+            "project": self.project, "payment_date": self.payment_date.isoformat(),
+            "donor": None if self.donor is None else asdict(self.donor),
+            "donor_id": None if self.donor_id is None else str(self.donor_id),
+            "one_stop_requested": self.one_stop_requested,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_one_donor(confirmation: PaymentConfirmation) -> None:
+    if (confirmation.donor is None) == (confirmation.donor_id is None):
+        raise DonorRequired("send either donor details or donor_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +402,7 @@ class DonationPlan:
     ledger: tuple[LedgerEntry, ...]
 
 
-def plan_donation(confirmation: DonationConfirmation, donor: DonorFacts, today: date) -> DonationPlan:
+def plan_donation(confirmation: PaymentConfirmation, donor: DonorFacts, today: date) -> DonationPlan:
     """Check a payment confirmation against every rule and say how to record it."""
     target = recipient(confirmation.municipality_code)
     kind = confirmation.kind
@@ -352,11 +465,14 @@ def plan_donation(confirmation: DonationConfirmation, donor: DonorFacts, today: 
 def _check_program(program_id: str, target: Municipality, unit: DonationUnit) -> None:
     """A travel program of the municipality: its reference id, or the subsidy service's
     ``<reference id>@<municipality code>`` (that program's budget in one municipality)."""
-    reference_id, _, municipality_code = program_id.partition("@")
-    if municipality_code and municipality_code != target.code:
+    try:
+        named = ProgramId.named(program_id, target.code)
+    except ProgramIdError:
+        raise UnknownProgram(f"unknown program {program_id!r}") from None
+    if named.municipality_code != target.code:
         raise UnknownProgram(f"{program_id} is not a program of {target.full_name}")
     try:
-        program = travel_program(reference_id)
+        program = travel_program(named.reference)
     except UnknownTravelProgramId:
         raise UnknownProgram(f"unknown program {program_id!r}") from None
     if target.code not in program.municipality_codes:
@@ -371,6 +487,221 @@ def refund_entries(entries: Iterable[LedgerEntry]) -> tuple[LedgerEntry, ...]:
     return tuple(LedgerEntry(reversal[e.entry], -e.amount) for e in entries if e.entry in reversal)
 
 
+@dataclass(frozen=True, slots=True)
+class NewDonation:
+    """Everything one statement records for a confirmed payment (named as the store binds it)."""
+
+    id: uuid.UUID
+    payment_reference: str
+    request_hash: str
+    municipality_code: str
+    donor_id: uuid.UUID
+    kind: DonationKind
+    unit: DonationUnit
+    amount: int
+    earmark: Earmark
+    program_id: str | None
+    project: str | None
+    payment_date: date
+    calendar_year: int
+    one_stop_requested: bool
+    received_at: datetime
+    #: What the receipt shows of the donor, frozen now.
+    donor_name: str
+    donor_address: str
+    issues_receipt: bool
+    counts_for_one_stop: bool
+    ledger: tuple[LedgerEntry, ...]
+
+
+def new_donation(
+    confirmation: PaymentConfirmation, plan: DonationPlan, donor: Donor, donation_id: uuid.UUID, at: datetime
+) -> NewDonation:
+    return NewDonation(
+        id=donation_id, payment_reference=confirmation.payment_reference, request_hash=confirmation.content_hash(),
+        municipality_code=plan.municipality.code, donor_id=donor.id, kind=plan.kind, unit=plan.unit,
+        amount=confirmation.amount, earmark=plan.earmark, program_id=confirmation.program_id,
+        project=confirmation.project, payment_date=confirmation.payment_date, calendar_year=plan.calendar_year,
+        one_stop_requested=confirmation.one_stop_requested, received_at=at, donor_name=donor.name,
+        donor_address=donor.receipt_address, issues_receipt=plan.issues_receipt,
+        counts_for_one_stop=plan.counts_for_one_stop, ledger=plan.ledger,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Donation:
+    id: uuid.UUID
+    payment_reference: str
+    request_hash: str
+    municipality_code: str
+    donor_id: uuid.UUID
+    donor_name: str
+    #: The resident the donor record is linked to (who may read it), if any.
+    donor_resident_id: str | None
+    kind: DonationKind
+    unit: DonationUnit
+    amount: int
+    earmark: Earmark
+    program_id: str | None
+    project: str | None
+    payment_date: date
+    calendar_year: int
+    one_stop_requested: bool
+    receipt_number: str | None
+    received_at: datetime
+    refunded_at: datetime | None = None
+    refund_reason: str | None = None
+
+    @classmethod
+    def recorded(cls, record: NewDonation, donor: Donor, receipt_number: str | None) -> Donation:
+        return cls(
+            id=record.id, payment_reference=record.payment_reference, request_hash=record.request_hash,
+            municipality_code=record.municipality_code, donor_id=record.donor_id, donor_name=donor.name,
+            donor_resident_id=donor.resident_id, kind=record.kind, unit=record.unit, amount=record.amount,
+            earmark=record.earmark, program_id=record.program_id, project=record.project,
+            payment_date=record.payment_date, calendar_year=record.calendar_year,
+            one_stop_requested=record.one_stop_requested, receipt_number=receipt_number,
+            received_at=record.received_at,
+        )
+
+    @property
+    def refunded(self) -> bool:
+        return self.refunded_at is not None
+
+    def refund(self, reason: str, at: datetime) -> Donation:
+        """The payment was reversed (once)."""
+        if self.refunded_at is not None:
+            raise AlreadyRefunded(f"donation {self.id} was refunded at {self.refunded_at.isoformat()}")
+        return replace(self, refunded_at=at, refund_reason=reason)
+
+    def check_application(self, received_on: date, today: date) -> None:
+        """A one-stop application may be received for this donation on ``received_on``."""
+        check_application(
+            kind=self.kind, refunded=self.refunded, payment_date=self.payment_date, received_on=received_on,
+            today=today,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedDonation:
+    """What recording a donation answered: its receipt number, and its donor-year as it found it."""
+
+    receipt_number: str | None
+    #: None when the donation does not count for the one-stop exception.
+    year: DonorYearState | None
+    #: The donor-year's municipalities before this donation, in the order they were first given to.
+    earlier_municipalities: tuple[str, ...]
+
+    def municipalities(self, code: str) -> list[str]:
+        """The donor-year's municipalities with this donation's."""
+        earlier = list(self.earlier_municipalities)
+        return earlier if code in earlier else [*earlier, code]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One movement of a municipality's fund."""
+
+    id: int
+    earmark: Earmark
+    unit: DonationUnit
+    entry: LedgerEntryKind
+    amount: int
+    donation_id: uuid.UUID | None
+    program_id: str | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FundBalance:
+    """One fund (earmark, unit) of a municipality, summed from its ledger rows."""
+
+    earmark: Earmark
+    unit: DonationUnit
+    donated: int
+    refunded: int
+    #: Net amount passed to program budgets (transfers less transfers reversed by refunds).
+    transferred: int
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedDonation:
+    """One line of a municipality-year's export (the fields in the export's column order)."""
+
+    receipt_number: str | None
+    donation_id: uuid.UUID
+    payment_reference: str
+    payment_date: date
+    kind: DonationKind
+    unit: DonationUnit
+    amount: int
+    earmark: Earmark
+    program_id: str | None
+    project: str | None
+    donor_type: DonorType
+    donor_name: str
+    donor_address: str | None
+    one_stop_requested: bool
+    one_stop_status: ApplicationStatus | None
+    received_at: datetime
+    refunded_at: datetime | None
+    receipt_status: ReceiptStatus | None
+    reissue_count: int | None
+
+
+# ---------------------------------------------------------------------------- receipts
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """寄附金受領証明書: what it shows is frozen when issued; a re-issue keeps the number."""
+
+    number: str
+    donation_id: uuid.UUID
+    municipality_code: str
+    calendar_year: int
+    donor_id: uuid.UUID
+    donor_name: str
+    donor_address: str
+    amount_jpy: int
+    donation_date: date
+    issued_at: datetime
+    status: ReceiptStatus
+    cancelled_at: datetime | None
+    reissue_count: int
+    last_reissued_at: datetime | None
+    #: Who may read it besides staff and admin: the resident the donor is linked to.
+    donor_resident_id: str | None
+    donor_type: DonorType
+    kind: DonationKind
+    project: str | None
+
+    def check_printable(self) -> None:
+        if self.status == "cancelled":
+            raise ReceiptCancelled(f"receipt {self.number} was cancelled; it is not printed")
+
+    def reissue(self, at: datetime) -> Receipt:
+        """The same number again, counted and dated; a cancelled receipt is never re-issued."""
+        if self.status == "cancelled":
+            raise ReceiptCancelled(f"receipt {self.number} was cancelled; it cannot be re-issued")
+        return replace(self, reissue_count=self.reissue_count + 1, last_reissued_at=at)
+
+
+def is_receipt_number(text: str) -> bool:
+    return RECEIPT_NUMBER.fullmatch(text) is not None
+
+
+def receipt_kind_label(kind: DonationKind) -> str:
+    """The kind of donation as a receipt names it."""
+    return _KIND_LABELS.get(kind, kind)
+
+
+_KIND_LABELS: dict[str, str] = {
+    "hometown_tax": "ふるさと納税", "corporate": "企業版ふるさと納税（地方創生応援税制）",
+}
+
+
 # ---------------------------------------------------------------------------- one-stop exception
 
 
@@ -382,6 +713,35 @@ class DonorYear:
     requested: bool
     voided: bool
     announced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DonorYearState:
+    """A donor-year as stored: whether they asked for the exception, and whether it was voided (and told)."""
+
+    requested: bool
+    voided_at: datetime | None
+    announced: bool
+
+    @property
+    def voided(self) -> bool:
+        return self.voided_at is not None
+
+    @property
+    def status(self) -> Literal["not_requested", "valid", "void"]:
+        if self.voided:
+            return "void"
+        return "valid" if self.requested else "not_requested"
+
+    def with_municipalities(self, municipalities: Iterable[str], *, requested: bool | None = None) -> DonorYear:
+        """The year as the one-stop rules see it (``requested``: the donor asks now)."""
+        return DonorYear(
+            frozenset(municipalities), requested=self.requested if requested is None else requested,
+            voided=self.voided, announced=self.announced,
+        )
+
+
+NOT_REQUESTED = DonorYearState(requested=False, voided_at=None, announced=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,30 +787,47 @@ def application_status(calendar_year: int, received_on: date, year_voided: bool)
     return "late" if received_on > one_stop_deadline(calendar_year) else "valid"
 
 
+@dataclass(frozen=True, slots=True)
+class ApplicationReceived:
+    """The municipality received the donor's one-stop application (paper or online) on this date."""
+
+    received_on: date
+    #: The identity documents were checked (only the fact is kept, never the documents or numbers).
+    verified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OneStopApplication:
+    id: uuid.UUID
+    donation_id: uuid.UUID
+    donor_id: uuid.UUID
+    municipality_code: str
+    calendar_year: int
+    received_on: date
+    verified: bool
+    verified_at: datetime | None
+    status: ApplicationStatus
+    recorded_at: datetime
+
+    @classmethod
+    def receive(
+        cls, donation: Donation, received: ApplicationReceived, year: DonorYearState, application_id: uuid.UUID,
+        at: datetime,
+    ) -> OneStopApplication:
+        """The application of a donation (checked by ``Donation.check_application``)."""
+        return cls(
+            id=application_id, donation_id=donation.id, donor_id=donation.donor_id,
+            municipality_code=donation.municipality_code, calendar_year=donation.calendar_year,
+            received_on=received.received_on, verified=received.verified,
+            verified_at=at if received.verified else None,
+            status=application_status(donation.calendar_year, received.received_on, year.voided), recorded_at=at,
+        )
+
+
 # ---------------------------------------------------------------------------- personal data
 
 #: Fields that carry identifiers of other systems, not personal data (a payment provider's own id).
 MY_NUMBER_EXEMPT_FIELDS = frozenset({"payment_reference"})
-
-
-# ---------------------------------------------------------------------------- access
-
-
-def ensure_donor_access(principal: Principal, donor_resident_id: str | None) -> None:
-    """A donor's own data: admin, or the resident the donor record is linked to."""
-    if principal.role is Role.ADMIN:
-        return
-    if principal.role is Role.RESIDENT and donor_resident_id is not None and principal.subject == donor_resident_id:
-        return
-    raise Forbidden("only the donor (a resident linked to this donor) or an admin")
-
-
-def ensure_donation_access(principal: Principal, municipality_code: str, donor_resident_id: str | None) -> None:
-    """A donation or its receipt: admin, staff of its municipality, or its donor."""
-    if principal.role is Role.STAFF:
-        principal.ensure_municipality(municipality_code)
-        return
-    ensure_donor_access(principal, donor_resident_id)
 
 
 # ---------------------------------------------------------------------------- presentation

@@ -6,20 +6,25 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings, get_settings
 
 from .api import router
+from .handlers import DonationService
 
 SERVICE = "donation"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def create_app(settings: Settings | None = None, *, pool_size: int = 10) -> FastAPI:
+def create_app(settings: Settings | None = None, *, pool_size: int = 10, clock: Clock | None = None) -> FastAPI:
+    """The donation app; tests pass their settings and may pass a clock (today in Japan)."""
     settings = settings or get_settings()
-    runtime = ServiceRuntime(SERVICE, migrations=MIGRATIONS, settings=settings, pool_size=pool_size)
-    return create_http_app(
+    runtime = ServiceRuntime(
+        SERVICE, migrations=MIGRATIONS, settings=settings, pool_size=pool_size, clock=clock or SYSTEM_CLOCK
+    )
+    app = create_http_app(
         service=SERVICE,
         settings=settings,
         routers=[router],
@@ -31,3 +36,5 @@ def create_app(settings: Settings | None = None, *, pool_size: int = 10) -> Fast
             "municipality's fund ledger per earmark. Events: donation.donations.v1."
         ),
     )
+    app.state.donation = DonationService(runtime)
+    return app

@@ -1,5 +1,8 @@
 """What crosses the HTTP boundary: request bodies (commands) and the views the service returns.
 
+A request body turns itself into the domain's command (``to_domain``); the domain never sees a
+pydantic model.
+
 Request bodies refuse unknown fields and loose types (an amount of ``"1000"`` or ``1.5`` is a
 schema error, never coerced). Rules that need the reference data or the clock (unknown
 municipality, corporate minimum, future payment date...) are checked in ``domain``.
@@ -12,10 +15,12 @@ import uuid
 from datetime import date, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from shared.contracts.donation import DonationKind, DonationUnit, Earmark
-from shared.kit.http import ApiModel
+from shared.kit.http import Amount, ApiModel, MultilineText
+
+from .domain import ApplicationReceived, CompanyDetails, PaymentConfirmation, PersonDetails
 
 Text = Annotated[str, Field(min_length=1, max_length=300)]
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -46,6 +51,9 @@ class IndividualDonor(ApiModel):
     resident_id: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
 
+    def to_domain(self) -> PersonDetails:
+        return PersonDetails(name=self.name, address=self.address, resident_id=self.resident_id, email=self.email)
+
 
 class CompanyDonor(ApiModel):
     """A company giving a corporate (企業版) donation."""
@@ -59,6 +67,12 @@ class CompanyDonor(ApiModel):
     corporate_number: Annotated[str, Field(pattern=r"^[0-9]{13}$")] | None = None
     email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
 
+    def to_domain(self) -> CompanyDetails:
+        return CompanyDetails(
+            name=self.name, head_office_code=self.head_office_code, address=self.address,
+            corporate_number=self.corporate_number, email=self.email,
+        )
+
 
 DonorDetails = Annotated[IndividualDonor | CompanyDonor, Field(discriminator="type")]
 
@@ -70,7 +84,7 @@ class DonationConfirmation(ApiModel):
     municipality_code: Annotated[str, Field(min_length=1, max_length=10)]
     kind: DonationKind
     #: Yen, or miles for a mile donation; a positive integer.
-    amount: StrictInt
+    amount: Amount
     #: Defaults to ``general`` for money and ``dual_residence`` for miles.
     earmark: Earmark | None = None
     #: A travel program of the municipality the donor named (optional).
@@ -85,9 +99,17 @@ class DonationConfirmation(ApiModel):
     donor_id: uuid.UUID | None = None
     one_stop_requested: StrictBool = False
 
+    def to_domain(self) -> PaymentConfirmation:
+        return PaymentConfirmation(
+            payment_reference=self.payment_reference, municipality_code=self.municipality_code, kind=self.kind,
+            amount=self.amount, payment_date=self.payment_date, earmark=self.earmark, program_id=self.program_id,
+            project=self.project, donor=None if self.donor is None else self.donor.to_domain(),
+            donor_id=self.donor_id, one_stop_requested=self.one_stop_requested,
+        )
+
 
 class RefundRequest(ApiModel):
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    reason: Annotated[MultilineText, Field(min_length=1, max_length=500)]
 
 
 class OneStopApplicationReceived(ApiModel):
@@ -96,6 +118,9 @@ class OneStopApplicationReceived(ApiModel):
     received_on: CalendarDate
     #: The identity documents were checked (only the fact is kept, never the documents or numbers).
     verified: StrictBool = False
+
+    def to_domain(self) -> ApplicationReceived:
+        return ApplicationReceived(received_on=self.received_on, verified=self.verified)
 
 
 # ---------------------------------------------------------------------------- views

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Literal, TypeVar, get_args
-from zoneinfo import ZoneInfo
 
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -37,10 +36,11 @@ from shared.contracts.registration import (
     ResidentRegistered,
 )
 from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed, GrantWaitlisted
+from shared.kit.auth import Principal, Role
+from shared.kit.clock import japan_date
 from shared.kit.errors import Forbidden, NotFound
 from shared.reference import municipality
 
-JAPAN = ZoneInfo("Asia/Tokyo")
 T = TypeVar("T")
 
 Kind = Literal[
@@ -110,11 +110,6 @@ class Notice:
     facts: Mapping[str, Fact] = field(default_factory=dict)
 
 
-def local_date(moment: datetime) -> date:
-    """The calendar date of an instant in Japan."""
-    return moment.astimezone(JAPAN).date()
-
-
 _MONTHS_EN = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
@@ -124,7 +119,7 @@ _MONTHS_EN = (
 def format_date(day: date | datetime, language: Language) -> str:
     """西暦 in Japanese (``2026年11月26日``), day-month-year in English (``26 November 2026``)."""
     if isinstance(day, datetime):
-        day = local_date(day)
+        day = japan_date(day)  # an instant is written as its date in Japan
     if language == "ja":
         return f"{day.year}年{day.month}月{day.day}日"
     return f"{day.day} {_MONTHS_EN[day.month - 1]} {day.year}"
@@ -454,3 +449,9 @@ class NotificationNotFound(NotFound):
 class OtherResidentsNotifications(Forbidden):
     code = "other-residents-notifications"
     title = "A resident may only see their own notifications"
+
+
+def ensure_own(principal: Principal, resident_id: str) -> None:
+    """A resident sees and acts on their own notifications only (an admin reads anyone's)."""
+    if principal.role is Role.RESIDENT and principal.subject != resident_id:
+        raise OtherResidentsNotifications(f"resident {principal.subject} may not read {resident_id}'s notifications")

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from fastapi.encoders import jsonable_encoder
 
 from services.notification import store
 from services.notification.domain import (
@@ -25,14 +26,17 @@ from services.notification.domain import (
     NotificationNotFound,
     conflict_free_runs,
     effect_of,
+    ensure_own,
 )
 from services.notification.templates import render
 from shared.contracts.base import EventData
 from shared.contracts.notification import MessageDelivered
 from shared.contracts.registration import ConsentChanged, ContactChanged, ResidentWithdrawn
 from shared.contracts.topics import DELIVERIES
-from shared.kit.consumer import HandlerContext
+from shared.kit.consumer import HandlerContext, Run
+from shared.kit.service import UnitOfWork
 from shared.kit.settings import Settings
+from shared.kit.use_case import Outcome, Write
 
 log = structlog.get_logger(__name__)
 
@@ -47,21 +51,20 @@ def sender_channel(settings: Settings) -> str:
 # -- registrations, e-mail consents and decisions, a run at a time ------------------------------
 
 
-async def apply_events(items: Sequence[tuple[HandlerContext, EventData]]) -> None:
+async def apply_events(run: Run[EventData]) -> None:
     """Apply a run of registrations, e-mail consents and decisions in a few statements per chunk.
 
     Each chunk (``conflict_free_runs``) saves its contacts, then its consents, then writes its
     messages, which read the residents as saved: what applying the events one by one gives. The
     sender is woken once for the whole run.
     """
-    planned = [(ctx, effect) for ctx, event in items if (effect := effect_of(event)) is not None]
+    planned = [(ctx, effect) for ctx, event in run if (effect := effect_of(event)) is not None]
     queued = 0
     for chunk in conflict_free_runs(planned, effect=lambda item: item[1]):
         queued += await _apply_chunk(chunk)
     if queued:
-        ctx = planned[0][0]
-        await store.wake_sender(ctx.conn, sender_channel(ctx.settings))
-    for _, event in items:
+        await store.wake_sender(run.conn, sender_channel(run.settings))
+    for event in run.events:
         if isinstance(event, ConsentChanged) and event.purpose == "email":
             log.info("e-mail consent changed", resident_id=event.resident_id, granted=event.granted)
 
@@ -161,11 +164,23 @@ async def unread_count(pool: asyncpg.Pool, resident_id: str) -> dict[str, Any]:
     return {"resident_id": resident_id, "unread": await store.unread_count(pool, resident_id)}
 
 
-async def mark_read(pool: asyncpg.Pool, resident_id: str, notification_id: uuid.UUID) -> dict[str, Any]:
-    message = await store.mark_read(pool, resident_id, notification_id)
-    if message is None:
-        raise NotificationNotFound(f"resident {resident_id} has no notification {notification_id}")
-    return message
+async def mark_read(write: Write, resident_id: str, notification_id: uuid.UUID) -> Outcome:
+    """Mark one of the resident's own notifications read (again is harmless: the first read time stays)."""
+    principal = write.principal
+
+    async def authorise(work: UnitOfWork) -> None:
+        # Theirs only: the resident of the path, and a message of that resident (locked for the act).
+        ensure_own(principal, resident_id)
+        if not await store.lock_message(work.conn, resident_id, notification_id):
+            raise NotificationNotFound(f"resident {resident_id} has no notification {notification_id}")
+
+    async def act(work: UnitOfWork, _: None) -> Outcome:
+        message = await store.mark_read(work.conn, resident_id, notification_id)
+        if message is None:  # cannot happen under the lock; a 404, not a null body, if it ever did
+            raise NotificationNotFound(f"resident {resident_id} has no notification {notification_id}")
+        return Outcome(200, jsonable_encoder(message))
+
+    return await write.run(act, authorise=authorise)
 
 
 async def list_emails(pool: asyncpg.Pool, resident_id: str, *, limit: int, offset: int) -> dict[str, Any]:

@@ -203,6 +203,15 @@ async def unread_count(conn: Connection | asyncpg.Pool, resident_id: str) -> int
     return int(value)
 
 
+async def lock_message(conn: Connection, resident_id: str, message_id: uuid.UUID) -> bool:
+    """Whether the resident has this message; it is locked until the transaction ends (an erasure
+    running now waits, or has erased it already)."""
+    found = await conn.fetchval(
+        "SELECT true FROM messages WHERE id = $1 AND resident_id = $2 FOR UPDATE", message_id, resident_id
+    )
+    return found is not None
+
+
 async def mark_read(conn: Connection | asyncpg.Pool, resident_id: str, message_id: uuid.UUID) -> dict[str, Any] | None:
     """Mark the message read (the first read time stays); None if the resident has no such message."""
     row = await conn.fetchrow(

@@ -30,19 +30,19 @@ from services.partner_gateway.domain import (
     MalformedCertificateNumber,
     UnknownPartnerFilter,
     day_bounds,
-    is_certificate_number,
-    today_in_tokyo,
     verification,
 )
 from services.partner_gateway.handlers import Gateway
+from shared.contracts.formats import CertificateNumber, CertificateNumberError
 from shared.kit.auth import Principal, Role
 from shared.kit.csv_export import csv_response
 from shared.kit.errors import DomainError
 from shared.kit.http import ApiModel, Offset, failure_response, refusal
+from shared.kit.use_case import WriteRequest
 
 router = APIRouter(prefix="/v1")
 
-_NO_STORE = {"cache-control": "no-store"}
+_NO_STORE = handlers.NO_STORE
 
 
 # --- Verification -------------------------------------------------------------------------------
@@ -75,12 +75,14 @@ async def verify_certificate(number: str, request: Request, principal: PartnerCa
 
 
 async def verification_body(gateway: Gateway, partner: str, number: str) -> bytes:
-    if not is_certificate_number(number):
-        raise MalformedCertificateNumber(f"{number!r} is not of the form NCH-dddddd-dddd-dddddd")
+    try:
+        CertificateNumber.parse(number)
+    except CertificateNumberError as error:
+        raise MalformedCertificateNumber(str(error)) from None
     entry = await gateway.verification.lookup(partner, number)
     if entry is None:
         raise CertificateNotFound(f"no certificate {number}")
-    return json.dumps(verification(entry, today_in_tokyo()), separators=(",", ":")).encode()
+    return json.dumps(verification(entry, gateway.today()), separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,30 +199,34 @@ async def list_partners(request: Request, principal: Admin) -> PartnerList:
     return PartnerList(items=items, total=len(items))
 
 
+# ``principal`` before ``write`` in each write route: the gateway's own credential check (a partner's
+# X-Api-Key is a 403 here) runs before the kit's bearer-only ``WriteRequest``.
+
+
 @router.post(
     "/partners/{code}/api-keys", tags=["partners"], status_code=201, response_model=CreatedApiKey,
     summary="Issue an API key to a partner (the secret is in this answer only)",
 )
 async def create_api_key(
-    code: str, request: Request, principal: Admin, body: Annotated[NewApiKey | None, Body()] = None
+    code: str, request: Request, principal: Admin, write: WriteRequest,
+    body: Annotated[NewApiKey | None, Body()] = None,
 ) -> Response:
+    """The answer holds the key's secret (`api_key`), shown this once: only its SHA-256 is kept.
+    Repeating the request with the same `Idempotency-Key` answers the same key's metadata **without
+    `api_key`** (the secret is never stored, not even for a replay); a lost secret means a new key."""
     gateway = gateway_of(request)
-    key, secret = await handlers.create_api_key(
-        gateway.runtime, gateway.partners, code, body.label if body else None, principal.subject,
-        request.state.correlation_id,
-    )
-    created = CreatedApiKey(**_key_view(key), partner=key.partner, api_key=secret)
-    return Response(created.model_dump_json(), status_code=201, media_type="application/json", headers=_NO_STORE)
+    return (await handlers.create_api_key(write, gateway.partners, code, body.label if body else None)).response()
 
 
 @router.delete("/partners/{code}/api-keys/{key_id}", tags=["partners"], status_code=204)
-async def revoke_api_key(code: str, key_id: uuid.UUID, request: Request, principal: Admin) -> Response:
+async def revoke_api_key(
+    code: str, key_id: uuid.UUID, request: Request, principal: Admin, write: WriteRequest
+) -> Response:
+    """Revoke a partner's API key (revoking it again is a 204 too; the first revocation time stays)."""
     gateway = gateway_of(request)
-    await handlers.revoke_api_key(
-        gateway.runtime, gateway.partners, code, key_id, principal.subject, request.state.correlation_id
-    )
-    gateway.api_keys.forget()
-    return Response(status_code=204)
+    outcome = await handlers.revoke_api_key(write, gateway.partners, code, key_id)
+    gateway.api_keys.forget()  # after the commit: this process stops accepting the key at once
+    return outcome.response()
 
 
 # --- The delivery record (APPI Art. 29) ---------------------------------------------------------

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
-from zoneinfo import ZoneInfo
 
 from shared.contracts.base import EventData
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
@@ -31,12 +29,8 @@ from shared.contracts.subsidy import (
     GrantWaitlisted,
 )
 from shared.kit.auth import Unauthenticated
+from shared.kit.clock import JAPAN
 from shared.kit.errors import DomainError, NotFound
-
-TOKYO = ZoneInfo("Asia/Tokyo")
-
-#: ``NCH-<municipality code>-<year>-<serial>``; ASCII digits only (``\d`` would admit other scripts).
-CERTIFICATE_NUMBER = re.compile(r"NCH-[0-9]{6}-[0-9]{4}-[0-9]{6}")
 
 SHARE_PURPOSE = "share_certificate"
 
@@ -220,7 +214,7 @@ def entitlement(
 
 
 def start_of_day(day: date) -> datetime:
-    return datetime.combine(day, time(0), TOKYO)
+    return datetime.combine(day, time(0), JAPAN)
 
 
 # --- Records for the partner feed ----------------------------------------------------------------
@@ -295,10 +289,6 @@ def delivered_items(record: EventData) -> list[str]:
 # --- Verification ---------------------------------------------------------------------------------
 
 
-def is_certificate_number(text: str) -> bool:
-    return CERTIFICATE_NUMBER.fullmatch(text) is not None
-
-
 def effective_status(status: str, valid_until: date, today: date) -> str:
     """A valid certificate past its last day is expired, even before the expiry event arrives."""
     if status == "valid" and today > valid_until:
@@ -307,7 +297,8 @@ def effective_status(status: str, valid_until: date, today: date) -> str:
 
 
 def verification(entry: Mapping[str, Any], today: date) -> dict[str, Any]:
-    """The verification answer from a cache entry (dates as ISO strings), for ``today`` in Tokyo."""
+    """The verification answer from a cache entry (dates as ISO strings), for ``today`` (the date in
+    Japan: the caller reads its clock, this stays pure)."""
     valid_from = date.fromisoformat(entry["valid_from"])
     valid_until = date.fromisoformat(entry["valid_until"])
     status = effective_status(entry["status"], valid_until, today)
@@ -321,10 +312,6 @@ def verification(entry: Mapping[str, Any], today: date) -> dict[str, Any]:
         "programs": list(entry["programs"]),
         "checked_on": today.isoformat(),
     }
-
-
-def today_in_tokyo(now: datetime | None = None) -> date:
-    return (now or datetime.now(TOKYO)).astimezone(TOKYO).date()
 
 
 # --- API keys -------------------------------------------------------------------------------------
@@ -344,7 +331,7 @@ def api_key_prefix(secret: str) -> str:
 
 
 def day_bounds(since: date | None, until: date | None) -> tuple[datetime | None, datetime | None]:
-    """Tokyo calendar days ``since``..``until`` (inclusive) as [start, end) instants."""
+    """Calendar days in Japan ``since``..``until`` (inclusive) as [start, end) instants."""
     start = start_of_day(since) if since is not None else None
     end = start_of_day(until + timedelta(days=1)) if until is not None else None
     return start, end

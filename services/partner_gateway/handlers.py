@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic_core import to_jsonable_python
 
 from services.partner_gateway import store
 from services.partner_gateway.domain import (
@@ -50,9 +51,11 @@ from shared.contracts.certification import (
 )
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
 from shared.contracts.topics import partner_feed
-from shared.kit.consumer import HandlerContext, distinct_runs
+from shared.kit.clock import Clock, japan_date
+from shared.kit.consumer import HandlerContext, Run
 from shared.kit.db import Connection
-from shared.kit.service import ServiceRuntime
+from shared.kit.service import ServiceRuntime, UnitOfWork
+from shared.kit.use_case import Outcome, Write
 from shared.reference import travel_programs
 
 if TYPE_CHECKING:
@@ -88,6 +91,30 @@ class PartnerDirectory:
         return len(self._partners)
 
 
+class TodayInJapan:
+    """Today's date in Japan by a clock, for the verification hot path: a clock reading and two
+    comparisons while the day lasts (``Clock.today`` converts every instant to Japan time, which
+    would double the time this path spends on the date)."""
+
+    __slots__ = ("_day", "_end", "_read", "_start")
+
+    def __init__(self, clock: Clock) -> None:
+        self._read = clock.now
+        self._start = self._end = datetime.min.replace(tzinfo=UTC)  # an empty day: the first call computes
+        self._day = date.min
+
+    def __call__(self) -> date:
+        now = self._read()
+        if self._start <= now < self._end:
+            return self._day
+        day = japan_date(now)
+        # Kept in UTC, the clock's zone: comparing instants of one tzinfo is the cheap comparison.
+        self._start = start_of_day(day).astimezone(UTC)
+        self._end = start_of_day(day + timedelta(days=1)).astimezone(UTC)
+        self._day = day
+        return day
+
+
 @dataclass
 class Gateway:
     """What the HTTP layer needs, built once by the composition root (``app.state.gateway``)."""
@@ -96,6 +123,11 @@ class Gateway:
     partners: PartnerDirectory
     api_keys: ApiKeyCache
     verification: VerificationCache
+    #: Today in Japan by the runtime's clock: the day a verification answers for.
+    today: TodayInJapan = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.today = TodayInJapan(self.runtime.clock)
 
 
 # --- Start-up ----------------------------------------------------------------------------------
@@ -231,27 +263,22 @@ def certificate_of(event: CertificateEvent) -> Certificate:
 FeedAction = Entitlement | store.EntitlementState
 
 
-async def apply_certificate_events(
-    partners: PartnerDirectory, items: Sequence[tuple[HandlerContext, CertificateEvent]]
-) -> None:
+async def apply_certificate_events(partners: PartnerDirectory, run: Run[CertificateEvent]) -> None:
     """Project the certificates and send each new state to every entitled partner, nothing to others.
 
     Split where a certificate repeats (issued, then revoked in the same run), so that each chunk
     reads and writes a certificate's rows once, and later chunks see what earlier ones wrote."""
-    if not items:
-        return
     deliveries: list[store.Delivery] = []
-    for chunk in distinct_runs(items, key=lambda item: item[1].certificate_number):
+    for chunk in run.split(key=lambda event: event.certificate_number):
         await _apply_certificate_chunk(partners, chunk, deliveries)
-    await store.insert_deliveries(items[0][0].conn, deliveries)
+    await store.insert_deliveries(run.conn, deliveries)
 
 
 async def _apply_certificate_chunk(
-    partners: PartnerDirectory, chunk: Sequence[tuple[HandlerContext, CertificateEvent]],
-    deliveries: list[store.Delivery],
+    partners: PartnerDirectory, chunk: Run[CertificateEvent], deliveries: list[store.Delivery],
 ) -> None:
     """Certificate events with distinct numbers: read all, decide, write all, then emit in event order."""
-    conn = chunk[0][0].conn
+    conn = chunk.conn
     applied = await _certificates_to_apply(conn, chunk)
     if not applied:
         return
@@ -453,39 +480,58 @@ async def deliver_grant(feed: Feed, event: GrantEvent, *, event_id: uuid.UUID) -
     )
 
 
-# --- Credentials (HTTP) -------------------------------------------------------------------------
+# --- Credentials (HTTP, admin) -------------------------------------------------------------------
+#
+# Both run through the kit's use-case runner (``Write.run``): an admin may act on any partner's
+# keys, so the route's role check is the permission check and ``authorise`` only finds the target.
+
+#: The answer that holds a secret must not be kept by a cache on the way.
+NO_STORE = {"cache-control": "no-store"}
 
 
-async def create_api_key(
-    runtime: ServiceRuntime, partners: PartnerDirectory, partner_code: str, label: str | None, created_by: str,
-    correlation_id: str | None,
-) -> tuple[store.ApiKey, str]:
-    """A new API key for the partner; the secret is returned once and only its hash is stored."""
+def api_key_fields(key: store.ApiKey) -> dict[str, Any]:
+    """An API key's metadata as JSON (its hash and secret are never part of it)."""
+    fields: dict[str, Any] = to_jsonable_python(key)
+    return fields
+
+
+async def create_api_key(write: Write, partners: PartnerDirectory, partner_code: str, label: str | None) -> Outcome:
+    """A new API key for the partner. The secret is in the first answer only: just its hash is
+    stored, and a replay (same Idempotency-Key) answers the key's metadata without ``api_key``."""
     if partner_code not in partners:
         raise PartnerNotFound(f"no partner {partner_code!r}")
-    secret = new_api_key()
-    async with runtime.transaction(correlation_id) as uow:
+    created_by = write.principal.subject
+
+    async def act(work: UnitOfWork) -> Outcome:
+        secret = new_api_key()
         key = await store.insert_api_key(
-            uow.conn, partner=partner_code, key_hash=api_key_hash(secret), prefix=api_key_prefix(secret),
+            work.conn, partner=partner_code, key_hash=api_key_hash(secret), prefix=api_key_prefix(secret),
             label=label, created_by=created_by,
         )
-    log.info("partner API key created", partner=partner_code, key_id=str(key.id), by=created_by)
-    return key, secret
+        log.info("partner API key created", partner=partner_code, key_id=str(key.id), by=created_by)
+        metadata = api_key_fields(key)
+        return Outcome(201, {**metadata, "api_key": secret}, replay_body=metadata, headers=NO_STORE)
+
+    return await write.run(act)
 
 
-async def revoke_api_key(
-    runtime: ServiceRuntime, partners: PartnerDirectory, partner_code: str, key_id: uuid.UUID, revoked_by: str,
-    correlation_id: str | None,
-) -> bool:
-    """Revoke a key (idempotent); True if it was active until now."""
+async def revoke_api_key(write: Write, partners: PartnerDirectory, partner_code: str, key_id: uuid.UUID) -> Outcome:
+    """Revoke a key (again is harmless: 204, the first revocation time stays)."""
     if partner_code not in partners:
         raise PartnerNotFound(f"no partner {partner_code!r}")
-    async with runtime.transaction(correlation_id) as uow:
-        key = await store.api_key_of(uow.conn, partner_code, key_id)
+    revoked_by = write.principal.subject
+
+    async def authorise(work: UnitOfWork) -> store.ApiKey:
+        # The key of this partner, locked: a concurrent revocation waits for this one.
+        key = await store.api_key_of(work.conn, partner_code, key_id)
         if key is None:
             raise ApiKeyNotFound(f"partner {partner_code} has no API key {key_id}")
-        if key.revoked_at is not None:
-            return False
-        await store.revoke_api_key(uow.conn, key_id, revoked_by)
-    log.info("partner API key revoked", partner=partner_code, key_id=str(key_id), by=revoked_by)
-    return True
+        return key
+
+    async def act(work: UnitOfWork, key: store.ApiKey) -> Outcome:
+        if key.revoked_at is None:
+            await store.revoke_api_key(work.conn, key_id, revoked_by)
+            log.info("partner API key revoked", partner=partner_code, key_id=str(key_id), by=revoked_by)
+        return Outcome(204)
+
+    return await write.run(act, authorise=authorise)

@@ -10,13 +10,12 @@ import datetime as dt
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime, Field, model_validator
 
 from services.registration import domain, handlers
 from services.registration.domain import Activity, IdentityVerification, Tier
-from services.registration.handlers import IdempotencyScope, Outcome
 from services.registration.store import ListedRegistration
 from services.registration.views import (
     ConsentView,
@@ -29,9 +28,11 @@ from services.registration.views import (
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.kit import my_number
 from shared.kit.auth import Principal, Role, require
+from shared.kit.clock import JAPAN
 from shared.kit.csv_export import csv_response
-from shared.kit.http import ApiModel
+from shared.kit.http import ApiModel, MultilineText
 from shared.kit.service import ServiceRuntime
+from shared.kit.use_case import WriteRequest
 from shared.reference import municipality
 
 Language = Literal["ja", "en"]
@@ -56,10 +57,6 @@ router = APIRouter(prefix="/v1", tags=["registration"], dependencies=[Depends(re
 ResidentOrAdmin = Annotated[Principal, Depends(require(Role.RESIDENT, Role.ADMIN))]
 StaffOrAdmin = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
 Anyone = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="Repeat a POST with the same key to get the first answer back"),
-]
 
 
 # --- Request bodies ------------------------------------------------------------------------------
@@ -130,7 +127,7 @@ class RenewalRequest(ApiModel):
 
 
 class RejectionRequest(ApiModel):
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: MultilineText = Field(min_length=1, max_length=1000)
 
 
 # --- Helpers -------------------------------------------------------------------------------------
@@ -141,39 +138,19 @@ def _runtime(request: Request) -> ServiceRuntime:
     return runtime
 
 
-def _correlation(request: Request) -> str | None:
-    return getattr(request.state, "correlation_id", None)
-
-
-def _key(request: Request, principal: Principal, key: str | None, body: ApiModel | None) -> IdempotencyScope | None:
-    route = getattr(request.scope.get("route"), "path", request.url.path)
-    payload = body.model_dump(mode="json") if body is not None else None
-    return IdempotencyScope.of(key, principal, route, request.url.path, payload)
-
-
-def _respond(outcome: Outcome) -> JSONResponse:
-    response = JSONResponse(outcome.body, status_code=outcome.status_code)
-    if outcome.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
-
-
 # --- Residents -----------------------------------------------------------------------------------
 
 
 @router.post("/residents", status_code=201, response_model=ResidentView)
 async def create_resident(
-    body: NewResidentRequest, request: Request,
-    principal: Annotated[Principal, Depends(require(Role.RESIDENT))], idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    body: NewResidentRequest, principal: Annotated[Principal, Depends(require(Role.RESIDENT))], write: WriteRequest
+) -> Response:
     """Create the caller's account (the token's subject is the resident id)."""
     details = domain.contact(body.name, body.name_kana, body.email, body.phone, body.preferred_language)
     outcome = await handlers.create_resident(
-        _runtime(request), principal, details, body.date_of_birth, body.legal_address_code,
-        [(c.purpose, c.partner) for c in body.consents], _key(request, principal, idempotency_key, body),
-        _correlation(request),
+        write, details, body.date_of_birth, body.legal_address_code, [(c.purpose, c.partner) for c in body.consents]
     )
-    return _respond(outcome)
+    return outcome.response()
 
 
 @router.get("/residents/{resident_id}", response_model=ResidentView)
@@ -184,35 +161,31 @@ async def get_resident(resident_id: str, request: Request, principal: ResidentOr
 
 @router.patch("/residents/{resident_id}", response_model=ResidentView)
 async def change_contact(
-    resident_id: str, body: ContactChangeRequest, request: Request, principal: ResidentOrAdmin
-) -> dict[str, Any]:
+    resident_id: str, body: ContactChangeRequest, principal: ResidentOrAdmin, write: WriteRequest
+) -> Response:
     principal.ensure_resident(resident_id)
     changes = {name: getattr(body, name) for name in body.model_fields_set}
-    return await handlers.update_contact(_runtime(request), resident_id, changes, _correlation(request))
+    return (await handlers.update_contact(write, resident_id, changes)).response()
 
 
 @router.delete("/residents/{resident_id}", status_code=204)
-async def erase_resident(resident_id: str, request: Request, principal: ResidentOrAdmin) -> Response:
+async def erase_resident(resident_id: str, principal: ResidentOrAdmin, write: WriteRequest) -> Response:
     """Erasure request: the account and every registration end; personal data is erased here."""
     principal.ensure_resident(resident_id)
-    await handlers.erase_resident(_runtime(request), resident_id, _correlation(request))
-    return Response(status_code=204)
+    return (await handlers.erase_resident(write, resident_id)).response()
 
 
 @router.post("/residents/{resident_id}/registrations", status_code=201, response_model=RegistrationView)
 async def register(
-    resident_id: str, body: RegistrationRequest, request: Request, principal: ResidentOrAdmin,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    resident_id: str, body: RegistrationRequest, principal: ResidentOrAdmin, write: WriteRequest
+) -> Response:
     """Register with a municipality (201), or ask to upgrade a basic registration to premium (200)."""
     principal.ensure_resident(resident_id)
     outcome = await handlers.register(
-        _runtime(request), resident_id, body.municipality_code, body.tier,
-        body.identity.to_domain() if body.identity is not None else None,
-        [a.to_domain() for a in body.activities], _key(request, principal, idempotency_key, body),
-        _correlation(request),
+        write, resident_id, body.municipality_code, body.tier,
+        body.identity.to_domain() if body.identity is not None else None, [a.to_domain() for a in body.activities],
     )
-    return _respond(outcome)
+    return outcome.response()
 
 
 @router.get("/residents/{resident_id}/consents", response_model=list[ConsentView])
@@ -223,24 +196,19 @@ async def list_consents(resident_id: str, request: Request, principal: ResidentO
 
 @router.post("/residents/{resident_id}/consents", response_model=ConsentView)
 async def grant_consent(
-    resident_id: str, body: ConsentRequest, request: Request, principal: ResidentOrAdmin,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    resident_id: str, body: ConsentRequest, principal: ResidentOrAdmin, write: WriteRequest
+) -> Response:
     principal.ensure_resident(resident_id)
-    outcome = await handlers.grant_consent(
-        _runtime(request), resident_id, body.purpose, body.partner,
-        _key(request, principal, idempotency_key, body), _correlation(request),
-    )
-    return _respond(outcome)
+    return (await handlers.grant_consent(write, resident_id, body.purpose, body.partner)).response()
 
 
 @router.delete("/residents/{resident_id}/consents/{purpose}", response_model=ConsentView)
 async def revoke_consent(
-    resident_id: str, purpose: ConsentPurpose, request: Request, principal: ResidentOrAdmin,
+    resident_id: str, purpose: ConsentPurpose, principal: ResidentOrAdmin, write: WriteRequest,
     partner: Annotated[str | None, Query(max_length=32)] = None,
-) -> dict[str, Any]:
+) -> Response:
     principal.ensure_resident(resident_id)
-    return await handlers.revoke_consent(_runtime(request), resident_id, purpose, partner, _correlation(request))
+    return (await handlers.revoke_consent(write, resident_id, purpose, partner)).response()
 
 
 # --- Registrations -------------------------------------------------------------------------------
@@ -277,7 +245,7 @@ def _csv_row(item: ListedRegistration) -> list[object]:
         item.phone, item.preferred_language,
     ]
     # Staff read times in Japan time.
-    return [v.astimezone(domain.TOKYO) if isinstance(v, dt.datetime) else v for v in values]
+    return [v.astimezone(JAPAN) if isinstance(v, dt.datetime) else v for v in values]
 
 
 @router.get(
@@ -307,47 +275,34 @@ async def get_registration(registration_id: str, request: Request, principal: An
 
 
 @router.post("/registrations/{registration_id}/approve", response_model=RegistrationView)
-async def approve(
-    registration_id: str, request: Request, principal: StaffOrAdmin, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
+async def approve(registration_id: str, principal: StaffOrAdmin, write: WriteRequest) -> Response:
     """Approve the premium request under review: valid for one year from today (Japan)."""
-    outcome = await handlers.approve(
-        _runtime(request), principal, registration_id, _key(request, principal, idempotency_key, None),
-        _correlation(request),
-    )
-    return _respond(outcome)
+    return (await handlers.approve(write, registration_id)).response()
 
 
 @router.post("/registrations/{registration_id}/reject", response_model=RegistrationView)
 async def reject(
-    registration_id: str, body: RejectionRequest, request: Request, principal: StaffOrAdmin,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    outcome = await handlers.reject(
-        _runtime(request), principal, registration_id, body.reason,
-        _key(request, principal, idempotency_key, body), _correlation(request),
-    )
-    return _respond(outcome)
+    registration_id: str, body: RejectionRequest, principal: StaffOrAdmin, write: WriteRequest
+) -> Response:
+    return (await handlers.reject(write, registration_id, body.reason)).response()
 
 
 @router.post("/registrations/{registration_id}/renew", response_model=RegistrationView)
 async def renew(
-    registration_id: str, body: RenewalRequest, request: Request, principal: ResidentOrAdmin,
-    idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+    registration_id: str, body: RenewalRequest, principal: ResidentOrAdmin, write: WriteRequest
+) -> Response:
     """Ask for one more premium year with a new activity record (reviewed by the municipality)."""
     outcome = await handlers.renew(
-        _runtime(request), principal, registration_id, [a.to_domain() for a in body.activities],
+        write, registration_id, [a.to_domain() for a in body.activities],
         body.identity.to_domain() if body.identity is not None else None,
-        _key(request, principal, idempotency_key, body), _correlation(request),
     )
-    return _respond(outcome)
+    return outcome.response()
 
 
 @router.delete("/registrations/{registration_id}", response_model=RegistrationView)
-async def withdraw_registration(registration_id: str, request: Request, principal: ResidentOrAdmin) -> dict[str, Any]:
+async def withdraw_registration(registration_id: str, principal: ResidentOrAdmin, write: WriteRequest) -> Response:
     """Withdraw one registration; the account and the other registrations stay."""
-    return await handlers.withdraw_registration(_runtime(request), principal, registration_id, _correlation(request))
+    return (await handlers.withdraw_registration(write, registration_id)).response()
 
 
 # --- Operations ----------------------------------------------------------------------------------
@@ -355,7 +310,7 @@ async def withdraw_registration(registration_id: str, request: Request, principa
 
 @router.post("/admin/premium-expiry", response_model=ExpiryRun, tags=["operations"])
 async def run_premium_expiry(
-    request: Request, principal: Annotated[Principal, Depends(require(Role.ADMIN))]
-) -> dict[str, Any]:
+    principal: Annotated[Principal, Depends(require(Role.ADMIN))], write: WriteRequest
+) -> Response:
     """Expire premium registrations past their validity now (the service also does it periodically)."""
-    return await handlers.expire_premiums(_runtime(request))
+    return (await handlers.expire_premiums_now(write)).response()

@@ -23,18 +23,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Literal
-from zoneinfo import ZoneInfo
 
 from pydantic import validate_email
 from pydantic_core import PydanticCustomError
 
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.topics import PARTNER_CODES
+from shared.kit.clock import japan_date
 from shared.kit.errors import Conflict, DomainError, NotFound
 from shared.kit.my_number import looks_like_my_number
 from shared.reference import Municipality, UnknownMunicipality, is_valid_code, municipality
-
-TOKYO = ZoneInfo("Asia/Tokyo")
 
 Tier = Literal["basic", "premium"]
 ReviewKind = Literal["initial", "upgrade", "renewal"]
@@ -212,11 +210,6 @@ class ConsentNotFound(NotFound):
     title = "This consent was never given"
 
 
-class InvalidIdempotencyKey(DomainError):
-    code = "invalid-idempotency-key"
-    title = "An Idempotency-Key is 1-255 visible ASCII characters"
-
-
 class MunicipalityRequired(DomainError):
     code = "municipality-required"
     title = "Name the municipality to list"
@@ -224,10 +217,7 @@ class MunicipalityRequired(DomainError):
 
 # --- Calendar ----------------------------------------------------------------------------------
 
-
-def tokyo_today(now: datetime) -> date:
-    """The calendar date in Japan at this instant (validity and activity dates follow it)."""
-    return now.astimezone(TOKYO).date()
+# Validity and activity dates follow the calendar in Japan: ``japan_date(now)`` of the instant passed in.
 
 
 def add_years(day: date, years: int) -> date:
@@ -373,7 +363,7 @@ def new_resident(
     return Resident(
         id=check_resident_id(subject),
         contact=details,
-        date_of_birth=check_birth_date(date_of_birth, tokyo_today(now)),
+        date_of_birth=check_birth_date(date_of_birth, japan_date(now)),
         legal_address_code=legal_address(legal_address_code).code,
         created_at=now,
     )
@@ -495,7 +485,7 @@ def plan_registration(
         check_identity(identity, now)
         if target.code == home_municipality(legal_address_code):
             raise PremiumInHomeMunicipality(f"{target.full_name} is the municipality of the legal address")
-        today = tokyo_today(now)
+        today = japan_date(now)
         check_activities(activities, today, add_years(today, -1), "within the last year")
         if premium_places(existing) >= PREMIUM_LIMIT:
             raise PremiumLimitReached(f"already {PREMIUM_LIMIT} premium registrations active or under review")
@@ -530,7 +520,7 @@ def plan_renewal(registration: Registration, activities: Sequence[Activity], now
         raise NotRenewable(f"registration {registration.id} is {registration.tier} and {registration.status}")
     if registration.pending_review is not None:
         raise ReviewPending(f"a {registration.pending_review} request awaits review")
-    today = tokyo_today(now)
+    today = japan_date(now)
     since = registration.valid_from or add_years(today, -1)
     check_activities(activities, today, since, f"since the current validity began on {since.isoformat()}")
 
@@ -540,7 +530,7 @@ def approve(registration: Registration, now: datetime) -> Registration:
     kind = registration.pending_review
     if kind is None:
         raise AlreadyDecided(f"registration {registration.id} has no premium request awaiting review")
-    today = tokyo_today(now)
+    today = japan_date(now)
     current_end = registration.valid_until
     if kind == "renewal" and registration.status == "active" and current_end is not None and current_end >= today:
         # An early renewal keeps the days left: the new year follows the current one.

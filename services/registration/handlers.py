@@ -1,16 +1,15 @@
 """Use cases: load, decide (domain), save (store), emit (outbox) — one transaction each.
 
-Every POST runs through ``_once``: with an ``Idempotency-Key`` the first answer is stored in the
-same transaction as the change, and a repeat of the request returns it instead of acting again.
+Every HTTP write runs through the kit's runner (``Write.run``): the permission check first, then an
+``Idempotency-Key`` replay or the change, its stored answer and its events in one transaction.
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import replace
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -38,72 +37,18 @@ from services.registration.views import (
 from shared.contracts import registration as events
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.topics import RESIDENTS
-from shared.kit import idempotency
 from shared.kit.auth import Principal, Role
+from shared.kit.clock import japan_date
 from shared.kit.db import Connection
 from shared.kit.service import ServiceRuntime, UnitOfWork
+from shared.kit.use_case import Outcome, Write
 from shared.reference import prefecture_of
 
 log = structlog.get_logger(__name__)
 
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
 
 def _new_id() -> str:
     return str(uuid.uuid4())
-
-
-# --- Idempotent POSTs ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyScope:
-    """Where a key is remembered: per principal and route; the hash covers the path and the body."""
-
-    scope: str
-    key: str
-    request_hash: str
-
-    @classmethod
-    def of(
-        cls, key: str | None, principal: Principal, route: str, path: str, body: Any
-    ) -> IdempotencyScope | None:
-        if key is None:
-            return None
-        if _IDEMPOTENCY_KEY.fullmatch(key) is None:
-            raise domain.InvalidIdempotencyKey("send 1-255 visible ASCII characters, e.g. a UUID")
-        # The subject leads the scope so an erasure can forget every answer stored for the person.
-        return cls(f"{principal.subject} POST {route}", key, idempotency.request_hash({"path": path, "body": body}))
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    status_code: int
-    body: dict[str, Any]
-    replayed: bool = False
-
-
-async def _once(
-    runtime: ServiceRuntime,
-    key: IdempotencyScope | None,
-    correlation_id: str | None,
-    action: Callable[[UnitOfWork], Awaitable[Outcome]],
-) -> Outcome:
-    async with runtime.transaction(correlation_id) as uow:
-        if key is not None:
-            stored = await idempotency.replay(uow.conn, key.scope, key.key, key.request_hash)
-            if stored is not None:
-                return Outcome(stored.status_code, stored.body, replayed=True)
-        outcome = await action(uow)
-        if key is not None:
-            await idempotency.remember(
-                uow.conn, key.scope, key.key, key.request_hash, outcome.status_code, outcome.body
-            )
-        return outcome
 
 
 # --- Events --------------------------------------------------------------------------------------
@@ -163,22 +108,19 @@ def _with(registrations: Sequence[Registration], changed: Registration) -> list[
 
 
 async def create_resident(
-    runtime: ServiceRuntime,
-    principal: Principal,
+    write: Write,
     details: Contact,
     date_of_birth: date,
     legal_address_code: str,
     consents: Sequence[tuple[ConsentPurpose, str | None]],
-    key: IdempotencyScope | None,
-    correlation_id: str | None,
 ) -> Outcome:
-    now = _now()
-    resident = domain.new_resident(principal.subject, details, date_of_birth, legal_address_code, now)
+    now = write.runtime.clock.now()
+    resident = domain.new_resident(write.principal.subject, details, date_of_birth, legal_address_code, now)
     wanted = list(dict.fromkeys(consents))
     for purpose, partner in wanted:
         domain.check_consent_target(purpose, partner)
 
-    async def action(uow: UnitOfWork) -> Outcome:
+    async def act(uow: UnitOfWork) -> Outcome:
         if not await store.insert_resident(uow.conn, resident):
             if await store.resident_status(uow.conn, resident.id) == "erased":
                 raise domain.ResidentErased(
@@ -192,7 +134,7 @@ async def create_resident(
         log.info("resident created", resident_id=resident.id)
         return Outcome(201, as_json(resident_view(resident, [], granted)))
 
-    return await _once(runtime, key, correlation_id, action)
+    return await write.run(act)
 
 
 async def get_resident(runtime: ServiceRuntime, resident_id: str) -> dict[str, Any]:
@@ -205,12 +147,11 @@ async def get_resident(runtime: ServiceRuntime, resident_id: str) -> dict[str, A
     return as_json(resident_view(resident, registrations, consents))
 
 
-async def update_contact(
-    runtime: ServiceRuntime, resident_id: str, changes: dict[str, Any], correlation_id: str | None
-) -> dict[str, Any]:
+async def update_contact(write: Write, resident_id: str, changes: dict[str, Any]) -> Outcome:
     """Change name, reading, e-mail, phone or language; other services learn it from ContactChanged."""
-    now = _now()
-    async with runtime.transaction(correlation_id) as uow:
+
+    async def act(uow: UnitOfWork) -> Outcome:
+        now = write.runtime.clock.now()
         resident = await _lock_resident(uow.conn, resident_id)
         old = resident.contact
         new = domain.contact(
@@ -227,23 +168,30 @@ async def update_contact(
             resident = replace(resident, contact=new)
         registrations = await store.registrations_of(uow.conn, resident_id)
         consents = await store.consents_of(uow.conn, resident_id)
-    return as_json(resident_view(resident, registrations, consents))
+        return Outcome(200, as_json(resident_view(resident, registrations, consents)))
+
+    return await write.run(act)
 
 
-async def erase_resident(runtime: ServiceRuntime, resident_id: str, correlation_id: str | None) -> None:
+async def erase_resident(write: Write, resident_id: str) -> Outcome:
     """The erasure request: blank the person's data here and tell every service (a repeat is a no-op)."""
-    now = _now()
-    async with runtime.transaction(correlation_id) as uow:
+
+    async def act(uow: UnitOfWork) -> Outcome:
+        now = write.runtime.clock.now()
         resident = await store.lock_resident(uow.conn, resident_id)
         if resident is None:
             if await store.resident_status(uow.conn, resident_id) == "erased":
-                return
+                return Outcome(204)
             raise domain.ResidentNotFound(f"no resident {resident_id}")
         await store.erase_resident(uow.conn, resident_id, prefecture_of(resident.legal_address_code).code, now)
         await uow.emit(
             RESIDENTS, events.ResidentWithdrawn(resident_id=resident_id, withdrawn_at=now), subject=resident_id
         )
-    log.info("resident erased", resident_id=resident_id)
+        log.info("resident erased", resident_id=resident_id)
+        # The erasure's own key is stored after this (an empty 204, nothing personal in it).
+        return Outcome(204)
+
+    return await write.run(act)
 
 
 async def _lock_resident(conn: Connection, resident_id: str) -> Resident:
@@ -257,20 +205,18 @@ async def _lock_resident(conn: Connection, resident_id: str) -> Resident:
 
 
 async def register(
-    runtime: ServiceRuntime,
+    write: Write,
     resident_id: str,
     municipality_code: str,
     tier: Tier,
     identity: IdentityVerification | None,
     activities: Sequence[Activity],
-    key: IdempotencyScope | None,
-    correlation_id: str | None,
 ) -> Outcome:
     """Register with a municipality (and so its prefecture), or ask to upgrade a basic one to premium."""
     domain.registrable(municipality_code)  # a bad code is refused before any lock is taken
 
-    async def action(uow: UnitOfWork) -> Outcome:
-        now = _now()
+    async def act(uow: UnitOfWork) -> Outcome:
+        now = write.runtime.clock.now()
         resident = await _lock_resident(uow.conn, resident_id)
         existing = await store.registrations_of(uow.conn, resident_id)
         plan = domain.plan_registration(
@@ -302,7 +248,7 @@ async def register(
         view = registration_view(registration, plan.prefecture_registration_id)
         return Outcome(201 if plan.is_new else 200, as_json(view))
 
-    return await _once(runtime, key, correlation_id, action)
+    return await write.run(act)
 
 
 async def _emit_premium_requested(
@@ -335,6 +281,32 @@ def _current(registrations: Sequence[Registration], registration_id: str) -> Reg
     return next(r for r in registrations if r.id == registration_id)
 
 
+def _registration_for_staff(
+    principal: Principal, registration_id: str
+) -> Callable[[UnitOfWork], Awaitable[Registration]]:
+    """Only the municipality's staff (or an admin) decide on its registrations."""
+
+    async def authorise(uow: UnitOfWork) -> Registration:
+        registration = await _load_registration(uow.conn, registration_id)
+        principal.ensure_municipality(registration.municipality_code)
+        return registration
+
+    return authorise
+
+
+def _registration_for_owner(
+    principal: Principal, registration_id: str
+) -> Callable[[UnitOfWork], Awaitable[Registration]]:
+    """Only the person (or an admin) renews or withdraws their registration."""
+
+    async def authorise(uow: UnitOfWork) -> Registration:
+        registration = await _load_registration(uow.conn, registration_id)
+        principal.ensure_resident(registration.resident_id)
+        return registration
+
+    return authorise
+
+
 async def get_registration(runtime: ServiceRuntime, principal: Principal, registration_id: str) -> dict[str, Any]:
     async with runtime.pool.acquire() as conn:
         registration = await _load_registration(conn, registration_id)
@@ -352,14 +324,11 @@ def _ensure_may_see(principal: Principal, registration: Registration) -> None:
         principal.ensure_resident(registration.resident_id)
 
 
-async def approve(
-    runtime: ServiceRuntime, principal: Principal, registration_id: str, key: IdempotencyScope | None,
-    correlation_id: str | None,
-) -> Outcome:
-    async def action(uow: UnitOfWork) -> Outcome:
-        now = _now()
-        loaded = await _load_registration(uow.conn, registration_id)
-        principal.ensure_municipality(loaded.municipality_code)
+async def approve(write: Write, registration_id: str) -> Outcome:
+    principal = write.principal
+
+    async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
+        now = write.runtime.clock.now()
         registration = _current(await _lock_for_change(uow.conn, loaded), registration_id)
         approved = domain.approve(registration, now)
         assert approved.valid_until is not None
@@ -378,17 +347,14 @@ async def approve(
                  staff=principal.subject, valid_until=str(approved.valid_until))
         return Outcome(200, as_json(registration_view(approved)))
 
-    return await _once(runtime, key, correlation_id, action)
+    return await write.run(act, authorise=_registration_for_staff(principal, registration_id))
 
 
-async def reject(
-    runtime: ServiceRuntime, principal: Principal, registration_id: str, reason: str,
-    key: IdempotencyScope | None, correlation_id: str | None,
-) -> Outcome:
-    async def action(uow: UnitOfWork) -> Outcome:
-        now = _now()
-        loaded = await _load_registration(uow.conn, registration_id)
-        principal.ensure_municipality(loaded.municipality_code)
+async def reject(write: Write, registration_id: str, reason: str) -> Outcome:
+    principal = write.principal
+
+    async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
+        now = write.runtime.clock.now()
         registrations = await _lock_for_change(uow.conn, loaded)
         registration = _current(registrations, registration_id)
         rejected = domain.reject(registration)
@@ -409,18 +375,16 @@ async def reject(
                  staff=principal.subject)
         return Outcome(200, as_json(registration_view(rejected)))
 
-    return await _once(runtime, key, correlation_id, action)
+    return await write.run(act, authorise=_registration_for_staff(principal, registration_id))
 
 
 async def renew(
-    runtime: ServiceRuntime, principal: Principal, registration_id: str, activities: Sequence[Activity],
-    identity: IdentityVerification | None, key: IdempotencyScope | None, correlation_id: str | None,
+    write: Write, registration_id: str, activities: Sequence[Activity], identity: IdentityVerification | None
 ) -> Outcome:
     """Ask for one more premium year with this year's activities (reviewed like a first request)."""
-    async def action(uow: UnitOfWork) -> Outcome:
-        now = _now()
-        loaded = await _load_registration(uow.conn, registration_id)
-        principal.ensure_resident(loaded.resident_id)
+
+    async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
+        now = write.runtime.clock.now()
         registration = _current(await _lock_for_change(uow.conn, loaded), registration_id)
         domain.plan_renewal(registration, activities, now)
         verification_id = None
@@ -433,29 +397,28 @@ async def renew(
         log.info("premium renewal requested", registration_id=registration_id)
         return Outcome(200, as_json(registration_view(replace(registration, pending_review="renewal"))))
 
-    return await _once(runtime, key, correlation_id, action)
+    return await write.run(act, authorise=_registration_for_owner(write.principal, registration_id))
 
 
-async def withdraw_registration(
-    runtime: ServiceRuntime, principal: Principal, registration_id: str, correlation_id: str | None
-) -> dict[str, Any]:
+async def withdraw_registration(write: Write, registration_id: str) -> Outcome:
     """End one registration; the derived prefecture one ends with the last municipal one in it."""
-    now = _now()
-    async with runtime.transaction(correlation_id) as uow:
-        loaded = await _load_registration(uow.conn, registration_id)
-        principal.ensure_resident(loaded.resident_id)
+
+    async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
+        now = write.runtime.clock.now()
         registrations = await _lock_for_change(uow.conn, loaded)
         registration = _current(registrations, registration_id)
         if not domain.check_withdrawable(registration, registrations):
-            return as_json(registration_view(registration))
+            return Outcome(200, as_json(registration_view(registration)))
         withdrawn = replace(registration, status="withdrawn", pending_review=None)
         await store.save_registration(uow.conn, withdrawn, now)
         if registration.pending_review is not None:
             await store.decide_review(uow.conn, registration_id, "cancelled", now)
         await _emit_withdrawn(uow, withdrawn, now)
         await _release_derived_prefecture(uow, withdrawn, _with(registrations, withdrawn), now)
-    log.info("registration withdrawn", registration_id=registration_id)
-    return as_json(registration_view(withdrawn))
+        log.info("registration withdrawn", registration_id=registration_id)
+        return Outcome(200, as_json(registration_view(withdrawn)))
+
+    return await write.run(act, authorise=_registration_for_owner(write.principal, registration_id))
 
 
 # --- Staff lists ---------------------------------------------------------------------------------
@@ -514,42 +477,39 @@ async def _emit_consent(uow: UnitOfWork, resident_id: str, consent: Consent) -> 
     )
 
 
-async def grant_consent(
-    runtime: ServiceRuntime, resident_id: str, purpose: ConsentPurpose, partner: str | None,
-    key: IdempotencyScope | None, correlation_id: str | None,
-) -> Outcome:
+async def grant_consent(write: Write, resident_id: str, purpose: ConsentPurpose, partner: str | None) -> Outcome:
     domain.check_consent_target(purpose, partner)
 
-    async def action(uow: UnitOfWork) -> Outcome:
+    async def act(uow: UnitOfWork) -> Outcome:
         await _lock_resident(uow.conn, resident_id)
         current = await store.current_consent(uow.conn, resident_id, purpose, partner)
         if current is not None and current.granted:
             return Outcome(200, as_json(consent_view(current)))
-        consent = Consent(purpose, partner, True, _now())
+        consent = Consent(purpose, partner, True, write.runtime.clock.now())
         await store.set_consent(uow.conn, resident_id, consent)
         await _emit_consent(uow, resident_id, consent)
         return Outcome(200, as_json(consent_view(consent)))
 
-    return await _once(runtime, key, correlation_id, action)
+    return await write.run(act)
 
 
-async def revoke_consent(
-    runtime: ServiceRuntime, resident_id: str, purpose: ConsentPurpose, partner: str | None,
-    correlation_id: str | None,
-) -> dict[str, Any]:
+async def revoke_consent(write: Write, resident_id: str, purpose: ConsentPurpose, partner: str | None) -> Outcome:
     """A revocation is an event too; revoking what is already revoked changes nothing."""
     domain.check_consent_target(purpose, partner)
-    async with runtime.transaction(correlation_id) as uow:
+
+    async def act(uow: UnitOfWork) -> Outcome:
         await _lock_resident(uow.conn, resident_id)
         current = await store.current_consent(uow.conn, resident_id, purpose, partner)
         if current is None:
             raise domain.ConsentNotFound(f"consent {purpose!r} (partner {partner}) was never given")
         if not current.granted:
-            return as_json(consent_view(current))
-        consent = Consent(purpose, partner, False, _now())
+            return Outcome(200, as_json(consent_view(current)))
+        consent = Consent(purpose, partner, False, write.runtime.clock.now())
         await store.set_consent(uow.conn, resident_id, consent)
         await _emit_consent(uow, resident_id, consent)
-    return as_json(consent_view(consent))
+        return Outcome(200, as_json(consent_view(consent)))
+
+    return await write.run(act)
 
 
 async def list_consents(runtime: ServiceRuntime, resident_id: str) -> list[dict[str, Any]]:
@@ -567,39 +527,58 @@ async def expire_premiums(runtime: ServiceRuntime, batch_size: int = 200) -> dic
     """Expire premium registrations past their validity: each once, even with several replicas.
 
     The claim (``UPDATE ... WHERE status = 'active' AND valid_until < today``) and the events commit
-    in one transaction, and residents another replica is expiring are skipped, not waited for.
+    in one transaction per batch, and residents another replica is expiring are skipped, not waited for.
     """
     expired_total = 0
     while True:
-        now = _now()
-        today = domain.tokyo_today(now)
         async with runtime.transaction() as uow:
-            resident_ids = await store.lock_residents_with_due_premiums(uow.conn, today, batch_size)
-            if not resident_ids:
-                break
-            expired = await store.claim_due_premiums(uow.conn, resident_ids, today, now)
-            for registration in expired:
-                assert registration.valid_until is not None
-                await uow.emit(
-                    RESIDENTS,
-                    events.PremiumExpired(
-                        resident_id=registration.resident_id, registration_id=registration.id,
-                        municipality_code=registration.municipality_code,
-                        expired_on=registration.valid_until + timedelta(days=1),
-                    ),
-                    subject=registration.resident_id,
-                )
-            for resident_id in sorted({r.resident_id for r in expired}):
-                remaining = await store.registrations_of(uow.conn, resident_id)
-                for ended in [r for r in expired if r.resident_id == resident_id]:
-                    await _release_derived_prefecture(uow, ended, remaining, now)
-                    remaining = await store.registrations_of(uow.conn, resident_id)
-        expired_total += len(expired)
-        if expired:
-            log.info("premium registrations expired", count=len(expired))
-        if not expired or len(resident_ids) < batch_size:
+            expired, more = await _expire_batch(uow, runtime, batch_size)
+        expired_total += expired
+        if not more:
             break
     return as_json(ExpiryRun(expired=expired_total))
+
+
+async def expire_premiums_now(write: Write, batch_size: int = 200) -> Outcome:
+    """The admin's run of the expiry job: every batch in the request's one transaction."""
+
+    async def act(uow: UnitOfWork) -> Outcome:
+        expired_total, more = 0, True
+        while more:
+            expired, more = await _expire_batch(uow, write.runtime, batch_size)
+            expired_total += expired
+        return Outcome(200, as_json(ExpiryRun(expired=expired_total)))
+
+    return await write.run(act)
+
+
+async def _expire_batch(uow: UnitOfWork, runtime: ServiceRuntime, batch_size: int) -> tuple[int, bool]:
+    """Expire one batch of due premium registrations; returns how many, and whether to go on."""
+    now = runtime.clock.now()
+    today = japan_date(now)
+    resident_ids = await store.lock_residents_with_due_premiums(uow.conn, today, batch_size)
+    if not resident_ids:
+        return 0, False
+    expired = await store.claim_due_premiums(uow.conn, resident_ids, today, now)
+    for registration in expired:
+        assert registration.valid_until is not None
+        await uow.emit(
+            RESIDENTS,
+            events.PremiumExpired(
+                resident_id=registration.resident_id, registration_id=registration.id,
+                municipality_code=registration.municipality_code,
+                expired_on=registration.valid_until + timedelta(days=1),
+            ),
+            subject=registration.resident_id,
+        )
+    for resident_id in sorted({r.resident_id for r in expired}):
+        remaining = await store.registrations_of(uow.conn, resident_id)
+        for ended in [r for r in expired if r.resident_id == resident_id]:
+            await _release_derived_prefecture(uow, ended, remaining, now)
+            remaining = await store.registrations_of(uow.conn, resident_id)
+    if expired:
+        log.info("premium registrations expired", count=len(expired))
+    return len(expired), bool(expired) and len(resident_ids) >= batch_size
 
 
 async def purge_relayed_events_of_erased(runtime: ServiceRuntime) -> int:

@@ -134,7 +134,11 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
         resident_id,
     )
     await conn.execute("DELETE FROM consents WHERE resident_id = $1", resident_id)
-    await conn.execute("DELETE FROM idempotency_keys WHERE starts_with(scope, $1 || ' ')", resident_id)
+    # The person's stored answers (their scope starts with the caller, here the person), and an
+    # admin's stored answers that are the person's own view (they carry the contact).
+    await conn.execute(
+        "DELETE FROM idempotency_keys WHERE starts_with(scope, $1 || ' ') OR body->>'id' = $1", resident_id
+    )
     await purge_relayed_events_of(conn, resident_id)
 
 

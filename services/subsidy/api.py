@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import date
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AwareDatetime, Field, StrictInt
+from fastapi.responses import Response, StreamingResponse
+from pydantic import AwareDatetime, Field
 
 from services.subsidy import handlers, store
-from services.subsidy.domain import GrantStatus, Program, known_municipality, tokyo_today, utc_now
+from services.subsidy.domain import GrantStatus, Program, known_municipality
 from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism
-from shared.kit import idempotency
 from shared.kit.auth import Principal, Role, require
 from shared.kit.csv_export import csv_response
 from shared.kit.db import Connection
-from shared.kit.errors import is_transient
-from shared.kit.http import ApiModel, Offset
+from shared.kit.http import Amount, ApiModel, MultilineText, Offset
 from shared.kit.service import ServiceRuntime, UnitOfWork
+from shared.kit.use_case import Outcome, WriteRequest
 
 router = APIRouter(prefix="/v1", tags=["subsidy"])
 
-T = TypeVar("T")
 Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 Partner = Annotated[Principal, Depends(require(Role.PARTNER))]
 Reader = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 Limit = Annotated[int, Query(ge=1, le=500)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
 class ProgramRequest(ApiModel):
@@ -48,13 +43,13 @@ class ProgramRequest(ApiModel):
     parameters: dict[str, Any]
     active_from: date
     active_until: date
-    opening_budget: StrictInt = 0
+    opening_budget: Amount = 0
 
 
 class TopUpRequest(ApiModel):
     unit: BudgetUnit
-    amount: StrictInt
-    reason: str = Field(min_length=1, max_length=500)
+    amount: Amount
+    reason: MultilineText = Field(min_length=1, max_length=500)
 
 
 class RedemptionRequest(ApiModel):
@@ -65,7 +60,7 @@ class RedemptionRequest(ApiModel):
     trip_id: str = Field(min_length=1, max_length=200)
     trip_kind: TripKind
     travelled_on: date
-    discount_jpy: StrictInt | None = None
+    discount_jpy: Amount | None = None
     reported_at: AwareDatetime | None = None
 
 
@@ -74,59 +69,24 @@ def _runtime(request: Request) -> ServiceRuntime:
     return runtime
 
 
-async def _in_transaction(request: Request, action: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-    """Run a use case in one transaction, again if the database broke a deadlock or lost the line."""
-    runtime = _runtime(request)
-    for attempt in range(1, 4):
-        try:
-            async with runtime.transaction(getattr(request.state, "correlation_id", None)) as uow:
-                return await action(uow)
-        except Exception as error:
-            if attempt == 3 or not is_transient(error):
-                raise
-            await asyncio.sleep(0.02 * attempt)
-    raise AssertionError("unreachable")
-
-
-async def _idempotent(
-    request: Request, scope: str, key: str | None, body: ApiModel,
-    action: Callable[[UnitOfWork], Awaitable[tuple[int, Any]]],
-) -> JSONResponse:
-    body_hash = idempotency.request_hash(body.model_dump(mode="json"))
-
-    async def run(uow: UnitOfWork) -> tuple[int, Any]:
-        if key is not None:
-            stored = await idempotency.replay(uow.conn, scope, key, body_hash)
-            if stored is not None:
-                return stored.status_code, stored.body
-        status, result = await action(uow)
-        encoded = jsonable_encoder(result)
-        if key is not None:
-            await idempotency.remember(uow.conn, scope, key, body_hash, status, encoded)
-        return status, encoded
-
-    status, result = await _in_transaction(request, run)
-    return JSONResponse(result, status_code=status)
-
-
 # --- programs and budgets -------------------------------------------------------------------------
 
 
 @router.post("/programs", status_code=201, summary="Create a travel program (admin)")
-async def create_program(
-    request: Request, body: ProgramRequest, principal: Admin, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
+async def create_program(body: ProgramRequest, principal: Admin, write: WriteRequest) -> Response:
     draft = handlers.ProgramDraft(
         program_id=body.program_id, title=body.title, partner=body.partner, municipality_code=body.municipality_code,
         mechanism=body.mechanism, parameters=body.parameters, active_from=body.active_from,
         active_until=body.active_until, opening_budget=body.opening_budget,
     )
 
-    async def act(uow: UnitOfWork) -> tuple[int, Any]:
-        program = await handlers.create_program(uow, draft, f"{principal.role}:{principal.subject}", tokyo_today())
-        return 201, await _program_view(uow.conn, program)
+    today = write.runtime.clock.today()
 
-    return await _idempotent(request, "subsidy:programs", idempotency_key, body, act)
+    async def act(uow: UnitOfWork) -> Outcome:
+        program = await handlers.create_program(uow, draft, f"{principal.role}:{principal.subject}", today)
+        return Outcome(201, jsonable_encoder(await _program_view(uow.conn, program)))
+
+    return (await write.run(act)).response()
 
 
 @router.get("/programs/{program_id}", summary="A program with its budget and ledger sums")
@@ -161,21 +121,27 @@ async def get_program_grants(
 
 
 @router.post("/programs/{program_id}/budget", status_code=201, summary="Top up a program's budget")
-async def top_up_budget(
-    request: Request, program_id: str, body: TopUpRequest, principal: Staff, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
-    async def act(uow: UnitOfWork) -> tuple[int, Any]:
+async def top_up_budget(program_id: str, body: TopUpRequest, principal: Staff, write: WriteRequest) -> Response:
+    today = write.runtime.clock.today()
+
+    async def authorise(uow: UnitOfWork) -> Program:
+        # Only the program's municipality (or an admin) tops it up: checked before any replay.
+        program = await handlers.load_program(uow.conn, program_id)
+        principal.ensure_municipality(program.municipality_code)
+        return program
+
+    async def act(uow: UnitOfWork, program: Program) -> Outcome:
         result = await handlers.top_up(
-            uow, program_id, principal, body.unit, body.amount, body.reason, tokyo_today()
+            uow, program, f"{principal.role}:{principal.subject}", body.unit, body.amount, body.reason, today
         )
-        return 201, {
+        return Outcome(201, {
             "program_id": result.program_id, "unit": result.unit, "credited": result.credited,
             "ledger_entry_id": result.entry_id,
             "budget": {"available": result.available, "reserved": result.reserved, "spent": result.spent},
             "issued_from_waitlist": result.issued_from_waitlist,
-        }
+        })
 
-    return await _idempotent(request, f"subsidy:top-up:{program_id}", idempotency_key, body, act)
+    return (await write.run(act, authorise=authorise)).response()
 
 
 @router.get("/municipalities/{code}/programs", summary="The municipality's programs and budgets")
@@ -234,19 +200,23 @@ async def resident_grants(
     description="201 with the outcome (accepted or refused with a reason) for a new trip id; 200 with the "
     "first outcome when the same trip is reported again. Reports that cannot be this partner's are problems.",
 )
-async def report_redemption(request: Request, body: RedemptionRequest, principal: Partner) -> JSONResponse:
+async def report_redemption(body: RedemptionRequest, principal: Partner, write: WriteRequest) -> Response:
     assert principal.partner is not None  # a partner token always names its partner
+    clock = write.runtime.clock
     report = handlers.TripReport(
         partner=principal.partner, grant_id=body.grant_id, certificate_number=body.certificate_number,
         trip_id=body.trip_id, trip_kind=body.trip_kind, travelled_on=body.travelled_on,
-        discount_jpy=body.discount_jpy, reported_at=body.reported_at or utc_now(),
+        discount_jpy=body.discount_jpy, reported_at=body.reported_at or clock.now(),
     )
+    today = clock.today()
 
-    async def act(uow: UnitOfWork) -> handlers.TripOutcome:
-        return await handlers.report_trip(uow, report, "http", tokyo_today())
+    # Whose grant it is is checked by the use case (a wrong partner is a 403 that stores nothing);
+    # the key is the partner's own, so no other partner ever gets this answer back.
+    async def act(uow: UnitOfWork) -> Outcome:
+        outcome = await handlers.report_trip(uow, report, "http", today)
+        return Outcome(200 if outcome.duplicate else 201, jsonable_encoder(outcome.as_json()))
 
-    outcome = await _in_transaction(request, act)
-    return JSONResponse(jsonable_encoder(outcome.as_json()), status_code=200 if outcome.duplicate else 201)
+    return (await write.run(act)).response()
 
 
 @router.get("/municipalities/{code}/redemptions", summary="The municipality's reported trips and their outcomes")

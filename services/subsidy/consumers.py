@@ -9,7 +9,6 @@ only those of towns with travel programs are granted one by one.
 from __future__ import annotations
 
 from services.subsidy import handlers
-from services.subsidy.domain import tokyo_today
 from shared.contracts.certification import (
     CertificateExpired,
     CertificateIssued,
@@ -26,17 +25,17 @@ trips = EventRouter()
 
 @certificates_and_donations.on_many(CertificateIssued, CertificateRenewed)
 async def on_certificates_granted(run: Run[handlers.GrantingEvent]) -> None:
-    await handlers.grant_certificates(run, tokyo_today())
+    await handlers.grant_certificates(run, run.clock.today())
 
 
 @certificates_and_donations.on(CertificateRevoked, CertificateExpired)
 async def on_certificate_closed(ctx: HandlerContext, event: CertificateRevoked | CertificateExpired) -> None:
-    await handlers.close_certificate(ctx, event, tokyo_today())
+    await handlers.close_certificate(ctx, event, ctx.clock.today())
 
 
 @certificates_and_donations.on(DonationReceived)
 async def on_donation_received(ctx: HandlerContext, event: DonationReceived) -> None:
-    await handlers.credit_donation(ctx, event, tokyo_today())
+    await handlers.credit_donation(ctx, event, ctx.clock.today())
 
 
 @certificates_and_donations.on(DonationRefunded)
@@ -51,4 +50,4 @@ async def on_trip_reported(ctx: HandlerContext, event: TripReported) -> None:
         trip_id=event.trip_id, trip_kind=event.trip_kind, travelled_on=event.travelled_on,
         discount_jpy=event.discount_jpy, reported_at=event.reported_at,
     )
-    await handlers.report_trip(ctx, report, "kafka", tokyo_today())
+    await handlers.report_trip(ctx, report, "kafka", ctx.clock.today())

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Literal, get_args
-from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.contracts.formats import ProgramId, ProgramIdError
 from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism, RedemptionRefusal
 from shared.kit.errors import Conflict, DomainError, Forbidden, NotFound
 from shared.reference import TravelProgram, UnknownMunicipality, municipality
-
-TOKYO = ZoneInfo("Asia/Tokyo")
 
 GrantStatus = Literal["waitlisted", "issued", "completed", "cancelled", "expired"]
 GRANT_STATUSES: tuple[str, ...] = get_args(GrantStatus)
@@ -31,14 +29,6 @@ Channel = Literal["kafka", "http"]
 UNIT_OF: Mapping[Mechanism, BudgetUnit] = {
     "mileage_grant": "miles", "fare_discount": "jpy", "fare_voucher": "jpy",
 }
-
-
-def tokyo_today() -> date:
-    return datetime.now(TOKYO).date()
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- errors: one per rule a caller can break ------------------------------------------------------
@@ -295,7 +285,7 @@ def seed_program(reference: TravelProgram, municipality_code: str, defaults: See
             "max_one_ways": demo.get("max_one_ways", defaults.discount_max_one_ways),
         }
     return Program(
-        program_id=f"{reference.program_id}@{municipality_code}",
+        program_id=ProgramId.format(reference.program_id, municipality_code),
         title=f"{reference.partner}: {reference.seed_terms}",
         partner=reference.partner_code,
         municipality_code=municipality_code,
@@ -310,7 +300,10 @@ def seed_program(reference: TravelProgram, municipality_code: str, defaults: See
 
 def resolve_program_id(named: str, municipality_code: str) -> str:
     """A donor may name our program id or the reference program (then: its row for the municipality)."""
-    return named if "@" in named else f"{named}@{municipality_code}"
+    try:
+        return ProgramId.named(named, municipality_code).text
+    except ProgramIdError:
+        return named  # the id of no program of ours: the lookup finds none and the donation stays unallocated
 
 
 # --- budgets --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Use cases of the subsidy service: load, decide (domain), save (store), emit (outbox).
 
-Each function runs inside one unit of work — an HTTP transaction (``UnitOfWork``) or a consumer
-batch (``HandlerContext``) — so its state changes, ledger rows and outgoing events commit
-together or not at all.
+Each function runs inside one unit of work (the kit's ``Work``) — an HTTP write run by the kit's
+runner (``UnitOfWork``) or a consumer batch (``HandlerContext``) — so its state changes, ledger
+rows and outgoing events commit together or not at all. Business dates ("today", in Japan) are
+passed in from the runtime's clock; event times are the kit's ``utc_now``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import structlog
 
@@ -47,7 +48,6 @@ from services.subsidy.domain import (
     resolve_program_id,
     seed_program,
     trips_fingerprint,
-    utc_now,
     waitlisted_window_over,
 )
 from shared.contracts.base import EventData
@@ -72,22 +72,14 @@ from shared.contracts.subsidy import (
     Mechanism,
     RedemptionRefusal,
 )
-from shared.contracts.topics import BUDGETS, GRANTS, Topic
-from shared.kit.auth import Principal
+from shared.contracts.topics import BUDGETS, GRANTS
+from shared.kit.clock import utc_now
+from shared.kit.consumer import Run
 from shared.kit.db import Connection
-from shared.kit.envelope import Envelope
+from shared.kit.use_case import Work
 from shared.reference import travel_programs
 
 log = structlog.get_logger(__name__)
-
-
-class Work(Protocol):
-    """A unit of work: an open transaction and a way to record outgoing events in it."""
-
-    @property
-    def conn(self) -> Connection: ...
-
-    async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope: ...
 
 
 # --- programs and budgets -------------------------------------------------------------------------
@@ -162,14 +154,11 @@ class TopUpResult:
 
 
 async def top_up(
-    work: Work, program_id: str, principal: Principal, unit: BudgetUnit, amount: int, reason: str, today: date
+    work: Work, program: Program, actor: str, unit: BudgetUnit, amount: int, reason: str, today: date
 ) -> TopUpResult:
-    program = await load_program(work.conn, program_id)
-    principal.ensure_municipality(program.municipality_code)
+    """Credit a program the caller may top up (the HTTP runner's ``authorise`` checked that)."""
     credited = convert_top_up(program, unit, amount)
-    movement = await _credit(
-        work, program, "top_up", credited, reason=reason or "top-up", actor=f"{principal.role}:{principal.subject}"
-    )
+    movement = await _credit(work, program, "top_up", credited, reason=reason or "top-up", actor=actor)
     issued = await promote_waitlist(work, program, today)
     budget = await store.lock_budget(work.conn, program.program_id, program.unit)  # held since the credit
     assert budget is not None
@@ -266,15 +255,15 @@ GrantingEvent = CertificateIssued | CertificateRenewed
 ClosingEvent = CertificateRevoked | CertificateExpired
 
 
-async def grant_certificates(items: Sequence[tuple[Work, GrantingEvent]], today: date) -> None:
+async def grant_certificates(run: Run[GrantingEvent], today: date) -> None:
     """A run of issued and renewed certificates, each with its own unit of work (one transaction):
     one statement projects them all and one reads the programs of their towns; only certificates of
     towns with programs go on to be granted, one by one in order (budget locks, waitlist)."""
-    conn = items[0][0].conn
+    conn = run.conn
     # Granting never reads the projection, so writing it first (each certificate as its last event
     # left it) changes nothing for the grants that follow.
-    await store.upsert_certificates(conn, [_certificate_row(event) for _, event in items])
-    valid = [(work, event) for work, event in items if event.status == "valid"]
+    await store.upsert_certificates(conn, [_certificate_row(event) for event in run.events])
+    valid = [(work, event) for work, event in run if event.status == "valid"]
     if not valid:
         return
     programs = await store.programs_of_municipalities(conn, {event.municipality_code for _, event in valid})

@@ -16,7 +16,6 @@ from fastapi import FastAPI
 
 from services.subsidy import api, consumers, handlers
 from services.subsidy.config import SubsidySettings
-from services.subsidy.domain import tokyo_today
 from shared.contracts.topics import CERTIFICATES, DONATIONS, REDEMPTIONS
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
@@ -81,4 +80,4 @@ async def seed(runtime: ServiceRuntime, config: SubsidySettings) -> list[str]:
 async def expire_lapsed_grants(runtime: ServiceRuntime, today: date | None = None) -> int:
     """One batch of the sweeper in its own transaction; returns how many grants it expired."""
     async with runtime.transaction() as uow:
-        return await handlers.expire_lapsed_grants(uow, today or tokyo_today())
+        return await handlers.expire_lapsed_grants(uow, today or runtime.clock.today())

@@ -4,22 +4,31 @@ Every app has ``/healthz`` (the process answers), ``/readyz`` (its database and 
 ``/metrics`` (Prometheus) and OpenAPI; every error is ``application/problem+json`` (RFC 9457)
 with a machine-readable ``code``. A malformed body, an unknown field or a wrong type is a 4xx
 problem, never a 500. The request id / correlation id is bound to every log line of a request.
+
+Input PostgreSQL cannot store is refused as a 422 before any handler sees it: every str of a request
+body (``ApiModel``) is free of control characters (NUL above all: ``text`` cannot hold it) unless
+its field opts in (``MultilineText``), every int fits a ``bigint`` unless the field bounds it
+tighter, and no path or query string carries a control character (``BodyGuard``).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, cast
+from urllib.parse import parse_qsl, unquote
 
 import structlog
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, StrictInt
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,10 +43,181 @@ PROBLEM_JSON = "application/problem+json"
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
+#: PostgreSQL's ``bigint`` and ``integer``: an int outside them is a 422, never a database error.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: An int bound for an ``integer`` column (every other int of a request body is bound to ``bigint``).
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+#: The most yen (or miles) one request may move: ¥10 billion is far above any donation or budget
+#: top-up, and sums of such amounts stay far from a ``bigint``'s limit and exact as JSON numbers (2^53).
+MAX_AMOUNT = 10**10
+#: An amount of yen or miles in a request body: an int (never ``1.5``, ``"100"`` or ``true``) up to
+#: MAX_AMOUNT. Whether it must be positive is the domain's rule, with its own problem code.
+Amount = Annotated[StrictInt, Field(le=MAX_AMOUNT)]
+
+#: C0 controls (NUL among them), DEL and C1 controls.
+_CONTROLS = "".join(map(chr, [*range(0x20), *range(0x7F, 0xA0)]))
+_CONTROL = re.compile(f"[{re.escape(_CONTROLS)}]")
+_ALLOWED_CONTROLS = "nichiiki_allowed_controls"
+
+
+@dataclass(frozen=True, slots=True)
+class AllowControls:
+    """Marks a str of an ``ApiModel`` that may hold these control characters (never NUL)."""
+
+    chars: str
+
+    def __post_init__(self) -> None:
+        if "\x00" in self.chars or any(c not in _CONTROLS for c in self.chars):
+            raise ValueError(f"not allowable control characters: {self.chars!r}")
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = handler(source)
+        metadata = {**(schema.get("metadata") or {}), _ALLOWED_CONTROLS: self.chars}
+        return cast(CoreSchema, {**schema, "metadata": metadata})
+
+
+#: Free text typed into a text area: line breaks and tabs allowed, other control characters not.
+MultilineText = Annotated[str, AllowControls("\t\n\r")]
+
+
+class _NoControls:
+    """The after-validator of every str of an ``ApiModel`` (one regex search: C speed)."""
+
+    __slots__ = ("pattern",)
+
+    def __init__(self, allowed: str) -> None:
+        refused = "".join(c for c in _CONTROLS if c not in allowed)
+        self.pattern = _CONTROL if refused == _CONTROLS else re.compile(f"[{re.escape(refused)}]")
+
+    def __call__(self, value: str) -> str:
+        found = self.pattern.search(value)
+        if found is not None:
+            raise _control_error(found)
+        return value
+
+
+_NO_CONTROLS = _NoControls("")
+
+
+def _control_error(found: re.Match[str]) -> PydanticCustomError:
+    return PydanticCustomError(
+        "control_character", "String should not contain control characters (U+{code} at position {position})",
+        {"code": f"{ord(found.group()):04X}", "position": found.start()},
+    )
+
+
+def _storable_json(value: Any) -> Any:
+    """The after-validator of an ``Any`` (free JSON) in an ``ApiModel``: its strings and ints, at any
+    depth, as storable as a typed field's."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if (found := _CONTROL.search(item)) is not None:
+                raise _control_error(found)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not INT64_MIN <= item <= INT64_MAX:
+                raise PydanticCustomError(
+                    "int_out_of_range", "Integers should be within {minimum} and {maximum}",
+                    {"minimum": INT64_MIN, "maximum": INT64_MAX},
+                )
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return value
+
+
+# Core schema keys that hold one inner schema, or a list of them (tuple items, chain steps).
+_INNER = ("schema", "items_schema", "keys_schema", "values_schema", "lax_schema", "strict_schema",
+          "json_schema", "python_schema", "steps")
+# Schemas not looked into: other models (an ApiModel guards its own), enums, references.
+_OPAQUE = {"model", "dataclass", "typed-dict", "definition-ref", "definitions", "enum", "literal"}
+
+
+def _guarded(schema: CoreSchema, allowed: str = "") -> CoreSchema:
+    """``schema`` with every str refusing control characters (but ``allowed``) and every int bounded
+    to a ``bigint``; the same object when nothing in it changes."""
+    node = cast(dict[str, Any], schema)
+    allowed = (node.get("metadata") or {}).get(_ALLOWED_CONTROLS, allowed)
+    kind = node.get("type")
+    if kind == "str":
+        return core_schema.no_info_after_validator_function(
+            _NoControls(allowed) if allowed else _NO_CONTROLS, schema
+        )
+    if kind == "int":
+        bounded = dict(node)
+        if "lt" in bounded or "le" in bounded:
+            bounded["le"] = min(bounded.pop("le", INT64_MAX), bounded.pop("lt", INT64_MAX + 1) - 1, INT64_MAX)
+        else:
+            bounded["le"] = INT64_MAX
+        if "gt" in bounded or "ge" in bounded:
+            bounded["ge"] = max(bounded.pop("ge", INT64_MIN), bounded.pop("gt", INT64_MIN - 1) + 1, INT64_MIN)
+        else:
+            bounded["ge"] = INT64_MIN
+        return cast(CoreSchema, bounded)
+    if kind == "any":
+        return core_schema.no_info_after_validator_function(_storable_json, schema)
+    if kind in _OPAQUE:
+        return schema
+    if kind == "function-after" and isinstance(node["function"].get("function"), _NoControls):
+        return schema  # guarded already (the schema of a nested ApiModel met again)
+    changed: dict[str, Any] = {}
+    for key in _INNER:
+        inner = node.get(key)
+        if isinstance(inner, dict):
+            new = _guarded(cast(CoreSchema, inner), allowed)
+            if new is not inner:
+                changed[key] = new
+        elif isinstance(inner, list):
+            items = [_guarded(item, allowed) for item in inner]
+            if any(a is not b for a, b in zip(items, inner, strict=True)):
+                changed[key] = items
+    if kind == "model-fields":
+        fields = {name: _guarded(field, allowed) for name, field in node["fields"].items()}
+        if any(fields[name] is not field for name, field in node["fields"].items()):
+            changed["fields"] = fields
+    elif kind == "union":
+        old: list[Any] = node["choices"]  # each a schema or a (schema, label) pair
+        choices = [(_guarded(c[0], allowed), c[1]) if isinstance(c, tuple) else _guarded(c, allowed) for c in old]
+        if any(_schema_of(a) is not _schema_of(b) for a, b in zip(choices, old, strict=True)):
+            changed["choices"] = choices
+    elif kind == "tagged-union":
+        tagged = {tag: _guarded(choice, allowed) for tag, choice in node["choices"].items()}
+        if any(tagged[tag] is not choice for tag, choice in node["choices"].items()):
+            changed["choices"] = tagged
+    return cast(CoreSchema, {**node, **changed}) if changed else schema
+
+
+def _schema_of(choice: Any) -> Any:
+    return choice[0] if isinstance(choice, tuple) else choice
+
+
+def _guarded_model(schema: CoreSchema, cls: type[BaseModel]) -> CoreSchema:
+    """The model's schema with its fields guarded; model validators wrap it, and are kept."""
+    node = cast(dict[str, Any], schema)
+    if node.get("type") == "model" and node.get("cls") is cls:
+        fields = _guarded(node["schema"])
+        return schema if fields is node["schema"] else cast(CoreSchema, {**node, "schema": fields})
+    if str(node.get("type", "")).startswith("function-") and "schema" in node:
+        inner = _guarded_model(node["schema"], cls)
+        return schema if inner is node["schema"] else cast(CoreSchema, {**node, "schema": inner})
+    return schema  # a reference to the model, whose own schema is guarded where it is defined
+
+
 class ApiModel(BaseModel):
-    """Base of request bodies: unknown fields are an error, not silently dropped."""
+    """Base of request bodies: unknown fields are an error, not silently dropped; every str refuses
+    control characters (a field opts in to some with ``AllowControls``, e.g. ``MultilineText``) and
+    every int is bound to PostgreSQL's ``bigint`` (tighter where the field says so), so what passes
+    can be stored. The checks are put into the model's core schema once, when the class is made."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: type[BaseModel], handler: GetCoreSchemaHandler, /) -> CoreSchema:
+        return _guarded_model(handler(source), cls)
 
 
 #: How far a list may be paged: any further is a 422, never a database error.
@@ -253,14 +433,28 @@ class Observe:
 
 
 class BodyGuard:
-    """Refuses oversized and non-JSON bodies before any route sees them (413 / 415)."""
+    """Refuses, before any route sees them: a path or query string with a control character (422:
+    a path or query parameter may reach SQL, and PostgreSQL cannot store NUL), oversized bodies
+    (413) and non-JSON bodies (415)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        unstorable = _unstorable_target(scope)
+        if unstorable is not None:
+            where, detail = unstorable
+            response = problem(
+                422, "invalid-request", "The request does not match the schema", f"{'.'.join(where)}: {detail}",
+                errors=[{"loc": where, "msg": detail, "type": "control_character"}],
+            )
+            await response(scope, _no_receive, send)
+            return
+        if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -299,6 +493,32 @@ class BodyGuard:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+# What in a raw query string decodes to a control character (Starlette decodes it as latin-1, then
+# the percent escapes as UTF-8): a raw control byte, or the escape of a C0 control, DEL or a C1
+# control's UTF-8. One search of the bytes passes nearly every query string.
+_CONTROL_IN_QUERY = re.compile(rb"[\x00-\x1f\x7f-\x9f]|%[01][0-9A-Fa-f]|%7[Ff]|%[Cc]2%[89][0-9A-Fa-f]")
+
+
+def _unstorable_target(scope: Scope) -> tuple[list[str], str] | None:
+    """Where the path or the query holds a control character (as the app would decode them), and what."""
+    path: str = scope.get("path", "")
+    if (found := _CONTROL.search(path)) is not None:
+        return ["path"], _control_detail(found)
+    raw: bytes = scope.get("query_string", b"")
+    if raw and _CONTROL_IN_QUERY.search(raw) is not None:
+        text = raw.decode("latin-1")  # as Starlette decodes it
+        for name, value in parse_qsl(text, keep_blank_values=True):
+            if (found := _CONTROL.search(value)) is not None and _CONTROL.search(name) is None:
+                return ["query", name], _control_detail(found)
+        if (found := _CONTROL.search(unquote(text))) is not None:
+            return ["query"], _control_detail(found)
+    return None
+
+
+def _control_detail(found: re.Match[str]) -> str:
+    return f"control characters are not allowed (U+{ord(found.group()):04X})"
 
 
 async def _no_receive() -> Message:

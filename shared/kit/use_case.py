@@ -213,7 +213,10 @@ async def write_request(
         runtime=request.app.state.runtime,
         principal=principal,
         operation=f"{request.method} {route}",
-        request={"path": request.url.path, "query": str(request.query_params), "body": await _body_of(request)},
+        # The fingerprint is only needed under a key: parsing the body again costs the hot paths.
+        request=None if idempotency_key is None else {
+            "path": request.url.path, "query": str(request.query_params), "body": await _body_of(request),
+        },
         idempotency_key=idempotency_key,
         correlation_id=getattr(request.state, "correlation_id", None),
     )

@@ -42,7 +42,6 @@ from fastapi import FastAPI
 
 from services.subsidy import handlers as subsidy_handlers
 from services.subsidy.config import SubsidySettings
-from services.subsidy.domain import tokyo_today
 from shared.contracts.base import EventData
 from shared.contracts.certification import ApplicationSubmitted, CertificateIssued
 from shared.contracts.common import PartnerMembership
@@ -62,6 +61,7 @@ from shared.contracts.topics import (
     SERVICES,
     Topic,
 )
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import EventConsumer
 from shared.kit.dead_letters import replay_dead_letters
 from shared.kit.envelope import Envelope, new_envelope
@@ -74,7 +74,7 @@ from tests.support import caught_up as support_caught_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
 
-TODAY = tokyo_today()
+TODAY = SYSTEM_CLOCK.today()
 NOW = datetime.now(UTC)
 SHIRAHAMA = "304018"  # JAL only
 ANA_TOWNS = ("392065", "393061", "393410", "393649", "314030", "313726")  # ANA fare discount, 1,000,000 yen each

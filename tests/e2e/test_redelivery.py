@@ -46,7 +46,6 @@ from aiokafka.partitioner import murmur2
 from fastapi import FastAPI
 
 from services.subsidy.config import SubsidySettings
-from services.subsidy.domain import tokyo_today
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
     ApplicationRejected,
@@ -89,6 +88,7 @@ from shared.contracts.topics import (
     Topic,
     partner_feed,
 )
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import EventConsumer
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.settings import Settings
@@ -100,7 +100,7 @@ from tests.support import bearer, caught_up, service_client
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
 
 SEED = int(os.environ.get("NICHIIKI_REDELIVERY_SEED") or random.randrange(10**6))
-TODAY = tokyo_today()
+TODAY = SYSTEM_CLOCK.today()
 T0 = datetime(TODAY.year, TODAY.month, TODAY.day, 1, 0, tzinfo=UTC) - timedelta(days=3)
 IKI = "422100"  # JAL (30,000 miles) and Kyushu Yusen (1,000,000 yen)
 SHIRAHAMA = "304018"  # JAL only

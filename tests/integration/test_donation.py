@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from asyncpg.connection import LoggedQuery
 from fastapi import FastAPI
 from pypdf import PdfReader
 
@@ -52,12 +53,14 @@ class Service:
     pool: asyncpg.Pool
     settings: Settings
 
+    # One subject per caller: an Idempotency-Key is remembered per caller, so a repeat must come
+    # from the same one.
     @property
     def admin(self) -> dict[str, str]:
-        return bearer(self.settings, "admin")
+        return bearer(self.settings, "admin", subject="payments-integration")
 
     def staff(self, municipality: str) -> dict[str, str]:
-        return bearer(self.settings, "staff", municipality=municipality)
+        return bearer(self.settings, "staff", subject=f"staff-{municipality}", municipality=municipality)
 
     def resident(self, resident_id: str) -> dict[str, str]:
         return bearer(self.settings, "resident", subject=resident_id)
@@ -190,6 +193,34 @@ async def test_a_confirmed_payment_records_donation_receipt_ledger_and_events(se
     for outsider in (service.resident("other"), service.staff(SHIRAHAMA)):
         problem(await service.client.get(f"/v1/donations/{donation_id}", headers=outsider), 403, "forbidden")
     assert (await service.client.get(f"/v1/donations/{donation_id}", headers=service.staff(TANABE))).status_code == 200
+
+
+async def test_a_confirmation_is_three_statements_in_one_transaction(service: Service) -> None:
+    # The year-end hot path: BEGIN, the donor upsert, the one statement that records everything,
+    # the outbox write, COMMIT. A new round trip here costs every confirmation of the peak.
+    statements: list[str] = []
+
+    def logged(query: LoggedQuery) -> None:
+        # asyncpg's own type introspection runs once per connection and type, not per request.
+        if "typeinfo_tree" not in query.query and "'jit'" not in query.query:
+            statements.append(" ".join(query.query.split()[:3]))
+
+    held = [await service.pool.acquire() for _ in range(service.pool.get_max_size())]
+    for conn in held:
+        conn.add_query_logger(logged)
+    for conn in held:
+        await service.pool.release(conn)
+    try:
+        await service.confirm(donation(SUSAMI, 5_000, payment_date="2025-02-02"))
+    finally:
+        held = [await service.pool.acquire() for _ in range(service.pool.get_max_size())]
+        for conn in held:
+            conn.remove_query_logger(logged)
+        for conn in held:
+            await service.pool.release(conn)
+    assert statements == ["BEGIN;", "INSERT INTO donors", "WITH counter AS", "INSERT INTO outbox", "COMMIT;"], (
+        statements
+    )
 
 
 async def test_the_same_payment_reported_twice_is_one_donation(service: Service) -> None:

@@ -30,7 +30,6 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from services.partner_gateway.api import VerificationHotPath
-from services.partner_gateway.domain import today_in_tokyo
 from services.partner_gateway.main import create_app
 from shared.contracts.base import EVENT_MODELS, EventData
 from shared.contracts.catalog import json_schema
@@ -41,6 +40,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import PartnerMembership
+from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import (
     PartnerCertificate,
     PartnerGrant,
@@ -57,6 +57,7 @@ from shared.contracts.registration import (
 )
 from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed
 from shared.contracts.topics import CERTIFICATES, GRANTS, PARTNER_FEED, RESIDENTS, Topic
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
@@ -65,7 +66,7 @@ from tests.support import bearer, eventually, produce, read_topic, service_clien
 SHIRAHAMA = "304018"  # JAL only
 IKI = "422100"  # JAL and Kyushu Yusen
 SUSAKI = "392065"  # ANA only
-TODAY = today_in_tokyo()
+TODAY = SYSTEM_CLOCK.today()
 FORBIDDEN_FIELDS = {"name", "name_kana", "address", "birth_date", "email", "phone", "contact", "resident_id"}
 
 pytestmark = pytest.mark.stack
@@ -107,7 +108,7 @@ async def gw(settings: Settings) -> AsyncIterator[Gateway]:
 
 
 def new_number(municipality: str) -> str:
-    return f"NCH-{municipality}-2026-{random.randrange(10**6):06d}"
+    return CertificateNumber.format(municipality, 2026, random.randint(1, CertificateNumber.MAX_SEQUENCE))
 
 
 def new_resident() -> str:
@@ -123,7 +124,8 @@ def certificate_fields(
     valid_from: date = TODAY - timedelta(days=1), valid_until: date = TODAY + timedelta(days=364),
 ) -> dict[str, Any]:
     return {
-        "certificate_number": number, "resident_id": resident_id, "municipality_code": number[4:10],
+        "certificate_number": number, "resident_id": resident_id,
+        "municipality_code": CertificateNumber.parse(number).municipality_code,
         "valid_from": valid_from, "valid_until": valid_until, "status": status, "partners": partners,
     }
 
@@ -161,7 +163,8 @@ def grant_issued(
 ) -> GrantIssued:
     return GrantIssued(
         grant_id=grant_id or new_grant_id(), program_id=program, partner=partner, mechanism="mileage_grant",
-        certificate_number=number, resident_id=resident_id, municipality_code=number[4:10], unit="miles",
+        certificate_number=number, resident_id=resident_id,
+        municipality_code=CertificateNumber.parse(number).municipality_code, unit="miles",
         reserved=30000, window_from=TODAY, window_until=TODAY + timedelta(days=122),
         member_number="OTHER-NUMBER", issued_at=datetime.now(UTC),
     )
@@ -762,7 +765,8 @@ async def test_verification_answers_the_entitled_partner_only(gw: Gateway) -> No
         )
         assert json.dumps(other).replace(number, "N") == json.dumps(unknown).replace(unknown_number, "N")
 
-    for malformed in ("NCH-422100-2026-12345", "nch-422100-2026-123456", "NCH-４２２１００-2026-123456", "42"):
+    for malformed in ("NCH-422100-2026-12345", "nch-422100-2026-123456", "NCH-４２２１００-2026-123456", "42",
+                      "NCH-422100-2026-000000"):  # no sequence 0 is ever issued (the shared parser refuses it)
         assert_problem(
             await gw.client.get(f"/v1/certificates/{malformed}", headers=gw.key("jal")), 422,
             "malformed-certificate-number",

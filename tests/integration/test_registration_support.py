@@ -12,9 +12,9 @@ import asyncpg
 import httpx
 import jsonschema  # type: ignore[import-untyped]
 
-from services.registration.domain import TOKYO
 from shared.contracts.base import EventData
 from shared.contracts.topics import RESIDENTS
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, parse_envelope
 from shared.kit.outbox import pending_count
 from shared.kit.settings import Settings
@@ -39,7 +39,7 @@ IKI = "422100"  # 長崎県壱岐市
 
 
 def today() -> date:
-    return datetime.now(TOKYO).date()
+    return SYSTEM_CLOCK.today()
 
 
 def new_resident_id() -> str:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import asyncpg
 import httpx
@@ -24,7 +24,6 @@ import pytest_asyncio
 from aiokafka import ConsumerRecord
 
 from services.subsidy.config import SubsidySettings
-from services.subsidy.domain import tokyo_today
 from services.subsidy.main import create_app, expire_lapsed_grants, seed
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -35,6 +34,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
+from shared.contracts.formats import ProgramId
 from shared.contracts.partners import TripKind, TripReported
 from shared.contracts.subsidy import (
     BudgetChanged,
@@ -46,6 +46,8 @@ from shared.contracts.subsidy import (
     GrantWaitlisted,
 )
 from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, GRANTS, REDEMPTIONS, Topic
+from shared.kit.clock import SYSTEM_CLOCK
+from shared.kit.consumer import HandlerContext, Run
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
@@ -57,7 +59,7 @@ pytestmark = pytest.mark.stack
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
-TODAY = tokyo_today()
+TODAY = SYSTEM_CLOCK.today()
 PROBLEM = "application/problem+json"
 
 
@@ -275,7 +277,7 @@ async def create_program(
 ) -> tuple[str, str]:
     """A program of a partner code of its own (so no other test's certificate is granted under it)."""
     partner = f"p{uid()}"
-    program_id = f"test-{mechanism.replace('_', '-')}-{uid()}@{municipality}"
+    program_id = ProgramId.format(f"test-{mechanism.replace('_', '-')}-{uid()}", municipality)
     response = await s.client.post(
         "/v1/programs",
         json={
@@ -449,7 +451,8 @@ async def test_concurrent_reservations_never_overdraw_and_keep_arrival_order(sub
 
     async def grant(certificate: CertificateIssued) -> None:
         async with subsidy.runtime.transaction() as uow:
-            await handlers.grant_certificates([(uow, certificate)], TODAY)
+            # A unit of work stands in for a consumer's context: granting only uses its conn and emit.
+            await handlers.grant_certificates(Run([(cast(HandlerContext, uow), certificate)]), TODAY)
 
     await asyncio.gather(*[grant(c) for c in certificates])
     statuses = await subsidy.pool.fetch(

@@ -109,9 +109,11 @@ def test_a_resident_id_is_a_plain_identifier_and_never_a_my_number() -> None:
 
 
 def test_a_birth_date_may_be_today_in_japan_but_not_later() -> None:
-    assert domain.check_birth_date(TODAY, domain.tokyo_today(NOW)) == TODAY
+    details = domain.contact("山田 花子", "ヤマダ ハナコ", "hanako@example.jp", None, "ja")
+    # NOW is still 1 March in UTC, already 2 March (TODAY) in Japan.
+    assert domain.new_resident("res-1", details, TODAY, HOME, NOW).date_of_birth == TODAY
     with pytest.raises(domain.BirthDateInFuture):
-        domain.check_birth_date(TODAY + timedelta(days=1), domain.tokyo_today(NOW))
+        domain.new_resident("res-1", details, TODAY + timedelta(days=1), HOME, NOW)
 
 
 @pytest.mark.parametrize("text", [
@@ -347,6 +349,8 @@ def test_what_may_be_withdrawn() -> None:
 
 
 def test_calendar_helpers() -> None:
-    assert domain.tokyo_today(datetime(2026, 12, 31, 15, 0, tzinfo=UTC)) == date(2027, 1, 1)
+    # New Year's Eve 15:00 UTC is New Year's Day in Japan: the validity starts then.
+    pending = registration(SHIRAHAMA, tier="premium", status="pending_review", pending_review="initial")
+    assert domain.approve(pending, datetime(2026, 12, 31, 15, 0, tzinfo=UTC)).valid_from == date(2027, 1, 1)
     assert domain.add_years(date(2024, 2, 29), 1) == date(2025, 2, 28)
     assert domain.add_years(date(2025, 3, 1), -1) == date(2024, 3, 1)

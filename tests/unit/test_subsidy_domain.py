@@ -264,3 +264,4 @@ def test_a_donation_naming_no_program_goes_where_grants_wait_longest() -> None:
     assert choose_program_for_donation([FundingCandidate(ferry, None)], "miles", TODAY) is None
     assert resolve_program_id("jal-dual-residence-miles", "304018") == "jal-dual-residence-miles@304018"
     assert resolve_program_id("x@304018", "302066") == "x@304018"
+    assert resolve_program_id("x@3040", "302066") == "x@3040"  # no program of ours: the lookup finds none
