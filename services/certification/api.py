@@ -21,7 +21,7 @@ from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
 from shared.kit.auth import Principal, Role, current_principal, require
 from shared.kit.csv_export import csv_response
-from shared.kit.http import ApiModel, Offset
+from shared.kit.http import ApiModel, Int32, MultilineText, Offset
 from shared.kit.use_case import WriteRequest
 
 router = APIRouter(prefix="/v1", tags=["certification"])
@@ -59,12 +59,12 @@ class MembershipBody(ApiModel):
 
 class ApplicationBody(ApiModel):
     municipality_code: str = Field(max_length=16, description="the municipality applied to (6-digit code)")
-    planned_stay_days: int = Field(description="planned stay days per year, 1..366 and at least the rule minimum")
+    planned_stay_days: Int32 = Field(description="planned stay days per year, 1..366 and at least the rule minimum")
     housing_basis: HousingBasis
     address_there: str = Field(min_length=1, max_length=200)
     primary_residence_code: str = Field(max_length=16, description="where the resident's legal address is")
     partners: list[MembershipBody] = Field(default_factory=list, max_length=10)
-    note: str | None = Field(default=None, max_length=1000)
+    note: MultilineText | None = Field(default=None, max_length=1000)
 
     def to_request(self) -> ApplicationRequest:
         return ApplicationRequest(
@@ -86,7 +86,7 @@ class ApproveBody(ApiModel):
 
 
 class ReasonBody(ApiModel):
-    reason: str = Field(min_length=1, max_length=500)
+    reason: MultilineText = Field(min_length=1, max_length=500)
 
 
 class RenewBody(ApiModel):

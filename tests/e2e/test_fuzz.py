@@ -23,19 +23,24 @@ Generation therefore takes no feedback from the answers, and a failure is report
 command, not shrunk. Operations whose schema cannot be broken (no body, no query, only free strings
 in the path) get positive cases only.
 
-The 5xx the fuzz found are pinned down by ``test_what_the_fuzz_found_gets_a_problem_not_a_500``
-(strict xfail, marked BUG); the fuzz counts those known ones in its report and fails on any other.
+Every positive case is also sent once more carrying something PostgreSQL cannot store (hypothesis
+seldom generates it within a few examples): a NUL in a string of the body, of the query or of a
+path parameter, or an int beyond a ``bigint`` in the body. That one must be refused (4xx, a problem,
+nothing changed), never accepted and never a 5xx.
+
+What the fuzz and people found is pinned down by the targeted tests at the end of the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +56,7 @@ from schemathesis import Case as AnyCase
 from schemathesis import GenerationMode
 
 import shared.kit.http
+from shared.contracts.topics import SERVICES
 from shared.kit.auth import Role, mint_token
 from shared.kit.settings import Settings
 from shared.stack.backends import Backends
@@ -62,7 +68,6 @@ pytestmark = [pytest.mark.stack, pytest.mark.timeout(180)]
 SEED = int(os.environ.get("NICHIIKI_FUZZ_SEED") or random.randrange(10**9))
 #: Examples per operation and generation mode (keeps the whole file within its time budget).
 EXAMPLES = int(os.environ.get("NICHIIKI_FUZZ_EXAMPLES", "8"))
-SERVICES = ["registration", "certification", "subsidy", "donation", "notification", "partner_gateway"]
 SHIRAHAMA = "304018"
 PROBLEM_JSON = "application/problem+json"
 
@@ -174,6 +179,70 @@ def request_of(case: Case, token: str) -> dict[str, Any] | None:
     return request
 
 
+NUL = "\x00"
+#: One past each end of PostgreSQL's bigint.
+BEYOND_BIGINT = (2**63, -(2**63) - 1)
+
+
+def with_nul(value: object) -> str:
+    text = str(value[0] if isinstance(value, list) and value else value)
+    return text[: len(text) // 2] + NUL + text[len(text) // 2:]
+
+
+def leaves(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every scalar of a JSON document, with where it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from leaves(item, (*at, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from leaves(item, (*at, index))
+    else:
+        yield at, value
+
+
+def replaced(document: Any, at: tuple[Any, ...], value: Any) -> Any:
+    document = copy.deepcopy(document)
+    if not at:
+        return value
+    container = document
+    for step in at[:-1]:
+        container = container[step]
+    container[at[-1]] = value
+    return document
+
+
+def poisoned(case: Case, rng: random.Random) -> tuple[str, Case] | None:
+    """The case again with one thing PostgreSQL cannot store in it, and what that is (None: no room for one)."""
+    body = case.body if isinstance(case.body, dict | list) else None
+    strings = [at for at, leaf in leaves(body) if isinstance(leaf, str)] if body is not None else []
+    ints = [at for at, leaf in leaves(body) if isinstance(leaf, int) and not isinstance(leaf, bool)] if body else []
+    options = [
+        *(["body string"] if strings else []), *(["body int"] if ints else []),
+        *(["query"] if case.query else []), *(["path"] if case.path_parameters else []),
+    ]
+    if not options:
+        return None
+    where = rng.choice(options)
+    derived = case.derive(keep_auth=True)
+    if where == "body string":
+        at = rng.choice(strings)
+        derived.body = replaced(body, at, with_nul(dict(leaves(body))[at]))
+        return f"NUL in body {list(at)}", derived
+    if where == "body int":
+        at, huge = rng.choice(ints), rng.choice(BEYOND_BIGINT)
+        derived.body = replaced(body, at, huge)
+        return f"{huge} in body {list(at)}", derived
+    if where == "query":
+        name = rng.choice(sorted(case.query))
+        derived.query = {**case.query, name: with_nul(case.query[name])}
+        return f"NUL in query {name}", derived
+    name = rng.choice(sorted(case.path_parameters))
+    # schemathesis puts path parameters into the URL as they are (it generates them percent-encoded)
+    derived.path_parameters = {**case.path_parameters, name: f"%00{case.path_parameters[name]}"}
+    return f"NUL in path {name}", derived
+
+
 class QuietErrors:
     """Stands in for the kit's HTTP logger during the run: the traceback of an unhandled error is kept
     for the report instead of rendered (rendering one with its locals takes seconds on a busy machine)."""
@@ -236,7 +305,9 @@ class Findings:
     unsendable: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    known: dict[str, int] = field(default_factory=dict)
+    #: poisoned cases sent, and how many of them the input guards refused (422 naming what was wrong)
+    poisoned: int = 0
+    poison_refused: int = 0
 
     def fail(self, case: Case, what: str) -> None:
         if len(self.failures) < 20:
@@ -247,7 +318,7 @@ class Findings:
             f"{self.service}: {len(self.failures)} failures in {self.calls} calls ({self.unsendable} cases could "
             f"not be sent; seed {SEED}, statuses "
             f"{dict(sorted(self.statuses.items()))}, {self.changed} accepted calls changed the database, "
-            f"known bugs hit {self.known}):\n" + "\n".join(self.failures)
+            f"{self.poison_refused} of {self.poisoned} poisoned calls refused as input):\n" + "\n".join(self.failures)
         )
 
 
@@ -262,15 +333,6 @@ def check_problem(response: httpx.Response) -> str | None:
     if not isinstance(body, dict) or not isinstance(body.get("code"), str) or not body["code"]:
         return f"{response.status_code} problem without a code: {response.text[:200]}"
     return None
-
-
-#: 5xx the targeted test below reproduces (marked as bugs there); the fuzz lists them, but fails only
-#: on others. Remove an entry when its bug is fixed (the strict xfail below will say so).
-KNOWN_5XX: dict[str, Callable[[Case, str], bool]] = {}
-
-
-def known_5xx(case: Case, trace: str) -> str | None:
-    return next((name for name, matches in KNOWN_5XX.items() if matches(case, trace)), None)
 
 
 def changed_tables(before: str, after: str) -> list[str]:
@@ -292,14 +354,20 @@ async def test_bad_input_gets_a_problem_and_changes_nothing(
     monkeypatch.setattr(shared.kit.http, "log", errors)
     app = build_app(service, fuzz_settings)
     schema = schemathesis.openapi.from_dict(app.openapi())
-    cases = generate(schema, GenerationMode.POSITIVE) + generate(schema, GenerationMode.NEGATIVE)
+    rng = random.Random(SEED)
+    cases: list[tuple[Case, str | None]] = []
+    for case in generate(schema, GenerationMode.POSITIVE):
+        cases.append((case, None))
+        if (variant := poisoned(case, rng)) is not None:
+            cases.append((variant[1], variant[0]))
+    cases += [(case, None) for case in generate(schema, GenerationMode.NEGATIVE)]
     findings = Findings(service)
     async with service_client(app) as client:
         pool: asyncpg.Pool = app.state.runtime.pool
         fingerprint = await fingerprint_sql(pool)
         state: str = await pool.fetchval(fingerprint)
         await fingerprint_sees_a_change(pool, fingerprint, state)
-        for index, case in enumerate(cases):
+        for index, (case, poison) in enumerate(cases):
             request = request_of(case, token_for(fuzz_settings, case, index))
             if request is None:
                 findings.unsendable += 1
@@ -308,12 +376,14 @@ async def test_bad_input_gets_a_problem_and_changes_nothing(
             after: str = await pool.fetchval(fingerprint)
             findings.calls += 1
             findings.statuses[response.status_code] = findings.statuses.get(response.status_code, 0) + 1
+            if poison is not None:
+                findings.poisoned += 1
+                if response.status_code < 400:
+                    findings.fail(case, f"{poison}: accepted with {response.status_code}: {response.text[:200]}")
+                elif response.status_code == 422 and response.json().get("code") == "invalid-request":
+                    findings.poison_refused += 1
             if response.status_code >= 500:
-                known = known_5xx(case, errors.last)
-                if known is not None:
-                    findings.known[known] = findings.known.get(known, 0) + 1
-                else:
-                    findings.fail(case, f"{response.status_code}: {response.text[:200]}\n{errors.last}")
+                findings.fail(case, f"{poison or ''} {response.status_code}: {response.text[:200]}\n{errors.last}")
                 errors.last = ""
             elif response.status_code >= 400:
                 findings.rejected += 1
@@ -326,7 +396,7 @@ async def test_bad_input_gets_a_problem_and_changes_nothing(
             elif after != state:
                 findings.changed += 1
             state = after
-    assert findings.calls > 0 and findings.rejected > 0, findings.report()
+    assert findings.calls > 0 and findings.rejected > 0 and findings.poison_refused > 0, findings.report()
     assert not findings.failures, findings.report()
 
 
@@ -372,3 +442,92 @@ async def test_what_the_fuzz_found_gets_a_problem_not_a_500(
                 assert response.status_code >= 400 and check_problem(response) is None, response.text
     failed = {path: status for path, status in answers.items() if status >= 500}
     assert not failed, f"5xx for {failed}"
+
+
+# What PostgreSQL cannot store, as reported (issue 14): each refused as input, naming where it is.
+DONATION = {
+    "payment_reference": "pay-issue14-1", "municipality_code": SHIRAHAMA, "kind": "hometown_tax", "amount": 10_000,
+    "payment_date": "2025-01-10", "donor": {"type": "individual", "name": "山田 花子", "address": "東京都千代田区1-1"},
+}
+DONOR = {"type": "individual", "name": "山田 花子", "address": "東京都千代田区1-1", "resident_id": "res-issue14"}
+PROGRAM = f"jal-dual-residence-miles@{SHIRAHAMA}"
+TRIP = {
+    "grant_id": "grant-issue14", "certificate_number": f"NCH-{SHIRAHAMA}-2025-000001", "trip_id": "trip-1",
+    "trip_kind": "one_way", "travelled_on": "2025-01-10",
+}
+
+
+@dataclass(frozen=True)
+class Unstorable:
+    role: str
+    method: str
+    path: str
+    #: where the 422 says the fault is (its ``errors[].loc``)
+    where: list[str | int]
+    body: Any = None
+    params: dict[str, str] | None = None
+
+
+UNSTORABLE: dict[str, list[Unstorable]] = {
+    "donation": [
+        Unstorable("admin", "POST", "/v1/donations", ["body", "payment_reference"],
+                   {**DONATION, "payment_reference": f"pay-{NUL}-1"}),
+        Unstorable("admin", "POST", "/v1/donations", ["body", "amount"], {**DONATION, "amount": 2**63}),
+        Unstorable("admin", "POST", "/v1/donors", ["body", "individual", "name"], {**DONOR, "name": f"山田{NUL}"}),
+        Unstorable("admin", "POST", "/v1/donors", ["body", "individual", "resident_id"],
+                   {**DONOR, "resident_id": f"res-{NUL}"}),
+        Unstorable("admin", "GET", "/v1/residents/res-%00/donor", ["path"]),
+    ],
+    "subsidy": [
+        Unstorable("staff", "POST", f"/v1/programs/{PROGRAM}/budget", ["body", "amount"],
+                   {"unit": "miles", "amount": 2**63, "reason": "issue 14"}),
+        Unstorable("partner", "POST", "/v1/redemptions", ["body", "trip_id"], {**TRIP, "trip_id": f"trip-{NUL}"}),
+        Unstorable("staff", "GET", f"/v1/municipalities/{SHIRAHAMA}/redemptions", ["query", "program_id"],
+                   params={"program_id": f"{PROGRAM}{NUL}"}),
+        Unstorable("admin", "GET", "/v1/programs/jal%00/ledger", ["path"]),
+    ],
+    "partner_gateway": [
+        Unstorable("admin", "POST", "/v1/partners/jal/api-keys", ["body", "label"], {"label": f"ops{NUL}"}),
+        Unstorable("admin", "GET", "/v1/deliveries", ["query", "partner"], params={"partner": f"jal{NUL}"}),
+    ],
+    "registration": [
+        Unstorable("staff", "GET", "/v1/registrations", ["query", "q"], params={"q": f"山田{NUL}"}),
+    ],
+    "certification": [
+        Unstorable("staff", "GET", "/v1/applications", ["query", "municipality"], params={"municipality": f"{NUL}"}),
+        Unstorable("admin", "GET", "/v1/residents/res-%00/applications", ["path"]),
+    ],
+    "notification": [Unstorable("admin", "GET", "/v1/residents/res-%00/notifications", ["path"])],
+}
+
+
+@pytest.mark.parametrize("service", sorted(UNSTORABLE))
+async def test_what_postgresql_cannot_store_is_a_422_naming_the_field(
+    service: str, fuzz_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared.kit.http, "log", QuietErrors(shared.kit.http.log))
+    app = build_app(service, fuzz_settings)
+    tokens = {
+        "admin": mint_token(fuzz_settings, subject="admin-1", role=Role.ADMIN),
+        "staff": mint_token(fuzz_settings, subject="staff-1", role=Role.STAFF, municipality=SHIRAHAMA),
+        "partner": mint_token(fuzz_settings, subject="partner-1", role=Role.PARTNER, partner="jal"),
+    }
+    wrong: dict[str, str] = {}
+    async with service_client(app) as client:
+        pool: asyncpg.Pool = app.state.runtime.pool
+        fingerprint = await fingerprint_sql(pool)
+        before: str = await pool.fetchval(fingerprint)
+        for case in UNSTORABLE[service]:
+            response = await client.request(
+                case.method, case.path, params=case.params, headers={"Authorization": f"Bearer {tokens[case.role]}"},
+                json=case.body,
+            )
+            answer = response.json()
+            places = [error.get("loc") for error in answer.get("errors", [])]
+            if response.status_code != 422 or answer.get("code") != "invalid-request" or case.where not in places:
+                wrong[f"{case.method} {case.path} {case.params or ''}"] = f"{response.status_code} {response.text}"
+            else:
+                assert check_problem(response) is None
+                assert ".".join(map(str, case.where)) in answer["detail"]
+        assert changed_tables(before, await pool.fetchval(fingerprint)) == []
+    assert not wrong, wrong

@@ -81,6 +81,34 @@ async def test_bad_bodies_are_4xx_problems_never_500(client: httpx.AsyncClient, 
     assert_problem(await client.get("/v1/nowhere"), 404, "not-found")
 
 
+async def test_what_postgresql_cannot_store_is_a_422_naming_where_it_is(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    staff = bearer(settings, "staff", municipality="304018")
+    url = "/v1/municipalities/304018/orders"
+    for order, where in [
+        ({"municipality_code": "3040\x0018", "count": 1}, ["body", "municipality_code"]),
+        ({"municipality_code": "304018\n1", "count": 1}, ["body", "municipality_code"]),
+        ({"municipality_code": "304018", "count": 2**63}, ["body", "count"]),
+        ({"municipality_code": "304018", "count": -(2**63) - 1}, ["body", "count"]),
+    ]:
+        body = assert_problem(await client.post(url, json=order, headers=staff), 422, "invalid-request")
+        errors = body["errors"]
+        assert isinstance(errors, list) and [error["loc"] for error in errors] == [where], body
+        assert ".".join(where) in str(body["detail"])
+    # the path and the query are refused before any route (or its auth) sees them
+    body = assert_problem(await client.post("/v1/municipalities/3040%0018/orders", json={}), 422, "invalid-request")
+    assert body["errors"] == [{"loc": ["path"], "msg": "control characters are not allowed (U+0000)",
+                               "type": "control_character"}]
+    body = assert_problem(await client.get("/healthz", params={"probe": "a\x00"}), 422, "invalid-request")
+    assert body["errors"] == [{"loc": ["query", "probe"], "msg": "control characters are not allowed (U+0000)",
+                               "type": "control_character"}]
+    assert_problem(await client.get("/healthz?probe=%C2%85"), 422, "invalid-request")
+    assert (await client.get("/healthz", params={"probe": "山田 花子"})).status_code == 200
+    ok = await client.post(url, json={"municipality_code": "304018", "count": 2**63 - 1}, headers=staff)
+    assert ok.status_code == 201 and ok.json() == {"count": 2**63 - 1}
+
+
 async def test_domain_errors_keep_their_code_and_unexpected_errors_are_a_500_problem(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:

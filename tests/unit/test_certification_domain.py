@@ -38,7 +38,6 @@ from services.certification.domain import (
     UnknownMunicipalityCode,
     UnknownPartner,
     ValidityEndsInPast,
-    certificate_number,
     check_against_rules,
     check_applicant,
     check_partners,
@@ -271,13 +270,6 @@ def test_a_decided_application_cannot_be_decided_again() -> None:
         approved.approve(by="staff-1", at=AT, certificate_number="NCH-304018-2026-000002")
     with pytest.raises(ApplicationAlreadyDecided):
         application.reject(by="staff-1", at=AT, reason="x").reject(by="staff-1", at=AT, reason="y")
-
-
-def test_certificate_numbers_encode_municipality_year_and_sequence() -> None:
-    assert certificate_number(SHIRAHAMA, 2026, 7) == "NCH-304018-2026-000007"
-    assert certificate_number(SHIRAHAMA, 2026, 999_999) == "NCH-304018-2026-999999"
-    with pytest.raises(ValueError):
-        certificate_number(SHIRAHAMA, 2026, 1_000_000)
 
 
 def test_validity_defaults_to_the_municipality_validity_counted_inclusively() -> None:
