@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 import asyncpg
 import httpx
@@ -20,7 +22,9 @@ from fastapi import FastAPI
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
 from shared.kit.auth import Role, mint_token
-from shared.kit.envelope import Envelope
+from shared.kit.consumer import ConsumerStats, EventConsumer, in_time_order
+from shared.kit.db import Connection
+from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations, migrate_service
 from shared.kit.settings import Settings, with_database
@@ -253,3 +257,177 @@ async def assert_key_scoped(
     assert changed.status_code == 422, changed.text
     assert changed.json()["code"] == "idempotency-key-reused", changed.text
     return first
+
+
+# --- One batch against one event per batch: the equivalence harness of set-based consumers ---------
+#
+# A consumer applying runs of events set-based must end, after one batch of mixed events, exactly
+# where applying the same events one per batch ends. A service's run tests give their scenario (a
+# feed of history and one of the batch), how to open a fresh database and the consumer on it, and
+# what of a database they compare; ``assert_batch_is_one_by_one`` does the rest.
+
+BrokerRecord: TypeAlias = "ConsumerRecord[bytes, bytes]"
+OnQuery: TypeAlias = Callable[[LoggedQuery], None]
+Seed: TypeAlias = Callable[[Connection], Awaitable[Any]]
+#: The consumer of a service on a database (a coroutine where building it reads the database).
+ConsumerOn: TypeAlias = Callable[[asyncpg.Pool], "EventConsumer | Awaitable[EventConsumer]"]
+S = TypeVar("S")
+
+
+class OpenPool(Protocol):
+    """A fresh database of a service: a pool on it whose connections hand every statement to ``on_query``."""
+
+    def __call__(self, label: str, on_query: OnQuery | None = None) -> Awaitable[asyncpg.Pool]: ...
+
+
+class EventFeed:
+    """Broker records in the order they are added: one partition per topic, and record times that
+    follow the order across topics (so ``in_time_order`` keeps it)."""
+
+    def __init__(self, settings: Settings, source: str = "tests") -> None:
+        self.settings = settings
+        self.source = source
+        self.records: list[BrokerRecord] = []
+        self._offsets: dict[str, int] = {}
+        self._added: set[uuid.UUID] = set()
+
+    def add(
+        self, event: EventData, *, subject: str, time: datetime | None = None, key: str | None = None,
+        source: str | None = None,
+    ) -> Envelope:
+        """The event in a new envelope (sent by the feed's ``source`` unless given; at ``time``, now
+        unless given; keyed by the subject unless ``key``), on the event's topic."""
+        return self.put(new_envelope(source or self.source, event, subject=subject, key=key, time=time))
+
+    def put(self, envelope: Envelope) -> Envelope:
+        """An envelope made elsewhere, on its event's topic."""
+        topic = self.settings.topic(envelope.data_model().event_topic)
+        offset = self._offsets.get(topic, 0)
+        self._offsets[topic] = offset + 1
+        self.records.append(broker_record(
+            topic, offset, envelope.key, envelope.data, envelope.headers(), timestamp_ms=1_000 + len(self.records),
+        ))
+        self._added.add(envelope.id)
+        return envelope
+
+    def again(self, envelope: Envelope) -> None:
+        """An envelope of this feed once more (a redelivery, a producer's retry): the inbox must skip it."""
+        assert envelope.id in self._added, "again() repeats an envelope of this feed"
+        self.put(envelope)
+
+
+def without(row: Mapping[str, Any], *volatile: str) -> dict[str, Any]:
+    """A row without its columns that differ between two databases by nature (ids, clocks)."""
+    return {column: value for column, value in row.items() if column not in volatile}
+
+
+async def table_rows(pool: asyncpg.Pool, query: str, *volatile: str) -> list[dict[str, Any]]:
+    """The rows of a query, each ``without`` the volatile columns."""
+    return [without(dict(row), *volatile) for row in await pool.fetch(query)]
+
+
+class QueryLog:
+    """The statements of a pool's connections (give it as ``on_query``), for counting."""
+
+    def __init__(self) -> None:
+        self.logged: list[LoggedQuery] = []
+
+    def __call__(self, query: LoggedQuery) -> None:
+        self.logged.append(query)
+
+    async def of_batch(self, consumer: EventConsumer, records: Sequence[BrokerRecord]) -> list[LoggedQuery]:
+        """Handle the records as one batch; the statements it ran."""
+        self.logged.clear()
+        await consumer.handle_batch(records)
+        return list(self.logged)
+
+
+def in_transaction(statements: Sequence[LoggedQuery]) -> list[str]:
+    """The statements between the first BEGIN and the COMMIT after it."""
+    texts = [statement.query for statement in statements]
+    begin = texts.index("BEGIN;")
+    return texts[begin + 1:texts.index("COMMIT;", begin)]
+
+
+@contextlib.asynccontextmanager
+async def service_pools(
+    settings: Settings, migrations: Path, *, seed: Seed | None = None, max_size: int = 1
+) -> AsyncIterator[OpenPool]:
+    """Opens fresh databases with a service's migrations (then ``seed`` in a transaction), and
+    closes every pool it opened at the end."""
+    opened: list[asyncpg.Pool] = []
+
+    async def open_pool(label: str, on_query: OnQuery | None = None) -> asyncpg.Pool:
+        pool = await query_logging_pool(
+            await service_database(settings, label, migrations), on_query, max_size=max_size
+        )
+        opened.append(pool)
+        if seed is not None:
+            async with pool.acquire() as conn, conn.transaction():
+                await seed(conn)
+        return pool
+
+    try:
+        yield open_pool
+    finally:
+        for pool in opened:
+            await pool.close()
+
+
+@dataclass
+class BatchOutcome(Generic[S]):
+    """What one batch left, once shown equal to one event per batch."""
+
+    #: The snapshot both databases ended with.
+    snapshot: S
+    #: The batched consumer's counts: the batch and its repeat, if any (history is applied by another).
+    stats: ConsumerStats
+    #: The one-by-one consumer's counts.
+    one_by_one_stats: ConsumerStats
+    #: Every statement the batch's first handling ran, BEGIN to the pool's reset.
+    statements: list[LoggedQuery]
+
+    @property
+    def transaction(self) -> list[str]:
+        return in_transaction(self.statements)
+
+
+async def assert_batch_is_one_by_one(
+    open_pool: OpenPool,
+    consumer_on: ConsumerOn,
+    *,
+    history: Sequence[BrokerRecord],
+    batch: Sequence[BrokerRecord],
+    snapshot: Callable[[asyncpg.Pool], Awaitable[S]],
+    after_history: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
+    repeat: bool = True,
+    label: str = "runs",
+) -> BatchOutcome[S]:
+    """Apply ``history`` one record per batch to two fresh databases (then ``after_history``); then
+    ``batch`` as one batch on the first, and once more unless not to ``repeat`` (which must change
+    nothing), and one record per batch on the other, in the order a batch is handled in; assert both
+    end with the same ``snapshot``."""
+
+    async def consumer(pool: asyncpg.Pool) -> EventConsumer:
+        made = consumer_on(pool)
+        return made if isinstance(made, EventConsumer) else await made
+
+    log = QueryLog()
+    batched, one_by_one = await open_pool(f"{label}_batched", log), await open_pool(f"{label}_single")
+    for pool in (batched, one_by_one):
+        earlier = await consumer(pool)
+        for record in history:
+            await earlier.handle_batch([record])
+        if after_history is not None:
+            await after_history(pool)
+    whole = await consumer(batched)
+    statements = await log.of_batch(whole, batch)
+    state = await snapshot(batched)
+    if repeat:
+        await whole.handle_batch(batch)
+        assert await snapshot(batched) == state, "the same batch again changed the state"
+    single = await consumer(one_by_one)
+    for record in in_time_order(batch):
+        await single.handle_batch([record])
+    assert await snapshot(one_by_one) == state, "one event per batch ends elsewhere than one batch"
+    return BatchOutcome(state, whole.stats, single.stats, statements)

@@ -8,13 +8,12 @@ do), on fresh databases with the service's migrations: no broker, no running ser
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import ConsumerRecord
 
 from services.certification import consumers
 from services.certification.main import MIGRATIONS
@@ -33,11 +32,11 @@ from shared.contracts.registration import (
 )
 from shared.contracts.topics import RESIDENTS
 from shared.kit.consumer import EventConsumer
-from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.envelope import Envelope
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
-from tests.support import envelope_record, query_logging_pool, service_database
+from tests.support import EventFeed, OpenPool, QueryLog, assert_batch_is_one_by_one, in_transaction, service_pools
 
 SHIRAHAMA, TANABE, SUSAMI = "304018", "302066", "304069"
 CHIYODA, HACHIOJI = "131016", "132012"  # legal addresses
@@ -48,29 +47,23 @@ PROJECTION = {
     "share_consents": "resident_id, partner",
 }
 
-Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
-
 
 class Feed:
     """Envelopes in the order the registration service would publish them, each a record of one
     partition (the topic's key is the resident, so one resident's events share a partition)."""
 
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.records: list[Record] = []
+    def __init__(self, settings: Settings) -> None:
+        self.feed = EventFeed(settings, "registration")
+        self.records = self.feed.records
 
     def add(self, event: EventData, *, minutes: int) -> Envelope:
         """The event, published at T0 + ``minutes`` (its envelope time: the projection's last_event_at)."""
-        envelope = new_envelope(
-            "registration", event, subject=getattr(event, "resident_id"),  # noqa: B009
-            time=T0 + timedelta(minutes=minutes),
-        )
-        self.again(envelope)
-        return envelope
+        resident_id: str = getattr(event, "resident_id")  # noqa: B009
+        return self.feed.add(event, subject=resident_id, time=T0 + timedelta(minutes=minutes))
 
     def again(self, envelope: Envelope) -> None:
         """The same envelope once more (a redelivery): the inbox must skip it."""
-        self.records.append(envelope_record(self.topic, len(self.records), envelope))
+        self.feed.again(envelope)
 
 
 def registered(
@@ -98,12 +91,6 @@ def consent(
     )
 
 
-async def projection_database(settings: Settings, label: str, statements: list[str] | None = None) -> asyncpg.Pool:
-    """A fresh database with certification's migrations; ``statements`` collects every query run."""
-    dsn = await service_database(settings, label, MIGRATIONS)
-    return await query_logging_pool(dsn, None if statements is None else lambda query: statements.append(query.query))
-
-
 def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
     return EventConsumer(
         service="certification", settings=settings, pool=pool, outbox=Outbox("certification_runs_test"),
@@ -119,17 +106,10 @@ async def projection(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.fixture
-async def pools(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
-    opened: list[asyncpg.Pool] = []
-
-    async def open_pool(label: str, statements: list[str] | None = None) -> asyncpg.Pool:
-        pool = await projection_database(settings, label, statements)
-        opened.append(pool)
-        return pool
-
-    yield open_pool
-    for pool in opened:
-        await pool.close()
+async def pools(settings: Settings) -> AsyncIterator[OpenPool]:
+    """Fresh databases with certification's migrations."""
+    async with service_pools(settings, MIGRATIONS) as open_pool:
+        yield open_pool
 
 
 def ids() -> dict[str, str]:
@@ -139,11 +119,10 @@ def ids() -> dict[str, str]:
 
 
 async def test_one_batch_of_mixed_events_leaves_what_one_event_per_batch_leaves(
-    settings: Settings, pools: Callable[..., Any]
+    settings: Settings, pools: OpenPool
 ) -> None:
     k = ids()
-    topic = settings.topic(RESIDENTS.name)
-    history, feed = Feed(topic), Feed(topic)
+    history, feed = Feed(settings), Feed(settings)
     # Before the batch: C has a premium registration under review and consented to JAL at 0:10;
     # W registered and withdrew.
     history.add(registered(k["c"], k["c1"], TANABE, tier="premium", status="pending_review",
@@ -186,20 +165,12 @@ async def test_one_batch_of_mixed_events_leaves_what_one_event_per_batch_leaves(
     feed.add(PremiumRejected(resident_id=k["e"], registration_id=k["e1"], municipality_code=SHIRAHAMA,
                              reason="活動不足", decided_at=T0), minutes=38)  # E through a change of an unseen one
 
-    batched, one_by_one = await pools("cert_batched"), await pools("cert_one_by_one")
-    for pool in (batched, one_by_one):
-        for record in history.records:
-            await consumer_on(settings, pool).handle_batch([record])
-    consumer = consumer_on(settings, batched)
-    await consumer.handle_batch(feed.records)
-    await consumer.handle_batch(feed.records)  # the whole batch again changes nothing
-    single = consumer_on(settings, one_by_one)
-    for record in feed.records:
-        await single.handle_batch([record])
-
-    rows = await projection(batched)
-    assert rows == await projection(one_by_one)
-    assert (consumer.stats.handled, consumer.stats.skipped, consumer.stats.duplicates) == (21, 2, 23)
+    outcome = await assert_batch_is_one_by_one(
+        pools, lambda pool: consumer_on(settings, pool), history=history.records, batch=feed.records,
+        snapshot=projection, label="cert",
+    )
+    rows, stats = outcome.snapshot, outcome.stats
+    assert (stats.handled, stats.skipped, stats.duplicates) == (21, 2, 23)  # the batch, then all of it again
 
     def minutes(m: int) -> datetime:
         return T0 + timedelta(minutes=m)
@@ -233,11 +204,11 @@ async def test_one_batch_of_mixed_events_leaves_what_one_event_per_batch_leaves(
 
 
 async def test_a_run_of_registrations_costs_a_handful_of_statements(
-    settings: Settings, pools: Callable[..., Any]
+    settings: Settings, pools: OpenPool
 ) -> None:
-    statements: list[str] = []
-    pool = await pools("cert_statements", statements)
-    feed = Feed(settings.topic(RESIDENTS.name))
+    log = QueryLog()
+    pool = await pools("cert_statements", log)
+    feed = Feed(settings)
     tag = uuid.uuid4().hex[:6]
     for n in range(500):
         # 250 residents, two registrations each (one per municipality), two consents each time
@@ -246,14 +217,12 @@ async def test_a_run_of_registrations_costs_a_handful_of_statements(
         feed.add(registered(resident, f"g{n}-{tag}", town, consents={"jal": True, "ana": n % 2 == 0}, minutes=n),
                  minutes=n)
     consumer = consumer_on(settings, pool)
-    warm_up = Feed(feed.topic)  # a connection's first use of a type costs asyncpg an introspection query
+    warm_up = Feed(settings)  # a connection's first use of a type costs asyncpg an introspection query
     warm_up.add(registered(f"warm-{tag}", f"warm-{tag}", SHIRAHAMA, consents={"jal": True}), minutes=0)
     await consumer.handle_batch(warm_up.records)
-    statements.clear()
-    await consumer.handle_batch(feed.records)
+    batch = in_transaction(await log.of_batch(consumer, feed.records))
 
     # Before: 5 per event (resident status, resident, registration, 2 consents), 2,500 in all.
-    batch = statements[statements.index("BEGIN;") + 1:statements.index("COMMIT;")]
     assert [" ".join(statement.split()[:3]) for statement in batch] == [
         "INSERT INTO inbox", "SELECT resident_id FROM", "INSERT INTO residents",
         "INSERT INTO resident_registrations", "INSERT INTO share_consents",

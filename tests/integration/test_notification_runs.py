@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiokafka import ConsumerRecord
+import pytest
 from asyncpg.connection import LoggedQuery
 
 from services.notification import consumers
@@ -30,53 +30,41 @@ from shared.kit.envelope import Envelope
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from tests.integration.test_notification import address, envelope_of, resident_id
-from tests.support import envelope_record, query_logging_pool, service_database
+from tests.support import BrokerRecord, EventFeed, OpenPool, QueryLog, assert_batch_is_one_by_one, service_pools
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
 
 MIGRATIONS = Path(consumers.__file__).parent / "migrations"
 
 
-@dataclass
-class Service:
-    consumer: EventConsumer
-    pool: asyncpg.Pool
-    settings: Settings
-    statements: list[LoggedQuery] = field(default_factory=list)
-    offset: int = 0
-
-    def records(self, envelopes: Sequence[Envelope]) -> list[ConsumerRecord[bytes, bytes]]:
-        """The envelopes as the broker hands them over, in this order (record time follows it)."""
-        made = []
-        for envelope in envelopes:
-            self.offset += 1
-            made.append(envelope_record(self.settings.topic(envelope.data_model().event_topic), self.offset, envelope))
-        return made
-
-    async def one_at_a_time(self, envelopes: Sequence[Envelope]) -> None:
-        for record in self.records(envelopes):
-            await self.consumer.handle_batch([record])
-
-    async def in_one_batch(self, envelopes: Sequence[Envelope]) -> list[str]:
-        """Handle the envelopes as one batch; the statements it ran on the service's own tables."""
-        self.statements.clear()
-        await self.consumer.handle_batch(self.records(envelopes))
-        return [
-            s.query for s in self.statements
-            if any(table in s.query for table in ("residents", "messages", "email_outbox"))
-            or s.args == (sender_channel(self.settings),)
-        ]
-
-
-async def notification_service(settings: Settings) -> Service:
-    dsn = await service_database(settings, "notification_runs", MIGRATIONS)
-    service: Service
-    pool = await query_logging_pool(dsn, lambda record: service.statements.append(record))
-    consumer = EventConsumer(
+def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
+    return EventConsumer(
         service="notification", settings=settings, pool=pool, outbox=Outbox("outbox_notification_runs"),
         router=consumers.router, topics=consumers.TOPICS,
     )
-    service = Service(consumer, pool, settings)
-    return service
+
+
+@pytest.fixture
+async def pools(settings: Settings) -> AsyncIterator[OpenPool]:
+    """Fresh databases with notification's migrations."""
+    async with service_pools(settings, MIGRATIONS) as open_pool:
+        yield open_pool
+
+
+def records(settings: Settings, envelopes: Sequence[Envelope]) -> list[BrokerRecord]:
+    """The envelopes as the broker hands them over, in this order (record time follows it)."""
+    feed = EventFeed(settings)
+    for envelope in envelopes:
+        feed.put(envelope)
+    return feed.records
+
+
+def own(settings: Settings, statements: Sequence[LoggedQuery]) -> list[str]:
+    """The statements on the service's own tables (and the wake-up of its sender)."""
+    return [
+        s.query for s in statements
+        if any(table in s.query for table in ("residents", "messages", "email_outbox"))
+        or s.args == (sender_channel(settings),)
+    ]
 
 
 @dataclass(frozen=True)
@@ -123,7 +111,7 @@ async def outcome(pool: asyncpg.Pool) -> Outcome:
     )
 
 
-async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Settings) -> None:
+async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Settings, pools: OpenPool) -> None:
     emma, bo, chris, dana, eri, stranger, gone = (resident_id() for _ in range(7))
     samples = {r: sample_events(r) for r in (emma, bo, chris, dana, eri, stranger, gone)}
     # Before the batch: a resident who withdrew, and an event whose message exists but whose inbox
@@ -160,55 +148,52 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Se
         envelope_of(ConsentChanged(resident_id=bo, purpose="newsletter", granted=True, at=DECIDED)),
     ]
 
-    batched, alone = await notification_service(settings), await notification_service(settings)
-    try:
-        for service in (batched, alone):
-            await service.one_at_a_time(before)
-            await service.pool.execute("DELETE FROM inbox WHERE event_id = $1", already.id)
-            await service.pool.execute("DELETE FROM outbox")
-        statements = await batched.in_one_batch(batch)
-        await alone.one_at_a_time(batch)
+    async def forget_already(pool: asyncpg.Pool) -> None:
+        await pool.execute("DELETE FROM inbox WHERE event_id = $1", already.id)
+        await pool.execute("DELETE FROM outbox")
 
-        got, expected = await outcome(batched.pool), await outcome(alone.pool)
-        assert got == expected
-        assert batched.consumer.stats.parked == alone.consumer.stats.parked == 0
+    result = await assert_batch_is_one_by_one(
+        pools, lambda pool: consumer_on(settings, pool), history=records(settings, before),
+        batch=records(settings, batch), snapshot=outcome, after_history=forget_already, label="notification_runs",
+    )
+    got, statements = result.snapshot, own(settings, result.statements)
+    assert result.stats.parked == result.one_by_one_stats.parked == 0
 
-        kinds = {(m[0], m[1], m[2]) for m in got.messages}
-        assert [(m[0], m[1], m[2]) for m in got.messages if m[0] != dana] == [
-            (emma, "registration_confirmed", "en"), (emma, "certificate_issued", "en"), (emma, "grant_issued", "en"),
-            (bo, "registration_confirmed", "ja"), (bo, "receipt_issued", "ja"),
-            (stranger, "application_received", "ja"),
-            (chris, "application_received", "ja"), (chris, "registration_confirmed", "en"),
-            (chris, "certificate_issued", "en"),
-            (eri, "premium_requested", "ja"),
-        ]
-        assert len([k for k in kinds if k[0] == dana]) == 2  # from before the batch, once each
-        by_event = {(m[0], m[1]): m for m in got.messages}
-        assert "Emma Brown" in by_event[(emma, "certificate_issued")][4]
-        assert "Chris Wu" not in by_event[(chris, "application_received")][4]
-        assert "Chris Wu" in by_event[(chris, "certificate_issued")][4]
-        assert sorted((e[0], e[1]) for e in got.emails if e[0] != dana) == sorted([
-            (emma, "registration_confirmed"), (emma, "certificate_issued"),
-            (chris, "registration_confirmed"), (chris, "certificate_issued"),
-            (eri, "premium_requested"),
-        ])
-        assert [(d[0], d[1], d[2]) for d in got.delivered] == [
-            (m[0], "inbox", m[1]) for m in got.messages if m[0] != dana
-        ]
-        consent = {row[0]: row[4] for row in got.residents}
-        assert (consent[emma], consent[bo], consent[chris], consent[gone]) == (False, False, True, False)
+    kinds = {(m[0], m[1], m[2]) for m in got.messages}
+    assert [(m[0], m[1], m[2]) for m in got.messages if m[0] != dana] == [
+        (emma, "registration_confirmed", "en"), (emma, "certificate_issued", "en"), (emma, "grant_issued", "en"),
+        (bo, "registration_confirmed", "ja"), (bo, "receipt_issued", "ja"),
+        (stranger, "application_received", "ja"),
+        (chris, "application_received", "ja"), (chris, "registration_confirmed", "en"),
+        (chris, "certificate_issued", "en"),
+        (eri, "premium_requested", "ja"),
+    ]
+    assert len([k for k in kinds if k[0] == dana]) == 2  # from before the batch, once each
+    by_event = {(m[0], m[1]): m for m in got.messages}
+    assert "Emma Brown" in by_event[(emma, "certificate_issued")][4]
+    assert "Chris Wu" not in by_event[(chris, "application_received")][4]
+    assert "Chris Wu" in by_event[(chris, "certificate_issued")][4]
+    assert sorted((e[0], e[1]) for e in got.emails if e[0] != dana) == sorted([
+        (emma, "registration_confirmed"), (emma, "certificate_issued"),
+        (chris, "registration_confirmed"), (chris, "certificate_issued"),
+        (eri, "premium_requested"),
+    ])
+    assert [(d[0], d[1], d[2]) for d in got.delivered] == [
+        (m[0], "inbox", m[1]) for m in got.messages if m[0] != dana
+    ]
+    consent = {row[0]: row[4] for row in got.residents}
+    assert (consent[emma], consent[bo], consent[chris], consent[gone]) == (False, False, True, False)
 
-        # Three chunks (the consent after Emma's message, Chris's registration after his message
-        # cut the run), at most five statements each, and one wake-up of the sender.
-        wakes = [s for s in statements if "pg_notify" in s]
-        assert len(wakes) == 1
-        assert len(statements) <= 3 * 5 + 1, statements
-    finally:
-        await batched.pool.close()
-        await alone.pool.close()
+    # Three chunks (the consent after Emma's message, Chris's registration after his message
+    # cut the run), at most five statements each, and one wake-up of the sender.
+    wakes = [s for s in statements if "pg_notify" in s]
+    assert len(wakes) == 1
+    assert len(statements) <= 3 * 5 + 1, statements
 
 
-async def test_a_burst_of_registrations_and_decisions_costs_six_statements(settings: Settings) -> None:
+async def test_a_burst_of_registrations_and_decisions_costs_six_statements(
+    settings: Settings, pools: OpenPool
+) -> None:
     residents = [resident_id() for _ in range(200)]
     events: list[EventData] = []
     for i, resident in enumerate(residents):
@@ -217,20 +202,20 @@ async def test_a_burst_of_registrations_and_decisions_costs_six_statements(setti
         events.append(registration(resident, email=address(resident), language=language,
                                    municipality=WAKAYAMA, prefecture=WAKAYAMA))
     events += [sample_events(resident)["certificate_issued"] for resident in residents]
-    service = await notification_service(settings)
-    try:
-        statements = await service.in_one_batch([envelope_of(event) for event in events])
+    log = QueryLog()
+    pool = await pools("notification_runs", log)
+    consumer = consumer_on(settings, pool)
+    batch = records(settings, [envelope_of(event) for event in events])
+    statements = own(settings, await log.of_batch(consumer, batch))
 
-        # Contacts, consents, the residents read back, messages, e-mails, the sender's wake-up.
-        assert len(statements) == 6, statements
-        counts = await service.pool.fetchrow(
-            """
-            SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM email_outbox) AS emails,
-                   (SELECT count(*) FROM outbox) AS delivered, (SELECT count(*) FROM residents) AS residents
-            """
-        )
-        assert counts is not None
-        assert dict(counts) == {"messages": 400, "emails": 400, "delivered": 400, "residents": 200}
-        assert service.consumer.stats.handled == len(events)
-    finally:
-        await service.pool.close()
+    # Contacts, consents, the residents read back, messages, e-mails, the sender's wake-up.
+    assert len(statements) == 6, statements
+    counts = await pool.fetchrow(
+        """
+        SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM email_outbox) AS emails,
+               (SELECT count(*) FROM outbox) AS delivered, (SELECT count(*) FROM residents) AS residents
+        """
+    )
+    assert counts is not None
+    assert dict(counts) == {"messages": 400, "emails": 400, "delivered": 400, "residents": 200}
+    assert consumer.stats.handled == len(events)

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import ConsumerRecord
 
 from services.subsidy import consumers, handlers
 from services.subsidy.config import SubsidySettings
-from services.subsidy.domain import tokyo_today
 from services.subsidy.main import MIGRATIONS
 from shared.contracts.base import EventData
 from shared.contracts.certification import CertificateIssued, CertificateRenewed, CertificateRevoked
@@ -29,17 +27,24 @@ from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived
 from shared.contracts.subsidy import BudgetChanged, GrantIssued, GrantWaitlisted
 from shared.contracts.topics import CERTIFICATES, DONATIONS, Topic
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import EventConsumer
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
-from tests.support import envelope_record, query_logging_pool, service_database
+from tests.support import (
+    EventFeed,
+    OpenPool,
+    QueryLog,
+    assert_batch_is_one_by_one,
+    in_transaction,
+    service_pools,
+    table_rows,
+    without,
+)
 
-Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
-OpenPool: TypeAlias = Callable[..., Awaitable[asyncpg.Pool]]
-
-TODAY = tokyo_today()
+TODAY = SYSTEM_CLOCK.today()
 SHIRAHAMA, SANJO, CHIYODA = "304018", "152048", "131016"  # JAL miles, JR East vouchers, no program
 JAL = "jal-dual-residence-miles@304018"  # seeded with 30,000 miles: one grant
 JR_EAST = "jr-east-sanjo-shinkansen@152048"  # seeded with 1,000,000 yen: 40,000 a grant
@@ -57,22 +62,6 @@ class Seeding:
 
     async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
         return new_envelope("subsidy", data, subject=subject, key=key)
-
-
-class Feed:
-    """Records of one partition, in the order given."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.records: list[Record] = []
-
-    def add(self, event: EventData, key: str) -> Envelope:
-        envelope = new_envelope("tests", event, subject=key)
-        self.again(envelope, event)
-        return envelope
-
-    def again(self, envelope: Envelope, event: EventData) -> None:
-        self.records.append(envelope_record(self.settings.topic(event.event_topic), len(self.records), envelope))
 
 
 def issued(municipality: str, *partners: str, valid_from: date | None = None) -> CertificateIssued:
@@ -107,15 +96,6 @@ def donation(municipality: str, miles: int) -> DonationReceived:
     )
 
 
-async def subsidy_database(settings: Settings, label: str, statements: list[str] | None) -> asyncpg.Pool:
-    """A fresh database with subsidy's migrations and seeded programs; ``statements`` collects queries."""
-    dsn = await service_database(settings, label, MIGRATIONS)
-    pool = await query_logging_pool(dsn, None if statements is None else lambda query: statements.append(query.query))
-    async with pool.acquire() as conn, conn.transaction():
-        await handlers.seed_programs(Seeding(conn), SubsidySettings())
-    return pool
-
-
 def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
     return EventConsumer(
         service="subsidy", settings=settings, pool=pool, outbox=Outbox("subsidy_runs_test"),
@@ -123,22 +103,15 @@ def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
     )
 
 
+async def seed_programs(conn: Connection) -> None:
+    await handlers.seed_programs(Seeding(conn), SubsidySettings())
+
+
 @pytest.fixture
 async def pools(settings: Settings) -> AsyncIterator[OpenPool]:
-    opened: list[asyncpg.Pool] = []
-
-    async def open_pool(label: str, statements: list[str] | None = None) -> asyncpg.Pool:
-        pool = await subsidy_database(settings, label, statements)
-        opened.append(pool)
-        return pool
-
-    yield open_pool
-    for pool in opened:
-        await pool.close()
-
-
-def stable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in VOLATILE}
+    """Fresh databases with subsidy's migrations and seeded programs."""
+    async with service_pools(settings, MIGRATIONS, seed=seed_programs) as open_pool:
+        yield open_pool
 
 
 async def state(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
@@ -150,7 +123,7 @@ async def state(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
         "ledger": "SELECT * FROM budget_ledger ORDER BY entry_id",
         "donations": "SELECT * FROM donation_credits ORDER BY donation_id",
     }
-    rows = {table: [stable(dict(r)) for r in await pool.fetch(query)] for table, query in queries.items()}
+    rows = {table: await table_rows(pool, query, *VOLATILE) for table, query in queries.items()}
     for row in rows["ledger"]:
         row.pop("entry_id")
     outbox = await pool.fetch("SELECT topic, key, header_names, header_values, payload FROM outbox ORDER BY id")
@@ -158,7 +131,7 @@ async def state(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
         {
             "topic": r["topic"], "key": r["key"],
             "type": dict(zip(r["header_names"], r["header_values"], strict=True))["ce_type"],
-            "data": stable(json.loads(r["payload"])),
+            "data": without(json.loads(r["payload"]), *VOLATILE),
         }
         for r in outbox
     ]
@@ -172,30 +145,24 @@ async def test_one_batch_of_mixed_certificates_leaves_what_one_event_per_batch_l
     y1, y3 = issued(CHIYODA, "jal"), issued(CHIYODA)
     y2 = issued(SHIRAHAMA, "ana")  # the town has no ANA program
     z1 = issued(SANJO, "jreast", "jal")
-    feed = Feed(settings)
-    first = feed.add(x1, x1.certificate_number)  # the only grant the opening 30,000 miles cover
+    feed = EventFeed(settings)
+    first = feed.add(x1, subject=x1.certificate_number)  # the only grant the opening 30,000 miles cover
     for certificate in (x2, y1, y2):
-        feed.add(certificate, certificate.certificate_number)
-    feed.again(first, x1)  # a redelivery
-    feed.add(renewed(x1), x1.certificate_number)  # a second certificate year: waitlisted behind x2
-    feed.add(donation(SHIRAHAMA, 30_000), "donation")  # alone, between runs: issues x2 from the waitlist
-    feed.add(x3, x3.certificate_number)
-    feed.add(revoked(y1), y1.certificate_number)
+        feed.add(certificate, subject=certificate.certificate_number)
+    feed.again(first)  # a redelivery
+    feed.add(renewed(x1), subject=x1.certificate_number)  # a second certificate year: waitlisted behind x2
+    feed.add(donation(SHIRAHAMA, 30_000), subject="donation")  # alone, between runs: issues x2 from the waitlist
+    feed.add(x3, subject=x3.certificate_number)
+    feed.add(revoked(y1), subject=y1.certificate_number)
     for certificate in (z1, y3):
-        feed.add(certificate, certificate.certificate_number)
-    feed.add(renewed(y3), y3.certificate_number)
+        feed.add(certificate, subject=certificate.certificate_number)
+    feed.add(renewed(y3), subject=y3.certificate_number)
 
-    batched, one_by_one = await pools("sub_batched"), await pools("sub_one_by_one")
-    consumer = consumer_on(settings, batched)
-    await consumer.handle_batch(feed.records)
-    await consumer.handle_batch(feed.records)  # the whole batch again changes nothing
-    single = consumer_on(settings, one_by_one)
-    for record in feed.records:
-        await single.handle_batch([record])
-
-    rows = await state(batched)
-    assert rows == await state(one_by_one)
-    assert (consumer.stats.handled, consumer.stats.duplicates, consumer.stats.parked) == (11, 13, 0)
+    outcome = await assert_batch_is_one_by_one(
+        pools, lambda pool: consumer_on(settings, pool), history=[], batch=feed.records, snapshot=state, label="sub",
+    )
+    rows, stats = outcome.snapshot, outcome.stats
+    assert (stats.handled, stats.duplicates, stats.parked) == (11, 13, 0)  # the batch, then all of it again
 
     next_year = x1.valid_from.replace(year=x1.valid_from.year + 1)
     assert [(g["certificate_number"], g["program_id"], g["period_from"], g["status"], g["remaining"])
@@ -232,21 +199,19 @@ async def test_one_batch_of_mixed_certificates_leaves_what_one_event_per_batch_l
 async def test_a_run_of_certificates_without_programs_costs_a_handful_of_statements(
     settings: Settings, pools: OpenPool
 ) -> None:
-    statements: list[str] = []
-    pool = await pools("sub_statements", statements)
+    log = QueryLog()
+    pool = await pools("sub_statements", log)
     consumer = consumer_on(settings, pool)
-    warm_up = Feed(settings)  # a connection's first use of a type costs asyncpg an introspection query
-    warm_up.add(issued(CHIYODA, "jal"), "warm-up")
+    warm_up = EventFeed(settings)  # a connection's first use of a type costs asyncpg an introspection query
+    warm_up.add(issued(CHIYODA, "jal"), subject="warm-up")
     await consumer.handle_batch(warm_up.records)
-    feed = Feed(settings)
+    feed = EventFeed(settings)
     for _ in range(500):
         certificate = issued(CHIYODA, "jal")
-        feed.add(certificate, certificate.certificate_number)
-    statements.clear()
-    await consumer.handle_batch(feed.records)
+        feed.add(certificate, subject=certificate.certificate_number)
+    batch = in_transaction(await log.of_batch(consumer, feed.records))
 
     # Before: 2 per event (the certificate, the town's programs), 1,000 in all.
-    batch = statements[statements.index("BEGIN;") + 1:statements.index("COMMIT;")]
     assert [" ".join(statement.split()[:3]) for statement in batch] == [
         "INSERT INTO inbox", "INSERT INTO certificates", "SELECT program_id, reference_program,",
     ]
