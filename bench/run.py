@@ -90,7 +90,8 @@ async def run_all(args: argparse.Namespace) -> str:
     scenarios = discover()
     chosen = [name for name in scenarios if not args.only or name in args.only]
     workdir = Path(tempfile.mkdtemp(prefix="nichiiki-bench-"))
-    env_settings = Settings()
+    # The benchmark runs its own platform on this machine with development tokens.
+    env_settings = Settings(env="development")
     backends = start_backends(workdir, env_settings, fixed_ports=False)
     sink = SmtpSink(workdir / "mailbox")
     sink.start()

@@ -21,6 +21,8 @@ from shared.kit.settings import Settings, with_database
 from shared.stack.backends import Backends, start_backends
 
 configure_logging("tests", fmt="console", level=os.environ.get("NICHIIKI_TEST_LOG_LEVEL", "WARNING"))
+# The tests mint development tokens; the production mode has tests of its own (Settings(env=...)).
+os.environ["NICHIIKI_ENV"] = "development"
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +56,7 @@ def make_settings(backends: Backends, run_id: str, **overrides: object) -> Setti
         "outbox_poll_interval_s": 0.2,
         "log_level": "WARNING",
         "gc_freeze_after_start": False,  # many runtimes share this process
+        "env": "development",
     }
     values.update(overrides)
     return Settings.model_validate(values)

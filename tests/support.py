@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
-from shared.kit.auth import Role, mint_token
+from shared.kit.auth import Role, StaffRole, audience, mint_token
 from shared.kit.consumer import ConsumerStats, EventConsumer, in_time_order
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
@@ -160,11 +160,15 @@ async def service_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def bearer(settings: Settings, role: str, subject: str | None = None, **claims: str) -> dict[str, str]:
-    """Authorization header of a development JWT for the role."""
+def bearer(
+    settings: Settings, role: str, subject: str | None = None, *, services: Sequence[str] | None = None, **claims: str
+) -> dict[str, str]:
+    """Authorization header of a development JWT for the role (for every platform service, or ``services``)."""
     token = mint_token(
         settings, subject=subject or f"{role}-{uuid.uuid4().hex[:6]}", role=Role(role),
-        municipality=claims.get("municipality"), partner=claims.get("partner"),
+        municipality=claims.get("municipality"), partner=claims.get("partner"), prefecture=claims.get("prefecture"),
+        staff_role=StaffRole(claims["staff_role"]) if "staff_role" in claims else None,
+        audiences=None if services is None else [audience(s) for s in services],
     )
     return {"Authorization": f"Bearer {token}"}
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import httpx
 
+from shared.kit.auth import Role, StaffRole, mint_token
 from shared.kit.logging import configure_logging
 from shared.kit.settings import REPO_ROOT, SERVICE_PORTS, Settings, get_settings
 
@@ -31,12 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("services", nargs="*", help="services to migrate (default: all)")
     commands.add_parser("topics", help="create every platform topic (idempotent)")
-    token = commands.add_parser("token", help="mint a development JWT")
-    token.add_argument("--role", required=True, choices=["resident", "staff", "partner", "admin"])
+    token = commands.add_parser("token", help="mint a development JWT (NICHIIKI_ENV=development only)")
+    token.add_argument("--role", required=True, choices=[role.value for role in Role])
+    token.add_argument("--staff-role", default="manager", choices=[role.value for role in StaffRole],
+                       help="staff: reviewer, manager or auditor")
+    token.add_argument("--prefecture", default=None, help="prefecture reader: the prefecture code")
     token.add_argument("--subject", default=None, help="the principal id (resident id, staff id...)")
     token.add_argument("--municipality", default=None, help="staff: the municipality code")
     token.add_argument("--partner", default=None, help="partner: the partner code (jal, ana...)")
-    token.add_argument("--hours", type=float, default=12.0)
+    token.add_argument("--hours", type=float, default=1.0, help="lifetime (at most NICHIIKI_TOKEN_MAX_LIFETIME_S)")
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq.add_argument("action", choices=["replay"])
     dlq.add_argument("topic", help="the dead-letter topic, e.g. registration.residents.v1.dlq")
@@ -46,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
+    # This command runs the platform on one machine for development: its tokens, the demo and the
+    # tests use the development key unless the environment says otherwise.
+    os.environ.setdefault("NICHIIKI_ENV", "development")
     settings = get_settings()
     configure_logging("nichiiki", fmt="console", level=os.environ.get("NICHIIKI_LOG_LEVEL", "WARNING"))
 
@@ -165,17 +172,20 @@ async def _migrate(settings: Settings, services: list[str]) -> int:
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     import uuid
 
-    from shared.kit.auth import Role, mint_token
-
+    if settings.env != "development":
+        raise SystemExit("nichiiki token mints development tokens: outside NICHIIKI_ENV=development, sign in "
+                         "through the identity provider (docs/identity.md)")
     role = Role(args.role)
     subject = args.subject or {
         Role.RESIDENT: str(uuid.uuid4()), Role.STAFF: f"staff-{args.municipality}",
-        Role.PARTNER: f"partner-{args.partner}", Role.ADMIN: "admin",
+        Role.PARTNER: f"partner-{args.partner}", Role.ADMIN: "admin", Role.PREFECTURE: f"reader-{args.prefecture}",
+        Role.MINISTRY: "ministry-reader", Role.PAYMENT_PROVIDER: "payment-provider",
     }[role]
     try:
         token = mint_token(
             settings, subject=subject, role=role, municipality=args.municipality, partner=args.partner,
-            ttl=timedelta(hours=args.hours),
+            prefecture=args.prefecture, staff_role=StaffRole(args.staff_role),
+            ttl=timedelta(hours=min(args.hours, settings.token_max_lifetime_s / 3600)),
         )
     except ValueError as error:
         raise SystemExit(str(error)) from error

@@ -25,6 +25,7 @@ def service_env(settings: Settings, backends: Backends, smtp_url: str | None) ->
         "NICHIIKI_DB_PREFIX": settings.db_prefix,
         "NICHIIKI_TOPIC_PREFIX": settings.topic_prefix,
         "NICHIIKI_JWT_SECRET": settings.jwt_secret,
+        "NICHIIKI_ENV": settings.env,
         "NICHIIKI_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
         "NICHIIKI_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
         "NICHIIKI_KAFKA_FETCH_MAX_WAIT_MS": str(settings.kafka_fetch_max_wait_ms),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.kit.auth import TokenVerifier
 from shared.kit.errors import TRANSIENT_ERRORS, DomainError, is_transient
 from shared.kit.logging import bound_context
 from shared.kit.settings import Settings
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+_FORM = b"application/x-www-form-urlencoded"
 
 
 #: PostgreSQL's ``bigint`` and ``integer``: an int outside them is a 422, never a database error.
@@ -277,10 +279,12 @@ def create_app(
     readiness: Readiness | None = None,
     description: str = "",
     hot_paths: Sequence[Middleware] = (),
+    form_paths: Collection[str] = (),
 ) -> FastAPI:
     """The service's app. ``hot_paths``: plain ASGI handlers for the few requests that must skip
     FastAPI's routing and dependency machinery; they sit inside ``Observe`` and ``BodyGuard`` (ids,
-    metrics and limits as for every request) and hand everything else on."""
+    metrics and limits as for every request) and hand everything else on. ``form_paths``: the exact
+    paths that also take ``application/x-www-form-urlencoded`` bodies (OAuth 2.0 protocol endpoints)."""
     app = FastAPI(
         title=f"Nichiiki {service.replace('_', ' ')}",
         version="1.0.0",
@@ -289,6 +293,8 @@ def create_app(
         responses=PROBLEM_RESPONSES,
     )
     app.state.settings = settings
+    # Refuses to build an app outside development without a token issuer (a clear start-up error).
+    app.state.verifier = TokenVerifier(settings, service)
     app.state.service = service
     app.state.readiness = readiness or Readiness()
     registry = CollectorRegistry()
@@ -304,7 +310,7 @@ def create_app(
     for hot_path in reversed(hot_paths):  # each add wraps the previous: the first listed runs first
         app.add_middleware(hot_path.cls, *hot_path.args, **hot_path.kwargs)
     app.add_middleware(Observe, requests=requests, latency=latency)
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, form_paths=form_paths)
     _install_problem_handlers(app)
 
     ops = APIRouter(tags=["operations"])
@@ -435,11 +441,12 @@ class Observe:
 class BodyGuard:
     """Refuses, before any route sees them: a path or query string with a control character (422:
     a path or query parameter may reach SQL, and PostgreSQL cannot store NUL), oversized bodies
-    (413) and non-JSON bodies (415)."""
+    (413) and non-JSON bodies (415), but form bodies on the ``form_paths`` the app names."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, form_paths: Collection[str] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.form_paths = frozenset(form_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -463,7 +470,11 @@ class BodyGuard:
             await self._refuse(scope, send, 413, "body-too-large", f"the body exceeds {self.max_bytes} bytes")
             return
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if (length not in (None, b"0")) and content_type not in (b"application/json", b""):
+        if (
+            length not in (None, b"0")
+            and content_type not in (b"application/json", b"")
+            and not (content_type == _FORM and scope.get("path") in self.form_paths)
+        ):
             await self._refuse(
                 scope, send, 415, "unsupported-media-type", "send the body as application/json"
             )

@@ -45,8 +45,17 @@ class Settings(BaseSettings):
     topic_prefix: str = ""
 
     state_dir: Path = REPO_ROOT / ".state"
+    #: ``development`` (what ``./nichiiki start`` and the tests set) also accepts tokens signed with
+    #: the development key below; anything else accepts only the OIDC issuer's (and needs one).
+    env: str = "production"
+    #: The OpenID Connect issuer whose JWKS signs every token (the embedded identity service,
+    #: Keycloak, Entra ID...); required outside development.
+    oidc_issuer: str | None = None
+    #: The longest a token may live (``exp - iat``): a stolen token is worth little for long.
+    token_max_lifetime_s: int = Field(default=3600, ge=60, le=86_400)
+    #: The development key (HS256) and issuer of ``nichiiki token``: refused outside development.
     jwt_secret: str = Field(default="nichiiki-development-secret-change-me-0123456789", min_length=32)
-    jwt_issuer: str = "nichiiki"
+    jwt_issuer: str = "nichiiki-development"
 
     log_format: str = "console"  # console | json
     log_level: str = "INFO"
@@ -76,6 +85,10 @@ class Settings(BaseSettings):
     #: Freeze the start-up heap out of the garbage collector's view (see ``ServiceRuntime.start``);
     #: off where one process starts many runtimes, as the tests do.
     gc_freeze_after_start: bool = True
+    #: A consumer without an assignment for this long is kept out of its group: /readyz reports its
+    #: group and the runtime asks the broker to release a departed group leader (``group_join``). On
+    #: the embedded broker a join takes half the session timeout and a sync up to 0.8 of it.
+    consumer_join_timeout_ms: int = 30_000
 
     def service_port(self, service: str) -> int:
         return SERVICE_PORTS[service] + self.port_offset

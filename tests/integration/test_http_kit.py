@@ -15,6 +15,8 @@ from shared.kit.http import ApiModel, create_app
 from shared.kit.settings import Settings
 from tests.support import bearer, service_client
 
+#: The test app's service name: its tokens must name it as their audience.
+KIT = "kit-test"
 
 class Order(ApiModel):
     municipality_code: str
@@ -39,7 +41,7 @@ def build_app(settings: Settings):  # type: ignore[no-untyped-def]
             raise RuntimeError("a bug")
         return {"count": body.count}
 
-    return create_app(service="kit-test", settings=settings.model_copy(update={"max_body_bytes": 1024}),
+    return create_app(service=KIT, settings=settings.model_copy(update={"max_body_bytes": 1024}),
                       routers=[router])
 
 
@@ -58,14 +60,14 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
 
 
 async def test_a_valid_request_passes(client: httpx.AsyncClient, settings: Settings) -> None:
-    staff = bearer(settings, "staff", municipality="304018")
+    staff = bearer(settings, "staff", services=[KIT], municipality="304018")
     response = await client.post("/v1/municipalities/304018/orders", json={"municipality_code": "304018", "count": 2},
                                  headers=staff)
     assert response.status_code == 201 and response.json() == {"count": 2}
 
 
 async def test_bad_bodies_are_4xx_problems_never_500(client: httpx.AsyncClient, settings: Settings) -> None:
-    staff = bearer(settings, "staff", municipality="304018")
+    staff = bearer(settings, "staff", services=[KIT], municipality="304018")
     url = "/v1/municipalities/304018/orders"
     assert_problem(await client.post(url, content=b'{"count": ', headers={**staff, "content-type": "application/json"}),
                    400, "malformed-json")
@@ -84,7 +86,7 @@ async def test_bad_bodies_are_4xx_problems_never_500(client: httpx.AsyncClient, 
 async def test_what_postgresql_cannot_store_is_a_422_naming_where_it_is(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    staff = bearer(settings, "staff", municipality="304018")
+    staff = bearer(settings, "staff", services=[KIT], municipality="304018")
     url = "/v1/municipalities/304018/orders"
     for order, where in [
         ({"municipality_code": "3040\x0018", "count": 1}, ["body", "municipality_code"]),
@@ -112,7 +114,7 @@ async def test_what_postgresql_cannot_store_is_a_422_naming_where_it_is(
 async def test_domain_errors_keep_their_code_and_unexpected_errors_are_a_500_problem(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    staff = bearer(settings, "staff", municipality="304018")
+    staff = bearer(settings, "staff", services=[KIT], municipality="304018")
     url = "/v1/municipalities/304018/orders"
     response = await client.post(url, json={"municipality_code": "304018", "count": 13}, headers=staff)
     body = assert_problem(response, 409, "already-ordered")
@@ -131,19 +133,19 @@ async def test_auth_401_without_a_token_403_for_the_wrong_role_or_municipality(
                    401, "unauthenticated")
     forged = bearer(settings.model_copy(update={"jwt_secret": "another-secret-that-is-long-enough-0123"}), "admin")
     assert_problem(await client.post(url, json=order, headers=forged), 401, "unauthenticated")
-    assert_problem(await client.post(url, json=order, headers=bearer(settings, "resident")), 403, "forbidden")
-    assert_problem(await client.post(url, json=order, headers=bearer(settings, "partner", partner="jal")),
+    assert_problem(await client.post(url, json=order, headers=bearer(settings, "resident", services=[KIT])), 403, "forbidden")
+    assert_problem(await client.post(url, json=order, headers=bearer(settings, "partner", services=[KIT], partner="jal")),
                    403, "forbidden")
-    other_town = bearer(settings, "staff", municipality="131016")
+    other_town = bearer(settings, "staff", services=[KIT], municipality="131016")
     assert_problem(await client.post(url, json=order, headers=other_town), 403, "forbidden")
-    assert (await client.post(url, json=order, headers=bearer(settings, "admin"))).status_code == 201
+    assert (await client.post(url, json=order, headers=bearer(settings, "admin", services=[KIT]))).status_code == 201
 
 
 async def test_operations_endpoints(client: httpx.AsyncClient, settings: Settings) -> None:
     assert (await client.get("/healthz")).json()["status"] == "ok"
     assert (await client.get("/readyz")).json() == {"ready": True, "checks": {}}
     await client.post("/v1/municipalities/304018/orders", json={"municipality_code": "304018", "count": 1},
-                      headers=bearer(settings, "admin"))
+                      headers=bearer(settings, "admin", services=[KIT]))
     metrics = (await client.get("/metrics")).text
     assert 'http_requests_total{method="POST",route="/v1/municipalities/{code}/orders",status="201"} 1.0' in metrics
     openapi = (await client.get("/openapi.json")).json()
@@ -164,7 +166,7 @@ async def test_a_database_outage_is_a_503_problem_with_retry_after(settings: Set
     async def down() -> None:
         await asyncpg.connect("postgresql://postgres@127.0.0.1:1/postgres")  # nothing listens on port 1
 
-    app = create_app(service="kit-test", settings=settings, routers=[router])
+    app = create_app(service=KIT, settings=settings, routers=[router])
     async with service_client(app) as client:
         response = await client.get("/v1/down")
     assert_problem(response, 503, "service-unavailable")
