@@ -35,9 +35,11 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from shared.contracts.base import EventData
 from shared.contracts.topics import DLQ_SUFFIX, Topic
 from shared.kit import inbox
+from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.db import Connection
 from shared.kit.envelope import SPEC_VERSION, Envelope, EnvelopeError, new_envelope, parse_envelope, source_of
 from shared.kit.errors import DomainError, is_transient
+from shared.kit.group_join import JoinWatch
 from shared.kit.logging import bound_context
 from shared.kit.outbox import Outbox, OutgoingRecord
 from shared.kit.settings import Settings
@@ -67,6 +69,8 @@ class HandlerContext:
     #: Outgoing records of the whole batch, written to the outbox in one go before it commits
     #: (None: write each at once, as the savepoint-per-event path must).
     pending: list[OutgoingRecord] | None = None
+    #: The service's clock (the runtime's), for dates the handler decides by.
+    clock: Clock = SYSTEM_CLOCK
 
     async def emit(
         self, topic: Topic, data: EventData, *, subject: str, key: str | None = None,
@@ -140,6 +144,10 @@ class Run(Sequence[tuple[HandlerContext, E]], Generic[E]):
     @property
     def settings(self) -> Settings:
         return self._items[0][0].settings
+
+    @property
+    def clock(self) -> Clock:
+        return self._items[0][0].clock
 
     @property
     def events(self) -> list[E]:
@@ -275,8 +283,10 @@ class EventConsumer:
         router: EventRouter,
         topics: Sequence[Topic],
         name: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.service = service
+        self.clock = clock
         self.name = name or service
         self.settings = settings
         self.pool = pool
@@ -295,9 +305,13 @@ class EventConsumer:
         self._client: Any = None
         self._commit_task: asyncio.Task[None] | None = None
 
+    #: How long this member has been trying to join its group (a new one per subscription).
+    join_watch: JoinWatch | None = None
+
     def attach(self, broker: KafkaBroker) -> None:
         s = self.settings
         self._uncommitted, self._client = {}, None  # a new subscription re-reads from its group's offsets
+        self.join_watch = JoinWatch()
         broker.subscriber(
             *self.topics,
             group_id=self.group_id,
@@ -312,8 +326,15 @@ class EventConsumer:
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+            listener=self.join_watch,
             title=f"{self.name}:{','.join(self.topics)}",
         )(self._on_batch)
+
+    def waiting_to_join_s(self) -> float:
+        """Seconds this member has been (re)joining its group without getting in (0: joined)."""
+        if self.join_watch is None or self._stopping:
+            return 0.0
+        return self.join_watch.waiting_s()
 
     def stop(self) -> None:
         self._stopping = True
@@ -443,7 +464,7 @@ class EventConsumer:
                 counts.duplicates += 1
                 continue
             claimed.discard(envelope.id)  # a second copy in the same batch is a duplicate too
-            context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings, pending)
+            context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings, pending, self.clock)
             if run and route.many is not run_handler:
                 await self._apply_run(run_handler, run)
                 run = []
@@ -483,7 +504,7 @@ class EventConsumer:
         if not await inbox.claim(conn, self.name, envelope.id, record.topic):
             counts.duplicates += 1
             return
-        context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings)
+        context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings, clock=self.clock)
         with bound_context(
             event_id=str(envelope.id), event_type=envelope.type,
             correlation_id=envelope.correlation_id or str(envelope.id),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.consumer import EventConsumer, EventRouter
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.group_join import release_departed_leader
 from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics, platform_topics
 from shared.kit.metrics import EventMetrics
@@ -113,6 +116,8 @@ class ServiceRuntime:
         self._broker: KafkaBroker | None = None
         self._relay: OutboxRelay | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: Per consumer group: the release under way or last tried, and when (``_release_stuck_groups``).
+        self._releases: dict[str, tuple[float, asyncio.Task[None]]] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -156,10 +161,12 @@ class ServiceRuntime:
             self.consumers = [
                 EventConsumer(
                     service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
-                    router=spec.router, topics=spec.topics, name=spec.name,
+                    router=spec.router, topics=spec.topics, name=spec.name, clock=self.clock,
                 )
                 for spec in self.consumer_specs
             ]
+            for group in dict.fromkeys(c.group_id for c in self.consumers):  # false: a member kept out
+                self.readiness.checks[f"consumer group {group}"] = functools.partial(self._group_joinable, group)
             await self._subscribe()
             self._spawn(self._watch_broker(), "broker-watchdog")
         for task in self.background:
@@ -229,8 +236,57 @@ class ServiceRuntime:
         for consumer in self.consumers:
             consumer.needs_resubscribe = False
             consumer.attach(broker)
-        await broker.start()
-        self._broker = broker
+        self._broker = broker  # stop() closes it even if its start never finished
+        # aiokafka's start returns once the member joined its group: a group the broker keeps
+        # everyone out of would hold it (and the service's start) for ever, so watch the joins.
+        guard = asyncio.create_task(self._guard_joins())
+        try:
+            await broker.start()
+        finally:
+            guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guard
+
+    async def _guard_joins(self) -> None:
+        while True:
+            await asyncio.sleep(min(WATCHDOG_INTERVAL_S, self.settings.consumer_join_timeout_ms / 4000))
+            self._release_stuck_groups()
+
+    def _release_stuck_groups(self) -> None:
+        """Past ``consumer_join_timeout_ms`` without getting into its group, a consumer has the
+        broker asked to release a departed leader (``group_join``), once per timeout per group."""
+        limit_s = self.settings.consumer_join_timeout_ms / 1000
+        now = time.monotonic()
+        for consumer in self.consumers:
+            waited = consumer.waiting_to_join_s()
+            last = self._releases.get(consumer.group_id)
+            if waited < limit_s or (last is not None and (now - last[0] < limit_s or not last[1].done())):
+                continue
+            task = asyncio.create_task(self._release(consumer, waited), name=f"{self.service}:group-release")
+            self._releases[consumer.group_id] = (now, task)
+            self._tasks.append(task)  # cancelled by stop()
+
+    async def _release(self, consumer: EventConsumer, waited_s: float) -> None:
+        group = consumer.group_id
+        log.warning(
+            "a consumer cannot join its group; asking the broker to release a departed leader",
+            group=group, waited_s=round(waited_s, 1),
+        )
+        topics = sorted({t for c in self.consumers if c.group_id == group for t in c.topics})
+        try:
+            outcome = await release_departed_leader(
+                self.settings.require_kafka(), group, topics,
+                session_timeout_ms=self.settings.kafka_session_timeout_ms,
+            )
+        except Exception as error:
+            log.warning("releasing the group's leader failed; tried again later", group=group, error=repr(error))
+            return
+        log.info("group release done", group=group, released=outcome.released, outcome=outcome.outcome)
+
+    async def _group_joinable(self, group: str) -> bool:
+        """Not ready while a member of ``group`` has been kept out longer than the join timeout."""
+        limit_s = self.settings.consumer_join_timeout_ms / 1000
+        return all(c.waiting_to_join_s() < limit_s for c in self.consumers if c.group_id == group)
 
     async def _watch_broker(self) -> None:
         """Re-subscribe when the broker lost its state (its topics, or our group's offsets).
@@ -241,6 +297,7 @@ class ServiceRuntime:
         expected = {self.settings.topic(t.name) for t in platform_topics()}
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            self._release_stuck_groups()
             try:
                 lost_topics = await self._topics_missing(expected) and bool(await ensure_topics(self.settings))
             except Exception as error:
