@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -36,6 +35,7 @@ from shared.contracts.certification import CertificateIssued
 from shared.contracts.common import PartnerMembership
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
 from shared.contracts.topics import CORE_TOPICS, Topic
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.settings import Settings
 from shared.reference import municipalities, travel_programs
@@ -43,11 +43,8 @@ from shared.reference import municipalities, travel_programs
 if TYPE_CHECKING:
     from bench.run import BenchContext
 
-TOKYO = ZoneInfo("Asia/Tokyo")
-
-
 def today_in_japan() -> date:
-    return datetime.now(TOKYO).date()
+    return SYSTEM_CLOCK.today()
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------------
