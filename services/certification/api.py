@@ -19,7 +19,8 @@ from services.certification.handlers import CertificationService
 from services.certification.views import CSV_COLUMNS, ApplicationView, AuditView, CertificateView, Page, RulesView
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
-from shared.kit.auth import Principal, Role, current_principal, require
+from shared.contracts.reasons import RejectionReason, RevocationReason
+from shared.kit.auth import DECIDERS, MANAGERS, Principal, Role, current_principal, require
 from shared.kit.csv_export import csv_response
 from shared.kit.http import ApiModel, Int32, MultilineText, Offset
 from shared.kit.use_case import WriteRequest
@@ -28,6 +29,9 @@ router = APIRouter(prefix="/v1", tags=["certification"])
 
 Resident = Annotated[Principal, Depends(require(Role.RESIDENT))]
 Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+# Reviewers and managers decide applications; only managers end, extend or re-rule (auditors read).
+Deciders = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN, staff=DECIDERS))]
+Managers = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN, staff=MANAGERS))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 People = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 Anyone = Annotated[Principal, Depends(current_principal)]
@@ -81,16 +85,37 @@ class ApplicationBody(ApiModel):
 
 
 class ApproveBody(ApiModel):
-    valid_from: date | None = Field(default=None, description="default: today (Japan)")
-    valid_until: date | None = Field(default=None, description="default: valid_from + the municipality's validity")
+    valid_from: date | None = Field(
+        default=None, description="default: today (Japan); at most 30 days before today, at most 90 days after it"
+    )
+    valid_until: date | None = Field(
+        default=None,
+        description="default and latest: valid_from + the municipality's validity_days - 1 (counted inclusively)",
+    )
 
 
-class ReasonBody(ApiModel):
-    reason: MultilineText = Field(min_length=1, max_length=500)
+_NOTE = (
+    "the staff member's own words, kept in the municipality's audit trail only: never sent to the resident, "
+    "another service or a partner"
+)
+
+
+class RejectBody(ApiModel):
+    reason_code: RejectionReason = Field(description="why, as a code of the published list (docs/contracts/reasons.md)")
+    note: MultilineText | None = Field(default=None, max_length=1000, description=_NOTE)
+
+
+class RevokeBody(ApiModel):
+    reason_code: RevocationReason = Field(
+        description="why, as a code of the published list (docs/contracts/reasons.md)"
+    )
+    note: MultilineText | None = Field(default=None, max_length=1000, description=_NOTE)
 
 
 class RenewBody(ApiModel):
-    valid_until: date | None = Field(default=None, description="default: current valid_until + the validity")
+    valid_until: date | None = Field(
+        default=None, description="default and latest: current valid_until + the municipality's validity_days"
+    )
 
 
 class RulesBody(ApiModel):
@@ -146,7 +171,7 @@ async def get_application(application_id: str, principal: People, service: Servi
 
 @router.post("/applications/{application_id}/approve", status_code=201, response_model=CertificateView)
 async def approve(
-    application_id: str, principal: Staff, service: Service, write: WriteRequest,
+    application_id: str, principal: Deciders, service: Service, write: WriteRequest,
     body: Annotated[ApproveBody | None, Body()] = None,
 ) -> Response:
     """Approve: issues the certificate (201 with it)."""
@@ -156,9 +181,10 @@ async def approve(
 
 @router.post("/applications/{application_id}/reject", response_model=ApplicationView)
 async def reject(
-    application_id: str, body: ReasonBody, principal: Staff, service: Service, write: WriteRequest
+    application_id: str, body: RejectBody, principal: Deciders, service: Service, write: WriteRequest
 ) -> Response:
-    return (await service.reject(write, application_id, body.reason)).response()
+    """Reject with a reason code (the resident is told its sentence); the optional note stays in the audit trail."""
+    return (await service.reject(write, application_id, body.reason_code, body.note or None)).response()
 
 
 # --- certificates --------------------------------------------------------------------------------
@@ -172,7 +198,7 @@ async def get_certificate(number: str, principal: People, service: Service) -> C
 
 @router.post("/certificates/{number}/renew", response_model=CertificateView)
 async def renew(
-    number: str, principal: Staff, service: Service, write: WriteRequest,
+    number: str, principal: Managers, service: Service, write: WriteRequest,
     body: Annotated[RenewBody | None, Body()] = None,
 ) -> Response:
     """Extend a valid certificate before it expires: new validity, same number."""
@@ -180,8 +206,9 @@ async def renew(
 
 
 @router.post("/certificates/{number}/revoke", response_model=CertificateView)
-async def revoke(number: str, body: ReasonBody, principal: Staff, service: Service, write: WriteRequest) -> Response:
-    return (await service.revoke(write, number, body.reason)).response()
+async def revoke(number: str, body: RevokeBody, principal: Managers, service: Service, write: WriteRequest) -> Response:
+    """Revoke with a reason code (the resident is told its sentence); the optional note stays in the audit trail."""
+    return (await service.revoke(write, number, body.reason_code, body.note or None)).response()
 
 
 # --- a resident's own --------------------------------------------------------------------------
@@ -228,7 +255,7 @@ async def get_rules(code: str, principal: Anyone, service: Service) -> RulesView
 
 
 @router.put("/municipalities/{code}/rules", response_model=RulesView)
-async def put_rules(code: str, body: RulesBody, principal: Staff, service: Service, write: WriteRequest) -> Response:
+async def put_rules(code: str, body: RulesBody, principal: Managers, service: Service, write: WriteRequest) -> Response:
     """The municipality's staff (or an admin) set its rules; audited."""
     rules = MunicipalityRules(
         municipality_code=code, min_stay_days=body.min_stay_days, housing_bases=tuple(body.housing_bases),

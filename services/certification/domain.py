@@ -14,10 +14,11 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership, Tier
+from shared.contracts.reasons import RESIDENT_WITHDRAWN, RejectionReason, RevocationReason
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
@@ -39,7 +40,14 @@ EXPIRING_NOTICE_DAYS = 30
 MAX_STAY_DAYS = 366
 #: Who decides when no staff member does (the resident's withdrawal).
 SYSTEM_ACTOR = "system"
-WITHDRAWAL_REASON = "resident withdrew"
+#: The reason code of what the resident's withdrawal rejects and revokes (shared/contracts/reasons.py).
+WITHDRAWAL_REASON: Final = RESIDENT_WITHDRAWN
+#: How far back staff may date a certificate's start: a decision made at the counter some days
+#: before it is keyed in, or dated from the day the stay began, not a backdated year of coverage.
+MAX_BACKDATED_DAYS = 30
+#: How far ahead a certificate may start: a resident whose second home is ready next season; a
+#: later start is a later application (the facts checked now may no longer hold then).
+MAX_DEFERRED_DAYS = 90
 
 RequiredRegistration = Literal["any_active", "premium"]
 ApplicationStatus = Literal["submitted", "approved", "rejected"]
@@ -177,6 +185,21 @@ class ValidityEndsInPast(DomainError):
     title = "The certificate would be expired on issue"
 
 
+class ValidFromTooEarly(DomainError):
+    code = "valid-from-too-early"
+    title = f"valid_from may be at most {MAX_BACKDATED_DAYS} days before today"
+
+
+class ValidFromTooLate(DomainError):
+    code = "valid-from-too-late"
+    title = f"valid_from may be at most {MAX_DEFERRED_DAYS} days after today"
+
+
+class ValidityExceedsRules(DomainError):
+    code = "validity-exceeds-rules"
+    title = "valid_until is beyond the validity the municipality's rules allow"
+
+
 class CertificateNotFound(NotFound):
     code = "certificate-not-found"
     title = "No such certificate"
@@ -200,6 +223,11 @@ class CertificateNotRenewable(Conflict):
 class RenewalMustExtend(DomainError):
     code = "renewal-must-extend"
     title = "A renewal must move valid_until later"
+
+
+class RenewalTooEarly(Conflict):
+    code = "renewal-too-early"
+    title = "The certificate's current validity runs longer than one validity period from today"
 
 
 # --- municipalities and their rules --------------------------------------------------------------
@@ -609,7 +637,8 @@ class Application:
         self._ensure_open()
         return Approval(self, by=by, at=at, year=year, valid_from=valid_from, valid_until=valid_until)
 
-    def reject(self, *, by: str, at: datetime, reason: str) -> Application:
+    def reject(self, *, by: str, at: datetime, reason: RejectionReason) -> Application:
+        """``reason``: a code of the published list; a staff note stays in the audit trail."""
         self._ensure_open()
         return replace(self, status="rejected", decided_at=at, decided_by=by, decision_reason=reason)
 
@@ -620,13 +649,36 @@ class Application:
 def validity_period(
     rules: MunicipalityRules, today: date, valid_from: date | None, valid_until: date | None
 ) -> tuple[date, date]:
-    """The certificate's validity (inclusive): from today for the municipality's validity by default."""
+    """The certificate's validity (inclusive): from today for the municipality's validity by default.
+
+    Staff may choose the dates within the rules: valid_from from ``MAX_BACKDATED_DAYS`` before
+    today to ``MAX_DEFERRED_DAYS`` after it, valid_until at most the municipality's validity
+    (``validity_days``, counted inclusively) from valid_from: every certificate year is a year of
+    travel support reserved from the budget, so a longer validity is not a clerical choice."""
     start = valid_from or today
-    end = valid_until or start + timedelta(days=rules.validity_days - 1)
+    longest = start + timedelta(days=rules.validity_days - 1)
+    end = valid_until or longest
     if end < start:
         raise InvalidValidityPeriod(f"valid_until {end} precedes valid_from {start}", field="valid_until")
     if end < today:
         raise ValidityEndsInPast(f"valid_until {end} is before today ({today}, Japan time)", field="valid_until")
+    earliest, latest = today - timedelta(days=MAX_BACKDATED_DAYS), today + timedelta(days=MAX_DEFERRED_DAYS)
+    if start < earliest:
+        raise ValidFromTooEarly(
+            f"valid_from {start} is more than {MAX_BACKDATED_DAYS} days before today ({today}, Japan time)",
+            field="valid_from", earliest=earliest.isoformat(),
+        )
+    if start > latest:
+        raise ValidFromTooLate(
+            f"valid_from {start} is more than {MAX_DEFERRED_DAYS} days after today ({today}, Japan time)",
+            field="valid_from", latest=latest.isoformat(),
+        )
+    if end > longest:
+        raise ValidityExceedsRules(
+            f"valid_until {end} is beyond {longest}: the municipality's validity is {rules.validity_days} days "
+            f"from valid_from {start}", field="valid_until", latest=longest.isoformat(),
+            validity_days=rules.validity_days,
+        )
     return start, end
 
 
@@ -686,18 +738,36 @@ class Certificate:
     def renew(
         self, *, today: date, validity_days: int, valid_until: date | None, at: datetime
     ) -> Certificate:
-        """Extend the validity under the same number; valid_from stays, so coverage never lapses."""
+        """Extend the validity under the same number; valid_from stays, so coverage never lapses.
+
+        A renewal adds at most one validity period, starting the day after the current valid_until,
+        and only while the current validity ends within one period from today: renewals cannot be
+        stacked into years of coverage (and of reserved travel support) ahead."""
         if self.status != "valid" or self.is_expired(today):
             state = "expired" if self.is_expired(today) else self.status
             raise CertificateNotRenewable(f"certificate {self.certificate_number} is {state}", current_status=state)
-        new_until = valid_until or self.valid_until + timedelta(days=validity_days)
+        renewable_from = self.valid_until - timedelta(days=validity_days - 1)
+        if today < renewable_from:
+            raise RenewalTooEarly(
+                f"certificate {self.certificate_number} is valid until {self.valid_until}; it can be renewed "
+                f"from {renewable_from}", renewable_from=renewable_from.isoformat(),
+            )
+        longest = self.valid_until + timedelta(days=validity_days)
+        new_until = valid_until or longest
         if new_until <= self.valid_until:
             raise RenewalMustExtend(
                 f"valid_until {new_until} does not extend the current {self.valid_until}", field="valid_until"
             )
+        if new_until > longest:
+            raise ValidityExceedsRules(
+                f"valid_until {new_until} is beyond {longest}: a renewal adds at most the municipality's validity "
+                f"of {validity_days} days after the current {self.valid_until}", field="valid_until",
+                latest=longest.isoformat(), validity_days=validity_days,
+            )
         return replace(self, valid_until=new_until, renewed_at=at)
 
-    def revoke(self, *, today: date, reason: str, at: datetime) -> Certificate:
+    def revoke(self, *, today: date, reason: RevocationReason, at: datetime) -> Certificate:
+        """``reason``: a code of the published list; a staff note stays in the audit trail."""
         if self.status == "revoked":
             raise CertificateAlreadyRevoked(f"certificate {self.certificate_number} is revoked already")
         if self.is_expired(today):

@@ -62,6 +62,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import PartnerMembership
+from shared.contracts.reasons import RejectionReason, RevocationReason
 from shared.contracts.registration import ResidentWithdrawn
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES
 from shared.kit.auth import Principal, Role
@@ -91,6 +92,11 @@ def _audit(
     )
 
 
+def _noted(note: str | None) -> dict[str, Any]:
+    """A staff note as audit details: it stays in this service, never in an event (only the code goes)."""
+    return {"note": note} if note else {}
+
+
 def _certificate_fields(certificate: Certificate, partners: list[PartnerMembership]) -> dict[str, Any]:
     c = certificate
     return {
@@ -106,12 +112,14 @@ CertificateEvent = (
 
 
 async def _record_rejection(
-    work: Work, principal: Principal | None, rejected: Application, reason: str, at: datetime
+    work: Work, principal: Principal | None, rejected: Application, reason: RejectionReason, at: datetime,
+    note: str | None = None,
 ) -> None:
-    """Save a rejected application, audit who rejected it and why, and announce it."""
+    """Save a rejected application, audit who rejected it and why (code and note), announce it (code only)."""
     await store.save_decision(work.conn, rejected)
     await store.append_audit(
-        work.conn, _audit(principal, rejected.municipality_code, "application.rejected", rejected, at, reason)
+        work.conn,
+        _audit(principal, rejected.municipality_code, "application.rejected", rejected, at, reason, **_noted(note)),
     )
     await work.emit(
         APPLICATIONS,
@@ -272,13 +280,15 @@ class CertificationService:
 
         return await write.run(act, authorise=self._application_for_decision(principal, application_id))
 
-    async def reject(self, write: Write, application_id: str, reason: str) -> Outcome:
+    async def reject(
+        self, write: Write, application_id: str, reason: RejectionReason, note: str | None = None
+    ) -> Outcome:
         principal = write.principal
 
         async def act(work: UnitOfWork, application: Application) -> Outcome:
             now = self.clock.now()
             rejected = application.reject(by=principal.subject, at=now, reason=reason)
-            await _record_rejection(work, principal, rejected, reason, now)
+            await _record_rejection(work, principal, rejected, reason, now, note)
             return Outcome(200, json_body(ApplicationView.of(rejected)))
 
         return await write.run(act, authorise=self._application_for_decision(principal, application_id))
@@ -323,7 +333,9 @@ class CertificationService:
 
         return await write.run(act, authorise=self._certificate_for_decision(principal, number))
 
-    async def revoke(self, write: Write, number: str, reason: str) -> Outcome:
+    async def revoke(
+        self, write: Write, number: str, reason: RevocationReason, note: str | None = None
+    ) -> Outcome:
         principal = write.principal
 
         async def act(work: UnitOfWork, certificate: Certificate) -> Outcome:
@@ -332,7 +344,9 @@ class CertificationService:
             revoked = certificate.revoke(today=self.clock.today(), reason=reason, at=now)
             await store.save_certificate(conn, revoked)
             await store.append_audit(
-                conn, _audit(principal, revoked.municipality_code, "certificate.revoked", revoked, now, reason)
+                conn,
+                _audit(principal, revoked.municipality_code, "certificate.revoked", revoked, now, reason,
+                       **_noted(note)),
             )
             consented = (await store.consented_partners(conn, [revoked.resident_id])).get(
                 revoked.resident_id, frozenset()

@@ -2,7 +2,7 @@
 in each language, how the contact projection changes, and how a failed e-mail is retried.
 
 A *notice* is the language-free content of one message: its kind (the template's name) and its
-facts (dates, amounts, municipality codes, free text). Rendering turns it into a subject and a
+facts (dates, amounts, municipality codes, reason codes). Rendering turns it into a subject and a
 body in the resident's language (``templates.py``); every wording lives in the template files.
 """
 
@@ -26,6 +26,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import Language
 from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.reasons import ReasonKind
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
@@ -98,7 +99,16 @@ class Label:
     key: str
 
 
-Fact = str | int | date | datetime | Amount | Place | Places | Label
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a decision went against the resident: a code of a published list (shared/contracts/reasons.py),
+    written as that list's sentence; anything else (an older event's free text) as the ``other`` one."""
+
+    kind: ReasonKind
+    code: str
+
+
+Fact = str | int | date | datetime | Amount | Place | Places | Label | Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +197,7 @@ def notice_for(event: EventData) -> Notice | None:
         case PremiumRejected():
             return Notice("premium_rejected", event.resident_id, {
                 "municipality": Place(event.municipality_code),
-                "reason": event.reason,
+                "reason": Reason("rejection", event.reason),
                 "decided_on": event.decided_at,
             })
         case ApplicationSubmitted():
@@ -200,7 +210,7 @@ def notice_for(event: EventData) -> Notice | None:
             return Notice("application_rejected", event.resident_id, {
                 "municipality": Place(event.municipality_code),
                 "application_id": event.application_id,
-                "reason": event.reason,
+                "reason": Reason("rejection", event.reason),
                 "decided_on": event.decided_at,
             })
         case CertificateIssued() | CertificateRenewed():
@@ -216,7 +226,8 @@ def notice_for(event: EventData) -> Notice | None:
             })
         case CertificateRevoked():
             return Notice("certificate_revoked", event.resident_id, {
-                **_certificate_facts(event), "reason": event.reason, "revoked_on": event.revoked_at,
+                **_certificate_facts(event), "reason": Reason("revocation", event.reason),
+                "revoked_on": event.revoked_at,
             })
         case GrantIssued():
             return Notice("grant_issued", event.resident_id, {
@@ -242,7 +253,7 @@ def notice_for(event: EventData) -> Notice | None:
         case GrantCancelled():
             return Notice("grant_cancelled", event.resident_id, {
                 **_grant_facts(event.partner, event.municipality_code, event.program_id, event.certificate_number),
-                "reason": event.reason,
+                "reason": Reason("cancellation", event.reason),
                 "cancelled_on": event.cancelled_at,
             })
         case ReceiptIssued():

@@ -26,6 +26,7 @@ from services.notification.domain import (
     Notice,
     Place,
     Places,
+    Reason,
     format_amount,
     format_date,
     format_number,
@@ -33,6 +34,7 @@ from services.notification.domain import (
     place_name,
 )
 from shared.contracts.common import Language
+from shared.contracts.reasons import reason_text
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _SUBJECT = "Subject: "
@@ -109,6 +111,8 @@ def write_fact(fact: Fact, language: Language) -> str:
             return format_places(fact.codes, language)
         case Label():
             return label(fact.key, language)
+        case Reason():
+            return reason_text(fact.kind, fact.code, language)
         case date():  # datetime too: its date in Japan
             return format_date(fact, language)
         case bool():

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from shared.contracts.base import EventData
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
+from shared.contracts.reasons import cancellation_reason
 from shared.contracts.subsidy import (
     GrantCancelled,
     GrantExpired,
@@ -262,8 +263,10 @@ def grant_record(event: GrantEvent, resident_ref: str, member_number: str | None
             return PartnerGrant(**common, state="redemption_rejected", trip_id=event.trip_id,
                                 reason=event.reason, changed_at=event.rejected_at)
         case GrantCancelled():
+            # Only a code of the published list reaches a partner: an older event's free text
+            # (it once carried the staff's words on a revocation) becomes "other".
             return PartnerGrant(**common, state="cancelled", unit=event.unit, amount=event.released,
-                                reason=event.reason, changed_at=event.cancelled_at)
+                                reason=cancellation_reason(event.reason), changed_at=event.cancelled_at)
         case GrantExpired():
             return PartnerGrant(**common, state="expired", unit=event.unit, amount=event.released,
                                 changed_at=start_of_day(event.expired_on))

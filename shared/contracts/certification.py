@@ -10,8 +10,11 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Literal
 
+from pydantic import Field
+
 from shared.contracts.base import EventData
 from shared.contracts.common import MunicipalityCode, PartnerMembership
+from shared.contracts.reasons import REJECTION_DESCRIPTION, REVOCATION_DESCRIPTION
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES
 
 HousingBasis = Literal["owned", "rented", "trial_residence", "shared_house", "hotel"]
@@ -33,7 +36,7 @@ class ApplicationRejected(EventData, name="certification.application.rejected", 
     application_id: str
     resident_id: str
     municipality_code: MunicipalityCode
-    reason: str
+    reason: str = Field(description=REJECTION_DESCRIPTION)
     decided_at: datetime
 
 
@@ -58,7 +61,7 @@ class CertificateRenewed(_CertificateEvent, name="certification.certificate.rene
 
 
 class CertificateRevoked(_CertificateEvent, name="certification.certificate.revoked", topic=CERTIFICATES):
-    reason: str
+    reason: str = Field(description=REVOCATION_DESCRIPTION)
     revoked_at: datetime
 
 

@@ -90,6 +90,8 @@ class PartnerGrant(EventData, name="partner.grant", topic=PARTNER_FEED):
     unit: Literal["jpy", "miles"] | None = None
     amount: int | None = None
     trip_id: str | None = None
+    #: redemption_rejected: a RedemptionRefusal code; cancelled: a CancellationReason code
+    #: (docs/contracts/reasons.md). Never free text.
     reason: str | None = None
     changed_at: datetime
 

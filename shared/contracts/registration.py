@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.contracts.base import EventData
 from shared.contracts.common import Language, MunicipalityCode, PartnerCode, Tier
+from shared.contracts.reasons import REJECTION_DESCRIPTION
 from shared.contracts.topics import RESIDENTS
 
 RegistrationStatus = Literal["active", "pending_review", "rejected", "expired", "withdrawn"]
@@ -76,7 +77,7 @@ class PremiumRejected(EventData, name="registration.premium_rejected", topic=RES
     resident_id: str
     registration_id: str
     municipality_code: MunicipalityCode
-    reason: str
+    reason: str = Field(description=REJECTION_DESCRIPTION)
     decided_at: datetime
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Literal
 
+from pydantic import Field
+
 from shared.contracts.base import EventData
 from shared.contracts.common import MunicipalityCode, PartnerCode
+from shared.contracts.reasons import CANCELLATION_DESCRIPTION
 from shared.contracts.topics import BUDGETS, GRANTS
 
 Mechanism = Literal["mileage_grant", "fare_discount", "fare_voucher"]
@@ -68,7 +71,7 @@ class GrantRedemptionRejected(_GrantEvent, name="subsidy.grant.redemption_reject
 class GrantCancelled(_GrantEvent, name="subsidy.grant.cancelled", topic=GRANTS):
     unit: BudgetUnit
     released: int
-    reason: str
+    reason: str = Field(description=CANCELLATION_DESCRIPTION)
     cancelled_at: datetime
 
 

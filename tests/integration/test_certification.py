@@ -521,7 +521,7 @@ async def test_decisions_refused_for_other_municipalities_decided_applications_a
     url = f"/v1/applications/{application_id}"
 
     await refused(h, lambda: h.client.post(f"{url}/approve", headers=h.staff(TANABE)), 403, "forbidden")
-    await refused(h, lambda: h.client.post(f"{url}/reject", json={"reason": "no"}, headers=h.staff(TANABE)),
+    await refused(h, lambda: h.client.post(f"{url}/reject", json={"reason_code": "other"}, headers=h.staff(TANABE)),
                   403, "forbidden")
     await refused(h, lambda: h.client.post(f"{url}/approve", headers=h.resident(resident)), 403, "forbidden")
     assert_problem(await h.client.get(url, headers=h.staff(TANABE)), 403, "forbidden")
@@ -538,17 +538,47 @@ async def test_decisions_refused_for_other_municipalities_decided_applications_a
             "valid_until": (today - timedelta(days=1)).isoformat()}),
         422, "validity-ends-in-past",
     )
-    await refused(h, lambda: h.client.post(f"{url}/reject", json={"reason": ""}, headers=h.staff()),
-                  422, "invalid-request")
+    # A reason is a code of the published list: free text, an unknown code or none is refused.
+    for body in ({"reason": "滞在実態が確認できません"}, {"reason_code": "滞在実態が確認できません"},
+                 {"reason_code": "moved_away"}, {"reason_code": "certificate_revoked"}, {"note": "x"}, {}):
+        await refused(h, lambda body=body: h.client.post(f"{url}/reject", json=body, headers=h.staff()),  # type: ignore[misc]
+                      422, "invalid-request")
+    # The valid_until a municipality allows: its validity from valid_from, no more.
+    await refused(
+        h, lambda: h.client.post(f"{url}/approve", headers=h.staff(), json={"valid_until": "2099-12-31"}),
+        422, "validity-exceeds-rules",
+    )
+    await refused(
+        h, lambda: h.client.post(f"{url}/approve", headers=h.staff(), json={
+            "valid_from": today.isoformat(), "valid_until": (today + timedelta(days=365)).isoformat()}),
+        422, "validity-exceeds-rules",
+    )
+    await refused(
+        h, lambda: h.client.post(f"{url}/approve", headers=h.staff(), json={
+            "valid_from": (today - timedelta(days=31)).isoformat()}),
+        422, "valid-from-too-early",
+    )
+    await refused(
+        h, lambda: h.client.post(f"{url}/approve", headers=h.staff(), json={
+            "valid_from": (today + timedelta(days=91)).isoformat()}),
+        422, "valid-from-too-late",
+    )
     await refused(h, lambda: h.client.post("/v1/applications/nope/approve", headers=h.staff()),
                   404, "application-not-found")
 
-    rejected = await h.client.post(f"{url}/reject", json={"reason": "滞在実態が確認できません"}, headers=h.staff())
+    rejected = await h.client.post(
+        f"{url}/reject", json={"reason_code": "residence_not_confirmed", "note": "現地確認で空き家と判明"},
+        headers=h.staff(),
+    )
     assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    assert rejected.json()["decision_reason"] == "residence_not_confirmed"
     [event] = await events_on(h.settings, APPLICATIONS.name, application_id, event_type=ApplicationRejected.event_type)
-    assert event.decode(ApplicationRejected).reason == "滞在実態が確認できません"
+    assert event.decode(ApplicationRejected).reason == "residence_not_confirmed"
+    assert "空き家" not in event.data.decode()  # the note stays in the audit trail
+    mine = await h.client.get(url, headers=h.resident(resident))
+    assert mine.json()["decision_reason"] == "residence_not_confirmed" and "空き家" not in mine.text
     await refused(h, lambda: h.client.post(f"{url}/approve", headers=h.staff()), 409, "application-already-decided")
-    await refused(h, lambda: h.client.post(f"{url}/reject", json={"reason": "x"}, headers=h.staff()),
+    await refused(h, lambda: h.client.post(f"{url}/reject", json={"reason_code": "other"}, headers=h.staff()),
                   409, "application-already-decided")
 
     second = (await apply(h, resident))["application_id"]
@@ -567,21 +597,36 @@ async def test_renewal_keeps_the_number_and_revocation_is_refused_when_revoked_o
     await refused(h, lambda: h.client.post(f"{url}/renew", headers=h.staff(TANABE)), 403, "forbidden")
     await refused(h, lambda: h.client.post(f"{url}/renew", json={"valid_until": until.isoformat()},
                                            headers=h.staff()), 422, "renewal-must-extend")
+    # A renewal adds at most the municipality's validity after the current valid_until.
+    for beyond in ("2099-12-31", (until + timedelta(days=366)).isoformat()):
+        await refused(h, lambda beyond=beyond: h.client.post(  # type: ignore[misc]
+            f"{url}/renew", json={"valid_until": beyond}, headers=h.staff()), 422, "validity-exceeds-rules")
     renewed = await h.client.post(f"{url}/renew", headers=h.staff())
     assert renewed.status_code == 200, renewed.text
     assert renewed.json()["certificate_number"] == number
     assert renewed.json()["valid_until"] == (until + timedelta(days=365)).isoformat()
     [event] = await events_on(h.settings, CERTIFICATES.name, number, event_type=CertificateRenewed.event_type)
     assert event.decode(CertificateRenewed).valid_until == until + timedelta(days=365)
+    # Renewals do not stack: the next one waits until the validity ends within one period from today.
+    too_early = await refused(h, lambda: h.client.post(f"{url}/renew", headers=h.staff()), 409, "renewal-too-early")
+    assert too_early["renewable_from"] == (until + timedelta(days=1)).isoformat()
 
-    await refused(h, lambda: h.client.post(f"{url}/revoke", json={"reason": "x"}, headers=h.staff(TANABE)),
+    await refused(h, lambda: h.client.post(f"{url}/revoke", json={"reason_code": "other"}, headers=h.staff(TANABE)),
                   403, "forbidden")
-    await refused(h, lambda: h.client.post(f"{url}/revoke", json={}, headers=h.staff()), 422, "invalid-request")
-    revoked = await h.client.post(f"{url}/revoke", json={"reason": "住所を白浜町に移しました"}, headers=h.staff())
+    for body in ({}, {"reason": "住所を白浜町に移しました"}, {"reason_code": "住所を白浜町に移しました"},
+                 {"reason_code": "stay_below_minimum"}, {"reason_code": "other", "note": "x" * 1001}):
+        await refused(h, lambda body=body: h.client.post(f"{url}/revoke", json=body, headers=h.staff()),  # type: ignore[misc]
+                      422, "invalid-request")
+    revoked = await h.client.post(
+        f"{url}/revoke", json={"reason_code": "legal_address_moved_here", "note": "住所を白浜町に移しました"},
+        headers=h.staff(),
+    )
     assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    assert revoked.json()["revocation_reason"] == "legal_address_moved_here"
     [event] = await events_on(h.settings, CERTIFICATES.name, number, event_type=CertificateRevoked.event_type)
-    assert event.decode(CertificateRevoked).reason == "住所を白浜町に移しました"
-    await refused(h, lambda: h.client.post(f"{url}/revoke", json={"reason": "x"}, headers=h.staff()),
+    assert event.decode(CertificateRevoked).reason == "legal_address_moved_here"
+    assert "白浜町に移し" not in event.data.decode()
+    await refused(h, lambda: h.client.post(f"{url}/revoke", json={"reason_code": "other"}, headers=h.staff()),
                   409, "certificate-already-revoked")
     await refused(h, lambda: h.client.post(f"{url}/renew", headers=h.staff()), 409, "certificate-not-renewable")
 
@@ -593,7 +638,8 @@ async def test_renewal_keeps_the_number_and_revocation_is_refused_when_revoked_o
     real_today = h.clock.today
     h.clock.today = real_today + timedelta(days=3)
     try:
-        await refused(h, lambda: h.client.post(f"{ending_url}/revoke", json={"reason": "x"}, headers=h.staff()),
+        await refused(h, lambda: h.client.post(f"{ending_url}/revoke", json={"reason_code": "other"},
+                                               headers=h.staff()),
                       409, "certificate-expired")
         await refused(h, lambda: h.client.post(f"{ending_url}/renew", headers=h.staff()),
                       409, "certificate-not-renewable")
@@ -606,14 +652,18 @@ async def test_the_audit_trail_records_every_decision_and_refuses_changes(h: Har
     await register(h, resident)
     certificate = await certified(h, resident)
     number = certificate["certificate_number"]
-    await h.client.post(f"/v1/certificates/{number}/revoke", json={"reason": "虚偽の申告"}, headers=h.staff())
+    await h.client.post(f"/v1/certificates/{number}/revoke", json={"reason_code": "false_statement",
+                                                                   "note": "虚偽の申告（勤務先の証明書が偽造）"},
+                        headers=h.staff())
 
     trail = await h.client.get(f"/v1/municipalities/{SHIRAHAMA}/audit", params={"limit": 200}, headers=h.staff())
     assert trail.status_code == 200
     entries = [e for e in trail.json()["items"] if e["target_id"] in (number, certificate["application_id"])]
     assert [(e["action"], e["reason"]) for e in entries] == [
-        ("certificate.revoked", "虚偽の申告"), ("application.approved", None)
+        ("certificate.revoked", "false_statement"), ("application.approved", None)
     ]
+    # The staff's note is kept here, in the municipality's audit trail, beside the code.
+    assert entries[0]["details"] == {"note": "虚偽の申告（勤務先の証明書が偽造）"}
     assert all(e["actor_role"] == "staff" and e["actor"] and e["at"] for e in entries)
     assert_problem(await h.client.get(f"/v1/municipalities/{SHIRAHAMA}/audit", headers=h.staff(TANABE)),
                    403, "forbidden")
@@ -639,7 +689,8 @@ async def test_review_queue_is_oldest_first_filtered_and_paged(h: Harness) -> No
     assert first["total"] == 3 and (first["limit"], first["offset"]) == (2, 0)
     hotels = (await h.client.get("/v1/applications", params={"housing_basis": "hotel"}, headers=staff)).json()
     assert [a["application_id"] for a in hotels["items"]] == [ids[2]]
-    await h.client.post(f"/v1/applications/{ids[0]}/reject", json={"reason": "書類不備"}, headers=staff)
+    await h.client.post(f"/v1/applications/{ids[0]}/reject", json={"reason_code": "documents_incomplete"},
+                        headers=staff)
     open_ = (await h.client.get("/v1/applications", headers=staff)).json()
     assert [a["application_id"] for a in open_["items"]] == ids[1:]
     decided = (await h.client.get("/v1/applications", params={"status": "rejected"}, headers=staff)).json()
@@ -743,12 +794,12 @@ async def test_withdrawal_revokes_certificates_rejects_open_applications_and_era
     [envelope] = await publish(h.settings, withdrawal)
     [revoked] = await events_on(h.settings, CERTIFICATES.name, number, event_type=CertificateRevoked.event_type)
     data = revoked.decode(CertificateRevoked)
-    assert data.reason == "resident withdrew" and data.status == "revoked"
+    assert data.reason == "resident_withdrawn" and data.status == "revoked"
     assert data.partners == [PartnerMembership(partner="jal")]  # who to tell, but no member number
     assert revoked.causation_id == str(envelope.id)
     [rejected] = await events_on(h.settings, APPLICATIONS.name, open_application["application_id"],
                                  event_type=ApplicationRejected.event_type)
-    assert rejected.decode(ApplicationRejected).reason == "resident withdrew"
+    assert rejected.decode(ApplicationRejected).reason == "resident_withdrawn"
 
     rows = await h.pool.fetch(
         "SELECT status, address_there, note, partners::text AS partners FROM applications WHERE resident_id = $1",
@@ -820,7 +871,8 @@ async def test_replaying_the_registration_topic_into_an_empty_database_rebuilds_
         ContactChanged(resident_id=a, contact=Contact(name="x", name_kana="エックス", email="x@example.jp"),
                        at=now()),  # not routed: no contact data here
         registered(b, TANABE, tier="premium", status="pending_review", registration_id=reg_b),
-        PremiumRejected(resident_id=b, registration_id=reg_b, municipality_code=TANABE, reason="活動不足",
+        PremiumRejected(resident_id=b, registration_id=reg_b, municipality_code=TANABE,
+                        reason="activity_not_confirmed",
                         decided_at=now()),
         registered(b, SHIRAHAMA, registration_id=reg_b2, consents=()),
         RegistrationWithdrawn(resident_id=b, registration_id=reg_b2, municipality_code=SHIRAHAMA,

@@ -58,7 +58,7 @@ async def test_an_application_key_is_the_applicants_own(h: Harness) -> None:
 async def test_decision_keys_belong_to_the_deciding_staff(h: Harness) -> None:
     for action, body, changed in (
         ("approve", {}, {"valid_until": None}),
-        ("reject", {"reason": "書類不足"}, {"reason": "滞在日数不足"}),
+        ("reject", {"reason_code": "documents_incomplete"}, {"reason_code": "stay_below_minimum"}),
     ):
         resident = new_id()
         await register(h, resident)
@@ -73,7 +73,7 @@ async def test_decision_keys_belong_to_the_deciding_staff(h: Harness) -> None:
 async def test_certificate_keys_belong_to_the_issuing_staff(h: Harness) -> None:
     for action, body, changed in (
         ("renew", {}, {"valid_until": None}),
-        ("revoke", {"reason": "転居"}, {"reason": "虚偽申請"}),
+        ("revoke", {"reason_code": "not_residing"}, {"reason_code": "not_residing", "note": "虚偽申請"}),
     ):
         resident = new_id()
         await register(h, resident)

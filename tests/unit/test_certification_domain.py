@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from services.certification.domain import (
+    MAX_BACKDATED_DAYS,
+    MAX_DEFERRED_DAYS,
     Application,
     ApplicationAlreadyDecided,
     ApplicationRequest,
@@ -30,6 +32,7 @@ from services.certification.domain import (
     RegistrationNoLongerActive,
     RegistrationRequired,
     RenewalMustExtend,
+    RenewalTooEarly,
     Resident,
     ResidentNotYetKnown,
     ResidentWithdrawn,
@@ -37,7 +40,10 @@ from services.certification.domain import (
     StayDaysOutOfRange,
     UnknownMunicipalityCode,
     UnknownPartner,
+    ValidFromTooEarly,
+    ValidFromTooLate,
     ValidityEndsInPast,
+    ValidityExceedsRules,
     check_against_rules,
     check_applicant,
     check_partners,
@@ -269,18 +275,44 @@ def test_a_decided_application_cannot_be_decided_again() -> None:
     with pytest.raises(ApplicationAlreadyDecided):
         approved.approve(by="staff-1", at=AT, certificate_number="NCH-304018-2026-000002")
     with pytest.raises(ApplicationAlreadyDecided):
-        application.reject(by="staff-1", at=AT, reason="x").reject(by="staff-1", at=AT, reason="y")
+        application.reject(by="staff-1", at=AT, reason="documents_incomplete").reject(
+            by="staff-1", at=AT, reason="other"
+        )
 
 
 def test_validity_defaults_to_the_municipality_validity_counted_inclusively() -> None:
     assert validity_period(RULES, TODAY, None, None) == (TODAY, date(2027, 5, 31))
     assert validity_period(RULES, date(2027, 3, 1), None, None) == (date(2027, 3, 1), date(2028, 2, 28))
-    assert validity_period(RULES, TODAY, date(2026, 4, 1), None) == (date(2026, 4, 1), date(2027, 3, 31))
+    assert validity_period(RULES, TODAY, date(2026, 5, 2), None) == (date(2026, 5, 2), date(2027, 5, 1))
     assert validity_period(RULES, TODAY, None, date(2026, 12, 31)) == (TODAY, date(2026, 12, 31))
     with pytest.raises(InvalidValidityPeriod):
         validity_period(RULES, TODAY, date(2026, 7, 1), date(2026, 6, 30))
     with pytest.raises(ValidityEndsInPast):
         validity_period(RULES, TODAY, date(2025, 1, 1), date(2026, 5, 31))
+
+
+def test_validity_is_bounded_by_the_municipality_rules() -> None:
+    # valid_until: at most the municipality's validity from valid_from, counted inclusively.
+    assert validity_period(RULES, TODAY, None, date(2027, 5, 31)) == (TODAY, date(2027, 5, 31))
+    with pytest.raises(ValidityExceedsRules) as exceeded:
+        validity_period(RULES, TODAY, None, date(2027, 6, 1))
+    assert exceeded.value.code == "validity-exceeds-rules" and exceeded.value.extra["latest"] == "2027-05-31"
+    with pytest.raises(ValidityExceedsRules):
+        validity_period(RULES, TODAY, None, date(2099, 12, 31))
+    short = MunicipalityRules(SHIRAHAMA, validity_days=180)
+    assert validity_period(short, TODAY, None, None) == (TODAY, date(2026, 11, 27))
+    with pytest.raises(ValidityExceedsRules):
+        validity_period(short, TODAY, None, date(2026, 11, 28))
+    # valid_from: up to MAX_BACKDATED_DAYS before today, up to MAX_DEFERRED_DAYS after it.
+    earliest, latest = TODAY - timedelta(days=MAX_BACKDATED_DAYS), TODAY + timedelta(days=MAX_DEFERRED_DAYS)
+    assert validity_period(RULES, TODAY, earliest, None)[0] == earliest
+    assert validity_period(RULES, TODAY, latest, None) == (latest, latest + timedelta(days=364))
+    with pytest.raises(ValidFromTooEarly) as early:
+        validity_period(RULES, TODAY, earliest - timedelta(days=1), None)
+    assert early.value.code == "valid-from-too-early" and early.value.status == 422
+    with pytest.raises(ValidFromTooLate) as late:
+        validity_period(RULES, TODAY, latest + timedelta(days=1), None)
+    assert late.value.code == "valid-from-too-late" and late.value.status == 422
 
 
 def certificate(**overrides: Any) -> Certificate:
@@ -302,21 +334,40 @@ def test_renewal_extends_under_the_same_number_and_only_while_valid() -> None:
         certificate(status="revoked").renew(today=TODAY, validity_days=365, valid_until=None, at=AT)
 
 
+def test_a_renewal_adds_at_most_one_validity_and_cannot_be_stacked() -> None:
+    # At most validity_days after the current valid_until (the renewal's period starts the day after).
+    assert certificate().renew(
+        today=TODAY, validity_days=365, valid_until=date(2028, 5, 30), at=AT
+    ).valid_until == date(2028, 5, 30)
+    with pytest.raises(ValidityExceedsRules) as exceeded:
+        certificate().renew(today=TODAY, validity_days=365, valid_until=date(2028, 5, 31), at=AT)
+    assert exceeded.value.code == "validity-exceeds-rules" and exceeded.value.extra["latest"] == "2028-05-30"
+    with pytest.raises(ValidityExceedsRules):
+        certificate().renew(today=TODAY, validity_days=365, valid_until=date(2099, 12, 31), at=AT)
+    # Renewed once, the validity runs beyond one period from today: a second renewal waits.
+    renewed = certificate().renew(today=TODAY, validity_days=365, valid_until=None, at=AT)
+    with pytest.raises(RenewalTooEarly) as early:
+        renewed.renew(today=TODAY, validity_days=365, valid_until=None, at=AT)
+    assert early.value.status == 409 and early.value.extra["renewable_from"] == "2027-06-01"
+    again = renewed.renew(today=date(2027, 6, 1), validity_days=365, valid_until=None, at=AT)
+    assert again.valid_until == date(2029, 5, 30)
+
+
 def test_revocation_is_refused_when_revoked_or_expired() -> None:
-    revoked = certificate().revoke(today=TODAY, reason="虚偽の申告", at=AT)
-    assert (revoked.status, revoked.revocation_reason) == ("revoked", "虚偽の申告")
+    revoked = certificate().revoke(today=TODAY, reason="false_statement", at=AT)
+    assert (revoked.status, revoked.revocation_reason) == ("revoked", "false_statement")
     with pytest.raises(CertificateAlreadyRevoked):
-        revoked.revoke(today=TODAY, reason="x", at=AT)
+        revoked.revoke(today=TODAY, reason="other", at=AT)
     with pytest.raises(CertificateExpired):
-        certificate().revoke(today=date(2027, 6, 1), reason="x", at=AT)  # past valid_until, not yet swept
+        certificate().revoke(today=date(2027, 6, 1), reason="other", at=AT)  # past valid_until, not yet swept
     with pytest.raises(CertificateExpired):
-        certificate(status="expired").revoke(today=TODAY, reason="x", at=AT)
-    assert certificate().revoke(today=date(2027, 5, 31), reason="x", at=AT).status == "revoked"  # the last day
+        certificate(status="expired").revoke(today=TODAY, reason="other", at=AT)
+    assert certificate().revoke(today=date(2027, 5, 31), reason="other", at=AT).status == "revoked"  # the last day
 
 
 def test_withdrawal_revokes_and_forgets_member_numbers() -> None:
     ended = certificate().revoke_on_withdrawal(AT)
-    assert ended.status == "revoked" and ended.revocation_reason == "resident withdrew"
+    assert ended.status == "revoked" and ended.revocation_reason == "resident_withdrawn"
     assert ended.partners == (PartnerMembership(partner="jal"),)
 
 

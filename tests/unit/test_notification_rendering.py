@@ -15,6 +15,7 @@ from services.notification.domain import (
     Amount,
     Notice,
     Place,
+    Reason,
     RetryPolicy,
     email_consent,
     format_amount,
@@ -28,6 +29,7 @@ from services.notification.templates import (
     check_templates,
     parse_template,
     render,
+    write_fact,
 )
 from shared.contracts.base import EventData
 from shared.contracts.certification import (
@@ -41,6 +43,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import Language
 from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.reasons import CANCELLATION_REASONS, REASONS, REVOCATION_REASONS
 from shared.contracts.registration import (
     ConsentState,
     Contact,
@@ -109,7 +112,7 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
         ),
         "premium_rejected": PremiumRejected(
             resident_id=resident_id, registration_id="reg-p", municipality_code=SADO,
-            reason="活動実績の証明書類が不足しています", decided_at=DECIDED,
+            reason="activity_not_confirmed", decided_at=DECIDED,
         ),
         "application_received": ApplicationSubmitted(
             application_id="A-2026-000123", resident_id=resident_id, municipality_code=SHIRAHAMA,
@@ -117,7 +120,7 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
         ),
         "application_rejected": ApplicationRejected(
             application_id="A-2026-000124", resident_id=resident_id, municipality_code=SHIRAHAMA,
-            reason="planned stay below 30 days", decided_at=DECIDED,
+            reason="stay_below_minimum", decided_at=DECIDED,
         ),
         "certificate_issued": CertificateIssued.model_validate(
             {**certificate, "application_id": "A-2026-000123", "issued_at": DECIDED}
@@ -130,7 +133,7 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
             {**certificate, "status": "expired", "expired_on": date(2027, 11, 26)}
         ),
         "certificate_revoked": CertificateRevoked.model_validate(
-            {**certificate, "status": "revoked", "reason": "虚偽の申請が判明したため", "revoked_at": DECIDED}
+            {**certificate, "status": "revoked", "reason": "false_statement", "revoked_at": DECIDED}
         ),
         "grant_issued": GrantIssued.model_validate({
             **grant, "unit": "miles", "reserved": 30000, "window_from": date(2026, 12, 1),
@@ -145,7 +148,7 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
             "redeemed_at": DECIDED,
         }),
         "grant_cancelled": GrantCancelled.model_validate(
-            {**grant, "unit": "miles", "released": 30000, "reason": "certificate revoked", "cancelled_at": DECIDED}
+            {**grant, "unit": "miles", "released": 30000, "reason": "certificate_revoked", "cancelled_at": DECIDED}
         ),
         "receipt_issued": ReceiptIssued(
             receipt_number="304018-2026-000042", donation_id="d-1", municipality_code=SHIRAHAMA, donor_id="donor-1",
@@ -169,11 +172,13 @@ EXPECTED: dict[str, dict[Language, list[str]]] = {
     },
     "premium_approved": {"ja": ["新潟県佐渡市", "2027年3月31日"], "en": ["Valid until: 31 March 2027"]},
     "premium_rejected": {
-        "ja": ["理由: 活動実績の証明書類が不足しています"], "en": ["Reason: 活動実績の証明書類が不足しています"],
+        "ja": ["理由: 地域での活動の実績を確認できなかったため"],
+        "en": ["Reason: your activities in the area could not be confirmed"],
     },
     "application_received": {"ja": ["A-2026-000123", "和歌山県白浜町"], "en": ["Application number: A-2026-000123"]},
     "application_rejected": {
-        "ja": ["理由: planned stay below 30 days", "A-2026-000124"], "en": ["Reason: planned stay below 30 days"],
+        "ja": ["理由: 予定滞在日数が市町村の定める日数に満たないため", "A-2026-000124"],
+        "en": ["Reason: the planned stay is shorter than the municipality requires"],
     },
     "certificate_issued": {
         "ja": ["証明書番号: C-304018-", "有効期間: 2026年11月26日から2027年11月25日まで"],
@@ -190,8 +195,8 @@ EXPECTED: dict[str, dict[Language, list[str]]] = {
         "ja": ["2027年11月25日をもって有効期限が切れました"], "en": ["expired after 25 November 2027"],
     },
     "certificate_revoked": {
-        "ja": ["理由: 虚偽の申請が判明したため", "2026年11月26日"],
-        "en": ["Reason: 虚偽の申請が判明したため", "on 26 November 2026"],
+        "ja": ["理由: 申請内容に事実と異なる点があったため", "2026年11月26日"],
+        "en": ["Reason: the application was found to contain statements that are not true", "on 26 November 2026"],
     },
     "grant_issued": {
         "ja": ["30,000マイル", "日本航空", "2026年12月1日から2027年3月31日まで"],
@@ -204,7 +209,10 @@ EXPECTED: dict[str, dict[Language, list[str]]] = {
         "ja": ["12,500円", "2回", "全日本空輸", "引き続きご利用いただけます"],
         "en": ["¥12,500", "Trips counted so far: 2", "(ANA)", "You can keep using"],
     },
-    "grant_cancelled": {"ja": ["理由: certificate revoked"], "en": ["Reason: certificate revoked"]},
+    "grant_cancelled": {
+        "ja": ["理由: 二地域居住者証明書が取り消されたため"],
+        "en": ["Reason: your dual-resident certificate was revoked"],
+    },
     "receipt_issued": {
         "ja": ["304018-2026-000042", "30,000円", "2026年"], "en": ["Receipt number: 304018-2026-000042", "¥30,000"],
     },
@@ -305,6 +313,28 @@ def test_donations_without_a_resident_and_unlisted_events_make_no_message() -> N
 
 
 # -- formatting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("language", ["ja", "en"])
+def test_every_reason_code_is_told_as_its_sentence_and_old_free_text_as_other(language: Language) -> None:
+    for kind, codes in REASONS.items():
+        for code, text in codes.items():
+            assert write_fact(Reason(kind, code), language) == text.in_language(language)
+    # A revocation published before the codes carried the staff's words: the resident never reads them.
+    old = CertificateRevoked.model_validate(
+        {**sample_events("r-9")["certificate_revoked"].model_dump(), "reason": "本人の病気（うつ病）のため"}
+    )
+    notice = notice_for(old)
+    assert notice is not None
+    body = render(notice, language, "山田 太郎").body
+    assert "うつ病" not in body and REVOCATION_REASONS["other"].in_language(language) in body
+    # The legacy texts the platform wrote itself keep their meaning.
+    assert write_fact(Reason("cancellation", "certificate revoked: 転居"), language) == (
+        CANCELLATION_REASONS["certificate_revoked"].in_language(language)
+    )
+    assert write_fact(Reason("revocation", "resident withdrew"), language) == (
+        REVOCATION_REASONS["resident_withdrawn"].in_language(language)
+    )
 
 
 def test_dates_are_written_in_japan_time() -> None:
