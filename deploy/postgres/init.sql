@@ -11,3 +11,4 @@ CREATE DATABASE nichiiki_subsidy OWNER nichiiki ENCODING 'UTF8' TEMPLATE templat
 CREATE DATABASE nichiiki_donation OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
 CREATE DATABASE nichiiki_notification OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
 CREATE DATABASE nichiiki_partner_gateway OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
+CREATE DATABASE nichiiki_identity OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;

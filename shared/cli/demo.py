@@ -10,6 +10,13 @@ to a certificate, and B's grant is waitlisted; a hometown-tax donation earmarked
 ``dual_residence`` raises the budget and releases it. Last, both residents find every message in
 their in-app inbox and in the SMTP sink.
 
+Everyone signs in at the embedded identity provider (``services/identity``, docs/identity.md), as
+they would on a real platform: the residents sign up and sign in with a password (their account id
+is their resident id), the town's staff with a password and a TOTP code, JAL and the payment
+provider with client credentials; the staff, admin and client credentials are the development ones
+the identity service seeds with ``NICHIIKI_ENV=development``. Tokens are refreshed (or the party
+signs in again) before they expire.
+
 :class:`Journey` runs against any set of service URLs (the end-to-end test passes its own fleet);
 :func:`run_demo` runs it against the platform that ``nichiiki start`` is running.
 """
@@ -17,13 +24,13 @@ their in-app inbox and in the SMTP sink.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import string
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,16 +39,17 @@ from email.message import EmailMessage
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
 
 import httpx
+import pyotp
 
 from shared.contracts.formats import ProgramId
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, certificate_of_key
 from shared.contracts.topics import SERVICES
-from shared.kit.auth import Role, mint_token
+from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.settings import Settings
 from shared.reference import municipality
+from shared.stack.identity_verifier import attest
 
 __all__ = [
     "A_INBOX",
@@ -62,7 +70,6 @@ MailboxReader = Callable[[], list[EmailMessage]]
 SHIRAHAMA = "304018"
 JAL_PROGRAM = ProgramId.format("jal-dual-residence-miles", SHIRAHAMA)
 JAL_FEED = "partner.jal.v1"
-TOKYO = ZoneInfo("Asia/Tokyo")
 #: What a partner record may carry (docs/services/partner_gateway.md): never a name, an address...
 PARTNER_RECORD_FIELDS = frozenset({
     "certificate_number", "status", "valid_from", "valid_until", "municipality_code", "programs",
@@ -80,6 +87,22 @@ B_INBOX: Mapping[str, int] = {
 ROUND_TRIPS = 4
 DONATION_JPY = 60_000
 
+# The development credentials the identity service seeds with NICHIIKI_ENV=development
+# (services/identity/development.py, docs/identity.md; shared/ does not import services/).
+#: 白浜町's manager: approves, and tops up the program's budget when an earlier run used it.
+STAFF_LOGIN = ("manager@shirahama.example", "nichiiki-dev-manager-pass")
+#: The one the demo suggests trying by hand (not the demo's own: a TOTP code is good once per account).
+TRY_STAFF_LOGIN = ("reviewer@shirahama.example", "nichiiki-dev-reviewer-pass")
+ADMIN_LOGIN = ("admin@nichiiki.example", "nichiiki-dev-admin-pass")
+STAFF_TOTP_SECRET = "NICHIIKIDEMOSTAFFTOTPSECRET23456"
+JAL_CLIENT = ("partner-jal", "nichiiki-dev-jal-secret")
+PAYMENT_CLIENT = ("payment-provider", "nichiiki-dev-payment-secret")
+#: A token this close to its expiry is refreshed (or its holder signs in again) before it is used.
+REFRESH_MARGIN_S = 60.0
+TOTP_STEP_S = 30
+#: How long a sign-in waits in all for a rate limit (429 Retry-After) to pass.
+SIGN_IN_PATIENCE_S = 60.0
+
 
 def _stdout(line: str) -> None:
     sys.stdout.write(line + "\n")
@@ -87,7 +110,7 @@ def _stdout(line: str) -> None:
 
 
 def _today() -> date:
-    return datetime.now(TOKYO).date()
+    return SYSTEM_CLOCK.today()
 
 
 def _tag(length: int = 6) -> str:
@@ -145,6 +168,8 @@ class ResidentFacts:
     email: str
     member_number: str
     legal_address_code: str
+    #: The identity account's password (the resident id is the account's id, known after sign-up).
+    password: str = ""
     registration_id: str = ""
     premium_valid_until: str | None = None
     application_id: str = ""
@@ -261,6 +286,41 @@ class PartnerFeed:
             consumer.close()
 
 
+# --- signing in ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Credential:
+    """How one party of the journey signs in at the identity service, and the tokens it holds."""
+
+    label: str
+    #: The token request without its one-time parts: a password grant (``username``, ``password``)
+    #: or a client credentials grant (``client_id``, ``client_secret``).
+    grant: dict[str, str]
+    #: Staff pass TOTP at every sign-in: the base32 secret their codes come from.
+    totp_secret: str | None = None
+    access_token: str = ""
+    refresh_token: str | None = None
+    #: ``time.monotonic()`` at which the access token expires.
+    expires_at: float = 0.0
+
+    @classmethod
+    def password(cls, label: str, username: str, password: str, totp_secret: str | None = None) -> Credential:
+        return cls(label, {"grant_type": "password", "username": username, "password": password}, totp_secret)
+
+    @classmethod
+    def client(cls, label: str, client_id: str, secret: str) -> Credential:
+        return cls(label, {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret})
+
+    @property
+    def fresh(self) -> bool:
+        return bool(self.access_token) and self.expires_at - time.monotonic() > REFRESH_MARGIN_S
+
+    def forget(self) -> None:
+        """The services refused the token (signed out, keys rotated away): sign in again."""
+        self.access_token, self.refresh_token, self.expires_at = "", None, 0.0
+
+
 # --- the journey ---------------------------------------------------------------------------------
 
 
@@ -297,15 +357,39 @@ class Journey:
             resident_a=self._person("A", "山田 花子", "ヤマダ ハナコ", "hanako.yamada", "131016"),
             resident_b=self._person("B", "鈴木 一郎", "スズキ イチロウ", "ichiro.suzuki", "271004"),
         )
-        self._staff = mint_token(settings, subject=f"staff-{SHIRAHAMA}-demo", role=Role.STAFF, municipality=SHIRAHAMA)
-        self._admin = mint_token(settings, subject="admin-demo", role=Role.ADMIN)
-        self._jal = mint_token(settings, subject="partner-jal-demo", role=Role.PARTNER, partner="jal")
+        self.identity_url = self.urls["identity"]
+        self._staff = Credential.password(
+            f"{self.town.removeprefix('和歌山県')} staff", *STAFF_LOGIN, totp_secret=STAFF_TOTP_SECRET
+        )
+        self._admin = Credential.password("the admin", *ADMIN_LOGIN)
+        self._jal = Credential.client("JAL", *JAL_CLIENT)
+        self._payments = Credential.client("the payment provider", *PAYMENT_CLIENT)
+        self._residents: dict[str, Credential] = {}
 
     def _person(self, label: str, name: str, kana: str, mailbox: str, legal_address: str) -> ResidentFacts:
+        # The resident id is the identity account's id, known once the resident signs up.
         return ResidentFacts(
-            label=label, resident_id=str(uuid.uuid4()), name=name, name_kana=kana,
-            email=f"{mailbox}.{self.tag}@example.jp", member_number=_member_number(), legal_address_code=legal_address,
+            label=label, resident_id="", name=name, name_kana=kana, email=f"{mailbox}.{self.tag}@example.jp",
+            member_number=_member_number(), legal_address_code=legal_address,
+            password=f"demo-{secrets.token_urlsafe(12)}",
         )
+
+    def sign_in_hints(self) -> list[str]:
+        """Where and how to sign in by hand after the journey: one staff member, one resident."""
+        staff, staff_password = TRY_STAFF_LOGIN
+        a = self.result.resident_a
+        lines = [
+            f"Sign in yourself at the identity service {self.identity_url} (POST /oauth/token; docs/identity.md):",
+            f"  {self.town} staff: {staff} / {staff_password} + a TOTP code for the secret {STAFF_TOTP_SECRET} "
+            f"(python -c \"import pyotp; print(pyotp.TOTP('{STAFF_TOTP_SECRET}').now())\")",
+        ]
+        if a.resident_id:
+            lines.append(f"  resident {a.label} ({a.name}): {a.email} / {a.password}")
+        lines.append(
+            f"  e.g. curl -X POST {self.identity_url}/oauth/token -d grant_type=password -d username={staff} "
+            f"-d password={staff_password} -d totp=<code>"
+        )
+        return lines
 
     # -- running ------------------------------------------------------------------------------
 
@@ -317,6 +401,7 @@ class Journey:
         self._feed.start()
         try:
             async with httpx.AsyncClient(timeout=15.0) as self._http:
+                await self._sign_in_parties()
                 await self._prepare_budget()
                 await self._register(a, premium=True)
                 await self._certify(a)
@@ -367,31 +452,146 @@ class Journey:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def _resident_token(self, who: ResidentFacts) -> str:
-        return mint_token(self.settings, subject=who.resident_id, role=Role.RESIDENT)
+    def _resident_token(self, who: ResidentFacts) -> Credential:
+        credential = self._residents.get(who.label)
+        if credential is None:
+            raise self._fail(f"{who.label} has not signed up yet")
+        return credential
 
     async def _call(
-        self, method: str, service: str, path: str, token: str, body: object = None,
+        self, method: str, service: str, path: str, token: Credential, body: object = None,
         ok: tuple[int, ...] = (200, 201), idempotency_key: str | None = None,
     ) -> httpx.Response:
         assert self._http is not None
-        headers = {"Authorization": f"Bearer {token}"}
-        if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
         url = f"{self.urls[service]}/v1{path}"
-        try:
-            response = await self._http.request(method, url, json=body, headers=headers)
-        except httpx.HTTPError as error:
-            raise self._fail(f"{service} did not answer {method} {path}: {error!r}") from error
+        for attempt in (1, 2):
+            headers = {"Authorization": f"Bearer {await self._bearer(token)}"}
+            if idempotency_key is not None:
+                headers["Idempotency-Key"] = idempotency_key
+            try:
+                response = await self._http.request(method, url, json=body, headers=headers)
+            except httpx.HTTPError as error:
+                raise self._fail(f"{service} did not answer {method} {path}: {error!r}") from error
+            if response.status_code != 401 or 401 in ok or attempt == 2:
+                break
+            token.forget()  # e.g. the session was signed out meanwhile: sign in again, once
         if response.status_code not in ok:
             raise self._fail(f"{service} answered {response.status_code} to {method} {path}: {_problem(response)}")
         return response
 
     async def _json(
-        self, method: str, service: str, path: str, token: str, body: object = None,
+        self, method: str, service: str, path: str, token: Credential, body: object = None,
         ok: tuple[int, ...] = (200, 201), idempotency_key: str | None = None,
     ) -> Any:
         return (await self._call(method, service, path, token, body, ok, idempotency_key)).json()
+
+    # -- signing in -----------------------------------------------------------------------------
+
+    async def _oauth(self, form: dict[str, str]) -> httpx.Response:
+        """``POST /oauth/token`` (form-encoded), waiting out a sign-in rate limit (429 Retry-After)."""
+        assert self._http is not None
+        deadline = time.monotonic() + SIGN_IN_PATIENCE_S
+        while True:
+            try:
+                response = await self._http.post(f"{self.identity_url}/oauth/token", data=form)
+            except httpx.HTTPError as error:
+                raise self._fail(f"the identity service did not answer POST /oauth/token: {error!r}") from error
+            wait = float(response.headers.get("retry-after", "1") or 1)
+            if response.status_code != 429 or time.monotonic() + wait > deadline:
+                return response
+            await asyncio.sleep(wait)
+
+    def _signed_in(self, credential: Credential, response: httpx.Response) -> None:
+        answer = response.json()
+        if answer.get("totp_enrolment_required"):
+            raise self._fail(f"{credential.label} must enrol TOTP first: the account has no TOTP secret")
+        credential.access_token = str(answer["access_token"])
+        credential.refresh_token = answer.get("refresh_token")
+        credential.expires_at = time.monotonic() + float(answer.get("expires_in", 900))
+
+    def _refused(self, credential: Credential, response: httpx.Response) -> JourneyError:
+        who = credential.grant.get("username") or credential.grant.get("client_id")
+        hint = (
+            " — the demo signs in with the development credentials the identity service seeds with "
+            "NICHIIKI_ENV=development (docs/identity.md)" if response.status_code in (400, 401) else ""
+        )
+        return self._fail(
+            f"the identity service refused {credential.label} ({who}): {response.status_code} {_oauth_error(response)}"
+            f"{hint}"
+        )
+
+    async def _sign_in(self, credential: Credential) -> None:
+        """A new sign-in: the grant as it is, or, for staff, with the TOTP code of the current step. A
+        code is good once per account, so when an earlier sign-in (the last run of the demo) spent this
+        step, the next step's code, which the provider accepts too, and if need be the one after that."""
+        if credential.totp_secret is None:
+            response = await self._oauth(credential.grant)
+            if response.status_code != 200:
+                raise self._refused(credential, response)
+            self._signed_in(credential, response)
+            return
+        totp = pyotp.TOTP(credential.totp_secret)
+        step = int(time.time()) // TOTP_STEP_S
+        for _ in range(3):
+            # The provider accepts a step either side of now: wait until this one is the next at most.
+            early = step * TOTP_STEP_S - TOTP_STEP_S - time.time()
+            if early > 0:
+                await asyncio.sleep(early + 0.5)
+            response = await self._oauth({**credential.grant, "totp": totp.at(step * TOTP_STEP_S)})
+            if response.status_code == 200:
+                self._signed_in(credential, response)
+                return
+            if "totp" not in _oauth_error(response).lower():
+                break  # not the code: the password, a lock, the account
+            step += 1
+        raise self._refused(credential, response)
+
+    async def _bearer(self, credential: Credential) -> str:
+        """A live access token: the one held, else a refreshed one, else a new sign-in."""
+        if credential.fresh:
+            return credential.access_token
+        if credential.refresh_token:
+            response = await self._oauth({"grant_type": "refresh_token", "refresh_token": credential.refresh_token})
+            if response.status_code == 200:
+                self._signed_in(credential, response)
+                return credential.access_token
+            credential.forget()  # the session ended (30 days, 12 hours for staff): sign in again
+        await self._sign_in(credential)
+        return credential.access_token
+
+    async def _sign_in_parties(self) -> None:
+        self._title = "signing in at the identity service"
+        for credential in (self._staff, self._jal):
+            await self._bearer(credential)
+        self._say(
+            f"· signed in at the identity service {self.identity_url}: {self._staff.label} "
+            f"{STAFF_LOGIN[0]} (password + TOTP), JAL {JAL_CLIENT[0]} (client credentials)"
+        )
+
+    async def _sign_up(self, who: ResidentFacts) -> Credential:
+        """The resident's own account at the identity service; its id is their resident id everywhere."""
+        assert self._http is not None
+        try:
+            response = await self._http.post(
+                f"{self.identity_url}/v1/accounts/residents", json={"email": who.email, "password": who.password},
+                headers={"Idempotency-Key": f"demo-{self.tag}-{who.label}-sign-up"},
+            )
+        except httpx.HTTPError as error:
+            raise self._fail(f"the identity service did not answer the sign-up: {error!r}") from error
+        if response.status_code != 201:
+            raise self._fail(f"the identity service answered {response.status_code} to the sign-up: "
+                             f"{_problem(response)}")
+        who.resident_id = str(response.json()["account_id"])
+        credential = self._residents[who.label] = Credential.password(
+            f"resident {who.label}", who.email, who.password
+        )
+        await self._bearer(credential)
+        subject = _subject(credential.access_token)
+        if subject != who.resident_id:
+            raise self._fail(f"{who.label}'s token names {subject!r}, not the account {who.resident_id}")
+        self._say(f"· {who.label} signed up at the identity service ({who.email}) and signed in: resident id "
+                  f"{who.resident_id}")
+        return credential
 
     async def _until(self, what: str, check: Callable[[], Awaitable[tuple[T | None, str]]]) -> T:
         """Poll ``check`` (→ the outcome or None, and what it saw) until the outcome shows."""
@@ -437,8 +637,8 @@ class Journey:
         )
 
     async def _register(self, who: ResidentFacts, *, premium: bool) -> None:
-        token = self._resident_token(who)
         self._begin(f"{who.label} registers with {self.town}")
+        token = await self._sign_up(who)
         await self._json("POST", "registration", "/residents", token, {
             "name": who.name, "name_kana": who.name_kana, "email": who.email, "phone": "090-1234-5678",
             "date_of_birth": "1985-06-15" if who.label == "A" else "1978-11-03",
@@ -468,18 +668,16 @@ class Journey:
         upgrade = await self._json(
             "POST", "registration", f"/residents/{who.resident_id}/registrations", token, {
                 "municipality_code": SHIRAHAMA, "tier": "premium",
-                "identity": {
-                    "method": "jpki", "verified_at": (datetime.now(UTC) - timedelta(minutes=3)).isoformat(),
-                    "certificate_serial": f"JPKI-{self.tag.upper()}-{who.label}",
-                    "subject_ref": f"jpki-subject-{self.tag}-{who.label.lower()}",
-                },
+                # The development identity-verification provider's signed attestation of a JPKI check
+                # (registration trusts its key only with NICHIIKI_ENV=development).
+                "attestation": attest(who.resident_id, "jpki", verified_at=datetime.now(UTC) - timedelta(minutes=3)),
                 "activities": activities,
             }, idempotency_key=f"demo-{self.tag}-{who.label}-premium",
         )
         if upgrade["id"] != who.registration_id or upgrade.get("awaiting_review") is None:
             raise self._fail(f"expected the basic registration to await review as an upgrade, got {upgrade}")
         self._done(
-            f"{who.label} asked for premium: JPKI identity verified, 3 activities "
+            f"{who.label} asked for premium: JPKI identity verified (signed attestation), 3 activities "
             f"({'、'.join(a['name'] for a in activities)}) — awaiting {self.town}'s review"
         )
 
@@ -694,12 +892,19 @@ class Journey:
     async def _donate(self) -> None:
         self._begin("a hometown-tax donation for the program")
         self._donated_before = await self._donated_miles()
-        donation = await self._json("POST", "donation", "/donations", self._admin, {
+        confirmation = {
             "payment_reference": f"demo-{self.tag}-furusato-nozei", "municipality_code": SHIRAHAMA,
             "kind": "hometown_tax", "amount": DONATION_JPY, "earmark": "dual_residence",
             "payment_date": self.today.isoformat(),
             "donor": {"type": "individual", "name": "紀州 梅子", "address": "大阪府大阪市北区梅田一丁目"},
-        })
+        }
+        # The payment provider confirms payments; where the donation service still admits only the
+        # admin (403 to the provider), the admin does.
+        response = await self._call("POST", "donation", "/donations", self._payments, confirmation,
+                                    ok=(200, 201, 403))
+        if response.status_code == 403:
+            response = await self._call("POST", "donation", "/donations", self._admin, confirmation)
+        donation = response.json()
         self.result.donation_id = donation["id"]
         self.result.receipt_number = donation.get("receipt_number")
         self._done(
@@ -750,6 +955,26 @@ class Journey:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _oauth_error(response: httpx.Response) -> str:
+    """An OAuth error answer (``error``, ``error_description``), or a problem, in a few words."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and "error" in body:
+        return f"{body['error']}: {body.get('error_description', '')}"
+    return _problem(response)
+
+
+def _subject(token: str) -> str:
+    """The ``sub`` of a token (read, not verified: the services verify it)."""
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    except (IndexError, ValueError):
+        return ""
+    return str(claims.get("sub", "")) if isinstance(claims, dict) else ""
 
 
 def _problem_code(response: httpx.Response) -> str:
@@ -829,4 +1054,6 @@ def run_demo(settings: Settings, printer: Printer | None = None) -> int:
     except JourneyError as error:
         sys.stderr.write(f"the demo stopped at {error}\n")
         return 1
+    for line in journey.sign_in_hints():
+        journey.printer(line)
     return 0

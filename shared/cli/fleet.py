@@ -33,6 +33,8 @@ def service_env(settings: Settings, backends: Backends, smtp_url: str | None) ->
         "NICHIIKI_LOG_FORMAT": "json",
         "NICHIIKI_LOG_LEVEL": "INFO",
     }
+    if settings.oidc_issuer:
+        env["NICHIIKI_OIDC_ISSUER"] = settings.oidc_issuer
     if smtp_url:
         env["NICHIIKI_SMTP_URL"] = smtp_url
     return env
@@ -46,9 +48,15 @@ class ServiceFleet:
     smtp_url: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
+    #: The first identity replica's port, chosen before any service starts (it is in the issuer URL).
+    identity_port: int | None = None
 
     def start(self, names: Iterable[str] | None = None, *, replicas: int = 1) -> None:
         wanted = list(names) if names is not None else available_services()
+        if "identity" in wanted and not self.settings.oidc_issuer and "NICHIIKI_OIDC_ISSUER" not in self.extra_env:
+            # The issuer is the identity service's own URL: every service (and it) must know it first.
+            self.identity_port = free_port()
+            self.extra_env["NICHIIKI_OIDC_ISSUER"] = f"http://127.0.0.1:{self.identity_port}"
         for name in wanted:
             for _ in range(replicas):
                 self.add_replica(name)
@@ -59,7 +67,8 @@ class ServiceFleet:
     def add_replica(self, name: str) -> ServiceProcess:
         replicas = self.processes.setdefault(name, [])
         env = {**service_env(self.settings, self.backends, self.smtp_url), **self.extra_env}
-        process = ServiceProcess(name, free_port(), env, self.log_dir / f"{name}-{len(replicas)}.log")
+        port = self.identity_port if name == "identity" and not replicas and self.identity_port else free_port()
+        process = ServiceProcess(name, port, env, self.log_dir / f"{name}-{len(replicas)}.log")
         process.start()
         replicas.append(process)
         return process

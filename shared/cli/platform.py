@@ -78,6 +78,11 @@ class Platform:
         env["NICHIIKI_STATE_DIR"] = str(self.state_dir)
         env["NICHIIKI_SMTP_URL"] = self.settings.smtp_url or self._start_smtp_sink()
         env["NICHIIKI_LOG_FORMAT"] = os.environ.get("NICHIIKI_LOG_FORMAT", "json")
+        env["NICHIIKI_ENV"] = self.settings.env
+        # Every token comes from the embedded identity provider unless the environment names another.
+        env["NICHIIKI_OIDC_ISSUER"] = self.settings.oidc_issuer or (
+            f"http://127.0.0.1:{self.settings.service_port('identity')}"
+        )
         _step("smtp", env["NICHIIKI_SMTP_URL"] + ("" if self.settings.smtp_url else f" (sink: {self.mailbox})"))
         wired = replace_settings(self.settings, env)
         created = asyncio.run(ensure_topics(wired))
@@ -184,7 +189,9 @@ def _summary(platform: Platform, env: dict[str, str], seconds: float) -> None:
         f"  logs             {platform.logs}/",
         f"  mailbox          {platform.mailbox}/",
         "",
-        "  Try: ./nichiiki status   ./nichiiki token --role staff --municipality 304018",
+        f"  sign in          {env['NICHIIKI_OIDC_ISSUER']}/oauth/token (docs/identity.md; development accounts in",
+        "                   README.md), e.g. reviewer@shirahama.example with its TOTP",
+        "  Try: ./nichiiki status   ./nichiiki token --role staff --municipality 304018  (development only)",
         "",
     ]
     sys.stderr.write("\n".join(lines) + "\n")

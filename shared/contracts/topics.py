@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 DLQ_SUFFIX = ".dlq"
 
-#: The platform's services, the only consumers that park dead letters.
+#: The platform's services (each its own process and database; the only consumers that park dead
+#: letters). ``identity`` is the embedded identity provider: it has no events.
 SERVICES: tuple[str, ...] = (
-    "registration", "certification", "subsidy", "donation", "notification", "partner_gateway",
+    "registration", "certification", "subsidy", "donation", "notification", "partner_gateway", "identity",
 )
 
 

@@ -172,3 +172,20 @@ async def test_development_tokens_work_only_in_development() -> None:
     issuer = Issuer()
     with pytest.raises(Unauthenticated, match="HS256"):
         await verifier(issuer).principal(token)
+
+
+async def test_an_entra_style_token_is_read_through_the_claim_mapping(issuer: Issuer) -> None:
+    """Entra ID: one audience (the API application's id) for every service, the role as a single app
+    role in ``roles``, and the municipality from a directory extension attribute."""
+    checker = verifier(issuer, oidc_audience="api-app-id",
+                       oidc_claim_map={"municipality": "extension_app_municipality"})
+    staff = issuer.token(aud="api-app-id", role=None, staff_role=None, municipality=None,
+                         roles=["staff.auditor"], extension_app_municipality="304018")
+    principal = await checker.principal(staff)
+    assert (principal.role, principal.staff_role, principal.municipality) == (Role.STAFF, StaffRole.AUDITOR, "304018")
+    partner = await checker.principal(issuer.token(aud="api-app-id", role=None, roles=["partner.jal"]))
+    assert (principal.role, partner.role, partner.partner) == (Role.STAFF, Role.PARTNER, "jal")
+    with pytest.raises(Unauthenticated):  # the service's own audience is no longer the one accepted
+        await checker.principal(issuer.token())
+    with pytest.raises(Unauthenticated):  # two app roles: which one it acts as is not for us to guess
+        await checker.principal(issuer.token(aud="api-app-id", role=None, roles=["admin", "resident"]))

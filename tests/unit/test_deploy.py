@@ -21,7 +21,9 @@ ENV_VARS = {
     "NICHIIKI_PG_DSN": "postgresql://nichiiki:nichiiki@postgres:5432/nichiiki",
     "NICHIIKI_REDIS_URL": "redis://redis:6379/0",
     "NICHIIKI_SMTP_URL": "smtp://mailpit:1025",
-    "NICHIIKI_JWT_SECRET": None,  # any non-empty value
+    # production: tokens only from the identity service, never the development key
+    "NICHIIKI_ENV": "production",
+    "NICHIIKI_OIDC_ISSUER": "http://identity:8000",
     "NICHIIKI_LOG_FORMAT": "json",
     # the healthcheck and the port mapping need the server on all interfaces, port 8000
     "NICHIIKI_HTTP_HOST": "0.0.0.0",
@@ -82,6 +84,7 @@ def test_service_runs_its_module(compose: dict[str, Any], service: str) -> None:
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_environment(compose: dict[str, Any], service: str) -> None:
     environment = _environment(_container(compose, service))
+    assert "NICHIIKI_JWT_SECRET" not in environment  # the development key has no place in a deployment
     for name, expected in ENV_VARS.items():
         assert environment.get(name), f"{service}: {name} is not set"
         if expected is not None:

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from services.certification.main import create_app as certification_app
 from services.donation.main import create_app as donation_app
+from services.identity.main import create_app as identity_app
 from services.notification.main import create_app as notification_app
 from services.partner_gateway.main import create_app as gateway_app
 from services.registration.main import create_app as registration_app
@@ -23,6 +24,7 @@ from shared.kit.settings import Settings
 APPS: dict[str, Callable[..., FastAPI]] = {
     "registration": registration_app, "certification": certification_app, "subsidy": subsidy_app,
     "donation": donation_app, "notification": notification_app, "partner_gateway": gateway_app,
+    "identity": identity_app,
 }
 
 

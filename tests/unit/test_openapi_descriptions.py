@@ -19,6 +19,7 @@ WHAT_IT_DOES = {
     "donation": "donations",
     "notification": "inbox",
     "partner_gateway": "partner",
+    "identity": "sign",
 }
 
 
