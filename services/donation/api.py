@@ -1,27 +1,27 @@
 """HTTP routes of the donation service (thin: parse, turn the body into the domain's command, call
 the use case, shape the response). Every write takes the kit's ``WriteRequest`` and runs through it.
 
-Who calls what: the payment-provider integration (role admin) confirms payments and refunds;
-municipality staff see their municipality's donations, funds and receipts and record one-stop
-applications; a donor who is a registered resident (resident token whose subject is the donor's
-resident id) sees their own donations, receipts and one-stop status; admin sees everything.
+Who calls what: the payment provider (role payment_provider) confirms payments and refunds (an
+admin may too: payments the provider does not see, e.g. a bank transfer, are entered by hand);
+municipality staff see their municipality's donations, funds and receipts, and reviewers and
+managers record one-stop applications and re-issue receipts (auditors only read); the prefecture's
+readers and the ministry see the funds' balances (figures, no donor); a donor who is a registered
+resident (resident token whose subject is the donor's resident id) sees their own donations,
+receipts and one-stop status; admin sees everything.
 """
 
-import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from shared.kit.auth import Principal, Role, require
+from shared.kit.auth import ALL_STAFF, DECIDERS, Principal, Role, StaffRole, require
 from shared.kit.csv_export import csv_response
 from shared.kit.http import Offset
-from shared.kit.my_number import refuse_my_number
 from shared.kit.use_case import WriteRequest
 
-from .domain import MY_NUMBER_EXEMPT_FIELDS
 from .handlers import CSV_COLUMNS, DonationService
 from .schemas import (
     DonationConfirmation,
@@ -41,30 +41,23 @@ from .schemas import (
 router = APIRouter(prefix="/v1", tags=["donations"])
 
 
-def caller(*roles: Role) -> Callable[..., Awaitable[Principal]]:
-    """The authenticated principal (one of ``roles``), after refusing any body carrying a My Number.
-
-    Runs before the body is validated, so a My Number under any field name is refused with its own
-    code (never merely as an unknown field), and nothing of it is logged or stored.
-    """
-    allowed = require(*roles)
-
-    async def dependency(request: Request, principal: Annotated[Principal, Depends(allowed)]) -> Principal:
-        raw = await request.body()
-        if raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                return principal  # malformed JSON: the framework answers 400
-            refuse_my_number(body, exempt=MY_NUMBER_EXEMPT_FIELDS)
-        return principal
-
-    return dependency
+def caller(*roles: Role, staff: Collection[StaffRole] = ALL_STAFF) -> Callable[..., Awaitable[Principal]]:
+    """The authenticated principal (one of ``roles``). A My Number anywhere in a body (under a
+    field of its own name too), the query or the path is refused by the kit (``ApiModel``,
+    ``BodyGuard``) with ``my-number-not-allowed`` before any route sees it."""
+    return require(*roles, staff=staff)
 
 
 Admin = Annotated[Principal, Depends(caller(Role.ADMIN))]
+#: Who reports payments and their reversals.
+Payments = Annotated[Principal, Depends(caller(Role.PAYMENT_PROVIDER, Role.ADMIN))]
 StaffOrAdmin = Annotated[Principal, Depends(caller(Role.STAFF, Role.ADMIN))]
+#: Staff who act (reviewers, managers); auditors only read.
+ActingStaff = Annotated[Principal, Depends(caller(Role.STAFF, Role.ADMIN, staff=DECIDERS))]
+#: The funds' balances are figures: the prefecture's readers and the ministry read them too.
+FigureReader = Annotated[Principal, Depends(caller(Role.STAFF, Role.PREFECTURE, Role.MINISTRY, Role.ADMIN))]
 AnyRole = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
+ActingAnyRole = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.STAFF, Role.ADMIN, staff=DECIDERS))]
 DonorOrAdmin = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.ADMIN))]
 Year = Annotated[int | None, Query(ge=2008, le=2100, description="calendar year of the payment date")]
 Limit = Annotated[int, Query(ge=1, le=500)]
@@ -87,7 +80,7 @@ Service = Annotated[DonationService, Depends(donation_service)]
     responses={200: {"model": DonationView, "description": "This payment was already recorded (same content)"}},
 )
 async def confirm_donation(
-    body: DonationConfirmation, principal: Admin, service: Service, write: WriteRequest
+    body: DonationConfirmation, principal: Payments, service: Service, write: WriteRequest
 ) -> Response:
     """A confirmed payment (from the payment provider): recorded once per payment reference."""
     return (await service.confirm_donation(write, body.to_domain())).response()
@@ -100,7 +93,7 @@ async def get_donation(donation_id: uuid.UUID, principal: AnyRole, service: Serv
 
 @router.post("/donations/{donation_id}/refund", response_model=DonationView)
 async def refund_donation(
-    donation_id: uuid.UUID, body: RefundRequest, principal: Admin, service: Service, write: WriteRequest
+    donation_id: uuid.UUID, body: RefundRequest, principal: Payments, service: Service, write: WriteRequest
 ) -> Response:
     """The payment was reversed: ledger reversed, receipt cancelled, ``donation.refunded`` emitted."""
     return (await service.refund_donation(write, donation_id, body.reason)).response()
@@ -108,7 +101,7 @@ async def refund_donation(
 
 @router.post("/donations/{donation_id}/one-stop", status_code=201, response_model=OneStopApplicationView)
 async def receive_one_stop_application(
-    donation_id: uuid.UUID, body: OneStopApplicationReceived, principal: StaffOrAdmin, service: Service,
+    donation_id: uuid.UUID, body: OneStopApplicationReceived, principal: ActingStaff, service: Service,
     write: WriteRequest,
 ) -> Response:
     """The municipality received the donor's one-stop application (ワンストップ特例申請書)."""
@@ -117,7 +110,7 @@ async def receive_one_stop_application(
 
 @router.post("/donations/{donation_id}/one-stop/verify", response_model=OneStopApplicationView)
 async def verify_one_stop_application(
-    donation_id: uuid.UUID, principal: StaffOrAdmin, service: Service, write: WriteRequest
+    donation_id: uuid.UUID, principal: ActingStaff, service: Service, write: WriteRequest
 ) -> Response:
     """The application's identity documents were checked (only the fact is recorded)."""
     return (await service.verify_one_stop_application(write, donation_id)).response()
@@ -174,7 +167,7 @@ async def get_receipt(number: str, principal: AnyRole, service: Service) -> Rece
 
 
 @router.post("/receipts/{number}/reissue", response_model=ReceiptView)
-async def reissue_receipt(number: str, principal: AnyRole, service: Service, write: WriteRequest) -> Response:
+async def reissue_receipt(number: str, principal: ActingAnyRole, service: Service, write: WriteRequest) -> Response:
     """Re-issue a receipt: same number, the re-issue is counted and dated (who may read it may)."""
     return (await service.reissue_receipt(write, number)).response()
 
@@ -201,7 +194,7 @@ async def export_donations(
 
 
 @router.get("/municipalities/{code}/funds", response_model=FundsView)
-async def funds(code: str, principal: StaffOrAdmin, service: Service) -> FundsView:
+async def funds(code: str, principal: FigureReader, service: Service) -> FundsView:
     """Balances per earmark and unit, summed from the ledger."""
     return await service.funds(principal, code)
 

@@ -824,12 +824,6 @@ class OneStopApplication:
         )
 
 
-# ---------------------------------------------------------------------------- personal data
-
-#: Fields that carry identifiers of other systems, not personal data (a payment provider's own id).
-MY_NUMBER_EXEMPT_FIELDS = frozenset({"payment_reference"})
-
-
 # ---------------------------------------------------------------------------- presentation
 
 

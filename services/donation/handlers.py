@@ -145,7 +145,10 @@ class DonationService:
 
         async def act(work: UnitOfWork) -> Outcome:
             if confirmation.donor is not None:
-                donor, _ = await store.upsert_donor(work.conn, domain.new_donor(confirmation.donor, uuid.uuid4(), now))
+                # The donor on file stays as the donor or an admin left it: a confirmation only names it.
+                donor, _ = await store.find_or_create_donor(
+                    work.conn, domain.new_donor(confirmation.donor, uuid.uuid4(), now)
+                )
             else:
                 assert confirmation.donor_id is not None
                 found = await store.lock_donor(work.conn, confirmation.donor_id)
@@ -412,7 +415,8 @@ class DonationService:
         return DonationPage(items=[_donation_view(d) for d in donations], total=total, limit=limit, offset=offset)
 
     async def funds(self, principal: Principal, code: str) -> FundsView:
-        _ensure_staff_of(principal, code)
+        domain.known_municipality(code)
+        principal.ensure_reads_municipality(code)  # balances are figures: prefecture and ministry too
         async with self.runtime.pool.acquire() as conn:
             balances = await store.fund_balances(conn, code)
         return FundsView(

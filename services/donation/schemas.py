@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from shared.contracts.donation import DonationKind, DonationUnit, Earmark
-from shared.kit.http import Amount, ApiModel, MultilineText
+from shared.kit.http import Amount, ApiModel, MultilineText, MyNumberExempt
 
 from .domain import ApplicationReceived, CompanyDetails, PaymentConfirmation, PersonDetails
 
@@ -80,7 +80,11 @@ DonorDetails = Annotated[IndividualDonor | CompanyDonor, Field(discriminator="ty
 class DonationConfirmation(ApiModel):
     """A payment the payment provider confirmed: recorded once per payment reference."""
 
-    payment_reference: Annotated[str, Field(min_length=1, max_length=200)]
+    # The payment provider's own opaque id (its own numbering may be 12 digits, e.g. 202612310001):
+    # the only field of the platform not checked for a My Number.
+    payment_reference: Annotated[
+        str, Field(min_length=1, max_length=200), MyNumberExempt("the payment provider's own reference")
+    ]
     municipality_code: Annotated[str, Field(min_length=1, max_length=10)]
     kind: DonationKind
     #: Yen, or miles for a mile donation; a positive integer.

@@ -113,6 +113,27 @@ async def upsert_donor(conn: Connection, donor: NewDonor) -> tuple[Donor, bool]:
     return _donor(row), bool(row["created"])
 
 
+_FIND_OR_CREATE_DONOR = Sql.of(
+    f"""
+    INSERT INTO donors AS d (id, donor_key, type, name, address, resident_id, email,
+                             head_office_code, corporate_number, created_at, updated_at)
+    VALUES (:id, :donor_key, :type, :name, :address, :resident_id, :email,
+            :head_office_code, :corporate_number, :at, :at)
+    ON CONFLICT (donor_key) DO UPDATE SET donor_key = d.donor_key
+    RETURNING {_DONOR_COLUMNS}, (xmax = 0) AS created
+    """
+)
+
+
+async def find_or_create_donor(conn: Connection, donor: NewDonor) -> tuple[Donor, bool]:
+    """Find the donor by identity, unchanged, or create it (True). For payment confirmations: the
+    provider names a donor but never rewrites one on file (only the donor or an admin does,
+    ``upsert_donor``). The no-op update locks the row until commit, as ``upsert_donor`` does."""
+    row = await conn.fetchrow(_FIND_OR_CREATE_DONOR.text, *_FIND_OR_CREATE_DONOR.args_of(donor))
+    assert row is not None
+    return _donor(row), bool(row["created"])
+
+
 async def lock_donor(conn: Connection, donor_id: uuid.UUID) -> Donor | None:
     row = await conn.fetchrow(f"SELECT {_DONOR_COLUMNS} FROM donors WHERE id = $1 FOR NO KEY UPDATE", donor_id)
     return None if row is None else _donor(row)

@@ -38,6 +38,7 @@ from shared.kit.auth import Principal, Role
 from shared.kit.csv_export import csv_response
 from shared.kit.errors import DomainError
 from shared.kit.http import ApiModel, Offset, failure_response, refusal
+from shared.kit.rate_limit import VERIFICATION, RateLimiter, limiter_of, limiter_of_scope
 from shared.kit.use_case import WriteRequest
 
 router = APIRouter(prefix="/v1")
@@ -70,8 +71,15 @@ async def verify_certificate(number: str, request: Request, principal: PartnerCa
     # Served by ``VerificationHotPath`` in a running gateway; this route documents it (OpenAPI)
     # and answers the same where the hot path is not installed.
     assert principal.partner is not None
+    await verification_limit(limiter_of(request), principal.partner)
     body = await verification_body(gateway_of(request), principal.partner, number)
     return Response(body, media_type="application/json", headers=_NO_STORE)
+
+
+async def verification_limit(limiter: RateLimiter, partner: str) -> None:
+    """The partner's verification rate (every key and token of the partner together): a local lease
+    of the Redis bucket, so a verification rarely waits for Redis (``shared/kit/rate_limit.py``)."""
+    await limiter.take(limiter.limit(VERIFICATION), partner)
 
 
 async def verification_body(gateway: Gateway, partner: str, number: str) -> bytes:
@@ -118,6 +126,7 @@ class VerificationHotPath:
         try:
             principal = await partner_caller(StarletteRequest(scope))
             assert principal.partner is not None
+            await verification_limit(limiter_of_scope(scope), principal.partner)
             body = await verification_body(self.gateway, principal.partner, path[len(self._PREFIX):])
         except DomainError as error:
             await refusal(error, path)(scope, receive, send)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 
 from services.partner_gateway import store
 from services.partner_gateway.domain import InvalidApiKey, UnknownPartnerCredential, api_key_hash
 from services.partner_gateway.handlers import Gateway
-from shared.kit.auth import Principal, Role, Unauthenticated, current_principal
+from shared.kit.auth import Principal, Role, Unauthenticated, bearer_scheme, current_principal
 from shared.kit.errors import Forbidden
 from shared.kit.service import ServiceRuntime
 
@@ -70,7 +71,18 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
-async def authenticated(request: Request) -> Principal:
+#: The OpenAPI security scheme of the partner routes' other credential (Swagger's Authorize button).
+api_key_scheme = APIKeyHeader(
+    name="X-Api-Key", scheme_name="apiKey", auto_error=False,
+    description="A partner's API key, issued by an admin (`POST /v1/partners/{code}/api-keys`).",
+)
+
+
+async def authenticated(
+    request: Request,
+    # Declared for OpenAPI only (the headers are read below, also when called directly).
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> Principal:
     """The caller, from ``X-Api-Key`` (partners) or ``Authorization: Bearer`` (every role)."""
     gateway = gateway_of(request)
     secret = request.headers.get("x-api-key")
@@ -98,7 +110,11 @@ def allow(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
     return dependency
 
 
-async def partner_caller(request: Request) -> Principal:
+async def partner_caller(
+    request: Request,
+    _api_key: Annotated[str | None, Depends(api_key_scheme)] = None,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> Principal:
     """``allow(Role.PARTNER)`` in one dependency: the verification hot path pays for one, not two."""
     principal = await authenticated(request)
     if principal.role is not Role.PARTNER:

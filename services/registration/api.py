@@ -1,21 +1,21 @@
 """HTTP routes (prefix /v1), thin: check who calls, turn the request into a use case call.
 
-Every route of the service first passes ``refuse_my_number``: no string anywhere in a JSON body or
-the query may look like a 12-digit My Number.
+No value of a body, the query or the path may hold a My Number: the kit refuses it for every
+service (``ApiModel`` and ``BodyGuard``, ``shared.kit.my_number``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import Field, model_validator
 
 from services.registration import domain, handlers
-from services.registration.domain import Activity, IdentityVerification, Tier
+from services.registration.attestation import Attestations
+from services.registration.domain import Activity, Tier
 from services.registration.store import ListedRegistration
 from services.registration.views import (
     ConsentView,
@@ -25,9 +25,9 @@ from services.registration.views import (
     RegistrationView,
     ResidentView,
 )
+from shared.contracts.reasons import RejectionReason
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
-from shared.kit import my_number
-from shared.kit.auth import Principal, Role, require
+from shared.kit.auth import DECIDERS, Principal, Role, require
 from shared.kit.clock import JAPAN
 from shared.kit.csv_export import csv_response
 from shared.kit.http import ApiModel, MultilineText
@@ -38,24 +38,12 @@ from shared.reference import municipality
 Language = Literal["ja", "en"]
 
 
-async def refuse_my_number(request: Request) -> None:
-    """One guard for the whole service: a My Number-like value in the query or the JSON body is refused."""
-    my_number.refuse_my_number([value for _, value in request.query_params.multi_items()], where="query")
-    if request.method in ("POST", "PUT", "PATCH"):
-        raw = await request.body()  # cached by Starlette: the route reads the same bytes
-        if not raw:
-            return
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            return  # not JSON: FastAPI answers 400 malformed-json for routes that take a body
-        my_number.refuse_my_number(document)
-
-
-router = APIRouter(prefix="/v1", tags=["registration"], dependencies=[Depends(refuse_my_number)])
+router = APIRouter(prefix="/v1", tags=["registration"])
 
 ResidentOrAdmin = Annotated[Principal, Depends(require(Role.RESIDENT, Role.ADMIN))]
 StaffOrAdmin = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+# Premium reviews are decided by reviewers and managers; auditors only read.
+Deciders = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN, staff=DECIDERS))]
 Anyone = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 
 
@@ -93,16 +81,26 @@ class ContactChangeRequest(ApiModel):
         return self
 
 
-class IdentityRequest(ApiModel):
-    """The result of a JPKI (My Number Card certificate) verification, never the My Number."""
+#: A compact JWS: three base64url parts (the signature may not be empty: ``alg: none`` is refused anyway).
+AttestationToken = Annotated[str, Field(
+    min_length=16, max_length=8192, pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$",
+    description="The identity-verification provider's signed attestation (compact JWS, ES256) that the resident "
+    "verified their identity with the My Number Card (JPKI): `sub` is the resident id, it lives at most 10 minutes "
+    "and is used once (docs/services/registration.md)",
+)]
+#: What clients sent before attestations: refused with ``identity-not-attested`` (no longer trusted).
+SelfClaimedIdentity = Annotated[dict[str, Any] | None, Field(
+    json_schema_extra={"deprecated": True},
+    description="No longer accepted: a client cannot state its own JPKI result. Send `attestation`.",
+)]
 
-    method: Literal["jpki"]
-    verified_at: AwareDatetime
-    certificate_serial: str = Field(min_length=1, max_length=128)
-    subject_ref: str = Field(min_length=1, max_length=256)
 
-    def to_domain(self) -> IdentityVerification:
-        return IdentityVerification(self.method, self.verified_at, self.certificate_serial, self.subject_ref)
+def _refuse_self_claimed(identity: dict[str, Any] | None) -> None:
+    if identity is not None:
+        raise domain.IdentityNotAttested(
+            "`identity` (a verification result the app states itself) is no longer accepted: send `attestation`, "
+            "the identity-verification provider's signed attestation"
+        )
 
 
 class ActivityRequest(ApiModel):
@@ -117,17 +115,24 @@ class ActivityRequest(ApiModel):
 class RegistrationRequest(ApiModel):
     municipality_code: str = Field(max_length=16, examples=["304018"])
     tier: Tier = "basic"
-    identity: IdentityRequest | None = None
+    attestation: AttestationToken | None = None
+    identity: SelfClaimedIdentity = None
     activities: list[ActivityRequest] = Field(default_factory=list, max_length=50)
 
 
 class RenewalRequest(ApiModel):
     activities: list[ActivityRequest] = Field(max_length=50)
-    identity: IdentityRequest | None = None
+    attestation: AttestationToken | None = None
+    identity: SelfClaimedIdentity = None
 
 
 class RejectionRequest(ApiModel):
-    reason: MultilineText = Field(min_length=1, max_length=1000)
+    reason_code: RejectionReason = Field(description="why, as a code of the published list (docs/contracts/reasons.md)")
+    note: MultilineText | None = Field(
+        default=None, max_length=1000,
+        description="the staff member's own words, kept on the review in this service only (erased with the "
+        "resident's data): never sent to the resident, another service or a partner",
+    )
 
 
 # --- Helpers -------------------------------------------------------------------------------------
@@ -177,13 +182,15 @@ async def erase_resident(resident_id: str, principal: ResidentOrAdmin, write: Wr
 
 @router.post("/residents/{resident_id}/registrations", status_code=201, response_model=RegistrationView)
 async def register(
-    resident_id: str, body: RegistrationRequest, principal: ResidentOrAdmin, write: WriteRequest
+    resident_id: str, body: RegistrationRequest, principal: ResidentOrAdmin, write: WriteRequest,
+    attestations: Attestations,
 ) -> Response:
     """Register with a municipality (201), or ask to upgrade a basic registration to premium (200)."""
     principal.ensure_resident(resident_id)
+    _refuse_self_claimed(body.identity)
     outcome = await handlers.register(
-        write, resident_id, body.municipality_code, body.tier,
-        body.identity.to_domain() if body.identity is not None else None, [a.to_domain() for a in body.activities],
+        write, resident_id, body.municipality_code, body.tier, body.attestation,
+        [a.to_domain() for a in body.activities], attestations,
     )
     return outcome.response()
 
@@ -275,26 +282,27 @@ async def get_registration(registration_id: str, request: Request, principal: An
 
 
 @router.post("/registrations/{registration_id}/approve", response_model=RegistrationView)
-async def approve(registration_id: str, principal: StaffOrAdmin, write: WriteRequest) -> Response:
+async def approve(registration_id: str, principal: Deciders, write: WriteRequest) -> Response:
     """Approve the premium request under review: valid for one year from today (Japan)."""
     return (await handlers.approve(write, registration_id)).response()
 
 
 @router.post("/registrations/{registration_id}/reject", response_model=RegistrationView)
 async def reject(
-    registration_id: str, body: RejectionRequest, principal: StaffOrAdmin, write: WriteRequest
+    registration_id: str, body: RejectionRequest, principal: Deciders, write: WriteRequest
 ) -> Response:
-    return (await handlers.reject(write, registration_id, body.reason)).response()
+    return (await handlers.reject(write, registration_id, body.reason_code, body.note or None)).response()
 
 
 @router.post("/registrations/{registration_id}/renew", response_model=RegistrationView)
 async def renew(
-    registration_id: str, body: RenewalRequest, principal: ResidentOrAdmin, write: WriteRequest
+    registration_id: str, body: RenewalRequest, principal: ResidentOrAdmin, write: WriteRequest,
+    attestations: Attestations,
 ) -> Response:
     """Ask for one more premium year with a new activity record (reviewed by the municipality)."""
+    _refuse_self_claimed(body.identity)
     outcome = await handlers.renew(
-        write, registration_id, [a.to_domain() for a in body.activities],
-        body.identity.to_domain() if body.identity is not None else None,
+        write, registration_id, [a.to_domain() for a in body.activities], body.attestation, attestations,
     )
     return outcome.response()
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
-from typing import Literal
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
 
 from pydantic import validate_email
 from pydantic_core import PydanticCustomError
@@ -31,7 +31,7 @@ from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.topics import PARTNER_CODES
 from shared.kit.clock import japan_date
 from shared.kit.errors import Conflict, DomainError, NotFound
-from shared.kit.my_number import looks_like_my_number
+from shared.kit.my_number import find_my_number, looks_like_my_number
 from shared.reference import Municipality, UnknownMunicipality, is_valid_code, municipality
 
 Tier = Literal["basic", "premium"]
@@ -43,7 +43,12 @@ PREMIUM_LIMIT = 3
 MIN_ACTIVITIES = 3
 #: A JPKI verification result older than this is not accepted for a new premium request.
 IDENTITY_MAX_AGE = timedelta(days=365)
-CLOCK_SKEW = timedelta(minutes=5)
+#: Identity verification methods premium accepts: マイナンバーカードの公的個人認証 (JPKI) only.
+IDENTITY_METHODS: frozenset[str] = frozenset({"jpki"})
+#: The longest an identity attestation may live (``exp - iat``): it is made for one request.
+ATTESTATION_MAX_LIFETIME = timedelta(minutes=10)
+#: Clock skew tolerated between the identity-verification provider and this service.
+ATTESTATION_LEEWAY = timedelta(seconds=30)
 #: Kinds a person can register with: prefectures and municipalities (Tokyo's special wards are
 #: municipalities); a designated city's ward is not (register with the city).
 REGISTRABLE_KINDS = frozenset({"prefecture", "city", "town", "village", "ward"})
@@ -140,9 +145,34 @@ class IdentityNotVerified(DomainError):
     title = "Premium needs identity verified with the My Number Card (JPKI)"
 
 
+class IdentityNotAttested(DomainError):
+    code = "identity-not-attested"
+    title = "Identity is accepted only as the verification provider's signed attestation"
+
+
 class IdentityVerificationInvalid(DomainError):
     code = "identity-verification-invalid"
     title = "The identity verification result is in the future or too old"
+
+
+class AttestationInvalid(DomainError):
+    code = "attestation-invalid"
+    title = "The identity attestation is not one a trusted provider signed for this request"
+
+
+class AttestationExpired(DomainError):
+    code = "attestation-expired"
+    title = "The identity attestation has expired: verify again"
+
+
+class AttestationReplayed(Conflict):
+    code = "attestation-replayed"
+    title = "This identity attestation was already used: each one is used once"
+
+
+class AttestationSubjectMismatch(DomainError):
+    code = "attestation-subject-mismatch"
+    title = "The identity attestation is about another person"
 
 
 class PremiumInHomeMunicipality(DomainError):
@@ -409,12 +439,14 @@ class Activity:
 
 @dataclass(frozen=True, slots=True)
 class IdentityVerification:
-    """The JPKI verification result only: never the card's My Number."""
+    """What a provider's attestation established: how, by whom, when. Never the card's My Number."""
 
-    method: Literal["jpki"]
+    method: str
     verified_at: datetime
-    certificate_serial: str
-    subject_ref: str
+    #: The provider that signed the attestation (its ``iss``).
+    provider: str
+    #: The attestation's ``jti``: a provider's attestation is used once.
+    attestation_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,12 +462,79 @@ class RegistrationPlan:
 
 def check_identity(identity: IdentityVerification | None, now: datetime) -> IdentityVerification:
     if identity is None:
-        raise IdentityNotVerified("send the JPKI verification result (method, verified_at, certificate reference)")
-    if identity.verified_at > now + CLOCK_SKEW:
+        raise IdentityNotVerified(
+            "send `attestation`: the signed result of a JPKI verification from the identity-verification provider"
+        )
+    if identity.verified_at > now + ATTESTATION_LEEWAY:
         raise IdentityVerificationInvalid("the identity verification is dated in the future")
     if identity.verified_at < now - IDENTITY_MAX_AGE:
         raise IdentityVerificationInvalid("the identity verification is more than a year old: verify again")
     return identity
+
+
+def _instant(claims: Mapping[str, Any], name: str) -> datetime:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AttestationInvalid(f"the attestation's {name!r} claim must be a NumericDate (seconds since 1970)")
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError) as error:
+        raise AttestationInvalid(f"the attestation's {name!r} claim is out of range") from error
+
+
+def _text(claims: Mapping[str, Any], name: str, max_length: int = 256) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not 1 <= len(value) <= max_length:
+        raise AttestationInvalid(f"the attestation's {name!r} claim must be a string of 1-{max_length} characters")
+    return value
+
+
+def check_attestation(
+    claims: Mapping[str, Any], *, resident_id: str, date_of_birth: date | None, now: datetime
+) -> IdentityVerification:
+    """The identity verification an attestation states, once its claims hold for this request.
+
+    ``claims`` come from a JWS whose signature a trusted provider made (checked before this); the
+    rules here are the rest: about whom (``sub``, and ``birthdate`` when the provider states it),
+    how fresh (``iat``, ``exp``, at most 10 minutes of life), by which method, and when the
+    verification happened. That it was not used before is the store's unique index."""
+    if find_my_number(dict(claims)) is not None:  # never stored, but refused: a provider must not send one
+        raise AttestationInvalid("the attestation carries a value that looks like a My Number")
+    provider = _text(claims, "iss")
+    attestation_id = _text(claims, "jti", 128)
+    issued, expires = _instant(claims, "iat"), _instant(claims, "exp")
+    if expires <= issued or expires - issued > ATTESTATION_MAX_LIFETIME:
+        raise AttestationInvalid(
+            f"an attestation lives at most {int(ATTESTATION_MAX_LIFETIME.total_seconds() // 60)} minutes (exp - iat)"
+        )
+    if issued > now + ATTESTATION_LEEWAY:
+        raise AttestationInvalid("the attestation is issued in the future")
+    if "nbf" in claims and _instant(claims, "nbf") > now + ATTESTATION_LEEWAY:
+        raise AttestationInvalid("the attestation is not valid yet (nbf)")
+    if now > expires + ATTESTATION_LEEWAY:
+        raise AttestationExpired(f"the attestation expired at {expires.isoformat()}: verify the identity again")
+    if _text(claims, "sub") != resident_id:
+        raise AttestationSubjectMismatch("the attestation is about another resident than the one registering")
+    birthdate = claims.get("birthdate")
+    if birthdate is not None:
+        try:
+            verified_birth = date.fromisoformat(birthdate) if isinstance(birthdate, str) else None
+        except ValueError:
+            verified_birth = None
+        if verified_birth is None:
+            raise AttestationInvalid("the attestation's 'birthdate' claim must be a date (YYYY-MM-DD)")
+        if date_of_birth is not None and verified_birth != date_of_birth:
+            raise AttestationSubjectMismatch("the verified date of birth is not the account's")
+    method = _text(claims, "method", 32)
+    if method not in IDENTITY_METHODS:
+        raise AttestationInvalid(
+            f"the identity verification method {method!r} is not accepted for premium; accepted: "
+            f"{', '.join(sorted(IDENTITY_METHODS))}"
+        )
+    verified_at = _instant(claims, "verified_at")
+    if verified_at > issued + ATTESTATION_LEEWAY:
+        raise AttestationInvalid("the attestation states a verification made after it was issued")
+    return check_identity(IdentityVerification(method, verified_at, provider, attestation_id), now)
 
 
 def check_activities(activities: Sequence[Activity], today: date, since: date, period: str) -> None:

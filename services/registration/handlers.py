@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from services.registration import domain, store
+from services.registration.attestation import AttestationVerifier
 from services.registration.domain import (
     Activity,
     Consent,
@@ -35,6 +36,7 @@ from services.registration.views import (
     resident_view,
 )
 from shared.contracts import registration as events
+from shared.contracts.reasons import RejectionReason
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.topics import RESIDENTS
 from shared.kit.auth import Principal, Role
@@ -204,13 +206,35 @@ async def _lock_resident(conn: Connection, resident_id: str) -> Resident:
 # --- Registrations -------------------------------------------------------------------------------
 
 
+def _attested(
+    verifier: AttestationVerifier, attestation: str | None, resident: Resident, now: datetime
+) -> IdentityVerification | None:
+    """The verification an attestation proves for this resident now (checked in the write, so that an
+    Idempotency-Key replay answers the first response even once the attestation has expired)."""
+    if attestation is None:
+        return None
+    claims = verifier.claims(attestation)
+    return domain.check_attestation(claims, resident_id=resident.id, date_of_birth=resident.date_of_birth, now=now)
+
+
+async def _record_identity(uow: UnitOfWork, resident_id: str, identity: IdentityVerification, now: datetime) -> str:
+    """Store the verification; an attestation already used (by any request) is refused."""
+    verification_id = _new_id()
+    if not await store.insert_identity(uow.conn, verification_id, resident_id, identity, now):
+        raise domain.AttestationReplayed(
+            f"attestation {identity.attestation_id} of {identity.provider} was already used: verify the identity again"
+        )
+    return verification_id
+
+
 async def register(
     write: Write,
     resident_id: str,
     municipality_code: str,
     tier: Tier,
-    identity: IdentityVerification | None,
+    attestation: str | None,
     activities: Sequence[Activity],
+    verifier: AttestationVerifier,
 ) -> Outcome:
     """Register with a municipality (and so its prefecture), or ask to upgrade a basic one to premium."""
     domain.registrable(municipality_code)  # a bad code is refused before any lock is taken
@@ -218,6 +242,7 @@ async def register(
     async def act(uow: UnitOfWork) -> Outcome:
         now = write.runtime.clock.now()
         resident = await _lock_resident(uow.conn, resident_id)
+        identity = _attested(verifier, attestation, resident, now)
         existing = await store.registrations_of(uow.conn, resident_id)
         plan = domain.plan_registration(
             resident_id=resident_id, legal_address_code=resident.legal_address_code, existing=existing,
@@ -232,8 +257,7 @@ async def register(
         if plan.review is not None:
             verification_id = None
             if identity is not None:
-                verification_id = _new_id()
-                await store.insert_identity(uow.conn, verification_id, resident_id, identity, now)
+                verification_id = await _record_identity(uow, resident_id, identity, now)
             await store.insert_review(uow.conn, _new_id(), registration.id, plan.review, verification_id,
                                       activities, now)
         consents = await store.consents_of(uow.conn, resident_id) if plan.is_new else []
@@ -312,8 +336,8 @@ async def get_registration(runtime: ServiceRuntime, principal: Principal, regist
         registration = await _load_registration(conn, registration_id)
         _ensure_may_see(principal, registration)
         reviews = await store.reviews_of(conn, registration_id)
-    if principal.role is Role.RESIDENT:  # the person sees the decisions, not which staff member made them
-        reviews = [replace(review, decided_by=None) for review in reviews]
+    if principal.role is Role.RESIDENT:  # the person sees the decisions, not who made them or the staff's notes
+        reviews = [replace(review, decided_by=None, note=None) for review in reviews]
     return as_json(registration_detail(registration, reviews))
 
 
@@ -350,7 +374,8 @@ async def approve(write: Write, registration_id: str) -> Outcome:
     return await write.run(act, authorise=_registration_for_staff(principal, registration_id))
 
 
-async def reject(write: Write, registration_id: str, reason: str) -> Outcome:
+async def reject(write: Write, registration_id: str, reason: RejectionReason, note: str | None = None) -> Outcome:
+    """The review keeps the code and the staff note; the event carries the code only."""
     principal = write.principal
 
     async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
@@ -360,7 +385,7 @@ async def reject(write: Write, registration_id: str, reason: str) -> Outcome:
         rejected = domain.reject(registration)
         await store.save_registration(uow.conn, rejected, now)
         await store.decide_review(uow.conn, registration_id, "rejected", now, decided_by=principal.subject,
-                                  reason=reason)
+                                  reason=reason, note=note)
         await uow.emit(
             RESIDENTS,
             events.PremiumRejected(
@@ -379,19 +404,22 @@ async def reject(write: Write, registration_id: str, reason: str) -> Outcome:
 
 
 async def renew(
-    write: Write, registration_id: str, activities: Sequence[Activity], identity: IdentityVerification | None
+    write: Write, registration_id: str, activities: Sequence[Activity], attestation: str | None,
+    verifier: AttestationVerifier,
 ) -> Outcome:
-    """Ask for one more premium year with this year's activities (reviewed like a first request)."""
+    """Ask for one more premium year with this year's activities (reviewed like a first request); an
+    attestation, when sent, records a fresh identity verification with it."""
 
     async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
         now = write.runtime.clock.now()
         registration = _current(await _lock_for_change(uow.conn, loaded), registration_id)
         domain.plan_renewal(registration, activities, now)
         verification_id = None
-        if identity is not None:
-            domain.check_identity(identity, now)
-            verification_id = _new_id()
-            await store.insert_identity(uow.conn, verification_id, registration.resident_id, identity, now)
+        if attestation is not None:
+            resident = await _lock_resident(uow.conn, registration.resident_id)
+            identity = _attested(verifier, attestation, resident, now)
+            assert identity is not None
+            verification_id = await _record_identity(uow, registration.resident_id, identity, now)
         await store.insert_review(uow.conn, _new_id(), registration_id, "renewal", verification_id, activities, now)
         await _emit_premium_requested(uow, registration, activities, now)
         log.info("premium renewal requested", registration_id=registration_id)

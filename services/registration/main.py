@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI
 
 from services.registration import api, handlers
+from services.registration.attestation import AttestationVerifier
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import BackgroundTask, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
@@ -34,12 +35,17 @@ def maintenance(interval_s: float) -> BackgroundTask:
     return premium_expiry
 
 
-def create_app(settings: Settings | None = None, *, maintenance_interval_s: float = 60.0) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, maintenance_interval_s: float = 60.0, identity_verifiers: str | None = None
+) -> FastAPI:
+    """``identity_verifiers``: the trusted identity-verification providers (``{issuer: JWKS}`` JSON), in
+    place of ``NICHIIKI_IDENTITY_VERIFIER_JWKS``."""
     settings = settings or get_settings()
+    attestations = AttestationVerifier.from_settings(settings, identity_verifiers)
     runtime = ServiceRuntime(
         "registration", migrations=MIGRATIONS, background=[maintenance(maintenance_interval_s)], settings=settings,
     )
-    return create_http_app(
+    app = create_http_app(
         service="registration",
         settings=settings,
         routers=[api.router],
@@ -50,3 +56,5 @@ def create_app(settings: Settings | None = None, *, maintenance_interval_s: floa
             "(basic and premium), premium review, consents and erasure. Events: registration.residents.v1."
         ),
     )
+    app.state.attestations = attestations
+    return app

@@ -116,6 +116,7 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
         """
         UPDATE premium_reviews pr SET status = CASE WHEN pr.status = 'pending' THEN 'cancelled' ELSE pr.status END,
                                       reason = CASE WHEN pr.reason IS NULL THEN NULL ELSE '(erased)' END,
+                                      note = NULL,
                                       decided_at = CASE WHEN pr.status = 'pending' THEN $2 ELSE pr.decided_at END
         FROM registrations r WHERE r.id = pr.registration_id AND r.resident_id = $1
         """,
@@ -227,16 +228,23 @@ async def save_registration(conn: Connection, registration: Registration, now: d
 
 async def insert_identity(
     conn: Connection, verification_id: str, resident_id: str, identity: IdentityVerification, now: datetime
-) -> None:
-    await conn.execute(
+) -> bool:
+    """Record an attested verification; False if its attestation (provider, jti) was used before.
+
+    The unique index decides, in the request's transaction: of two requests with one attestation,
+    the second waits for the first and inserts nothing once it commits."""
+    inserted = await conn.fetchval(
         """
-        INSERT INTO identity_verifications (id, resident_id, method, verified_at, certificate_serial, subject_ref,
+        INSERT INTO identity_verifications (id, resident_id, method, verified_at, provider, attestation_id,
                                             recorded_at)
         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (provider, attestation_id) DO NOTHING
+        RETURNING id
         """,
-        verification_id, resident_id, identity.method, identity.verified_at, identity.certificate_serial,
-        identity.subject_ref, now,
+        verification_id, resident_id, identity.method, identity.verified_at, identity.provider,
+        identity.attestation_id, now,
     )
+    return inserted is not None
 
 
 async def insert_review(
@@ -272,15 +280,18 @@ async def decide_review(
     *,
     decided_by: str | None = None,
     reason: str | None = None,
+    note: str | None = None,
     valid_until: date | None = None,
 ) -> None:
-    """Close the pending review of a registration (approved, rejected or cancelled)."""
+    """Close the pending review of a registration (approved, rejected or cancelled); ``reason`` is a
+    code of the published list, ``note`` the staff's own words (kept here only)."""
     await conn.execute(
         """
-        UPDATE premium_reviews SET status = $2, decided_at = $3, decided_by = $4, reason = $5, valid_until = $6
+        UPDATE premium_reviews SET status = $2, decided_at = $3, decided_by = $4, reason = $5, valid_until = $6,
+                                   note = $7
         WHERE registration_id = $1 AND status = 'pending'
         """,
-        registration_id, status, now, decided_by, reason, valid_until,
+        registration_id, status, now, decided_by, reason, valid_until, note,
     )
 
 
@@ -293,16 +304,18 @@ class ReviewRecord:
     decided_at: datetime | None
     decided_by: str | None
     reason: str | None
+    note: str | None
     identity_method: str | None
     identity_verified_at: datetime | None
     activities: list[Activity]
+    identity_provider: str | None = None
 
 
 async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecord]:
     rows = await conn.fetch(
         """
-        SELECT pr.id, pr.kind, pr.status, pr.requested_at, pr.decided_at, pr.decided_by, pr.reason,
-               iv.method, iv.verified_at,
+        SELECT pr.id, pr.kind, pr.status, pr.requested_at, pr.decided_at, pr.decided_by, pr.reason, pr.note,
+               iv.method, iv.verified_at, iv.provider,
                coalesce(array_agg(pa.name ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL), '{}')
                    AS activity_names,
                coalesce(array_agg(pa.activity_date ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL),
@@ -313,7 +326,7 @@ async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecor
         LEFT JOIN identity_verifications iv ON iv.id = pr.identity_verification_id
         LEFT JOIN premium_activities pa ON pa.review_id = pr.id
         WHERE pr.registration_id = $1
-        GROUP BY pr.id, iv.method, iv.verified_at
+        GROUP BY pr.id, iv.method, iv.verified_at, iv.provider
         ORDER BY pr.requested_at, pr.id
         """,
         registration_id,
@@ -321,8 +334,9 @@ async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecor
     return [
         ReviewRecord(
             id=row["id"], kind=row["kind"], status=row["status"], requested_at=row["requested_at"],
-            decided_at=row["decided_at"], decided_by=row["decided_by"], reason=row["reason"],
+            decided_at=row["decided_at"], decided_by=row["decided_by"], reason=row["reason"], note=row["note"],
             identity_method=row["method"], identity_verified_at=row["verified_at"],
+            identity_provider=row["provider"],
             activities=[
                 Activity(name or "", on, document)
                 for name, on, document in zip(

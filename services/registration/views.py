@@ -47,9 +47,15 @@ class ReviewView(BaseModel):
     requested_at: datetime
     decided_at: datetime | None
     decided_by: str | None
+    #: A rejection's code (docs/contracts/reasons.md).
     reason: str | None
+    #: The staff's own words on the decision (staff only; erased with the resident's data).
+    note: str | None = None
     identity_method: str | None
     identity_verified_at: datetime | None
+    #: The provider whose signed attestation proved the identity (None: a result the app stated itself,
+    #: accepted before attestations were required).
+    identity_provider: str | None = None
     activities: list[ActivityView]
 
 
@@ -113,8 +119,8 @@ def registration_detail(r: Registration, reviews: list[ReviewRecord]) -> Registr
         reviews=[
             ReviewView(
                 id=v.id, kind=v.kind, status=v.status, requested_at=v.requested_at, decided_at=v.decided_at,
-                decided_by=v.decided_by, reason=v.reason, identity_method=v.identity_method,
-                identity_verified_at=v.identity_verified_at,
+                decided_by=v.decided_by, reason=v.reason, note=v.note, identity_method=v.identity_method,
+                identity_verified_at=v.identity_verified_at, identity_provider=v.identity_provider,
                 activities=[ActivityView(name=a.name, date=a.on, document_ref=a.document_ref) for a in v.activities],
             )
             for v in reviews

@@ -15,18 +15,24 @@ from services.subsidy.domain import GrantStatus, Program, known_municipality
 from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism
-from shared.kit.auth import Principal, Role, require
+from shared.kit.auth import MANAGERS, Principal, Role, require
 from shared.kit.csv_export import csv_response
 from shared.kit.db import Connection
 from shared.kit.http import Amount, ApiModel, MultilineText, Offset
+from shared.kit.rate_limit import PARTNER_API, limited_principal
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, WriteRequest
 
 router = APIRouter(prefix="/v1", tags=["subsidy"])
 
 Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+# Moving money is a manager's (reviewers decide applications elsewhere, auditors only read).
+Managers = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN, staff=MANAGERS))]
+# Programmes and budgets are figures, not people: the prefecture's readers and the ministry see them too.
+FigureReader = Annotated[Principal, Depends(require(Role.STAFF, Role.PREFECTURE, Role.MINISTRY, Role.ADMIN))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
-Partner = Annotated[Principal, Depends(require(Role.PARTNER))]
+# A partner's requests count against the partner API's rate (NICHIIKI_RATE_LIMIT_PARTNER_*): 429 beyond it.
+Partner = Annotated[Principal, Depends(limited_principal(PARTNER_API, require(Role.PARTNER)))]
 Reader = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
@@ -90,10 +96,10 @@ async def create_program(body: ProgramRequest, principal: Admin, write: WriteReq
 
 
 @router.get("/programs/{program_id}", summary="A program with its budget and ledger sums")
-async def get_program(request: Request, program_id: str, principal: Staff) -> dict[str, Any]:
+async def get_program(request: Request, program_id: str, principal: FigureReader) -> dict[str, Any]:
     async with _runtime(request).pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         program = await handlers.load_program(conn, program_id)
-        principal.ensure_municipality(program.municipality_code)
+        principal.ensure_reads_municipality(program.municipality_code)
         return await _program_view(conn, program)
 
 
@@ -121,7 +127,7 @@ async def get_program_grants(
 
 
 @router.post("/programs/{program_id}/budget", status_code=201, summary="Top up a program's budget")
-async def top_up_budget(program_id: str, body: TopUpRequest, principal: Staff, write: WriteRequest) -> Response:
+async def top_up_budget(program_id: str, body: TopUpRequest, principal: Managers, write: WriteRequest) -> Response:
     today = write.runtime.clock.today()
 
     async def authorise(uow: UnitOfWork) -> Program:
@@ -145,8 +151,8 @@ async def top_up_budget(program_id: str, body: TopUpRequest, principal: Staff, w
 
 
 @router.get("/municipalities/{code}/programs", summary="The municipality's programs and budgets")
-async def municipality_programs(request: Request, code: str, principal: Staff) -> dict[str, Any]:
-    principal.ensure_municipality(code)
+async def municipality_programs(request: Request, code: str, principal: FigureReader) -> dict[str, Any]:
+    principal.ensure_reads_municipality(code)
     async with _runtime(request).pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         programs = await store.programs_of_municipality(conn, code)
         items = [await _program_view(conn, program) for program in programs]

@@ -4,6 +4,10 @@ Trips get a consumer group of their own so that a burst of partner reports never
 grants of newly issued certificates, and the other way round. Issued and renewed certificates are
 handled set-based (issue #9: ≥ 1,000 events/s): a run of them is projected in one statement and
 only those of towns with travel programs are granted one by one.
+
+A trip report is a partner's own text (its trip id above all): one holding a My Number anywhere is
+parked on the dead-letter topic with the reason ``my-number-not-allowed`` and nothing of it is
+stored (over HTTP the kit refuses it the same way).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from shared.contracts.certification import (
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.partners import TripReported
 from shared.kit.consumer import EventRouter, HandlerContext, Run
+from shared.kit.my_number import refuse_my_number
 
 certificates_and_donations = EventRouter()
 trips = EventRouter()
@@ -45,6 +50,8 @@ async def on_donation_refunded(ctx: HandlerContext, event: DonationRefunded) -> 
 
 @trips.on(TripReported)
 async def on_trip_reported(ctx: HandlerContext, event: TripReported) -> None:
+    # A DomainError: the consumer parks the record (its reason names the code), before anything is written.
+    refuse_my_number(event.model_dump(mode="json"), where="trip report")
     report = handlers.TripReport(
         partner=event.partner, grant_id=event.grant_id, certificate_number=event.certificate_number,
         trip_id=event.trip_id, trip_kind=event.trip_kind, travelled_on=event.travelled_on,

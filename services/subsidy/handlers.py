@@ -36,7 +36,6 @@ from services.subsidy.domain import (
     UnitMismatch,
     UnknownGrant,
     UnknownProgram,
-    WrongPartner,
     certificate_years,
     check_discount,
     check_program_period,
@@ -60,6 +59,7 @@ from shared.contracts.certification import (
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.partners import TripKind
+from shared.contracts.reasons import RESIDENT_WITHDRAWN, revocation_reason
 from shared.contracts.subsidy import (
     BudgetChanged,
     BudgetUnit,
@@ -360,7 +360,10 @@ async def close_certificate(work: Work, event: ClosingEvent, today: date) -> Non
         log.info("member numbers erased from grants", certificate_number=event.certificate_number)
     if isinstance(event, CertificateRevoked):
         status: Literal["cancelled", "expired"] = "cancelled"
-        reason = f"certificate revoked: {event.reason}"
+        # A code of the published list, never the revocation's words: the cancellation goes on to
+        # the partner and the resident. (An older revocation's free text reads as "other".)
+        revoked_for = revocation_reason(event.reason)
+        reason = "resident_withdrawn" if revoked_for == RESIDENT_WITHDRAWN else "certificate_revoked"
         expired_on = None
     else:
         status, reason, expired_on = "expired", "certificate expired", event.expired_on
@@ -547,7 +550,9 @@ async def report_trip(work: Work, report: TripReport, channel: Channel, today: d
     decision: Decision
     if grant.partner != report.partner:
         if channel == "http":
-            raise WrongPartner(f"grant {grant.grant_id} is not a grant of partner {report.partner}")
+            # The same answer as for a grant that does not exist: a partner never learns that
+            # another partner's grant id is real.
+            return await _unknown_grant(work, report, channel)
         decision = Refused("wrong_partner", f"grant {grant.grant_id} belongs to another partner's program")
     else:
         check_discount(grant.mechanism, report.discount_jpy)

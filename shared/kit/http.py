@@ -9,6 +9,12 @@ Input PostgreSQL cannot store is refused as a 422 before any handler sees it: ev
 body (``ApiModel``) is free of control characters (NUL above all: ``text`` cannot hold it) unless
 its field opts in (``MultilineText``), every int fits a ``bigint`` unless the field bounds it
 tighter, and no path or query string carries a control character (``BodyGuard``).
+
+No request value may hold a My Number (``shared.kit.my_number``): every scalar of an ``ApiModel``
+(str, int, date, enum...: whatever the field's type, the raw JSON value is looked at before the
+field's own rules) and every string, int and member name of its free JSON, every query name and
+value and every path segment; a field opts out only with ``MyNumberExempt``. The answer is a 422
+``my-number-not-allowed`` naming where (``errors[].loc``), never the value.
 """
 
 from __future__ import annotations
@@ -16,26 +22,38 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import structlog
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, StrictInt
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.kit.auth import TokenVerifier
 from shared.kit.errors import TRANSIENT_ERRORS, DomainError, is_transient
 from shared.kit.logging import bound_context
+from shared.kit.my_number import (
+    MyNumberNotAllowed,
+    find_my_number,
+    looks_like_my_number,
+    might_hold_my_number,
+    refusal_detail,
+    scalar_looks_like_my_number,
+)
+from shared.kit.rate_limit import RateLimiter
 from shared.kit.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -82,6 +100,43 @@ class AllowControls:
 #: Free text typed into a text area: line breaks and tabs allowed, other control characters not.
 MultilineText = Annotated[str, AllowControls("\t\n\r")]
 
+_MY_NUMBER_EXEMPT = "nichiiki_my_number_exempt"
+_MY_NUMBER_ERROR = "my_number_not_allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class MyNumberExempt:
+    """Marks a field of an ``ApiModel`` (and everything in it) that is not checked for a My Number.
+
+    Only for another system's own opaque identifier that may hold twelve digits by its own rules
+    (a payment provider's reference): ``why`` says which system and why, and each use is justified
+    where it is made. Never for anything a person types."""
+
+    why: str
+
+    def __post_init__(self) -> None:
+        if not self.why.strip():
+            raise ValueError("say why the field may hold twelve digits")
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = handler(source)
+        metadata = {**(schema.get("metadata") or {}), _MY_NUMBER_EXEMPT: True}
+        return cast(CoreSchema, {**schema, "metadata": metadata})
+
+
+def _my_number_error() -> PydanticCustomError:
+    # Never the value: it may be a real individual number.
+    return PydanticCustomError(_MY_NUMBER_ERROR, "A My Number is never accepted (12 digits with a valid check digit)")
+
+
+def _no_my_number(value: Any) -> Any:
+    """The before-validator of every scalar of an ``ApiModel``: it sees the raw JSON value (a str or a
+    JSON number, whatever the field's type), before the field's own rules could refuse it as merely
+    malformed or turn it into something else (a datetime from a number of milliseconds)."""
+    if scalar_looks_like_my_number(value):
+        raise _my_number_error()
+    return value
+
 
 class _NoControls:
     """The after-validator of every str of an ``ApiModel`` (one regex search: C speed)."""
@@ -111,10 +166,21 @@ def _control_error(found: re.Match[str]) -> PydanticCustomError:
 
 def _storable_json(value: Any) -> Any:
     """The after-validator of an ``Any`` (free JSON) in an ``ApiModel``: its strings and ints, at any
-    depth, as storable as a typed field's."""
+    depth, as storable as a typed field's, and no My Number in them nor in a member name."""
+    return _check_json(value, my_number=True)
+
+
+def _storable_json_exempt(value: Any) -> Any:
+    """``_storable_json`` of free JSON under ``MyNumberExempt``."""
+    return _check_json(value, my_number=False)
+
+
+def _check_json(value: Any, *, my_number: bool) -> Any:
     stack = [value]
     while stack:
         item = stack.pop()
+        if my_number and scalar_looks_like_my_number(item):
+            raise _my_number_error()
         if isinstance(item, str):
             if (found := _CONTROL.search(item)) is not None:
                 raise _control_error(found)
@@ -135,20 +201,36 @@ def _storable_json(value: Any) -> Any:
 # Core schema keys that hold one inner schema, or a list of them (tuple items, chain steps).
 _INNER = ("schema", "items_schema", "keys_schema", "values_schema", "lax_schema", "strict_schema",
           "json_schema", "python_schema", "steps")
-# Schemas not looked into: other models (an ApiModel guards its own), enums, references.
-_OPAQUE = {"model", "dataclass", "typed-dict", "definition-ref", "definitions", "enum", "literal"}
+# Schemas not looked into: other models (an ApiModel guards its own), references.
+_OPAQUE = {"model", "dataclass", "typed-dict", "definition-ref", "definitions"}
+# Scalars that a JSON str or number becomes: each looks at its raw value for a My Number first.
+# (Not enums and literals: they take no value of the caller's making, and pydantic allows no
+# validator on a discriminator; ``_my_number_loc`` names a My Number they refused.)
+_SCALARS = {"float", "decimal", "bool", "date", "datetime", "time", "timedelta", "uuid", "url", "multi-host-url",
+            "bytes", "complex"}
+# Errors of fields that take only values of their own: one refusing a My Number is about a My Number.
+_FIXED_VALUES = {"literal_error", "enum", "union_tag_invalid"}
 
 
-def _guarded(schema: CoreSchema, allowed: str = "") -> CoreSchema:
-    """``schema`` with every str refusing control characters (but ``allowed``) and every int bounded
-    to a ``bigint``; the same object when nothing in it changes."""
+def _no_my_number_in(schema: CoreSchema, exempt: bool) -> CoreSchema:
+    return schema if exempt else core_schema.no_info_before_validator_function(_no_my_number, schema)
+
+
+def _guarded(schema: CoreSchema, allowed: str = "", exempt: bool = False) -> CoreSchema:
+    """``schema`` with every str refusing control characters (but ``allowed``), every int bounded
+    to a ``bigint`` and every scalar refusing a My Number (unless ``exempt``); the same object when
+    nothing in it changes."""
     node = cast(dict[str, Any], schema)
-    allowed = (node.get("metadata") or {}).get(_ALLOWED_CONTROLS, allowed)
+    metadata = node.get("metadata") or {}
+    allowed = metadata.get(_ALLOWED_CONTROLS, allowed)
+    exempt = metadata.get(_MY_NUMBER_EXEMPT, exempt)
     kind = node.get("type")
     if kind == "str":
-        return core_schema.no_info_after_validator_function(
+        return _no_my_number_in(core_schema.no_info_after_validator_function(
             _NoControls(allowed) if allowed else _NO_CONTROLS, schema
-        )
+        ), exempt)
+    if kind in _SCALARS:
+        return _no_my_number_in(schema, exempt)
     if kind == "int":
         bounded = dict(node)
         if "lt" in bounded or "le" in bounded:
@@ -159,38 +241,53 @@ def _guarded(schema: CoreSchema, allowed: str = "") -> CoreSchema:
             bounded["ge"] = max(bounded.pop("ge", INT64_MIN), bounded.pop("gt", INT64_MIN - 1) + 1, INT64_MIN)
         else:
             bounded["ge"] = INT64_MIN
-        return cast(CoreSchema, bounded)
+        return _no_my_number_in(cast(CoreSchema, bounded), exempt)
     if kind == "any":
-        return core_schema.no_info_after_validator_function(_storable_json, schema)
+        return core_schema.no_info_after_validator_function(_storable_json_exempt if exempt else _storable_json, schema)
     if kind in _OPAQUE:
         return schema
-    if kind == "function-after" and isinstance(node["function"].get("function"), _NoControls):
+    if kind in ("function-after", "function-before") and (
+        isinstance(node["function"].get("function"), _NoControls) or node["function"].get("function") is _no_my_number
+    ):
         return schema  # guarded already (the schema of a nested ApiModel met again)
+    if kind in ("function-before", "function-wrap", "function-plain"):
+        # A validator of the model's own sees the raw value first (and may echo it in its error, or
+        # turn it into something else): the My Number check goes in front of it too.
+        return _no_my_number_in(_guarded_inner(node, allowed, exempt), exempt)
+    return _guarded_inner(node, allowed, exempt)
+
+
+def _guarded_inner(node: dict[str, Any], allowed: str, exempt: bool) -> CoreSchema:
+    """``_guarded`` of what a schema node holds (inner schemas, fields, choices)."""
+    kind = node.get("type")
     changed: dict[str, Any] = {}
     for key in _INNER:
         inner = node.get(key)
         if isinstance(inner, dict):
-            new = _guarded(cast(CoreSchema, inner), allowed)
+            new = _guarded(cast(CoreSchema, inner), allowed, exempt)
             if new is not inner:
                 changed[key] = new
         elif isinstance(inner, list):
-            items = [_guarded(item, allowed) for item in inner]
+            items = [_guarded(item, allowed, exempt) for item in inner]
             if any(a is not b for a, b in zip(items, inner, strict=True)):
                 changed[key] = items
     if kind == "model-fields":
-        fields = {name: _guarded(field, allowed) for name, field in node["fields"].items()}
+        fields = {name: _guarded(field, allowed, exempt) for name, field in node["fields"].items()}
         if any(fields[name] is not field for name, field in node["fields"].items()):
             changed["fields"] = fields
     elif kind == "union":
         old: list[Any] = node["choices"]  # each a schema or a (schema, label) pair
-        choices = [(_guarded(c[0], allowed), c[1]) if isinstance(c, tuple) else _guarded(c, allowed) for c in old]
+        choices = [
+            (_guarded(c[0], allowed, exempt), c[1]) if isinstance(c, tuple) else _guarded(c, allowed, exempt)
+            for c in old
+        ]
         if any(_schema_of(a) is not _schema_of(b) for a, b in zip(choices, old, strict=True)):
             changed["choices"] = choices
     elif kind == "tagged-union":
-        tagged = {tag: _guarded(choice, allowed) for tag, choice in node["choices"].items()}
+        tagged = {tag: _guarded(choice, allowed, exempt) for tag, choice in node["choices"].items()}
         if any(tagged[tag] is not choice for tag, choice in node["choices"].items()):
             changed["choices"] = tagged
-    return cast(CoreSchema, {**node, **changed}) if changed else schema
+    return cast(CoreSchema, {**node, **changed}) if changed else cast(CoreSchema, node)
 
 
 def _schema_of(choice: Any) -> Any:
@@ -213,7 +310,8 @@ class ApiModel(BaseModel):
     """Base of request bodies: unknown fields are an error, not silently dropped; every str refuses
     control characters (a field opts in to some with ``AllowControls``, e.g. ``MultilineText``) and
     every int is bound to PostgreSQL's ``bigint`` (tighter where the field says so), so what passes
-    can be stored. The checks are put into the model's core schema once, when the class is made."""
+    can be stored; no scalar and no free JSON holds a My Number (a field opts out only with
+    ``MyNumberExempt``). The checks are put into the model's core schema once, when the class is made."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -289,8 +387,10 @@ def create_app(
         title=f"Nichiiki {service.replace('_', ' ')}",
         version="1.0.0",
         description=description,
-        lifespan=lifespan,
+        lifespan=_closing_rate_limiter(lifespan),
         responses=PROBLEM_RESPONSES,
+        docs_url=None,  # /docs and /redoc are served from the kit's own assets (_serve_docs)
+        redoc_url=None,
     )
     app.state.settings = settings
     # Refuses to build an app outside development without a token issuer (a clear start-up error).
@@ -299,6 +399,7 @@ def create_app(
     app.state.readiness = readiness or Readiness()
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
+    app.state.rate_limiter = RateLimiter(settings, registry=registry)
     requests = Counter(
         "http_requests_total", "HTTP requests", ["method", "route", "status"], registry=registry
     )
@@ -330,9 +431,63 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(ops)
+    _serve_docs(app)
     for router in routers:
         app.include_router(router)
     return app
+
+
+#: Swagger UI and ReDoc, vendored (shared/kit/static/README.md): municipal terminals on closed
+#: networks reach no CDN, so each service serves the pages' scripts itself.
+DOCS_ASSETS = Path(__file__).parent / "static"
+DOCS_STATIC = "/docs/static"
+
+
+def _serve_docs(app: FastAPI) -> None:
+    app.mount(DOCS_STATIC, StaticFiles(directory=DOCS_ASSETS), name="docs-static")
+
+    def urls(request: Request) -> tuple[str, str]:
+        root = str(request.scope.get("root_path", "")).rstrip("/")
+        return f"{root}{app.openapi_url}", f"{root}{DOCS_STATIC}"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        openapi, static = urls(request)
+        return get_swagger_ui_html(
+            openapi_url=openapi, title=f"{app.title} — Swagger UI",
+            swagger_js_url=f"{static}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{static}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{static}/swagger-ui/favicon-32x32.png",
+            # Authorize keeps the token across reloads; no call to the public validator service.
+            swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        openapi, static = urls(request)
+        return get_redoc_html(
+            openapi_url=openapi, title=f"{app.title} — ReDoc", redoc_js_url=f"{static}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{static}/swagger-ui/favicon-32x32.png", with_google_fonts=False,
+        )
+
+
+def _closing_rate_limiter(
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The service's lifespan, then the rate limiter's Redis client closed."""
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            await app.state.rate_limiter.close()
+
+    return run
 
 
 def _install_problem_handlers(app: FastAPI) -> None:
@@ -342,8 +497,11 @@ def _install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        refused = [_redacted(loc) for e in error.errors() if (loc := _my_number_loc(e)) is not None]
+        if refused:
+            return my_number_refusal(refused, request.url.path)
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            {"loc": _redacted(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in error.errors()
         ]
         if any(e["type"] == "json_invalid" for e in errors):
@@ -370,6 +528,45 @@ def _install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         return failure_response(error, request.url.path)
+
+
+def _my_number_loc(error: Any) -> list[Any] | None:
+    """Where a validation error found a My Number, if it is about one: the kit's own check refused a
+    value, or an unknown member, an enum or a union's tag (refused as such before any check saw
+    them) held one."""
+    loc = list(error.get("loc", ()))
+    kind = error.get("type")
+    if kind == _MY_NUMBER_ERROR:
+        return loc
+    if kind == "extra_forbidden" and find_my_number(error.get("input")) is not None:
+        return loc
+    if kind in _FIXED_VALUES:
+        if scalar_looks_like_my_number(error.get("input")):
+            return loc
+        context = error.get("ctx") or {}
+        if scalar_looks_like_my_number(context.get("tag")):  # a tagged union's: loc is the union's
+            return [*loc, str(context.get("discriminator", "")).strip("'")]
+    return loc if any(isinstance(step, str) and looks_like_my_number(step) for step in loc) else None
+
+
+_MEMBER_NAME = "(a member name)"
+
+
+def _redacted(loc: Sequence[Any]) -> list[Any]:
+    """A location without the member names that hold a My Number (a location is echoed back)."""
+    return [_MEMBER_NAME if isinstance(step, str) and looks_like_my_number(step) else step for step in loc]
+
+
+def my_number_refusal(locs: Sequence[Sequence[Any]], path: str | None) -> JSONResponse:
+    """The 422 ``my-number-not-allowed`` problem naming where each value was (never the value);
+    ``locs`` start with where (``body``, ``query``, ``path``), as FastAPI's do."""
+    first = list(locs[0])
+    where = str(first[0]) if first else "body"
+    json_path = "$" + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in first[1:])
+    detail = refusal_detail(where, json_path)
+    log.info("request refused", code=MyNumberNotAllowed.code, detail=detail)
+    errors = [{"loc": list(loc), "msg": "a My Number is never accepted", "type": _MY_NUMBER_ERROR} for loc in locs]
+    return problem(422, MyNumberNotAllowed.code, MyNumberNotAllowed.title, detail, instance=path, errors=errors)
 
 
 def refusal(error: DomainError, path: str) -> JSONResponse:
@@ -440,7 +637,8 @@ class Observe:
 
 class BodyGuard:
     """Refuses, before any route sees them: a path or query string with a control character (422:
-    a path or query parameter may reach SQL, and PostgreSQL cannot store NUL), oversized bodies
+    a path or query parameter may reach SQL, and PostgreSQL cannot store NUL) or a My Number (422
+    ``my-number-not-allowed``: a query may be logged, kept in a search or sent on), oversized bodies
     (413) and non-JSON bodies (415), but form bodies on the ``form_paths`` the app names."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, form_paths: Collection[str] = ()) -> None:
@@ -460,6 +658,14 @@ class BodyGuard:
                 errors=[{"loc": where, "msg": detail, "type": "control_character"}],
             )
             await response(scope, _no_receive, send)
+            return
+        holding = _my_number_target(scope)
+        if holding is not None:
+            path = scope.get("path", "")
+            if holding[0] == "path":  # the problem's instance must not echo it either
+                segments = path.split("/")
+                path = "/".join([*segments[: int(holding[1])], "*", *segments[int(holding[1]) + 1:]])
+            await my_number_refusal([holding], path)(scope, _no_receive, send)
             return
         if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
@@ -525,6 +731,25 @@ def _unstorable_target(scope: Scope) -> tuple[list[str], str] | None:
                 return ["query", name], _control_detail(found)
         if (found := _CONTROL.search(unquote(text))) is not None:
             return ["query"], _control_detail(found)
+    return None
+
+
+def _my_number_target(scope: Scope) -> list[str | int] | None:
+    """Where the path or the query holds a My Number (as the app would decode them): a path segment
+    (by its index: one segment is one value, so no two are read as one), a query value by its name."""
+    path: str = scope.get("path", "")
+    if might_hold_my_number(path):
+        for index, segment in enumerate(path.split("/")):
+            if looks_like_my_number(segment):
+                return ["path", index]
+    raw: bytes = scope.get("query_string", b"")
+    # Cheap first: fewer than 12 digits, nothing escaped and nothing beyond ASCII hold no My Number.
+    if len(raw) >= 12 and (b"%" in raw or not raw.isascii() or sum(map(raw.count, b"0123456789")) >= 12):
+        for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):  # as Starlette decodes it
+            if looks_like_my_number(name):
+                return ["query", _MEMBER_NAME]
+            if looks_like_my_number(value):
+                return ["query", name]
     return None
 
 

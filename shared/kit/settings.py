@@ -25,6 +25,7 @@ SERVICE_PORTS: dict[str, int] = {
     "donation": 8104,
     "notification": 8105,
     "partner_gateway": 8106,
+    "identity": 8107,
 }
 # The services are listed once (``SERVICES``); this map only gives them their ports.
 if tuple(SERVICE_PORTS) != SERVICES:
@@ -51,6 +52,12 @@ class Settings(BaseSettings):
     #: The OpenID Connect issuer whose JWKS signs every token (the embedded identity service,
     #: Keycloak, Entra ID...); required outside development.
     oidc_issuer: str | None = None
+    #: The audience every service accepts instead of its own ``nichiiki-<service>`` (Microsoft Entra ID
+    #: puts the API application's id in ``aud``, one for every service).
+    oidc_audience: str | None = None
+    #: Where this issuer puts the claims the services read, when not under their own names: a JSON
+    #: object, e.g. ``{"municipality": "extension_<app>_municipality"}`` (docs/identity.md).
+    oidc_claim_map: dict[str, str] = Field(default_factory=dict)
     #: The longest a token may live (``exp - iat``): a stolen token is worth little for long.
     token_max_lifetime_s: int = Field(default=3600, ge=60, le=86_400)
     #: The development key (HS256) and issuer of ``nichiiki token``: refused outside development.
@@ -89,6 +96,29 @@ class Settings(BaseSettings):
     #: group and the runtime asks the broker to release a departed group leader (``group_join``). On
     #: the embedded broker a join takes half the session timeout and a sync up to 0.8 of it.
     consumer_join_timeout_ms: int = 30_000
+
+    # Rate limits (``shared/kit/rate_limit.py``): a rate and a burst (how many may come at once) per
+    # kind of caller; refused with 429 and Retry-After. Redis down: not limited (a warning).
+    rate_limit_enabled: bool = True
+    #: Sign-in (``POST /oauth/token``) per account (username or client id) and per client IP.
+    rate_limit_sign_in_account_per_min: float = Field(default=10, gt=0)
+    rate_limit_sign_in_account_burst: int = Field(default=10, ge=1)
+    rate_limit_sign_in_ip_per_min: float = Field(default=60, gt=0)
+    rate_limit_sign_in_ip_burst: int = Field(default=30, ge=1)
+    #: Partner API writes and reads (subsidy ``POST /v1/redemptions``...) per partner.
+    rate_limit_partner_per_s: float = Field(default=50, gt=0)
+    rate_limit_partner_burst: int = Field(default=100, ge=1)
+    #: Certificate verification at the partner gateway per partner (every key of the partner together).
+    rate_limit_verify_per_s: float = Field(default=200, gt=0)
+    rate_limit_verify_burst: int = Field(default=400, ge=1)
+    #: Routes anyone may call without a credential (public verification), per client IP.
+    rate_limit_public_per_min: float = Field(default=120, gt=0)
+    rate_limit_public_burst: int = Field(default=30, ge=1)
+    #: The verification hot path takes this much of its rate from Redis at a time (one Redis call
+    #: per lease, not per request); leased tokens not used within a second are dropped.
+    rate_limit_lease_s: float = Field(default=0.05, gt=0, le=1)
+    #: Take the client IP from the last ``X-Forwarded-For`` entry (only behind a proxy that sets it).
+    rate_limit_trust_forwarded_for: bool = False
 
     def service_port(self, service: str) -> int:
         return SERVICE_PORTS[service] + self.port_offset

@@ -191,6 +191,20 @@ class Write:
         )
 
 
+def checked_target(
+    load: Callable[[Connection], Awaitable[T]], check: Callable[[T], None]
+) -> Callable[[UnitOfWork], Awaitable[T]]:
+    """The usual ``authorise`` step: load (and lock) the target, then check who may act on it
+    (``check`` raises the 403); the action gets the loaded target."""
+
+    async def authorise(work: UnitOfWork) -> T:
+        target = await load(work.conn)
+        check(target)
+        return target
+
+    return authorise
+
+
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(

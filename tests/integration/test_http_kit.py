@@ -133,9 +133,10 @@ async def test_auth_401_without_a_token_403_for_the_wrong_role_or_municipality(
                    401, "unauthenticated")
     forged = bearer(settings.model_copy(update={"jwt_secret": "another-secret-that-is-long-enough-0123"}), "admin")
     assert_problem(await client.post(url, json=order, headers=forged), 401, "unauthenticated")
-    assert_problem(await client.post(url, json=order, headers=bearer(settings, "resident", services=[KIT])), 403, "forbidden")
-    assert_problem(await client.post(url, json=order, headers=bearer(settings, "partner", services=[KIT], partner="jal")),
-                   403, "forbidden")
+    resident = bearer(settings, "resident", services=[KIT])
+    assert_problem(await client.post(url, json=order, headers=resident), 403, "forbidden")
+    partner = bearer(settings, "partner", services=[KIT], partner="jal")
+    assert_problem(await client.post(url, json=order, headers=partner), 403, "forbidden")
     other_town = bearer(settings, "staff", services=[KIT], municipality="131016")
     assert_problem(await client.post(url, json=order, headers=other_town), 403, "forbidden")
     assert (await client.post(url, json=order, headers=bearer(settings, "admin", services=[KIT]))).status_code == 201

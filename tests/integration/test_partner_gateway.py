@@ -583,6 +583,7 @@ async def test_forgetting_a_certificate_tombstones_every_grant_key_the_partner_w
         (number, PartnerWithdrawal.event_type), (k1, None), (k2, None), (number, None),
     ]
     assert records[9].data()["state"] == "cancelled" and records[10].data()["reason"] == "resident_withdrawn"
+    assert records[9].data()["reason"] == "other"  # an older event's free text is never forwarded
     ferry = await feed(gw, "kyushuyusen", number, count=5)
     assert [(r.key, r.type) for r in ferry] == [
         (number, PartnerCertificate.event_type), (k3, PartnerGrant.event_type),

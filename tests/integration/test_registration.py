@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import date, timedelta
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
 from services.registration.main import create_app
@@ -24,6 +27,7 @@ from shared.contracts.registration import (
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
 from shared.reference import check_digit
+from shared.stack.identity_verifier import DEVELOPMENT_ISSUER, attest
 from tests.integration.test_registration_support import (
     HOME,
     IKI,
@@ -132,13 +136,13 @@ BAD_ACCOUNTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("wrong check digit", {"legal_address_code": "131017"}, 422, "malformed-municipality-code"),
     ("unknown legal address", {"legal_address_code": _unknown_code()}, 422, "unknown-municipality"),
     ("a prefecture as legal address", {"legal_address_code": "130001"}, 422, "invalid-legal-address"),
-    ("My Number as phone", {"phone": "1234-5678-9012"}, 422, "my-number-not-allowed"),
-    ("My Number in the name", {"name": "山田 花子 123456789012"}, 422, "my-number-not-allowed"),
-    ("full-width My Number", {"name_kana": "１２３４ ５６７８ ９０１２"}, 422, "my-number-not-allowed"),
-    ("My Number nested", {"consents": [{"purpose": "share_certificate", "partner": "123456789012"}]}, 422,
+    ("My Number as phone", {"phone": "1234-5678-9018"}, 422, "my-number-not-allowed"),
+    ("My Number in the name", {"name": "山田 花子 123456789018"}, 422, "my-number-not-allowed"),
+    ("full-width My Number", {"name_kana": "１２３４ ５６７８ ９０１８"}, 422, "my-number-not-allowed"),
+    ("My Number nested", {"consents": [{"purpose": "share_certificate", "partner": "123456789018"}]}, 422,
      "my-number-not-allowed"),
     ("unknown field", {"my_number": "x"}, 422, "invalid-request"),
-    ("My Number as a member name", {"1234-5678-9012": "x"}, 422, "my-number-not-allowed"),
+    ("My Number as a member name", {"1234-5678-9018": "x"}, 422, "my-number-not-allowed"),
     ("unknown language", {"preferred_language": "fr"}, 422, "invalid-request"),
     ("consent per partner without partner", {"consents": [{"purpose": "share_certificate"}]}, 422,
      "consent-partner-required"),
@@ -160,7 +164,7 @@ async def test_a_bad_account_is_refused_and_nothing_is_written(
     )
     problem = assert_problem(response, status, code)
     if code == "my-number-not-allowed":
-        assert "123456789012" not in response.text and "１２３４" not in response.text  # never echoed
+        assert "123456789018" not in response.text and "１２３４" not in response.text  # never echoed
         assert problem["detail"].startswith("the body value at $")
     assert await snapshot(pool) == before
 
@@ -263,36 +267,73 @@ async def test_registering_directly_with_a_prefecture_derives_nothing(
     assert await pool.fetchval("SELECT count(*) FROM registrations WHERE resident_id = $1", resident_id) == 2
 
 
-BAD_REGISTRATIONS: list[tuple[str, dict[str, Any], int, str]] = [
-    ("malformed code", {"municipality_code": "30401"}, 422, "malformed-municipality-code"),
-    ("letters", {"municipality_code": "30401X"}, 422, "malformed-municipality-code"),
-    ("wrong check digit", {"municipality_code": "304019"}, 422, "malformed-municipality-code"),
-    ("unknown code", {"municipality_code": _unknown_code()}, 422, "unknown-municipality"),
-    ("a designated city's ward", {"municipality_code": "141011"}, 422, "municipality-not-registrable"),
-    ("a northern territories village", {"municipality_code": "016951"}, 422, "municipality-not-registrable"),
-    ("unknown tier", {"municipality_code": SHIRAHAMA, "tier": "gold"}, 422, "invalid-request"),
-    ("basic with activities", {"municipality_code": SHIRAHAMA, "activities": activities(1, 2, 3)}, 422,
+def _unsigned(resident_id: str) -> str:
+    """An ``alg: none`` JWS of otherwise valid claims."""
+    now = int(datetime.now(UTC).timestamp())
+    claims = {"iss": DEVELOPMENT_ISSUER, "sub": resident_id, "iat": now, "exp": now + 300,
+              "jti": str(uuid.uuid4()), "method": "jpki", "verified_at": now}
+    return jwt.encode(claims, "", algorithm="none")
+
+
+def _minutes_ago(minutes: int) -> datetime:
+    return datetime.now(UTC) - timedelta(minutes=minutes)
+
+
+#: (case, the body for the resident registering, status, problem code)
+BAD_REGISTRATIONS: list[tuple[str, Callable[[str], dict[str, Any]], int, str]] = [
+    ("malformed code", lambda _: {"municipality_code": "30401"}, 422, "malformed-municipality-code"),
+    ("letters", lambda _: {"municipality_code": "30401X"}, 422, "malformed-municipality-code"),
+    ("wrong check digit", lambda _: {"municipality_code": "304019"}, 422, "malformed-municipality-code"),
+    ("unknown code", lambda _: {"municipality_code": _unknown_code()}, 422, "unknown-municipality"),
+    ("a designated city's ward", lambda _: {"municipality_code": "141011"}, 422, "municipality-not-registrable"),
+    ("a northern territories village", lambda _: {"municipality_code": "016951"}, 422,
+     "municipality-not-registrable"),
+    ("unknown tier", lambda _: {"municipality_code": SHIRAHAMA, "tier": "gold"}, 422, "invalid-request"),
+    ("basic with activities", lambda _: {"municipality_code": SHIRAHAMA, "activities": activities(1, 2, 3)}, 422,
      "proof-not-for-basic"),
-    ("premium in the home municipality", premium(HOME), 422, "premium-in-home-municipality"),
-    ("premium without identity", premium(SHIRAHAMA, identity=None), 422, "identity-not-verified"),
-    ("identity verified in the future", premium(SHIRAHAMA, identity=identity(verified_at="2099-01-01T00:00:00+09:00")),
-     422, "identity-verification-invalid"),
+    ("premium in the home municipality", lambda r: premium(HOME, r), 422, "premium-in-home-municipality"),
+    ("premium without attestation", lambda r: premium(SHIRAHAMA, r, attestation=None), 422, "identity-not-verified"),
+    # A client can no longer state its own JPKI result, with or without an attestation beside it.
+    ("self-claimed jpki", lambda r: premium(SHIRAHAMA, r, attestation=None, identity=identity()), 422,
+     "identity-not-attested"),
+    ("self-claimed jpki beside an attestation", lambda r: premium(SHIRAHAMA, r, identity=identity()), 422,
+     "identity-not-attested"),
+    ("attestation of another resident", lambda r: premium(SHIRAHAMA, r, attestation=attest(new_resident_id())), 422,
+     "attestation-subject-mismatch"),
+    ("attestation of another birth date",
+     lambda r: premium(SHIRAHAMA, r, attestation=attest(r, birthdate=date(1990, 1, 1))), 422,
+     "attestation-subject-mismatch"),
+    ("expired attestation", lambda r: premium(SHIRAHAMA, r, attestation=attest(r, now=_minutes_ago(20))), 422,
+     "attestation-expired"),
+    ("attestation living an hour",
+     lambda r: premium(SHIRAHAMA, r, attestation=attest(r, ttl=timedelta(hours=1))), 422, "attestation-invalid"),
+    ("attestation signed with another key",
+     lambda r: premium(SHIRAHAMA, r, attestation=attest(r, key=ec.generate_private_key(ec.SECP256R1()))), 422,
+     "attestation-invalid"),
+    ("attestation of an untrusted provider",
+     lambda r: premium(SHIRAHAMA, r, attestation=attest(r, issuer="https://verifier.example")), 422,
+     "attestation-invalid"),
+    ("unsigned attestation", lambda r: premium(SHIRAHAMA, r, attestation=_unsigned(r)), 422, "attestation-invalid"),
+    ("attestation of another method", lambda r: premium(SHIRAHAMA, r, attestation=attest(r, "password")), 422,
+     "attestation-invalid"),
+    ("not a JWS", lambda r: premium(SHIRAHAMA, r, attestation="not a signed attestation"), 422, "invalid-request"),
     ("identity verified two years ago",
-     premium(SHIRAHAMA, identity=identity(verified_at=f"{date.today().year - 2}-01-01T00:00:00+09:00")), 422,
+     lambda r: premium(SHIRAHAMA, r, attestation=attest(r, verified_at=_minutes_ago(2 * 366 * 24 * 60))), 422,
      "identity-verification-invalid"),
-    ("identity by another method", premium(SHIRAHAMA, identity=identity(method="password")), 422, "invalid-request"),
-    ("two activities", premium(SHIRAHAMA, activities=activities(5, 6)), 422, "not-enough-activities"),
+    ("two activities", lambda r: premium(SHIRAHAMA, r, activities=activities(5, 6)), 422, "not-enough-activities"),
     ("the same activity thrice",
-     premium(SHIRAHAMA, activities=[{"name": "草刈り", "date": date.today().isoformat()}] * 3), 422,
+     lambda r: premium(SHIRAHAMA, r, activities=[{"name": "草刈り", "date": date.today().isoformat()}] * 3), 422,
      "not-enough-activities"),
-    ("an activity in the future", premium(SHIRAHAMA, activities=activities(5, 6, -3)), 422, "activity-out-of-range"),
-    ("an activity over a year ago", premium(SHIRAHAMA, activities=activities(5, 6, 400)), 422,
+    ("an activity in the future", lambda r: premium(SHIRAHAMA, r, activities=activities(5, 6, -3)), 422,
      "activity-out-of-range"),
-    ("My Number as a document", premium(SHIRAHAMA, activities=[
-        *activities(5, 6), {"name": "清掃", "date": date.today().isoformat(), "document_ref": "1234 5678 9012"}]),
+    ("an activity over a year ago", lambda r: premium(SHIRAHAMA, r, activities=activities(5, 6, 400)), 422,
+     "activity-out-of-range"),
+    ("My Number as a document", lambda r: premium(SHIRAHAMA, r, activities=[
+        *activities(5, 6), {"name": "清掃", "date": date.today().isoformat(), "document_ref": "1234 5678 9018"}]),
      422, "my-number-not-allowed"),
-    ("My Number as certificate serial", premium(SHIRAHAMA, identity=identity(certificate_serial="123456789012")),
-     422, "my-number-not-allowed"),
+    ("My Number as certificate serial",
+     lambda r: premium(SHIRAHAMA, r, identity=identity(certificate_serial="123456789018")), 422,
+     "my-number-not-allowed"),
 ]
 
 
@@ -301,12 +342,13 @@ BAD_REGISTRATIONS: list[tuple[str, dict[str, Any], int, str]] = [
 )
 async def test_a_bad_registration_is_refused_and_nothing_is_written(
     client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool,
-    case: str, body: dict[str, Any], status: int, code: str,
+    case: str, body: Callable[[str], dict[str, Any]], status: int, code: str,
 ) -> None:
     resident_id = await create_resident(client, settings)
     before = await snapshot(pool)
     response = await client.post(
-        f"/v1/residents/{resident_id}/registrations", json=body, headers=resident_auth(settings, resident_id)
+        f"/v1/residents/{resident_id}/registrations", json=body(resident_id),
+        headers=resident_auth(settings, resident_id),
     )
     assert_problem(response, status, code)
     assert await snapshot(pool) == before
@@ -338,18 +380,19 @@ async def test_premium_is_reviewed_by_the_municipality(
     client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
 ) -> None:
     resident_id = await create_resident(client, settings)
-    requested = await register(client, settings, resident_id, premium(SHIRAHAMA))
+    requested = await register(client, settings, resident_id, premium(SHIRAHAMA, resident_id))
     assert (requested["tier"], requested["status"], requested["awaiting_review"]) == (
         "premium", "pending_review", "initial")
     registration_id = requested["id"]
 
-    # Only what the result says is stored: method, time, certificate serial and subject reference.
+    # Only what the attestation establishes is stored: method, time, provider and attestation id.
     verification = await one(pool,
         "SELECT * FROM identity_verifications WHERE resident_id = $1", resident_id
     )
     assert set(dict(verification)) == {
-        "id", "resident_id", "method", "verified_at", "certificate_serial", "subject_ref", "recorded_at"}
-    assert verification["method"] == "jpki"
+        "id", "resident_id", "method", "verified_at", "certificate_serial", "subject_ref", "recorded_at",
+        "provider", "attestation_id"}
+    assert (verification["method"], verification["provider"]) == ("jpki", DEVELOPMENT_ISSUER)
 
     staff = await client.get(f"/v1/registrations/{registration_id}", headers=staff_auth(settings, SHIRAHAMA))
     assert staff.status_code == 200
@@ -378,7 +421,7 @@ async def test_premium_is_reviewed_by_the_municipality(
     before = await snapshot(pool)
     twice = await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SHIRAHAMA))
     assert_problem(twice, 409, "already-decided")
-    reject_after = await client.post(f"/v1/registrations/{registration_id}/reject", json={"reason": "遅れた判断"},
+    reject_after = await client.post(f"/v1/registrations/{registration_id}/reject", json={"reason_code": "other"},
                                      headers=staff_auth(settings, SHIRAHAMA))
     assert_problem(reject_after, 409, "already-decided")
     assert await snapshot(pool) == before
@@ -404,21 +447,103 @@ async def test_premium_is_reviewed_by_the_municipality(
     assert (approval.registration_id, approval.valid_until) == (registration_id, expected_until)
 
 
+async def test_an_attested_identity_is_recorded_and_each_attestation_is_used_once(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    me = resident_auth(settings, resident_id)
+    verified_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)
+    jti = str(uuid.uuid4())
+    token = attest(resident_id, verified_at=verified_at, birthdate=date(1988, 4, 12), jti=jti)
+    key, body = {**me, "Idempotency-Key": str(uuid.uuid4())}, premium(SHIRAHAMA, resident_id, attestation=token)
+    first = await client.post(f"/v1/residents/{resident_id}/registrations", json=body, headers=key)
+    assert first.status_code == 201, first.text
+    assert (first.json()["status"], first.json()["awaiting_review"]) == ("pending_review", "initial")
+
+    # The verification is recorded with the review: method, provider, when it was made.
+    recorded = await one(pool, "SELECT * FROM identity_verifications WHERE resident_id = $1", resident_id)
+    assert (recorded["method"], recorded["provider"], recorded["attestation_id"], recorded["verified_at"]) == (
+        "jpki", DEVELOPMENT_ISSUER, jti, verified_at)
+    detail = await client.get(f"/v1/registrations/{first.json()['id']}", headers=staff_auth(settings, SHIRAHAMA))
+    review = detail.json()["reviews"][0]
+    assert (review["identity_method"], review["identity_provider"]) == ("jpki", DEVELOPMENT_ISSUER)
+    assert datetime.fromisoformat(review["identity_verified_at"]) == verified_at
+
+    # The same request under the same key is the first answer again, not a replayed attestation.
+    repeat = await client.post(f"/v1/residents/{resident_id}/registrations", json=body, headers=key)
+    assert repeat.status_code == 201 and repeat.headers["Idempotent-Replayed"] == "true"
+    assert repeat.json() == first.json()
+
+    # Any other request with the same attestation is refused, and writes nothing.
+    before = await snapshot(pool)
+    again = await client.post(f"/v1/residents/{resident_id}/registrations",
+                              json=premium(TANABE, resident_id, attestation=token), headers=me)
+    assert_problem(again, 409, "attestation-replayed")
+    assert await snapshot(pool) == before
+    approved = await client.post(f"/v1/registrations/{first.json()['id']}/approve",
+                                 headers=staff_auth(settings, SHIRAHAMA))
+    assert approved.status_code == 200, approved.text
+    before = await snapshot(pool)
+    renewal = await client.post(f"/v1/registrations/{first.json()['id']}/renew",
+                                json={"activities": activities(0, 0, 0), "attestation": token}, headers=me)
+    assert_problem(renewal, 409, "attestation-replayed")
+    self_claimed = await client.post(f"/v1/registrations/{first.json()['id']}/renew",
+                                     json={"activities": activities(0, 0, 0), "identity": identity()}, headers=me)
+    assert_problem(self_claimed, 422, "identity-not-attested")
+    assert await snapshot(pool) == before
+
+    # A fresh attestation renews, and records a second verification.
+    renewed = await client.post(f"/v1/registrations/{first.json()['id']}/renew",
+                                json={"activities": activities(0, 0, 0), "attestation": attest(resident_id)},
+                                headers=me)
+    assert renewed.status_code == 200, renewed.text
+    assert await pool.fetchval(
+        "SELECT count(*) FROM identity_verifications WHERE resident_id = $1 AND provider = $2",
+        resident_id, DEVELOPMENT_ISSUER) == 2
+
+
+async def test_one_attestation_sent_twice_at_once_is_used_once(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    resident_id = await create_resident(client, settings)
+    token = attest(resident_id)
+    responses = await asyncio.gather(*[
+        client.post(f"/v1/residents/{resident_id}/registrations",
+                    json=premium(code, resident_id, attestation=token), headers=resident_auth(settings, resident_id))
+        for code in (SHIRAHAMA, KAMISHIHORO)
+    ])
+    assert sorted(r.status_code for r in responses) == [201, 409]
+    assert_problem(next(r for r in responses if r.status_code == 409), 409, "attestation-replayed")
+    assert await pool.fetchval(
+        "SELECT count(*) FROM premium_reviews pr JOIN registrations r ON r.id = pr.registration_id "
+        "WHERE r.resident_id = $1", resident_id) == 1
+
+
 async def test_a_rejection_ends_the_request_and_its_derived_prefecture_registration(
     client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
 ) -> None:
     resident_id = await create_resident(client, settings)
-    requested = await register(client, settings, resident_id, premium(KAMISHIHORO))
+    requested = await register(client, settings, resident_id, premium(KAMISHIHORO, resident_id))
     before = await snapshot(pool)
-    no_reason = await client.post(f"/v1/registrations/{requested['id']}/reject", json={"reason": ""},
-                                  headers=staff_auth(settings, KAMISHIHORO))
-    assert_problem(no_reason, 422, "invalid-request")
+    # A reason is a code of the published list: none, free text or an unknown code is refused.
+    for body in ({"reason": ""}, {"reason": "活動の記録が確認できませんでした"}, {"reason_code": "活動不足"},
+                 {"reason_code": "certificate_revoked"}, {"note": "活動不足"}):
+        no_reason = await client.post(f"/v1/registrations/{requested['id']}/reject", json=body,
+                                      headers=staff_auth(settings, KAMISHIHORO))
+        assert_problem(no_reason, 422, "invalid-request")
     assert await snapshot(pool) == before
     rejected = await client.post(
-        f"/v1/registrations/{requested['id']}/reject", json={"reason": "活動の記録が確認できませんでした"},
+        f"/v1/registrations/{requested['id']}/reject",
+        json={"reason_code": "activity_not_confirmed", "note": "活動の記録が確認できませんでした"},
         headers=staff_auth(settings, KAMISHIHORO),
     )
     assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    # The review keeps the code and the note; staff see both, the person the code only.
+    review = (await client.get(f"/v1/registrations/{requested['id']}",
+                               headers=staff_auth(settings, KAMISHIHORO))).json()["reviews"][0]
+    assert (review["reason"], review["note"]) == ("activity_not_confirmed", "活動の記録が確認できませんでした")
+    own = await client.get(f"/v1/registrations/{requested['id']}", headers=resident_auth(settings, resident_id))
+    assert own.json()["reviews"][0]["reason"] == "activity_not_confirmed" and "活動の記録" not in own.text
     statuses = await pool.fetch(
         "SELECT municipality_code, status FROM registrations WHERE resident_id = $1", resident_id
     )
@@ -426,10 +551,11 @@ async def test_a_rejection_ends_the_request_and_its_derived_prefecture_registrat
         (KAMISHIHORO, "rejected"), ("010006", "withdrawn")}
     events = await events_of(settings, pool, resident_id, 5)
     assert [e.type for e in events[-2:]] == [PremiumRejected.event_type, RegistrationWithdrawn.event_type]
-    assert decoded(events[-2], PremiumRejected, resident_id).reason == "活動の記録が確認できませんでした"
+    assert decoded(events[-2], PremiumRejected, resident_id).reason == "activity_not_confirmed"
+    assert "活動の記録" not in events[-2].data.decode()  # the note never leaves the service
     assert decoded(events[-1], RegistrationWithdrawn, resident_id).municipality_code == "010006"
     # A rejected request does not block a new one.
-    again = await register(client, settings, resident_id, premium(KAMISHIHORO))
+    again = await register(client, settings, resident_id, premium(KAMISHIHORO, resident_id))
     assert again["status"] == "pending_review"
 
 
@@ -438,7 +564,7 @@ async def test_at_most_three_premium_registrations_even_when_requested_at_once(
 ) -> None:
     resident_id = await create_resident(client, settings)
     responses = await asyncio.gather(*[
-        client.post(f"/v1/residents/{resident_id}/registrations", json=premium(code),
+        client.post(f"/v1/residents/{resident_id}/registrations", json=premium(code, resident_id),
                     headers=resident_auth(settings, resident_id))
         for code in (SHIRAHAMA, KAMISHIHORO, MITOYO, IKI)
     ])
@@ -457,13 +583,13 @@ async def test_a_basic_registration_is_upgraded_after_review(
 ) -> None:
     resident_id = await create_resident(client, settings)
     basic = await register(client, settings, resident_id, {"municipality_code": MITOYO})
-    response = await client.post(f"/v1/residents/{resident_id}/registrations", json=premium(MITOYO),
+    response = await client.post(f"/v1/residents/{resident_id}/registrations", json=premium(MITOYO, resident_id),
                                  headers=resident_auth(settings, resident_id))
     assert response.status_code == 200, response.text  # the same registration, now under review
     upgrade = response.json()
     assert (upgrade["id"], upgrade["tier"], upgrade["status"], upgrade["awaiting_review"]) == (
         basic["id"], "basic", "active", "upgrade")
-    again = await client.post(f"/v1/residents/{resident_id}/registrations", json=premium(MITOYO),
+    again = await client.post(f"/v1/residents/{resident_id}/registrations", json=premium(MITOYO, resident_id),
                               headers=resident_auth(settings, resident_id))
     assert_problem(again, 409, "already-registered")
     approved = await client.post(f"/v1/registrations/{basic['id']}/approve", headers=staff_auth(settings, MITOYO))
@@ -476,7 +602,7 @@ async def test_renewal_needs_a_new_activity_record(
     client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
 ) -> None:
     resident_id = await create_resident(client, settings)
-    requested = await register(client, settings, resident_id, premium(SUSAMI))
+    requested = await register(client, settings, resident_id, premium(SUSAMI, resident_id))
     registration_id = requested["id"]
     await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SUSAMI))
     # Pretend the year is nearly over: it began 300 days ago.
@@ -519,7 +645,7 @@ async def test_premium_expires_once_after_its_year(
     client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
 ) -> None:
     resident_id = await create_resident(client, settings)
-    requested = await register(client, settings, resident_id, premium(IKI))
+    requested = await register(client, settings, resident_id, premium(IKI, resident_id))
     await client.post(f"/v1/registrations/{requested['id']}/approve", headers=staff_auth(settings, IKI))
     renewal = await client.post(f"/v1/registrations/{requested['id']}/renew", json={"activities": activities(0, 0, 0)},
                                 headers=resident_auth(settings, resident_id))
@@ -552,7 +678,7 @@ async def test_a_second_replica_expires_premiums_in_the_background(
     client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
 ) -> None:
     resident_id = await create_resident(client, settings)
-    requested = await register(client, settings, resident_id, premium(TANABE))
+    requested = await register(client, settings, resident_id, premium(TANABE, resident_id))
     await client.post(f"/v1/registrations/{requested['id']}/approve", headers=staff_auth(settings, TANABE))
     await pool.execute(
         "UPDATE registrations SET valid_until = $2 WHERE id = $1", requested["id"], today() - timedelta(days=3)
@@ -591,7 +717,7 @@ async def test_a_repeated_post_with_the_same_key_returns_the_first_result(
     assert too_long.status_code == 422
 
     register_headers = {**resident_auth(settings, resident_id), "Idempotency-Key": "register-1"}
-    body = premium(SHIRAHAMA)
+    body = premium(SHIRAHAMA, resident_id)
     attempts = await asyncio.gather(*[
         client.post(f"/v1/residents/{resident_id}/registrations", json=body, headers=register_headers)
         for _ in range(3)

@@ -18,6 +18,7 @@ from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, parse_envelope
 from shared.kit.outbox import pending_count
 from shared.kit.settings import Settings
+from shared.stack.identity_verifier import attest
 from tests.support import bearer, eventually, read_topic
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "contracts" / "schemas"
@@ -73,6 +74,7 @@ def hanako(**overrides: Any) -> dict[str, Any]:
 
 
 def identity(**overrides: Any) -> dict[str, Any]:
+    """A JPKI result as clients stated it themselves before attestations (now refused)."""
     body: dict[str, Any] = {
         "method": "jpki",
         "verified_at": (datetime.now(UTC) - timedelta(days=2)).isoformat(),
@@ -91,9 +93,10 @@ def activities(*days_ago: int, prefix: str = "棚田の草刈り") -> list[dict[
     ]
 
 
-def premium(municipality: str, **overrides: Any) -> dict[str, Any]:
+def premium(municipality: str, resident_id: str, **overrides: Any) -> dict[str, Any]:
+    """A premium request of ``resident_id`` with a fresh attestation of the development provider."""
     body: dict[str, Any] = {
-        "municipality_code": municipality, "tier": "premium", "identity": identity(),
+        "municipality_code": municipality, "tier": "premium", "attestation": attest(resident_id),
         "activities": activities(10, 40, 90),
     }
     body.update(overrides)

@@ -76,7 +76,7 @@ def hanako_body(**overrides: object) -> dict[str, object]:
 
 async def pending_premium(client: httpx.AsyncClient, settings: Settings, municipality: str) -> str:
     resident_id = await create_resident(client, settings)
-    return str((await register(client, settings, resident_id, premium(municipality)))["id"])
+    return str((await register(client, settings, resident_id, premium(municipality, resident_id)))["id"])
 
 
 # --- Residents -----------------------------------------------------------------------------------
@@ -139,14 +139,15 @@ async def test_reject(client: httpx.AsyncClient, settings: Settings) -> None:
     registration_id = await pending_premium(client, settings, SHIRAHAMA)
     first = await assert_key_scoped(
         client, "POST", f"/v1/registrations/{registration_id}/reject", owner=staff_auth(settings, SHIRAHAMA),
-        other=staff_auth(settings, TANABE), body={"reason": "活動記録が不足"}, changed_body={"reason": "別の理由"},
+        other=staff_auth(settings, TANABE), body={"reason_code": "activity_not_confirmed"},
+        changed_body={"reason_code": "activity_not_confirmed", "note": "別の理由"},
     )
     assert first.json()["status"] == "rejected"
 
 
 async def test_renew(client: httpx.AsyncClient, settings: Settings) -> None:
     resident_id = await create_resident(client, settings)
-    registration_id = (await register(client, settings, resident_id, premium(SHIRAHAMA)))["id"]
+    registration_id = (await register(client, settings, resident_id, premium(SHIRAHAMA, resident_id)))["id"]
     approved = await client.post(
         f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SHIRAHAMA)
     )

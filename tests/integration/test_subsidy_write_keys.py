@@ -91,7 +91,7 @@ async def test_report_redemption(subsidy: Subsidy) -> None:
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     body = http_trip(grant)
-    # Another partner reporting on this grant with the same key is refused (403 wrong-partner).
+    # Another partner reporting on this grant with the same key is refused (404, as for no such grant).
     first = await assert_key_scoped(
         subsidy.client, "POST", "/v1/redemptions", owner=subsidy.auth("partner", partner=partner),
         other=subsidy.auth("partner", partner=f"p{uid()}"), body=body,

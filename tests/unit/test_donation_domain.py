@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from pypdf import PdfReader
 
 from services.donation import domain
@@ -33,7 +34,6 @@ from shared.contracts.formats import ProgramId
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import japan_date
 from shared.kit.errors import DomainError, Forbidden
-from shared.kit.my_number import find_my_number
 from shared.reference import find_municipality_by_full_name
 
 SHIRAHAMA = "304018"
@@ -199,28 +199,33 @@ def test_a_refund_reverses_donation_and_transfer() -> None:
     assert sum(e.amount for e in [*entries, *reversal]) == 0
 
 
+def my_number_refusals(data: dict[str, Any]) -> list[tuple[int | str, ...]]:
+    with pytest.raises(ValidationError) as caught:
+        DonationConfirmation.model_validate(data)
+    return [e["loc"] for e in caught.value.errors() if e["type"] == "my_number_not_allowed"]
+
+
+# 123456789018: a valid My Number (check digit 8); the kit's filter is tested in tests/unit/test_my_number.py
 @pytest.mark.parametrize(
     "value",
     [
-        "123456789012", "1234-5678-9012", "1234 5678 9012", "１２３４５６７８９０１２", "番号123456789012です",
-        {"note": ["x", {"deep": "123456789012"}]}, {"123456789012": "key"}, 123456789012,
+        "123456789018", "1234-5678-9018", "1234 5678 9018", "１２３４５６７８９０１８", "番号123456789018です",
+        123456789018,
     ],
 )
-def test_a_my_number_is_found_anywhere(value: object) -> None:
-    assert find_my_number(value, exempt=domain.MY_NUMBER_EXEMPT_FIELDS) is not None
+def test_a_my_number_is_refused_in_a_confirmation(value: object) -> None:
+    assert my_number_refusals({"project": value}) == [("project",)]
 
 
 @pytest.mark.parametrize(
-    "value",
-    [
-        "1234567890123",  # a 13-digit corporate number
-        "03-1234-5678", "090-1234-5678", "〒649-2211", "12345678901", "2026-01-10",
-        {"payment_reference": "202612310001"},  # a provider's own reference
-        {"amount": 100_000, "one_stop_requested": True},
-    ],
+    "value", ["1234567890123", "03-1234-5678", "090-1234-5678", "〒649-2211", "12345678901", "2026-01-10"],
 )
 def test_other_numbers_pass(value: object) -> None:
-    assert find_my_number(value, exempt=domain.MY_NUMBER_EXEMPT_FIELDS) is None
+    assert my_number_refusals({"project": value}) == []
+
+
+def test_only_the_payment_providers_own_reference_may_be_twelve_digits() -> None:
+    assert my_number_refusals({"payment_reference": "123456789018"}) == []
 
 
 def test_donor_identity_ignores_spacing_and_width() -> None:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import itertools
+import json
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
 from services.registration import domain
+from services.registration.attestation import AttestationVerifier, parse_providers
 from services.registration.domain import Activity, IdentityVerification, Registration
 from shared.kit import my_number
+from shared.kit.settings import Settings
 from shared.reference import municipality
+from shared.stack.identity_verifier import DEVELOPMENT_ISSUER, attest, public_jwks
 
 # 2026-03-01 15:30 UTC is already 2 March in Japan.
 NOW = datetime(2026, 3, 1, 15, 30, tzinfo=UTC)
@@ -30,7 +38,7 @@ def new_id_factory() -> Callable[[], str]:
 
 
 def jpki(verified_at: datetime = NOW - timedelta(days=1)) -> IdentityVerification:
-    return IdentityVerification("jpki", verified_at, "SERIAL-1", "SUBJECT-1")
+    return IdentityVerification("jpki", verified_at, "https://verifier.example", "attestation-1")
 
 
 def acts(*days_ago: int) -> list[Activity]:
@@ -103,7 +111,7 @@ def test_valid_email_and_phone_pass() -> None:
 
 def test_a_resident_id_is_a_plain_identifier_and_never_a_my_number() -> None:
     assert domain.check_resident_id("res-abc_1@idp") == "res-abc_1@idp"
-    for bad in ("", "has space", "x" * 129, "123456789012", "id-1234-5678-9012"):
+    for bad in ("", "has space", "x" * 129, "123456789018", "id-1234-5678-9018"):
         with pytest.raises(domain.InvalidResidentId):
             domain.check_resident_id(bad)
 
@@ -117,8 +125,9 @@ def test_a_birth_date_may_be_today_in_japan_but_not_later() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "123456789012", "1234-5678-9012", "1234 5678 9012", "１２３４５６７８９０１２", "番号は123456789012です",
-    "1234‐5678‐9012", "1 2 3 4 5 6 7 8 9 0 1 2",
+    # 123456789018: a valid check digit (the filter refuses only twelve digits that are a My Number)
+    "123456789018", "1234-5678-9018", "1234 5678 9018", "１２３４５６７８９０１８", "番号は123456789018です",
+    "1234‐5678‐9018", "1 2 3 4 5 6 7 8 9 0 1 8",
 ])
 def test_twelve_digits_look_like_a_my_number(text: str) -> None:
     assert my_number.looks_like_my_number(text)
@@ -132,21 +141,22 @@ def test_other_numbers_do_not(text: str) -> None:
     assert not my_number.looks_like_my_number(text)
 
 
-@given(st.text(alphabet="0123456789", min_size=12, max_size=12), st.lists(st.sampled_from([" ", "-", "　"]),
+@given(st.text(alphabet="0123456789", min_size=11, max_size=11), st.lists(st.sampled_from([" ", "-", "　"]),
                                                                             max_size=11))
-def test_any_twelve_digits_with_separators_are_found(digits: str, separators: list[str]) -> None:
+def test_any_twelve_digits_with_separators_are_found(first: str, separators: list[str]) -> None:
+    digits = first + str(my_number.check_digit(first))
     text = "".join(d + (separators[i] if i < len(separators) else "") for i, d in enumerate(digits))
     assert my_number.looks_like_my_number(f"番号 {text} です")
 
 
 def test_the_path_of_a_my_number_is_reported_not_its_value() -> None:
-    document = {"name": "山田", "activities": [{"name": "a"}, {"document_ref": "1234-5678-9012"}]}
+    document = {"name": "山田", "activities": [{"name": "a"}, {"document_ref": "1234-5678-9018"}]}
     assert my_number.find_my_number(document) == "$.activities[1].document_ref"
     with pytest.raises(my_number.MyNumberNotAllowed) as refused:
         my_number.refuse_my_number(document)
     assert "1234" not in refused.value.detail
-    assert my_number.find_my_number({"unquoted": 123456789012}) == "$.unquoted"
-    assert my_number.find_my_number({"a": {"123456789012": "x"}}) == "$.a (a member name)"
+    assert my_number.find_my_number({"unquoted": 123456789018}) == "$.unquoted"
+    assert my_number.find_my_number({"a": {"123456789018": "x"}}) == "$.a (a member name)"
     assert my_number.find_my_number({"count": 3, "flag": True, "nothing": None}) is None
 
 
@@ -179,7 +189,130 @@ def test_identity_verification_must_be_recent_and_not_in_the_future() -> None:
         domain.check_identity(jpki(NOW + timedelta(hours=1)), NOW)
     with pytest.raises(domain.IdentityVerificationInvalid):
         domain.check_identity(jpki(NOW - timedelta(days=366)), NOW)
-    assert domain.check_identity(jpki(NOW + timedelta(minutes=1)), NOW)  # clock skew
+    assert domain.check_identity(jpki(NOW + timedelta(seconds=20)), NOW)  # clock skew
+
+
+# --- Identity attestations -----------------------------------------------------------------------
+
+RESIDENT = "5f0c7c1e-3c1b-4a53-9d43-0d6c1f4f2a10"
+#: Twelve digits whose last is the check digit of the first eleven (a well-formed individual number).
+MY_NUMBER = next(
+    candidate for candidate in (f"12345678901{d}" for d in range(10)) if my_number.looks_like_my_number(candidate)
+)
+BORN = date(1988, 4, 12)
+
+
+def claims(**changes: Any) -> dict[str, Any]:
+    """The claims of a valid attestation issued a minute before NOW; ``None`` removes a claim."""
+    issued = int((NOW - timedelta(minutes=1)).timestamp())
+    values: dict[str, Any] = {
+        "iss": DEVELOPMENT_ISSUER, "sub": RESIDENT, "iat": issued, "exp": issued + 300, "jti": str(uuid.uuid4()),
+        "method": "jpki", "verified_at": issued - 30, "birthdate": BORN.isoformat(),
+    }
+    values.update(changes)
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def check(values: dict[str, Any], now: datetime = NOW) -> IdentityVerification:
+    return domain.check_attestation(values, resident_id=RESIDENT, date_of_birth=BORN, now=now)
+
+
+def test_a_valid_attestation_states_method_provider_time_and_id() -> None:
+    values = claims()
+    verification = check(values)
+    assert verification == IdentityVerification(
+        "jpki", datetime.fromtimestamp(values["verified_at"], UTC), DEVELOPMENT_ISSUER, values["jti"])
+    # The birth date is checked only when the provider states it.
+    assert check(claims(birthdate=None)).method == "jpki"
+
+
+def test_an_expired_attestation_is_refused() -> None:
+    issued = int((NOW - timedelta(minutes=6)).timestamp())
+    with pytest.raises(domain.AttestationExpired):
+        check(claims(iat=issued, exp=issued + 300, verified_at=issued))
+    # 30 s of clock skew are tolerated, not more.
+    exp = int(NOW.timestamp()) - 20
+    assert check(claims(iat=exp - 300, exp=exp, verified_at=exp - 300))
+    with pytest.raises(domain.AttestationExpired):
+        check(claims(iat=exp - 300, exp=exp), now=NOW + timedelta(seconds=15))
+
+
+@pytest.mark.parametrize(("case", "changes"), [
+    ("lives longer than 10 minutes", {"exp": int(NOW.timestamp()) + 600}),
+    ("expires before it is issued", {"exp": int((NOW - timedelta(minutes=2)).timestamp())}),
+    ("issued in the future", {"iat": int((NOW + timedelta(minutes=2)).timestamp()),
+                              "exp": int((NOW + timedelta(minutes=5)).timestamp())}),
+    ("not valid yet", {"nbf": int((NOW + timedelta(minutes=2)).timestamp())}),
+    ("another method", {"method": "password"}),
+    ("no method", {"method": None}),
+    ("no jti", {"jti": None}),
+    ("a verification after the attestation", {"verified_at": int((NOW + timedelta(minutes=1)).timestamp())}),
+    ("a verification time as text", {"verified_at": "2026-03-01T15:00:00Z"}),
+    ("a birth date that is no date", {"birthdate": "12 April 1988"}),
+    ("a My Number in a claim", {"individual_number": f"{MY_NUMBER[:4]}-{MY_NUMBER[4:8]}-{MY_NUMBER[8:]}"}),
+])
+def test_an_attestation_breaking_a_rule_is_invalid(case: str, changes: dict[str, Any]) -> None:
+    with pytest.raises(domain.AttestationInvalid):
+        check(claims(**changes))
+
+
+def test_an_attestation_about_another_person_is_refused() -> None:
+    with pytest.raises(domain.AttestationSubjectMismatch):
+        check(claims(sub="another-resident"))
+    with pytest.raises(domain.AttestationSubjectMismatch):
+        check(claims(birthdate="1990-01-01"))
+
+
+def test_a_verification_more_than_a_year_old_is_refused() -> None:
+    with pytest.raises(domain.IdentityVerificationInvalid):
+        check(claims(verified_at=int((NOW - timedelta(days=366)).timestamp())))
+
+
+def verifier(providers: dict[str, Any] | None = None) -> AttestationVerifier:
+    return AttestationVerifier(parse_providers(json.dumps(providers or {DEVELOPMENT_ISSUER: public_jwks()})))
+
+
+def test_the_provider_signature_is_checked() -> None:
+    token = attest(RESIDENT, jti="attestation-7")
+    assert verifier().claims(token)["jti"] == "attestation-7"
+    another_key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(domain.AttestationInvalid, match="signature"):
+        verifier().claims(attest(RESIDENT, key=another_key))
+    with pytest.raises(domain.AttestationInvalid, match="signature"):  # a trusted kid, another key
+        verifier().claims(token[: token.rindex(".") + 1] + attest(RESIDENT, key=another_key).rsplit(".", 1)[1])
+    with pytest.raises(domain.AttestationInvalid, match="issuer"):
+        verifier().claims(attest(RESIDENT, issuer="https://verifier.example"))
+    with pytest.raises(domain.AttestationInvalid, match="compact JWS"):
+        verifier().claims("not.a.token")
+
+
+def test_only_es256_is_accepted_never_none_nor_a_shared_secret() -> None:
+    issued = int(NOW.timestamp())
+    values = {"iss": DEVELOPMENT_ISSUER, "sub": RESIDENT, "iat": issued, "exp": issued + 300, "jti": "x",
+              "method": "jpki", "verified_at": issued}
+    for token in (jwt.encode(values, "", algorithm="none"),
+                  jwt.encode(values, "a shared secret of at least thirty-two bytes", algorithm="HS256")):
+        with pytest.raises(domain.AttestationInvalid, match="not accepted"):
+            verifier().claims(token)
+
+
+def test_providers_are_trusted_by_issuer_and_development_only_in_development() -> None:
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(other_key.public_key()))  # no kid: tried in turn
+    configured = json.dumps({"https://verifier.example": {"keys": [other_jwk]}})
+    production = AttestationVerifier.from_settings(Settings(env="production"), configured)
+    assert set(production.providers) == {"https://verifier.example"}
+    token = attest(RESIDENT, issuer="https://verifier.example", key=other_key)
+    assert production.claims(token)["iss"] == "https://verifier.example"
+    with pytest.raises(domain.AttestationInvalid, match="issuer"):  # the development key is not trusted
+        production.claims(attest(RESIDENT))
+    # Another provider's key does not sign for this one.
+    with pytest.raises(domain.AttestationInvalid):
+        production.claims(attest(RESIDENT, issuer="https://verifier.example"))
+    assert AttestationVerifier.from_settings(Settings(env="production"), "").providers == {}
+    development = AttestationVerifier.from_settings(Settings(env="development"), configured)
+    assert set(development.providers) == {"https://verifier.example", DEVELOPMENT_ISSUER}
+    assert development.claims(attest(RESIDENT))["sub"] == RESIDENT
 
 
 def test_consents_per_partner_only_for_sharing_the_certificate() -> None:
