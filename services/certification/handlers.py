@@ -69,7 +69,7 @@ from shared.kit.auth import Principal, Role
 from shared.kit.clock import utc_now
 from shared.kit.db import Connection
 from shared.kit.service import ServiceRuntime, UnitOfWork
-from shared.kit.use_case import Outcome, Work, Write
+from shared.kit.use_case import Outcome, Work, Write, checked_target
 
 log = structlog.get_logger(__name__)
 
@@ -298,14 +298,13 @@ class CertificationService:
     ) -> Callable[[UnitOfWork], Awaitable[Application]]:
         """Only the municipality's staff decide on its applications (the application is locked for it)."""
 
-        async def authorise(work: UnitOfWork) -> Application:
-            application = await store.get_application(work.conn, application_id, lock=True)
+        async def load(conn: Connection) -> Application:
+            application = await store.get_application(conn, application_id, lock=True)
             if application is None:
                 raise ApplicationNotFound(f"no application {application_id}")
-            principal.ensure_municipality(application.municipality_code)
             return application
 
-        return authorise
+        return checked_target(load, lambda application: principal.ensure_municipality(application.municipality_code))
 
     # certificates
 
@@ -364,14 +363,13 @@ class CertificationService:
     ) -> Callable[[UnitOfWork], Awaitable[Certificate]]:
         """Only the issuing municipality's staff decide on a certificate (it is locked for it)."""
 
-        async def authorise(work: UnitOfWork) -> Certificate:
-            certificate = await store.get_certificate(work.conn, number, lock=True)
+        async def load(conn: Connection) -> Certificate:
+            certificate = await store.get_certificate(conn, number, lock=True)
             if certificate is None:
                 raise CertificateNotFound(f"no certificate {number}")
-            principal.ensure_municipality(certificate.municipality_code)
             return certificate
 
-        return authorise
+        return checked_target(load, lambda certificate: principal.ensure_municipality(certificate.municipality_code))
 
     # municipality rules
 

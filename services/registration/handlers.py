@@ -43,7 +43,7 @@ from shared.kit.auth import Principal, Role
 from shared.kit.clock import japan_date
 from shared.kit.db import Connection
 from shared.kit.service import ServiceRuntime, UnitOfWork
-from shared.kit.use_case import Outcome, Write
+from shared.kit.use_case import Outcome, Write, checked_target
 from shared.reference import prefecture_of
 
 log = structlog.get_logger(__name__)
@@ -309,26 +309,20 @@ def _registration_for_staff(
     principal: Principal, registration_id: str
 ) -> Callable[[UnitOfWork], Awaitable[Registration]]:
     """Only the municipality's staff (or an admin) decide on its registrations."""
-
-    async def authorise(uow: UnitOfWork) -> Registration:
-        registration = await _load_registration(uow.conn, registration_id)
-        principal.ensure_municipality(registration.municipality_code)
-        return registration
-
-    return authorise
+    return checked_target(
+        lambda conn: _load_registration(conn, registration_id),
+        lambda registration: principal.ensure_municipality(registration.municipality_code),
+    )
 
 
 def _registration_for_owner(
     principal: Principal, registration_id: str
 ) -> Callable[[UnitOfWork], Awaitable[Registration]]:
     """Only the person (or an admin) renews or withdraws their registration."""
-
-    async def authorise(uow: UnitOfWork) -> Registration:
-        registration = await _load_registration(uow.conn, registration_id)
-        principal.ensure_resident(registration.resident_id)
-        return registration
-
-    return authorise
+    return checked_target(
+        lambda conn: _load_registration(conn, registration_id),
+        lambda registration: principal.ensure_resident(registration.resident_id),
+    )
 
 
 async def get_registration(runtime: ServiceRuntime, principal: Principal, registration_id: str) -> dict[str, Any]:
