@@ -20,6 +20,7 @@ from shared.contracts.topics import Topic
 from shared.kit.consumer import EventConsumer, EventRouter, HandlerContext
 from shared.kit.envelope import new_envelope
 from shared.kit.kafka_admin import ensure_topics
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations
 from shared.kit.outbox import Outbox, OutboxRelay
 from shared.kit.settings import Settings, with_database
@@ -55,7 +56,7 @@ async def consumer_throughput(settings: Settings, events: int = 20_000) -> KitRe
         await apply_migrations(conn, load_migrations(KIT_MIGRATIONS, "kit"))
     await pool.execute("CREATE TABLE IF NOT EXISTS state (subject text PRIMARY KEY, last int)")
 
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**KafkaConnection.internal(s).aiokafka_kwargs(), acks="all", linger_ms=5)
     await producer.start()
     futures = []
     for i in range(events):
@@ -79,7 +80,8 @@ async def consumer_throughput(settings: Settings, events: int = 20_000) -> KitRe
     consumer = EventConsumer(
         service="bench", settings=s, pool=pool, outbox=outbox, router=router, topics=[BENCH_TOPIC], name="bench",
     )
-    broker = KafkaBroker(s.require_kafka(), logger=None)
+    connection = KafkaConnection.internal(s)
+    broker = KafkaBroker(connection.bootstrap, security=connection.faststream_security(), logger=None)
     consumer.attach(broker)
     relay = OutboxRelay(dsn, outbox.channel, producer, poll_interval_s=0.2)
     relay_task = asyncio.create_task(relay.run())

@@ -45,6 +45,7 @@ def settings(backends: Backends, run_id: str) -> Settings:
 def make_settings(backends: Backends, run_id: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "kafka_bootstrap": backends.kafka_bootstrap,
+        "partner_kafka_bootstrap": backends.partner_kafka_bootstrap,
         "pg_dsn": backends.pg_dsn,
         "redis_url": backends.redis_url,
         "db_prefix": f"nichiiki_{run_id}",

@@ -20,12 +20,13 @@ from asyncpg.connection import LoggedQuery
 from fastapi import FastAPI
 
 from shared.contracts.base import EventData
-from shared.contracts.topics import Topic
+from shared.contracts.topics import Topic, cluster_of
 from shared.kit.auth import Role, StaffRole, audience, mint_token
 from shared.kit.consumer import ConsumerStats, EventConsumer, in_time_order
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.kafka_admin import ensure_topics
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations, migrate_service
 from shared.kit.settings import Settings, with_database
 
@@ -102,7 +103,7 @@ async def read_topic(
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of a topic from the beginning (no group), until ``until`` holds or time runs out."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+        **_connection(settings, topic).aiokafka_kwargs(), enable_auto_commit=False, fetch_max_wait_ms=10,
         auto_offset_reset="earliest",
     )
     await consumer.start()
@@ -128,8 +129,13 @@ async def read_topic(
 RawRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
 
+def _connection(settings: Settings, topic: str) -> KafkaConnection:
+    """The cluster ``topic`` (as named on the broker, prefix included) lives on."""
+    return KafkaConnection.of(settings, cluster_of(topic.removeprefix(settings.topic_prefix)))
+
+
 async def produce(settings: Settings, topic: str, records: list[RawRecord]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**_connection(settings, topic).aiokafka_kwargs(), acks="all")
     await producer.start()
     try:
         for key, value, headers in records:
@@ -182,9 +188,11 @@ async def caught_up(
     groups = {consumer.group_id: consumer.topics for consumer in runtime.consumers}
     # One client per group that never subscribes (so it never joins the group): it reads the commits.
     probes = {
-        group: AIOKafkaConsumer(bootstrap_servers=runtime.settings.kafka_bootstrap, group_id=group,
-                                enable_auto_commit=False)
-        for group in groups
+        consumer.group_id: AIOKafkaConsumer(
+            **KafkaConnection.of(runtime.settings, consumer.cluster).aiokafka_kwargs(), group_id=consumer.group_id,
+            enable_auto_commit=False,
+        )
+        for consumer in runtime.consumers
     }
     for probe in probes.values():
         await probe.start()

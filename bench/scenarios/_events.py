@@ -37,6 +37,7 @@ from shared.contracts.registration import ConsentState, Contact, ResidentRegiste
 from shared.contracts.topics import CORE_TOPICS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.settings import Settings
 from shared.reference import municipalities, travel_programs
 
@@ -137,7 +138,8 @@ async def publish(settings: Settings, topic: Topic, envelopes: Sequence[Envelope
     """Send every envelope (pipelined, acks=all) onto the run's ``topic``; returns the seconds taken."""
     name = settings.topic(topic.name)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024,
+        **KafkaConnection.of(settings, topic.cluster).aiokafka_kwargs(), acks="all", linger_ms=5,
+        max_batch_size=256 * 1024,
     )
     await producer.start()
     try:
@@ -163,9 +165,9 @@ for _topic in CORE_TOPICS:
 
 async def consumer_lag(ctx: BenchContext) -> int:
     """Records not yet committed by the running services' consumer groups, summed."""
-    bootstrap = ctx.settings.kafka_bootstrap
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    connection = KafkaConnection.internal(ctx.settings)  # CORE_TOPICS only: all inside
+    admin = AIOKafkaAdminClient(**connection.aiokafka_kwargs())
+    probe = AIOKafkaConsumer(**connection.aiokafka_kwargs(), enable_auto_commit=False)
     await admin.start()
     await probe.start()
     try:

@@ -23,7 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.measure import Latencies
 from bench.scenarios._common import CLIENT, OUTSIDE, CpuMeter, read_response
-from shared.contracts.topics import APPLICATIONS, RESIDENTS, Topic
+from shared.contracts.topics import APPLICATIONS, RESIDENTS, Topic, cluster_of
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.settings import Settings
 from shared.reference import SPECIFIC_RESIDENCE_PLAN, plans, travel_programs
 
@@ -188,8 +189,9 @@ class TopicWatcher:
         self.key_of = key_of
         self.seen: dict[str, float] = {}
         self._waiters: dict[str, asyncio.Future[float]] = {}
+        on = cluster_of(topic.removeprefix(settings.topic_prefix))
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10,
+            **KafkaConnection.of(settings, on).aiokafka_kwargs(), enable_auto_commit=False, fetch_max_wait_ms=10,
             auto_offset_reset="latest",
         )
         self._task: asyncio.Task[None] | None = None
@@ -379,8 +381,9 @@ async def wait_consumers_caught_up(ctx: BenchContext, topic: Topic, *, timeout_s
     groups = [ctx.settings.topic(f"nichiiki.{service}") for service in running]
     name = ctx.settings.topic(topic.name)
     started = time.perf_counter()
-    admin = AIOKafkaAdminClient(bootstrap_servers=ctx.settings.kafka_bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=ctx.settings.kafka_bootstrap, enable_auto_commit=False)
+    connection = KafkaConnection.of(ctx.settings, topic.cluster)
+    admin = AIOKafkaAdminClient(**connection.aiokafka_kwargs())
+    probe = AIOKafkaConsumer(**connection.aiokafka_kwargs(), enable_auto_commit=False)
     await admin.start()
     await probe.start()
     try:

@@ -44,6 +44,7 @@ from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import PartnerCertificate
 from shared.contracts.topics import CERTIFICATES, GRANTS, partner_feed
 from shared.kit.envelope import new_envelope
+from shared.kit.kafka_security import KafkaConnection
 
 if TYPE_CHECKING:
     from bench.run import BenchContext, ScenarioResult
@@ -101,7 +102,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
     watcher = TopicWatcher(
         ctx.settings, ctx.settings.topic(partner_feed("jal").name), subject_of(PartnerCertificate.event_type)
     )
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.settings.kafka_bootstrap, acks="all", linger_ms=0)
+    producer = AIOKafkaProducer(**KafkaConnection.internal(ctx.settings).aiokafka_kwargs(), acks="all", linger_ms=0)
     http = HttpPool(ctx.fleet.url("partner_gateway"), size=128)
     admin = ctx.headers("admin")
     key_id: str | None = None

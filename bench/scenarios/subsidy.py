@@ -6,9 +6,10 @@ reference program there, so no other scenario touches it) with a budget for ever
 topic as the certification service would, and the scenario waits for the grants to be issued.
 
 Timed: one-way trips reported by the partner, spread over the grants: first ``POST
-/v1/redemptions`` with a JR East partner token (closed loop), then ``TripReported`` records
-pre-published on ``partner.redemptions.v1`` until the last one is recorded. Each accepted trip
-is one transaction: trip row, grant draw, ledger row, ``grant.redeemed`` in the outbox.
+/v1/redemptions`` with a JR East partner token (closed loop), then ``TripAccepted`` records
+pre-published on ``gateway.trips.v1`` (as the partner gateway forwards JR East's trips) until the
+last one is recorded. Each accepted trip is one transaction: trip row, grant draw, ledger row,
+``grant.redeemed`` in the outbox.
 
 Afterwards (not timed) the grants are used up and every grant gets two more trips at once over
 HTTP: all must be refused as over the count. Then the subsidy database is read back: every
@@ -41,8 +42,8 @@ from bench.scenarios._events import (
     today_in_japan,
 )
 from shared.contracts.formats import ProgramId
-from shared.contracts.partners import TripReported
-from shared.contracts.topics import CERTIFICATES, REDEMPTIONS
+from shared.contracts.partners import TripAccepted
+from shared.contracts.topics import CERTIFICATES, GATEWAY_TRIPS
 from shared.kit.envelope import new_envelope
 
 if TYPE_CHECKING:
@@ -191,11 +192,11 @@ async def kafka_trips(
     envelopes = []
     for i in range(per_grant * len(grants)):
         grant = grants[i % len(grants)]
-        trip = TripReported(
+        trip = TripAccepted(
             partner=PARTNER, grant_id=grant.grant_id, certificate_number=grant.certificate_number,
             trip_id=f"{tag}-k{i}", trip_kind="one_way", travelled_on=today, reported_at=now,
         )
-        envelopes.append(new_envelope(PARTNER, trip, subject=trip.trip_id, key=grant.grant_id))
+        envelopes.append(new_envelope("partner_gateway", trip, subject=trip.trip_id, key=grant.grant_id))
     conn = await asyncpg.connect(ctx.settings.database_dsn("subsidy"))
     count_sql = (
         "SELECT count(*) FILTER (WHERE accepted) AS accepted, count(*) AS recorded FROM trips "
@@ -205,7 +206,7 @@ async def kafka_trips(
         meter = CpuMeter()
         async with RoundTripProbe(ctx.settings.database_dsn("subsidy")) as probe:
             started = time.perf_counter()
-            sending = asyncio.create_task(publish(ctx.settings, REDEMPTIONS, envelopes))
+            sending = asyncio.create_task(publish(ctx.settings, GATEWAY_TRIPS, envelopes))
             deadline = time.monotonic() + 180
             accepted = recorded = 0
             while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""What the service consumes: ``registration.residents.v1`` into its resident projection.
+"""What the service consumes: ``registration.residents.v1`` into its resident projection, and
+``gateway.partners.v1`` (partners registered through the gateway) into its partner list.
 
 Thin: each handler hands the events to their use case in the consumer's transaction (the inbox has
 claimed them, so a redelivery never gets here). Registrations, their changes and consents are
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from services.certification import handlers
 from services.certification.domain import ProjectionEvent
+from shared.contracts.partners import PartnerRegistered
 from shared.contracts.registration import (
     ConsentChanged,
     PremiumApproved,
@@ -38,3 +40,9 @@ async def projection_events(run: Run[ProjectionEvent]) -> None:
 @router.on(ResidentWithdrawn)
 async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
     await handlers.withdraw_resident(ctx, event, ctx.envelope.time)
+
+
+@router.on_many(PartnerRegistered)
+async def partners_registered(run: Run[PartnerRegistered]) -> None:
+    # gateway.partners.v1: the partners applications may name beyond the seed, and their formats.
+    await handlers.record_registered_partners(run.conn, [event for _, event in run])

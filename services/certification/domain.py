@@ -285,20 +285,33 @@ _MEMBER_NUMBER_FORMATS: Mapping[str, tuple[re.Pattern[str], str]] = {
 _OTHER_MEMBER_NUMBER = (re.compile(r"[0-9A-Za-z]{1,20}"), "a member number is 1 to 20 letters or digits")
 
 
-def check_partners(partners: Sequence[PartnerMembership]) -> None:
+def registered_format(member_number_format: str) -> tuple[re.Pattern[str], str]:
+    """A registered partner's member-number format (validated by the gateway: anchored, bounded)."""
+    return re.compile(member_number_format), f"a member number of this partner matches {member_number_format}"
+
+
+def check_partners(
+    partners: Sequence[PartnerMembership], registered: Mapping[str, tuple[re.Pattern[str], str]] | None = None
+) -> None:
+    """``registered``: partners registered through the gateway (``gateway.partners.v1``) → their
+    member-number format; the partners are the seed (``PARTNER_CODES``) and these."""
+    registered = registered or {}
     seen: set[str] = set()
     for index, membership in enumerate(partners):
         where = f"partners[{index}]"
-        if membership.partner not in PARTNER_CODES:
+        if membership.partner not in PARTNER_CODES and membership.partner not in registered:
+            known = [*PARTNER_CODES, *sorted(registered)]
             raise UnknownPartner(
-                f"{where}.partner: {membership.partner!r} is not one of {', '.join(PARTNER_CODES)}",
+                f"{where}.partner: {membership.partner!r} is not one of {', '.join(known)}",
                 field=f"{where}.partner",
             )
         if membership.partner in seen:
             raise DuplicatePartner(f"{where}.partner: {membership.partner} is listed twice", field=f"{where}.partner")
         seen.add(membership.partner)
         if membership.member_number is not None:
-            pattern, expected = _MEMBER_NUMBER_FORMATS.get(membership.partner, _OTHER_MEMBER_NUMBER)
+            pattern, expected = _MEMBER_NUMBER_FORMATS.get(membership.partner) or registered.get(
+                membership.partner, _OTHER_MEMBER_NUMBER
+            )
             if pattern.fullmatch(membership.member_number) is None:
                 raise InvalidMemberNumber(
                     f"{where}.member_number: {expected}", field=f"{where}.member_number", partner=membership.partner
@@ -505,8 +518,10 @@ class ApplicationRequest:
     note: str | None = None
 
 
-def check_request(request: ApplicationRequest) -> None:
-    """What can be told from the request alone (before any state is read)."""
+def check_request(
+    request: ApplicationRequest, registered: Mapping[str, tuple[re.Pattern[str], str]] | None = None
+) -> None:
+    """What can be told from the request alone (and the registered partners' formats)."""
     applying = known_municipality(request.municipality_code, "municipality_code")
     residence = known_municipality(request.primary_residence_code, "primary_residence_code")
     for entry, name in ((applying, "municipality_code"), (residence, "primary_residence_code")):
@@ -522,7 +537,7 @@ def check_request(request: ApplicationRequest) -> None:
             f"planned_stay_days is {request.planned_stay_days}; a year has 1 to {MAX_STAY_DAYS} days",
             field="planned_stay_days",
         )
-    check_partners(request.partners)
+    check_partners(request.partners, registered)
 
 
 def check_against_rules(request: ApplicationRequest, rules: MunicipalityRules | None) -> MunicipalityRules:

@@ -6,6 +6,7 @@ transaction (``HandlerContext``); both expose ``conn`` and ``emit``, which is al
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime
 from typing import Any, Literal
@@ -38,6 +39,7 @@ from services.certification.domain import (
     expiring_window,
     plannable_municipality,
     project_events,
+    registered_format,
     registrations_to_read,
     shared_partners,
     validity_period,
@@ -62,9 +64,10 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import PartnerMembership
+from shared.contracts.partners import PartnerRegistered
 from shared.contracts.reasons import RejectionReason, RevocationReason
 from shared.contracts.registration import ResidentWithdrawn
-from shared.contracts.topics import APPLICATIONS, CERTIFICATES
+from shared.contracts.topics import APPLICATIONS, CERTIFICATES, PARTNER_CODES
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import utc_now
 from shared.kit.db import Connection
@@ -191,6 +194,22 @@ async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) 
     log.info("resident withdrawn: personal data erased", resident_id=event.resident_id)
 
 
+# --- partners registered through the gateway -----------------------------------------------------
+
+
+async def record_registered_partners(conn: Connection, events: Sequence[PartnerRegistered]) -> None:
+    """The projection of ``gateway.partners.v1``: which partners beyond the seed applications may
+    name, and their member-number formats (the latest registration of a code wins)."""
+    latest: dict[str, PartnerRegistered] = {}
+    for event in events:
+        if event.code not in latest or latest[event.code].registered_at <= event.registered_at:
+            latest[event.code] = event
+    await store.save_registered_partners(
+        conn, [(e.code, e.member_number_format, e.registered_at) for e in latest.values()]
+    )
+    log.info("registered partners recorded", partners=sorted(latest))
+
+
 # --- HTTP use cases ------------------------------------------------------------------------------
 
 
@@ -200,10 +219,18 @@ class CertificationService:
         self.clock = runtime.clock
         self.retry_after_s = retry_after_s
 
+    async def _registered_partners(self, request: ApplicationRequest) -> dict[str, tuple[re.Pattern[str], str]]:
+        """The formats of the registered (not seeded) partners the request names: one read, only then."""
+        named = {m.partner for m in request.partners} - set(PARTNER_CODES)
+        if not named:
+            return {}
+        formats = await store.registered_partner_formats(self.runtime.pool, named)
+        return {code: registered_format(pattern) for code, pattern in formats.items()}
+
     # applications
 
     async def submit_application(self, write: Write, request: ApplicationRequest) -> Outcome:
-        check_request(request)
+        check_request(request, await self._registered_partners(request))
         principal = write.principal
 
         async def act(work: UnitOfWork) -> Outcome:

@@ -13,7 +13,7 @@ from services.certification import consumers, store
 from services.certification.api import router
 from services.certification.handlers import CertificationService
 from services.certification.scheduler import expiry_scheduler
-from shared.contracts.topics import RESIDENTS
+from shared.contracts.topics import GATEWAY_PARTNERS, RESIDENTS
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
@@ -49,7 +49,7 @@ def create_app(
     runtime = ServiceRuntime(
         SERVICE,
         migrations=MIGRATIONS,
-        consumers=[ConsumerSpec(consumers.router, [RESIDENTS], name=config.consumer_name)],
+        consumers=[ConsumerSpec(consumers.router, [RESIDENTS, GATEWAY_PARTNERS], name=config.consumer_name)],
         prepare=[seed_municipality_rules],
         background=[expiry_scheduler(config.expiry_interval_s)],
         settings=settings,

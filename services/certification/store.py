@@ -594,3 +594,29 @@ async def list_audit(
     total = await conn.fetchval("SELECT count(*) FROM audit_trail WHERE municipality_code = $1", municipality_code)
     items = [{**dict(row), "details": cast(dict[str, Any], json.loads(row["details"]))} for row in rows]
     return items, int(total)
+
+
+# --- partners registered through the partner gateway (gateway.partners.v1) -----------------------
+
+
+async def save_registered_partners(conn: Connection, rows: Sequence[tuple[str, str, datetime]]) -> None:
+    """Upsert (code, member-number format, registered at); a later registration event wins."""
+    if not rows:
+        return
+    await conn.execute(
+        """
+        INSERT INTO registered_partners (code, member_number_format, registered_at)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+        ON CONFLICT (code) DO UPDATE SET member_number_format = excluded.member_number_format,
+            registered_at = excluded.registered_at
+        WHERE registered_partners.registered_at <= excluded.registered_at
+        """,
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+    )
+
+
+async def registered_partner_formats(conn: Connection | asyncpg.Pool, codes: Iterable[str]) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT code, member_number_format FROM registered_partners WHERE code = ANY($1::text[])", list(codes)
+    )
+    return {row["code"]: row["member_number_format"] for row in rows}

@@ -25,7 +25,6 @@ from shared.kit.auth import Principal, Role, current_principal, require
 from shared.kit.http import ApiModel
 from shared.kit.rate_limit import public_limit, sign_in_limit
 from shared.kit.use_case import WriteRequest
-from shared.reference import travel_programs
 
 oauth = APIRouter(tags=["oauth"])
 router = APIRouter(prefix="/v1", tags=["accounts"])
@@ -283,9 +282,8 @@ async def reset_totp(
 async def create_client(body: ClientBody, principal: Admin, service: Service, write: WriteRequest) -> Response:
     """An admin registers a partner's service account or the payment provider (client credentials);
     the ``client_secret`` is shown this once."""
-    partners = sorted({program.partner_code for program in travel_programs()})
     return (await service.create_client(
-        write, client_id=body.client_id, role=body.role, partner=body.partner, partners=partners
+        write, client_id=body.client_id, role=body.role, partner=body.partner
     )).response()
 
 

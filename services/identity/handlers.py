@@ -467,14 +467,14 @@ class IdentityService:
         return await write.run(act)
 
     async def create_client(
-        self, write: Write, *, client_id: str, role: ClientRole, partner: str | None, partners: Sequence[str]
+        self, write: Write, *, client_id: str, role: ClientRole, partner: str | None
     ) -> Outcome:
         """An admin registers a partner's service account or the payment provider; the secret is in
         the first answer only (a replay answers the client without it; only its hash is stored)."""
         by = write.principal.subject
 
         async def act(work: UnitOfWork) -> Outcome:
-            check_client(client_id, role, partner, partners)
+            check_client(client_id, role, partner)
             secret = crypto.new_client_secret()
             client = Client(client_id, role, await asyncio.to_thread(crypto.hash_secret, secret), partner)
             if not await store.insert_client(work.conn, client, at=self.clock_now, by=by):

@@ -1,7 +1,9 @@
 """HTTP resources of the partner gateway (thin: parse, authorise, call a use case, shape the answer).
 
 - ``GET /v1/certificates/{number}``: verification, for partners (API key or partner JWT);
-- ``GET /v1/partners``, ``POST /v1/partners/{code}/api-keys``, ``DELETE .../api-keys/{id}``: admin;
+- ``GET /v1/feed``: a partner's feed over HTTP (cursor, long poll), for partners (``feed.py``);
+- ``GET /v1/partners``, ``POST /v1/partners`` (register), ``POST /v1/partners/{code}/api-keys``,
+  ``DELETE .../api-keys/{id}``: admin;
 - ``GET /v1/deliveries`` and ``/v1/deliveries.csv``: the delivery record, admin (every row) and
   staff (their municipality's rows).
 """
@@ -13,18 +15,19 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Body, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.requests import Request as StarletteRequest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.partner_gateway import handlers, store
+from services.partner_gateway import feed, handlers, store
 from services.partner_gateway.auth import Admin, PartnerCaller, StaffOrAdmin, gateway_of, partner_caller
 from services.partner_gateway.domain import (
+    MAX_FORMAT_LENGTH,
     CertificateNotFound,
     InvalidPeriod,
     MalformedCertificateNumber,
@@ -33,12 +36,20 @@ from services.partner_gateway.domain import (
     verification,
 )
 from services.partner_gateway.handlers import Gateway
+from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.formats import CertificateNumber, CertificateNumberError
 from shared.kit.auth import Principal, Role
 from shared.kit.csv_export import csv_response
 from shared.kit.errors import DomainError
 from shared.kit.http import ApiModel, Offset, failure_response, refusal
-from shared.kit.rate_limit import VERIFICATION, RateLimiter, limiter_of, limiter_of_scope
+from shared.kit.rate_limit import (
+    PARTNER_API,
+    VERIFICATION,
+    RateLimiter,
+    limited_principal,
+    limiter_of,
+    limiter_of_scope,
+)
 from shared.kit.use_case import WriteRequest
 
 router = APIRouter(prefix="/v1")
@@ -236,6 +247,94 @@ async def revoke_api_key(
     outcome = await handlers.revoke_api_key(write, gateway.partners, code, key_id)
     gateway.api_keys.forget()  # after the commit: this process stops accepting the key at once
     return outcome.response()
+
+
+# --- Registering partners (admin) ----------------------------------------------------------------
+
+
+class ProgramSpec(ApiModel):
+    program_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._@-]{2,99}$", examples=["kochiferry-miles@392065"])
+    municipality_codes: list[MunicipalityCode] = Field(min_length=1, max_length=2000)
+
+
+class PartnerRegistration(ApiModel):
+    code: PartnerCode
+    name: str = Field(min_length=1, max_length=200)
+    kind: Literal["airline", "rail", "railway", "ferry", "bus"] = Field(description="`railway` is stored as `rail`")
+    member_number_format: str = Field(
+        min_length=2, max_length=MAX_FORMAT_LENGTH, examples=["^[0-9]{8}$"],
+        description="a regular expression anchored with ^ and $ whose matches are at most 64 characters",
+    )
+    feed: Literal["kafka", "http"] = Field(default="kafka", description="how the partner reads its feed")
+    programs: list[ProgramSpec] = Field(
+        default_factory=list, max_length=100,
+        description="the programmes it runs and where: they decide whose certificates it may see",
+    )
+    label: str | None = Field(default=None, max_length=100, description="the label of its first API key")
+
+
+@router.post(
+    "/partners", tags=["partners"], status_code=201,
+    summary="Register a partner: its first API key (in this answer only), its edge topics, its announcement",
+)
+async def register_partner(
+    request: Request, principal: Admin, write: WriteRequest, body: PartnerRegistration
+) -> Response:
+    """The answer holds the partner's first API key (`api_key`), shown this once; a replay with the
+    same `Idempotency-Key` answers without it. `kafka` says whether a SCRAM user and ACLs could be
+    made: not on the embedded broker (no SASL), where the partner reads over HTTP (`GET /v1/feed`)."""
+    gateway = gateway_of(request)
+    partner = handlers.NewPartner(
+        code=body.code, name=body.name, kind="rail" if body.kind == "railway" else body.kind,
+        member_number_format=body.member_number_format, feed_transport=body.feed,
+        programs=tuple((p.program_id, m) for p in body.programs for m in dict.fromkeys(p.municipality_codes)),
+    )
+    return (await handlers.register_partner(write, gateway.partners, partner, body.label)).response()
+
+
+# --- The HTTP feed (partners without Kafka) ------------------------------------------------------
+
+
+class FeedRecordView(BaseModel):
+    cursor: str = Field(description="this record's position: pass it as `after` to read on from here")
+    key: str = Field(description="the Kafka record's key")
+    value: dict[str, Any] | None = Field(
+        description="the Kafka record's JSON value; null: a tombstone (forget the key)"
+    )
+    type: str | None = Field(description="ce_type (null for a tombstone)")
+    id: str = Field(description="ce_id")
+    time: str = Field(description="ce_time")
+    subject: str = Field(description="ce_subject: the certificate number")
+
+
+class FeedPageView(BaseModel):
+    records: list[FeedRecordView]
+    next: str = Field(description="the cursor to ask for next (`after`)")
+
+
+# One bucket per partner (every key and token of it together), as for its other API requests.
+FeedReader = Annotated[Principal, Depends(limited_principal(PARTNER_API, partner_caller))]
+
+
+@router.get(
+    "/feed", tags=["feed"], response_model=FeedPageView,
+    summary="Your feed over HTTP: the records of partner.<code>.v1, in order, from a cursor (long poll)",
+)
+async def read_feed(
+    request: Request, principal: FeedReader,
+    after: Annotated[str, Query(pattern=r"^[0-9]{1,18}$", description="a cursor from a previous answer")] = "0",
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    wait: Annotated[float, Query(ge=0, le=feed.MAX_WAIT_S, description="seconds to wait for a record")] = 0,
+) -> Response:
+    """The partner is the credential's (API key or partner token), never a parameter. Records after
+    `after` are answered at once; if there are none, the answer waits up to `wait` seconds for the
+    next one. Superseded records are compacted away after 7 days; tombstones are served."""
+    assert principal.partner is not None
+    gateway = gateway_of(request)
+    items, next_cursor = await feed.read(
+        gateway.runtime.pool, gateway.feed, principal.partner, int(after), limit, wait
+    )
+    return JSONResponse(feed.page_body(items, next_cursor), headers=_NO_STORE)
 
 
 # --- The delivery record (APPI Art. 29) ---------------------------------------------------------

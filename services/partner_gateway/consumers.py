@@ -4,6 +4,10 @@ becomes one use-case call in the batch's transaction).
 ``registration.residents.v1``: share_certificate consents (at registration and changed later) and
 withdrawal; ``certification.certificates.v1``: issued, renewed, revoked, expired (``expiring``
 changes nothing a partner sees and is not routed); ``subsidy.grants.v1``: every grant event.
+
+On the partner-facing cluster, a router of its own (``build_trips_router``): each partner's
+``partner.<code>.trips.v1``, where only ``TripReported`` is routed. The partner is the topic's;
+anything else a partner writes there is not handled.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
+from shared.contracts.partners import TripReported
 from shared.contracts.registration import ConsentChanged, ResidentRegistered, ResidentWithdrawn
 from shared.kit.consumer import EventRouter, HandlerContext, Run
 
@@ -43,6 +48,17 @@ def build_router(partners: PartnerDirectory) -> EventRouter:
     @router.on(*GRANT_EVENTS)
     async def grant_changed(ctx: HandlerContext, event: GrantEvent) -> None:
         await handlers.apply_grant_event(ctx, partners, event)
+
+    return router
+
+
+def build_trips_router(partners: PartnerDirectory) -> EventRouter:
+    """Partners' trip reports: each forwarded inside as the partner of the topic it came from."""
+    router = EventRouter()
+
+    @router.on(TripReported)
+    async def trip_reported(ctx: HandlerContext, event: TripReported) -> None:
+        await handlers.forward_trip(ctx, partners, event)
 
     return router
 

@@ -6,20 +6,31 @@ share consent for it is not revoked, and the resident has not withdrawn. What it
 minimum: number, status, validity, municipality, its own programs there, a pseudonymous resident
 reference (HMAC-SHA256 of the resident id with the partner's own key) and the member number only
 if the resident gave one for that partner. Never a name, address, birth date, e-mail or phone.
+
+Trips come the other way: a partner writes them to its own ``partner.<code>.trips.v1``, and the
+partner a trip counts for is the topic's, never what the record says (``accept_trip``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any, Literal
 
 from shared.contracts.base import EventData
-from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
+from shared.contracts.partners import (
+    PartnerCertificate,
+    PartnerGrant,
+    PartnerWithdrawal,
+    TripAccepted,
+    TripReported,
+    grant_key,
+)
 from shared.contracts.reasons import cancellation_reason
 from shared.contracts.subsidy import (
     GrantCancelled,
@@ -29,13 +40,15 @@ from shared.contracts.subsidy import (
     GrantRedemptionRejected,
     GrantWaitlisted,
 )
+from shared.contracts.topics import partner_of_topic, partner_trips
 from shared.kit.auth import Unauthenticated
 from shared.kit.clock import JAPAN
 from shared.kit.errors import DomainError, NotFound
 
 SHARE_PURPOSE = "share_certificate"
 
-PartnerKind = Literal["airline", "rail", "ferry"]
+PartnerKind = Literal["airline", "rail", "ferry", "bus"]
+FeedTransport = Literal["kafka", "http"]
 CertificateStatus = Literal["valid", "revoked", "expired"]
 WithdrawalReason = Literal["consent_revoked", "resident_withdrawn"]
 ConsentSource = Literal["registration_consent", "certificate_membership", "consent_revocation", "resident_withdrawal"]
@@ -95,6 +108,21 @@ class UnknownPartnerCredential(Unauthenticated):
     title = "The credential names no known partner"
 
 
+class TripClaimsAnotherPartner(DomainError):
+    """A trip record on one partner's topic that names another partner: parked, never forwarded
+    (the topic says who reports; a partner cannot report, or spend, as another)."""
+
+    code = "trip-claims-another-partner"
+    title = "The trip record names another partner than the topic it was written to"
+
+
+class NotAPartnerTripTopic(DomainError):
+    """A trip read from a topic that is no known partner's trip topic (a subscription mistake)."""
+
+    code = "not-a-partner-trip-topic"
+    title = "The trip came from no known partner's trip topic"
+
+
 # --- Partners -------------------------------------------------------------------------------------
 
 
@@ -106,6 +134,9 @@ class Partner:
     #: municipality code → the partner's program ids there
     programs: Mapping[str, tuple[str, ...]]
     pseudonym_key: bytes = field(repr=False)
+    #: Registered partners only: the format every member number given for it must match in full.
+    member_number_format: str | None = None
+    feed_transport: FeedTransport = "kafka"
 
     def programs_in(self, municipality_code: str) -> tuple[str, ...]:
         return self.programs.get(municipality_code, ())
@@ -289,6 +320,30 @@ def delivered_items(record: EventData) -> list[str]:
     return [name for name, value in record.model_dump().items() if value is not None]
 
 
+# --- Trips partners report (partner.<code>.trips.v1 on the edge) ----------------------------------
+
+
+def reporting_partner(topic: str, known: Container[str]) -> str:
+    """The partner a trip record belongs to: the one whose trip topic it was read from (``topic``
+    without the test prefix), never what the record says. Refuses a topic that is not a known
+    partner's trip topic (a feed topic has the same ``partner.<code>.`` start)."""
+    code = partner_of_topic(topic)
+    if code is None or code not in known or partner_trips(code).name != topic:
+        raise NotAPartnerTripTopic(f"{code or '-'}: trips are read only from a known partner's trips topic")
+    return code
+
+
+def accept_trip(report: TripReported, partner: str) -> TripAccepted:
+    """The trip as the gateway forwards it inside: the partner stamped from the topic. A record that
+    names another partner is refused (and parked by the consumer with this reason)."""
+    if report.partner is not None and report.partner != partner:
+        raise TripClaimsAnotherPartner(
+            f"{TripClaimsAnotherPartner.code}: the record on {partner_trips(partner).name} names partner "
+            f"{report.partner!r}; a partner reports only its own trips, on its own topic"
+        )
+    return TripAccepted(partner=partner, **report.model_dump(exclude={"partner"}))
+
+
 # --- Verification ---------------------------------------------------------------------------------
 
 
@@ -338,3 +393,47 @@ def day_bounds(since: date | None, until: date | None) -> tuple[datetime | None,
     start = start_of_day(since) if since is not None else None
     end = start_of_day(until + timedelta(days=1)) if until is not None else None
     return start, end
+
+
+# --- Registering a partner (admin) ----------------------------------------------------------------
+
+#: The longest member number a registered format may accept, and the longest format itself.
+MAX_MEMBER_NUMBER_LENGTH = 64
+MAX_FORMAT_LENGTH = 200
+
+
+class InvalidMemberNumberFormat(DomainError):
+    code = "invalid-member-number-format"
+    status = 422
+    title = "The member-number format is not an anchored, bounded regular expression"
+
+
+class PartnerExists(DomainError):
+    code = "partner-exists"
+    status = 409
+    title = "A partner with this code exists"
+
+
+def check_member_number_format(pattern: str) -> re.Pattern[str]:
+    """An anchored (``^…$``) regular expression whose matches are at most ``MAX_MEMBER_NUMBER_LENGTH``
+    characters: a format with ``*``, ``+`` or ``{n,}`` would accept anything of any length (and
+    an unbounded pattern is where catastrophic backtracking lives)."""
+    if len(pattern) > MAX_FORMAT_LENGTH:
+        raise InvalidMemberNumberFormat(f"the format is longer than {MAX_FORMAT_LENGTH} characters",
+                                        field="member_number_format")
+    if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
+        raise InvalidMemberNumberFormat("anchor the format: it must start with ^ and end with $",
+                                        field="member_number_format")
+    try:
+        compiled = re.compile(pattern)
+        low, high = re._parser.parse(pattern).getwidth()  # type: ignore[attr-defined]
+    except (re.error, OverflowError, RecursionError) as error:
+        raise InvalidMemberNumberFormat(f"not a regular expression: {error}", field="member_number_format") from None
+    if high > MAX_MEMBER_NUMBER_LENGTH:
+        raise InvalidMemberNumberFormat(
+            f"the format must bound the length: at most {MAX_MEMBER_NUMBER_LENGTH} characters "
+            "(no *, + or {n,})", field="member_number_format",
+        )
+    if low == 0:
+        raise InvalidMemberNumberFormat("the format accepts an empty member number", field="member_number_format")
+    return compiled

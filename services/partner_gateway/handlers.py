@@ -9,7 +9,7 @@ sync (``cache.py``) writes Redis after the commit.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -23,25 +23,32 @@ from services.partner_gateway.domain import (
     Certificate,
     ConsentBasis,
     Entitlement,
+    FeedTransport,
     GrantEvent,
     Partner,
+    PartnerExists,
     PartnerKind,
     PartnerNotFound,
     ShareConsent,
     WithdrawalReason,
+    accept_trip,
     api_key_hash,
     api_key_prefix,
     certificate_record,
+    check_member_number_format,
     delivered_items,
     entitlement,
     feed_key,
     grant_record,
     new_api_key,
     new_pseudonym_key,
+    reporting_partner,
     start_of_day,
     supersedes,
     withdrawal_record,
 )
+from services.partner_gateway.feed import FeedSignal
+from shared.contracts import acls
 from shared.contracts.base import event_model
 from shared.contracts.certification import (
     CertificateExpired,
@@ -49,12 +56,29 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
-from shared.contracts.topics import partner_feed
+from shared.contracts.partners import (
+    PartnerCertificate,
+    PartnerGrant,
+    PartnerRegistered,
+    PartnerWithdrawal,
+    TripReported,
+    grant_key,
+)
+from shared.contracts.topics import (
+    GATEWAY_PARTNERS,
+    GATEWAY_TRIPS,
+    PARTNER_CODES,
+    Topic,
+    partner_feed,
+    partner_trips,
+)
 from shared.kit.clock import Clock, japan_date
 from shared.kit.consumer import HandlerContext, Run
 from shared.kit.db import Connection
+from shared.kit.kafka_admin import ensure_topics
+from shared.kit.my_number import refuse_my_number
 from shared.kit.service import ServiceRuntime, UnitOfWork
+from shared.kit.settings import Settings
 from shared.kit.use_case import Outcome, Write
 from shared.reference import travel_programs
 
@@ -70,13 +94,35 @@ CertificateEvent = CertificateIssued | CertificateRenewed | CertificateRevoked |
 
 
 class PartnerDirectory:
-    """The seeded partners, loaded at start before any consumer runs (they change only by a restart)."""
+    """The partners (seeded and registered), loaded at start before any consumer runs; a partner
+    registered here is added at once (``add``), one registered through another replica by the
+    periodic reload (``feed.watch``) or as soon as an event names it (``learn``).
 
-    def __init__(self, partners: Sequence[Partner] = ()) -> None:
+    ``on_new`` is told the codes each change brings that were not known here (the trips consumer
+    then subscribes to their topics: ``main.create_app``)."""
+
+    def __init__(
+        self, partners: Sequence[Partner] = (), on_new: Callable[[list[str]], None] | None = None
+    ) -> None:
         self._partners = {p.code: p for p in partners}
+        self.on_new = on_new
 
     def replace(self, partners: Sequence[Partner]) -> None:
-        self._partners = {p.code: p for p in partners}
+        self._set({p.code: p for p in partners})
+
+    def add(self, partner: Partner) -> None:
+        self._set({**self._partners, partner.code: partner})
+
+    def _set(self, partners: dict[str, Partner]) -> None:
+        new = [code for code in partners if code not in self._partners]
+        self._partners = partners
+        if new and self.on_new is not None:
+            self.on_new(new)
+
+    async def learn(self, conn: Connection, codes: Iterable[str]) -> None:
+        """Reload from the database if any of these codes is unknown here (registered elsewhere)."""
+        if any(code not in self._partners for code in codes):
+            self.replace(await store.load_partners(conn))
 
     def get(self, code: str) -> Partner | None:
         return self._partners.get(code)
@@ -123,6 +169,8 @@ class Gateway:
     partners: PartnerDirectory
     api_keys: ApiKeyCache
     verification: VerificationCache
+    #: Wakes the HTTP feed's long polls (``feed.py``).
+    feed: FeedSignal = field(default_factory=FeedSignal)
     #: Today in Japan by the runtime's clock: the day a verification answers for.
     today: TodayInJapan = field(init=False)
 
@@ -188,6 +236,8 @@ class Feed:
             municipality_code=municipality_code, record_type=record.event_type,
             items=delivered_items(record), basis=basis, event_id=envelope.id,
             cause_event_id=cause or self.ctx.envelope.id,
+            # The same record for the HTTP feed's log (``GET /v1/feed``), written with the delivery.
+            record=store.FeedRecord(key, envelope.data, envelope.type, number, envelope.time),
         ))
 
     async def tombstone(self, partner: str, number: str, *, resident_ref: str, municipality_code: str,
@@ -205,6 +255,7 @@ class Feed:
             partner=partner, resident_ref=resident_ref, certificate_number=number,
             municipality_code=municipality_code, record_type="tombstone", items=items,
             basis=basis, event_id=event_id, cause_event_id=self.ctx.envelope.id,
+            record=store.FeedRecord(key, None, None, number, datetime.now(UTC)),
         ))
 
     async def withdraw(self, state: store.EntitlementState, reason: WithdrawalReason, basis: ConsentBasis) -> None:
@@ -268,6 +319,8 @@ async def apply_certificate_events(partners: PartnerDirectory, run: Run[Certific
 
     Split where a certificate repeats (issued, then revoked in the same run), so that each chunk
     reads and writes a certificate's rows once, and later chunks see what earlier ones wrote."""
+    # A partner registered through another replica may be named before the periodic reload.
+    await partners.learn(run.conn, {m.partner for _, event in run for m in event.partners})
     deliveries: list[store.Delivery] = []
     for chunk in run.split(key=lambda event: event.certificate_number):
         await _apply_certificate_chunk(partners, chunk, deliveries)
@@ -480,6 +533,43 @@ async def deliver_grant(feed: Feed, event: GrantEvent, *, event_id: uuid.UUID) -
     )
 
 
+# --- Trips partners report (partner.<code>.trips.v1, on the edge) --------------------------------
+
+
+def trip_topics(partner_codes: Iterable[str]) -> list[Topic]:
+    """The trip topics the gateway reads, one per partner it knows: the one place that decides
+    them (asked again at each subscription of the trips consumer, ``main.create_app``)."""
+    return [partner_trips(code) for code in partner_codes]
+
+
+def partner_topics(partner_codes: Iterable[str]) -> list[Topic]:
+    """Each partner's topics: its feed and its trips on the edge, and (inside) the dead letters of
+    its trips, where the gateway parks what it refuses. The registry names them for the seed only."""
+    topics: list[Topic] = []
+    for code in partner_codes:
+        trips = partner_trips(code)
+        dead_letters = Topic(trips.dlq, 1, "original key", SERVICE, description=f"Dead letters of {trips.name}.")
+        topics += [partner_feed(code), trips, dead_letters]
+    return topics
+
+
+async def forward_trip(ctx: HandlerContext, partners: PartnerDirectory, report: TripReported) -> None:
+    """Accept a partner's trip report as the partner whose topic it was written to and forward it
+    inside (``gateway.trips.v1``, keyed by grant id), where subsidy counts it against the grant.
+
+    Refused, so parked by the consumer with the reason and nothing forwarded: a My Number anywhere
+    in it (the first place partner text enters the platform), a record naming another partner.
+    Whose grant it is stays subsidy's to judge: a grant of another partner is answered there
+    exactly as a grant that does not exist."""
+    refuse_my_number(report.model_dump(mode="json"), where="trip report")
+    # The correlation id is the partner's text too, and the forwarded event carries it on.
+    refuse_my_number({"correlation_id": ctx.envelope.correlation_id}, where="trip report's headers")
+    partner = reporting_partner(ctx.topic.removeprefix(ctx.settings.topic_prefix), partners)
+    accepted = accept_trip(report, partner)
+    await ctx.emit(GATEWAY_TRIPS, accepted, subject=accepted.trip_id, key=accepted.grant_id)
+    log.info("trip forwarded", partner=partner, grant_id=accepted.grant_id, trip_id=accepted.trip_id)
+
+
 # --- Credentials (HTTP, admin) -------------------------------------------------------------------
 #
 # Both run through the kit's use-case runner (``Write.run``): an admin may act on any partner's
@@ -535,3 +625,106 @@ async def revoke_api_key(write: Write, partners: PartnerDirectory, partner_code:
         return Outcome(204)
 
     return await write.run(act, authorise=authorise)
+
+
+# --- Registering a partner (HTTP, admin) -----------------------------------------------------------
+#
+# Partners as data (issue 16): the seed of the travel programmes plus partners an admin registers.
+# Registration stores the partner, issues its first API key, creates its two edge topics, and
+# announces it on ``gateway.partners.v1`` (certification and subsidy keep a projection of it).
+
+
+@dataclass(frozen=True, slots=True)
+class NewPartner:
+    code: str
+    name: str
+    kind: PartnerKind
+    member_number_format: str
+    feed_transport: FeedTransport
+    #: (program id, municipality code): the programmes it runs where, which decide whose
+    #: certificates it may see (as the travel programmes do for the seed).
+    programs: tuple[tuple[str, str], ...] = ()
+
+
+def partner_fields(partner: NewPartner, settings: Settings) -> dict[str, Any]:
+    return {
+        "code": partner.code, "name": partner.name, "kind": partner.kind,
+        "member_number_format": partner.member_number_format, "feed_transport": partner.feed_transport,
+        "feed_topic": partner_feed(partner.code).name, "trips_topic": partner_trips(partner.code).name,
+        "http_feed": "/v1/feed",
+        "programs": [{"program_id": p, "municipality_code": m} for p, m in partner.programs],
+        "kafka": kafka_access(partner.code, settings),
+    }
+
+
+def kafka_access(code: str, settings: Settings) -> dict[str, Any]:
+    """What the partner's Kafka access is, said plainly: a SCRAM user and ACLs are possible only on a
+    cluster with SASL; the embedded broker (the local stack) has neither, so none is made there."""
+    own_edge = settings.partner_kafka_bootstrap not in (None, settings.kafka_bootstrap)
+    protocol = settings.partner_kafka_security_protocol if own_edge else settings.kafka_security_protocol
+    topics = [partner_feed(code), partner_trips(code)]
+    if not protocol.startswith("SASL"):
+        return {
+            "credentials": None,
+            "note": "the partner-facing cluster listens without SASL (the embedded broker cannot do SASL or ACLs): "
+            "no SCRAM user or ACL was made; on this stack the partner's isolation is the edge cluster's design. "
+            "Read the feed over HTTP (GET /v1/feed with the API key) or deploy with SASL_SSL.",
+        }
+    found = acls.bindings(topics, partners=[code], prefix=settings.topic_prefix)
+    return {
+        "credentials": "to_be_created",
+        "username": acls.username(acls.partner_principal(code)),
+        "mechanism": settings.partner_kafka_sasl_mechanism if own_edge else settings.kafka_sasl_mechanism,
+        "note": "the gateway does not administer SCRAM users: create this user with a random password and "
+        "run the ACL commands below with the cluster's admin credentials (deploy/kafka/setup.sh does the same "
+        "for the seed partners).",
+        "acl_commands": acls.kafka_acls_commands(
+            [b for b in found if b.principal == acls.partner_principal(code)]
+        ),
+    }
+
+
+async def register_partner(write: Write, partners: PartnerDirectory, partner: NewPartner, label: str | None) -> Outcome:
+    """Register a partner, issue its first API key (in this answer only), create its edge topics and
+    announce it (``partner_gateway.partner.registered``). A code taken (seed or registered) is a 409."""
+    check_member_number_format(partner.member_number_format)
+    settings = write.runtime.settings
+    registered_by = write.principal.subject
+
+    async def act(work: UnitOfWork) -> Outcome:
+        if partner.code in PARTNER_CODES or partner.code in partners:
+            raise PartnerExists(f"partner {partner.code!r} exists")
+        # Topics first (idempotent): the relay must never meet a record for a topic not yet there.
+        await ensure_topics(settings, partner_topics([partner.code]))
+        if not await store.register_partner(
+            work.conn, code=partner.code, name=partner.name, kind=partner.kind,
+            member_number_format=partner.member_number_format, feed_transport=partner.feed_transport,
+            programs=partner.programs, new_key=new_pseudonym_key(), registered_by=registered_by,
+        ):
+            raise PartnerExists(f"partner {partner.code!r} exists")
+        secret = new_api_key()
+        key = await store.insert_api_key(
+            work.conn, partner=partner.code, key_hash=api_key_hash(secret), prefix=api_key_prefix(secret),
+            label=label or "registration", created_by=registered_by,
+        )
+        at = write.runtime.clock.now()
+        await work.emit(
+            GATEWAY_PARTNERS,
+            PartnerRegistered(
+                code=partner.code, name=partner.name, kind=partner.kind,
+                member_number_format=partner.member_number_format, feed_transport=partner.feed_transport,
+                registered_at=at,
+            ),
+            subject=partner.code, key=partner.code,
+        )
+        log.info("partner registered", partner=partner.code, kind=partner.kind, feed=partner.feed_transport,
+                 programs=len(partner.programs), by=registered_by)
+        body = {**partner_fields(partner, settings), "registered_at": at.isoformat(),
+                "api_key_id": str(key.id), "api_key_prefix": key.prefix}
+        return Outcome(201, {**body, "api_key": secret}, replay_body=body, headers=NO_STORE)
+
+    outcome = await write.run(act)
+    # After the commit: this process serves the partner at once (other replicas: feed.watch, learn).
+    async with write.runtime.pool.acquire() as conn:
+        partners.replace(await store.load_partners(conn))
+    return outcome

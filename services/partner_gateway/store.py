@@ -15,6 +15,7 @@ from services.partner_gateway.domain import (
     Certificate,
     ConsentBasis,
     Entitlement,
+    FeedTransport,
     Partner,
     PartnerKind,
     ShareConsent,
@@ -69,7 +70,7 @@ async def seed_partner(
 async def load_partners(conn: Connection | Pool) -> list[Partner]:
     rows = await conn.fetch(
         """
-        SELECT p.code, p.name, p.kind, p.pseudonym_key,
+        SELECT p.code, p.name, p.kind, p.pseudonym_key, p.member_number_format, p.feed_transport,
                coalesce(array_agg(pp.program_id ORDER BY pp.program_id)
                         FILTER (WHERE pp.program_id IS NOT NULL), '{}') AS program_ids,
                coalesce(array_agg(pp.municipality_code ORDER BY pp.program_id)
@@ -87,10 +88,37 @@ async def load_partners(conn: Connection | Pool) -> list[Partner]:
             Partner(
                 code=row["code"], name=row["name"], kind=row["kind"],
                 programs={m: tuple(sorted(p)) for m, p in programs.items()},
-                pseudonym_key=bytes(row["pseudonym_key"]),
+                pseudonym_key=bytes(row["pseudonym_key"]), member_number_format=row["member_number_format"],
+                feed_transport=row["feed_transport"],
             )
         )
     return partners
+
+
+async def register_partner(
+    conn: Connection, *, code: str, name: str, kind: PartnerKind, member_number_format: str,
+    feed_transport: FeedTransport, programs: Sequence[tuple[str, str]], new_key: bytes, registered_by: str,
+) -> bool:
+    """Insert a registered partner and its (program, municipality) pairs; False if the code is taken."""
+    created = await conn.fetchval(
+        """
+        INSERT INTO partners (code, name, kind, pseudonym_key, source, member_number_format, feed_transport,
+                              registered_by)
+        VALUES ($1, $2, $3, $4, 'registered', $5, $6, $7)
+        ON CONFLICT (code) DO NOTHING RETURNING true
+        """,
+        code, name, kind, new_key, member_number_format, feed_transport, registered_by,
+    )
+    if not created:
+        return False
+    await conn.execute(
+        """
+        INSERT INTO partner_programs (partner, program_id, municipality_code)
+        SELECT $1, p, m FROM unnest($2::text[], $3::text[]) AS t (p, m) ON CONFLICT DO NOTHING
+        """,
+        code, [p for p, _ in programs], [m for _, m in programs],
+    )
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,10 +635,29 @@ class Delivery:
     basis: ConsentBasis
     event_id: uuid.UUID
     cause_event_id: uuid.UUID | None
+    #: The record as put on the partner's feed, for the HTTP feed's log (None: not logged).
+    record: FeedRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRecord:
+    """One record of a partner's feed as Kafka carries it: key, value (None: tombstone), ce_* headers."""
+
+    key: str
+    value: bytes | None
+    event_type: str | None
+    subject: str
+    time: datetime
+
+
+#: NOTIFY channel that wakes the HTTP feed's long polls: once per transaction that logged records
+#: (PostgreSQL folds a transaction's identical notifications into one).
+FEED_CHANNEL = "partner_gateway_feed"
 
 
 async def insert_deliveries(conn: Connection, deliveries: Sequence[Delivery]) -> None:
-    """Record deliveries in this order (ids follow it), one statement."""
+    """Record deliveries in this order (ids follow it) and their records in the partners' feed log
+    (the HTTP feed), in the same order, with one NOTIFY: one statement."""
     if not deliveries:
         return
     columns = zip(
@@ -618,6 +665,8 @@ async def insert_deliveries(conn: Connection, deliveries: Sequence[Delivery]) ->
             (
                 d.partner, d.resident_ref, d.certificate_number, d.municipality_code, d.record_type,
                 json.dumps(d.items), d.basis.purpose, d.basis.source, d.basis.at, d.event_id, d.cause_event_id,
+                d.record is not None, d.record and d.record.key, d.record and d.record.value,
+                d.record and d.record.event_type, d.record and d.record.subject, d.record and d.record.time,
             )
             for d in deliveries
         ),
@@ -625,18 +674,28 @@ async def insert_deliveries(conn: Connection, deliveries: Sequence[Delivery]) ->
     )
     await conn.execute(
         """
-        INSERT INTO deliveries (partner, resident_ref, certificate_number, municipality_code, record_type, items,
-                                consent_purpose, consent_source, consent_at, event_id, cause_event_id)
-        SELECT t.partner, t.resident_ref, t.number, t.municipality_code, t.record_type,
-               ARRAY(SELECT jsonb_array_elements_text(t.items::jsonb)), t.purpose, t.source, t.at, t.event_id,
-               t.cause_event_id
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                    $9::timestamptz[], $10::uuid[], $11::uuid[])
-             WITH ORDINALITY AS t (partner, resident_ref, number, municipality_code, record_type, items, purpose,
-                                   source, at, event_id, cause_event_id, position)
-        ORDER BY t.position
+        WITH t AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                                 $8::text[], $9::timestamptz[], $10::uuid[], $11::uuid[], $12::boolean[], $13::text[],
+                                 $14::bytea[], $15::text[], $16::text[], $17::timestamptz[])
+                 WITH ORDINALITY AS t (partner, resident_ref, number, municipality_code, record_type, items, purpose,
+                                       source, at, event_id, cause_event_id, logged, key, value, event_type, subject,
+                                       event_time, position)
+        ), delivered AS (
+            INSERT INTO deliveries (partner, resident_ref, certificate_number, municipality_code, record_type, items,
+                                    consent_purpose, consent_source, consent_at, event_id, cause_event_id)
+            SELECT t.partner, t.resident_ref, t.number, t.municipality_code, t.record_type,
+                   ARRAY(SELECT jsonb_array_elements_text(t.items::jsonb)), t.purpose, t.source, t.at, t.event_id,
+                   t.cause_event_id
+            FROM t ORDER BY t.position
+        ), logged AS (
+            INSERT INTO partner_feed_log (partner, key, value, event_type, event_id, subject, event_time)
+            SELECT t.partner, t.key, t.value, t.event_type, t.event_id, t.subject, t.event_time
+            FROM t WHERE t.logged ORDER BY t.position
+        )
+        SELECT pg_notify($18, '') WHERE EXISTS (SELECT 1 FROM t WHERE t.logged)
         """,
-        *(list(column) for column in columns),
+        *(list(column) for column in columns), FEED_CHANNEL,
     )
 
 
@@ -696,3 +755,67 @@ async def iter_deliveries(pool: Pool, where: DeliveryFilter, chunk: int = 1000) 
             return
         last = rows[-1]["id"]
 
+
+# --- The partner feed log (HTTP feed) ------------------------------------------------------------
+
+
+#: One sequencer at a time (a transaction-level advisory lock): positions follow commit order.
+_SEQUENCER_LOCK = "partner_gateway:feed-sequencer"
+
+
+async def sequence_feed(conn: Connection, limit: int = 5000) -> int:
+    """Give the committed, not yet sequenced log records their cursor positions, in id order (one
+    transaction; the caller holds no other). Rows of a transaction still open are not visible:
+    they get later positions once it commits, so a reader past a position never misses a row."""
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM partner_feed_log WHERE position IS NULL)"):
+            return 0
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", _SEQUENCER_LOCK)
+        count = await conn.fetchval(
+            """
+            WITH head AS (
+                SELECT coalesce((SELECT max(position) FROM partner_feed_log WHERE position IS NOT NULL), 0) AS top
+            ), pending AS (
+                SELECT id, row_number() OVER (ORDER BY id) AS n FROM partner_feed_log
+                WHERE position IS NULL ORDER BY id LIMIT $1
+            ), done AS (
+                UPDATE partner_feed_log l SET position = head.top + pending.n, sequenced_at = now()
+                FROM pending, head WHERE l.id = pending.id RETURNING 1
+            )
+            SELECT count(*) FROM done
+            """,
+            limit,
+        )
+        return int(count)
+
+
+async def feed_page(conn: Connection | Pool, partner: str, after: int, limit: int) -> list[asyncpg.Record]:
+    """The partner's sequenced records after a position, in position order."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT position, key, value, event_type, event_id, subject, event_time FROM partner_feed_log
+        WHERE partner = $1 AND position > $2 AND position IS NOT NULL ORDER BY position LIMIT $3
+        """,
+        partner, after, limit,
+    )
+    return rows
+
+
+async def feed_head(conn: Connection | Pool) -> int:
+    return int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM partner_feed_log"))
+
+
+async def compact_feed_log(conn: Connection | Pool, older_than_s: float) -> int:
+    """Drop records superseded by a later record of the same key, sequenced more than ``older_than_s``
+    ago (a reader that keeps up sees every record; one that starts over sees the latest per key).
+    A tombstone is the latest record of its key, so it stays."""
+    result: str = await conn.execute(
+        """
+        DELETE FROM partner_feed_log old
+        WHERE old.position IS NOT NULL AND old.sequenced_at < now() - make_interval(secs => $1)
+          AND EXISTS (SELECT 1 FROM partner_feed_log new
+                      WHERE new.partner = old.partner AND new.key = old.key AND new.position > old.position)
+        """,
+        older_than_s,
+    )
+    return int(result.split()[-1])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import validate_email
 from pydantic_core import PydanticCustomError
 
+from shared.contracts.partners import PartnerRegistered
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.topics import PARTNER_CODES
 from shared.kit.clock import japan_date
@@ -690,11 +691,29 @@ class Consent:
     at: datetime
 
 
-def check_consent_target(purpose: ConsentPurpose, partner: str | None) -> None:
+def check_consent_target(purpose: ConsentPurpose, partner: str | None, registered: Collection[str] = ()) -> None:
+    """``registered``: partners registered through the gateway (``gateway.partners.v1``) among those
+    named; the partners are the seed (``PARTNER_CODES``) and these."""
     if purpose == "share_certificate":
         if partner is None:
             raise ConsentPartnerRequired("name the partner the certificate may be shared with")
-        if partner not in PARTNER_CODES:
-            raise UnknownPartner(f"no partner {partner!r}; partners: {', '.join(PARTNER_CODES)}")
+        if partner not in PARTNER_CODES and partner not in registered:
+            raise UnknownPartner(
+                f"no partner {partner!r}; partners: {', '.join(PARTNER_CODES)} and those registered since"
+            )
     elif partner is not None:
         raise ConsentPartnerNotAllowed(f"consent {purpose!r} is not given per partner")
+
+
+def partners_beyond_seed(targets: Iterable[tuple[ConsentPurpose, str | None]]) -> set[str]:
+    """The partners named that are not in the seed: only these need the registered partners read."""
+    return {partner for _, partner in targets if partner is not None and partner not in PARTNER_CODES}
+
+
+def latest_partner_registrations(events: Iterable[PartnerRegistered]) -> list[PartnerRegistered]:
+    """One event per partner code: the latest registration (a re-announced code keeps the newer)."""
+    latest: dict[str, PartnerRegistered] = {}
+    for event in events:
+        if event.code not in latest or latest[event.code].registered_at <= event.registered_at:
+            latest[event.code] = event
+    return list(latest.values())

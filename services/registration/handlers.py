@@ -119,8 +119,7 @@ async def create_resident(
     now = write.runtime.clock.now()
     resident = domain.new_resident(write.principal.subject, details, date_of_birth, legal_address_code, now)
     wanted = list(dict.fromkeys(consents))
-    for purpose, partner in wanted:
-        domain.check_consent_target(purpose, partner)
+    await _check_consent_targets(write.runtime, wanted)
 
     async def act(uow: UnitOfWork) -> Outcome:
         if not await store.insert_resident(uow.conn, resident):
@@ -499,8 +498,22 @@ async def _emit_consent(uow: UnitOfWork, resident_id: str, consent: Consent) -> 
     )
 
 
+async def _check_consent_targets(
+    runtime: ServiceRuntime, targets: Sequence[tuple[ConsentPurpose, str | None]]
+) -> None:
+    """The partners are the seed and those registered through the gateway (the projection of
+    ``gateway.partners.v1``), read only when a partner beyond the seed is named."""
+    named = domain.partners_beyond_seed(targets)
+    registered: set[str] = set()
+    if named:
+        async with runtime.pool.acquire() as conn:
+            registered = await store.registered_partner_codes(conn, named)
+    for purpose, partner in targets:
+        domain.check_consent_target(purpose, partner, registered)
+
+
 async def grant_consent(write: Write, resident_id: str, purpose: ConsentPurpose, partner: str | None) -> Outcome:
-    domain.check_consent_target(purpose, partner)
+    await _check_consent_targets(write.runtime, [(purpose, partner)])
 
     async def act(uow: UnitOfWork) -> Outcome:
         await _lock_resident(uow.conn, resident_id)
@@ -517,7 +530,7 @@ async def grant_consent(write: Write, resident_id: str, purpose: ConsentPurpose,
 
 async def revoke_consent(write: Write, resident_id: str, purpose: ConsentPurpose, partner: str | None) -> Outcome:
     """A revocation is an event too; revoking what is already revoked changes nothing."""
-    domain.check_consent_target(purpose, partner)
+    await _check_consent_targets(write.runtime, [(purpose, partner)])
 
     async def act(uow: UnitOfWork) -> Outcome:
         await _lock_resident(uow.conn, resident_id)

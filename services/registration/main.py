@@ -1,4 +1,5 @@
-"""Composition root: the runtime (database, outbox relay, premium-expiry job) and the HTTP routes."""
+"""Composition root: the runtime (database, outbox relay, the consumer of registered partners,
+premium-expiry job) and the HTTP routes."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
-from services.registration import api, handlers
+from services.registration import api, consumers, handlers
 from services.registration.attestation import AttestationVerifier
+from shared.contracts.topics import GATEWAY_PARTNERS
 from shared.kit.http import create_app as create_http_app
-from shared.kit.service import BackgroundTask, ServiceRuntime
+from shared.kit.service import BackgroundTask, ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,8 @@ def create_app(
     attestations = AttestationVerifier.from_settings(settings, identity_verifiers)
     runtime = ServiceRuntime(
         "registration", migrations=MIGRATIONS, background=[maintenance(maintenance_interval_s)], settings=settings,
+        # Partners registered through the gateway: consents may name them (the seed is PARTNER_CODES).
+        consumers=[ConsumerSpec(consumers.router, [GATEWAY_PARTNERS])],
     )
     app = create_http_app(
         service="registration",

@@ -7,7 +7,7 @@ premium-limit rules hold under concurrent requests and the expiry job never dead
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -497,3 +497,27 @@ async def stream_registrations(conn: Connection, f: RegistrationFilter) -> Async
         f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where} ORDER BY r.registered_at, r.id", *args, prefetch=500
     ):
         yield _listed(row)
+
+
+# --- Partners registered through the partner gateway (gateway.partners.v1) -----------------------
+
+
+async def save_registered_partners(conn: Connection, rows: Sequence[tuple[str, str, datetime]]) -> None:
+    """Upsert (code, name, registered at); a later registration of a code wins."""
+    if not rows:
+        return
+    await conn.execute(
+        """
+        INSERT INTO registered_partners (code, name, registered_at)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+        ON CONFLICT (code) DO UPDATE SET name = excluded.name, registered_at = excluded.registered_at
+        WHERE registered_partners.registered_at <= excluded.registered_at
+        """,
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+    )
+
+
+async def registered_partner_codes(conn: Connection, codes: Iterable[str]) -> set[str]:
+    """Which of these codes are partners registered through the gateway."""
+    rows = await conn.fetch("SELECT code FROM registered_partners WHERE code = ANY($1::text[])", list(codes))
+    return {row["code"] for row in rows}

@@ -59,7 +59,8 @@ class TopUpRequest(ApiModel):
 
 
 class RedemptionRequest(ApiModel):
-    """A trip under a grant, as on ``partner.redemptions.v1`` minus the partner (from the token)."""
+    """A trip under a grant, as a partner writes it to ``partner.<code>.trips.v1``, minus the partner (the
+    token says who reports)."""
 
     grant_id: str = Field(min_length=1, max_length=200)
     certificate_number: str = Field(min_length=1, max_length=100)

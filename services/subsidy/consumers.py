@@ -5,9 +5,10 @@ grants of newly issued certificates, and the other way round. Issued and renewed
 handled set-based (issue #9: ≥ 1,000 events/s): a run of them is projected in one statement and
 only those of towns with travel programs are granted one by one.
 
-A trip report is a partner's own text (its trip id above all): one holding a My Number anywhere is
-parked on the dead-letter topic with the reason ``my-number-not-allowed`` and nothing of it is
-stored (over HTTP the kit refuses it the same way).
+Trips come from the partner gateway (``gateway.trips.v1``): partners write them to their own topic
+on the partner-facing cluster, and the gateway forwards each as the partner of that topic (a record
+naming another partner, or holding a My Number anywhere, is parked there and never reaches us).
+Over HTTP the kit refuses a My Number the same way.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.donation import DonationReceived, DonationRefunded
-from shared.contracts.partners import TripReported
+from shared.contracts.partners import PartnerRegistered, TripAccepted
 from shared.kit.consumer import EventRouter, HandlerContext, Run
-from shared.kit.my_number import refuse_my_number
 
 certificates_and_donations = EventRouter()
 trips = EventRouter()
@@ -48,13 +48,18 @@ async def on_donation_refunded(ctx: HandlerContext, event: DonationRefunded) -> 
     await handlers.refund_donation(ctx, event)
 
 
-@trips.on(TripReported)
-async def on_trip_reported(ctx: HandlerContext, event: TripReported) -> None:
-    # A DomainError: the consumer parks the record (its reason names the code), before anything is written.
-    refuse_my_number(event.model_dump(mode="json"), where="trip report")
+@trips.on(TripAccepted)
+async def on_trip_accepted(ctx: HandlerContext, event: TripAccepted) -> None:
+    # ``partner``: the gateway's, from the topic the partner wrote to (never the partner's own say).
     report = handlers.TripReport(
         partner=event.partner, grant_id=event.grant_id, certificate_number=event.certificate_number,
         trip_id=event.trip_id, trip_kind=event.trip_kind, travelled_on=event.travelled_on,
         discount_jpy=event.discount_jpy, reported_at=event.reported_at,
     )
     await handlers.report_trip(ctx, report, "kafka", ctx.clock.today())
+
+
+@certificates_and_donations.on_many(PartnerRegistered)
+async def partners_registered(run: Run[PartnerRegistered]) -> None:
+    # gateway.partners.v1: partners beyond the seed, for which programmes may be created.
+    await handlers.record_registered_partners(run.conn, [event for _, event in run])

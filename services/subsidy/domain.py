@@ -58,6 +58,12 @@ class ProgramExists(Conflict):
     title = "A program with this id exists"
 
 
+class UnknownPartner(DomainError):
+    code = "unknown-partner"
+    status = 422
+    title = "No partner has this code"
+
+
 class InvalidProgramParameters(DomainError):
     code = "invalid-program-parameters"
     title = "The program parameters make no sense"

@@ -35,6 +35,7 @@ from services.subsidy.domain import (
     Trip,
     UnitMismatch,
     UnknownGrant,
+    UnknownPartner,
     UnknownProgram,
     certificate_years,
     check_discount,
@@ -58,7 +59,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
-from shared.contracts.partners import TripKind
+from shared.contracts.partners import PartnerRegistered, TripKind
 from shared.contracts.reasons import RESIDENT_WITHDRAWN, revocation_reason
 from shared.contracts.subsidy import (
     BudgetChanged,
@@ -72,7 +73,7 @@ from shared.contracts.subsidy import (
     Mechanism,
     RedemptionRefusal,
 )
-from shared.contracts.topics import BUDGETS, GRANTS
+from shared.contracts.topics import BUDGETS, GRANTS, PARTNER_CODES
 from shared.kit.clock import utc_now
 from shared.kit.consumer import Run
 from shared.kit.db import Connection
@@ -118,6 +119,10 @@ class ProgramDraft:
 
 async def create_program(work: Work, draft: ProgramDraft, actor: str, today: date) -> Program:
     parameters = parse_parameters(draft.mechanism, draft.parameters)
+    # The partners are the seed and those registered through the gateway (gateway.partners.v1).
+    if draft.partner not in PARTNER_CODES and not await store.is_registered_partner(work.conn, draft.partner):
+        raise UnknownPartner(f"partner: no partner {draft.partner!r} (not seeded, not registered through the gateway)",
+                             field="partner")
     check_program_period(draft.active_from, draft.active_until, today)
     if draft.opening_budget < 0:
         raise InvalidAmount(f"opening_budget must be zero or a positive integer, not {draft.opening_budget}")
@@ -533,7 +538,8 @@ async def report_trip(work: Work, report: TripReport, channel: Channel, today: d
     Over HTTP, reports that cannot be about this partner's grant (unknown grant, another
     partner's grant, a reused trip id, a malformed discount) are refused as problems and nothing
     is written; over Kafka the rejection event is the answer (or the dead-letter topic when
-    there is no grant to answer about).
+    there is no grant to answer about). Another partner's grant is answered on both channels
+    exactly as a grant that does not exist.
     """
     conn = work.conn
     context = await store.trip_context(conn, report.grant_id, report.partner, report.trip_id)
@@ -547,20 +553,17 @@ async def report_trip(work: Work, report: TripReport, channel: Channel, today: d
     grant = context.grant
     if grant.certificate_number != report.certificate_number:
         return await _unknown_grant(work, report, channel)
-    decision: Decision
     if grant.partner != report.partner:
-        if channel == "http":
-            # The same answer as for a grant that does not exist: a partner never learns that
-            # another partner's grant id is real.
-            return await _unknown_grant(work, report, channel)
-        decision = Refused("wrong_partner", f"grant {grant.grant_id} belongs to another partner's program")
-    else:
-        check_discount(grant.mechanism, report.discount_jpy)
-        certificate = context.certificate
-        if grant.status != "issued":  # it may have just been closed: read the certificate afresh
-            certificate = await store.certificate(conn, grant.certificate_number) or certificate
-        trip = Trip(report.trip_kind, report.travelled_on, report.discount_jpy)
-        decision = decide_trip(grant, certificate, trip, context.parameters, today)
+        # The same answer as for a grant that does not exist, over HTTP and Kafka alike: a partner
+        # never learns that another partner's grant id is real (a "wrong partner" rejection would
+        # name the other partner's program on the reporter's feed).
+        return await _unknown_grant(work, report, channel)
+    check_discount(grant.mechanism, report.discount_jpy)
+    certificate = context.certificate
+    if grant.status != "issued":  # it may have just been closed: read the certificate afresh
+        certificate = await store.certificate(conn, grant.certificate_number) or certificate
+    trip = Trip(report.trip_kind, report.travelled_on, report.discount_jpy)
+    decision: Decision = decide_trip(grant, certificate, trip, context.parameters, today)
     record = _trip_record(report, grant.program_id, grant.unit, grant.legs_counted, decision)
     now = utc_now()
     count = (
@@ -623,7 +626,7 @@ async def _release_unused(work: Work, grant: GrantState, trip_id: str, amount: i
 async def _emit_rejection(
     work: Work, grant: GrantState, report: TripReport, reason: RedemptionRefusal, detail: str
 ) -> None:
-    # The reporting partner is the one answered (for wrong_partner it is not the grant's partner).
+    # The reporting partner is the one answered (for an unknown grant, the stand-in's partner).
     await _emit_grant(
         work, grant,
         GrantRedemptionRejected(
@@ -688,3 +691,14 @@ async def _unknown_grant(work: Work, report: TripReport, channel: Channel) -> Tr
     return TripOutcome(record, duplicate=False)
 
 
+# --- Partners registered through the gateway (gateway.partners.v1) -------------------------------
+
+
+async def record_registered_partners(conn: Connection, events: Sequence[PartnerRegistered]) -> None:
+    """The projection programmes are checked against: partners beyond the seed (latest event of a code wins)."""
+    latest: dict[str, PartnerRegistered] = {}
+    for event in events:
+        if event.code not in latest or latest[event.code].registered_at <= event.registered_at:
+            latest[event.code] = event
+    await store.save_registered_partners(conn, [(e.code, e.name, e.registered_at) for e in latest.values()])
+    log.info("registered partners recorded", partners=sorted(latest))

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from services.subsidy import api, consumers, handlers
 from services.subsidy.config import SubsidySettings
-from shared.contracts.topics import CERTIFICATES, DONATIONS, REDEMPTIONS
+from shared.contracts.topics import CERTIFICATES, DONATIONS, GATEWAY_PARTNERS, GATEWAY_TRIPS
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
@@ -48,9 +48,12 @@ def create_app(settings: Settings | None = None, config: SubsidySettings | None 
         SERVICE,
         migrations=MIGRATIONS,
         consumers=[
-            ConsumerSpec(consumers.certificates_and_donations, [CERTIFICATES, DONATIONS], name=SERVICE),
-            # several members of one group: the partitions of trips are handled in parallel
-            *[ConsumerSpec(consumers.trips, [REDEMPTIONS], name=f"{SERVICE}-trips")] * config.trip_consumers,
+            ConsumerSpec(
+                consumers.certificates_and_donations, [CERTIFICATES, DONATIONS, GATEWAY_PARTNERS], name=SERVICE
+            ),
+            # Trips partners reported, as the partner gateway accepted them (the partner stamped from
+            # the partner's own topic); several members of one group handle the partitions in parallel.
+            *[ConsumerSpec(consumers.trips, [GATEWAY_TRIPS], name=f"{SERVICE}-trips")] * config.trip_consumers,
         ],
         prepare=[seed_travel_programs],
         background=[sweep_lapsed_grants],

@@ -742,3 +742,24 @@ async def mark_donation_refunded(conn: Connection, donation_id: str, refunded: i
         "UPDATE donation_credits SET status = 'refunded', refunded = $2, note = note || $3 WHERE donation_id = $1",
         donation_id, refunded, note,
     )
+
+
+# --- Partners registered through the gateway ------------------------------------------------------
+
+
+async def save_registered_partners(conn: Connection, rows: Sequence[tuple[str, str, datetime]]) -> None:
+    if not rows:
+        return
+    await conn.execute(
+        """
+        INSERT INTO registered_partners (code, name, registered_at)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+        ON CONFLICT (code) DO UPDATE SET name = excluded.name, registered_at = excluded.registered_at
+        WHERE registered_partners.registered_at <= excluded.registered_at
+        """,
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+    )
+
+
+async def is_registered_partner(conn: Connection, code: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM registered_partners WHERE code = $1", code))

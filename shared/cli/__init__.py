@@ -41,6 +41,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--municipality", default=None, help="staff: the municipality code")
     token.add_argument("--partner", default=None, help="partner: the partner code (jal, ana...)")
     token.add_argument("--hours", type=float, default=1.0, help="lifetime (at most NICHIIKI_TOKEN_MAX_LIFETIME_S)")
+    partner = commands.add_parser("partner", help="partners: register one through the gateway's admin API")
+    partner_commands = partner.add_subparsers(dest="partner_command", required=True)
+    add = partner_commands.add_parser("add", help="register a partner (POST /v1/partners); prints its API key once")
+    add.add_argument("--code", required=True, help="lower-case letters and digits, e.g. kochiferry")
+    add.add_argument("--name", required=True)
+    add.add_argument("--kind", required=True, choices=["airline", "railway", "rail", "ferry", "bus"])
+    add.add_argument("--member-format", required=True, help="anchored, bounded regex, e.g. '^[0-9]{8}$'")
+    add.add_argument("--feed", default="http", choices=["http", "kafka"], help="how the partner reads its feed")
+    add.add_argument("--program", action="append", default=[], metavar="PROGRAM_ID=CODE[,CODE...]",
+                     help="a programme it runs and the municipality codes where (repeatable)")
+    add.add_argument("--token", default=None, help="an admin bearer token (default: a development admin token)")
+    add.add_argument("--url", default=None, help="the partner gateway (default: the running platform's)")
     dlq = commands.add_parser("dlq", help="dead letters")
     dlq.add_argument("action", choices=["replay"])
     dlq.add_argument("topic", help="the dead-letter topic, e.g. registration.residents.v1.dlq")
@@ -78,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "token":
         return _token(settings, args)
+    if args.command == "partner":
+        return _partner_add(settings, args)
     if args.command == "dlq":
         from shared.kit.dead_letters import replay_dead_letters
 
@@ -194,10 +208,49 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _partner_add(settings: Settings, args: argparse.Namespace) -> int:
+    """``nichiiki partner add``: the gateway's admin API with an admin token (``--token``, or a
+    development one: NICHIIKI_ENV=development only)."""
+    from shared.cli.platform import read_run_file
+
+    token = args.token
+    if token is None:
+        if settings.env != "development":
+            raise SystemExit(
+                "pass --token (an admin's bearer token): development tokens only in NICHIIKI_ENV=development"
+            )
+        token = mint_token(settings, subject="admin-cli", role=Role.ADMIN, ttl=timedelta(minutes=5))
+    url = args.url
+    if url is None:
+        running = read_run_file(settings)
+        gateway = (running or {}).get("services", {}).get("partner_gateway")
+        url = gateway["url"] if gateway else f"http://127.0.0.1:{settings.service_port('partner_gateway')}"
+    programs = []
+    for spec in args.program:
+        program_id, _, codes = spec.partition("=")
+        programs.append({"program_id": program_id, "municipality_codes": [c for c in codes.split(",") if c]})
+    body = {
+        "code": args.code, "name": args.name, "kind": args.kind, "member_number_format": args.member_format,
+        "feed": args.feed, "programs": programs,
+    }
+    try:
+        response = httpx.post(f"{url}/v1/partners", json=body, headers={"Authorization": f"Bearer {token}"},
+                              timeout=30)
+    except httpx.HTTPError as error:
+        raise SystemExit(f"the partner gateway at {url} did not answer: {error}") from error
+    _out(json.dumps(response.json(), ensure_ascii=False, indent=2))
+    if response.status_code != 201:
+        return 1
+    sys.stderr.write("the api_key above is shown once: hand it to the partner now\n")
+    return 0
+
+
 def _test(pytest_args: list[str]) -> int:
     """Lint, type-check, then every test; the first failure decides the exit code."""
     python = sys.executable
-    typed = [d for d in ("shared", "services", "tests", "bench") if any((REPO_ROOT / d).rglob("*.py"))]
+    typed = [
+        d for d in ("shared", "services", "tests", "bench", "deploy", "examples") if any((REPO_ROOT / d).rglob("*.py"))
+    ]
     steps = [
         ("ruff", [python, "-m", "ruff", "check", "."]),
         ("mypy", [python, "-m", "mypy", *typed]),

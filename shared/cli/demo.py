@@ -47,6 +47,7 @@ from shared.contracts.formats import ProgramId
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, certificate_of_key
 from shared.contracts.topics import SERVICES
 from shared.kit.clock import SYSTEM_CLOCK
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.settings import Settings
 from shared.reference import municipality
 from shared.stack.identity_verifier import attest
@@ -218,8 +219,9 @@ class PartnerFeed:
     def __init__(self, settings: Settings, topic: str, group: str) -> None:
         self.topic = topic
         self.group = group
-        self._config = {
-            "bootstrap.servers": settings.require_kafka(), "group.id": group, "auto.offset.reset": "earliest",
+        # The feed is on the partner-facing cluster (the internal one when it has no bootstrap of its own).
+        self._config: dict[str, object] = {
+            **KafkaConnection.edge(settings).confluent_config(), "group.id": group, "auto.offset.reset": "earliest",
             "enable.auto.commit": True, "session.timeout.ms": max(settings.kafka_session_timeout_ms, 2000),
             "heartbeat.interval.ms": settings.kafka_heartbeat_interval_ms, "fetch.wait.max.ms": 50,
             "client.id": f"{group}-client",
@@ -397,7 +399,8 @@ class Journey:
         started = time.monotonic()
         a, b = self.result.resident_a, self.result.resident_b
         self._say(f"Nichiiki demo — the resident journey with {self.town} (run {self.tag})")
-        self._feed = PartnerFeed(self.settings, self.settings.topic(JAL_FEED), f"jal-demo-{self.tag}")
+        # a partner's consumer groups start with "<code>." (its ACLs allow no other)
+        self._feed = PartnerFeed(self.settings, self.settings.topic(JAL_FEED), f"jal.demo-{self.tag}")
         self._feed.start()
         try:
             async with httpx.AsyncClient(timeout=15.0) as self._http:

@@ -50,6 +50,7 @@ def settings_for_running_platform(settings: Settings) -> Settings:
     env = running["env"]
     return settings.model_copy(update={
         "kafka_bootstrap": settings.kafka_bootstrap or env["NICHIIKI_KAFKA_BOOTSTRAP"],
+        "partner_kafka_bootstrap": settings.partner_kafka_bootstrap or env.get("NICHIIKI_PARTNER_KAFKA_BOOTSTRAP"),
         "pg_dsn": settings.pg_dsn or env["NICHIIKI_PG_DSN"],
         "redis_url": settings.redis_url or env["NICHIIKI_REDIS_URL"],
         "smtp_url": settings.smtp_url or env.get("NICHIIKI_SMTP_URL"),
@@ -166,6 +167,7 @@ class Platform:
 def replace_settings(settings: Settings, env: dict[str, str]) -> Settings:
     return settings.model_copy(update={
         "kafka_bootstrap": env["NICHIIKI_KAFKA_BOOTSTRAP"], "pg_dsn": env["NICHIIKI_PG_DSN"],
+        "partner_kafka_bootstrap": env.get("NICHIIKI_PARTNER_KAFKA_BOOTSTRAP"),
         "redis_url": env["NICHIIKI_REDIS_URL"], "smtp_url": env.get("NICHIIKI_SMTP_URL"),
     })
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import shared.contracts
 from shared.contracts.base import EVENT_MODELS, EventData
-from shared.contracts.topics import CORE_TOPICS, PARTNER_FEED, SERVICES, Topic
+from shared.contracts.topics import CORE_TOPICS, PARTNER_FEED, PARTNER_TRIPS, SERVICES, Topic
 from shared.reference import travel_programs
 
 
@@ -43,11 +43,18 @@ def events_on(topic: Topic) -> list[type[EventData]]:
 #: Event versions no longer published. Their schema files stay in ``docs/contracts/schemas/`` as the
 #: record of what was promised; the compatibility test accepts their models being gone. Event type →
 #: why and since when, e.g. ``"jp.nichiiki.x.y.v1": "replaced by v2 on 2025-04-01; no producer sends it"``.
-RETIRED_EVENT_TYPES: dict[str, str] = {}
+RETIRED_EVENT_TYPES: dict[str, str] = {
+    "jp.nichiiki.partner.trip.reported.v1": "replaced by v2 on each partner's own partner.<code>.trips.v1 "
+    "(2026-12): the shared partner.redemptions.v1 is gone, so a partner can no longer report as another",
+}
 
-#: The AsyncAPI address of the partner feeds: one topic per partner, ``partner.{partner}.v1``.
+#: The AsyncAPI addresses of the partner topics: one of each per partner, on the edge cluster.
 PARTNER_FEED_ADDRESS = "partner.{partner}.v1"
 PARTNER_FEED_CHANNEL = "partner_feed_v1"
+PARTNER_TRIPS_ADDRESS = "partner.{partner}.trips.v1"
+PARTNER_TRIPS_CHANNEL = "partner_trips_v1"
+_PARAMETERISED = {PARTNER_FEED.name: (PARTNER_FEED_ADDRESS, PARTNER_FEED_CHANNEL),
+                  PARTNER_TRIPS.name: (PARTNER_TRIPS_ADDRESS, PARTNER_TRIPS_CHANNEL)}
 
 _INTERNAL_SERVER = "internal"
 _PARTNER_SERVER = "partners"
@@ -56,10 +63,10 @@ _SERVERS: dict[str, Any] = {
         "host": "{bootstrap}",
         "protocol": "kafka-secure",
         "title": "The platform's Kafka cluster",
-        "description": "Where the services publish and consume every event. The security scheme is the one a "
-        "production cluster is to use (SASL_SSL, SCRAM-SHA-512, a user per service); as of this version the local "
-        "embedded stack (`./nichiiki start`, Tansu), the tests and docker-compose.yml still listen in plaintext "
-        "without authentication.",
+        "description": "Where the services publish and consume every event; partners are never given it. "
+        "Deployed with SASL_SSL and SCRAM-SHA-512, a user per service and ACLs generated from the topic registry "
+        "(docker-compose.yml); the local embedded stack (`./nichiiki start`, Tansu) and the tests listen in "
+        "plaintext without authentication, isolated by design.",
         "variables": {
             "bootstrap": {
                 "description": "Bootstrap servers (`NICHIIKI_KAFKA_BOOTSTRAP`).",
@@ -72,13 +79,14 @@ _SERVERS: dict[str, Any] = {
     _PARTNER_SERVER: {
         "host": "{host}",
         "protocol": "kafka-secure",
-        "title": "The partner-facing listener of the cluster",
-        "description": "What airlines, railways and ferries connect to: each partner reads its own feed "
-        "(`partner.{partner}.v1`) and writes trips and redemptions (`partner.redemptions.v1`). To be secured "
-        "with SASL_SSL and SCRAM-SHA-512, a credential per partner; not yet separated from the internal cluster "
-        "in this version.",
+        "title": "The partner-facing cluster (the edge)",
+        "description": "What airlines, railways and ferries connect to (`NICHIIKI_PARTNER_KAFKA_BOOTSTRAP`): it "
+        "holds only partner topics. Each partner reads its own feed (`partner.{partner}.v1`) and writes its own "
+        "trips (`partner.{partner}.trips.v1`), nothing else. Deployed with SASL_SSL and SCRAM-SHA-512, a "
+        "credential and ACLs per partner; on the local stack a second embedded broker in plaintext.",
         "variables": {
-            "host": {"description": "The partner-facing bootstrap address, given to each partner at onboarding."},
+            "host": {"description": "The partner-facing bootstrap address, given to each partner at onboarding.",
+                     "examples": ["kafka-edge:9092", "127.0.0.1:19093"]},
         },
         "security": [{"$ref": "#/components/securitySchemes/partnerScramSha512"}],
     },
@@ -109,19 +117,18 @@ def _channel(topic: Topic, models: list[type[EventData]]) -> tuple[str, dict[str
         "address": topic.name,
         "description": description,
         "messages": {m.__name__: {"$ref": f"#/components/messages/{m.__name__}"} for m in models},
-        "servers": [{"$ref": f"#/servers/{_INTERNAL_SERVER}"}],
+        "servers": [{"$ref": f"#/servers/{_PARTNER_SERVER if topic.cluster == 'edge' else _INTERNAL_SERVER}"}],
     }
-    if topic == PARTNER_FEED:  # topics.py names the shape ``partner.<partner>.v1``; AsyncAPI has parameters
-        channel["address"] = PARTNER_FEED_ADDRESS
+    if topic.name in _PARAMETERISED:  # topics.py names the shape ``partner.<partner>…``; AsyncAPI has parameters
+        channel["address"] = _PARAMETERISED[topic.name][0]
         channel["parameters"] = {
             "partner": {
                 "description": "The partner's code (lower-case letters and digits): one topic per partner.",
                 "enum": partner_codes(),
             },
         }
-    if topic == PARTNER_FEED or topic.producer == "partners":
-        channel["servers"].append({"$ref": f"#/servers/{_PARTNER_SERVER}"})
-    return (PARTNER_FEED_CHANNEL if topic == PARTNER_FEED else topic.name.replace(".", "_")), channel
+        return _PARAMETERISED[topic.name][1], channel
+    return topic.name.replace(".", "_"), channel
 
 
 def _payload_components(model: type[EventData], schemas: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +171,7 @@ def asyncapi(service: str) -> dict[str, Any]:
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
     schemas: dict[str, Any] = {}
-    for topic in (*CORE_TOPICS, PARTNER_FEED):  # one parameterised channel stands for every partner's feed
+    for topic in (*CORE_TOPICS, PARTNER_FEED, PARTNER_TRIPS):  # one parameterised channel per partner topic kind
         sends = topic.producer == service
         receives = service in topic.consumers
         if not (sends or receives):

@@ -1,6 +1,8 @@
 """What partners write and read.
 
-``partner.redemptions.v1`` (key: grant id): written by partners, a trip used against a grant.
+``partner.<code>.trips.v1`` (key: grant id, on the edge cluster): written by that partner only, a
+trip used against one of its grants. The partner is the topic's: a record naming another is parked.
+The gateway forwards each accepted trip inside, on ``gateway.trips.v1``, the partner stamped.
 
 ``partner.<code>.v1`` (compacted): what one partner may see. Keys:
 
@@ -23,7 +25,7 @@ from typing import Literal
 
 from shared.contracts.base import EventData
 from shared.contracts.common import MunicipalityCode, PartnerCode
-from shared.contracts.topics import PARTNER_FEED, REDEMPTIONS
+from shared.contracts.topics import GATEWAY_PARTNERS, GATEWAY_TRIPS, PARTNER_FEED, PARTNER_TRIPS
 
 TripKind = Literal["one_way", "round_trip"]
 
@@ -41,8 +43,27 @@ def certificate_of_key(key: str) -> str:
     return key.split(GRANT_KEY_INFIX, 1)[0]
 
 
-class TripReported(EventData, name="partner.trip.reported", topic=REDEMPTIONS):
-    """A trip the partner carried out under a grant; ``trip_id`` is the partner's own unique id."""
+class TripReported(EventData, name="partner.trip.reported", version=2, topic=PARTNER_TRIPS):
+    """A trip the partner carried out under a grant; ``trip_id`` is the partner's own unique id.
+
+    Version 2: written to the partner's own ``partner.<code>.trips.v1`` on the edge cluster, where the
+    topic says who reports (v1 went to one shared topic and named the partner in the record).
+    ``partner``, if given, must be the topic's partner."""
+
+    partner: PartnerCode | None = None
+    grant_id: str
+    certificate_number: str
+    trip_id: str
+    trip_kind: TripKind
+    travelled_on: date
+    #: fare_discount: the discount the partner granted on this trip, in yen.
+    discount_jpy: int | None = None
+    reported_at: datetime
+
+
+class TripAccepted(EventData, name="partner_gateway.trip.accepted", topic=GATEWAY_TRIPS):
+    """A partner's trip report as the gateway accepted it: ``partner`` is the partner whose topic
+    (or whose credential, over HTTP) it came from, never what the record said."""
 
     partner: PartnerCode
     grant_id: str
@@ -107,3 +128,23 @@ class PartnerWithdrawal(EventData, name="partner.withdrawal", topic=PARTNER_FEED
     resident_ref: str
     reason: Literal["consent_revoked", "resident_withdrawn"]
     changed_at: datetime
+
+
+PartnerKindName = Literal["airline", "rail", "ferry", "bus"]
+FeedTransport = Literal["kafka", "http"]
+
+
+class PartnerRegistered(EventData, name="partner_gateway.partner.registered", topic=GATEWAY_PARTNERS):
+    """A partner registered through the gateway's admin API (key: its code). The partners of the
+    platform are the seed (``PARTNER_CODES``) and these: certification accepts memberships of it
+    with ``member_number_format``, subsidy accepts programmes for it."""
+
+    code: PartnerCode
+    name: str
+    kind: PartnerKindName
+    #: A Python regular expression, anchored (``^…$``) and of bounded length, that every member
+    #: number given for this partner must match in full.
+    member_number_format: str
+    #: How the partner reads its feed: its own Kafka topic on the edge, or ``GET /v1/feed`` over HTTP.
+    feed_transport: FeedTransport
+    registered_at: datetime

@@ -1,5 +1,12 @@
 """Every topic of the platform, named once: partitions, key, who writes and who reads it.
 
+Two clusters: the **internal** one carries every service topic and partners are never given it;
+the **edge** (``NICHIIKI_PARTNER_KAFKA_BOOTSTRAP``) carries only what partners touch, one topic per
+partner each way: its feed ``partner.<code>.v1`` (written by the gateway, read by that partner) and
+its trip reports ``partner.<code>.trips.v1`` (written by that partner, read by the gateway, which
+stamps the partner from the topic and forwards the trip inside on ``gateway.trips.v1``). The
+gateway is the only service on both; dead letters stay internal.
+
 Partner feeds are one topic per partner (``partner.<code>.v1``), compacted. A certificate's records
 (``partner.certificate``, ``partner.withdrawal``) are keyed by the certificate number, each grant's
 records (``partner.grant``) by ``<certificate number>/grants/<grant id>`` and placed on the
@@ -10,9 +17,12 @@ order. Every consumed topic has a dead-letter twin ``<topic>.dlq``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 DLQ_SUFFIX = ".dlq"
+Cluster = Literal["internal", "edge"]
 
 #: The platform's services (each its own process and database; the only consumers that park dead
 #: letters). ``identity`` is the embedded identity provider: it has no events.
@@ -30,6 +40,7 @@ class Topic:
     consumers: tuple[str, ...] = ()
     compacted: bool = False
     description: str = ""
+    cluster: Cluster = "internal"
 
     @property
     def dlq(self) -> str:
@@ -66,9 +77,16 @@ DELIVERIES = Topic(
     "notification.deliveries.v1", 2, "resident id", "notification", (),
     description="What was sent to whom by which channel (no message body).",
 )
-REDEMPTIONS = Topic(
-    "partner.redemptions.v1", 4, "grant id", "partners", ("subsidy",),
-    description="Trips and redemptions reported by partners against a grant.",
+GATEWAY_TRIPS = Topic(
+    "gateway.trips.v1", 4, "grant id", "partner_gateway", ("subsidy",),
+    description="Trips partners reported against a grant, accepted by the gateway with the partner taken from "
+    "the topic the partner wrote to (never from the record).",
+)
+GATEWAY_PARTNERS = Topic(
+    "gateway.partners.v1", 1, "partner code", "partner_gateway", ("certification", "subsidy", "registration"),
+    compacted=True,
+    description="Partners registered through the gateway's admin API (beyond the seed of PARTNER_CODES): code, "
+    "kind, member-number format, feed transport. The registry of partners is the seed plus this topic.",
 )
 
 #: The key scheme of every partner feed (see ``shared.contracts.partners``).
@@ -88,10 +106,20 @@ _PARTNER_FEED_READING = (
 PARTNER_FEED = Topic(
     "partner.<partner>.v1", 2, PARTNER_FEED_KEY, "partner_gateway", ("partners",), compacted=True,
     description="What one partner may see: consented certificates and its grants (one topic per partner). "
-    + _PARTNER_FEED_READING,
+    + _PARTNER_FEED_READING, cluster="edge",
+)
+_PARTNER_TRIPS_READING = (
+    "Only this partner writes here; the partner is the topic's: a record naming another partner is parked."
+)
+#: The shape every partner's trip topic shares; the real topics are ``partner_trips(code)``.
+PARTNER_TRIPS = Topic(
+    "partner.<partner>.trips.v1", 2, "grant id", "partners", ("partner_gateway",),
+    description="Trips one partner carried out under its grants (one topic per partner). " + _PARTNER_TRIPS_READING,
+    cluster="edge",
 )
 
-#: Partners with a feed of their own (seeded from the travel programs reference data).
+#: Partners with a feed of their own (seeded from the travel programs reference data). The static seed
+#: only: partners registered later come through ``gateway.partners.v1`` (``GATEWAY_PARTNERS``).
 PARTNER_CODES: tuple[str, ...] = ("jal", "ana", "jreast", "sadokisen", "kyushuyusen")
 
 
@@ -99,13 +127,39 @@ def partner_feed(code: str) -> Topic:
     return Topic(
         f"partner.{code}.v1", 2, PARTNER_FEED_KEY, "partner_gateway", (code,), compacted=True,
         description=f"What partner {code} may see: consented certificates and its grants. " + _PARTNER_FEED_READING,
+        cluster="edge",
     )
 
 
+def partner_trips(code: str) -> Topic:
+    return Topic(
+        f"partner.{code}.trips.v1", 2, "grant id", code, ("partner_gateway",),
+        description=f"Trips partner {code} carried out under its grants. " + _PARTNER_TRIPS_READING, cluster="edge",
+    )
+
+
+_PARTNER_TOPIC = re.compile(r"^partner\.(?P<code>[a-z0-9_-]+)\.(?:trips\.)?v1$")
+
+
+def partner_of_topic(name: str) -> str | None:
+    """The partner a partner topic belongs to (``partner.jal.trips.v1`` → ``jal``), else None."""
+    found = _PARTNER_TOPIC.match(name)
+    return None if found is None else found["code"]
+
+
+def cluster_of(name: str) -> Cluster:
+    """The cluster a topic lives on, by its name (without a test prefix): partner topics on the edge,
+    everything else, their dead letters included, inside."""
+    return "edge" if partner_of_topic(name) is not None else "internal"
+
+
 CORE_TOPICS: tuple[Topic, ...] = (
-    RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, BUDGETS, DONATIONS, DELIVERIES, REDEMPTIONS,
+    RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, BUDGETS, DONATIONS, DELIVERIES, GATEWAY_TRIPS,
+    GATEWAY_PARTNERS,
 )
-PARTNER_TOPICS: tuple[Topic, ...] = tuple(partner_feed(code) for code in PARTNER_CODES)
+PARTNER_TOPICS: tuple[Topic, ...] = tuple(
+    topic for code in PARTNER_CODES for topic in (partner_feed(code), partner_trips(code))
+)
 ALL_TOPICS: tuple[Topic, ...] = CORE_TOPICS + PARTNER_TOPICS
 
 

@@ -71,6 +71,9 @@ class HandlerContext:
     pending: list[OutgoingRecord] | None = None
     #: The service's clock (the runtime's), for dates the handler decides by.
     clock: Clock = SYSTEM_CLOCK
+    #: The topic the event was read from (as named on the broker, prefix included): a partner's
+    #: topic says which partner wrote it.
+    topic: str = ""
 
     async def emit(
         self, topic: Topic, data: EventData, *, subject: str, key: str | None = None,
@@ -284,15 +287,24 @@ class EventConsumer:
         topics: Sequence[Topic],
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        cluster: str = "internal",
+        topics_of: Callable[[], Sequence[Topic]] | None = None,
     ) -> None:
+        """``topics_of``: when given, asked for the topics at every (re)subscription instead of
+        ``topics``, for a set of topics that grows at run time (set ``needs_resubscribe`` when it did)."""
         self.service = service
         self.clock = clock
+        #: The cluster its topics are on (``internal``, or ``edge`` for partner topics).
+        self.cluster = cluster
         self.name = name or service
         self.settings = settings
         self.pool = pool
         self.outbox = outbox
         self.router = router
-        self.topics = [settings.topic(topic.name) for topic in topics]
+        fixed = tuple(topics)
+        self._topics_of = topics_of or (lambda: fixed)
+        #: The topic names of the current subscription (``attach`` asks ``topics_of`` again).
+        self.topics = [settings.topic(topic.name) for topic in self._topics_of()]
         self.group_id = settings.topic(f"nichiiki.{self.name}")
         self.stats = ConsumerStats()
         #: Set when offsets cannot be committed (the broker lost the group or the topic): the
@@ -311,6 +323,7 @@ class EventConsumer:
     def attach(self, broker: KafkaBroker) -> None:
         s = self.settings
         self._uncommitted, self._client = {}, None  # a new subscription re-reads from its group's offsets
+        self.topics = [s.topic(topic.name) for topic in self._topics_of()]
         self.join_watch = JoinWatch()
         broker.subscriber(
             *self.topics,
@@ -459,12 +472,14 @@ class EventConsumer:
         claimed = await inbox.claim_many(conn, self.name, list(first_seen.items()))
         run: list[tuple[HandlerContext, Any]] = []
         run_handler: BatchHandler | None = None
-        for _, envelope, route in routed:
+        for record, envelope, route in routed:
             if envelope.id not in claimed:
                 counts.duplicates += 1
                 continue
             claimed.discard(envelope.id)  # a second copy in the same batch is a duplicate too
-            context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings, pending, self.clock)
+            context = HandlerContext(
+                conn, envelope, self.outbox, self.service, self.settings, pending, self.clock, record.topic
+            )
             if run and route.many is not run_handler:
                 await self._apply_run(run_handler, run)
                 run = []
@@ -504,7 +519,9 @@ class EventConsumer:
         if not await inbox.claim(conn, self.name, envelope.id, record.topic):
             counts.duplicates += 1
             return
-        context = HandlerContext(conn, envelope, self.outbox, self.service, self.settings, clock=self.clock)
+        context = HandlerContext(
+            conn, envelope, self.outbox, self.service, self.settings, clock=self.clock, topic=record.topic
+        )
         with bound_context(
             event_id=str(envelope.id), event_type=envelope.type,
             correlation_id=envelope.correlation_id or str(envelope.id),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from shared.contracts.topics import cluster_of
 from shared.kit.consumer import dead_letter_origin
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -19,10 +21,10 @@ log = structlog.get_logger(__name__)
 
 async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: float = 1.0) -> int:
     """Re-publish every not-yet-replayed record of ``dlq_topic``; return how many."""
-    bootstrap = settings.require_kafka()
+    internal = KafkaConnection.internal(settings)
     consumer = AIOKafkaConsumer(
         dlq_topic,
-        bootstrap_servers=bootstrap,
+        **internal.aiokafka_kwargs(),
         group_id=settings.topic("nichiiki.dlq-replay"),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -30,9 +32,14 @@ async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: flo
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    # Dead letters are kept inside; a partner's trip report goes back to the partner-facing cluster.
+    edge = KafkaConnection.edge(settings)
+    producer = AIOKafkaProducer(**internal.aiokafka_kwargs(), acks="all")
+    edge_producer = producer if edge == internal else AIOKafkaProducer(**edge.aiokafka_kwargs(), acks="all")
     await consumer.start()
     await producer.start()
+    if edge_producer is not producer:
+        await edge_producer.start()
     replayed = 0
     try:
         # The first fetch waits out the group join; after that, an empty fetch means "all replayed".
@@ -45,11 +52,16 @@ async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: flo
             for records in batches.values():
                 for record in records:
                     origin, headers = dead_letter_origin(record.headers)
-                    await producer.send_and_wait(origin, value=record.value, key=record.key, headers=headers)
+                    on_edge = cluster_of(origin.removeprefix(settings.topic_prefix)) == "edge"
+                    await (edge_producer if on_edge else producer).send_and_wait(
+                        origin, value=record.value, key=record.key, headers=headers,
+                    )
                     replayed += 1
             await consumer.commit()
         log.info("dead letters replayed", topic=dlq_topic, count=replayed)
         return replayed
     finally:
+        if edge_producer is not producer:
+            await edge_producer.stop()
         await producer.stop()
         await consumer.stop()

@@ -44,6 +44,7 @@ from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest, SyncGroupRequest
 
 import shared.kit.kafka_client  # noqa: F401  (topics are never auto-created)
+from shared.kit.kafka_security import KafkaConnection
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +90,7 @@ class Release:
 
 
 async def release_departed_leader(
-    bootstrap: str, group_id: str, topics: Sequence[str], *, session_timeout_ms: int
+    bootstrap: str | KafkaConnection, group_id: str, topics: Sequence[str], *, session_timeout_ms: int
 ) -> Release:
     """Clear a leader the broker keeps for a group it has left (see the module doc); keeps offsets.
 
@@ -97,7 +98,8 @@ async def release_departed_leader(
     of the broker (half the group's session timeout each, on Tansu)."""
     # The broker holds a JoinGroup up to half the group's session timeout: wait longer than that.
     client = AIOKafkaClient(
-        bootstrap_servers=bootstrap, client_id="nichiiki-group-release",
+        **(bootstrap if isinstance(bootstrap, KafkaConnection) else KafkaConnection(bootstrap)).aiokafka_kwargs(),
+        client_id="nichiiki-group-release",
         request_timeout_ms=max(60_000, 2 * session_timeout_ms),
     )
     await client.bootstrap()

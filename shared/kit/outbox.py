@@ -123,10 +123,15 @@ class OutboxRelay:
         poll_interval_s: float = 1.0,
         recover: Callable[[], Awaitable[None]] | None = None,
         prune_after_s: int = 3600,
+        edge_producer: AIOKafkaProducer | None = None,
+        is_edge: Callable[[str], bool] | None = None,
     ) -> None:
         self.dsn = dsn
         self.channel = channel
         self.producer = producer
+        #: Records whose topic ``is_edge`` go to the partner-facing cluster, through this producer.
+        self.edge_producer = edge_producer
+        self.is_edge = is_edge or (lambda topic: False)
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.recover = recover
@@ -201,14 +206,15 @@ class OutboxRelay:
         if not rows:
             return 0
         futures = [
-            await self.producer.send(
+            await producer.send(
                 row["topic"],
                 value=row["payload"],
                 key=row["key"],
-                partition=await self._partition_of(row["topic"], row["partition_key"]),
+                partition=await self._partition_of(producer, row["topic"], row["partition_key"]),
                 headers=list(zip(row["header_names"], row["header_values"], strict=True)),
             )
             for row in rows
+            for producer in (self._producer_for(row["topic"]),)
         ]
         # Wait for every ack before marking any row: a partial failure re-sends the whole batch.
         await asyncio.gather(*futures)
@@ -216,10 +222,18 @@ class OutboxRelay:
         self.published += len(rows)
         return len(rows)
 
-    async def _partition_of(self, topic: str, partition_key: bytes | None) -> int | None:
+    def _producer_for(self, topic: str) -> AIOKafkaProducer:
+        if not self.is_edge(topic):
+            return self.producer
+        if self.edge_producer is None:
+            raise RuntimeError(f"{topic} lives on the partner-facing cluster, and this relay has no producer there")
+        return self.edge_producer
+
+    @staticmethod
+    async def _partition_of(producer: AIOKafkaProducer, topic: str, partition_key: bytes | None) -> int | None:
         if partition_key is None:
             return None  # the producer places it by its own key
-        partitions = sorted(await self.producer.partitions_for(topic))
+        partitions = sorted(await producer.partitions_for(topic))
         # The producer's own partitioner (murmur2, as Java clients): the same partition the
         # record keyed by ``partition_key`` itself goes to.
         return int(_PARTITIONER(partition_key, partitions, partitions))

@@ -26,7 +26,7 @@ from faststream.kafka import KafkaBroker
 
 import shared.kit.kafka_client  # noqa: F401  (topics are never auto-created)
 from shared.contracts.base import EventData
-from shared.contracts.topics import Topic
+from shared.contracts.topics import Cluster, Topic, cluster_of
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.consumer import EventConsumer, EventRouter
 from shared.kit.db import Connection
@@ -34,6 +34,7 @@ from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.group_join import release_departed_leader
 from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics, platform_topics
+from shared.kit.kafka_security import KafkaConnection
 from shared.kit.metrics import EventMetrics
 from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, notify_channel
@@ -52,6 +53,11 @@ class ConsumerSpec:
     router: EventRouter
     topics: Sequence[Topic]
     name: str | None = None
+    #: Which cluster its topics are on: partner topics are on the edge (the gateway reads trips there).
+    cluster: Cluster = "internal"
+    #: Topics found at run time: asked at every (re)subscription in place of ``topics`` (flag the
+    #: consumer's ``needs_resubscribe`` when they changed; the watchdog then re-subscribes it).
+    topics_of: Callable[[], Sequence[Topic]] | None = None
 
 
 @dataclass
@@ -96,10 +102,13 @@ class ServiceRuntime:
         settings: Settings | None = None,
         pool_size: int = 10,
         clock: Clock = SYSTEM_CLOCK,
+        edge: bool = False,
     ) -> None:
         self.service = service
         #: The service's one clock (instants in UTC, dates in Japan); tests hand in a fixed one.
         self.clock = clock
+        #: Whether this service talks to the partner-facing cluster (only the partner gateway does).
+        self.edge = edge
         self.settings = settings or get_settings()
         self.migrations = migrations
         self.consumer_specs = consumers
@@ -113,7 +122,8 @@ class ServiceRuntime:
         self.state: dict[str, Any] = {}  # service-specific singletons (redis client, caches...)
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._broker: KafkaBroker | None = None
+        self._edge_producer: AIOKafkaProducer | None = None
+        self._brokers: list[KafkaBroker] = []
         self._relay: OutboxRelay | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: Per consumer group: the release under way or last tried, and when (``_release_stuck_groups``).
@@ -145,15 +155,19 @@ class ServiceRuntime:
         for step in self.prepare:  # seed data the consumers and routes rely on
             await step(self)
         await ensure_topics(s)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.require_kafka(), acks="all", linger_ms=2, max_batch_size=256 * 1024,
-            request_timeout_ms=10_000, retry_backoff_ms=100,
-        )
+        self._producer = _relay_producer(KafkaConnection.internal(s))
         await self._producer.start()
+        if self.edge:
+            # One cluster behind ACLs (no edge bootstrap of its own): the same producer serves both.
+            separate = KafkaConnection.edge(s) != KafkaConnection.internal(s)
+            self._edge_producer = _relay_producer(KafkaConnection.edge(s)) if separate else self._producer
+            if separate:
+                await self._edge_producer.start()
         self._relay = OutboxRelay(
             self.dsn, self.outbox.channel, self._producer,
             batch_size=s.outbox_batch_size, poll_interval_s=s.outbox_poll_interval_s,
-            recover=self._recreate_topics,
+            recover=self._recreate_topics, edge_producer=self._edge_producer,
+            is_edge=lambda topic: cluster_of(topic.removeprefix(s.topic_prefix)) == "edge",
         )
         self.outbox.local_relay = self._relay
         self._spawn(self._relay.run(), "outbox-relay")
@@ -162,6 +176,7 @@ class ServiceRuntime:
                 EventConsumer(
                     service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
                     router=spec.router, topics=spec.topics, name=spec.name, clock=self.clock,
+                    cluster=spec.cluster, topics_of=spec.topics_of,
                 )
                 for spec in self.consumer_specs
             ]
@@ -185,8 +200,8 @@ class ServiceRuntime:
         for consumer in self.consumers:
             consumer.stop()
             await consumer.flush_commits()
-        if self._broker is not None:
-            await self._broker.stop()  # waits for the batch in hand to commit (and its offsets)
+        for broker in self._brokers:
+            await broker.stop()  # waits for the batch in hand to commit (and its offsets)
         if self._relay is not None:
             self._relay.stop()
         for task in self._tasks:
@@ -194,6 +209,8 @@ class ServiceRuntime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, timeout=5)
+        if self._edge_producer is not None and self._edge_producer is not self._producer:
+            await self._edge_producer.stop()
         if self._producer is not None:
             await self._producer.stop()
         if self._pool is not None:
@@ -232,16 +249,22 @@ class ServiceRuntime:
         self._tasks.append(asyncio.create_task(guarded(), name=f"{self.service}:{name}"))
 
     async def _subscribe(self) -> None:
-        broker = KafkaBroker(self.settings.require_kafka(), logger=None)
+        brokers: dict[str, KafkaBroker] = {}
         for consumer in self.consumers:
             consumer.needs_resubscribe = False
-            consumer.attach(broker)
-        self._broker = broker  # stop() closes it even if its start never finished
+            if consumer.cluster not in brokers:
+                connection = KafkaConnection.of(self.settings, consumer.cluster)
+                brokers[consumer.cluster] = KafkaBroker(
+                    connection.bootstrap, security=connection.faststream_security(), logger=None
+                )
+            consumer.attach(brokers[consumer.cluster])
+        self._brokers = list(brokers.values())  # stop() closes them even if their start never finished
         # aiokafka's start returns once the member joined its group: a group the broker keeps
         # everyone out of would hold it (and the service's start) for ever, so watch the joins.
         guard = asyncio.create_task(self._guard_joins())
         try:
-            await broker.start()
+            for broker in self._brokers:
+                await broker.start()
         finally:
             guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,7 +298,7 @@ class ServiceRuntime:
         topics = sorted({t for c in self.consumers if c.group_id == group for t in c.topics})
         try:
             outcome = await release_departed_leader(
-                self.settings.require_kafka(), group, topics,
+                KafkaConnection.of(self.settings, consumer.cluster), group, topics,
                 session_timeout_ms=self.settings.kafka_session_timeout_ms,
             )
         except Exception as error:
@@ -294,7 +317,12 @@ class ServiceRuntime:
         A Kafka cluster keeps both across restarts, so this fires only with the in-memory
         embedded broker or after a cluster was rebuilt; the inbox makes the re-read harmless.
         """
-        expected = {self.settings.topic(t.name) for t in platform_topics()}
+        # Only its own internal topics: under ACLs a service sees no other, and would find them "lost".
+        expected = {
+            self.settings.topic(t.name) for t in platform_topics()
+            if t.cluster == "internal" and (t.producer == self.service or self.service in t.consumers
+                                            or self.service in t.producer.split(","))
+        }
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             self._release_stuck_groups()
@@ -305,9 +333,9 @@ class ServiceRuntime:
                 continue
             if lost_topics or any(c.needs_resubscribe for c in self.consumers):
                 log.warning("the broker lost its state: re-subscribing the consumers", topics_recreated=lost_topics)
-                if self._broker is not None:
+                for broker in self._brokers:
                     try:
-                        await asyncio.wait_for(self._broker.stop(), timeout=15)
+                        await asyncio.wait_for(broker.stop(), timeout=15)
                     except Exception as error:
                         log.warning("old subscription did not stop cleanly", error=repr(error))
                 await self._subscribe()
@@ -332,6 +360,13 @@ class ServiceRuntime:
             return False
         await asyncio.wait_for(self._producer.client.force_metadata_update(), timeout=2)
         return bool(self._producer.client.cluster.brokers())
+
+
+def _relay_producer(connection: KafkaConnection) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        **connection.aiokafka_kwargs(), acks="all", linger_ms=2, max_batch_size=256 * 1024,
+        request_timeout_ms=10_000, retry_backoff_ms=100,
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

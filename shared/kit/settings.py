@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contracts.topics import SERVICES
@@ -36,6 +37,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NICHIIKI_", extra="ignore")
 
     kafka_bootstrap: str | None = None
+    #: The partner-facing cluster (the edge): only partner topics. Unset: the internal cluster's
+    #: bootstrap (one cluster behind ACLs); the local stack starts a second embedded broker.
+    partner_kafka_bootstrap: str | None = None
     pg_dsn: str | None = None
     redis_url: str | None = None
     smtp_url: str | None = None
@@ -120,6 +124,21 @@ class Settings(BaseSettings):
     #: Take the client IP from the last ``X-Forwarded-For`` entry (only behind a proxy that sets it).
     rate_limit_trust_forwarded_for: bool = False
 
+    # Kafka security (``shared/kit/kafka_security.py``), each cluster on its own: ``kafka_*`` the internal
+    # cluster, ``partner_kafka_*`` the partner-facing one (used only with its own bootstrap; without it
+    # the edge is the internal cluster and these of the internal one apply). SASL needs a username and
+    # a password; SSL and SASL_SSL verify the broker against ``..._ssl_cafile`` (else the system CAs).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    partner_kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    partner_kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    partner_kafka_sasl_username: str | None = None
+    partner_kafka_sasl_password: SecretStr | None = None
+    partner_kafka_ssl_cafile: Path | None = None
+
     def service_port(self, service: str) -> int:
         return SERVICE_PORTS[service] + self.port_offset
 
@@ -139,6 +158,13 @@ class Settings(BaseSettings):
         if self.kafka_bootstrap is None:
             raise RuntimeError("NICHIIKI_KAFKA_BOOTSTRAP is not set and no embedded broker was started")
         return self.kafka_bootstrap
+
+    def require_partner_kafka(self) -> str:
+        """The edge cluster's bootstrap: its own, else the internal cluster's (isolated by ACLs)."""
+        return self.partner_kafka_bootstrap or self.require_kafka()
+
+    def bootstrap_of(self, cluster: str) -> str:
+        return self.require_partner_kafka() if cluster == "edge" else self.require_kafka()
 
 
 def with_database(dsn: str, database: str) -> str:

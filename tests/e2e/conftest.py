@@ -20,7 +20,9 @@ from tests.conftest import make_settings
 
 @pytest.fixture(scope="module")
 def own_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
-    embedded = Settings().model_copy(update={"kafka_bootstrap": None, "pg_dsn": None, "redis_url": None})
+    embedded = Settings().model_copy(
+        update={"kafka_bootstrap": None, "partner_kafka_bootstrap": None, "pg_dsn": None, "redis_url": None}
+    )
     backends = start_backends(tmp_path_factory.mktemp("own-stack"), embedded, fixed_ports=False)
     yield backends
     backends.stop()

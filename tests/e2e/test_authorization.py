@@ -197,6 +197,8 @@ MATRIX: dict[str, frozenset[str]] = {
     **_service("partner_gateway", {
         "GET /v1/certificates/{number}": frozenset({"partner"}),
         "GET /v1/partners": ADMIN,
+        "POST /v1/partners": ADMIN,
+        "GET /v1/feed": frozenset({"partner", "other_partner"}),  # each its own feed: the credential's partner
         "POST /v1/partners/{code}/api-keys": ADMIN,
         "DELETE /v1/partners/{code}/api-keys/{key_id}": ADMIN,
         "GET /v1/deliveries": STAFF,
@@ -362,6 +364,9 @@ class World:
             "donation POST /v1/donors": {"type": "individual", "name": "山田 花子", "address": "東京都千代田区1-1",
                                          "resident_id": self.resident},
             "partner_gateway POST /v1/partners/{code}/api-keys": {"label": "authz"},
+            "partner_gateway POST /v1/partners": {
+                "code": f"authz{tag}", "name": "authz ferry", "kind": "ferry", "member_number_format": "^[0-9]{8}$",
+                "feed": "http"},
             "identity POST /v1/accounts/residents": {"email": f"authz-{tag}@example.jp", "password": PASSWORD},
             "identity POST /v1/accounts": {
                 "email": f"authz-staff-{tag}@example.jp", "password": PASSWORD, "role": "staff",

@@ -13,8 +13,9 @@ Then no test number is anywhere: not on any platform topic (read from the earlie
 in any table of any service database. Self-checks keep that from passing vacuously: one accepted
 request wrote a row and an event that the same search finds a marker in.
 
-A partner's trip report over Kafka holding a My Number is parked on the dead-letter topic with the
-reason ``my-number-not-allowed`` and nothing of it is stored.
+A partner's trip report over Kafka (on its own topic, on the partner-facing cluster) holding a My
+Number is parked by the partner gateway, the first service it reaches, on the dead-letter topic with
+the reason ``my-number-not-allowed``; nothing of it is stored or forwarded.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastapi import FastAPI
 
 from shared.contracts.partners import TripReported
-from shared.contracts.topics import ALL_TOPICS, REDEMPTIONS, SERVICES, dead_letter_topics
+from shared.contracts.topics import ALL_TOPICS, SERVICES, dead_letter_topics, partner_trips
 from shared.kit.envelope import new_envelope
 from shared.kit.my_number import check_digit, normalise
 from shared.kit.settings import Settings
@@ -272,15 +273,23 @@ async def refuse_everything(app: FastAPI, client: httpx.AsyncClient, settings: S
 
 
 async def topic_texts(settings: Settings) -> list[str]:
-    """Every record of every platform topic and dead-letter topic, from the earliest offset, as text."""
-    names = [settings.topic(t.name) for t in (*ALL_TOPICS, *dead_letter_topics())]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+    """Every record of every platform topic and dead-letter topic, from the earliest offset, as text
+    (each cluster's: partner topics are on the partner-facing one)."""
+    texts: list[str] = []
+    for cluster in ("internal", "edge"):
+        topics = [t for t in (*ALL_TOPICS, *dead_letter_topics()) if t.cluster == cluster]
+        texts += await _cluster_texts(settings.bootstrap_of(cluster), [settings.topic(t.name) for t in topics])
+    return texts
+
+
+async def _cluster_texts(bootstrap: str, names: list[str]) -> list[str]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=10)
     await consumer.start()
     try:
         await consumer.topics()  # fetches the metadata
         partitions = [TopicPartition(n, p) for n in names for p in sorted(consumer.partitions_for_topic(n) or ())]
-        assert partitions, "no platform topic exists"
+        assert partitions, f"no platform topic exists on {bootstrap}"
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
@@ -359,16 +368,17 @@ async def test_a_my_number_is_refused_in_every_field_of_every_service_and_is_now
 
 
 async def test_a_trip_report_holding_a_my_number_is_parked_and_not_stored(mn_settings: Settings) -> None:
-    app = build_app("subsidy", mn_settings)
+    apps = [build_app("partner_gateway", mn_settings), build_app("subsidy", mn_settings)]
     number = new_number()
-    async with service_client(app):
+    async with service_client(apps[0]), service_client(apps[1]):
         report = TripReported(
             partner="jal", grant_id=str(uuid.uuid4()), certificate_number=f"NCH-{SHIRAHAMA}-2026-000001",
             trip_id=f"JL-{grouped(number, 'ー')}", trip_kind="round_trip", travelled_on=date(2026, 3, 1),
             reported_at=datetime.now(UTC),
         )
-        envelope = new_envelope("tests", report, subject=report.trip_id, key=report.grant_id)
-        await produce(mn_settings, mn_settings.topic(REDEMPTIONS.name),
+        envelope = new_envelope("jal", report, subject=report.trip_id, key=report.grant_id)
+        # JAL's own trip topic, on the partner-facing cluster
+        await produce(mn_settings, mn_settings.topic(partner_trips("jal").name),
                       [(envelope.key, envelope.data, envelope.headers())])
         reasons: list[str] = []
 
@@ -378,14 +388,17 @@ async def test_a_trip_report_holding_a_my_number_is_parked_and_not_stored(mn_set
             await consumer.start()
             try:
                 await consumer.topics()  # fetches the metadata
-                dlq = mn_settings.topic(REDEMPTIONS.dlq)
+                dlq = mn_settings.topic(partner_trips("jal").dlq)  # dead letters stay inside
                 tps = [TopicPartition(dlq, p) for p in sorted(consumer.partitions_for_topic(dlq) or ())]
                 if not tps:
                     return False
                 consumer.assign(tps)
                 await consumer.seek_to_beginning(*tps)
                 for batch in (await consumer.getmany(timeout_ms=300)).values():
-                    reasons.extend(dict(r.headers)["dlq_reason"].decode() for r in batch)
+                    reasons.extend(
+                        dict(r.headers)["dlq_reason"].decode() for r in batch
+                        if dict(r.headers).get("dlq_service") == b"partner_gateway-trips"
+                    )
                 return bool(reasons)
             finally:
                 await consumer.stop()
@@ -393,5 +406,6 @@ async def test_a_trip_report_holding_a_my_number_is_parked_and_not_stored(mn_set
         await eventually(parked, timeout=30, interval=0.2)
         assert len(reasons) == 1 and "my-number-not-allowed" in reasons[0], reasons
         assert number not in reasons[0] and number[:4] not in reasons[0]
-        tables = await table_texts(app.state.runtime.pool)
-        assert sorted(t for t, text in tables.items() if holding(text, [number])) == []
+        for app in apps:  # neither the gateway nor subsidy (it never reached it) kept anything of it
+            tables = await table_texts(app.state.runtime.pool)
+            assert sorted(t for t, text in tables.items() if holding(text, [number])) == []

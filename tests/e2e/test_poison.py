@@ -42,12 +42,12 @@ from fastapi import FastAPI
 
 from services.subsidy import handlers as subsidy_handlers
 from services.subsidy.config import SubsidySettings
-from shared.contracts.base import EventData
+from shared.contracts.base import EVENT_MODELS, EventData
 from shared.contracts.certification import ApplicationSubmitted, CertificateIssued
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, ReceiptIssued
 from shared.contracts.formats import CertificateNumber, ProgramId
-from shared.contracts.partners import PartnerCertificate, PartnerGrant, TripReported
+from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerRegistered, TripAccepted, TripReported
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
 from shared.contracts.subsidy import GrantIssued, GrantRedemptionRejected
 from shared.contracts.topics import (
@@ -55,11 +55,15 @@ from shared.contracts.topics import (
     APPLICATIONS,
     CERTIFICATES,
     DONATIONS,
+    GATEWAY_PARTNERS,
+    GATEWAY_TRIPS,
     GRANTS,
-    REDEMPTIONS,
+    PARTNER_CODES,
     RESIDENTS,
     SERVICES,
     Topic,
+    partner_of_topic,
+    partner_trips,
 )
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import EventConsumer
@@ -80,7 +84,10 @@ SHIRAHAMA = "304018"  # JAL only
 ANA_TOWNS = ("392065", "393061", "393410", "393649", "314030", "313726")  # ANA fare discount, 1,000,000 yen each
 SOURCES = {
     RESIDENTS.name: "registration", APPLICATIONS.name: "certification", CERTIFICATES.name: "certification",
-    GRANTS.name: "subsidy", DONATIONS.name: "donation", REDEMPTIONS.name: "partners",
+    GRANTS.name: "subsidy", DONATIONS.name: "donation", GATEWAY_TRIPS.name: "partner_gateway",
+    GATEWAY_PARTNERS.name: "partner_gateway",
+    # each partner writes its own trips topic (on the partner-facing cluster)
+    **{partner_trips(code).name: code for code in PARTNER_CODES},
 }
 
 
@@ -122,6 +129,10 @@ def build_app(name: str, settings: Settings) -> FastAPI:
         from services.notification.main import create_app as notification_app
 
         return notification_app(settings)
+    if name == "registration":
+        from services.registration.main import create_app as registration_app
+
+        return registration_app(settings, maintenance_interval_s=3600)
     from services.partner_gateway.main import create_app as gateway_app
 
     return gateway_app(settings)
@@ -151,7 +162,7 @@ async def poison_stack(backends: Backends, run_id: str) -> AsyncIterator[Stack]:
     async with AsyncExitStack() as exits:
         yield await start_stack(
             exits, make_settings(backends, f"{run_id}poi"),
-            ["certification", "subsidy", "notification", "partner_gateway"],
+            ["certification", "subsidy", "notification", "partner_gateway", "registration"],
         )
 
 
@@ -238,7 +249,8 @@ def poisons_like(valid: Envelope) -> list[Poison]:
 
     bad_time = [(k, b"yesterday" if k == "ce_time" else v) for k, v in headers()]
     data = json.loads(valid.data)
-    missing = next(iter(data))  # the first field of every contract here is a required id
+    fields = EVENT_MODELS[valid.type].model_fields
+    missing = next(k for k in data if fields[k].is_required())  # an id, in every contract here
     del data[missing]
     return [
         Poison("not-a-cloudevent", valid.key, valid.data, bad_time, "ce_time"),
@@ -315,7 +327,9 @@ PAIRS = [
     Pair(APPLICATIONS, "notification"),
     Pair(GRANTS, "notification"), Pair(GRANTS, "partner_gateway"),
     Pair(DONATIONS, "subsidy"), Pair(DONATIONS, "notification"),
-    Pair(REDEMPTIONS, "subsidy"),
+    Pair(GATEWAY_TRIPS, "subsidy"),
+    *[Pair(partner_trips(code), "partner_gateway") for code in PARTNER_CODES],
+    Pair(GATEWAY_PARTNERS, "certification"), Pair(GATEWAY_PARTNERS, "subsidy"), Pair(GATEWAY_PARTNERS, "registration"),
 ]
 
 
@@ -421,7 +435,7 @@ async def valid_event(stack: Stack, pair: Pair, index: int) -> tuple[Envelope, C
                 return len(await messages(svc, rid, "receipt_issued")) == 1
 
             return env, receipt_told
-        case (REDEMPTIONS.name, "subsidy"):
+        case (GATEWAY_TRIPS.name, "subsidy"):
             code = ANA_TOWNS[4]
             number = new_number(code)
             # the trip needs a grant: the certificate comes first (on its own topic)
@@ -430,16 +444,38 @@ async def valid_event(stack: Stack, pair: Pair, index: int) -> tuple[Envelope, C
             await eventually(lambda: _has_grant(svc, rid), timeout=40)
             grant_id = (await resident_grants(svc, rid))[0]["grant_id"]
             trip_id = new_id("trip")
-            report = TripReported(
+            accepted = TripAccepted(
                 partner="ana", grant_id=grant_id, certificate_number=number, trip_id=trip_id, trip_kind="one_way",
                 travelled_on=TODAY, discount_jpy=3_000, reported_at=NOW,
             )
-            env = envelope_for(REDEMPTIONS, report, trip_id, grant_id)
+            env = envelope_for(GATEWAY_TRIPS, accepted, trip_id, grant_id)
 
             async def counted() -> bool:
                 return [(t["trip_id"], t["accepted"]) for t in await trips_of(svc, code)] == [(trip_id, True)]
 
             return env, counted
+        case (name, "partner_gateway") if partner_of_topic(name) is not None:
+            # a partner's trip (the gateway only forwards it: no grant needed for that)
+            partner, trip_id, grant_id = partner_of_topic(name), new_id("trip"), new_id("gr")
+            report = TripReported(
+                grant_id=grant_id, certificate_number=new_number(SHIRAHAMA), trip_id=trip_id, trip_kind="one_way",
+                travelled_on=TODAY, reported_at=NOW,
+            )
+            env = envelope_for(pair.topic, report, trip_id, grant_id)
+
+            async def forwarded() -> bool:
+                return len(await outbox_events(svc, TripAccepted, trip_id=trip_id, partner=partner)) == 1
+
+            return env, forwarded
+        case (GATEWAY_PARTNERS.name, _):
+            # a partner registered through the gateway: each consumer keeps it in its partner list
+            code = f"kf{uuid.uuid4().hex[:10]}"
+            announced = PartnerRegistered(
+                code=code, name="Poison test ferry", kind="ferry", member_number_format="^KF[0-9]{6}$",
+                feed_transport="http", registered_at=NOW,
+            )
+            env = envelope_for(GATEWAY_PARTNERS, announced, code, code)
+            return env, lambda: has_row(svc, "SELECT 1 FROM registered_partners WHERE code = $1", code)
     raise AssertionError(f"no valid event for {pair}")
 
 
@@ -511,18 +547,18 @@ async def outbox_events(svc: Service, event: type[EventData], **match: object) -
 async def test_a_trip_parked_before_its_certificate_is_answered_once_after_replay(replay_stack: Stack) -> None:
     settings = replay_stack.settings
     subsidy = replay_stack["subsidy"]
-    trips = subsidy.consumer_of(REDEMPTIONS)
+    trips = subsidy.consumer_of(GATEWAY_TRIPS)
     code, rid = ANA_TOWNS[5], new_id("res")
     number = new_number(code)
     grant_id, trip_id = new_id("gr"), new_id("trip")
-    trip = envelope_for(REDEMPTIONS, TripReported(
+    trip = envelope_for(GATEWAY_TRIPS, TripAccepted(
         partner="ana", grant_id=grant_id, certificate_number=number, trip_id=trip_id, trip_kind="round_trip",
         travelled_on=TODAY, discount_jpy=4_000, reported_at=NOW,
     ), trip_id, grant_id)
 
     # the certificate is not known yet: nobody to answer on the grants topic, so the trip is parked
-    await publish(settings, REDEMPTIONS, trip)
-    parked = await dead_letters(settings, REDEMPTIONS, {str(trip.id)}, trips.name)
+    await publish(settings, GATEWAY_TRIPS, trip)
+    parked = await dead_letters(settings, GATEWAY_TRIPS, {str(trip.id)}, trips.name)
     assert "UnknownGrant" in dict(parked[str(trip.id)].headers)["dlq_reason"].decode()
     assert await subsidy.pool.fetchval("SELECT status FROM inbox WHERE event_id = $1", trip.id) == "parked"
     assert await trips_of(subsidy, code) == []
@@ -531,7 +567,7 @@ async def test_a_trip_parked_before_its_certificate_is_answered_once_after_repla
     await publish(settings, CERTIFICATES, envelope_for(CERTIFICATES, certificate(number, rid, "ana"), number))
     await eventually(lambda: _has_grant(subsidy, rid), timeout=40)
 
-    assert await replay_dead_letters(settings, settings.topic(REDEMPTIONS.dlq)) == 1
+    assert await replay_dead_letters(settings, settings.topic(GATEWAY_TRIPS.dlq)) == 1
 
     async def answered() -> bool:
         return len(await trips_of(subsidy, code)) == 1
@@ -540,8 +576,8 @@ async def test_a_trip_parked_before_its_certificate_is_answered_once_after_repla
     [recorded] = await trips_of(subsidy, code)
     assert (recorded["trip_id"], recorded["accepted"], recorded["reason"]) == (trip_id, False, "unknown_grant")
     # the replayed record again (a redelivery) and a second replay change nothing
-    await publish(settings, REDEMPTIONS, trip)
-    assert await replay_dead_letters(settings, settings.topic(REDEMPTIONS.dlq), idle_s=0.5) == 0
+    await publish(settings, GATEWAY_TRIPS, trip)
+    assert await replay_dead_letters(settings, settings.topic(GATEWAY_TRIPS.dlq), idle_s=0.5) == 0
     await caught_up(subsidy)
     assert len(await trips_of(subsidy, code)) == 1
     assert len(await outbox_events(subsidy, GrantRedemptionRejected, trip_id=trip_id)) == 1

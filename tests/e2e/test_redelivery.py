@@ -58,7 +58,7 @@ from shared.contracts.certification import (
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded, OneStopExceptionVoided, ReceiptIssued
 from shared.contracts.formats import CertificateNumber, ProgramId
-from shared.contracts.partners import TripReported, certificate_of_key, grant_key
+from shared.contracts.partners import TripAccepted, certificate_of_key, grant_key
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
@@ -80,10 +80,10 @@ from shared.contracts.topics import (
     APPLICATIONS,
     CERTIFICATES,
     DONATIONS,
+    GATEWAY_TRIPS,
     GRANTS,
     PARTNER_CODES,
     PARTNER_FEED,
-    REDEMPTIONS,
     RESIDENTS,
     Topic,
     partner_feed,
@@ -106,7 +106,7 @@ IKI = "422100"  # JAL (30,000 miles) and Kyushu Yusen (1,000,000 yen)
 SHIRAHAMA = "304018"  # JAL only
 SOURCES = {
     RESIDENTS.name: "registration", APPLICATIONS.name: "certification", CERTIFICATES.name: "certification",
-    GRANTS.name: "subsidy", DONATIONS.name: "donation", REDEMPTIONS.name: "partners",
+    GRANTS.name: "subsidy", DONATIONS.name: "donation", GATEWAY_TRIPS.name: "partner_gateway",
 }
 Item = tuple[Topic, Envelope]
 
@@ -409,12 +409,13 @@ async def test_subsidy_redelivered_and_reordered_ends_where_the_once_only_run_en
 
         def trip(partner: str, grant_id: str, trip_id: str, days_ago: int, kind: str = "round_trip",
                  discount: int | None = None, minute: int = 20) -> Item:
-            data = TripReported.model_validate({
+            data = TripAccepted.model_validate({
                 "partner": partner, "grant_id": grant_id, "certificate_number": c1, "trip_id": trip_id,
                 "trip_kind": kind, "travelled_on": TODAY - timedelta(days=days_ago), "discount_jpy": discount,
                 "reported_at": at(minute),
             })
-            return event(REDEMPTIONS, data, trip_id, grant_id, minute=minute)
+            # as the partner gateway forwards a trip (the partner stamped from the partner's own topic)
+            return event(GATEWAY_TRIPS, data, trip_id, grant_id, minute=minute)
 
         return [
             trip("jal", jal, "jl-1", 8), trip("jal", jal, "jl-2", 6),
@@ -470,7 +471,8 @@ async def read_feed(run: Run, partner: str) -> list[tuple[bytes, bytes | None]]:
 async def read_feed_partitions(run: Run, partner: str) -> list[tuple[int, bytes, bytes | None]]:
     """Every (partition, key, value) of a partner's topic, in offset order per partition."""
     topic = run.settings.topic(partner_feed(partner).name)
-    consumer = AIOKafkaConsumer(bootstrap_servers=run.settings.kafka_bootstrap, enable_auto_commit=False)
+    # the feeds are on the partner-facing cluster
+    consumer = AIOKafkaConsumer(bootstrap_servers=run.settings.require_partner_kafka(), enable_auto_commit=False)
     await consumer.start()
     try:
         await consumer.topics()

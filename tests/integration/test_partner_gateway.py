@@ -695,7 +695,7 @@ async def test_jal_reads_its_feed_with_its_own_client_and_every_record_fits_the_
 
     topic = gw.settings.topic("partner.jal.v1")
     records = await asyncio.to_thread(
-        consume_as_partner, gw.settings.kafka_bootstrap or "", topic, f"jal-{uuid.uuid4().hex[:6]}",
+        consume_as_partner, gw.settings.require_partner_kafka(), topic, f"jal-{uuid.uuid4().hex[:6]}",
         has_tombstone, 30.0,
     )
     assert has_tombstone(records)
@@ -727,7 +727,7 @@ async def test_jal_reads_its_feed_with_its_own_client_and_every_record_fits_the_
 
     # ANA's client, reading its whole topic, sees its own resident and nothing of the JAL-only one.
     ana = await asyncio.to_thread(
-        consume_as_partner, gw.settings.kafka_bootstrap or "", gw.settings.topic("partner.ana.v1"),
+        consume_as_partner, gw.settings.require_partner_kafka(), gw.settings.topic("partner.ana.v1"),
         f"ana-{uuid.uuid4().hex[:6]}", None, 30.0,
     )
     assert ana_number in {r.key for r in ana}

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.stack
 gw = test_partner_gateway.gw
 
 COVERED = {
+    "POST /v1/partners",
     "POST /v1/partners/{code}/api-keys",
     "DELETE /v1/partners/{code}/api-keys/{key_id}",
 }
@@ -119,3 +120,39 @@ async def test_a_revocation_is_authorised_before_any_replay(gw: Gateway) -> None
                    "api-key-not-found")
     assert_problem(await gw.client.delete(f"/v1/partners/jreast/api-keys/{uuid.uuid4()}", headers=headers), 404,
                    "api-key-not-found")
+
+
+def new_partner(code: str) -> dict[str, object]:
+    return {"code": code, "name": f"{code} ferry", "kind": "ferry", "member_number_format": "^[0-9]{8}$",
+            "feed": "http"}
+
+
+async def test_a_registration_is_replayed_to_its_admin_only_and_never_with_its_api_key(gw: Gateway) -> None:
+    owner, other = admin(gw), admin(gw)
+    code = f"kf{uuid.uuid4().hex[:8]}"
+    key = f"scope-{uuid.uuid4()}"
+
+    async def send(headers: dict[str, str], body: object) -> httpx.Response:
+        return await gw.client.post("/v1/partners", json=body, headers={**headers, "Idempotency-Key": key})
+
+    first = await send(owner, new_partner(code))
+    assert first.status_code == 201, first.text
+    assert first.headers["cache-control"] == "no-store"
+    created = first.json()
+    secret = created.pop("api_key")
+    again = await send(owner, new_partner(code))
+    assert again.status_code == 201 and again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json() == created and secret not in again.text
+    stored = await gw.pool.fetch("SELECT body::text AS body FROM idempotency_keys WHERE key = $1", key)
+    assert len(stored) == 1 and secret not in stored[0]["body"]
+    # Another admin with the same key runs its own request: the partner exists (409), no replay.
+    theirs = await send(other, new_partner(code))
+    assert theirs.headers.get("Idempotent-Replayed") is None
+    assert_problem(theirs, 409, "partner-exists")
+    # A partner's credential is refused before anything is looked up.
+    assert_problem(await send(gw.key("jal"), new_partner(code)), 403, "forbidden")
+    # The owner's key with another request: refused, nothing registered.
+    other_code = f"kf{uuid.uuid4().hex[:8]}"
+    assert_problem(await send(owner, new_partner(other_code)), 422, "idempotency-key-reused")
+    assert await gw.pool.fetchval("SELECT count(*) FROM partners WHERE code = ANY($1::text[])", [code, other_code]) == 1
+    assert await gw.pool.fetchval("SELECT count(*) FROM partner_api_keys WHERE partner = $1", code) == 1

@@ -7,6 +7,7 @@ import io
 import random
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 
 from services.registration import handlers
 from services.registration.main import create_app
+from shared.contracts.partners import PartnerRegistered
 from shared.contracts.registration import (
     ConsentChanged,
     ContactChanged,
@@ -23,6 +25,8 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.topics import GATEWAY_PARTNERS
+from shared.kit.envelope import new_envelope
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
 from tests.integration.test_registration_support import (
@@ -47,7 +51,7 @@ from tests.integration.test_registration_support import (
     snapshot,
     staff_auth,
 )
-from tests.support import service_client
+from tests.support import eventually, produce, service_client
 
 SADO = "152242"  # 新潟県佐渡市: only the staff-list test registers here
 SANJO = "152048"  # 新潟県三条市
@@ -124,6 +128,39 @@ async def test_consents_are_granted_and_revoked_and_both_are_events(
     registered = decoded(of_type(events, ResidentRegistered)[0], ResidentRegistered, resident_id)
     assert {(c.purpose, c.partner, c.granted) for c in registered.consents} == {
         ("email", None, True), ("share_certificate", "jal", False), ("newsletter", None, True)}
+
+
+async def test_a_partner_registered_through_the_gateway_can_be_consented_to(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """Unknown until gateway.partners.v1 announces it (registration's consumer keeps the list); then
+    a consent at sign-up, a grant and a revocation name it like a seeded partner."""
+    code = f"kf{uuid.uuid4().hex[:8]}"
+    resident_id = await create_resident(client, settings)
+    me = resident_auth(settings, resident_id)
+    share = {"purpose": "share_certificate", "partner": code}
+    before = await client.post(f"/v1/residents/{resident_id}/consents", json=share, headers=me)
+    assert_problem(before, 422, "unknown-partner")
+
+    announced = PartnerRegistered(
+        code=code, name="Kochi test ferry", kind="ferry", member_number_format="^KF[0-9]{6}$", feed_transport="http",
+        registered_at=datetime.now(UTC),
+    )
+    envelope = new_envelope("partner_gateway", announced, subject=code, key=code)
+    await produce(settings, settings.topic(GATEWAY_PARTNERS.name), [(envelope.key, envelope.data, envelope.headers())])
+
+    async def known() -> bool:
+        return bool(await pool.fetchval("SELECT 1 FROM registered_partners WHERE code = $1", code))
+
+    await eventually(known, timeout=20)
+    granted = await client.post(f"/v1/residents/{resident_id}/consents", json=share, headers=me)
+    assert granted.status_code == 200 and granted.json()["granted"] is True, granted.text
+    revoked = await client.delete(f"/v1/residents/{resident_id}/consents/share_certificate",
+                                  params={"partner": code}, headers=me)
+    assert revoked.status_code == 200 and revoked.json()["granted"] is False, revoked.text
+    at_sign_up = await create_resident(client, settings, consents=[share])
+    listed = await client.get(f"/v1/residents/{at_sign_up}/consents", headers=resident_auth(settings, at_sign_up))
+    assert [(c["purpose"], c["partner"], c["granted"]) for c in listed.json()] == [("share_certificate", code, True)]
 
 
 # --- Contact -------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from shared.contracts.certification import (
 from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.formats import ProgramId
-from shared.contracts.partners import TripKind, TripReported
+from shared.contracts.partners import TripAccepted, TripKind
 from shared.contracts.subsidy import (
     BudgetChanged,
     GrantCancelled,
@@ -45,7 +45,7 @@ from shared.contracts.subsidy import (
     GrantRedemptionRejected,
     GrantWaitlisted,
 )
-from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, GRANTS, REDEMPTIONS, Topic
+from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, GATEWAY_TRIPS, GRANTS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import HandlerContext, Run
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
@@ -233,10 +233,10 @@ def closing(
 
 
 def trip(
-    partner: str, grant: asyncpg.Record, *, kind: TripKind = "round_trip", days_ago: int = 1,
+    partner: str, grant: asyncpg.Record | dict[str, Any], *, kind: TripKind = "round_trip", days_ago: int = 1,
     trip_id: str | None = None, discount: int | None = None,
-) -> TripReported:
-    return TripReported(
+) -> TripAccepted:
+    return TripAccepted(
         partner=partner, grant_id=grant["grant_id"], certificate_number=grant["certificate_number"],
         trip_id=trip_id or f"T-{uid()}", trip_kind=kind, travelled_on=TODAY - timedelta(days=days_ago),
         discount_jpy=discount, reported_at=datetime.now(UTC),
@@ -269,15 +269,24 @@ def cert_event(event: CertificateIssued | CertificateRevoked | CertificateExpire
     return event, event.certificate_number, event.certificate_number
 
 
-def trip_event(event: TripReported) -> tuple[EventData, str, str]:
+def trip_event(event: TripAccepted) -> tuple[EventData, str, str]:
     return event, event.trip_id, event.grant_id
+
+
+async def registered_partner(s: Subsidy, code: str) -> str:
+    """A partner beyond the seed, as the gateway's ``gateway.partners.v1`` would have announced it."""
+    await s.runtime.pool.execute(
+        "INSERT INTO registered_partners (code, name, registered_at) VALUES ($1, $1, now()) ON CONFLICT DO NOTHING",
+        code,
+    )
+    return code
 
 
 async def create_program(
     s: Subsidy, municipality: str, mechanism: str, parameters: dict[str, Any], opening_budget: int
 ) -> tuple[str, str]:
     """A program of a partner code of its own (so no other test's certificate is granted under it)."""
-    partner = f"p{uid()}"
+    partner = await registered_partner(s, f"p{uid()}")
     program_id = ProgramId.format(f"test-{mechanism.replace('_', '-')}-{uid()}", municipality)
     response = await s.client.post(
         "/v1/programs",
@@ -337,7 +346,7 @@ async def test_the_jal_journey_credits_the_miles_exactly_once(subsidy: Subsidy) 
     assert await subsidy.budget(program_id) == {"available": 0, "reserved": 30_000, "spent": 0}
 
     trips = [trip("jal", grant, days_ago=20 - 4 * i) for i in range(4)]
-    envelopes = await subsidy.publish(REDEMPTIONS, *[trip_event(t) for t in trips])
+    envelopes = await subsidy.publish(GATEWAY_TRIPS, *[trip_event(t) for t in trips])
     redeemed = await subsidy.on_topic(GRANTS, GrantRedeemed, 4, grant_id=grant["grant_id"])
     by_trip = {data["trip_id"]: data for _, data in redeemed}
     assert [by_trip[t.trip_id]["trips_counted"] for t in trips] == [2, 4, 6, 8]
@@ -345,10 +354,10 @@ async def test_the_jal_journey_credits_the_miles_exactly_once(subsidy: Subsidy) 
     assert [by_trip[t.trip_id]["completed"] for t in trips] == [False, False, False, True]
 
     # the same trips again: redelivered envelopes, and re-sent under new event ids
-    await subsidy.republish(REDEMPTIONS, envelopes)
-    await subsidy.publish(REDEMPTIONS, *[trip_event(t) for t in trips])
+    await subsidy.republish(GATEWAY_TRIPS, envelopes)
+    await subsidy.publish(GATEWAY_TRIPS, *[trip_event(t) for t in trips])
     fifth = trip("jal", grant, days_ago=1)
-    await subsidy.publish(REDEMPTIONS, trip_event(fifth))
+    await subsidy.publish(GATEWAY_TRIPS, trip_event(fifth))
     [(_, refused)] = await subsidy.on_topic(GRANTS, GrantRedemptionRejected, 1, trip_id=fifth.trip_id)
     assert refused["reason"] == "over_count"
 
@@ -488,13 +497,13 @@ async def test_a_repeated_trip_is_acknowledged_once_and_a_reused_trip_id_is_refu
     assert await subsidy.pool.fetchval("SELECT count(*) FROM outbox") == outbox_before
 
     # the same trip id over Kafka (another channel, a new event id): acknowledged, not counted
-    same = TripReported(
+    same = TripAccepted(
         partner=partner, grant_id=grant["grant_id"], certificate_number=grant["certificate_number"],
         trip_id=body["trip_id"], trip_kind="round_trip", travelled_on=date.fromisoformat(body["travelled_on"]),
         reported_at=datetime.now(UTC),
     )
     other = trip(partner, grant, kind="one_way")
-    await subsidy.publish(REDEMPTIONS, trip_event(same), trip_event(other))
+    await subsidy.publish(GATEWAY_TRIPS, trip_event(same), trip_event(other))
     await subsidy.on_topic(GRANTS, GrantRedeemed, 1, trip_id=other.trip_id)
     assert len(await subsidy.emitted(GrantRedeemed, trip_id=body["trip_id"])) == 1
     assert await subsidy.ledger(program_id) == [
@@ -512,14 +521,14 @@ async def test_redelivered_events_never_count_twice(subsidy: Subsidy) -> None:
     first = await subsidy.grant_of(issued.certificate_number, program_id)
     await subsidy.grant_of(waiting.certificate_number, program_id)
     trips = [trip("jal", first, days_ago=3), trip("jal", first, kind="one_way", days_ago=2)]
-    trip_envelopes = await subsidy.publish(REDEMPTIONS, *[trip_event(t) for t in trips])
+    trip_envelopes = await subsidy.publish(GATEWAY_TRIPS, *[trip_event(t) for t in trips])
     gift_envelopes = await subsidy.publish(DONATIONS, (gift, gift.donation_id, gift.municipality_code))
     await subsidy.on_topic(GRANTS, GrantIssued, 1, certificate_number=waiting.certificate_number)
     await subsidy.on_topic(GRANTS, GrantRedeemed, 2, grant_id=first["grant_id"])
 
     # everything again: the very same records, and the same facts under new event ids
     await subsidy.republish(CERTIFICATES, certificate_envelopes)
-    await subsidy.republish(REDEMPTIONS, trip_envelopes)
+    await subsidy.republish(GATEWAY_TRIPS, trip_envelopes)
     await subsidy.republish(DONATIONS, gift_envelopes)
     await subsidy.publish(DONATIONS, (gift, gift.donation_id, gift.municipality_code))
     renewed = CertificateRenewed(
@@ -657,7 +666,7 @@ async def test_windows_that_end_expire_the_grant_and_return_its_miles(subsidy: S
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     assert grant["window_until"] == TODAY + timedelta(days=4)
     assert await subsidy.grant_row(too_late.certificate_number, program_id) is None  # nothing left of its window
-    await subsidy.publish(REDEMPTIONS, trip_event(trip(partner, grant, days_ago=1)))
+    await subsidy.publish(GATEWAY_TRIPS, trip_event(trip(partner, grant, days_ago=1)))
     await subsidy.on_topic(GRANTS, GrantRedeemed, 1, grant_id=grant["grant_id"])
 
     assert await expire_lapsed_grants(subsidy.runtime, TODAY) == 0
@@ -707,34 +716,89 @@ async def test_kafka_reports_are_answered_on_the_grants_topic(subsidy: Subsidy) 
 
     outside = trip(partner, grant, kind="one_way", days_ago=40)  # before the certificate's start
     foreign = trip("jal", grant, kind="one_way")
-    unknown = TripReported(
+    unknown = TripAccepted(
         partner=partner, grant_id="no-such-grant", certificate_number=issued.certificate_number,
         trip_id=f"T-{uid()}", trip_kind="one_way", travelled_on=TODAY, reported_at=datetime.now(UTC),
     )
-    hopeless = TripReported(
+    hopeless = TripAccepted(
         partner=partner, grant_id="no-such-grant", certificate_number="no-such-certificate",
         trip_id=f"T-{uid()}", trip_kind="one_way", travelled_on=TODAY, reported_at=datetime.now(UTC),
     )
     bad_discount = trip(partner, grant, kind="one_way", discount=100)
-    await subsidy.publish(REDEMPTIONS, *[trip_event(t) for t in (outside, foreign, unknown, hopeless, bad_discount)])
+    await subsidy.publish(GATEWAY_TRIPS, *[trip_event(t) for t in (outside, foreign, unknown, hopeless, bad_discount)])
 
     reasons = {}
-    for report in (outside, foreign, unknown):
+    for report in (outside, unknown):
         [(record, data)] = await subsidy.on_topic(GRANTS, GrantRedemptionRejected, 1, trip_id=report.trip_id)
         assert record.key == issued.certificate_number.encode()
         reasons[report.trip_id] = (data["reason"], data["partner"])
     assert reasons == {
         outside.trip_id: ("outside_window", partner),
-        foreign.trip_id: ("wrong_partner", "jal"),
         unknown.trip_id: ("unknown_grant", partner),
     }
     # nothing to answer about: parked on the dead-letter topic with the reason
+    ours = {r.trip_id for r in (foreign, hopeless, bad_discount)}
+
+    def parked_trips(records: list[Record]) -> dict[str, dict[str, bytes]]:
+        decoded = {parse_envelope(r.headers, r.value, r.key).decode(TripAccepted).trip_id: dict(r.headers)
+                   for r in records}
+        return {trip_id: headers for trip_id, headers in decoded.items() if trip_id in ours}
+
     dead = await read_topic(
-        subsidy.settings, subsidy.settings.topic(REDEMPTIONS.dlq), until=lambda r: len(r) >= 2, timeout=20
+        subsidy.settings, subsidy.settings.topic(GATEWAY_TRIPS.dlq), until=lambda r: len(parked_trips(r)) >= 3,
+        timeout=20,
     )
-    parked = {parse_envelope(r.headers, r.value, r.key).decode(TripReported).trip_id: dict(r.headers) for r in dead}
+    parked = parked_trips(dead)
     assert b"UnknownGrant" in parked[hopeless.trip_id]["dlq_reason"]
     assert b"InvalidDiscount" in parked[bad_discount.trip_id]["dlq_reason"]
+    # Another partner's grant (JAL runs no program in this town): the answer to a grant that does
+    # not exist, and nothing on the grants topic names the grant for JAL.
+    assert parked[foreign.trip_id]["dlq_reason"] == (
+        f"UnknownGrant: no grant {grant['grant_id']} for certificate {issued.certificate_number} "
+        "(and no program of this partner for it)"
+    ).encode()
+    assert await subsidy.emitted(GrantRedemptionRejected, trip_id=foreign.trip_id) == []
+    assert await subsidy.ledger(program_id) == [("opening", 40_000), ("reserve", 40_000)]
+
+
+async def test_another_partners_grant_is_answered_as_a_grant_that_does_not_exist(subsidy: Subsidy) -> None:
+    """JAL runs a program in 香川県三豊市 (372081) too: a JAL trip on the other partner's grant there
+    is refused exactly as one on a grant id nobody issued, on both channels, and moves nothing."""
+    program_id, partner = await create_program(subsidy, "372081", "fare_voucher", VOUCHER_PARAMETERS, 40_000)
+    issued = certificate_issued("372081", [PartnerMembership(partner=partner)])
+    await subsidy.publish(CERTIFICATES, cert_event(issued))
+    grant = await subsidy.grant_of(issued.certificate_number, program_id)
+    budget = await subsidy.assert_balanced(program_id)
+
+    foreign = trip("jal", grant, kind="one_way")
+    unknown = trip("jal", {"grant_id": f"G-{uid()}", "certificate_number": issued.certificate_number},
+                   kind="one_way")
+    await subsidy.publish(GATEWAY_TRIPS, trip_event(foreign), trip_event(unknown))
+    answers = {}
+    for report in (foreign, unknown):
+        [(record, data)] = await subsidy.on_topic(GRANTS, GrantRedemptionRejected, 1, trip_id=report.trip_id)
+        assert record.key == issued.certificate_number.encode()
+        answers[report.trip_id] = data
+    volatile = {"trip_id", "grant_id", "detail", "rejected_at"}
+    same = [{k: v for k, v in answers[r.trip_id].items() if k not in volatile} for r in (foreign, unknown)]
+    assert same[0] == same[1]
+    assert same[0]["reason"] == "unknown_grant" and same[0]["partner"] == "jal"
+    assert same[0]["program_id"] == "jal-dual-residence-miles@372081"  # JAL's own program, never the other's
+    assert answers[foreign.trip_id]["detail"] == (
+        f"no grant {grant['grant_id']} for certificate {issued.certificate_number}"
+    )
+
+    # Over HTTP with JAL's token: the very problem an unknown grant gets.
+    jal = subsidy.auth("partner", partner="jal")
+    over_http = await subsidy.client.post("/v1/redemptions", json=http_trip(grant), headers=jal)
+    unknown_http = await subsidy.client.post("/v1/redemptions", json=http_trip(
+        {"grant_id": f"G-{uid()}", "certificate_number": issued.certificate_number}), headers=jal)
+    assert over_http.status_code == unknown_http.status_code == 404
+    assert over_http.json()["code"] == unknown_http.json()["code"] == "unknown-grant"
+
+    row = await subsidy.grant_row(issued.certificate_number, program_id)
+    assert row is not None and (row["status"], row["legs_counted"], row["drawn"]) == ("issued", 0, 0)
+    assert await subsidy.assert_balanced(program_id) == budget
     assert await subsidy.ledger(program_id) == [("opening", 40_000), ("reserve", 40_000)]
 
 

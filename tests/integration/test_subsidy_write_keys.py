@@ -19,6 +19,7 @@ from tests.integration.test_subsidy import (
     certificate_issued,
     create_program,
     http_trip,
+    registered_partner,
     subsidy,
     uid,
 )
@@ -46,6 +47,8 @@ async def test_create_program(subsidy: Subsidy) -> None:
     # Another admin with the same key runs its own request: the program exists already (409).
     body = program_body(ProgramId.format(f"test-keys-{uid()}", "152048"))
     changed = program_body(ProgramId.format(f"test-keys-{uid()}", "152048"))
+    for program in (body, changed):  # partners beyond the seed, as if registered through the gateway
+        await registered_partner(subsidy, str(program["partner"]))
     first = await assert_key_scoped(
         subsidy.client, "POST", "/v1/programs", owner=subsidy.auth("admin"), other=subsidy.auth("admin"),
         body=body, changed_body=changed,

@@ -28,7 +28,10 @@ PUBLIC: dict[str, set[tuple[str, str]]] = {service: set() for service in SERVICE
     },
 }
 #: Operations that also take another credential than the bearer token (the scheme's name).
-OTHER_SCHEMES = {("partner_gateway", "get", "/v1/certificates/{number}"): "apiKey"}
+OTHER_SCHEMES = {
+    ("partner_gateway", "get", "/v1/certificates/{number}"): "apiKey",
+    ("partner_gateway", "get", "/v1/feed"): "apiKey",  # the HTTP feed: API key or partner token
+}
 
 
 def build(service: str) -> FastAPI:

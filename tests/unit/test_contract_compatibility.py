@@ -440,15 +440,14 @@ def test_every_ref_in_the_asyncapi_documents_resolves(repo_root: Path) -> None:
 
 def test_the_partner_feed_is_one_channel_with_a_partner_parameter() -> None:
     document = asyncapi("partner_gateway")
-    feeds = [
-        c
-        for c in document["channels"].values()
-        if c["address"].startswith("partner.") and c["address"] != "partner.redemptions.v1"
-    ]
-    assert [c["address"] for c in feeds] == ["partner.{partner}.v1"]
-    assert feeds[0]["parameters"]["partner"]["enum"] == list(PARTNER_CODES)  # the topics that are created
+    feeds = [c for c in document["channels"].values() if c["address"].startswith("partner.")]
+    # one channel per kind of partner topic: its feed, and the trips it writes
+    assert [c["address"] for c in feeds] == ["partner.{partner}.v1", "partner.{partner}.trips.v1"]
+    for channel in feeds:
+        assert channel["parameters"]["partner"]["enum"] == list(PARTNER_CODES)  # the topics that are created
+        assert [s["$ref"] for s in channel["servers"]] == ["#/servers/partners"]  # the edge only
     assert {"PartnerCertificate", "PartnerGrant", "PartnerWithdrawal"} <= set(feeds[0]["messages"])
-    assert [s["$ref"] for s in feeds[0]["servers"]] == ["#/servers/internal", "#/servers/partners"]
+    assert set(feeds[1]["messages"]) == {"TripReported"}
 
 
 def test_servers_say_where_and_how_to_connect() -> None:
@@ -460,6 +459,6 @@ def test_servers_say_where_and_how_to_connect() -> None:
             for requirement in server["security"]:
                 scheme = document["components"]["securitySchemes"][requirement["$ref"].rsplit("/", 1)[1]]
                 assert scheme["type"] == "scramSha512" and "SASL_SSL" in scheme["description"]
-    # partners connect to their own listener only where partner topics are
-    assert "partners" in asyncapi("partner_gateway")["servers"] and "partners" in asyncapi("subsidy")["servers"]
-    assert "partners" not in asyncapi("certification")["servers"]
+    # the partner-facing cluster is in the gateway's document only: it is the one service on both
+    assert "partners" in asyncapi("partner_gateway")["servers"]
+    assert [s for s in SERVICES if s != "partner_gateway" and "partners" in asyncapi(s)["servers"]] == []

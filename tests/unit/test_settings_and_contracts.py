@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shared.contracts.catalog import RETIRED_EVENT_TYPES, asyncapi, load_all_contracts, render_documents
-from shared.contracts.topics import ALL_TOPICS, PARTNER_FEED, SERVICES, dead_letter_topics
+from shared.contracts.topics import ALL_TOPICS, PARTNER_FEED, PARTNER_TRIPS, SERVICES, dead_letter_topics
 from shared.kit.settings import Settings
 
 
@@ -36,11 +36,12 @@ def test_every_topic_is_named_once_and_consumed_topics_have_a_dead_letter_twin()
     for topic in ALL_TOPICS:
         if any(c in SERVICES for c in topic.consumers):
             assert topic.dlq in dlqs
-    assert all(t.compacted for t in ALL_TOPICS if t.name.startswith("partner.") and t.name != "partner.redemptions.v1")
+    # the feeds are compacted (latest state per key); the trips partners write are a log
+    assert all(t.compacted != t.name.endswith(".trips.v1") for t in ALL_TOPICS if t.name.startswith("partner."))
 
 
 def test_every_event_model_names_a_known_topic_and_a_versioned_type() -> None:
-    topic_names = {t.name for t in ALL_TOPICS} | {PARTNER_FEED.name}
+    topic_names = {t.name for t in ALL_TOPICS} | {PARTNER_FEED.name, PARTNER_TRIPS.name}
     for event_type, model in load_all_contracts().items():
         assert event_type.startswith("jp.nichiiki.") and event_type.endswith(f".v{model.event_version}")
         assert model.event_topic in topic_names
