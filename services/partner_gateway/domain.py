@@ -426,7 +426,8 @@ def check_member_number_format(pattern: str) -> re.Pattern[str]:
                                         field="member_number_format")
     try:
         compiled = re.compile(pattern)
-        low, high = re._parser.parse(pattern).getwidth()  # type: ignore[attr-defined]
+        # The stdlib's own parser knows the widths a pattern can match (private; typed on some Pythons only).
+        low, high = getattr(re, "_parser").parse(pattern).getwidth()  # noqa: B009
     except (re.error, OverflowError, RecursionError) as error:
         raise InvalidMemberNumberFormat(f"not a regular expression: {error}", field="member_number_format") from None
     if high > MAX_MEMBER_NUMBER_LENGTH:
