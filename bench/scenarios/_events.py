@@ -34,7 +34,7 @@ from bench.scenarios._common import OUTSIDE, read_response
 from shared.contracts.certification import CertificateIssued
 from shared.contracts.common import PartnerMembership
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
-from shared.contracts.topics import CORE_TOPICS, Topic
+from shared.contracts.topics import CORE_TOPICS, GATEWAY_TRIPS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.kafka_security import KafkaConnection
@@ -158,7 +158,7 @@ async def publish(settings: Settings, topic: Topic, envelopes: Sequence[Envelope
 CONSUMER_GROUPS: dict[str, tuple[str, tuple[Topic, ...]]] = {}
 for _topic in CORE_TOPICS:
     for _service in _topic.consumers:
-        _name = "subsidy-trips" if _topic.name == "partner.redemptions.v1" else _service
+        _name = "subsidy-trips" if _topic is GATEWAY_TRIPS else _service  # subsidy's trips have a group of their own
         _owner, _topics = CONSUMER_GROUPS.get(_name, (_service, ()))
         CONSUMER_GROUPS[_name] = (_owner, (*_topics, _topic))
 
