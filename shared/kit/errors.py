@@ -63,6 +63,8 @@ _TRANSIENT_PG = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.LockNotAvailableError,
+    # a connection left mid-statement (a cancelled request during an outage): another one will do
+    asyncpg.InternalClientError,
 )
 
 

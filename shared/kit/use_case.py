@@ -19,7 +19,6 @@ walks every write route of every service and fails on one without it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import re
@@ -172,8 +171,12 @@ class Write:
                     )
                 await work.flush()
             except BaseException:
-                with contextlib.suppress(Exception):
+                try:
                     await transaction.rollback()
+                except Exception:
+                    # It cannot roll back (the server went away, or the request was cancelled in the
+                    # middle of a statement): never hand such a connection to the next request.
+                    conn.terminate()
                 raise
             try:
                 await transaction.commit()
