@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import asyncpg
 import structlog
@@ -43,6 +43,9 @@ from shared.kit.group_join import JoinWatch
 from shared.kit.logging import bound_context
 from shared.kit.outbox import Outbox, OutgoingRecord
 from shared.kit.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.kit.keyring import Keyring
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +77,8 @@ class HandlerContext:
     #: The topic the event was read from (as named on the broker, prefix included): a partner's
     #: topic says which partner wrote it.
     topic: str = ""
+    #: The key store: opens personal data sealed in events (None when the consumer has none).
+    keyring: Keyring | None = None
 
     async def emit(
         self, topic: Topic, data: EventData, *, subject: str, key: str | None = None,
@@ -151,6 +156,14 @@ class Run(Sequence[tuple[HandlerContext, E]], Generic[E]):
     @property
     def clock(self) -> Clock:
         return self._items[0][0].clock
+
+    @property
+    def keyring(self) -> Keyring:
+        """The key store (a service whose events carry sealed personal data always has one)."""
+        keyring = self._items[0][0].keyring
+        if keyring is None:
+            raise RuntimeError("this consumer was built without a keyring")
+        return keyring
 
     @property
     def events(self) -> list[E]:
@@ -289,6 +302,7 @@ class EventConsumer:
         clock: Clock = SYSTEM_CLOCK,
         cluster: str = "internal",
         topics_of: Callable[[], Sequence[Topic]] | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         """``topics_of``: when given, asked for the topics at every (re)subscription instead of
         ``topics``, for a set of topics that grows at run time (set ``needs_resubscribe`` when it did)."""
@@ -298,6 +312,7 @@ class EventConsumer:
         self.cluster = cluster
         self.name = name or service
         self.settings = settings
+        self.keyring = keyring
         self.pool = pool
         self.outbox = outbox
         self.router = router
@@ -478,7 +493,8 @@ class EventConsumer:
                 continue
             claimed.discard(envelope.id)  # a second copy in the same batch is a duplicate too
             context = HandlerContext(
-                conn, envelope, self.outbox, self.service, self.settings, pending, self.clock, record.topic
+                conn, envelope, self.outbox, self.service, self.settings, pending, self.clock, record.topic,
+                self.keyring,
             )
             if run and route.many is not run_handler:
                 await self._apply_run(run_handler, run)
@@ -520,7 +536,8 @@ class EventConsumer:
             counts.duplicates += 1
             return
         context = HandlerContext(
-            conn, envelope, self.outbox, self.service, self.settings, clock=self.clock, topic=record.topic
+            conn, envelope, self.outbox, self.service, self.settings, clock=self.clock, topic=record.topic,
+            keyring=self.keyring,
         )
         with bound_context(
             event_id=str(envelope.id), event_type=envelope.type,

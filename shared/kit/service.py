@@ -35,6 +35,7 @@ from shared.kit.group_join import release_departed_leader
 from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics, platform_topics
 from shared.kit.kafka_security import KafkaConnection
+from shared.kit.keyring import Keyring
 from shared.kit.metrics import EventMetrics
 from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, notify_channel
@@ -121,6 +122,7 @@ class ServiceRuntime:
         self.consumers: list[EventConsumer] = []
         self.state: dict[str, Any] = {}  # service-specific singletons (redis client, caches...)
         self._pool: asyncpg.Pool | None = None
+        self._keyring: Keyring | None = None
         self._producer: AIOKafkaProducer | None = None
         self._edge_producer: AIOKafkaProducer | None = None
         self._brokers: list[KafkaBroker] = []
@@ -134,6 +136,13 @@ class ServiceRuntime:
         if self._pool is None:
             raise RuntimeError(f"{self.service} runtime is not started")
         return self._pool
+
+    @property
+    def keyring(self) -> Keyring:
+        """The key store of crypto-shredding (connects on first use)."""
+        if self._keyring is None:
+            self._keyring = Keyring.from_settings(self.settings)
+        return self._keyring
 
     @property
     def relay_or_none(self) -> OutboxRelay | None:
@@ -176,7 +185,7 @@ class ServiceRuntime:
                 EventConsumer(
                     service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
                     router=spec.router, topics=spec.topics, name=spec.name, clock=self.clock,
-                    cluster=spec.cluster, topics_of=spec.topics_of,
+                    cluster=spec.cluster, topics_of=spec.topics_of, keyring=self.keyring,
                 )
                 for spec in self.consumer_specs
             ]
@@ -215,6 +224,8 @@ class ServiceRuntime:
             await self._producer.stop()
         if self._pool is not None:
             await self._pool.close()
+        if self._keyring is not None:
+            await self._keyring.close()
         log.info("service stopped")
 
     @contextlib.asynccontextmanager

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     jwt_secret: str = Field(default="nichiiki-development-secret-change-me-0123456789", min_length=32)
     jwt_issuer: str = "nichiiki-development"
 
+    #: The key store of crypto-shredding (``shared/kit/keyring.py``): its own database (default
+    #: ``<prefix>_keyring`` on the platform's server; give it credentials of its own in production),
+    #: the key-encryption key that wraps every data key (32 bytes, base64url; required outside
+    #: development), and how long a process may keep a key it has read (an erasure reaches every
+    #: process within this long).
+    keyring_dsn: SecretStr | None = None
+    keyring_master_key: SecretStr | None = None
+    keyring_cache_s: float = Field(default=30.0, ge=0, le=300)
+
     log_format: str = "console"  # console | json
     log_level: str = "INFO"
 
