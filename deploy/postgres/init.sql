@@ -12,3 +12,6 @@ CREATE DATABASE nichiiki_donation OWNER nichiiki ENCODING 'UTF8' TEMPLATE templa
 CREATE DATABASE nichiiki_notification OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
 CREATE DATABASE nichiiki_partner_gateway OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
 CREATE DATABASE nichiiki_identity OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
+CREATE DATABASE nichiiki_planning OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
+CREATE DATABASE nichiiki_insights OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
+CREATE DATABASE nichiiki_listings OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;

