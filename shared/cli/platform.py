@@ -1,8 +1,10 @@
 """``nichiiki start``: the whole platform on one machine, until Ctrl-C.
 
 Backends first (embedded unless the environment names external servers), then the SMTP sink,
-topics, and every service as its own process; a summary when all are ready. Ctrl-C (or
-``nichiiki stop`` from another terminal) stops the services gracefully, then the backends.
+topics, and every service as its own process, each named as it becomes ready; a summary when all
+are. Then a supervisor keeps the services up (``shared/cli/supervise.py``: a service that dies is
+restarted with backoff; ``nichiiki restart <service>`` restarts one). Ctrl-C (or ``nichiiki stop``
+from another terminal) stops the services gracefully, then the backends.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import structlog
 
 from shared.cli.processes import ServiceProcess, available_services, is_alive
+from shared.cli.supervise import Supervisor, describe_exit
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.settings import REPO_ROOT, Settings
 from shared.stack.backends import PLATFORM_PORTS, Backends, start_backends
@@ -65,16 +70,18 @@ class Platform:
         self.backends: Backends | None = None
         self.smtp: subprocess.Popen[bytes] | None = None
         self.services: list[ServiceProcess] = []
+        self.env: dict[str, str] = {}
+        self.supervisor: Supervisor | None = None
 
     def start(self) -> None:
         started = time.monotonic()
         if read_run_file(self.settings) is not None:
             raise SystemExit(f"the platform is already running (see {run_file(self.settings)}); `nichiiki stop` first")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _step("backends", "starting broker, PostgreSQL and Redis (embedded unless set in the environment)")
+        _step("backends", "starting brokers, PostgreSQL and Redis (embedded unless set in the environment)...")
         self.backends = start_backends(self.state_dir, self.settings, fixed_ports=True)
         for name, where in self.backends.describe().items():
-            _step(name, where)
+            _step(name, f"{where}  ready ({time.monotonic() - started:.1f} s)")
         env = self.backends.env()
         env["NICHIIKI_STATE_DIR"] = str(self.state_dir)
         env["NICHIIKI_SMTP_URL"] = self.settings.smtp_url or self._start_smtp_sink()
@@ -88,15 +95,17 @@ class Platform:
         wired = replace_settings(self.settings, env)
         created = asyncio.run(ensure_topics(wired))
         _step("topics", f"{len(created)} created" if created else "all present")
+        self.env = env
         self._write_run_file(env)
-        for name in available_services():
+        names = available_services()
+        for name in names:
             process = ServiceProcess(name, self.settings.service_port(name), env, self.logs / f"{name}.log")
             process.start()
             self.services.append(process)
-            _step(name, f"starting (pid {process.pid})")
-        for process in self.services:
-            process.wait_ready()
-            _step(process.name, f"ready at {process.url}  (OpenAPI {process.url}/docs)")
+        _step("services", f"starting {len(names)}: {', '.join(names)}...")
+        for done, process in enumerate(_as_ready(self.services), start=1):
+            _step(process.name, f"ready at {process.url}  (OpenAPI {process.url}/docs)  "
+                                f"[{done}/{len(names)}, {time.monotonic() - started:.1f} s]")
         self._write_run_file(env)
         _summary(self, env, time.monotonic() - started)
 
@@ -115,13 +124,20 @@ class Platform:
         return f"smtp://127.0.0.1:{port}"
 
     def _write_run_file(self, env: dict[str, str]) -> None:
-        run_file(self.settings).write_text(json.dumps({
+        states = self.supervisor.states() if self.supervisor else {}
+        path = run_file(self.settings)
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps({
             "pid": os.getpid(),
             "env": env,
-            "services": {p.name: {"pid": p.pid, "url": p.url, "log": str(p.log_path)} for p in self.services},
+            "services": {
+                p.name: {"pid": p.pid, "url": p.url, "log": str(p.log_path), "state": states.get(p.name, "running")}
+                for p in self.services
+            },
             "servers": self._server_pids(),
             "mailbox": str(self.mailbox),
         }, indent=2))
+        partial.replace(path)  # `nichiiki restart` polls it: never let it read half a file
 
     def _server_pids(self) -> dict[str, int | None]:
         b = self.backends
@@ -133,7 +149,7 @@ class Platform:
         }
 
     def wait(self) -> None:
-        """Block until Ctrl-C / SIGTERM, watching that the services stay up."""
+        """Block until Ctrl-C / SIGTERM, keeping the services up (restarts with backoff)."""
         stop = False
 
         def request_stop(*_: object) -> None:
@@ -142,12 +158,11 @@ class Platform:
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
-        reported: set[str] = set()
+        self.supervisor = Supervisor(
+            self.services, say=_step, state_dir=self.state_dir, on_change=lambda: self._write_run_file(self.env),
+        )
         while not stop:
-            for process in self.services:
-                if not process.is_running() and process.name not in reported:
-                    reported.add(process.name)
-                    _step(process.name, f"EXITED — see {process.log_path}")
+            self.supervisor.tick()
             time.sleep(0.3)
 
     def stop(self) -> None:
@@ -170,6 +185,31 @@ def replace_settings(settings: Settings, env: dict[str, str]) -> Settings:
         "partner_kafka_bootstrap": env.get("NICHIIKI_PARTNER_KAFKA_BOOTSTRAP"),
         "redis_url": env["NICHIIKI_REDIS_URL"], "smtp_url": env.get("NICHIIKI_SMTP_URL"),
     })
+
+
+def _as_ready(processes: list[ServiceProcess], timeout: float = 120.0) -> Iterator[ServiceProcess]:
+    """The processes in the order they become ready (each one named as soon as it is); one that
+    exits is named and skipped."""
+    waiting = list(processes)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for process in list(waiting):
+            if not process.is_running():
+                # Left to the supervisor, which restarts it with backoff (or gives up, and says so).
+                _step(process.name, f"{describe_exit(process.exit_code)} during start-up; see {process.log_path}")
+                waiting.remove(process)
+                continue
+            try:
+                ready = httpx.get(f"{process.url}/readyz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if ready:
+                waiting.remove(process)
+                yield process
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(p.name for p in waiting)
+            raise TimeoutError(f"not ready after {timeout:.0f} s: {names}; see {waiting[0].log_path.parent}")
+        time.sleep(0.1)
 
 
 def _step(what: str, message: str) -> None:

@@ -36,6 +36,10 @@ class ServiceProcess:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: The command to run instead of ``python -m services.<name>`` (tests: a process that dies).
+    argv: list[str] | None = None
+    #: When the current process was started (``time.monotonic()``; 0: never).
+    started_at: float = 0.0
 
     @property
     def url(self) -> str:
@@ -48,12 +52,18 @@ class ServiceProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "NICHIIKI_HTTP_PORT": str(self.port)}
+        self.started_at = time.monotonic()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.name}"],
+                self.argv or [sys.executable, "-m", f"services.{self.name}"],
                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops us in order
             )
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once it stopped (negative: the signal that killed it); None while it runs."""
+        return self.process.poll() if self.process else None
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -357,7 +357,9 @@ async def current_principal(
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("send a bearer token in the Authorization header")
     verifier: TokenVerifier = request.app.state.verifier
-    return await verifier.principal(token.strip())
+    principal = await verifier.principal(token.strip())
+    request.state.principal_kind = principal.role.value  # the access log's caller kind (never who)
+    return principal
 
 
 def require(

@@ -17,6 +17,7 @@ marked 'parked', so a parked event is neither lost nor applied, and a replay app
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import time
 import uuid
@@ -34,13 +35,14 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from shared.contracts.base import EventData
 from shared.contracts.topics import DLQ_SUFFIX, Topic
-from shared.kit import inbox
+from shared.kit import inbox, tracing
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.db import Connection
 from shared.kit.envelope import SPEC_VERSION, Envelope, EnvelopeError, new_envelope, parse_envelope, source_of
 from shared.kit.errors import DomainError, is_transient
 from shared.kit.group_join import JoinWatch
 from shared.kit.logging import bound_context
+from shared.kit.offsets import fetch_state, partition_lag
 from shared.kit.outbox import Outbox, OutgoingRecord
 from shared.kit.settings import Settings
 
@@ -57,7 +59,10 @@ Handler = Callable[["HandlerContext", Any], Awaitable[None]]
 BatchHandler = Callable[["Run[Any]"], Awaitable[None]]
 
 COMMIT_TIMEOUT_S = 10.0
-DLQ_HEADERS = ("dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time")
+DLQ_HEADERS = (
+    "dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time",
+    inbox.DEAD_LETTER_ID_HEADER, inbox.REPLAY_HEADER,
+)
 
 
 @dataclass(slots=True)
@@ -79,6 +84,8 @@ class HandlerContext:
     topic: str = ""
     #: The key store: opens personal data sealed in events (None when the consumer has none).
     keyring: Keyring | None = None
+    #: The Trace Context of the event's span: what it emits continues the trace (``shared.kit.tracing``).
+    trace: tracing.TraceHeaders | None = None
 
     async def emit(
         self, topic: Topic, data: EventData, *, subject: str, key: str | None = None,
@@ -90,6 +97,8 @@ class HandlerContext:
         envelope = new_envelope(
             self.service, data, subject=subject, key=key,
             correlation_id=self._correlation_id(), causation_id=str(self.envelope.id),
+            traceparent=self.trace.traceparent if self.trace else None,
+            tracestate=self.trace.tracestate if self.trace else None,
         )
         await self.add_record(OutgoingRecord(
             self.settings.topic(topic.name), envelope.key, envelope.headers(), envelope.data, str(envelope.id),
@@ -113,6 +122,8 @@ class HandlerContext:
             ("ce_correlationid", self._correlation_id().encode()),
             ("ce_causationid", str(self.envelope.id).encode()),
         ]
+        if self.trace is not None:
+            headers += self.trace.headers()
         await self.add_record(OutgoingRecord(
             self.settings.topic(topic.name), key.encode(), headers, None, str(event_id),
             partition_key=None if partition_key is None else partition_key.encode(),
@@ -243,6 +254,16 @@ class EventRouter:
 
         return register
 
+    @classmethod
+    def combined(cls, *routers: EventRouter) -> EventRouter:
+        """One router with every route of these: one consumer group (one join, one inbox) for what
+        would otherwise be several (a type routed twice is an error)."""
+        merged = cls()
+        for router in routers:
+            for route in router._routes.values():
+                merged._add(route)
+        return merged
+
     def _add(self, route: Route) -> None:
         if route.model.event_type in self._routes:
             raise ValueError(f"{route.model.event_type} already has a handler")
@@ -331,6 +352,10 @@ class EventConsumer:
         self._uncommitted: dict[TopicPartition, int] = {}
         self._client: Any = None
         self._commit_task: asyncio.Task[None] | None = None
+        #: For the lag metric: the client that hands out batches, and partition → the next offset
+        #: to apply (a batch in hand counts as not applied until it commits).
+        self._reader: Any = None
+        self._applied: dict[TopicPartition, int] = {}
 
     #: How long this member has been trying to join its group (a new one per subscription).
     join_watch: JoinWatch | None = None
@@ -375,6 +400,10 @@ class EventConsumer:
 
     async def _on_batch(self, msg: KafkaMessage) -> None:
         records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
+        if msg.consumer is not self._reader:
+            self._applied, self._reader = {}, msg.consumer
+        for record in records:
+            self._applied.setdefault(TopicPartition(record.topic, record.partition), record.offset)
         try:
             await self.handle_batch(records)
         except BaseException:
@@ -385,10 +414,15 @@ class EventConsumer:
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), record.offset + 1)
+            self._applied[tp] = max(self._applied.get(tp, 0), record.offset + 1)
         if self._stopping:
             await self._commit()  # the last batch before the subscription closes
         elif self._commit_task is None or self._commit_task.done():
             self._commit_task = asyncio.create_task(self._commit_soon())
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records each assigned partition holds past what this consumer applied (no round trip)."""
+        return partition_lag(fetch_state(self._reader), self._applied) if self._reader is not None else {}
 
     async def _commit_soon(self) -> None:
         await asyncio.sleep(self.settings.consumer_commit_interval_ms / 1000)
@@ -483,45 +517,69 @@ class EventConsumer:
             found = await self._route(conn, record, counts, pending)
             if found is not None:
                 routed.append((record, *found))
-        first_seen = {envelope.id: record.topic for record, envelope, _ in reversed(routed)}
-        claimed = await inbox.claim_many(conn, self.name, list(first_seen.items()))
+        # One claim per event id: its first copy's topic, and a replay's mark if any copy is one (a
+        # group re-reading a parked original beside its replay must not hide the replay).
+        claims: dict[uuid.UUID, inbox.Claim] = {}
+        for record, envelope, _ in routed:
+            replay, known = inbox.replay_of(record.headers), claims.get(envelope.id)
+            if known is None:
+                claims[envelope.id] = inbox.Claim(envelope.id, record.topic, replay)
+            elif known.replay_of is None and replay is not None:
+                claims[envelope.id] = known._replace(replay_of=replay)
+        claimed = await inbox.claim_many(conn, self.name, list(claims.values()))
         run: list[tuple[HandlerContext, Any]] = []
+        run_spans: list[tracing.Span | None] = []
         run_handler: BatchHandler | None = None
         for record, envelope, route in routed:
             if envelope.id not in claimed:
                 counts.duplicates += 1
                 continue
             claimed.discard(envelope.id)  # a second copy in the same batch is a duplicate too
+            span, traced = self._trace(record, envelope)
             context = HandlerContext(
                 conn, envelope, self.outbox, self.service, self.settings, pending, self.clock, record.topic,
-                self.keyring,
+                self.keyring, trace=traced,
             )
             if run and route.many is not run_handler:
-                await self._apply_run(run_handler, run)
-                run = []
+                await self._apply_run(run_handler, run, run_spans)
+                run, run_spans = [], []
             if route.many is not None:
                 run_handler = route.many
                 run.append((context, envelope.decode(route.model)))
+                run_spans.append(span)
             else:
                 assert route.handler is not None
-                with bound_context(
-                    event_id=str(envelope.id), event_type=envelope.type,
-                    correlation_id=envelope.correlation_id or str(envelope.id),
-                ):
+                with _event_log_context(envelope, traced), tracing.ending(span):
                     await route.handler(context, envelope.decode(route.model))
             counts.handled += 1
         if run:
-            await self._apply_run(run_handler, run)
+            await self._apply_run(run_handler, run, run_spans)
         await self.outbox.add_many(conn, pending)
 
+    def _trace(
+        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope
+    ) -> tuple[tracing.Span | None, tracing.TraceHeaders | None]:
+        """The event's span (one per event, the child of its ``traceparent``) and the Trace Context
+        its emitted events carry; without a tracer provider no span, and the event's own context."""
+        return tracing.consumer_span(
+            envelope.traceparent, envelope.tracestate, topic=record.topic, partition=record.partition,
+            offset=record.offset, group=self.group_id, event_id=str(envelope.id), event_type=envelope.type,
+        )
+
     @staticmethod
-    async def _apply_run(handler: BatchHandler | None, run: list[tuple[HandlerContext, Any]]) -> None:
+    async def _apply_run(
+        handler: BatchHandler | None, run: list[tuple[HandlerContext, Any]], spans: list[tracing.Span | None]
+    ) -> None:
+        """A set-based handler's run: one call handles every event, so its log context lists each
+        event and correlation id of the run; each event's span lasts the run."""
         assert handler is not None
         first = run[0][0].envelope
+        correlation_ids = list(dict.fromkeys(c.envelope.correlation_id or str(c.envelope.id) for c, _ in run))
         with bound_context(
             event_id=str(first.id), event_type=first.type, events=len(run),
-            correlation_id=first.correlation_id or str(first.id),
-        ):
+            event_ids=[str(c.envelope.id) for c, _ in run],
+            correlation_id=correlation_ids[0], correlation_ids=correlation_ids,
+        ), tracing.ending_all(spans):
             await handler(Run(run))
 
     async def _apply_record(
@@ -532,24 +590,23 @@ class EventConsumer:
         if found is None:
             return
         envelope, route = found
-        if not await inbox.claim(conn, self.name, envelope.id, record.topic):
+        if not await inbox.claim(conn, self.name, envelope.id, record.topic, inbox.replay_of(record.headers)):
             counts.duplicates += 1
             return
+        span, traced = self._trace(record, envelope)
         context = HandlerContext(
             conn, envelope, self.outbox, self.service, self.settings, clock=self.clock, topic=record.topic,
-            keyring=self.keyring,
+            keyring=self.keyring, trace=traced,
         )
-        with bound_context(
-            event_id=str(envelope.id), event_type=envelope.type,
-            correlation_id=envelope.correlation_id or str(envelope.id),
-        ):
+        with _event_log_context(envelope, traced), tracing.ending(span):
             reason = await self._apply_isolated(conn, envelope, route, context)
             if reason is None:
                 counts.handled += 1
                 return
+            tracing.failed(span, "parked on the dead-letter topic")
             log.error("event parked on the dead-letter topic", reason=reason, topic=record.topic)
-            await inbox.mark_parked(conn, self.name, envelope.id)
-            await self._park(conn, record, reason, envelope)
+            dead_letter_id = await self._park(conn, record, reason, envelope)
+            await inbox.mark_parked(conn, self.name, envelope.id, dead_letter_id)
             counts.parked += 1
 
     async def _apply_isolated(
@@ -580,7 +637,9 @@ class EventConsumer:
     async def _park(
         self, conn: Connection, record: ConsumerRecord[bytes, bytes], reason: str, envelope: Envelope | None,
         pending: list[OutgoingRecord] | None = None,
-    ) -> None:
+    ) -> uuid.UUID:
+        """Write the record's dead letter; its id (the replay names it, see ``inbox``)."""
+        dead_letter_id = uuid.uuid4()
         headers = [(k, v) for k, v in record.headers if k not in DLQ_HEADERS]
         headers += [
             ("dlq_reason", reason[:2000].encode()),
@@ -589,12 +648,29 @@ class EventConsumer:
             ("dlq_partition", str(record.partition).encode()),
             ("dlq_offset", str(record.offset).encode()),
             ("dlq_time", datetime.now(UTC).isoformat().encode()),
+            (inbox.DEAD_LETTER_ID_HEADER, str(dead_letter_id).encode()),
         ]
-        dead_letter = OutgoingRecord(record.topic + DLQ_SUFFIX, record.key, headers, record.value, str(uuid.uuid4()))
+        dead_letter = OutgoingRecord(
+            record.topic + DLQ_SUFFIX, record.key, headers, record.value, str(dead_letter_id)
+        )
         if pending is not None:
             pending.append(dead_letter)
         else:
             await self.outbox.add_record(conn, dead_letter)
+        return dead_letter_id
+
+
+def _event_log_context(
+    envelope: Envelope, traced: tracing.TraceHeaders | None
+) -> contextlib.AbstractContextManager[None]:
+    """Every log line of one event's handling carries its ids (and its trace id, when traced)."""
+    ids = {
+        "event_id": str(envelope.id), "event_type": envelope.type,
+        "correlation_id": envelope.correlation_id or str(envelope.id),
+    }
+    if traced is not None:
+        ids["trace_id"] = traced.trace_id
+    return bound_context(**ids)
 
 
 def in_time_order(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[ConsumerRecord[bytes, bytes]]:

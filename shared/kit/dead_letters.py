@@ -1,26 +1,37 @@
 """Replaying a dead-letter topic back to the topics its records came from.
 
 Run after the fix for whatever parked them is deployed. The inbox rows of parked events are
-marked 'parked', so the consumer that parked an event applies it on replay, and consumers that
-had handled it already skip it. Replay progress is a consumer group of its own, so running the
-command again replays only what was parked since.
+marked 'parked' with their dead letter's id, and a replayed record names that dead letter (a
+``dlq_replay`` header): the consumer that parked the event applies it once, consumers that had
+handled it already skip it, and a redelivery of the original record (not a replay) never re-runs
+it. Replay progress is a consumer group of its own, so running the command again replays only
+what was parked since.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from shared.contracts.topics import cluster_of
 from shared.kit.consumer import dead_letter_origin
+from shared.kit.inbox import DEAD_LETTER_ID_HEADER, REPLAY_HEADER
 from shared.kit.kafka_security import KafkaConnection
+from shared.kit.offsets import end_probe, log_end_offsets
 from shared.kit.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 
-async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: float = 1.0) -> int:
-    """Re-publish every not-yet-replayed record of ``dlq_topic``; return how many."""
+async def replay_dead_letters(
+    settings: Settings, dlq_topic: str, *, idle_s: float = 1.0, progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Re-publish every not-yet-replayed record of ``dlq_topic``; return how many.
+
+    ``progress(replayed, total)`` is called after each batch (total: what was left to replay when
+    the first batch came, by ``shared.kit.offsets``; more if dead letters arrive meanwhile)."""
     internal = KafkaConnection.internal(settings)
     consumer = AIOKafkaConsumer(
         dlq_topic,
@@ -41,6 +52,7 @@ async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: flo
     if edge_producer is not producer:
         await edge_producer.start()
     replayed = 0
+    total: int | None = None
     try:
         # The first fetch waits out the group join; after that, an empty fetch means "all replayed".
         first_wait_ms = settings.kafka_session_timeout_ms + 5000
@@ -49,15 +61,22 @@ async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: flo
             batches = await consumer.getmany(timeout_ms=wait_ms, max_records=500)
             if not batches:
                 break
+            if progress is not None and total is None:
+                total = await _left_to_replay(internal, consumer, batches)
             for records in batches.values():
                 for record in records:
                     origin, headers = dead_letter_origin(record.headers)
+                    # A dead letter parked before they had ids replays as one without (b"").
+                    headers.append((REPLAY_HEADER, dict(record.headers).get(DEAD_LETTER_ID_HEADER, b"")))
                     on_edge = cluster_of(origin.removeprefix(settings.topic_prefix)) == "edge"
                     await (edge_producer if on_edge else producer).send_and_wait(
                         origin, value=record.value, key=record.key, headers=headers,
                     )
                     replayed += 1
             await consumer.commit()
+            if progress is not None:
+                total = max(total or 0, replayed)
+                progress(replayed, total)
         log.info("dead letters replayed", topic=dlq_topic, count=replayed)
         return replayed
     finally:
@@ -65,3 +84,22 @@ async def replay_dead_letters(settings: Settings, dlq_topic: str, *, idle_s: flo
             await edge_producer.stop()
         await producer.stop()
         await consumer.stop()
+
+
+async def _left_to_replay(
+    connection: KafkaConnection, consumer: AIOKafkaConsumer,
+    first: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]],
+) -> int:
+    """Records from where this replay starts to the end of each assigned partition (for progress)."""
+    assigned = list(consumer.assignment())
+    starts = {tp: records[0].offset for tp, records in first.items() if records}
+    for tp in assigned:
+        if tp not in starts:
+            starts[tp] = await consumer.position(tp)
+    probe = end_probe(connection.aiokafka_kwargs())
+    await probe.start()
+    try:
+        ends = await log_end_offsets(probe, assigned)
+    finally:
+        await probe.stop()
+    return sum(max(0, ends[tp] - starts[tp]) for tp in assigned)

@@ -23,6 +23,8 @@ SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/json"
 
 Headers = Sequence[tuple[str, bytes]]
+#: W3C Trace Context headers, read as attributes (the CloudEvents distributed-tracing extension).
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 D = TypeVar("D", bound=EventData)
 
 
@@ -42,6 +44,9 @@ class Envelope:
     correlation_id: str | None = None
     causation_id: str | None = None
     extra_headers: tuple[tuple[str, bytes], ...] = field(default=())
+    #: W3C Trace Context of the span that emitted it (the CloudEvents distributed-tracing extension).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
     def headers(self) -> list[tuple[str, bytes]]:
         headers = [
@@ -57,6 +62,10 @@ class Envelope:
             headers.append(("ce_correlationid", self.correlation_id.encode()))
         if self.causation_id:
             headers.append(("ce_causationid", self.causation_id.encode()))
+        if self.traceparent:
+            headers.append(("traceparent", self.traceparent.encode()))
+            if self.tracestate:
+                headers.append(("tracestate", self.tracestate.encode()))
         headers.extend(self.extra_headers)
         return headers
 
@@ -88,6 +97,8 @@ def new_envelope(
     causation_id: str | None = None,
     event_id: uuid.UUID | None = None,
     time: datetime | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> Envelope:
     """Wrap event data for publishing; ``key`` defaults to the subject (the aggregate id)."""
     return Envelope(
@@ -100,6 +111,8 @@ def new_envelope(
         key=(key if key is not None else subject).encode(),
         correlation_id=correlation_id,
         causation_id=causation_id,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
 
 
@@ -108,7 +121,10 @@ def parse_envelope(headers: Iterable[tuple[str, bytes]], value: bytes | None, ke
     attrs: dict[str, str] = {}
     extra: list[tuple[str, bytes]] = []
     for name, raw in headers:
-        if name.startswith("ce_") or name == "content-type":
+        if name in _TRACE_HEADERS:
+            # Malformed trace context is ignored where it is used, never a reason to park the event.
+            attrs[name] = raw.decode("latin-1")
+        elif name.startswith("ce_") or name == "content-type":
             try:
                 attrs[name] = raw.decode()
             except UnicodeDecodeError as error:
@@ -143,4 +159,6 @@ def parse_envelope(headers: Iterable[tuple[str, bytes]], value: bytes | None, ke
         correlation_id=attrs.get("ce_correlationid"),
         causation_id=attrs.get("ce_causationid"),
         extra_headers=tuple(extra),
+        traceparent=attrs.get("traceparent"),
+        tracestate=attrs.get("tracestate"),
     )

@@ -19,6 +19,8 @@ value and every path segment; a field opts out only with ``MyNumberExempt``. The
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -34,7 +36,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, StrictInt
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,9 +44,11 @@ from starlette.middleware import Middleware
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.kit import tracing
 from shared.kit.auth import TokenVerifier
 from shared.kit.errors import TRANSIENT_ERRORS, DomainError, is_transient
 from shared.kit.logging import bound_context
+from shared.kit.metrics import AppRegistry, Mirror, process_exited
 from shared.kit.my_number import (
     MyNumberNotAllowed,
     find_my_number,
@@ -393,11 +397,12 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
+    tracing.configure_tracing(service)  # once per process (each HTTP worker builds its app)
     # Refuses to build an app outside development without a token issuer (a clear start-up error).
     app.state.verifier = TokenVerifier(settings, service)
     app.state.service = service
     app.state.readiness = readiness or Readiness()
-    registry = CollectorRegistry()
+    registry = AppRegistry()  # with the process and GC metrics; summed over workers (shared.kit.metrics)
     app.state.metrics_registry = registry
     app.state.rate_limiter = RateLimiter(settings, registry=registry)
     requests = Counter(
@@ -428,7 +433,7 @@ def create_app(
 
     @ops.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(ops)
     _serve_docs(app)
@@ -480,14 +485,33 @@ def _closing_rate_limiter(
     async def run(app: FastAPI) -> AsyncIterator[None]:
         try:
             if lifespan is None:
-                yield
+                async with _mirrored_metrics(app):
+                    yield
             else:
-                async with lifespan(app):
+                async with lifespan(app), _mirrored_metrics(app):
                     yield
         finally:
             await app.state.rate_limiter.close()
 
     return run
+
+
+@asynccontextmanager
+async def _mirrored_metrics(app: FastAPI) -> AsyncIterator[None]:
+    """With several workers, this worker's scrape-time metrics copied where every worker's
+    ``/metrics`` sums them (``shared.kit.metrics``); nothing to do with one."""
+    registry: AppRegistry = app.state.metrics_registry
+    if not registry.multiprocess:
+        yield
+        return
+    task = asyncio.create_task(Mirror(registry).run(), name="metrics-mirror")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        process_exited()
 
 
 def _install_problem_handlers(app: FastAPI) -> None:
@@ -596,11 +620,19 @@ def failure_response(error: Exception, path: str) -> JSONResponse:
     return problem(500, "internal-error", "Internal error", "the error was logged", instance=path)
 
 
+#: Probed every few seconds by orchestrators and Prometheus: their access lines are DEBUG.
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class Observe:
-    """Request id, correlation id and metrics for every request (plain ASGI: it is on the hot path).
+    """Request id, correlation id, trace, access log and metrics for every request (plain ASGI: it
+    is on the hot path).
 
     The ids are bound to every log line of the request and the correlation id is kept in
-    ``request.state.correlation_id`` for the events the request causes.
+    ``request.state.correlation_id`` for the events the request causes. A server span covers the
+    request (the child of an incoming ``traceparent``); the events its use case emits continue it.
+    One access line per request: method, route template (never the raw path, which may hold ids,
+    nor the query), status, duration and the caller's role; no personal data.
     """
 
     def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
@@ -615,9 +647,15 @@ class Observe:
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or str(uuid.uuid4())
         correlation_id = headers.get(b"x-correlation-id", b"").decode("latin-1") or request_id
-        scope.setdefault("state", {})["correlation_id"] = correlation_id
+        state = scope.setdefault("state", {})
+        state["correlation_id"] = correlation_id
         status = 500
         started = time.perf_counter()
+        method = scope["method"]
+        span = _server_span(method, scope, headers)
+        ids = {"request_id": request_id, "correlation_id": correlation_id}
+        if span is not None and span.get_span_context().is_valid:
+            ids["trace_id"] = f"{span.get_span_context().trace_id:032x}"
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -626,25 +664,65 @@ class Observe:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
-        try:
-            with bound_context(request_id=request_id, correlation_id=correlation_id):
-                await self.app(scope, receive, send_with_id)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(scope["method"], route, str(status)).inc()
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+        def name_the_span() -> None:  # the route template is known once routed, the status once sent
+            assert span is not None
+            _finish_server_span(span, method, getattr(scope.get("route"), "path", "unmatched"), status)
+
+        with bound_context(**ids):
+            try:
+                with tracing.ending(span, before_end=name_the_span):
+                    await self.app(scope, receive, send_with_id)
+            finally:
+                elapsed = time.perf_counter() - started
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.requests.labels(method, route, str(status)).inc()
+                self.latency.labels(method, route).observe(elapsed)
+                (log.debug if route in _QUIET_ROUTES else log.info)(
+                    "request", method=method, route=route, status=status, duration_ms=round(elapsed * 1000, 2),
+                    principal_kind=state.get("principal_kind", "none"),
+                )
+
+
+def _server_span(method: str, scope: Scope, headers: dict[bytes, bytes]) -> tracing.Span | None:
+    """The request's server span; without a recording provider, only an incoming trace context
+    (kept current, so the request's events carry it on) or nothing."""
+    traceparent = headers.get(b"traceparent")
+    incoming = None
+    if traceparent is not None:
+        tracestate = headers.get(b"tracestate")
+        incoming = tracing.from_headers([("traceparent", traceparent)] + (
+            [("tracestate", tracestate)] if tracestate is not None else []
+        ))
+    if not tracing.recording():
+        return None if incoming is None else tracing.remote_span(incoming)
+    return tracing.start_span(
+        method, kind=tracing.SpanKind.SERVER, parent=incoming, detached=True,
+        attributes={"http.request.method": method, "url.scheme": str(scope.get("scheme", "http"))},
+    )
+
+
+def _finish_server_span(span: tracing.Span, method: str, route: str, status: int) -> None:
+    if not span.is_recording():
+        return
+    span.update_name(f"{method} {route}")  # the template, known once routed (never the raw path)
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        tracing.failed(span, f"HTTP {status}")
 
 
 class BodyGuard:
     """Refuses, before any route sees them: a path or query string with a control character (422:
     a path or query parameter may reach SQL, and PostgreSQL cannot store NUL) or a My Number (422
     ``my-number-not-allowed``: a query may be logged, kept in a search or sent on), oversized bodies
-    (413) and non-JSON bodies (415), but form bodies on the ``form_paths`` the app names."""
+    (413) and non-JSON bodies (415), but form bodies on the ``form_paths`` the app names (``"*"``:
+    every path, for an app of HTML forms such as the console)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, form_paths: Collection[str] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.form_paths = frozenset(form_paths)
+        self.forms_everywhere = "*" in self.form_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -679,7 +757,7 @@ class BodyGuard:
         if (
             length not in (None, b"0")
             and content_type not in (b"application/json", b"")
-            and not (content_type == _FORM and scope.get("path") in self.form_paths)
+            and not (content_type == _FORM and (self.forms_everywhere or scope.get("path") in self.form_paths))
         ):
             await self._refuse(
                 scope, send, 415, "unsupported-media-type", "send the body as application/json"
@@ -734,13 +812,20 @@ def _unstorable_target(scope: Scope) -> tuple[list[str], str] | None:
     return None
 
 
+#: The kid of a value sealed for a partner (shared/contracts/sealed.py: ``partner_kid``), as
+#: ``GET /v1/keys/{kid}`` of the partner gateway takes it.
+_PARTNER_KID = re.compile(r"partner:[a-z][a-z0-9]{1,31}:[0-9a-f]{64}")
+
+
 def _my_number_target(scope: Scope) -> list[str | int] | None:
     """Where the path or the query holds a My Number (as the app would decode them): a path segment
     (by its index: one segment is one value, so no two are read as one), a query value by its name."""
     path: str = scope.get("path", "")
     if might_hold_my_number(path):
         for index, segment in enumerate(path.split("/")):
-            if looks_like_my_number(segment):
+            # A partner kid (``partner:<code>:<HMAC hex>``) is a pseudonym, not a number anyone wrote;
+            # about 1 in 300 holds twelve digits with a valid check digit by chance.
+            if looks_like_my_number(segment) and not _PARTNER_KID.fullmatch(segment):
                 return ["path", index]
     raw: bytes = scope.get("query_string", b"")
     # Cheap first: fewer than 12 digits, nothing escaped and nothing beyond ASCII hold no My Number.

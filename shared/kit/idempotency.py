@@ -3,6 +3,10 @@
 The key is reserved in the same transaction as the state change, so two concurrent requests with
 one key serialise on the row: the second waits, then replays the first's stored response. The
 same key with a different body is a 422 problem, never a silent merge.
+
+Keys are kept ``idempotency_retention_hours`` (24 h): the window the platform promises a client to
+repeat a write with its key. ``shared/kit/retention.py`` deletes older ones, after which the same
+key runs as a new request.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 id order with ``acks=all`` and marks them published. A crash between publishing and marking
 re-sends on restart: delivery is at-least-once and consumers deduplicate by ``ce_id``. Only one
 relay per database publishes at a time (an advisory lock), which keeps per-key order across
-replicas.
+replicas. A record's W3C Trace Context (``traceparent``, ``tracestate``) is kept in columns of its
+own and sent as those headers again (``shared.kit.tracing``).
 
 Waking the relay: when this process's relay is the leader, whoever commits an outbox write calls
 ``Outbox.committed()`` and the relay wakes in-process. Only when the leader lives in another
@@ -28,6 +29,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from shared.contracts.topics import DLQ_SUFFIX
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope
 from shared.kit.errors import is_transient
@@ -78,10 +80,7 @@ class Outbox:
             return
         if not conn.is_in_transaction():
             raise RuntimeError("Outbox writes must run inside the business transaction")
-        rows = [
-            (r.event_id, r.topic, r.key, [n for n, _ in r.headers], [v for _, v in r.headers], r.value, r.partition_key)
-            for r in records
-        ]
+        rows = [_row(r) for r in records]
         notify = not self.relay_is_local()
         if len(rows) == 1 and notify:
             await conn.execute(_INSERT_AND_NOTIFY, *rows[0], self.channel)  # one round trip
@@ -103,11 +102,38 @@ class Outbox:
 
 
 _INSERT = """
-    INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, partition_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, partition_key, traceparent,
+                        tracestate)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
     ON CONFLICT (event_id) DO NOTHING
 """
-_INSERT_AND_NOTIFY = f"WITH written AS ({_INSERT}) SELECT pg_notify($8, '')"
+_INSERT_AND_NOTIFY = f"WITH written AS ({_INSERT}) SELECT pg_notify($10, '')"
+_TRACEPARENT, _TRACESTATE = "traceparent", "tracestate"
+
+
+def _row(r: OutgoingRecord) -> tuple[object, ...]:
+    """The row of a record: its Trace Context headers go to columns of their own."""
+    names: list[str] = []
+    values: list[bytes] = []
+    traceparent = tracestate = None
+    for name, value in r.headers:
+        if name == _TRACEPARENT:
+            traceparent = value.decode("latin-1")
+        elif name == _TRACESTATE:
+            tracestate = value.decode("latin-1")
+        else:
+            names.append(name)
+            values.append(value)
+    return (r.event_id, r.topic, r.key, names, values, r.value, r.partition_key, traceparent, tracestate)
+
+
+def _headers(row: asyncpg.Record) -> list[tuple[str, bytes]]:
+    headers = list(zip(row["header_names"], row["header_values"], strict=True))
+    if row["traceparent"] is not None:
+        headers.append((_TRACEPARENT, row["traceparent"].encode("latin-1")))
+        if row["tracestate"] is not None:
+            headers.append((_TRACESTATE, row["tracestate"].encode("latin-1")))
+    return headers
 
 
 class OutboxRelay:
@@ -122,9 +148,9 @@ class OutboxRelay:
         batch_size: int = 500,
         poll_interval_s: float = 1.0,
         recover: Callable[[], Awaitable[None]] | None = None,
-        prune_after_s: int = 3600,
         edge_producer: AIOKafkaProducer | None = None,
         is_edge: Callable[[str], bool] | None = None,
+        sample_interval_s: float = 5.0,
     ) -> None:
         self.dsn = dsn
         self.channel = channel
@@ -135,12 +161,18 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.recover = recover
-        self.prune_after_s = prune_after_s
-        self._last_prune = 0.0
         self._wake = asyncio.Event()
         self._stopping = False
         self.published = 0
+        #: Dead letters published, per dead-letter topic (as named on the broker).
+        self.dead_letters: dict[str, int] = {}
         self.is_leader = False
+        #: Rows not yet relayed and the age of the oldest (seconds), sampled by the leader at most
+        #: every ``sample_interval_s``; None while this relay does not lead.
+        self.backlog: int | None = None
+        self.oldest_age_s: float | None = None
+        self.sample_interval_s = sample_interval_s
+        self._last_sample = 0.0
 
     async def run(self) -> None:
         """Relay until stopped, reconnecting after database or broker faults."""
@@ -184,22 +216,22 @@ class OutboxRelay:
             self.is_leader = True
             while not self._stopping:
                 self._wake.clear()
+                if time.monotonic() - self._last_sample >= self.sample_interval_s:
+                    await self._sample_backlog(conn)
                 sent = await self._relay_batch(conn)
-                if time.monotonic() - self._last_prune > 600:
-                    await prune_published(conn, self.prune_after_s)
-                    self._last_prune = time.monotonic()
                 if sent < self.batch_size:
                     await self._sleep(self.poll_interval_s)
         finally:
             self.is_leader = False
+            self.backlog = self.oldest_age_s = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), timeout=2)
 
     async def _relay_batch(self, conn: Connection) -> int:
         rows = await conn.fetch(
             """
-            SELECT id, topic, key, header_names, header_values, payload, partition_key FROM outbox
-            WHERE published_at IS NULL ORDER BY id LIMIT $1
+            SELECT id, topic, key, header_names, header_values, payload, partition_key, traceparent, tracestate
+            FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1
             """,
             self.batch_size,
         )
@@ -211,7 +243,7 @@ class OutboxRelay:
                 value=row["payload"],
                 key=row["key"],
                 partition=await self._partition_of(producer, row["topic"], row["partition_key"]),
-                headers=list(zip(row["header_names"], row["header_values"], strict=True)),
+                headers=_headers(row),
             )
             for row in rows
             for producer in (self._producer_for(row["topic"]),)
@@ -220,7 +252,21 @@ class OutboxRelay:
         await asyncio.gather(*futures)
         await self._mark_published(conn, [row["id"] for row in rows])
         self.published += len(rows)
+        for row in rows:
+            if row["topic"].endswith(DLQ_SUFFIX):
+                self.dead_letters[row["topic"]] = self.dead_letters.get(row["topic"], 0) + 1
         return len(rows)
+
+    async def _sample_backlog(self, conn: Connection) -> None:
+        """Count the rows not yet relayed (before this round sends them: a gauge of what waits)."""
+        row = await conn.fetchrow(
+            "SELECT count(*) AS rows, extract(epoch FROM now() - min(created_at)) AS age FROM outbox"
+            " WHERE published_at IS NULL"
+        )
+        assert row is not None
+        self.backlog = int(row["rows"])
+        self.oldest_age_s = max(float(row["age"]), 0.0) if row["age"] is not None else 0.0
+        self._last_sample = time.monotonic()
 
     def _producer_for(self, topic: str) -> AIOKafkaProducer:
         if not self.is_edge(topic):
@@ -247,14 +293,6 @@ class OutboxRelay:
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
-
-
-async def prune_published(pool: Connection | asyncpg.Pool, older_than_s: int = 3600) -> int:
-    """Delete published rows older than the given age (kept a while for inspection)."""
-    result: str = await pool.execute(
-        "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)", older_than_s
-    )
-    return int(result.split()[-1])
 
 
 async def pending_count(conn: Connection | asyncpg.Pool) -> int:

@@ -27,6 +27,7 @@ from faststream.kafka import KafkaBroker
 import shared.kit.kafka_client  # noqa: F401  (topics are never auto-created)
 from shared.contracts.base import EventData
 from shared.contracts.topics import Cluster, Topic, cluster_of
+from shared.kit import tracing
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.consumer import EventConsumer, EventRouter
 from shared.kit.db import Connection
@@ -36,9 +37,10 @@ from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics, platform_topics
 from shared.kit.kafka_security import KafkaConnection
 from shared.kit.keyring import Keyring
-from shared.kit.metrics import EventMetrics
+from shared.kit.metrics import EventMetrics, prepare_multiprocess
 from shared.kit.migrations import migrate_service
 from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, notify_channel
+from shared.kit.retention import RetentionJob, RetentionPolicy, check_settings
 from shared.kit.settings import Settings, get_settings, with_database
 
 log = structlog.get_logger(__name__)
@@ -76,8 +78,10 @@ class UnitOfWork:
     _pending: list[OutgoingRecord] = field(default_factory=list)
 
     async def emit(self, topic: Topic, data: EventData, *, subject: str, key: str | None = None) -> Envelope:
+        traced = tracing.current_headers()  # the use case's span: the consumers' spans continue it
         envelope = new_envelope(
-            self.runtime.service, data, subject=subject, key=key, correlation_id=self.correlation_id
+            self.runtime.service, data, subject=subject, key=key, correlation_id=self.correlation_id,
+            traceparent=traced.traceparent if traced else None, tracestate=traced.tracestate if traced else None,
         )
         self._pending.append(OutgoingRecord(
             self.runtime.settings.topic(topic.name), envelope.key, envelope.headers(), envelope.data, str(envelope.id)
@@ -127,6 +131,8 @@ class ServiceRuntime:
         self._edge_producer: AIOKafkaProducer | None = None
         self._brokers: list[KafkaBroker] = []
         self._relay: OutboxRelay | None = None
+        #: Deletes the kit's old rows (inbox, idempotency keys, published outbox rows) in the background.
+        self.retention: RetentionJob | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: Per consumer group: the release under way or last tried, and when (``_release_stuck_groups``).
         self._releases: dict[str, tuple[float, asyncio.Task[None]]] = {}
@@ -156,6 +162,7 @@ class ServiceRuntime:
 
     async def start(self) -> None:
         s = self.settings
+        check_settings(s)  # before anything runs: an inbox that forgets too soon applies events twice
         admin_dsn = with_database(s.pg_dsn or "", "postgres")
         applied = await migrate_service(self.dsn, admin_dsn, s.database_name(self.service), self.migrations)
         self._pool = await asyncpg.create_pool(
@@ -180,6 +187,8 @@ class ServiceRuntime:
         )
         self.outbox.local_relay = self._relay
         self._spawn(self._relay.run(), "outbox-relay")
+        self.retention = RetentionJob(self.dsn, self.service, RetentionPolicy.of(s), interval_s=s.retention_interval_s)
+        self._spawn(self.retention.run(), "retention")
         if self.consumer_specs:
             self.consumers = [
                 EventConsumer(
@@ -331,8 +340,7 @@ class ServiceRuntime:
         # Only its own internal topics: under ACLs a service sees no other, and would find them "lost".
         expected = {
             self.settings.topic(t.name) for t in platform_topics()
-            if t.cluster == "internal" and (t.producer == self.service or self.service in t.consumers
-                                            or self.service in t.producer.split(","))
+            if t.cluster == "internal" and (self.service in t.producers or self.service in t.consumers)
         }
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
@@ -400,6 +408,8 @@ def serve(service: str, settings: Settings | None = None) -> None:
 
     s = settings or get_settings()
     configure_logging(service, fmt=s.log_format, level=s.log_level)
+    # Several workers: each writes its metrics to files there, and /metrics sums them (shared.kit.metrics).
+    prepare_multiprocess(s.http_workers)
     uvicorn.run(
         f"services.{service}.main:create_app", factory=True, workers=s.http_workers,
         host=s.http_host, port=s.http_port or s.service_port(service),

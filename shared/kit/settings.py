@@ -27,6 +27,10 @@ SERVICE_PORTS: dict[str, int] = {
     "notification": 8105,
     "partner_gateway": 8106,
     "identity": 8107,
+    "planning": 8109,
+    "insights": 8110,
+    "listings": 8111,
+    "console": 8108,
 }
 # The services are listed once (``SERVICES``); this map only gives them their ports.
 if tuple(SERVICE_PORTS) != SERVICES:
@@ -109,6 +113,31 @@ class Settings(BaseSettings):
     #: group and the runtime asks the broker to release a departed group leader (``group_join``). On
     #: the embedded broker a join takes half the session timeout and a sync up to 0.8 of it.
     consumer_join_timeout_ms: int = 30_000
+
+    # Retention (``shared/kit/retention.py``): every runtime deletes the kit's old rows in the
+    # background, a batch per statement, one replica at a time. The inbox must remember an event as
+    # long as the broker can hand it over again, or that redelivery would apply it a second time.
+    #: The event topics' ``retention.ms`` (the variable deploy/kafka/setup.sh creates them with): a
+    #: consumer group reset to earliest reads this far back.
+    kafka_retention_ms: int = Field(default=14 * 86_400_000, gt=0)
+    #: The dead-letter topics' ``retention.ms``: a replay brings an event back to every consumer of
+    #: its topic up to this long after it was parked.
+    kafka_dlq_retention_ms: int = Field(default=30 * 86_400_000, gt=0)
+    #: Kafka deletes whole segments, so a record outlives ``retention.ms`` by up to one segment's
+    #: span (``segment.ms``: Kafka's default, a week, on the platform's topics).
+    kafka_segment_ms: int = Field(default=7 * 86_400_000, ge=0)
+    #: Inbox rows, handled and parked: refused at start-up under the longest an event can come back
+    #: (its topic's retention and a segment, then its dead letter's and a segment: 58 days).
+    inbox_retention_days: float = Field(default=60, gt=0)
+    #: ``Idempotency-Key``s: the window the platform promises a client to retry a write with its key
+    #: and get the first answer (24 h, as payment APIs do); a later repeat runs as a new request.
+    idempotency_retention_hours: float = Field(default=24, gt=0)
+    #: Published outbox rows: nothing reads them after the broker's ack (a re-send comes only from
+    #: rows not yet marked), so they are kept only a while for inspection.
+    outbox_published_retention_hours: float = Field(default=1, ge=0)
+    retention_interval_s: float = Field(default=600, gt=0)
+    #: Rows per DELETE: each statement holds its row locks for milliseconds, never a long lock.
+    retention_batch_size: int = Field(default=5000, ge=1)
 
     # Rate limits (``shared/kit/rate_limit.py``): a rate and a burst (how many may come at once) per
     # kind of caller; refused with 429 and Retry-After. Redis down: not limited (a warning).

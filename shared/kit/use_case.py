@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
-from shared.kit import idempotency
+from shared.kit import idempotency, tracing
 from shared.kit.auth import Principal, current_principal
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope
@@ -131,6 +131,17 @@ class Write:
         if self.ran:
             raise RuntimeError(f"{self.operation}: a write runs once")
         self.ran = True
+        if not tracing.recording():
+            return await self._run(act, authorise)
+        # The use case's span: the events it emits name it as their parent (``UnitOfWork.emit``).
+        span = tracing.start_span(
+            f"use case {self.operation}", kind=tracing.SpanKind.INTERNAL,
+            attributes={"nichiiki.operation": self.operation, "nichiiki.principal_kind": self.principal.role.value},
+        )
+        with tracing.ending(span):
+            return await self._run(act, authorise)
+
+    async def _run(self, act: Callable[..., Awaitable[Outcome]], authorise: Any) -> Outcome:
         attempt = 1
         while True:
             try:

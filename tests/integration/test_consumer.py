@@ -113,7 +113,8 @@ async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_af
     topic = await fresh_topic(settings)
     failing = {13}
     async with consuming(settings, topic, fail_on=failing) as (consumer, pool):
-        await produce(settings, topic, [ping_record("r-3", 12), ping_record("r-3", 13), ping_record("r-3", 14)])
+        poison = ping_record("r-3", 13)
+        await produce(settings, topic, [ping_record("r-3", 12), poison, ping_record("r-3", 14)])
 
         async def others_applied() -> bool:
             return await pool.fetchval("SELECT count(*) FROM pings") == 2 and consumer.stats.parked == 1
@@ -123,6 +124,17 @@ async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_af
         assert b"cannot handle sequence 13 (after 3 attempts)" in dict(dead[0].headers)["dlq_reason"]
         assert await pool.fetchval("SELECT status FROM inbox WHERE topic = $1 AND status = 'parked'", topic)
 
+        # The parked record delivered again, as after a group reset to earliest (the handler still
+        # fails): acknowledged as handled, neither run nor parked a second time.
+        await produce(settings, topic, [poison])
+
+        async def redelivery_acknowledged() -> bool:
+            return consumer.stats.duplicates == 1
+
+        await eventually(redelivery_acknowledged)
+        assert consumer.stats.parked == 1
+        assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic = $1", topic + ".dlq") == 1
+
         failing.clear()  # the fix is deployed
         assert await replay_dead_letters(settings, topic + ".dlq") == 1
 
@@ -131,6 +143,7 @@ async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_af
 
         await eventually(replayed)
         assert await pool.fetchval("SELECT count(*) FROM inbox WHERE status = 'parked'") == 0
+        assert await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 13") == 1
         assert await replay_dead_letters(settings, topic + ".dlq") == 0  # nothing new to replay
 
 
