@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -17,9 +19,13 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from asgi_lifespan import LifespanManager
 from asyncpg.connection import LoggedQuery
+from cryptography.exceptions import InvalidTag
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from shared.contracts.base import EventData
+from shared.contracts.common import SealedMembership
+from shared.contracts.sealed import RESIDENT_SUBJECT, Sealed, resident_subject
 from shared.contracts.topics import Topic, cluster_of
 from shared.kit.auth import Role, StaffRole, audience, mint_token
 from shared.kit.consumer import ConsumerStats, EventConsumer, in_time_order
@@ -27,6 +33,7 @@ from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.kafka_security import KafkaConnection
+from shared.kit.keyring import Keyring, open_with, seal_with
 from shared.kit.migrations import KIT_MIGRATIONS, apply_migrations, ensure_database, load_migrations, migrate_service
 from shared.kit.settings import Settings, with_database
 
@@ -443,3 +450,59 @@ async def assert_batch_is_one_by_one(
         await single.handle_batch([record])
     assert await snapshot(one_by_one) == state, "one event per batch ends elsewhere than one batch"
     return BatchOutcome(state, whole.stats, single.stats, statements)
+
+
+# -- sealed personal data in test events ------------------------------------------------------------
+
+#: Tests build events synchronously, before any key store is at hand: their sealed fields are sealed
+#: with this key (``seal_for_tests``), and ``sealed_for`` seals them again with a key store's own
+#: keys before they are fed to a service, which opens them with that store.
+TEST_SEALING_KEY = hashlib.sha256(b"nichiiki tests: events built before a key store").digest()
+
+Data = TypeVar("Data", bound=EventData)
+
+
+def seal_for_tests(kid: str, value: str | BaseModel) -> Sealed:
+    """``value`` sealed with the test key (see ``TEST_SEALING_KEY``)."""
+    plaintext = value.model_dump_json() if isinstance(value, BaseModel) else value
+    return seal_with(TEST_SEALING_KEY, kid, plaintext.encode())
+
+
+def membership(partner: str, member_number: str | None = None, *, resident_id: str = "tests") -> SealedMembership:
+    """A partner membership as v2 certificate events carry it: the number sealed with the test key
+    under ``resident:<resident_id>`` (``sealed_for`` seals it with a key store's key of that resident)."""
+    number = None if member_number is None else seal_for_tests(resident_subject(resident_id), member_number)
+    return SealedMembership(partner=partner, member_number=number)
+
+
+def opened_for_tests(sealed: Sealed) -> bytes:
+    """What ``seal_for_tests`` sealed."""
+    return open_with(TEST_SEALING_KEY, sealed)
+
+
+async def sealed_for(keyring: Keyring, event: Data) -> Data:
+    """The event with every value sealed with the test key for a resident (``resident:<id>``) sealed
+    again with ``keyring``'s key of that resident; values sealed otherwise are left as they are."""
+
+    async def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {"kid", "alg", "iv", "ct"} and str(node["kid"]).startswith(RESIDENT_SUBJECT):
+                try:
+                    plaintext = opened_for_tests(Sealed.model_validate(node))
+                except InvalidTag:
+                    return node
+                return (await keyring.seal(node["kid"], plaintext)).model_dump(mode="json")
+            return {key: await walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [await walk(value) for value in node]
+        return node
+
+    return type(event).model_validate(await walk(event.model_dump(mode="json")))
+
+
+async def envelope_sealed_for(keyring: Keyring, envelope: Envelope) -> Envelope:
+    """The envelope (same id, time, key and headers) with its event ``sealed_for`` the key store."""
+    if b'"kid"' not in envelope.data:
+        return envelope  # nothing sealed in it
+    sealed = await sealed_for(keyring, envelope.data_model())
+    return dataclasses.replace(envelope, data=sealed.model_dump_json().encode())

@@ -28,12 +28,16 @@ option                 environment variable          default
 ``--follow``                                         ``0`` (stop when caught up)
 =====================  ============================  ===========================
 
-It needs only ``httpx`` (``pip install httpx``) and is one file: copy it.
+4. opens each member number (sealed for you: docs/partners.md, "Member numbers") with the key of
+   ``GET /v1/keys/{kid}``, kept while the certificate is and dropped when you are told to forget it.
+
+It needs ``httpx`` and ``cryptography`` (``pip install httpx cryptography``) and is one file: copy it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import sys
@@ -44,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 log = logging.getLogger("nichiiki.partner.http_feed")
 
-CERTIFICATE = "jp.nichiiki.partner.certificate.v1"
-GRANT = "jp.nichiiki.partner.grant.v1"
+CERTIFICATE = "jp.nichiiki.partner.certificate.v2"
+GRANT = "jp.nichiiki.partner.grant.v2"
 WITHDRAWAL = "jp.nichiiki.partner.withdrawal.v1"
 GRANT_KEY_INFIX = "/grants/"
 #: The gateway answers a long poll after at most 25 s.
@@ -117,6 +122,38 @@ class FeedError(RuntimeError):
     """The gateway refused the request: the problem's code and detail (docs/partners.md, "Errors")."""
 
 
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class MemberNumbers:
+    """Opens the member numbers sealed for you: the key of each resident (``kid``) from
+    ``GET /v1/keys/{kid}``, kept in memory, dropped when you are told to forget them. A 404 means the
+    resident withdrew or was erased: the number is gone for good (None)."""
+
+    def __init__(self, client: httpx.Client, gateway_url: str, headers: dict[str, str]) -> None:
+        self.client, self.url, self.headers = client, gateway_url.rstrip("/") + "/v1/keys/", headers
+        self.keys: dict[str, bytes] = {}
+
+    def open(self, sealed: dict[str, str] | None) -> str | None:
+        if sealed is None:
+            return None
+        kid = sealed["kid"]
+        key = self.keys.get(kid)
+        if key is None:
+            response = self.client.get(self.url + kid, headers=self.headers)
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise FeedError(_problem(response))
+            key = self.keys[kid] = _unb64(response.json()["k"])
+        return AESGCM(key).decrypt(_unb64(sealed["iv"]), _unb64(sealed["ct"]), kid.encode()).decode()
+
+    def forget(self, resident_ref: str) -> None:
+        for kid in [k for k in self.keys if k.endswith(":" + resident_ref)]:
+            del self.keys[kid]
+
+
 class HttpFeed:
     """Follows your feed with ``GET /v1/feed`` (an ``httpx.Client`` of your own may be passed in)."""
 
@@ -130,6 +167,7 @@ class HttpFeed:
         self.cursor_file = cursor_file
         self.max_retry_s = max_retry_s
         self.state = FeedState()
+        self.member_numbers = MemberNumbers(self.client, gateway_url, self.headers)
         if cursor_file is not None and cursor_file.exists():
             # A saved cursor goes with saved state: this example keeps its state in memory only, so a
             # real client stores both together (one transaction) and resumes from there.
@@ -153,6 +191,12 @@ class HttpFeed:
             break
         body = response.json()
         for record in body["records"]:
+            value = record["value"]
+            if value is not None and record["type"] in (CERTIFICATE, GRANT):
+                # Kept opened in memory; a real client stores it as the personal data it is.
+                value["member_number"] = self.member_numbers.open(value.get("member_number"))
+            elif value is not None and record["type"] == WITHDRAWAL:
+                self.member_numbers.forget(value["resident_ref"])  # the key is gone on the platform too
             self.state.apply(record)
         self.state.cursor = str(body["next"])
         if self.cursor_file is not None:

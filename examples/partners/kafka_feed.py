@@ -43,12 +43,16 @@ option                                 environment variable                     
 ``--topic-prefix``                     ``PARTNER_TOPIC_PREFIX``                      empty (test stacks only)
 =====================================  ============================================  =====================
 
-It needs only ``confluent-kafka`` (``pip install confluent-kafka``) and is one file: copy it.
+It needs only ``confluent-kafka`` (``pip install confluent-kafka``) and is one file: copy it. Member
+numbers come sealed for you (docs/partners.md, "Member numbers"): ``open_member_number`` opens one
+with the key the partner gateway gives (``GET /v1/keys/{kid}``; ``http_feed.py`` fetches it), and
+needs ``cryptography`` then.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -66,8 +70,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer
 log = logging.getLogger("nichiiki.partner.kafka_feed")
 
 # The record types of your feed and of your trips (docs/contracts/schemas/<type>.json).
-CERTIFICATE = "jp.nichiiki.partner.certificate.v1"
-GRANT = "jp.nichiiki.partner.grant.v1"
+CERTIFICATE = "jp.nichiiki.partner.certificate.v2"
+GRANT = "jp.nichiiki.partner.grant.v2"
 WITHDRAWAL = "jp.nichiiki.partner.withdrawal.v1"
 TRIP_REPORTED = "jp.nichiiki.partner.trip.reported.v2"
 #: Between the certificate number and the grant id in a grant record's key.
@@ -120,6 +124,20 @@ class Connection:
                 "sasl.password": self.password,
             })
         return config
+
+
+# --- member numbers: sealed for you -----------------------------------------------------------------
+
+
+def open_member_number(sealed: dict[str, str], key: str) -> str:
+    """A record's ``member_number`` (``{kid, alg, iv, ct}``) opened with ``key`` (the ``k`` of
+    ``GET /v1/keys/{kid}``): AES-256-GCM, the kid's bytes as additional data, base64url without padding."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only when you open one
+
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    return AESGCM(unb64(key)).decrypt(unb64(sealed["iv"]), unb64(sealed["ct"]), sealed["kid"].encode()).decode()
 
 
 # --- your state: the latest record per key -----------------------------------------------------------
@@ -201,7 +219,9 @@ class FeedState:
             + (f", {len(self.forgotten)} certificates forgotten" if self.forgotten else "")
         ]
         for number, cert in sorted(self.certificates.items()):
-            member = cert.get("member_number") or "no member number shared"
+            sealed = cert.get("member_number")
+            # Sealed for you: open it with the key of GET /v1/keys/{kid} (``open_member_number``).
+            member = f"member number sealed under {sealed['kid'][:20]}…" if sealed else "no member number shared"
             lines.append(
                 f"  {number} {cert['status']} {cert['valid_from']}..{cert['valid_until']} "
                 f"municipality {cert['municipality_code']}, programs {', '.join(cert['programs'])}, "

@@ -12,14 +12,14 @@ from fastapi import FastAPI
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 
-from services.identity import api
+from services.identity import api, consumers
 from services.identity.domain import audiences
 from services.identity.handlers import REDIS_STATE, SERVICE, IdentityService, Provider
-from shared.contracts.topics import SERVICES
+from shared.contracts.topics import RESIDENTS, SERVICES
 from shared.kit.auth import ConfigurationError, current_principal
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.http import create_app as create_http_app
-from shared.kit.service import ServiceRuntime
+from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import SERVICE_PORTS, Settings, get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -91,6 +91,8 @@ def create_app(
     runtime = ServiceRuntime(
         SERVICE, migrations=MIGRATIONS, prepare=[ensure_signing_key, seed_development, bootstrap_admin],
         settings=settings, clock=clock or SYSTEM_CLOCK,
+        # A resident's erasure closes their account.
+        consumers=[ConsumerSpec(consumers.router, [RESIDENTS])],
     )
     service = holder["service"] = IdentityService(runtime, provider)
 

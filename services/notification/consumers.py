@@ -14,6 +14,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.listings import ListingDigestDue
 from shared.contracts.registration import (
     ConsentChanged,
     ContactChanged,
@@ -24,10 +25,10 @@ from shared.contracts.registration import (
     ResidentWithdrawn,
 )
 from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed, GrantWaitlisted
-from shared.contracts.topics import APPLICATIONS, CERTIFICATES, DONATIONS, GRANTS, RESIDENTS
+from shared.contracts.topics import APPLICATIONS, CERTIFICATES, DONATIONS, GRANTS, LISTING_DIGESTS, RESIDENTS
 from shared.kit.consumer import EventRouter, HandlerContext, Run
 
-TOPICS = (RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, DONATIONS)
+TOPICS = (RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, DONATIONS, LISTING_DIGESTS)
 
 router = EventRouter()
 
@@ -54,3 +55,10 @@ async def on_contact_changed(ctx: HandlerContext, event: ContactChanged) -> None
 @router.on(ResidentWithdrawn)
 async def on_resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
     await handlers.resident_withdrawn(ctx, event)
+
+
+@router.on(ListingDigestDue)
+async def on_listing_digest(ctx: HandlerContext, event: ListingDigestDue) -> None:
+    """listings.digests.v1: new listings the resident asked for, told once (the message is keyed by
+    the digest event, like every other)."""
+    await handlers.listing_digest(ctx, event)

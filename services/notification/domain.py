@@ -26,6 +26,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import Language
 from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.reasons import ReasonKind
 from shared.contracts.registration import (
     ConsentChanged,
@@ -62,6 +63,7 @@ Kind = Literal[
     "grant_cancelled",
     "receipt_issued",
     "one_stop_voided",
+    "listing_digest",
 ]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 LANGUAGES: tuple[Language, ...] = get_args(Language)
@@ -108,7 +110,14 @@ class Reason:
     code: str
 
 
-Fact = str | int | date | datetime | Amount | Place | Places | Label | Reason
+@dataclass(frozen=True, slots=True)
+class ListingLines:
+    """The listings of a digest, one line each (title, kind, place, dates), written per language."""
+
+    entries: tuple[DigestEntry, ...]
+
+
+Fact = str | int | date | datetime | Amount | Place | Places | Label | Reason | ListingLines
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +284,13 @@ def notice_for(event: EventData) -> Notice | None:
                 "municipality_count": len(event.municipality_codes),
                 "voided_on": event.voided_at,
             })
+        case ListingDigestDue():
+            # listings.digests.v1: the resident consented to these in the listings service.
+            return Notice("listing_digest", event.resident_id, {
+                "count": len(event.listings),
+                "listings": ListingLines(tuple(event.listings)),
+                "cadence": Label(f"digest.{event.cadence}"),
+            })
     return None
 
 
@@ -340,13 +356,19 @@ class Effect:
     notice: Notice | None = None
 
 
-def effect_of(event: EventData) -> Effect | None:
-    """What a registration, an e-mail consent or a decision does here (None: nothing)."""
+def effect_of(event: EventData, contact: Contact | None = None) -> Effect | None:
+    """What a registration, an e-mail consent or a decision does here (None: nothing).
+
+    ``contact``: a registration's contact, opened. A registration whose contact could not be opened
+    is about a person who was erased (their key is gone): it does nothing, so nothing of them is
+    kept and no one is told."""
     match event:
         case ResidentRegistered():
+            if contact is None:
+                return None
             consent = email_consent(event.consents)
             return Effect(
-                event.resident_id, contact=ContactUpdate.of(event.contact),
+                event.resident_id, contact=ContactUpdate.of(contact),
                 consent=None if consent is None else ConsentUpdate(consent.granted, consent.at),
                 notice=notice_for(event),
             )
@@ -442,10 +464,12 @@ def is_permanent_smtp_failure(stage: SmtpStage, code: int | None) -> bool:
     return code is not None and 500 <= code <= 599 and stage in ("rcpt", "data")
 
 
-def scrub_address(reason: str, address: str | None) -> str:
-    """A server's reason without the recipient's address in it (failure events carry no personal data)."""
-    if address:
-        reason = re.sub(re.escape(address), "<recipient>", reason, flags=re.IGNORECASE)
+def scrub_address(reason: str, address: str | None, name: str | None = None) -> str:
+    """A server's reason without the recipient's address or name in it (failure events carry no
+    personal data; a server may echo the whole ``To`` it was given)."""
+    for personal, placeholder in ((address, "<recipient>"), (name, "<name>")):
+        if personal and personal.strip():
+            reason = re.sub(re.escape(personal.strip()), placeholder, reason, flags=re.IGNORECASE)
     return reason[:500]
 
 

@@ -27,13 +27,23 @@ from services.notification.domain import (
     conflict_free_runs,
     effect_of,
     ensure_own,
+    notice_for,
 )
 from services.notification.templates import render
 from shared.contracts.base import EventData
+from shared.contracts.listings import ListingDigestDue
 from shared.contracts.notification import MessageDelivered
-from shared.contracts.registration import ConsentChanged, ContactChanged, ResidentWithdrawn
+from shared.contracts.registration import (
+    ConsentChanged,
+    Contact,
+    ContactChanged,
+    ResidentRegistered,
+    ResidentWithdrawn,
+)
 from shared.contracts.topics import DELIVERIES
 from shared.kit.consumer import HandlerContext, Run
+from shared.kit.erasure import erased_among, forget_responses_about, is_erased, record_erased
+from shared.kit.keyring import Keyring
 from shared.kit.service import UnitOfWork
 from shared.kit.settings import Settings
 from shared.kit.use_case import Outcome, Write
@@ -51,14 +61,39 @@ def sender_channel(settings: Settings) -> str:
 # -- registrations, e-mail consents and decisions, a run at a time ------------------------------
 
 
+def _resident_of(event: EventData) -> str | None:
+    resident_id: str | None = getattr(event, "resident_id", None)
+    return resident_id
+
+
+async def _open_contacts(keyring: Keyring, events: Sequence[EventData]) -> list[Contact | None]:
+    """Each registration's contact, opened in one look-up of keys (None for other events, and for a
+    contact whose person was erased: their key is gone)."""
+    sealed = [event.contact if isinstance(event, ResidentRegistered) else None for event in events]
+    if not any(s is not None for s in sealed):
+        return [None] * len(events)
+    opened = await keyring.open_many(sealed)
+    return [None if plaintext is None else Contact.model_validate_json(plaintext) for plaintext in opened]
+
+
 async def apply_events(run: Run[EventData]) -> None:
     """Apply a run of registrations, e-mail consents and decisions in a few statements per chunk.
 
-    Each chunk (``conflict_free_runs``) saves its contacts, then its consents, then writes its
-    messages, which read the residents as saved: what applying the events one by one gives. The
-    sender is woken once for the whole run.
+    Events about a resident this service erased are dropped first (a late event, a replayed dead
+    letter, a group reset to earliest): nothing about them is written again. Each chunk
+    (``conflict_free_runs``) saves its contacts, then its consents, then writes its messages, which
+    read the residents as saved: what applying the events one by one gives. The sender is woken
+    once for the whole run.
     """
-    planned = [(ctx, effect) for ctx, event in run if (effect := effect_of(event)) is not None]
+    erased = await erased_among(run.conn, (_resident_of(event) for event in run.events))
+    live = [(ctx, event) for ctx, event in run if _resident_of(event) not in erased]
+    if len(live) < len(run):
+        log.info("events about erased residents dropped", count=len(run) - len(live))
+    contacts = await _open_contacts(run.keyring, [event for _, event in live])
+    planned = [
+        (ctx, effect) for (ctx, event), contact in zip(live, contacts, strict=True)
+        if (effect := effect_of(event, contact)) is not None
+    ]
     queued = 0
     for chunk in conflict_free_runs(planned, effect=lambda item: item[1]):
         queued += await _apply_chunk(chunk)
@@ -135,19 +170,39 @@ async def emit_delivered(ctx: HandlerContext, message: store.NewMessage, created
     )
 
 
+async def listing_digest(ctx: HandlerContext, event: ListingDigestDue) -> None:
+    """A digest of listings: inbox always, e-mail with the e-mail consent; nothing for an erased resident."""
+    notice = notice_for(event)
+    if notice is None or await is_erased(ctx.conn, event.resident_id):
+        return
+    if await deliver([(ctx, notice)]):
+        await store.wake_sender(ctx.conn, sender_channel(ctx.settings))
+
+
 # -- the rest of the contact projection (registration.residents.v1) ------------------------------
 
 
 async def contact_changed(ctx: HandlerContext, event: ContactChanged) -> None:
-    resident = await store.get_resident(ctx.conn, event.resident_id)
-    if resident is not None and resident.withdrawn_at is not None:
-        return  # erased: a late contact change must not bring the data back
-    await store.save_contacts(ctx.conn, {event.resident_id: ContactUpdate.of(event.contact)})
+    """A late change after the erasure, or one whose key is gone, must not bring the data back."""
+    if await is_erased(ctx.conn, event.resident_id):
+        return
+    plaintext = None if ctx.keyring is None else await ctx.keyring.open(event.contact)
+    if plaintext is None:
+        log.info("contact change of an erased resident dropped", resident_id=event.resident_id)
+        return
+    contact = Contact.model_validate_json(plaintext)
+    await store.save_contacts(ctx.conn, {event.resident_id: ContactUpdate.of(contact)})
 
 
 async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
+    """Erase everything held about the person, and remember it (same transaction) so that no later
+    event about them writes anything again."""
+    await record_erased(ctx.conn, event.resident_id, event.withdrawn_at)
     erased = await store.erase_resident(ctx.conn, event.resident_id, event.withdrawn_at)
-    log.info("resident erased", resident_id=event.resident_id, messages=erased.messages, emails=erased.emails)
+    # A stored answer of marking a message read carries the message (and the name in it).
+    forgotten = await forget_responses_about(ctx.conn, event.resident_id)
+    log.info("resident erased", resident_id=event.resident_id, messages=erased.messages, emails=erased.emails,
+             stored_responses=forgotten)
 
 
 # -- the inbox over HTTP -----------------------------------------------------------------------

@@ -9,8 +9,12 @@ from fastapi import FastAPI
 from services.notification.api import router
 from services.notification.consumers import TOPICS
 from services.notification.consumers import router as event_router
+from services.notification.export import EXPORT_TABLES
 from services.notification.sender import EmailSender, MailerConfig
 from services.notification.templates import check_templates
+from shared.contracts.topics import EXPORT_REQUESTS
+from shared.kit.consumer import EventRouter
+from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
@@ -25,7 +29,9 @@ def create_app(settings: Settings | None = None, *, mailer: MailerConfig | None 
     runtime = ServiceRuntime(
         SERVICE,
         migrations=Path(__file__).parent / "migrations",
-        consumers=[ConsumerSpec(event_router, TOPICS)],
+        consumers=[ConsumerSpec(
+            EventRouter.combined(event_router, export_router("notification", EXPORT_TABLES)), [*TOPICS, EXPORT_REQUESTS]
+        )],
         background=[sender],
         settings=settings,
     )

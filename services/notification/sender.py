@@ -46,6 +46,7 @@ from services.notification.mailer import (
 from shared.contracts.notification import MessageDelivered, MessageFailed
 from shared.contracts.topics import DELIVERIES
 from shared.kit.errors import is_transient
+from shared.kit.metrics import OutcomeCounters
 
 if TYPE_CHECKING:
     from shared.kit.service import ServiceRuntime
@@ -84,6 +85,11 @@ class EmailSender:
     def __init__(self, config: MailerConfig | None = None) -> None:
         self.config = config or MailerConfig()
         self.stats = SenderStats()
+        #: Exported as ``nichiiki_email_messages_total{outcome=...}`` (read at scrape time).
+        self.metrics = OutcomeCounters(
+            "nichiiki_email_messages", "E-mails by what happened: claimed, sent, retried, failed, cancelled, "
+            "lost_claims (another sender took it over)", lambda: self.stats,
+        )
         self._runtime: ServiceRuntime | None = None
         self._target: SmtpTarget | None = None
         self._wake = asyncio.Event()
@@ -97,6 +103,7 @@ class EmailSender:
     def bind(self, runtime: ServiceRuntime) -> None:
         self._runtime = runtime
         runtime.state["email_sender"] = self
+        runtime.state.setdefault("metrics", []).append(self.metrics)  # exported with the runtime's (EventMetrics)
         url = runtime.settings.smtp_url
         self._target = parse_smtp_url(url, self.config.smtp_timeout_s) if url else None
 
@@ -214,7 +221,7 @@ class EmailSender:
         if isinstance(outcome, Accepted):
             await self._sent(email)
             return None
-        reason = scrub_address(outcome.reason, resident.email)
+        reason = scrub_address(outcome.reason, resident.email, resident.name)
         if outcome.permanent:
             await self._fail(email, reason, bounce=resident.email if outcome.stage == "rcpt" else None)
         else:

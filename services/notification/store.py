@@ -61,7 +61,8 @@ async def residents_by_id(conn: Connection, resident_ids: list[str]) -> dict[str
 
 
 async def save_contacts(conn: Connection, contacts: Mapping[str, ContactUpdate]) -> None:
-    """Record how to reach each resident (a registration after a withdrawal starts afresh)."""
+    """Record how to reach each resident; never for an erased one (an erasure is final: their
+    tombstone stays a tombstone, whatever registration is replayed after it)."""
     rows = sorted(contacts.items())  # in resident order: transactions lock shared rows in one order
     await conn.execute(
         """
@@ -69,13 +70,13 @@ async def save_contacts(conn: Connection, contacts: Mapping[str, ContactUpdate])
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
         ON CONFLICT (resident_id) DO UPDATE SET
             name = EXCLUDED.name, email = EXCLUDED.email, preferred_language = EXCLUDED.preferred_language,
-            withdrawn_at = NULL,
             -- a new address gets a fresh chance; the refused one stays refused
             bounced_email = CASE WHEN lower(residents.email) = lower(EXCLUDED.email)
                                  THEN residents.bounced_email END,
             bounce_reason = CASE WHEN lower(residents.email) = lower(EXCLUDED.email)
                                  THEN residents.bounce_reason END,
             updated_at = now()
+        WHERE residents.withdrawn_at IS NULL
         """,
         [r for r, _ in rows], [c.name for _, c in rows], [c.email for _, c in rows], [c.language for _, c in rows],
     )
@@ -90,7 +91,8 @@ async def save_email_consents(conn: Connection, consents: Mapping[str, ConsentUp
         SELECT * FROM unnest($1::text[], $2::boolean[], $3::timestamptz[])
         ON CONFLICT (resident_id) DO UPDATE SET
             email_consent = EXCLUDED.email_consent, email_consent_at = EXCLUDED.email_consent_at, updated_at = now()
-        WHERE residents.email_consent_at IS NULL OR residents.email_consent_at <= EXCLUDED.email_consent_at
+        WHERE residents.withdrawn_at IS NULL
+          AND (residents.email_consent_at IS NULL OR residents.email_consent_at <= EXCLUDED.email_consent_at)
         """,
         [r for r, _ in rows], [c.granted for _, c in rows], [c.at for _, c in rows],
     )
@@ -103,7 +105,9 @@ class Erasure:
 
 
 async def erase_resident(conn: Connection, resident_id: str, withdrawn_at: datetime) -> Erasure:
-    """Delete the inbox and every e-mail (sent or not) and keep only a tombstone of the resident."""
+    """Delete the inbox (rendered messages, with the name in them) and every e-mail, sent or not
+    (subject, body, the address it went to, the server's last answer), and keep only a tombstone
+    of the resident: no name, no address, no consent, no bounce."""
     messages = await conn.execute("DELETE FROM messages WHERE resident_id = $1", resident_id)
     emails = await conn.execute("DELETE FROM email_outbox WHERE resident_id = $1", resident_id)
     await conn.execute(

@@ -23,6 +23,7 @@ from services.notification.domain import (
     Fact,
     Kind,
     Label,
+    ListingLines,
     Notice,
     Place,
     Places,
@@ -34,6 +35,7 @@ from services.notification.domain import (
     place_name,
 )
 from shared.contracts.common import Language
+from shared.contracts.listings import DigestEntry
 from shared.contracts.reasons import reason_text
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -113,6 +115,8 @@ def write_fact(fact: Fact, language: Language) -> str:
             return label(fact.key, language)
         case Reason():
             return reason_text(fact.kind, fact.code, language)
+        case ListingLines():
+            return "\n".join(_listing_line(entry, language) for entry in fact.entries)
         case date():  # datetime too: its date in Japan
             return format_date(fact, language)
         case bool():
@@ -122,6 +126,15 @@ def write_fact(fact: Fact, language: Language) -> str:
         case str():
             return fact
     raise TemplateError(f"cannot write a {type(fact).__name__}")
+
+
+def _listing_line(entry: DigestEntry, language: Language) -> str:
+    kind, place = label(f"listing.{entry.kind}", language), place_name(entry.municipality_code)
+    since = format_date(entry.available_from, language)
+    until = "" if entry.available_until is None else format_date(entry.available_until, language)
+    if language == "ja":
+        return f"・{entry.title}（{kind}、{place}、{since}〜{until}）"
+    return f"- {entry.title} ({kind}, {place}, {since}" + (f" to {until})" if until else " onwards)")
 
 
 def render(notice: Notice, language: Language, name: str | None) -> Rendered:

@@ -2,14 +2,18 @@
 
 - ``GET /v1/certificates/{number}``: verification, for partners (API key or partner JWT);
 - ``GET /v1/feed``: a partner's feed over HTTP (cursor, long poll), for partners (``feed.py``);
+- ``GET /v1/keys/{kid}``: the key a partner opens the member numbers of one resident with, for partners;
 - ``GET /v1/partners``, ``POST /v1/partners`` (register), ``POST /v1/partners/{code}/api-keys``,
   ``DELETE .../api-keys/{id}``: admin;
 - ``GET /v1/deliveries`` and ``/v1/deliveries.csv``: the delivery record, admin (every row) and
-  staff (their municipality's rows).
+  staff (their municipality's rows);
+- ``GET /v1/residents/{resident_id}/deliveries``: one resident's provision record (APPI Art. 33),
+  the resident, staff (their municipality's rows) and admin.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +22,7 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
+import structlog
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -25,21 +30,32 @@ from starlette.requests import Request as StarletteRequest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.partner_gateway import feed, handlers, store
-from services.partner_gateway.auth import Admin, PartnerCaller, StaffOrAdmin, gateway_of, partner_caller
+from services.partner_gateway.auth import (
+    Admin,
+    PartnerCaller,
+    ResidentStaffOrAdmin,
+    StaffOrAdmin,
+    gateway_of,
+    partner_caller,
+)
 from services.partner_gateway.domain import (
     MAX_FORMAT_LENGTH,
     CertificateNotFound,
     InvalidPeriod,
     MalformedCertificateNumber,
+    PartnerKeyNotFound,
     UnknownPartnerFilter,
     day_bounds,
+    own_resident_ref,
     verification,
 )
 from services.partner_gateway.handlers import Gateway
 from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.formats import CertificateNumber, CertificateNumberError
+from shared.contracts.sealed import resident_subject
 from shared.kit.auth import Principal, Role
-from shared.kit.csv_export import csv_response
+from shared.kit.csv_export import csv_response, keyset_rows
+from shared.kit.db import Connection
 from shared.kit.errors import DomainError
 from shared.kit.http import ApiModel, Offset, failure_response, refusal
 from shared.kit.rate_limit import (
@@ -53,6 +69,7 @@ from shared.kit.rate_limit import (
 from shared.kit.use_case import WriteRequest
 
 router = APIRouter(prefix="/v1")
+log = structlog.get_logger(__name__)
 
 _NO_STORE = handlers.NO_STORE
 
@@ -337,6 +354,41 @@ async def read_feed(
     return JSONResponse(feed.page_body(items, next_cursor), headers=_NO_STORE)
 
 
+# --- Partners' keys: what opens the member numbers on their feed ----------------------------------
+
+
+class PartnerKeyView(BaseModel):
+    kid: str = Field(description="`partner:<your code>:<resident_ref>`, as on the feed's sealed values")
+    alg: Literal["A256GCM"] = "A256GCM"
+    k: str = Field(description="the 256-bit AES-GCM key, base64url without padding (JWK `oct` style)")
+
+
+@router.get(
+    "/keys/{kid}", tags=["feed"], response_model=PartnerKeyView,
+    responses={404: {"description": "not your kid, never sent to you, withdrawn, or the resident was erased"}},
+    summary="The key that opens the member numbers sealed for you about one resident",
+)
+async def partner_key(kid: str, request: Request, principal: FeedReader) -> Response:
+    """Open a record's `member_number` (`{kid, alg, iv, ct}`) with AES-256-GCM under this key, the
+    kid's UTF-8 bytes as additional data. A 404 (problem+json) once the gateway told you to forget
+    the resident (consent revoked, withdrawal) or the resident was erased: the key then no longer
+    exists anywhere, so drop any copy you kept. Another partner's kid is a 404 too. Do not cache
+    it longer than you keep the record it opens."""
+    assert principal.partner is not None
+    gateway = gateway_of(request)
+    ref = own_resident_ref(kid, principal.partner)
+    resident_id = None if ref is None else await store.resident_of_ref(gateway.runtime.pool, principal.partner, ref)
+    key = None if resident_id is None else await gateway.runtime.keyring.partner_key(
+        resident_subject(resident_id), kid
+    )
+    if key is None:
+        raise PartnerKeyNotFound("no key for this kid")
+    # Not a delivery of its own: the record it opens was recorded when it was sent (docs/partners.md).
+    log.info("partner key handed out", partner=principal.partner)
+    body = PartnerKeyView(kid=kid, k=base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii"))
+    return JSONResponse(body.model_dump(), headers=_NO_STORE)
+
+
 # --- The delivery record (APPI Art. 29) ---------------------------------------------------------
 
 
@@ -414,10 +466,65 @@ async def export_deliveries(
 ) -> StreamingResponse:
     where = _delivery_filter(request, principal, partner, municipality, since, until)
 
+    async def page(conn: Connection, after: int | None, limit: int) -> list[asyncpg.Record]:
+        return await store.deliveries_after(conn, where, after, limit)
+
     async def rows() -> AsyncIterator[list[object]]:
-        async for row in store.iter_deliveries(gateway_of(request).runtime.pool, where):
+        async for row in keyset_rows(gateway_of(request).runtime.pool, page, lambda row: int(row["id"])):
             view = _delivery(row).model_dump(mode="json")
             view["items"] = " ".join(view["items"])
             yield [view[name] for name in _CSV_COLUMNS]
 
     return csv_response("deliveries.csv", _CSV_COLUMNS, rows())
+
+
+# --- A resident's own provision record (APPI Art. 33) ---------------------------------------------
+
+
+class ResidentDeliveryView(BaseModel):
+    delivered_at: datetime
+    partner: str
+    partner_name: str | None = Field(description="the partner's name, as the gateway knows it")
+    certificate_number: str
+    municipality_code: str
+    record_type: str = Field(description="what was sent: a ce_type (certificate, grant, withdrawal) or `tombstone`")
+    items: list[str] = Field(description="the fields the record carried")
+    consent_purpose: str
+    consent_source: str = Field(description="the consent (or withdrawal) the delivery rests on")
+    consent_at: datetime
+
+
+class ResidentDeliveryPage(BaseModel):
+    items: list[ResidentDeliveryView]
+    total: int
+    limit: int
+    offset: int
+
+
+@router.get(
+    "/residents/{resident_id}/deliveries", tags=["deliveries"], response_model=ResidentDeliveryPage,
+    summary="A resident's provision record: every delivery of their data to a partner (APPI Art. 33)",
+)
+async def resident_deliveries(
+    resident_id: str, request: Request, principal: ResidentStaffOrAdmin,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Offset = 0,
+) -> ResidentDeliveryPage:
+    """Oldest first. The resident sees all of theirs; staff those of their municipality; admin all.
+    The record stays after an erasure for its legal retention (3 years), pseudonymous."""
+    principal.ensure_resident(resident_id)
+    gateway = gateway_of(request)
+    partners = list(gateway.partners)
+    rows, total = await store.resident_deliveries(
+        gateway.runtime.pool, {p.code: p.resident_ref(resident_id) for p in partners},
+        principal.municipality if principal.role is Role.STAFF else None, limit, offset,
+    )
+    names = {p.code: p.name for p in partners}
+    return ResidentDeliveryPage(
+        items=[
+            ResidentDeliveryView(partner_name=names.get(row["partner"]), **{
+                name: row[name] for name in ResidentDeliveryView.model_fields if name != "partner_name"
+            })
+            for row in rows
+        ],
+        total=total, limit=limit, offset=offset,
+    )

@@ -90,6 +90,7 @@ async def authenticated(
         principal = await gateway.api_keys.principal(secret.strip())
         if principal is None:
             raise InvalidApiKey("the X-Api-Key is unknown or revoked")
+        request.state.principal_kind = principal.role.value  # the access log's caller kind (never who)
         return principal
     if not request.headers.get("authorization"):
         raise Unauthenticated("send an X-Api-Key header or an Authorization: Bearer token")
@@ -124,4 +125,5 @@ async def partner_caller(
 
 PartnerCaller = Annotated[Principal, Depends(partner_caller)]
 StaffOrAdmin = Annotated[Principal, Depends(allow(Role.STAFF, Role.ADMIN))]
+ResidentStaffOrAdmin = Annotated[Principal, Depends(allow(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
 Admin = Annotated[Principal, Depends(allow(Role.ADMIN))]

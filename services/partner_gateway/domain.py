@@ -32,6 +32,7 @@ from shared.contracts.partners import (
     grant_key,
 )
 from shared.contracts.reasons import cancellation_reason
+from shared.contracts.sealed import Sealed, partner_kid
 from shared.contracts.subsidy import (
     GrantCancelled,
     GrantExpired,
@@ -84,6 +85,14 @@ class PartnerNotFound(NotFound):
 class ApiKeyNotFound(NotFound):
     code = "api-key-not-found"
     title = "No such API key"
+
+
+class PartnerKeyNotFound(NotFound):
+    """No key for this kid: malformed, another partner's, a reference this partner was never sent or
+    was told to forget, or a resident who was erased (indistinguishable on purpose)."""
+
+    code = "partner-key-not-found"
+    title = "No such key"
 
 
 class UnknownPartnerFilter(DomainError):
@@ -155,6 +164,19 @@ def pseudonym(key: bytes, resident_id: str) -> str:
 
 def new_pseudonym_key() -> bytes:
     return secrets.token_bytes(32)
+
+
+_REF = re.compile(r"^[0-9a-f]{64}$")
+
+
+def own_resident_ref(kid: str, partner: str) -> str | None:
+    """The resident reference of a kid ``partner:<code>:<ref>`` if the kid is this partner's (its
+    own code, a well-formed reference), else None."""
+    prefix = partner_kid(partner, "")
+    if not kid.startswith(prefix):
+        return None
+    ref = kid[len(prefix):]
+    return ref if _REF.match(ref) else None
 
 
 # --- Consents and certificates --------------------------------------------------------------------
@@ -252,7 +274,8 @@ def start_of_day(day: date) -> datetime:
 # --- Records for the partner feed ----------------------------------------------------------------
 
 
-def certificate_record(view: Entitlement, changed_at: datetime) -> PartnerCertificate:
+def certificate_record(view: Entitlement, changed_at: datetime, member_number: Sealed | None) -> PartnerCertificate:
+    """The partner's view of a certificate; ``member_number``: the view's, sealed for this partner."""
     return PartnerCertificate(
         certificate_number=view.certificate_number,
         status=view.status,
@@ -261,7 +284,7 @@ def certificate_record(view: Entitlement, changed_at: datetime) -> PartnerCertif
         municipality_code=view.municipality_code,
         programs=list(view.programs),
         resident_ref=view.resident_ref,
-        member_number=view.member_number,
+        member_number=member_number,
         changed_at=changed_at,
     )
 
@@ -274,8 +297,9 @@ def withdrawal_record(
     )
 
 
-def grant_record(event: GrantEvent, resident_ref: str, member_number: str | None) -> PartnerGrant:
-    """The partner's view of a grant event: no resident id, the consented member number only."""
+def grant_record(event: GrantEvent, resident_ref: str, member_number: Sealed | None) -> PartnerGrant:
+    """The partner's view of a grant event: no resident id, the consented member number only (the
+    entitlement's, sealed for this partner; never the event's, which is sealed for the platform)."""
     common: dict[str, Any] = {
         "certificate_number": event.certificate_number, "grant_id": event.grant_id,
         "program_id": event.program_id, "resident_ref": resident_ref, "member_number": member_number,

@@ -52,6 +52,9 @@ POLL_S = 1.0
 RELOAD_S = 10.0
 COMPACTION_LAG_S = 7 * 86_400.0
 COMPACT_EVERY_S = 3_600.0
+#: The delivery record's legal retention: three years from each record (個人情報保護法施行規則
+#: 第21条第3号, a record made per provision; 第14条 before the 2022 renumbering), then it goes.
+DELIVERY_RETENTION_DAYS = 3 * 366
 
 
 class FeedSignal:
@@ -114,7 +117,8 @@ async def read(
 
 def watch(partners: PartnerDirectory, signal: FeedSignal) -> BackgroundTask:
     """Background task of the runtime: listen for feed notifications (one connection, not pooled),
-    reload the partner directory every ``RELOAD_S``, and compact the log every ``COMPACT_EVERY_S``."""
+    reload the partner directory every ``RELOAD_S``, and every ``COMPACT_EVERY_S`` compact the log
+    and delete the delivery records past their retention (idempotent: every replica may run it)."""
 
     async def run(runtime: ServiceRuntime) -> None:
         last_compaction = time.monotonic()
@@ -132,6 +136,9 @@ def watch(partners: PartnerDirectory, signal: FeedSignal) -> BackgroundTask:
                         dropped = await store.compact_feed_log(runtime.pool, COMPACTION_LAG_S)
                         if dropped:
                             log.info("partner feed log compacted", dropped=dropped)
+                        expired = await store.prune_deliveries(runtime.pool, DELIVERY_RETENTION_DAYS)
+                        if expired:
+                            log.info("delivery records past their retention deleted", deleted=expired)
             except asyncio.CancelledError:
                 raise
             except Exception as error:

@@ -64,6 +64,8 @@ from shared.contracts.partners import (
     TripReported,
     grant_key,
 )
+from shared.contracts.sealed import Sealed, partner_kid, resident_subject
+from shared.contracts.subsidy import GrantIssued
 from shared.contracts.topics import (
     GATEWAY_PARTNERS,
     GATEWAY_TRIPS,
@@ -75,7 +77,9 @@ from shared.contracts.topics import (
 from shared.kit.clock import Clock, japan_date
 from shared.kit.consumer import HandlerContext, Run
 from shared.kit.db import Connection
+from shared.kit.erasure import erased_among, forget_responses_about, is_erased, record_erased
 from shared.kit.kafka_admin import ensure_topics
+from shared.kit.keyring import Keyring, SubjectErased
 from shared.kit.my_number import refuse_my_number
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.settings import Settings
@@ -220,6 +224,19 @@ class Feed:
     ctx: HandlerContext
     deliveries: list[store.Delivery] | None = None
 
+    async def seal(self, partner: str, resident_ref: str, resident_id: str | None, number: str | None) -> Sealed | None:
+        """A member number sealed for the partner (kid ``partner:<code>:<ref>``, its key derived from
+        the resident's, so it dies with them). ``SubjectErased`` if the resident's key was destroyed:
+        the caller sends nothing (the ResidentWithdrawn that follows withdraws what was sent)."""
+        if number is None:
+            return None
+        if resident_id is None:
+            raise SubjectErased("the resident was erased")
+        keyring: Keyring | None = self.ctx.keyring
+        if keyring is None:
+            raise RuntimeError("the gateway's consumers need the keyring")
+        return await keyring.seal(partner_kid(partner, resident_ref), number, subject=resident_subject(resident_id))
+
     async def send(
         self, partner: str, record: PartnerCertificate | PartnerGrant | PartnerWithdrawal, *,
         municipality_code: str, basis: ConsentBasis, cause: uuid.UUID | None = None,
@@ -302,11 +319,14 @@ def certificate_changed_at(event: CertificateEvent) -> datetime:
             return start_of_day(event.expired_on)
 
 
-def certificate_of(event: CertificateEvent) -> Certificate:
+def certificate_of(event: CertificateEvent, member_numbers: Sequence[str | None]) -> Certificate:
+    """The certificate an event states, with its member numbers opened (``member_numbers``: one per
+    membership, in order)."""
     return Certificate(
         number=event.certificate_number, resident_id=event.resident_id, municipality_code=event.municipality_code,
         valid_from=event.valid_from, valid_until=event.valid_until, status=event.status,
-        memberships={m.partner: m.member_number for m in event.partners}, changed_at=certificate_changed_at(event),
+        memberships={m.partner: n for m, n in zip(event.partners, member_numbers, strict=True)},
+        changed_at=certificate_changed_at(event),
     )
 
 
@@ -353,7 +373,13 @@ async def _apply_certificate_chunk(
         feed = Feed(ctx, deliveries)
         for action in actions:
             if isinstance(action, Entitlement):
-                await feed.send(action.partner, certificate_record(action, certificate.changed_at),
+                try:
+                    sealed = await feed.seal(action.partner, action.resident_ref, certificate.resident_id,
+                                             action.member_number)
+                except SubjectErased:
+                    log.info("certificate of an erased resident not sent", certificate_number=certificate.number)
+                    continue
+                await feed.send(action.partner, certificate_record(action, certificate.changed_at, sealed),
                                 municipality_code=action.municipality_code, basis=action.basis)
             else:  # e.g. the membership was dropped
                 basis = ConsentBasis("consent_revocation", certificate.changed_at)
@@ -367,25 +393,50 @@ async def _apply_certificate_chunk(
 async def _certificates_to_apply(
     conn: Connection, chunk: Sequence[tuple[HandlerContext, CertificateEvent]]
 ) -> list[tuple[HandlerContext, Certificate]]:
-    """The chunk's events that change something: not of a withdrawn resident, not older than the last
-    applied event of their certificate (a DLQ replay, say). Locks the known certificates' rows."""
-    withdrawn = await store.withdrawn_among(conn, {event.resident_id for _, event in chunk})
+    """The chunk's events that change something: not of an erased resident (in the ledger, or whose
+    sealed member numbers no longer open: their key was destroyed before the withdrawal reached
+    here), not older than the last applied event of their certificate (a DLQ replay, say). Locks the
+    known certificates' rows."""
+    erased = await erased_among(conn, {event.resident_id for _, event in chunk})
+    numbers = await _member_numbers(chunk)
+    for ctx, event in chunk:
+        memberships = zip(event.partners, numbers[ctx.envelope.id], strict=True)
+        if any(m.member_number is not None and n is None for m, n in memberships):
+            erased.add(event.resident_id)
     last_times = await store.certificate_event_times(
-        conn, [event.certificate_number for _, event in chunk if event.resident_id not in withdrawn]
+        conn, [event.certificate_number for _, event in chunk if event.resident_id not in erased]
     )
     applied: list[tuple[HandlerContext, Certificate]] = []
     for ctx, event in chunk:
         number = event.certificate_number
-        if event.resident_id in withdrawn:
-            log.info("certificate event of a withdrawn resident dropped", certificate_number=number,
+        if event.resident_id in erased:
+            log.info("certificate event of an erased resident dropped", certificate_number=number,
                      event_id=str(ctx.envelope.id))
             continue
         last = last_times.get(number)
         if last is not None and ctx.envelope.time < last:
             log.warning("stale certificate event skipped", certificate_number=number, event_id=str(ctx.envelope.id))
             continue
-        applied.append((ctx, certificate_of(event)))
+        applied.append((ctx, certificate_of(event, numbers[ctx.envelope.id])))
     return applied
+
+
+async def _member_numbers(
+    chunk: Sequence[tuple[HandlerContext, CertificateEvent]],
+) -> dict[uuid.UUID, list[str | None]]:
+    """Event id → its memberships' member numbers opened, in order (one key-store query for the
+    chunk); None where none was given or it no longer opens (the resident's key was destroyed)."""
+    sealed = [m.member_number for _, event in chunk for m in event.partners]
+    opened: Iterator[bytes | None] = iter([None] * len(sealed))
+    if any(sealed):
+        keyring = chunk[0][0].keyring
+        if keyring is None:
+            raise RuntimeError("the gateway's consumers need the keyring")
+        opened = iter(await keyring.open_many(sealed))
+    return {
+        ctx.envelope.id: [None if (n := next(opened)) is None else n.decode() for _ in event.partners]
+        for ctx, event in chunk
+    }
 
 
 def _feed_actions(
@@ -422,10 +473,10 @@ async def apply_share_consents(partners: PartnerDirectory, changes: Sequence[Con
     if not changes:
         return
     conn = changes[0].ctx.conn
-    withdrawn = await store.withdrawn_among(conn, {change.resident_id for change in changes})
+    erased = await erased_among(conn, {change.resident_id for change in changes})
     facts = [
         (change, partner)
-        for change in changes if change.resident_id not in withdrawn
+        for change in changes if change.resident_id not in erased
         for partner in _partners_named(partners, change)
     ]
     if not facts:
@@ -474,8 +525,13 @@ async def _reconcile_partner(
         if view is None and previous is not None and previous.active:
             await feed.withdraw(previous, "consent_revoked", ConsentBasis("consent_revocation", consent.at))
         elif view is not None and (previous is None or not previous.active):
+            try:
+                sealed = await feed.seal(partner.code, view.resident_ref, resident_id, view.member_number)
+            except SubjectErased:
+                log.info("certificate of an erased resident not sent", certificate_number=certificate.number)
+                continue
             await store.save_entitlement(conn, view, resident_id, consent.at)
-            await feed.send(partner.code, certificate_record(view, consent.at),
+            await feed.send(partner.code, certificate_record(view, consent.at, sealed),
                             municipality_code=view.municipality_code, basis=view.basis)
             # The partner was told to forget this certificate's grants (or never saw them): send
             # each grant's latest state again, so it knows every grant id it may report trips on.
@@ -489,16 +545,26 @@ async def _reconcile_partner(
 async def apply_resident_withdrawn(
     ctx: HandlerContext, partners: PartnerDirectory, resident_id: str, at: datetime
 ) -> None:
-    """Erasure: every partner that saw the resident is told to forget, then the gateway forgets too."""
+    """Erasure: every partner that saw the resident is told to forget (their keys for it die with the
+    resident's key, destroyed by registration), then the gateway forgets too: the resident id and
+    member numbers go from every table, the HTTP feed log keeps only the withdrawal and tombstones,
+    stored answers about them go; the delivery record stays, pseudonymous (APPI Art. 29–30)."""
     conn = ctx.conn
-    if not await store.mark_withdrawn(conn, resident_id, at):
+    if not await record_erased(conn, resident_id, at):
         return
-    feed = Feed(ctx)
+    deliveries: list[store.Delivery] = []
+    feed = Feed(ctx, deliveries)
     basis = ConsentBasis("resident_withdrawal", at)
-    for state in await store.active_entitlements_of(conn, resident_id):
+    withdrawn = await store.active_entitlements_of(conn, resident_id)
+    for state in withdrawn:
         await feed.withdraw(state, "resident_withdrawn", basis)
+    await store.insert_deliveries(conn, deliveries)
+    sent_now = [d.event_id for d in deliveries]
+    for state in withdrawn:
+        await store.forget_feed_records(conn, state.partner, state.certificate_number, sent_now)
     await store.erase_resident(conn, resident_id)
-    log.info("resident withdrawn from every partner feed")
+    await forget_responses_about(conn, resident_id)
+    log.info("resident withdrawn from every partner feed", certificates=len(withdrawn))
 
 
 async def apply_grant_event(
@@ -506,7 +572,15 @@ async def apply_grant_event(
 ) -> None:
     """Send a grant to its partner if the partner may see the certificate; hold it if unknown yet."""
     conn = ctx.conn
-    if event.partner not in partners or await store.is_withdrawn(conn, event.resident_id):
+    if event.partner not in partners or await is_erased(conn, event.resident_id):
+        return
+    # Sealed for the platform, a member number no longer opens once the resident's key was destroyed
+    # (the withdrawal not read here yet): an erased resident's grant, dropped.
+    if (
+        isinstance(event, GrantIssued) and event.member_number is not None and ctx.keyring is not None
+        and await ctx.keyring.open(event.member_number) is None
+    ):
+        log.info("grant of an erased resident dropped", grant_id=event.grant_id)
         return
     await store.remember_grant(
         conn, partner=event.partner, grant_id=event.grant_id, number=event.certificate_number,
@@ -527,7 +601,12 @@ async def deliver_grant(feed: Feed, event: GrantEvent, *, event_id: uuid.UUID) -
     if state is None or not state.active:
         log.info("grant for a partner without entitlement dropped", partner=event.partner, grant_id=event.grant_id)
         return
-    record = grant_record(event, state.resident_ref, state.member_number)
+    try:
+        sealed = await feed.seal(event.partner, state.resident_ref, state.resident_id, state.member_number)
+    except SubjectErased:
+        log.info("grant of an erased resident not sent", partner=event.partner, grant_id=event.grant_id)
+        return
+    record = grant_record(event, state.resident_ref, sealed)
     await feed.send(
         event.partner, record, municipality_code=state.municipality_code, basis=state.basis, cause=event_id
     )

@@ -21,6 +21,7 @@ from services.partner_gateway import api, feed
 from services.partner_gateway.auth import ApiKeyCache
 from services.partner_gateway.cache import REDIS_STATE, VerificationCache, open_redis, sync_verification_cache
 from services.partner_gateway.consumers import build_router, build_trips_router
+from services.partner_gateway.export import EXPORT_TABLES
 from services.partner_gateway.handlers import (
     SERVICE,
     Gateway,
@@ -29,7 +30,9 @@ from services.partner_gateway.handlers import (
     seed_partners,
     trip_topics,
 )
-from shared.contracts.topics import CERTIFICATES, GRANTS, RESIDENTS
+from shared.contracts.topics import CERTIFICATES, EXPORT_REQUESTS, GRANTS, RESIDENTS
+from shared.kit.consumer import EventRouter
+from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_service_app
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.service import BackgroundTask, ConsumerSpec, ServiceRuntime
@@ -61,7 +64,10 @@ def create_app(
         SERVICE,
         migrations=MIGRATIONS,
         consumers=[
-            ConsumerSpec(build_router(partners), [RESIDENTS, CERTIFICATES, GRANTS]),
+            ConsumerSpec(
+                EventRouter.combined(build_router(partners), export_router(SERVICE, EXPORT_TABLES)),
+                [RESIDENTS, CERTIFICATES, GRANTS, EXPORT_REQUESTS],
+            ),
             # The bridge: every partner's trips, read on the partner-facing cluster, forwarded inside.
             # The topics are those of the partners known at each (re)subscription: a partner
             # registered at run time is read once the runtime re-subscribes (``on_new`` below).

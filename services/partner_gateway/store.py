@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -186,24 +186,10 @@ async def active_api_key(conn: Connection | Pool, key_hash: str) -> tuple[uuid.U
 # --- Residents and consents ---------------------------------------------------------------------
 
 
-async def is_withdrawn(conn: Connection, resident_id: str) -> bool:
-    return bool(await conn.fetchval("SELECT 1 FROM withdrawn_residents WHERE resident_id = $1", resident_id))
-
-
-async def mark_withdrawn(conn: Connection, resident_id: str, at: datetime) -> bool:
-    """Record the erasure request; False if it was known already."""
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO withdrawn_residents (resident_id, withdrawn_at) VALUES ($1, $2)
-        ON CONFLICT DO NOTHING RETURNING 1
-        """,
-        resident_id, at,
-    )
-    return inserted is not None
-
-
 async def erase_resident(conn: Connection, resident_id: str) -> None:
-    """Forget what identifies the resident; keep pseudonymous entitlements and the delivery record."""
+    """Forget what identifies the resident (their id, member numbers, consents, certificates, grant
+    events); keep the pseudonymous entitlements (the verification cache's versions) and the delivery
+    record (APPI Art. 30: legally retained, pseudonymous: resident_ref, items, dates)."""
     await conn.execute("DELETE FROM share_consents WHERE resident_id = $1", resident_id)
     await conn.execute("DELETE FROM certificates WHERE resident_id = $1", resident_id)
     await conn.execute("DELETE FROM held_grants WHERE resident_id = $1", resident_id)
@@ -213,12 +199,15 @@ async def erase_resident(conn: Connection, resident_id: str) -> None:
     )
 
 
-async def withdrawn_among(conn: Connection, resident_ids: Collection[str]) -> set[str]:
-    """The residents of these who asked for erasure."""
-    rows = await conn.fetch(
-        "SELECT resident_id FROM withdrawn_residents WHERE resident_id = ANY($1::text[])", list(resident_ids)
+async def forget_feed_records(conn: Connection, partner: str, number: str, keep: Collection[uuid.UUID]) -> int:
+    """Drop the HTTP feed log's records of a certificate (and its grants) but ``keep`` (the withdrawal
+    and tombstones just written): a partner reading on or from the beginning still learns to forget
+    every key, and the log holds nothing more of the person (their sealed member numbers included)."""
+    result: str = await conn.execute(
+        "DELETE FROM partner_feed_log WHERE partner = $1 AND subject = $2 AND NOT (event_id = ANY($3::uuid[]))",
+        partner, number, list(keep),
     )
-    return {row["resident_id"] for row in rows}
+    return int(result.split()[-1])
 
 
 async def share_consents_of(conn: Connection, resident_ids: Collection[str]) -> dict[str, dict[str, ShareConsent]]:
@@ -356,13 +345,17 @@ class EntitlementState:
     certificate_number: str
     resident_ref: str
     municipality_code: str
+    #: Plaintext while the resident is active (sealed for the partner at each send); None once erased.
     member_number: str | None
     active: bool
     basis: ConsentBasis
+    #: None once the resident was erased.
+    resident_id: str | None = None
 
 
 _ENTITLEMENT_STATE = (
-    "partner, certificate_number, resident_ref, municipality_code, member_number, active, consent_source, consent_at"
+    "partner, certificate_number, resident_ref, municipality_code, member_number, active, consent_source, "
+    "consent_at, resident_id"
 )
 
 
@@ -370,8 +363,21 @@ def _state(row: asyncpg.Record) -> EntitlementState:
     return EntitlementState(
         partner=row["partner"], certificate_number=row["certificate_number"], resident_ref=row["resident_ref"],
         municipality_code=row["municipality_code"], member_number=row["member_number"], active=row["active"],
-        basis=ConsentBasis(row["consent_source"], row["consent_at"]),
+        basis=ConsentBasis(row["consent_source"], row["consent_at"]), resident_id=row["resident_id"],
     )
+
+
+async def resident_of_ref(conn: Connection | Pool, partner: str, resident_ref: str) -> str | None:
+    """The resident behind a partner's reference, if the partner is being shown any of their
+    certificates now (not withdrawn, not erased)."""
+    resident_id: str | None = await conn.fetchval(
+        """
+        SELECT resident_id FROM entitlements
+        WHERE partner = $1 AND resident_ref = $2 AND active AND resident_id IS NOT NULL LIMIT 1
+        """,
+        partner, resident_ref,
+    )
+    return resident_id
 
 
 async def entitlements_of_certificates(
@@ -738,22 +744,45 @@ async def deliveries(
     return rows, total
 
 
-async def iter_deliveries(pool: Pool, where: DeliveryFilter, chunk: int = 1000) -> AsyncIterator[asyncpg.Record]:
-    """Every matching row in id order, read in chunks (keyset), for exports."""
+async def deliveries_after(
+    conn: Connection | Pool, where: DeliveryFilter, after: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """The next ``limit`` matching rows after id ``after``, in id order (keyset, for exports)."""
     clause, args = where.where()
     glue = " AND " if clause else " WHERE "
-    last = 0
-    while True:
-        rows = await pool.fetch(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{clause}{glue}id > ${len(args) + 1} "
-            f"ORDER BY id LIMIT ${len(args) + 2}",
-            *args, last, chunk,
-        )
-        for row in rows:
-            yield row
-        if len(rows) < chunk:
-            return
-        last = rows[-1]["id"]
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{clause}{glue}id > ${len(args) + 1} "
+        f"ORDER BY id LIMIT ${len(args) + 2}",
+        *args, after or 0, limit,
+    )
+    return rows
+
+
+async def resident_deliveries(
+    conn: Connection | Pool, refs: Mapping[str, str], municipality_code: str | None, limit: int, offset: int
+) -> tuple[list[asyncpg.Record], int]:
+    """One resident's deliveries, oldest first: ``refs`` is partner → their reference at that partner
+    (the record holds no resident id); ``municipality_code``: only that municipality's (staff)."""
+    partners, resident_refs = list(refs), list(refs.values())
+    where = (
+        "WHERE (resident_ref, partner) IN (SELECT r, p FROM unnest($1::text[], $2::text[]) AS t (r, p))"
+        " AND ($3::text IS NULL OR municipality_code = $3)"
+    )
+    total = int(await conn.fetchval(f"SELECT count(*) FROM deliveries {where}", resident_refs, partners,
+                                    municipality_code))
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries {where} ORDER BY id LIMIT $4 OFFSET $5",
+        resident_refs, partners, municipality_code, limit, offset,
+    )
+    return rows, total
+
+
+async def prune_deliveries(conn: Connection | Pool, older_than_days: int) -> int:
+    """Delete the delivery records past their legal retention (idempotent: any replica may run it)."""
+    result: str = await conn.execute(
+        "DELETE FROM deliveries WHERE delivered_at < now() - make_interval(days => $1)", older_than_days
+    )
+    return int(result.split()[-1])
 
 
 # --- The partner feed log (HTTP feed) ------------------------------------------------------------

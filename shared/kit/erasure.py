@@ -37,3 +37,18 @@ async def erased_among(conn: Connection, resident_ids: Iterable[str | None]) -> 
 
 async def is_erased(conn: Connection, resident_id: str | None) -> bool:
     return bool(await erased_among(conn, [resident_id]))
+
+
+async def forget_responses_about(conn: Connection, resident_id: str) -> int:
+    """Delete this service's stored ``Idempotency-Key`` responses that mention the resident or that
+    the resident asked for (the scope begins with the caller's subject); how many were deleted.
+
+    A stored response is the first answer of a write (an application with its address, a member
+    number): it must not outlive the person. Ids are random UUIDs, so finding the id anywhere in
+    the response's text is exact enough; ``strpos`` rather than ``LIKE`` so no character of an id
+    is a wildcard."""
+    result: str = await conn.execute(
+        "DELETE FROM idempotency_keys WHERE starts_with(scope, $1 || ' ') OR strpos(body::text, $1) > 0",
+        resident_id,
+    )
+    return int(result.split()[-1])

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel
 
-from shared.contracts.sealed import PARTNER_SCOPE, Sealed, subject_of
+from shared.contracts.sealed import Sealed
 from shared.kit.auth import ConfigurationError
 from shared.kit.errors import DomainError
 from shared.kit.migrations import apply_migrations, ensure_database, load_migrations
@@ -222,30 +222,30 @@ class Keyring:
 
     # --- sealing ----------------------------------------------------------------------------------
 
-    async def seal(self, kid: str, value: str | bytes | BaseModel) -> Sealed:
-        """Seal a value for the person ``kid`` names (a partner's kid seals under the derived key)."""
+    async def seal(self, kid: str, value: str | bytes | BaseModel, *, subject: str | None = None) -> Sealed:
+        """Seal a value under ``kid``: the subject's own key, or (a partner's kid, with the resident's
+        ``subject``) the key derived from it for that partner."""
         if isinstance(value, BaseModel):
             plaintext = value.model_dump_json().encode()
         elif isinstance(value, str):
             plaintext = value.encode()
         else:
             plaintext = value
-        key = await self.key_for_sealing(subject_of(kid))
-        if PARTNER_SCOPE in kid:
+        key = await self.key_for_sealing(subject or kid)
+        if subject is not None and subject != kid:
             key = derive_partner_key(key, kid)
         return seal_with(key, kid, plaintext)
 
     async def open_many(self, sealed: Sequence[Sealed | None]) -> list[bytes | None]:
-        """Plaintexts in order; None where the value is absent or its person was erased."""
-        keys = await self.keys(subject_of(s.kid) for s in sealed if s is not None)
+        """Plaintexts in order; None where the value is absent or its person was erased. (What is
+        sealed for a partner is the partner's to open, with ``partner_key``.)"""
+        keys = await self.keys(s.kid for s in sealed if s is not None)
         opened: list[bytes | None] = []
         for value in sealed:
-            key = None if value is None else keys.get(subject_of(value.kid))
+            key = None if value is None else keys.get(value.kid)
             if value is None or key is None:
                 opened.append(None)
                 continue
-            if PARTNER_SCOPE in value.kid:
-                key = derive_partner_key(key, value.kid)
             try:
                 opened.append(open_with(key, value))
             except InvalidTag:
@@ -260,9 +260,8 @@ class Keyring:
         opened = await self.open(sealed)
         return None if opened is None else opened.decode()
 
-    async def partner_key(self, kid: str) -> bytes | None:
-        """The key a partner uses to open what was sealed for it (None once the resident is erased)."""
-        if PARTNER_SCOPE not in kid:
-            raise ValueError(f"{kid} is not a partner's kid")
-        key = (await self.keys([subject_of(kid)]))[subject_of(kid)]
+    async def partner_key(self, subject: str, kid: str) -> bytes | None:
+        """The key a partner opens ``kid`` with (derived from the resident ``subject``'s; None once
+        the resident is erased)."""
+        key = (await self.keys([subject]))[subject]
         return None if key is None else derive_partner_key(key, kid)

@@ -169,7 +169,14 @@ async def test_the_kafka_example_holds_the_certificate_and_its_trip_is_answered_
     certificate = state.certificates[number]
     assert set(certificate) <= CERTIFICATE_FIELDS
     assert certificate["status"] == "valid" and certificate["municipality_code"] == SHIRAHAMA
-    assert certificate["member_number"] == resident.member_number  # consented for JAL
+    # Consented for JAL, sealed for JAL: the key the gateway gives JAL opens it (docs/partners.md).
+    sealed = certificate["member_number"]
+    assert sealed["kid"] == f"partner:jal:{certificate['resident_ref']}"
+    assert resident.member_number not in json.dumps(certificate)
+    async with httpx.AsyncClient(timeout=15) as http:
+        key = await _json(await http.get(f"{fleet.url('partner_gateway')}/v1/keys/{sealed['kid']}",
+                                         headers=bearer(examples_settings, "partner", partner="jal")), 200)
+    assert kafka_feed.open_member_number(sealed, key["k"]) == resident.member_number
     assert certificate["resident_ref"] and resident.id not in json.dumps(certificate)
     assert resident.name not in json.dumps(certificate) and resident.email not in json.dumps(certificate)
     grant = state.grants[grant_key]
@@ -223,6 +230,7 @@ async def test_the_http_feed_example_follows_the_feed_to_the_certificate(
 
     state = await asyncio.to_thread(follow)
     certificate = state.certificates[number]
+    # Opened by the example with JAL's key for the resident (GET /v1/keys/{kid}).
     assert certificate["member_number"] == resident.member_number and set(certificate) <= CERTIFICATE_FIELDS
     assert state.cursor != "0"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
+from cryptography.exceptions import InvalidTag
 
 from shared.contracts.sealed import Sealed, partner_kid, resident_subject
 from shared.kit.auth import ConfigurationError
@@ -59,17 +60,22 @@ async def test_the_stored_key_is_wrapped_and_gone_after_erasure(settings: Settin
 async def test_a_partner_key_opens_only_what_was_sealed_for_that_partner(settings: Settings) -> None:
     keyring = Keyring.from_settings(settings)
     try:
-        jal = partner_kid("r-shred-3", "jal")
-        sealed = await keyring.seal(jal, "JL1234567")
-        partner_key = await keyring.partner_key(jal)
+        resident = resident_subject("r-shred-3")
+        jal = partner_kid("jal", "ref-of-r3-at-jal")
+        sealed = await keyring.seal(jal, "JL1234567", subject=resident)
+        assert "r-shred-3" not in sealed.model_dump_json()  # a partner never learns the resident id
+        partner_key = await keyring.partner_key(resident, jal)
         assert partner_key is not None
         assert open_with(partner_key, sealed) == b"JL1234567"
-        assert partner_key != await keyring.partner_key(partner_kid("r-shred-3", "ana"))
-        forged = Sealed(kid=partner_kid("r-shred-3", "ana"), iv=sealed.iv, ct=sealed.ct)
-        assert await keyring.open(forged) is None  # the kid is bound into the ciphertext
-        await keyring.shred(resident_subject("r-shred-3"))
-        assert await keyring.partner_key(jal) is None
-        assert await keyring.open(sealed) is None
+        assert partner_key != await keyring.partner_key(resident, partner_kid("ana", "ref-of-r3-at-ana"))
+        assert partner_key != await keyring.key_for_sealing(resident)
+        forged = Sealed(kid=partner_kid("ana", "ref-of-r3-at-ana"), iv=sealed.iv, ct=sealed.ct)
+        ana_key = await keyring.partner_key(resident, forged.kid)
+        assert ana_key is not None
+        with pytest.raises(InvalidTag):  # the kid is bound into the ciphertext, and so is the key
+            open_with(ana_key, forged)
+        await keyring.shred(resident)
+        assert await keyring.partner_key(resident, jal) is None
     finally:
         await keyring.close()
 

@@ -37,13 +37,15 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import resident_subject
 from shared.contracts.topics import DELIVERIES
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
+from shared.kit.keyring import Keyring
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
 from shared.stack.ports import free_port
 from shared.stack.smtp_sink import SmtpSink
-from tests.support import bearer, eventually, produce, read_topic, service_client
+from tests.support import bearer, eventually, produce, read_topic, seal_for_tests, sealed_for, service_client
 from tests.unit.test_notification_rendering import DECIDED, EXPECTED, SHIRAHAMA, WAKAYAMA, registration, sample_events
 
 FAST = MailerConfig(
@@ -108,14 +110,28 @@ def envelope_of(event: EventData) -> Envelope:
         "subsidy.grants.v1": lambda: data.certificate_number,
         # The one-stop voiding spans municipalities: keyed by donor here (this consumer ignores keys).
         "donation.donations.v1": lambda: getattr(data, "municipality_code", None) or data.donor_id,
+        "listings.digests.v1": lambda: data.resident_id,
     }[event.event_topic]()
     service = event.event_topic.split(".")[0]
     return new_envelope(service, event, subject=subject)
 
 
+async def sealed(settings: Settings, *events: EventData) -> list[EventData]:
+    """The events with their contacts sealed with the key store of ``settings``, as registration
+    seals them (the events are built with the tests' key)."""
+    keyring = Keyring.from_settings(settings)
+    try:
+        return [await sealed_for(keyring, event) for event in events]
+    finally:
+        await keyring.close()
+
+
 async def publish(settings: Settings, *events: EventData | Envelope, times: int = 1) -> list[Envelope]:
-    """Publish each event (or the same envelope again) ``times`` times, in order."""
-    envelopes = [item if isinstance(item, Envelope) else envelope_of(item) for item in events]
+    """Publish each event (sealed as registration seals it; or the same envelope again) ``times``
+    times, in order."""
+    built = [item for item in events if not isinstance(item, Envelope)]
+    resealed = iter(await sealed(settings, *built) if built else [])
+    envelopes = [item if isinstance(item, Envelope) else envelope_of(next(resealed)) for item in events]
     by_topic: dict[str, list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]] = {}
     for _ in range(times):
         for envelope in envelopes:
@@ -383,8 +399,10 @@ async def test_a_permanently_refused_address_is_recorded_and_never_retried(setti
 
         # A new address gets a fresh chance.
         await publish(run.settings, ContactChanged(
-            resident_id=resident, at=DECIDED,
-            contact=Contact(name="山田 太郎", name_kana="ヤマダ タロウ", email=good, preferred_language="en"),
+            resident_id=resident, at=DECIDED, contact=seal_for_tests(
+                resident_subject(resident),
+                Contact(name="山田 太郎", name_kana="ヤマダ タロウ", email=good, preferred_language="en"),
+            ),
         ))
         await wait_for_rows(
             run.pool, "SELECT count(*) FROM residents WHERE resident_id = $1 AND email = $2", resident, good, count=1
@@ -489,18 +507,24 @@ async def test_withdrawal_erases_contact_inbox_and_emails(settings: Settings, tm
         contact = await resident_row(run.pool, resident)
         assert contact["name"] is None and contact["email"] is None and not contact["email_consent"]
 
-        # Later events about them (a certificate revoked because they left, a late contact change)
-        # bring nothing back.
+        # Later events about them (a certificate revoked because they left, a late contact change, a
+        # registration redelivered: their keys still open, the erasure ledger drops them) bring nothing back.
         late = await publish(
             run.settings,
             samples["certificate_revoked"],
             ContactChanged(
-                resident_id=resident, at=DECIDED,
-                contact=Contact(name="山田 太郎", name_kana="ヤマダ タロウ", email=address(resident)),
+                resident_id=resident, at=DECIDED, contact=seal_for_tests(
+                    resident_subject(resident),
+                    Contact(name="山田 太郎", name_kana="ヤマダ タロウ", email=address(resident)),
+                ),
             ),
+            registration(resident, email=address(resident)),
             sample_events(neighbour)["certificate_issued"],
         )
         await consumed(run, late)
+        assert await run.pool.fetchval(
+            "SELECT count(*) FROM kit_erased_residents WHERE resident_id = $1", resident
+        ) == 1
         assert len(await messages_of(run.pool, neighbour)) == 2
         assert await messages_of(run.pool, resident) == []
         contact = await resident_row(run.pool, resident)

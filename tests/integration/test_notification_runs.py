@@ -24,22 +24,34 @@ from services.notification.handlers import sender_channel
 from shared.contracts.base import EventData
 from shared.contracts.common import Language
 from shared.contracts.notification import MessageDelivered
-from shared.contracts.registration import ConsentChanged, ResidentWithdrawn
+from shared.contracts.registration import ConsentChanged, Contact, ContactChanged, ResidentWithdrawn
+from shared.contracts.sealed import resident_subject
 from shared.kit.consumer import EventConsumer
 from shared.kit.envelope import Envelope
+from shared.kit.keyring import Keyring
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from tests.integration.test_notification import address, envelope_of, resident_id
-from tests.support import BrokerRecord, EventFeed, OpenPool, QueryLog, assert_batch_is_one_by_one, service_pools
+from tests.support import (
+    BrokerRecord,
+    EventFeed,
+    OpenPool,
+    QueryLog,
+    assert_batch_is_one_by_one,
+    broker_record,
+    seal_for_tests,
+    sealed_for,
+    service_pools,
+)
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
 
 MIGRATIONS = Path(consumers.__file__).parent / "migrations"
 
 
-def consumer_on(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
+def consumer_on(settings: Settings, pool: asyncpg.Pool, keyring: Keyring) -> EventConsumer:
     return EventConsumer(
         service="notification", settings=settings, pool=pool, outbox=Outbox("outbox_notification_runs"),
-        router=consumers.router, topics=consumers.TOPICS,
+        router=consumers.router, topics=consumers.TOPICS, keyring=keyring,
     )
 
 
@@ -48,6 +60,19 @@ async def pools(settings: Settings) -> AsyncIterator[OpenPool]:
     """Fresh databases with notification's migrations."""
     async with service_pools(settings, MIGRATIONS) as open_pool:
         yield open_pool
+
+
+@pytest.fixture
+async def keyring(settings: Settings) -> AsyncIterator[Keyring]:
+    """The key store the consumer opens contacts with, and the tests seal them with."""
+    store = Keyring.from_settings(settings)
+    yield store
+    await store.close()
+
+
+async def sealed_envelope(keyring: Keyring, event: EventData) -> Envelope:
+    """The event's envelope, its contact sealed with ``keyring`` as registration would."""
+    return envelope_of(await sealed_for(keyring, event))
 
 
 def records(settings: Settings, envelopes: Sequence[Envelope]) -> list[BrokerRecord]:
@@ -111,39 +136,43 @@ async def outcome(pool: asyncpg.Pool) -> Outcome:
     )
 
 
-async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Settings, pools: OpenPool) -> None:
+async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
+    settings: Settings, pools: OpenPool, keyring: Keyring
+) -> None:
     emma, bo, chris, dana, eri, stranger, gone = (resident_id() for _ in range(7))
     samples = {r: sample_events(r) for r in (emma, bo, chris, dana, eri, stranger, gone)}
     # Before the batch: a resident who withdrew, and an event whose message exists but whose inbox
     # row is gone (as after a replay): it must not make a second message or MessageDelivered.
     already = envelope_of(samples[dana]["certificate_issued"])
     before = [
-        envelope_of(registration(gone, email=address(gone))),
+        await sealed_envelope(keyring, registration(gone, email=address(gone))),
         envelope_of(ResidentWithdrawn(resident_id=gone, withdrawn_at=DECIDED)),
-        envelope_of(registration(dana, name="Dana Lee", email=address(dana), language="en")),
+        await sealed_envelope(keyring, registration(dana, name="Dana Lee", email=address(dana), language="en")),
         already,
     ]
     copy = envelope_of(samples[emma]["certificate_issued"])
     batch = [
-        envelope_of(registration(emma, name="Emma Brown", email=address(emma), language="en")),
+        await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en")),
         # Its derived prefecture row: the same contact and consent again, no message.
-        envelope_of(registration(emma, name="Emma Brown", email=address(emma), language="en",
+        await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en",
                                  municipality=WAKAYAMA, prefecture=WAKAYAMA)),
         copy,
         copy,  # a duplicate in the same batch
         envelope_of(ConsentChanged(resident_id=emma, purpose="email", granted=False, at=DECIDED + timedelta(hours=1))),
         envelope_of(samples[emma]["grant_issued"]),  # inbox only from now on
-        envelope_of(registration(bo, name="Bo", email=address(bo), email_consent=False)),
+        await sealed_envelope(keyring, registration(bo, name="Bo", email=address(bo), email_consent=False)),
         envelope_of(samples[bo]["receipt_issued"]),
         envelope_of(samples[stranger]["application_received"]),  # never registered: Japanese, no e-mail
         envelope_of(samples[chris]["application_received"]),  # before Chris is known ...
-        envelope_of(registration(chris, name="Chris Wu", email=address(chris), language="en")),
+        await sealed_envelope(keyring, registration(chris, name="Chris Wu", email=address(chris), language="en")),
         envelope_of(samples[chris]["certificate_issued"]),  # ... and after
         # A stale consent (older than the registration's) changes nothing.
         envelope_of(ConsentChanged(resident_id=bo, purpose="email", granted=True, at=DECIDED - timedelta(days=2))),
         envelope_of(samples[gone]["certificate_revoked"]),  # withdrawn: no message
+        # A late copy of their registration (its key still opens: the erasure ledger drops it).
+        await sealed_envelope(keyring, registration(gone, name="Gone Again", email=address(gone))),
         already,
-        envelope_of(registration(eri, email=address(eri), status="pending_review", tier="premium")),
+        await sealed_envelope(keyring, registration(eri, email=address(eri), status="pending_review", tier="premium")),
         envelope_of(samples[eri]["premium_requested"]),
         envelope_of(ConsentChanged(resident_id=bo, purpose="newsletter", granted=True, at=DECIDED)),
     ]
@@ -153,7 +182,7 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Se
         await pool.execute("DELETE FROM outbox")
 
     result = await assert_batch_is_one_by_one(
-        pools, lambda pool: consumer_on(settings, pool), history=records(settings, before),
+        pools, lambda pool: consumer_on(settings, pool, keyring), history=records(settings, before),
         batch=records(settings, batch), snapshot=outcome, after_history=forget_already, label="notification_runs",
     )
     got, statements = result.snapshot, own(settings, result.statements)
@@ -183,6 +212,8 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Se
     ]
     consent = {row[0]: row[4] for row in got.residents}
     assert (consent[emma], consent[bo], consent[chris], consent[gone]) == (False, False, True, False)
+    [tombstone] = [row for row in got.residents if row[0] == gone]
+    assert tombstone[1:3] == (None, None) and tombstone[-1] is not None  # no name, no address, still erased
 
     # Three chunks (the consent after Emma's message, Chris's registration after his message
     # cut the run), at most five statements each, and one wake-up of the sender.
@@ -191,8 +222,8 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(settings: Se
     assert len(statements) <= 3 * 5 + 1, statements
 
 
-async def test_a_burst_of_registrations_and_decisions_costs_six_statements(
-    settings: Settings, pools: OpenPool
+async def test_a_burst_of_registrations_and_decisions_costs_seven_statements(
+    settings: Settings, pools: OpenPool, keyring: Keyring
 ) -> None:
     residents = [resident_id() for _ in range(200)]
     events: list[EventData] = []
@@ -204,12 +235,13 @@ async def test_a_burst_of_registrations_and_decisions_costs_six_statements(
     events += [sample_events(resident)["certificate_issued"] for resident in residents]
     log = QueryLog()
     pool = await pools("notification_runs", log)
-    consumer = consumer_on(settings, pool)
-    batch = records(settings, [envelope_of(event) for event in events])
+    consumer = consumer_on(settings, pool, keyring)
+    batch = records(settings, [await sealed_envelope(keyring, event) for event in events])
     statements = own(settings, await log.of_batch(consumer, batch))
 
-    # Contacts, consents, the residents read back, messages, e-mails, the sender's wake-up.
-    assert len(statements) == 6, statements
+    # The erasure ledger, contacts, consents, the residents read back, messages, e-mails, the
+    # sender's wake-up (the 200 contacts are opened with one look-up in the key store).
+    assert len(statements) == 7, statements
     counts = await pool.fetchrow(
         """
         SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM email_outbox) AS emails,
@@ -219,3 +251,91 @@ async def test_a_burst_of_registrations_and_decisions_costs_six_statements(
     assert counts is not None
     assert dict(counts) == {"messages": 400, "emails": 400, "delivered": 400, "residents": 200}
     assert consumer.stats.handled == len(events)
+
+
+# -- erasure: nothing comes back ------------------------------------------------------------------
+
+
+async def personal_rows(pool: asyncpg.Pool, resident: str) -> dict[str, Any]:
+    """What the service holds about one resident."""
+    row = await pool.fetchrow("SELECT name, email, withdrawn_at FROM residents WHERE resident_id = $1", resident)
+    return {
+        "contact": None if row is None else (row["name"], row["email"]),
+        "erased": row is not None and row["withdrawn_at"] is not None,
+        "messages": await pool.fetchval("SELECT count(*) FROM messages WHERE resident_id = $1", resident),
+        "emails": await pool.fetchval("SELECT count(*) FROM email_outbox WHERE resident_id = $1", resident),
+        "ledger": await pool.fetchval("SELECT count(*) FROM kit_erased_residents WHERE resident_id = $1", resident),
+    }
+
+
+async def test_a_registration_dead_letter_replayed_after_the_erasure_changes_nothing(
+    settings: Settings, pools: OpenPool, keyring: Keyring
+) -> None:
+    """The registration is parked (a fault, fixed later), the person is erased, then the dead
+    letter is replayed: the contact does not come back, no message is written, nothing is parked."""
+    gone, neighbour = resident_id(), resident_id()
+    pool = await pools("notification_dlq_replay")
+    consumer = consumer_on(settings, pool, keyring)
+    # The fault: saving this resident's contact fails (until "the fix is deployed" below).
+    await pool.execute(
+        f"""
+        CREATE FUNCTION refuse_resident() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'broken for now'; END $$;
+        CREATE TRIGGER refuse_resident BEFORE INSERT OR UPDATE ON residents FOR EACH ROW
+            WHEN (NEW.resident_id = '{gone}') EXECUTE FUNCTION refuse_resident();
+        """
+    )
+    parked = await sealed_envelope(keyring, registration(gone, name="消去 花子", email=address(gone)))
+    feed = EventFeed(settings)
+    feed.put(parked)
+    await consumer.handle_batch(feed.records)
+    assert consumer.stats.parked == 1
+    dead_letter_id = await pool.fetchval(
+        "SELECT dead_letter_id FROM inbox WHERE event_id = $1 AND status = 'parked'", parked.id
+    )
+    assert dead_letter_id is not None
+    await pool.execute("DROP TRIGGER refuse_resident ON residents")
+
+    erasure = envelope_of(ResidentWithdrawn(resident_id=gone, withdrawn_at=DECIDED))
+    feed = EventFeed(settings)
+    feed.put(erasure)
+    await consumer.handle_batch(feed.records)
+    erased = await personal_rows(pool, gone)
+    assert erased == {"contact": (None, None), "erased": True, "messages": 0, "emails": 0, "ledger": 1}
+
+    # ``nichiiki dlq replay``: the same record, naming its dead letter, with a neighbour's event.
+    topic = settings.topic(parked.data_model().event_topic)
+    neighbours = await sealed_envelope(keyring, registration(neighbour, email=address(neighbour)))
+    await consumer.handle_batch([
+        broker_record(topic, 10, parked.key, parked.data,
+                      [*parked.headers(), ("dlq_replay", str(dead_letter_id).encode())]),
+        broker_record(topic, 11, neighbours.key, neighbours.data, neighbours.headers()),
+    ])
+    assert await personal_rows(pool, gone) == erased
+    assert consumer.stats.parked == 1  # dropped as erased, not parked again
+    assert await pool.fetchval("SELECT status FROM inbox WHERE event_id = $1", parked.id) == "done"
+    assert (await personal_rows(pool, neighbour))["messages"] == 1  # the rest of the batch applies
+
+
+async def test_a_contact_whose_key_was_shredded_is_not_kept(
+    settings: Settings, pools: OpenPool, keyring: Keyring
+) -> None:
+    """Registration has erased the person (their key is gone) but the withdrawal has not arrived:
+    their late registration and contact change store nothing and tell no one, and are not errors."""
+    gone = resident_id()
+    pool = await pools("notification_shredded")
+    consumer = consumer_on(settings, pool, keyring)
+    registered = await sealed_envelope(keyring, registration(gone, email=address(gone)))
+    changed = envelope_of(await sealed_for(keyring, ContactChanged(
+        resident_id=gone, at=DECIDED,
+        contact=seal_for_tests(resident_subject(gone), Contact(name="n", name_kana="エヌ", email=address(gone))),
+    )))
+    await keyring.shred(resident_subject(gone))  # registration's erasure
+    feed = EventFeed(settings)
+    feed.put(registered)
+    feed.put(changed)
+    await consumer.handle_batch(feed.records)
+    assert consumer.stats.parked == 0 and consumer.stats.handled == 2
+    assert await personal_rows(pool, gone) == {
+        "contact": None, "erased": False, "messages": 0, "emails": 0, "ledger": 0,
+    }

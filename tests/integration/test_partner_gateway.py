@@ -7,6 +7,7 @@ Partners are played with their own Kafka client (confluent-kafka / librdkafka).
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import hashlib
 import hmac
@@ -26,6 +27,8 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, KafkaError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
@@ -39,7 +42,7 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import (
     PartnerCertificate,
@@ -51,14 +54,16 @@ from shared.contracts.partners import (
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
-    Contact,
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.subsidy import GrantCancelled, GrantIssued, GrantRedeemed
 from shared.contracts.topics import CERTIFICATES, GRANTS, PARTNER_FEED, RESIDENTS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
+from shared.kit.keyring import Keyring
+from shared.kit.my_number import check_digit
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
 from tests.support import bearer, eventually, produce, read_topic, service_client
@@ -89,6 +94,11 @@ class Gateway:
     def key(self, partner: str) -> dict[str, str]:
         return {"X-Api-Key": self.keys[partner]}
 
+    @property
+    def keyring(self) -> Keyring:
+        keyring: Keyring = self.app.state.runtime.keyring
+        return keyring
+
 
 @pytest.fixture(scope="module")
 async def gw(settings: Settings) -> AsyncIterator[Gateway]:
@@ -115,12 +125,46 @@ def new_resident() -> str:
     return f"res-{uuid.uuid4().hex[:12]}"
 
 
-def memberships(*partners: str, **member_numbers: str) -> list[PartnerMembership]:
-    return [PartnerMembership(partner=p, member_number=member_numbers.get(p)) for p in partners]
+def memberships(*partners: str) -> list[SealedMembership]:
+    """Memberships without member numbers (``members``: with them, sealed)."""
+    return [SealedMembership(partner=p) for p in partners]
+
+
+async def members(gw: Gateway, resident_id: str, *partners: str, **member_numbers: str) -> list[SealedMembership]:
+    """Memberships with their member numbers sealed under the resident's key, as certification sends them."""
+    return [
+        SealedMembership(
+            partner=p,
+            member_number=None if p not in member_numbers
+            else await gw.keyring.seal(resident_subject(resident_id), member_numbers[p]),
+        )
+        for p in partners
+    ]
+
+
+def unopened_contact(resident_id: str) -> Sealed:
+    """A sealed contact the gateway never opens (it reads only the consents of a registration)."""
+    return Sealed(kid=resident_subject(resident_id), iv="AAAAAAAAAAAAAAAA", ct="bm90IG9wZW5lZCBoZXJl")
+
+
+async def opened_by_partner(gw: Gateway, partner: str, sealed: dict[str, Any]) -> str:
+    """What the partner reads in a sealed member number: its key from ``GET /v1/keys/{kid}``, then
+    AES-256-GCM with the kid as additional data (docs/partners.md)."""
+    response = await gw.client.get(f"/v1/keys/{sealed['kid']}", headers=gw.key(partner))
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["kid"] == sealed["kid"] and body["alg"] == "A256GCM"
+
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    plain = AESGCM(unb64(body["k"])).decrypt(unb64(sealed["iv"]), unb64(sealed["ct"]), sealed["kid"].encode())
+    return plain.decode()
 
 
 def certificate_fields(
-    number: str, resident_id: str, partners: list[PartnerMembership], *, status: str = "valid",
+    number: str, resident_id: str, partners: list[SealedMembership], *, status: str = "valid",
     valid_from: date = TODAY - timedelta(days=1), valid_until: date = TODAY + timedelta(days=364),
 ) -> dict[str, Any]:
     return {
@@ -130,7 +174,7 @@ def certificate_fields(
     }
 
 
-def issued(number: str, resident_id: str, partners: list[PartnerMembership], **kw: Any) -> CertificateIssued:
+def issued(number: str, resident_id: str, partners: list[SealedMembership], **kw: Any) -> CertificateIssued:
     return CertificateIssued(
         **certificate_fields(number, resident_id, partners, **kw), application_id=f"app-{uuid.uuid4().hex[:8]}",
         issued_at=datetime.now(UTC),
@@ -142,7 +186,7 @@ def registered(resident_id: str, municipality: str, consents: list[tuple[str, bo
     return ResidentRegistered(
         resident_id=resident_id, registration_id=f"reg-{uuid.uuid4().hex[:8]}", municipality_code=municipality,
         prefecture_code=prefecture_of(municipality).code, tier="basic", status="active", legal_address_code="131016",
-        contact=Contact(name="山田 太郎", name_kana="ヤマダ タロウ", email="taro@example.jp", phone="090-0000-0000"),
+        contact=unopened_contact(resident_id),
         consents=[ConsentState(purpose="share_certificate", partner=p, granted=g, at=now) for p, g in consents],
         registered_at=now,
     )
@@ -166,7 +210,7 @@ def grant_issued(
         certificate_number=number, resident_id=resident_id,
         municipality_code=CertificateNumber.parse(number).municipality_code, unit="miles",
         reserved=30000, window_from=TODAY, window_until=TODAY + timedelta(days=122),
-        member_number="OTHER-NUMBER", issued_at=datetime.now(UTC),
+        member_number=None, issued_at=datetime.now(UTC),
     )
 
 
@@ -361,7 +405,8 @@ async def test_a_certificate_reaches_exactly_the_partners_that_serve_it_and_were
     await publish(gw, RESIDENTS, registered(resident, SHIRAHAMA, [("jal", True)]), resident)
     # White beach town: only JAL runs a program there, so ANA gets nothing although it is listed.
     shirahama = new_number(SHIRAHAMA)
-    await publish(gw, CERTIFICATES, issued(shirahama, resident, memberships("jal", "ana", jal="JMB-1234")), shirahama)
+    certified_as = await members(gw, resident, "jal", "ana", jal="JMB-1234")
+    await publish(gw, CERTIFICATES, issued(shirahama, resident, certified_as), shirahama)
     # Iki: JAL and Kyushu Yusen run programs, but the resident consented to JAL only.
     iki = new_number(IKI)
     await publish(gw, CERTIFICATES, issued(iki, resident, memberships("jal")), iki)
@@ -375,9 +420,13 @@ async def test_a_certificate_reaches_exactly_the_partners_that_serve_it_and_were
         "certificate_number": shirahama, "status": "valid", "valid_from": str(TODAY - timedelta(days=1)),
         "valid_until": str(TODAY + timedelta(days=364)), "municipality_code": SHIRAHAMA,
         "programs": ["jal-dual-residence-miles"], "resident_ref": ref(jal_key, resident),
-        "member_number": "JMB-1234", "changed_at": data["changed_at"],
+        "member_number": data["member_number"], "changed_at": data["changed_at"],
     }
     assert resident.encode() not in (record.value or b"")
+    # Sealed for JAL about this resident: the raw record holds no readable member number.
+    assert data["member_number"]["kid"] == f"partner:jal:{ref(jal_key, resident)}"
+    assert b"JMB-1234" not in (record.value or b"")
+    assert await opened_by_partner(gw, "jal", data["member_number"]) == "JMB-1234"
     [iki_record] = await feed(gw, "jal", iki, count=1)
     assert iki_record.data()["member_number"] is None
     assert iki_record.data()["resident_ref"] == data["resident_ref"]  # stable for one partner
@@ -407,7 +456,8 @@ async def test_references_are_unlinkable_across_partners(gw: Gateway) -> None:
 async def test_consent_revoked_sends_withdrawal_then_tombstone_and_nothing_after(gw: Gateway) -> None:
     resident = new_resident()
     number = new_number(IKI)
-    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal", "kyushuyusen", jal="JMB-9")), number)
+    certified_as = await members(gw, resident, "jal", "kyushuyusen", jal="JMB-9")
+    await publish(gw, CERTIFICATES, issued(number, resident, certified_as), number)
     revoke = await publish(gw, RESIDENTS, consent(resident, "jal", False), resident)
 
     records = await feed(gw, "jal", number, count=3)
@@ -483,7 +533,8 @@ async def test_resident_withdrawal_reaches_every_partner_and_erases_the_projecti
     resident = new_resident()
     await publish(gw, RESIDENTS, registered(resident, IKI, [("jal", True)]), resident)
     number = new_number(IKI)
-    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal", "kyushuyusen", jal="JMB-7")), number)
+    certified_as = await members(gw, resident, "jal", "kyushuyusen", jal="JMB-7")
+    await publish(gw, CERTIFICATES, issued(number, resident, certified_as), number)
     await publish(gw, RESIDENTS, ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident)
 
     for partner in ("jal", "kyushuyusen"):
@@ -514,7 +565,8 @@ async def test_grants_flow_to_their_partner_only_and_may_come_before_the_certifi
     assert await gw.pool.fetchval("SELECT count(*) FROM held_grants WHERE certificate_number = $1", number) == 1
     not_consented = grant_issued(number, resident, "kyushuyusen", "iki-island-routes")
     await publish(gw, GRANTS, not_consented, number)
-    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal", jal="JMB-5")), number)
+    certified_as = await members(gw, resident, "jal", jal="JMB-5")
+    await publish(gw, CERTIFICATES, issued(number, resident, certified_as), number)
     redeemed = GrantRedeemed(
         grant_id=early.grant_id, program_id=early.program_id, partner="jal", mechanism="mileage_grant",
         certificate_number=number, resident_id=resident, municipality_code=IKI, trip_id="JL-0101",
@@ -532,7 +584,8 @@ async def test_grants_flow_to_their_partner_only_and_may_come_before_the_certifi
     assert all(r.headers["ce_subject"] == number for r in records)
     issued_grant, redeemed_grant = records[1].data(), records[2].data()
     assert issued_grant["state"] == "issued" and issued_grant["amount"] == 30000 and issued_grant["unit"] == "miles"
-    assert issued_grant["member_number"] == "JMB-5"  # the number consented for JAL, nothing else
+    # The number consented for JAL, nothing else; sealed for JAL as on the certificate.
+    assert await opened_by_partner(gw, "jal", issued_grant["member_number"]) == "JMB-5"
     assert issued_grant["resident_ref"] == records[0].data()["resident_ref"]
     assert redeemed_grant["state"] == "redeemed" and redeemed_grant["trip_id"] == "JL-0101"
     assert await feed(gw, "kyushuyusen", number, count=1, timeout=1.0) == []
@@ -681,10 +734,11 @@ async def test_jal_reads_its_feed_with_its_own_client_and_every_record_fits_the_
     await publish(gw, CERTIFICATES, issued(ana_number, ana_resident, memberships("ana", "jal")), ana_number)
     resident = new_resident()
     number = new_number(SHIRAHAMA)
-    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal", jal="JMB-42")), number)
+    certified_as = await members(gw, resident, "jal", jal="JMB-42")
+    await publish(gw, CERTIFICATES, issued(number, resident, certified_as), number)
     await publish(gw, GRANTS, grant_issued(number, resident, "jal", "jal-dual-residence-miles"), number)
     expired = CertificateExpired(
-        **certificate_fields(number, resident, memberships("jal", jal="JMB-42"), status="expired"),
+        **certificate_fields(number, resident, await members(gw, resident, "jal", jal="JMB-42"), status="expired"),
         expired_on=TODAY,
     )
     await publish(gw, CERTIFICATES, expired, number)
@@ -742,7 +796,8 @@ async def test_jal_reads_its_feed_with_its_own_client_and_every_record_fits_the_
 async def test_verification_answers_the_entitled_partner_only(gw: Gateway) -> None:
     resident = new_resident()
     number = new_number(IKI)
-    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal", jal="JMB-1")), number)
+    certified_as = await members(gw, resident, "jal", jal="JMB-1")
+    await publish(gw, CERTIFICATES, issued(number, resident, certified_as), number)
 
     response = await gw.client.get(f"/v1/certificates/{number}", headers=gw.key("jal"))
     assert response.status_code == 200
@@ -857,7 +912,8 @@ async def test_the_delivery_record_for_admin_and_the_municipality_staff(gw: Gate
     resident = new_resident()
     await publish(gw, RESIDENTS, registered(resident, IKI, [("jal", True)]), resident)
     iki = new_number(IKI)
-    await publish(gw, CERTIFICATES, issued(iki, resident, memberships("jal", "kyushuyusen", jal="JMB-3")), iki)
+    certified_as = await members(gw, resident, "jal", "kyushuyusen", jal="JMB-3")
+    await publish(gw, CERTIFICATES, issued(iki, resident, certified_as), iki)
     shirahama = new_number(SHIRAHAMA)
     await publish(gw, CERTIFICATES, issued(shirahama, resident, memberships("jal")), shirahama)
     jal_ref = ref(await partner_key(gw, "jal"), resident)
@@ -1066,3 +1122,160 @@ async def test_a_gateway_started_without_redis_serves_from_postgresql_and_the_ne
             response = await client.get(f"/v1/certificates/{number}", headers={"X-Api-Key": key})
             assert response.status_code == 200
             assert await lookups(client, "redis") == 1 and await lookups(client, "database") == 0
+
+
+# --- Privacy: sealed member numbers, the partners' keys, erasure, the resident's record (issue 17) --
+
+
+async def test_the_key_endpoint_serves_only_the_partners_own_live_references(gw: Gateway) -> None:
+    resident = new_resident()
+    number = new_number(IKI)
+    certified_as = await members(gw, resident, "jal", "kyushuyusen", jal="JMB-11", kyushuyusen="KY-22")
+    await publish(gw, CERTIFICATES, issued(number, resident, certified_as), number)
+    [jal] = await feed(gw, "jal", number, count=1)
+    [kyushu] = await feed(gw, "kyushuyusen", number, count=1)
+    jal_sealed, kyushu_sealed = jal.data()["member_number"], kyushu.data()["member_number"]
+    assert await opened_by_partner(gw, "jal", jal_sealed) == "JMB-11"
+    assert await opened_by_partner(gw, "kyushuyusen", kyushu_sealed) == "KY-22"
+
+    # Another partner's kid, a made-up reference, a malformed kid: the same 404, nothing revealed.
+    made_up = f"partner:jal:{'0' * 64}"
+    # A reference holding twelve digits with a My Number check digit (1 in ~300 do): still a kid, a 404.
+    first = "12345678901"
+    looks_like_a_my_number = f"partner:jal:a{first}{check_digit(first)}b{'c' * 50}"
+    for partner, kid in (("kyushuyusen", jal_sealed["kid"]), ("jal", made_up), ("jal", "resident:" + resident),
+                         ("jal", looks_like_a_my_number)):
+        response = await gw.client.get(f"/v1/keys/{kid}", headers=gw.key(partner))
+        assert_problem(response, 404, "partner-key-not-found")
+    # Partners only; and the key opens nothing sealed for another partner.
+    staff = bearer(gw.settings, "staff", municipality=IKI)
+    assert_problem(await gw.client.get(f"/v1/keys/{jal_sealed['kid']}", headers=staff), 403, "forbidden")
+    key = (await gw.client.get(f"/v1/keys/{jal_sealed['kid']}", headers=gw.key("jal"))).json()["k"]
+    with pytest.raises(InvalidTag):
+        AESGCM(base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))).decrypt(
+            base64.urlsafe_b64decode(kyushu_sealed["iv"] + "=="), base64.urlsafe_b64decode(kyushu_sealed["ct"] + "=="),
+            kyushu_sealed["kid"].encode(),
+        )
+
+    # Consent revoked for JAL: JAL is told to forget, and its key is no longer handed out.
+    await publish(gw, RESIDENTS, consent(resident, "jal", False), resident)
+    assert_problem(await gw.client.get(f"/v1/keys/{jal_sealed['kid']}", headers=gw.key("jal")), 404,
+                   "partner-key-not-found")
+    assert await opened_by_partner(gw, "kyushuyusen", kyushu_sealed) == "KY-22"
+
+
+async def test_erasure_kills_the_keys_and_leaves_only_the_pseudonymous_record(gw: Gateway) -> None:
+    resident = new_resident()
+    await publish(gw, RESIDENTS, registered(resident, IKI, [("jal", True)]), resident)
+    number = new_number(IKI)
+    grant_id = new_grant_id()
+    await publish(gw, CERTIFICATES, issued(number, resident, await members(gw, resident, "jal", jal="JMB-77")), number)
+    await publish(gw, GRANTS, grant_issued(number, resident, "jal", "jal-dual-residence-miles", grant_id), number)
+    [certificate, grant] = await feed(gw, "jal", number, count=2)
+    kid = certificate.data()["member_number"]["kid"]
+    assert await opened_by_partner(gw, "jal", grant.data()["member_number"]) == "JMB-77"
+    logged = await gw.pool.fetch("SELECT value FROM partner_feed_log WHERE subject = $1", number)
+    assert logged and all(b"JMB-77" not in bytes(r["value"]) for r in logged)  # the HTTP feed: sealed too
+
+    # Registration destroys the resident's key, then announces the withdrawal.
+    await gw.keyring.shred(resident_subject(resident))
+    await publish(gw, RESIDENTS, ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident)
+
+    assert_problem(await gw.client.get(f"/v1/keys/{kid}", headers=gw.key("jal")), 404, "partner-key-not-found")
+    assert await gw.keyring.partner_key(resident_subject(resident), kid) is None
+    assert await gw.pool.fetchval("SELECT count(*) FROM kit_erased_residents WHERE resident_id = $1", resident) == 1
+    for table in ("certificates", "share_consents", "grant_states", "held_grants", "entitlements"):
+        found = await gw.pool.fetchval(f"SELECT count(*) FROM {table} WHERE resident_id = $1", resident)
+        assert found == 0, table
+    assert await gw.pool.fetchval(
+        "SELECT count(*) FROM entitlements WHERE certificate_number = $1 AND member_number IS NOT NULL", number
+    ) == 0
+    # The HTTP feed log keeps the withdrawal and the tombstones (a partner must learn to forget), no more.
+    kinds = await gw.pool.fetch("SELECT event_type, value IS NULL AS tombstone FROM partner_feed_log "
+                                "WHERE subject = $1 ORDER BY id", number)
+    assert [(k["event_type"], k["tombstone"]) for k in kinds] == [
+        (PartnerWithdrawal.event_type, False), (None, True), (None, True),
+    ]
+    # The delivery record stays (APPI), pseudonymous: no resident id, no member number anywhere in it.
+    rows = await gw.pool.fetch("SELECT * FROM deliveries WHERE certificate_number = $1", number)
+    assert len(rows) == 5 and all(resident not in str(dict(r)) and "JMB-77" not in str(dict(r)) for r in rows)
+
+
+async def test_late_events_about_an_erased_resident_send_nothing(gw: Gateway) -> None:
+    resident = new_resident()
+    number = new_number(IKI)
+    await publish(gw, CERTIFICATES, issued(number, resident, memberships("jal")), number)
+    late = issued(number, resident, await members(gw, resident, "jal", jal="JMB-5"))  # sealed before the erasure
+    await gw.keyring.shred(resident_subject(resident))
+    await publish(gw, RESIDENTS, ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident)
+    assert len(await feed(gw, "jal", number, count=3)) == 3  # certificate, withdrawal, tombstone
+
+    # A late (or replayed, or re-read from earliest) certificate event and grant: nothing more.
+    consumer = gw.app.state.runtime.consumers[0]
+    parked = consumer.stats.parked
+    await publish(gw, CERTIFICATES, late, number)
+    await publish(gw, GRANTS, grant_issued(number, resident, "jal", "jal-dual-residence-miles"), number)
+    await publish(gw, RESIDENTS, consent(resident, "jal", True), resident)
+    assert len(await feed(gw, "jal", number, count=4, timeout=1.5)) == 3
+    assert consumer.stats.parked == parked  # dropped, not dead-lettered
+    assert await gw.pool.fetchval("SELECT count(*) FROM certificates WHERE certificate_number = $1", number) == 0
+
+
+async def test_a_sealed_number_that_no_longer_opens_is_dropped_before_the_withdrawal_arrives(gw: Gateway) -> None:
+    resident = new_resident()
+    number = new_number(IKI)
+    event = issued(number, resident, await members(gw, resident, "jal", jal="JMB-6"))
+    # The key is gone (registration erased the resident) but the withdrawal has not been read here yet.
+    await gw.keyring.shred(resident_subject(resident))
+    consumer = gw.app.state.runtime.consumers[0]
+    parked = consumer.stats.parked
+    await publish(gw, CERTIFICATES, event, number)
+    assert await feed(gw, "jal", number, count=1, timeout=1.5) == []
+    assert consumer.stats.parked == parked
+    assert await gw.pool.fetchval("SELECT count(*) FROM certificates WHERE certificate_number = $1", number) == 0
+
+
+async def test_the_resident_sees_every_delivery_of_their_data(gw: Gateway) -> None:
+    resident = new_resident()
+    await publish(gw, RESIDENTS, registered(resident, IKI, [("jal", True)]), resident)
+    iki = new_number(IKI)
+    certified_as = await members(gw, resident, "jal", "kyushuyusen", jal="JMB-8")
+    await publish(gw, CERTIFICATES, issued(iki, resident, certified_as), iki)
+    shirahama = new_number(SHIRAHAMA)
+    await publish(gw, CERTIFICATES, issued(shirahama, resident, memberships("jal")), shirahama)
+    await publish(gw, RESIDENTS, consent(resident, "kyushuyusen", False), resident)
+    other = new_resident()
+    other_number = new_number(IKI)
+    await publish(gw, CERTIFICATES, issued(other_number, other, memberships("jal")), other_number)
+
+    path = f"/v1/residents/{resident}/deliveries"
+    own = await gw.client.get(path, headers=bearer(gw.settings, "resident", subject=resident))
+    assert own.status_code == 200, own.text
+    page = own.json()
+    seen = [(i["partner"], i["certificate_number"], i["record_type"], i["consent_source"]) for i in page["items"]]
+    assert seen == [
+        ("jal", iki, PartnerCertificate.event_type, "registration_consent"),
+        ("kyushuyusen", iki, PartnerCertificate.event_type, "certificate_membership"),
+        ("jal", shirahama, PartnerCertificate.event_type, "registration_consent"),
+        ("kyushuyusen", iki, PartnerWithdrawal.event_type, "consent_revocation"),
+        ("kyushuyusen", iki, "tombstone", "consent_revocation"),
+    ]
+    assert page["total"] == 5
+    first = page["items"][0]
+    assert "member_number" in first["items"] and first["partner_name"]
+    assert first["consent_purpose"] == "share_certificate"
+    assert "resident_ref" not in first and "member_number" not in first  # the items' names, not their values
+
+    paged = (await gw.client.get(path, params={"limit": 2, "offset": 2},
+                                 headers=bearer(gw.settings, "admin"))).json()
+    assert [i["certificate_number"] for i in paged["items"]] == [shirahama, iki] and paged["total"] == 5
+    staff = (await gw.client.get(path, headers=bearer(gw.settings, "staff", municipality=SHIRAHAMA))).json()
+    assert {i["certificate_number"] for i in staff["items"]} == {shirahama} and staff["total"] == 1
+    assert_problem(await gw.client.get(path, headers=bearer(gw.settings, "resident", subject=other)), 403,
+                   "forbidden")
+    assert_problem(await gw.client.get(path, headers=gw.key("jal")), 403, "forbidden")
+
+    # The record outlives the erasure (legal retention), still found by the resident's id.
+    await publish(gw, RESIDENTS, ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident)
+    after = (await gw.client.get(path, headers=bearer(gw.settings, "admin"))).json()
+    assert after["total"] == 5 + 4  # JAL told to forget both certificates: a withdrawal and a tombstone each

@@ -24,21 +24,22 @@ from services.partner_gateway.handlers import SERVICE, PartnerDirectory, seed_pa
 from services.partner_gateway.main import MIGRATIONS
 from shared.contracts.base import EventData
 from shared.contracts.certification import CertificateIssued, CertificateRenewed, CertificateRevoked
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerWithdrawal, grant_key
 from shared.contracts.registration import (
     ConsentChanged,
     ConsentState,
-    Contact,
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.subsidy import GrantIssued
 from shared.contracts.topics import CERTIFICATES, DLQ_SUFFIX, GRANTS, RESIDENTS
 from shared.kit.consumer import EventConsumer, HandlerContext
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope
+from shared.kit.keyring import Keyring
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
@@ -69,13 +70,20 @@ def at(minute: int) -> datetime:
 # --- A gateway database and its consumer ---------------------------------------------------------
 
 
-async def gateway_consumer(settings: Settings, pool: asyncpg.Pool) -> EventConsumer:
+async def gateway_consumer(settings: Settings, pool: asyncpg.Pool, keyring: Keyring) -> EventConsumer:
     """The gateway's consumer on a database (routing by the partners seeded there), not attached to any broker."""
     partners = PartnerDirectory(await store.load_partners(pool))
     return EventConsumer(
         service=SERVICE, settings=settings, pool=pool, outbox=Outbox("outbox_gwruns"),
-        router=build_router(partners), topics=[RESIDENTS, CERTIFICATES, GRANTS],
+        router=build_router(partners), topics=[RESIDENTS, CERTIFICATES, GRANTS], keyring=keyring,
     )
+
+
+@pytest.fixture
+async def keyring(settings: Settings) -> AsyncIterator[Keyring]:
+    keys = Keyring.from_settings(settings)
+    yield keys
+    await keys.close()
 
 
 @pytest.fixture
@@ -113,11 +121,26 @@ def new_resident() -> str:
     return f"res-{uuid.uuid4().hex[:12]}"
 
 
-def members(*partners: str, **member_numbers: str) -> list[PartnerMembership]:
-    return [PartnerMembership(partner=p, member_number=member_numbers.get(p)) for p in partners]
+def members(*partners: str) -> list[SealedMembership]:
+    """Memberships without member numbers (``sealed_members``: with them)."""
+    return [SealedMembership(partner=p) for p in partners]
 
 
-def certificate_fields(number: str, resident_id: str, partners: list[PartnerMembership], status: str) -> dict[str, Any]:
+async def sealed_members(
+    keyring: Keyring, resident_id: str, *partners: str, **member_numbers: str
+) -> list[SealedMembership]:
+    """Memberships with member numbers sealed under the resident's key, as certification sends them."""
+    return [
+        SealedMembership(
+            partner=p,
+            member_number=None if p not in member_numbers
+            else await keyring.seal(resident_subject(resident_id), member_numbers[p]),
+        )
+        for p in partners
+    ]
+
+
+def certificate_fields(number: str, resident_id: str, partners: list[SealedMembership], status: str) -> dict[str, Any]:
     return {
         "certificate_number": number, "resident_id": resident_id,
         "municipality_code": CertificateNumber.parse(number).municipality_code,
@@ -125,17 +148,17 @@ def certificate_fields(number: str, resident_id: str, partners: list[PartnerMemb
     }
 
 
-def issued(number: str, resident_id: str, partners: list[PartnerMembership], minute: int) -> CertificateIssued:
+def issued(number: str, resident_id: str, partners: list[SealedMembership], minute: int) -> CertificateIssued:
     return CertificateIssued(**certificate_fields(number, resident_id, partners, "valid"),
                              application_id=f"app-{number[-6:]}", issued_at=at(minute))
 
 
-def revoked(number: str, resident_id: str, partners: list[PartnerMembership], minute: int) -> CertificateRevoked:
+def revoked(number: str, resident_id: str, partners: list[SealedMembership], minute: int) -> CertificateRevoked:
     return CertificateRevoked(**certificate_fields(number, resident_id, partners, "revoked"),
                               reason="moved away", revoked_at=at(minute))
 
 
-def renewed(number: str, resident_id: str, partners: list[PartnerMembership], minute: int) -> CertificateRenewed:
+def renewed(number: str, resident_id: str, partners: list[SealedMembership], minute: int) -> CertificateRenewed:
     return CertificateRenewed(**certificate_fields(number, resident_id, partners, "valid"), renewed_at=at(minute))
 
 
@@ -143,7 +166,8 @@ def registered(resident_id: str, consents: list[tuple[str, bool]], minute: int) 
     return ResidentRegistered(
         resident_id=resident_id, registration_id=f"reg-{resident_id[-8:]}", municipality_code=SHIRAHAMA,
         prefecture_code=prefecture_of(SHIRAHAMA).code, tier="basic", status="active", legal_address_code="131016",
-        contact=Contact(name="山田 太郎", name_kana="ヤマダ タロウ", email="taro@example.jp", phone="090-0000-0000"),
+        # Sealed upstream; the gateway never opens a contact.
+        contact=Sealed(kid=resident_subject(resident_id), iv="AAAAAAAAAAAAAAAA", ct="bm90IG9wZW5lZA"),
         consents=[ConsentState(purpose="share_certificate", partner=p, granted=g, at=at(minute)) for p, g in consents],
         registered_at=at(minute),
     )
@@ -160,11 +184,17 @@ def grant_issued(grant_id: str, number: str, resident_id: str, minute: int) -> G
         certificate_number=number, resident_id=resident_id,
         municipality_code=CertificateNumber.parse(number).municipality_code, unit="miles",
         reserved=30_000, window_from=VALID_FROM, window_until=VALID_FROM + timedelta(days=122),
-        member_number="NOT-SHOWN", issued_at=at(minute),
+        member_number=None, issued_at=at(minute),
     )
 
 
 # --- What a gateway database ends with ------------------------------------------------------------
+
+
+def kid_only(data: dict[str, Any]) -> dict[str, Any]:
+    """A record with its sealed member number reduced to the kid (the nonce differs by nature)."""
+    sealed = data.get("member_number")
+    return data if not isinstance(sealed, dict) else {**data, "member_number": {"kid": sealed["kid"]}}
 
 
 async def end_state(pool: asyncpg.Pool, causes: dict[str, int]) -> dict[str, Any]:
@@ -186,7 +216,7 @@ async def end_state(pool: asyncpg.Pool, causes: dict[str, int]) -> dict[str, Any
             "topic": row["topic"], "key": row["key"], "partition_key": row["partition_key"],
             "type": headers.get("ce_type"), "subject": headers["ce_subject"],
             "cause": ids[headers["ce_causationid"]], "correlation": ids[headers["ce_correlationid"]],
-            "data": None if row["payload"] is None else json.loads(row["payload"]),
+            "data": None if row["payload"] is None else kid_only(json.loads(row["payload"])),
         }
 
     deliveries = await table_rows(pool, "SELECT * FROM deliveries ORDER BY id", "id", "delivered_at")
@@ -201,7 +231,7 @@ async def end_state(pool: asyncpg.Pool, causes: dict[str, int]) -> dict[str, Any
                               for r in await pool.fetch("SELECT * FROM verify_cache_queue")),
         "consents": await table_rows(pool, "SELECT * FROM share_consents ORDER BY resident_id, partner"),
         "certificates": await table_rows(pool, "SELECT * FROM certificates ORDER BY certificate_number"),
-        "withdrawn": await table_rows(pool, "SELECT * FROM withdrawn_residents ORDER BY resident_id"),
+        "erased": await table_rows(pool, "SELECT * FROM kit_erased_residents ORDER BY resident_id"),
         "held_grants": await table_rows(pool, "SELECT * FROM held_grants ORDER BY id", "id", "held_at"),
         "grant_states": await table_rows(pool, "SELECT * FROM grant_states ORDER BY partner, grant_id", "last_seq"),
         "feed_grant_keys": await table_rows(pool, "SELECT * FROM feed_grant_keys ORDER BY seq", "seq"),
@@ -223,7 +253,7 @@ def records_of(state: dict[str, Any], number: str) -> list[tuple[str | None, byt
 
 @pytest.mark.parametrize("poison", [False, True], ids=["whole batch", "one event per savepoint"])
 async def test_a_mixed_batch_ends_where_one_event_at_a_time_ends(
-    settings: Settings, pools: OpenPool, monkeypatch: pytest.MonkeyPatch, poison: bool
+    settings: Settings, pools: OpenPool, keyring: Keyring, monkeypatch: pytest.MonkeyPatch, poison: bool
 ) -> None:
     """With a poison event in the batch, the batch fails and is re-run one event per savepoint:
     each consent or certificate event is then a run of one, whose records go straight to the outbox."""
@@ -243,7 +273,7 @@ async def test_a_mixed_batch_ends_where_one_event_at_a_time_ends(
 
     before, batch = Upstream(settings), Upstream(settings)
     # r4 shares c4 with both partners by membership alone, and JAL has a grant on it.
-    before(issued(c4, r4, members("jal", "kyushuyusen", jal="JMB-4"), 1), c4)
+    before(issued(c4, r4, await sealed_members(keyring, r4, "jal", "kyushuyusen", jal="JMB-4"), 1), c4)
     before(grant_issued(g4, c4, r4, 2), g4)
     before(grant_issued(g8, c8, r8, 3), g8)  # held: c8 is not known yet
     before(issued(c9, r9, members("jal"), 4), c9)
@@ -259,12 +289,12 @@ async def test_a_mixed_batch_ends_where_one_event_at_a_time_ends(
     batch(consent(r4, "jal", False, 14), r4)  # older than the one on record: ignored
     batch(consent(r3, None, True, 16), r3)  # names no partner: allows nothing
     # a run of certificate events
-    c1_issued = batch(issued(c1, r1, members("jal", jal="JMB-1"), 20), c1)  # consented
+    c1_issued = batch(issued(c1, r1, await sealed_members(keyring, r1, "jal", jal="JMB-1"), 20), c1)  # consented
     batch(issued(c2, r2, members("jal"), 21), c2)  # no consent: the membership is one
     batch(issued(c3, r3, members("jal"), 22), c3)  # consent revoked: nothing
     batch(issued(c5, r5, members("jal"), 23), c5)  # no travel program: nothing
     batch(issued(c6, r6, members("jal"), 24), c6)
-    batch(issued(c8, r8, members("jal", jal="JMB-8"), 25), c8)  # releases g8
+    batch(issued(c8, r8, await sealed_members(keyring, r8, "jal", jal="JMB-8"), 25), c8)  # releases g8
     batch(revoked(c6, r6, members("jal"), 26), c6)  # same run: after its issue
     batch(renewed(c9, r9, [], 27), c9)  # JAL dropped: withdrawal
     batch.again(c1_issued)  # a duplicate
@@ -279,7 +309,7 @@ async def test_a_mixed_batch_ends_where_one_event_at_a_time_ends(
 
     causes = incoming_ids(before.records + batch.records)
     outcome = await assert_batch_is_one_by_one(
-        pools, lambda pool: gateway_consumer(settings, pool), history=before.records, batch=batch.records,
+        pools, lambda pool: gateway_consumer(settings, pool, keyring), history=before.records, batch=batch.records,
         snapshot=lambda pool: end_state(pool, causes), label="gwruns",
         # A parked event may be claimed again (for replays): the batch again would park it twice.
         repeat=not poison,
@@ -317,6 +347,9 @@ async def test_a_mixed_batch_ends_where_one_event_at_a_time_ends(
     assert active[("jal", c1)]["consent_source"] == "registration_consent"
     assert active[("jal", c1)]["programs"] == ["jal-dual-residence-miles"]
     assert active[("jal", c1)]["member_number"] == "JMB-1" and active[("jal", c1)]["resident_id"] == r1
+    # On the feed, sealed for JAL about r1 (the certificate and its grant alike).
+    c1_sealed = [r["data"]["member_number"] for r in state["feed"] if r["subject"] == c1]
+    assert c1_sealed == [{"kid": f"partner:jal:{active[('jal', c1)]['resident_ref']}"}] * 2
     assert active[("jal", c6)]["status"] == "revoked" and active[("jal", c8)]["member_number"] == "JMB-8"
     [c1_delivery, g1_delivery] = [d for d in state["deliveries"] if d["certificate_number"] == c1]
     assert c1_delivery["items"] == [
@@ -333,10 +366,12 @@ async def test_a_mixed_batch_ends_where_one_event_at_a_time_ends(
     assert state["held_grants"] == []
 
 
-async def test_a_run_costs_a_few_statements_whatever_its_length(settings: Settings, pools: OpenPool) -> None:
+async def test_a_run_costs_a_few_statements_whatever_its_length(
+    settings: Settings, pools: OpenPool, keyring: Keyring
+) -> None:
     log = QueryLog()
     pool = await pools("gwruns", log)
-    consumer = await gateway_consumer(settings, pool)
+    consumer = await gateway_consumer(settings, pool, keyring)
 
     async def statements(feed: EventFeed) -> int:
         return len(await log.of_batch(consumer, feed.records))
@@ -349,7 +384,7 @@ async def test_a_run_costs_a_few_statements_whatever_its_length(settings: Settin
             consents(registered(r, [("jal", True)], 1), r)
         numbers = [new_number(SHIRAHAMA) for _ in residents]  # JAL serves Shirahama: feed records too
         for i, (n, r) in enumerate(zip(numbers, residents, strict=True)):
-            certificates(issued(n, r, members("jal", jal=f"JMB-{i}"), 2), n)
+            certificates(issued(n, r, await sealed_members(keyring, r, "jal", jal=f"JMB-{i}"), 2), n)
         counts[size] = (await statements(consents), await statements(certificates))
         sent = await pool.fetchval(
             "SELECT count(*) FROM deliveries WHERE certificate_number = ANY($1::text[])", numbers

@@ -30,10 +30,11 @@ from services.subsidy.config import SubsidySettings
 from services.subsidy.main import create_app as create_subsidy
 from shared.contracts.base import EventData
 from shared.contracts.certification import CertificateIssued
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import PartnerGrant, TripAccepted, TripReported, certificate_of_key
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
+from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.subsidy import GrantRedeemed, GrantRedemptionRejected
 from shared.contracts.topics import (
     CORE_TOPICS,
@@ -49,6 +50,7 @@ from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.kafka_security import KafkaConnection
+from shared.kit.keyring import Keyring
 from shared.kit.my_number import check_digit
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
@@ -79,6 +81,11 @@ class Platform:
     subsidy: httpx.AsyncClient
     gateway_pool: asyncpg.Pool
     subsidy_pool: asyncpg.Pool
+    keyring: Keyring
+
+    async def seal(self, resident: str, value: str | Contact) -> Sealed:
+        """Sealed under the resident's key, as registration and certification send it."""
+        return await self.keyring.seal(resident_subject(resident), value)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -89,6 +96,7 @@ async def platform(backends: Backends, run_id: str) -> AsyncIterator[Platform]:
     async with service_client(gateway_app) as gateway, service_client(subsidy_app) as subsidy:
         yield Platform(
             settings, gateway, subsidy, gateway_app.state.runtime.pool, subsidy_app.state.runtime.pool,
+            gateway_app.state.runtime.keyring,
         )
 
 
@@ -105,26 +113,32 @@ def a_my_number() -> str:
     return f"{first}{check_digit(first)}"
 
 
-def certificate(municipality: str, resident: str, partner: str, member_number: str | None = None) -> CertificateIssued:
+def certificate(
+    municipality: str, resident: str, partner: str, member_number: Sealed | None = None
+) -> CertificateIssued:
     number = CertificateNumber.format(municipality, TODAY.year, uuid.uuid4().int % CertificateNumber.MAX_SEQUENCE + 1)
     return CertificateIssued(
         certificate_number=number, resident_id=resident, municipality_code=municipality,
         valid_from=TODAY - timedelta(days=30), valid_until=TODAY + timedelta(days=334), status="valid",
-        partners=[PartnerMembership(partner=partner, member_number=member_number)], application_id=f"app-{uid()}",
+        partners=[SealedMembership(partner=partner, member_number=member_number)], application_id=f"app-{uid()}",
         issued_at=datetime.now(UTC),
     )
 
 
-def registered(resident: str, municipality: str, partner: str) -> ResidentRegistered:
+async def registered(
+    p: Platform, resident: str, municipality: str, partner: str
+) -> tuple[ResidentRegistered, Contact]:
+    """The registration (its contact sealed, as registration sends it) and the contact in clear."""
     now = datetime.now(UTC)
+    contact = Contact(name="二地域 花子", name_kana="ニチイキ ハナコ", email=f"hanako-{uid()}@example.jp",
+                      phone="090-1234-5678")
     return ResidentRegistered(
         resident_id=resident, registration_id=f"reg-{uid()}", municipality_code=municipality,
         prefecture_code=prefecture_of(municipality).code, tier="basic", status="active", legal_address_code="131016",
-        contact=Contact(name="二地域 花子", name_kana="ニチイキ ハナコ", email=f"hanako-{uid()}@example.jp",
-                        phone="090-1234-5678"),
+        contact=await p.seal(resident, contact),
         consents=[ConsentState(purpose="share_certificate", partner=partner, granted=True, at=now)],
         registered_at=now,
-    )
+    ), contact
 
 
 def report(grant_id: str, number: str, *, partner: str | None = None, trip_id: str | None = None,
@@ -292,7 +306,7 @@ async def test_jal_cannot_move_anas_budget_by_any_route(platform: Platform) -> N
     """HTTP with JAL's token, or JAL's trip topic with or without naming ANA: ANA's grant and
     budget stay as they were; the same trip on ANA's own topic is counted (the route works)."""
     resident = f"res-{uid()}"
-    issued = certificate(SUSAKI, resident, "ana", "AMC-1")
+    issued = certificate(SUSAKI, resident, "ana", await platform.seal(resident, "AMC-1"))
     ana_grant = await granted(platform, issued, ANA_PROGRAM)
     number, grant_id = issued.certificate_number, ana_grant["grant_id"]
     before, budget_before = grant_state(ana_grant), await budget(platform, ANA_PROGRAM)
@@ -377,9 +391,9 @@ async def test_no_record_on_any_partner_feed_carries_personal_data(platform: Pla
     """The JAL journey over both clusters (registration, certificate, grant, four round trips on
     JAL's topic, the miles credited), then every record of every partner's feed is read."""
     resident = f"res-{uid()}"
-    registration = registered(resident, SHIRAHAMA, "jal")
+    registration, contact = await registered(platform, resident, SHIRAHAMA, "jal")
     await publish(platform, "registration", registration, resident)
-    issued = certificate(SHIRAHAMA, resident, "jal", "JMB-777")
+    issued = certificate(SHIRAHAMA, resident, "jal", await platform.seal(resident, "JMB-777"))
     grant = await granted(platform, issued, JAL_PROGRAM)
     number, grant_id = issued.certificate_number, grant["grant_id"]
     trips = [report(grant_id, number, days_ago=20 - 4 * i) for i in range(4)]
@@ -395,8 +409,8 @@ async def test_no_record_on_any_partner_feed_carries_personal_data(platform: Pla
     assert sorted(g["trip_id"] for g in redeemed(records)) == sorted(t.trip_id for t in trips)
     assert sorted(g["amount"] for g in redeemed(records)) == [0, 0, 0, 30_000]  # credited once, at the fourth
 
-    contact = registration.contact
-    personal = [resident, contact.name, contact.name_kana, contact.email, contact.phone or "",
+    # The member number too: sealed for JAL, it is never readable on a feed.
+    personal = [resident, "JMB-777", contact.name, contact.name_kana, contact.email, contact.phone or "",
                 json.dumps(contact.name)[1:-1], json.dumps(contact.name_kana)[1:-1]]
     checked = 0
     for code in PARTNER_CODES:

@@ -11,6 +11,7 @@ resident signs up, registers and consents through registration's API.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.certification.main import CertificationConfig
 from services.certification.main import create_app as certification_app
@@ -44,6 +46,19 @@ class Platform:
     gateway_pool: Any
     certification_pool: Any
     registration_pool: Any
+
+
+async def opened(p: Platform, credential: dict[str, str], sealed: dict[str, str]) -> str:
+    """A sealed member number as the partner opens it: its key (``GET /v1/keys/{kid}``), then
+    AES-256-GCM with the kid as additional data (docs/partners.md)."""
+    response = await p.gateway.get(f"/v1/keys/{sealed['kid']}", headers=credential)
+    assert response.status_code == 200, response.text
+
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    key = unb64(response.json()["k"])
+    return AESGCM(key).decrypt(unb64(sealed["iv"]), unb64(sealed["ct"]), sealed["kid"].encode()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +176,13 @@ async def test_a_registered_partner_gets_its_certificates_over_kafka_and_http_wi
     records = page.json()["records"]
     assert [r["key"] for r in records] == [number] and time.monotonic() - started < 20
     first = records[0]
-    assert first["type"] == "jp.nichiiki.partner.certificate.v1" and first["subject"] == number
-    assert first["value"]["member_number"] == "KF123456" and first["value"]["programs"] == [f"{code}-fares@{SHIRAHAMA}"]
+    assert first["type"] == "jp.nichiiki.partner.certificate.v2" and first["subject"] == number
+    assert first["value"]["programs"] == [f"{code}-fares@{SHIRAHAMA}"]
     assert page.json()["next"] == first["cursor"]
+    # The member number is sealed for this partner on the HTTP feed too; its key opens it.
+    sealed = first["value"]["member_number"]
+    assert "KF123456" not in json.dumps(first) and sealed["kid"] == f"partner:{code}:{first['value']['resident_ref']}"
+    assert await opened(p, key, sealed) == "KF123456"
 
     # Over Kafka, on the edge: the same record (same ce_id, key and value).
     topic = p.settings.topic(f"partner.{code}.v1")

@@ -13,28 +13,41 @@ from services.notification.domain import (
 )
 from shared.contracts.base import EventData
 from shared.contracts.donation import ReceiptIssued
-from shared.contracts.registration import ConsentChanged, Contact, ContactChanged
-from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
+from shared.contracts.registration import ConsentChanged, Contact, ContactChanged, ResidentRegistered
+from shared.contracts.sealed import resident_subject
+from tests.support import seal_for_tests
+from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, contact_of, registration, sample_events
+
+
+def effect(event: EventData) -> Effect | None:
+    """The event's effect, a registration's contact opened as the handler opens it."""
+    return effect_of(event, contact_of(event) if isinstance(event, ResidentRegistered) else None)
 
 
 def chunked(events: list[EventData]) -> list[list[int]]:
     """The chunks, as positions in ``events`` of the events that do something here."""
-    planned = [(index, effect) for index, event in enumerate(events) if (effect := effect_of(event)) is not None]
+    planned = [(index, change) for index, event in enumerate(events) if (change := effect(event)) is not None]
     return [[index for index, _ in chunk] for chunk in conflict_free_runs(planned, effect=lambda item: item[1])]
 
 
 def test_a_registration_tells_after_saving_its_contact_and_consent() -> None:
-    effect = effect_of(registration("r-1", name="Emma", email="e@example.jp", language="en"))
-    assert effect is not None and effect.notice is not None
-    assert effect.resident_id == effect.notice.resident_id == "r-1"
-    assert effect.contact == ContactUpdate("Emma", "e@example.jp", "en")
-    assert effect.consent == ConsentUpdate(True, DECIDED - timedelta(days=1))
-    derived = effect_of(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
+    told = effect(registration("r-1", name="Emma", email="e@example.jp", language="en"))
+    assert told is not None and told.notice is not None
+    assert told.resident_id == told.notice.resident_id == "r-1"
+    assert told.contact == ContactUpdate("Emma", "e@example.jp", "en")
+    assert told.consent == ConsentUpdate(True, DECIDED - timedelta(days=1))
+    derived = effect(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
     assert derived is not None and derived.notice is None and derived.contact is not None
 
 
+def test_a_registration_whose_contact_does_not_open_does_nothing() -> None:
+    """Its person was erased (the key is gone): no contact, no consent, no message."""
+    assert effect_of(registration("r-1"), None) is None
+    assert effect_of(registration("r-1", status="pending_review", tier="premium"), None) is None
+
+
 def test_what_does_nothing_here_has_no_effect() -> None:
-    contact = Contact(name="n", name_kana="n", email="e@example.jp")
+    contact = seal_for_tests(resident_subject("r-1"), Contact(name="n", name_kana="n", email="e@example.jp"))
     assert effect_of(ConsentChanged(resident_id="r-1", purpose="newsletter", granted=True, at=DECIDED)) is None
     assert effect_of(ContactChanged(resident_id="r-1", contact=contact, at=DECIDED)) is None  # handled alone
     receipt = sample_events("r-1")["receipt_issued"]

@@ -43,6 +43,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.common import Language
 from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.reasons import CANCELLATION_REASONS, REASONS, REVOCATION_REASONS
 from shared.contracts.registration import (
     ConsentState,
@@ -53,6 +54,7 @@ from shared.contracts.registration import (
     PremiumRequested,
     ResidentRegistered,
 )
+from shared.contracts.sealed import resident_subject
 from shared.contracts.subsidy import (
     GrantCancelled,
     GrantIssued,
@@ -60,6 +62,7 @@ from shared.contracts.subsidy import (
     GrantRedemptionRejected,
     GrantWaitlisted,
 )
+from tests.support import opened_for_tests, seal_for_tests
 
 SHIRAHAMA = "304018"  # 和歌山県白浜町
 WAKAYAMA = "300004"  # 和歌山県
@@ -78,14 +81,22 @@ def registration(
     email_consent: bool = True, municipality: str = SHIRAHAMA, prefecture: str = WAKAYAMA,
     status: str = "active", tier: str = "basic",
 ) -> ResidentRegistered:
+    """A registration as registration publishes it, its contact sealed with the tests' key
+    (``tests.support.sealed_for`` seals it again with a service's key store before it is fed)."""
+    contact = Contact(name=name, name_kana="ヤマダ タロウ", email=email, preferred_language=language)
     return ResidentRegistered.model_validate({
         "resident_id": resident_id, "registration_id": f"reg-{resident_id}-{municipality}",
         "municipality_code": municipality, "prefecture_code": prefecture, "tier": tier, "status": status,
         "legal_address_code": "131121",
-        "contact": Contact(name=name, name_kana="ヤマダ タロウ", email=email, preferred_language=language),
+        "contact": seal_for_tests(resident_subject(resident_id), contact),
         "consents": [ConsentState(purpose="email", granted=email_consent, at=DECIDED - timedelta(days=1))],
         "registered_at": DECIDED,
     })
+
+
+def contact_of(event: ResidentRegistered) -> Contact:
+    """The contact ``registration`` sealed, opened as the service would."""
+    return Contact.model_validate_json(opened_for_tests(event.contact))
 
 
 def sample_events(resident_id: str) -> dict[str, EventData]:
@@ -137,7 +148,8 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
         ),
         "grant_issued": GrantIssued.model_validate({
             **grant, "unit": "miles", "reserved": 30000, "window_from": date(2026, 12, 1),
-            "window_until": date(2027, 3, 31), "member_number": "JMB123456789", "issued_at": DECIDED,
+            "window_until": date(2027, 3, 31), "issued_at": DECIDED,
+            "member_number": seal_for_tests(resident_subject(resident_id), "JMB123456789"),
         }),
         "grant_waitlisted": GrantWaitlisted.model_validate(
             {**grant, "unit": "miles", "needed": 30000, "position": 4, "waitlisted_at": DECIDED}
@@ -157,6 +169,14 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
         "one_stop_voided": OneStopExceptionVoided(
             donor_id="donor-1", resident_id=resident_id, calendar_year=2026,
             municipality_codes=[SHIRAHAMA, SADO, KAMISHIHORO, IKI, MITOYO, SUSAKI], voided_at=DECIDED,
+        ),
+        "listing_digest": ListingDigestDue(
+            digest_id="dig-1", resident_id=resident_id, cadence="weekly", due_at=DECIDED, listings=[
+                DigestEntry(listing_id="lst-1", kind="vacant_house", municipality_code=SHIRAHAMA,
+                            title="Seaside house", available_from=date(2026, 12, 1)),
+                DigestEntry(listing_id="lst-2", kind="coworking", municipality_code=SADO, title="Ryotsu desks",
+                            available_from=date(2026, 12, 1), available_until=date(2027, 3, 31)),
+            ],
         ),
     }
 
@@ -219,6 +239,13 @@ EXPECTED: dict[str, dict[Language, list[str]]] = {
     "one_stop_voided": {
         "ja": ["2026年のワンストップ特例", "和歌山県白浜町、新潟県佐渡市", "6団体", "確定申告"],
         "en": ["for 2026", "和歌山県白浜町, 新潟県佐渡市", "Municipalities (6)", "file a tax return"],
+    },
+    "listing_digest": {
+        "ja": ["今週の募集・催しのお知らせ（2件）", "・Seaside house（空き家、和歌山県白浜町、2026年12月1日〜）",
+               "・Ryotsu desks（コワーキング、新潟県佐渡市、2026年12月1日〜2027年3月31日）"],
+        "en": ["This week's listings for you (2)",
+               "- Seaside house (vacant house, 和歌山県白浜町, 1 December 2026 onwards)",
+               "- Ryotsu desks (coworking, 新潟県佐渡市, 1 December 2026 to 31 March 2027)"],
     },
 }
 
@@ -407,8 +434,11 @@ def test_only_a_5xx_about_the_message_is_permanent() -> None:
     assert not is_permanent_smtp_failure("mail", 550)  # our sender address: configuration, retry
 
 
-def test_failure_reasons_do_not_carry_the_address() -> None:
+def test_failure_reasons_do_not_carry_the_address_or_the_name() -> None:
     reason = "550 5.1.1 <Taro@Example.jp>: Recipient address rejected"
     assert scrub_address(reason, "taro@example.jp") == "550 5.1.1 <<recipient>>: Recipient address rejected"
+    echoed = '550 5.1.1 "山田 太郎" <taro@example.jp>: no such user'
+    assert scrub_address(echoed, "taro@example.jp", "山田 太郎") == '550 5.1.1 "<name>" <<recipient>>: no such user'
+    assert scrub_address("550 no", "taro@example.jp", " ") == "550 no"  # a blank name scrubs nothing
     assert scrub_address("451 try later", None) == "451 try later"
     assert len(scrub_address("x" * 2000, None)) == 500

@@ -38,6 +38,7 @@ from shared.contracts.subsidy import (
     GrantWaitlisted,
 )
 from shared.kit.clock import JAPAN, Clock
+from tests.support import seal_for_tests
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 JAL_PROGRAMS = {"304018": ("jal-dual-residence-miles",), "422100": ("jal-dual-residence-miles",)}
@@ -91,7 +92,7 @@ def test_the_newest_consent_wins_and_a_revocation_wins_a_tie() -> None:
 def test_records_carry_the_minimum_and_the_items_sent_are_listed() -> None:
     view = entitlement(JAL, certificate(jal=None), None, withdrawn=False)
     assert view is not None
-    record = certificate_record(view, NOW)
+    record = certificate_record(view, NOW, None)
     fields = set(record.model_dump())
     assert not fields & {"resident_id", "name", "address", "birth_date", "email", "phone"}
     assert "member_number" not in delivered_items(record)
@@ -110,7 +111,7 @@ GRANT = {
     ("event", "expected"),
     [
         (GrantIssued(**GRANT, unit="miles", reserved=30000, window_from=date(2026, 3, 1), window_until=date(2026, 7, 1),
-                     member_number="ELSEWHERE", issued_at=NOW),
+                     member_number=seal_for_tests("resident:res-1", "ELSEWHERE"), issued_at=NOW),
          {"state": "issued", "unit": "miles", "amount": 30000, "changed_at": NOW}),
         (GrantWaitlisted(**GRANT, unit="miles", needed=30000, position=3, waitlisted_at=NOW),
          {"state": "waitlisted", "amount": 30000}),
@@ -132,10 +133,12 @@ GRANT = {
     ],
 )
 def test_grant_events_become_partner_grants(event: GrantIssued, expected: dict[str, object]) -> None:
-    record = grant_record(event, "ref-1", "JMB-1")
+    for_jal = seal_for_tests("partner:jal:ref-1", "JMB-1")
+    record = grant_record(event, "ref-1", for_jal)
     dumped = record.model_dump()
     assert {k: dumped[k] for k in expected} == expected
-    assert dumped["resident_ref"] == "ref-1" and dumped["member_number"] == "JMB-1"  # the consented one only
+    # the consented number only, sealed for the partner (never the event's, sealed for the platform)
+    assert dumped["resident_ref"] == "ref-1" and record.member_number == for_jal
     assert "resident_id" not in dumped
 
 
@@ -143,7 +146,7 @@ def test_feed_keys_one_per_certificate_and_one_per_grant_on_the_certificates_par
     number = "NCH-422100-2026-000001"
     view = entitlement(JAL, certificate(jal=None), None, withdrawn=False)
     assert view is not None
-    assert feed_key(certificate_record(view, NOW)) == (number, None)
+    assert feed_key(certificate_record(view, NOW, None)) == (number, None)
     assert feed_key(withdrawal_record(number, "ref", "consent_revoked", NOW)) == (number, None)
     grant = grant_record(GrantCancelled(**GRANT, unit="miles", released=1, reason="r", cancelled_at=NOW), "ref", None)
     assert feed_key(grant) == (f"{number}/grants/g-1", number)  # partitioned by the certificate number
