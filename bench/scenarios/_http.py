@@ -23,8 +23,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.measure import Latencies
 from bench.scenarios._common import CLIENT, OUTSIDE, CpuMeter, read_response
+from bench.scenarios._events import GROUP_NAMES
 from shared.contracts.topics import APPLICATIONS, RESIDENTS, Topic, cluster_of
 from shared.kit.kafka_security import KafkaConnection
+from shared.kit.offsets import end_probe, log_end_offsets
 from shared.kit.settings import Settings
 from shared.reference import SPECIFIC_RESIDENCE_PLAN, plans, travel_programs
 
@@ -378,17 +380,17 @@ async def wait_consumers_caught_up(ctx: BenchContext, topic: Topic, *, timeout_s
     would hand their CPU cost to the next scenario. Returns the seconds waited.
     """
     running = [service for service in topic.consumers if service in ctx.fleet.processes]
-    groups = [ctx.settings.topic(f"nichiiki.{service}") for service in running]
+    groups = [ctx.settings.topic(f"nichiiki.{GROUP_NAMES.get(service, service)}") for service in running]
     name = ctx.settings.topic(topic.name)
     started = time.perf_counter()
     connection = KafkaConnection.of(ctx.settings, topic.cluster)
     admin = AIOKafkaAdminClient(**connection.aiokafka_kwargs())
-    probe = AIOKafkaConsumer(**connection.aiokafka_kwargs(), enable_auto_commit=False)
+    probe = end_probe(connection.aiokafka_kwargs())
     await admin.start()
     await probe.start()
     try:
         partitions = await partitions_of(probe, name)
-        ends = await probe.end_offsets(partitions)
+        ends = await log_end_offsets(probe, partitions)  # the broker's reported ends may lag (offsets.py)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             behind = 0

@@ -30,6 +30,7 @@ from bench.scenarios._events import (
     machine_load,
     publish,
     resident_registered,
+    sealing_keys,
     settle,
     watch_consumers,
 )
@@ -85,8 +86,9 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         f"files by recipient domain {DOMAIN})."
     ]
     await settle(ctx)
+    keys = await sealing_keys(ctx.settings, residents)  # before the window, as registration has them
     registered = [
-        resident_registered(rid, TOWN, email=f"r{i}-{tag}@{DOMAIN}", language="en" if i % 2 else "ja",
+        resident_registered(rid, TOWN, email=f"r{i}-{tag}@{DOMAIN}", keys=keys, language="en" if i % 2 else "ja",
                             email_consent=True)
         for i, rid in enumerate(residents)
     ]

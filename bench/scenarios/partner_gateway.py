@@ -5,6 +5,8 @@ Feed lag: ``CertificateIssued`` envelopes for 白浜町 listing JAL are publishe
 and timed until JAL's record for that number appears on ``partner.jal.v1``. The residents are new
 to the gateway, so it has no share_certificate fact about them and the certificate's partner list
 (declared ∩ consented by the certification service) is the consent basis (``certificate_membership``).
+Each carries JAL's member number sealed with the resident's key (made in the key store before the
+window), so the lag includes the gateway opening it and sealing it again for JAL (docs/privacy.md).
 
 Verification: ``GET /v1/certificates/{number}`` with an ``X-Api-Key`` the gateway issued to JAL
 (admin ``POST /v1/partners/jal/api-keys``, revoked at the end), over the certificates of the feed
@@ -19,6 +21,7 @@ import random
 import re
 import sys
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -26,6 +29,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.measure import Latencies, LoadResult, paced
 from bench.scenarios._common import CpuMeter
+from bench.scenarios._events import sealed_for_resident, sealing_keys
 from bench.scenarios._http import (
     SHIRAHAMA,
     HttpPool,
@@ -39,7 +43,7 @@ from bench.scenarios._http import (
     subject_of,
 )
 from shared.contracts.certification import CertificateIssued
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import PartnerCertificate
 from shared.contracts.topics import CERTIFICATES, GRANTS, partner_feed
@@ -53,12 +57,15 @@ FEED_RATE = 50.0
 VERIFY_RATE = 1_000.0
 
 
-def certificate_event(number: str) -> CertificateIssued:
+def certificate_event(number: str, resident_id: str, keys: Mapping[str, bytes]) -> CertificateIssued:
+    """As certification announces it (v2): JAL's member number sealed with the resident's key, which
+    the gateway opens and seals again for JAL (``keys``: ``sealing_keys``)."""
     today = datetime.now(UTC).date()
+    number_sealed = sealed_for_resident(keys, resident_id, "123456789")
     return CertificateIssued(
-        certificate_number=number, resident_id=str(uuid.uuid4()), municipality_code=SHIRAHAMA,
+        certificate_number=number, resident_id=resident_id, municipality_code=SHIRAHAMA,
         valid_from=today, valid_until=today + timedelta(days=364), status="valid",
-        partners=[PartnerMembership(partner="jal", member_number="123456789")],
+        partners=[SealedMembership(partner="jal", member_number=number_sealed)],
         application_id=str(uuid.uuid4()), issued_at=datetime.now(UTC),
     )
 
@@ -112,8 +119,12 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         idle = await idle_cpu()
 
         # --- Feed lag: certificate event published → JAL's record seen --------------------------------
+        residents = {number: str(uuid.uuid4()) for number in numbers}
+        keys = await sealing_keys(ctx.settings, list(residents.values()))  # made before the window
         envelopes = [
-            new_envelope("certification", certificate_event(number), subject=number, key=number) for number in numbers
+            new_envelope("certification", certificate_event(number, residents[number], keys), subject=number,
+                         key=number)
+            for number in numbers
         ]
         schedule = Schedule(FEED_RATE)
 

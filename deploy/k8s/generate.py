@@ -21,6 +21,7 @@ What is generated:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,7 +32,16 @@ import structlog
 import yaml
 
 from shared.contracts.acls import bindings, principals, service_principal, strimzi_kafka_user, username
-from shared.contracts.topics import ALL_TOPICS, DLQ_SUFFIX, SERVICES, Cluster, Topic, dead_letter_topics
+from shared.contracts.topics import (
+    ALL_TOPICS,
+    BACKENDS,
+    DLQ_SUFFIX,
+    FRONTS,
+    SERVICES,
+    Cluster,
+    Topic,
+    dead_letter_topics,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -169,7 +179,14 @@ def kafka_user_name(service: str) -> str:
 def secret_templates() -> list[Resource]:
     """One Secret per service (its own database role, Redis and Kafka principal) and the two cluster CAs."""
     out: list[Resource] = []
-    for service in SERVICES:
+    for service in FRONTS:  # no database, no Kafka: only the sessions in Redis
+        out.append({
+            "apiVersion": "v1", "kind": "Secret", "metadata": metadata(secret_name(service), extra=labels(service)),
+            "type": "Opaque", "stringData": {
+                "NICHIIKI_REDIS_URL": f"rediss://nichiiki-{dns_name(service)}:{PLACEHOLDER}@redis.{DATA_NAMESPACE}.svc:6379/0",
+            },
+        })
+    for service in BACKENDS:
         data = {
             # the service replaces the database name with nichiiki_<service> (shared/kit/settings.py)
             "NICHIIKI_PG_DSN": f"postgresql://nichiiki_{service}:{PLACEHOLDER}@postgres-{dns_name(service)}"
@@ -248,6 +265,8 @@ def env_from(service: str) -> list[Resource]:
 
 
 def ca_volumes(service: str) -> tuple[list[Resource], list[Resource]]:
+    if service in FRONTS:  # no Kafka client
+        return [], []
     cas = [("kafka-ca", "nichiiki-kafka-ca", CA_MOUNT)]
     if service == "partner_gateway":
         cas.append(("partner-kafka-ca", "nichiiki-partner-kafka-ca", EDGE_CA_MOUNT))
@@ -276,6 +295,8 @@ def deployment(service: str) -> Resource:
         "command": ["python", "-m", f"services.{service}"],
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "envFrom": env_from(service),
+        **({"env": [{"name": "NICHIIKI_CONSOLE_SERVICE_URLS", "value": console_service_urls()}]}
+           if service == "console" else {}),
         "resources": {
             "requests": {"cpu": size.cpu_request, "memory": size.memory_request},
             "limits": {"cpu": size.cpu_limit, "memory": size.memory_limit},
@@ -317,6 +338,11 @@ def deployment(service: str) -> Resource:
             },
         },
     }
+
+
+def console_service_urls() -> str:
+    """Where the console calls each service: its Kubernetes Service, in this namespace."""
+    return json.dumps({s: f"http://{dns_name(s)}:{HTTP_PORT}" for s in BACKENDS}, separators=(",", ":"))
 
 
 def service_account(service: str) -> Resource:
@@ -373,7 +399,7 @@ def migration_job() -> list[Resource]:
     failing migration then stops the release in the Job, before any pod of the new version starts."""
     volumes, mounts = writable_volumes()
     steps = []
-    for service in SERVICES:
+    for service in BACKENDS:  # a front has no database
         steps.append({
             "name": f"migrate-{dns_name(service)}",
             "image": IMAGE,
@@ -416,7 +442,7 @@ def migration_job() -> list[Resource]:
             "ingress": [],
             "egress": [{
                 "to": [{"namespaceSelector": _namespace(DATA_NAMESPACE), "podSelector": {"matchExpressions": [
-                    {"key": "nichiiki.jp/database", "operator": "In", "values": list(SERVICES)},
+                    {"key": "nichiiki.jp/database", "operator": "In", "values": list(BACKENDS)},
                 ]}}],
                 "ports": [{"protocol": "TCP", "port": 5432}],
             }],
@@ -448,6 +474,10 @@ def network_policy(service: str) -> Resource:
     ]
     if service == "identity":  # every service fetches the issuer's keys (JWKS)
         public.append({"podSelector": {"matchLabels": PART_OF}})
+    elif service not in FRONTS:  # the console calls every service with its users' tokens
+        public.extend({"podSelector": {"matchLabels": selector(front)}} for front in FRONTS)
+    if service in FRONTS:
+        return front_network_policy(service, public)
     egress: list[Resource] = [
         kafka_peer(INTERNAL_CLUSTER, KAFKA_NAMESPACE),
         {   # its own database, nobody else's
@@ -474,6 +504,33 @@ def network_policy(service: str) -> Resource:
             "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}}],
             "ports": [{"protocol": "TCP", "port": 587}, {"protocol": "TCP", "port": 465}],
         })
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": metadata(dns_name(service), extra=labels(service)),
+        "spec": {
+            "podSelector": {"matchLabels": selector(service)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": public, "ports": [{"protocol": "TCP", "port": HTTP_PORT}]}],
+            "egress": egress,
+        },
+    }
+
+
+def front_network_policy(service: str, public: list[Resource]) -> Resource:
+    """A front (the console): people reach it through the ingress; it reaches Redis (its sessions) and
+    the services' HTTP APIs, and no database or Kafka."""
+    egress: list[Resource] = [
+        {
+            "to": [{"namespaceSelector": _namespace(DATA_NAMESPACE), "podSelector": {"matchLabels": {
+                "app.kubernetes.io/name": "redis",
+            }}}],
+            "ports": [{"protocol": "TCP", "port": 6379}],
+        },
+        {
+            "to": [{"podSelector": {"matchLabels": selector(backend)}} for backend in BACKENDS],
+            "ports": [{"protocol": "TCP", "port": HTTP_PORT}],
+        },
+    ]
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": metadata(dns_name(service), extra=labels(service)),

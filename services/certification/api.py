@@ -11,8 +11,8 @@ from pydantic import Field, field_validator
 
 from services.certification.domain import (
     ApplicationRequest,
-    MunicipalityRules,
     RequiredRegistration,
+    SchemeEdit,
     plannable_municipality,
 )
 from services.certification.handlers import CertificationService
@@ -123,6 +123,22 @@ class RulesBody(ApiModel):
     housing_bases: list[HousingBasis] = Field(min_length=1)
     validity_days: int = Field(ge=1, le=1096)
     required_registration: RequiredRegistration
+    valid_from: date | None = Field(
+        default=None,
+        description="first day the certification scheme is in force (null: since ever); set together with "
+        "valid_until; omit both to keep the scheme's period",
+    )
+    valid_until: date | None = Field(
+        default=None, description="last day the scheme is in force (null: until further notice)"
+    )
+
+    def to_edit(self, code: str) -> SchemeEdit:
+        given = self.model_fields_set & {"valid_from", "valid_until"}
+        return SchemeEdit(
+            municipality_code=code, min_stay_days=self.min_stay_days, housing_bases=tuple(self.housing_bases),
+            validity_days=self.validity_days, required_registration=self.required_registration,
+            period=(self.valid_from, self.valid_until) if given else None,
+        )
 
     @field_validator("housing_bases")
     @classmethod
@@ -141,7 +157,7 @@ class PlanBody(ApiModel):
 async def submit_application(
     body: ApplicationBody, principal: Resident, service: Service, write: WriteRequest
 ) -> Response:
-    """A resident applies for dual-resident certification with a municipality that has a plan."""
+    """A resident applies for dual-resident certification with a municipality whose scheme is in force."""
     return (await service.submit_application(write, body.to_request())).response()
 
 
@@ -152,6 +168,10 @@ async def review_queue(
     status: Literal["submitted", "approved", "rejected", "any"] = "submitted",
     housing_basis: HousingBasis | None = None,
     limit: Limit = 50, offset: Offset = 0,
+    after: Annotated[str | None, Query(max_length=64, description=(
+        "only applications after this one in the queue's order: the next page is `after=<last id>` "
+        "(as fast at the end of a long queue as at its start, unlike `offset`)"
+    ))] = None,
 ) -> Page[ApplicationView]:
     """The review queue of one municipality, oldest first."""
     code = municipality or principal.municipality
@@ -159,7 +179,7 @@ async def review_queue(
         principal.ensure_municipality(code)
     return await service.applications(
         municipality_code=code, resident_id=None, status=None if status == "any" else status,
-        housing_basis=housing_basis, limit=limit, offset=offset,
+        housing_basis=housing_basis, limit=limit, offset=offset, after=after,
     )
 
 
@@ -245,7 +265,7 @@ async def resident_certificates(
 async def municipalities(
     principal: Anyone, service: Service, limit: Limit = 100, offset: Offset = 0
 ) -> Page[RulesView]:
-    """The municipalities that certify dual residents, with their rules."""
+    """The municipalities that certify dual residents, with their schemes (legal basis, period, rules)."""
     return await service.municipalities(limit, offset)
 
 
@@ -256,19 +276,17 @@ async def get_rules(code: str, principal: Anyone, service: Service) -> RulesView
 
 @router.put("/municipalities/{code}/rules", response_model=RulesView)
 async def put_rules(code: str, body: RulesBody, principal: Managers, service: Service, write: WriteRequest) -> Response:
-    """The municipality's staff (or an admin) set its rules; audited."""
-    rules = MunicipalityRules(
-        municipality_code=code, min_stay_days=body.min_stay_days, housing_bases=tuple(body.housing_bases),
-        validity_days=body.validity_days, required_registration=body.required_registration,
-    )
-    return (await service.update_rules(write, rules)).response()
+    """The municipality's managers (or an admin) set its certification scheme's rules and period; audited.
+    The legal basis (plan or model project) follows the town's plan, not this request."""
+    return (await service.update_rules(write, body.to_edit(code))).response()
 
 
 @router.post("/municipalities/{code}/plan", status_code=201, response_model=RulesView)
 async def add_plan(
     code: str, principal: Admin, service: Service, write: WriteRequest, body: Annotated[PlanBody | None, Body()] = None
 ) -> Response:
-    """An admin records a plan adopted after the reference data; the municipality gets default rules."""
+    """An admin records a plan adopted after the reference data: the town's scheme moves to a plan basis
+    (its rules stay), or a town without a scheme gets one with default rules."""
     return (await service.add_plan(write, code, (body or PlanBody()).adopted_on)).response()
 
 
@@ -276,10 +294,14 @@ async def add_plan(
 async def municipality_certificates(
     code: str, principal: Staff, service: Service, status: CertificateStatus | None = None,
     limit: Limit = 50, offset: Offset = 0,
+    valid_until_before: Annotated[date | None, Query(description=(
+        "only certificates whose validity ends before this day, soonest first (the expiring list)"
+    ))] = None,
 ) -> Page[CertificateView]:
     principal.ensure_municipality(code)
     return await service.certificates(
-        municipality_code=code, resident_id=None, status=status, limit=limit, offset=offset
+        municipality_code=code, resident_id=None, status=status, limit=limit, offset=offset,
+        valid_until_before=valid_until_before,
     )
 
 
@@ -294,14 +316,17 @@ async def municipality_certificates_csv(
     """Every certificate of the municipality as CSV (UTF-8 with BOM, for spreadsheet software)."""
     plannable_municipality(code)
     principal.ensure_municipality(code)
-    rows = await service.certificate_rows(code, status)
+    rows = service.certificate_rows(code, status)
     return csv_response(f"certificates-{code}-{service.clock.today().isoformat()}.csv", CSV_COLUMNS, rows)
 
 
 @router.get("/municipalities/{code}/audit", response_model=Page[AuditView])
 async def audit_trail(
-    code: str, principal: Staff, service: Service, limit: Limit = 50, offset: Offset = 0
+    code: str, principal: Staff, service: Service, limit: Limit = 50, offset: Offset = 0,
+    application: Annotated[str | None, Query(max_length=64, description=(
+        "only the entries about this application and the certificate it was approved into"
+    ))] = None,
 ) -> Page[AuditView]:
     """Every decision about the municipality's applications, certificates and rules, newest first."""
     principal.ensure_municipality(code)
-    return await service.audit(code, limit, offset)
+    return await service.audit(code, limit, offset, application)

@@ -1,5 +1,6 @@
-"""What the service consumes: ``registration.residents.v1`` into its resident projection, and
-``gateway.partners.v1`` (partners registered through the gateway) into its partner list.
+"""What the service consumes: ``registration.residents.v1`` into its resident projection,
+``gateway.partners.v1`` (partners registered through the gateway) into its partner list, and
+``planning.plans.v1`` (municipal plans adopted and withdrawn) into the towns' certification schemes.
 
 Thin: each handler hands the events to their use case in the consumer's transaction (the inbox has
 claimed them, so a redelivery never gets here). Registrations, their changes and consents are
@@ -13,6 +14,7 @@ from __future__ import annotations
 from services.certification import handlers
 from services.certification.domain import ProjectionEvent
 from shared.contracts.partners import PartnerRegistered
+from shared.contracts.planning import PlanAdopted, PlanWithdrawn
 from shared.contracts.registration import (
     ConsentChanged,
     PremiumApproved,
@@ -40,6 +42,12 @@ async def projection_events(run: Run[ProjectionEvent]) -> None:
 @router.on(ResidentWithdrawn)
 async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
     await handlers.withdraw_resident(ctx, event, ctx.envelope.time)
+
+
+@router.on(PlanAdopted, PlanWithdrawn)
+async def plan_changed(ctx: HandlerContext, event: PlanAdopted | PlanWithdrawn) -> None:
+    # planning.plans.v1: a municipal plan moves the town's certification scheme to or from a plan basis.
+    await handlers.record_plan_event(ctx, event, ctx.envelope.time)
 
 
 @router.on_many(PartnerRegistered)

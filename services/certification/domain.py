@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, get_args
 
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership, Tier
+from shared.contracts.planning import PlanAdopted, PlanWithdrawn
 from shared.contracts.reasons import RESIDENT_WITHDRAWN, RejectionReason, RevocationReason
 from shared.contracts.registration import (
     ConsentChanged,
@@ -50,6 +51,11 @@ MAX_BACKDATED_DAYS = 30
 MAX_DEFERRED_DAYS = 90
 
 RequiredRegistration = Literal["any_active", "premium"]
+#: What a municipality certifies dual residents under: its adopted 特定居住促進計画 (``plan``), or a
+#: 先導的モデル事業 / its own scheme (``model_project``). Certification is one of the model projects'
+#: tools and needs no plan (issue #19).
+LegalBasis = Literal["plan", "model_project"]
+SchemeSource = Literal["reference", "admin", "planning"]
 ApplicationStatus = Literal["submitted", "approved", "rejected"]
 ResidentStatus = Literal["active", "withdrawn"]
 PremiumStatus = Literal["requested", "approved", "rejected", "expired"]
@@ -73,14 +79,24 @@ class NotAMunicipality(DomainError):
     title = "The code names a prefecture, not a municipality"
 
 
-class MunicipalityWithoutPlan(DomainError):
-    code = "municipality-without-plan"
-    title = "The municipality has no adopted 特定居住促進計画"
+class NoCertificationScheme(DomainError):
+    code = "no-certification-scheme"
+    title = "The municipality has no certification scheme for dual residents"
+
+
+class SchemeNotInForce(DomainError):
+    code = "scheme-not-in-force"
+    title = "The municipality's certification scheme is not in force today"
+
+
+class InvalidSchemePeriod(DomainError):
+    code = "invalid-scheme-period"
+    title = "The scheme's valid_until precedes its valid_from"
 
 
 class RulesNotFound(NotFound):
     code = "rules-not-found"
-    title = "The municipality has no plan, so no certification rules"
+    title = "The municipality has no certification scheme, so no certification rules"
 
 
 class PlanAlreadyRecorded(Conflict):
@@ -235,15 +251,93 @@ class RenewalTooEarly(Conflict):
 
 @dataclass(frozen=True, slots=True)
 class MunicipalityRules:
-    """What one municipality requires of an applicant (defaults: the design's brackets)."""
+    """One municipality's certification scheme: its legal basis, when it is in force, and what it
+    requires of an applicant (defaults: the design's brackets).
+
+    ``plan_source`` says where the scheme's row came from (the reference data, an admin, or the
+    planning service's events); ``plan_adopted_on`` is set only on a plan basis."""
 
     municipality_code: str
     min_stay_days: int = 30
     housing_bases: tuple[HousingBasis, ...] = HOUSING_BASES
     validity_days: int = 365
     required_registration: RequiredRegistration = "any_active"
-    plan_source: Literal["reference", "admin"] = "reference"
+    plan_source: SchemeSource = "reference"
     plan_adopted_on: date | None = None
+    legal_basis: LegalBasis = "plan"
+    valid_from: date | None = None
+    valid_until: date | None = None
+
+    def in_force_on(self, day: date) -> bool:
+        return (self.valid_from is None or self.valid_from <= day) and (
+            self.valid_until is None or day <= self.valid_until
+        )
+
+    def with_plan(self, adopted_on: date | None, source: SchemeSource) -> MunicipalityRules:
+        """The town adopted a 特定居住促進計画: the same rules, now on a plan basis."""
+        return replace(self, legal_basis="plan", plan_adopted_on=adopted_on, plan_source=source)
+
+    def without_plan(self, source: SchemeSource) -> MunicipalityRules:
+        """The town's plan was withdrawn: certification goes on under its own scheme, same rules."""
+        return replace(self, legal_basis="model_project", plan_adopted_on=None, plan_source=source)
+
+    def edited(self, edit: SchemeEdit) -> MunicipalityRules:
+        """Staff change their scheme's rules and period; the legal basis is a fact, not a choice here."""
+        valid_from, valid_until = edit.period if edit.period is not None else (self.valid_from, self.valid_until)
+        if valid_from is not None and valid_until is not None and valid_until < valid_from:
+            raise InvalidSchemePeriod(
+                f"valid_until {valid_until} precedes valid_from {valid_from}", field="valid_until"
+            )
+        return replace(
+            self, min_stay_days=edit.min_stay_days, housing_bases=edit.housing_bases,
+            validity_days=edit.validity_days, required_registration=edit.required_registration,
+            valid_from=valid_from, valid_until=valid_until,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SchemeEdit:
+    """What staff may change of their scheme: the rules, and (``period``, None to keep it) when it is in force."""
+
+    municipality_code: str
+    min_stay_days: int
+    housing_bases: tuple[HousingBasis, ...]
+    validity_days: int
+    required_registration: RequiredRegistration
+    period: tuple[date | None, date | None] | None = None
+
+
+def scheme_after_plan_event(
+    current: MunicipalityRules | None, code: str, event: PlanAdopted | PlanWithdrawn
+) -> MunicipalityRules | None:
+    """A town's scheme after its 特定居住促進計画 was adopted or withdrawn (``planning.plans.v1``).
+
+    Adoption puts the scheme on a plan basis (a town without a scheme gets one, default rules);
+    withdrawal puts it back on a model-project basis: certification is not tied to a plan, so
+    the town goes on certifying under its own scheme until its staff end it (``valid_until``).
+    None: nothing changes (a withdrawal where no scheme is recorded)."""
+    if isinstance(event, PlanAdopted):
+        return (current or MunicipalityRules(code)).with_plan(event.adopted_on, "planning")
+    if current is None or current.legal_basis != "plan":
+        return None
+    return current.without_plan("planning")
+
+
+def seed_schemes(
+    adopted_plans: Mapping[str, date], programme_towns: Iterable[str]
+) -> list[MunicipalityRules]:
+    """The schemes of the reference data: every town with an adopted plan certifies on that basis;
+    every other town of a travel programme certifies under a model project (default rules each)."""
+    schemes = [
+        MunicipalityRules(code, legal_basis="plan", plan_adopted_on=adopted_on)
+        for code, adopted_on in adopted_plans.items()
+    ]
+    seen = set(adopted_plans)
+    for code in programme_towns:
+        if code not in seen:
+            seen.add(code)
+            schemes.append(MunicipalityRules(code, legal_basis="model_project"))
+    return schemes
 
 
 def known_municipality(code: str, field_name: str) -> Municipality:
@@ -540,13 +634,26 @@ def check_request(
     check_partners(request.partners, registered)
 
 
-def check_against_rules(request: ApplicationRequest, rules: MunicipalityRules | None) -> MunicipalityRules:
+def scheme_in_force(code: str, rules: MunicipalityRules | None, today: date) -> MunicipalityRules:
+    """The municipality's scheme, if it certifies today (whatever its legal basis)."""
     if rules is None:
-        name = municipality(request.municipality_code).full_name
-        raise MunicipalityWithoutPlan(
-            f"{name} ({request.municipality_code}) has no adopted 特定居住促進計画 and does not certify dual residents",
+        name = municipality(code).full_name
+        raise NoCertificationScheme(
+            f"{name} ({code}) has no certification scheme for dual residents", field="municipality_code"
+        )
+    if not rules.in_force_on(today):
+        raise SchemeNotInForce(
+            f"the certification scheme of {code} is in force from {rules.valid_from or 'its start'} "
+            f"until {rules.valid_until or 'further notice'}; today is {today}",
             field="municipality_code",
         )
+    return rules
+
+
+def check_against_rules(
+    request: ApplicationRequest, rules: MunicipalityRules | None, today: date
+) -> MunicipalityRules:
+    rules = scheme_in_force(request.municipality_code, rules, today)
     if request.planned_stay_days < rules.min_stay_days:
         raise StayBelowMinimum(
             f"planned_stay_days is {request.planned_stay_days}; the municipality requires at least "
@@ -825,3 +932,6 @@ class AuditEntry:
     at: datetime
     reason: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: The staff member's own words: kept apart from the entry (``audit_notes``), so the entry stays
+    #: append-only while the note is erased with the resident it may be about.
+    note: str | None = None

@@ -7,7 +7,7 @@ transaction (``HandlerContext``); both expose ``conn`` and ``emit``, which is al
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import date, datetime
 from typing import Any, Literal
 
@@ -25,11 +25,12 @@ from services.certification.domain import (
     CertificateAlreadyHeld,
     CertificateNotFound,
     MunicipalityRules,
-    MunicipalityWithoutPlan,
+    NoCertificationScheme,
     OpenApplicationExists,
     PlanAlreadyRecorded,
     ProjectionEvent,
     RulesNotFound,
+    SchemeEdit,
     check_against_rules,
     check_applicant,
     check_request,
@@ -41,6 +42,8 @@ from services.certification.domain import (
     project_events,
     registered_format,
     registrations_to_read,
+    scheme_after_plan_event,
+    scheme_in_force,
     shared_partners,
     validity_period,
     without_member_numbers,
@@ -63,14 +66,19 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import PartnerMembership, SealedMembership
 from shared.contracts.partners import PartnerRegistered
+from shared.contracts.planning import PlanAdopted, PlanWithdrawn
 from shared.contracts.reasons import RejectionReason, RevocationReason
 from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.sealed import resident_subject
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES, PARTNER_CODES
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import utc_now
+from shared.kit.csv_export import keyset_rows
 from shared.kit.db import Connection
+from shared.kit.erasure import forget_responses_about, record_erased
+from shared.kit.keyring import Keyring, SubjectErased
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, Work, Write, checked_target
 
@@ -78,7 +86,7 @@ log = structlog.get_logger(__name__)
 
 def _audit(
     principal: Principal | None, municipality_code: str, action: str, target: Application | Certificate | str,
-    at: datetime, reason: str | None = None, **details: Any,
+    at: datetime, reason: str | None = None, *, note: str | None = None, **details: Any,
 ) -> AuditEntry:
     target_type: Literal["application", "certificate", "municipality"]
     if isinstance(target, Application):
@@ -91,16 +99,35 @@ def _audit(
         actor=principal.subject if principal else SYSTEM_ACTOR,
         actor_role=principal.role.value if principal else SYSTEM_ACTOR,
         municipality_code=municipality_code, action=action, target_type=target_type,
-        target_id=target_id, at=at, reason=reason, details=details,
+        target_id=target_id, at=at, reason=reason, details=details, note=note,
     )
 
 
-def _noted(note: str | None) -> dict[str, Any]:
-    """A staff note as audit details: it stays in this service, never in an event (only the code goes)."""
-    return {"note": note} if note else {}
+async def seal_partners(
+    keyring: Keyring, resident_id: str, partners: Sequence[PartnerMembership], *, erased_ok: bool = True
+) -> list[SealedMembership]:
+    """The memberships as events carry them: each member number sealed with the resident's data key.
+
+    The database keeps them in clear while the resident is active (the application's and the
+    certificate's views show them, and they are erased with the rest on withdrawal); every copy on
+    a topic, a dead letter or a partner's projection is unreadable once the key is shredded. A
+    resident whose key is gone already (erased, their withdrawal not yet here) gets no numbers
+    (``erased_ok``), or the 410 ``SubjectErased`` where nothing should be recorded for them at all."""
+    sealed: list[SealedMembership] = []
+    for membership in partners:
+        number = None
+        if membership.member_number is not None:
+            try:
+                number = await keyring.seal(resident_subject(resident_id), membership.member_number)
+            except SubjectErased:
+                if not erased_ok:
+                    raise
+                log.info("member number not sent: the resident was erased", resident_id=resident_id)
+        sealed.append(SealedMembership(partner=membership.partner, member_number=number))
+    return sealed
 
 
-def _certificate_fields(certificate: Certificate, partners: list[PartnerMembership]) -> dict[str, Any]:
+def _certificate_fields(certificate: Certificate, partners: list[SealedMembership]) -> dict[str, Any]:
     c = certificate
     return {
         "certificate_number": c.certificate_number, "resident_id": c.resident_id,
@@ -122,7 +149,7 @@ async def _record_rejection(
     await store.save_decision(work.conn, rejected)
     await store.append_audit(
         work.conn,
-        _audit(principal, rejected.municipality_code, "application.rejected", rejected, at, reason, **_noted(note)),
+        _audit(principal, rejected.municipality_code, "application.rejected", rejected, at, reason, note=note),
     )
     await work.emit(
         APPLICATIONS,
@@ -167,8 +194,15 @@ def _of_withdrawn(event: ProjectionEvent, withdrawn: set[str]) -> bool:
 
 
 async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) -> None:
-    """Erasure: reject what is open, revoke what is valid, erase what is personal, keep a tombstone."""
+    """Erasure: reject what is open, revoke what is valid, erase what is personal, keep a tombstone.
+
+    Personal here: the legal address, the applications' address there, note and member numbers, the
+    certificates' member numbers, staff notes about the resident's applications and certificates
+    (the audit trail keeps who decided what, when, and the reason code) and the stored responses of
+    writes about them. What the events carried is sealed with the resident's key, which registration
+    shreds."""
     conn = work.conn
+    await record_erased(conn, event.resident_id, event.withdrawn_at)
     resident = await store.load_resident(conn, event.resident_id, lock=True)
     consented = resident.consented_partners if resident else frozenset()
     await store.mark_withdrawn(conn, event.resident_id, event.withdrawn_at, at)
@@ -185,13 +219,44 @@ async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) 
             conn, _audit(None, revoked.municipality_code, "certificate.revoked", revoked, now, WITHDRAWAL_REASON)
         )
         # The partners that saw the certificate learn it ended; their member numbers are gone.
-        partners = without_member_numbers(shared_partners(certificate.partners, consented))
+        partners = [
+            SealedMembership(partner=m.partner)
+            for m in without_member_numbers(shared_partners(certificate.partners, consented))
+        ]
         await _emit_certificate(
             work, CertificateRevoked(**_certificate_fields(revoked, partners), reason=WITHDRAWAL_REASON, revoked_at=now)
         )
     await store.erase_applications(conn, event.resident_id, now)
     await store.erase_certificate_member_numbers(conn, event.resident_id)
-    log.info("resident withdrawn: personal data erased", resident_id=event.resident_id)
+    notes = await store.erase_audit_notes(conn, event.resident_id)
+    responses = await forget_responses_about(conn, event.resident_id)
+    log.info("resident withdrawn: personal data erased", resident_id=event.resident_id, staff_notes=notes,
+             stored_responses=responses)
+
+
+# --- plans (consumed from planning.plans.v1) -----------------------------------------------------
+
+
+async def record_plan_event(work: Work, event: PlanAdopted | PlanWithdrawn, at: datetime) -> None:
+    """A municipal plan adopted or withdrawn moves the town's scheme between a plan and a
+    model-project basis (prefectural plans certify nobody); audited as the planning service's act."""
+    if event.level != "municipality":
+        return
+    code = event.municipality_code
+    current = await store.get_rules(work.conn, code, lock=True)
+    scheme = scheme_after_plan_event(current, code, event)
+    if scheme is None:
+        log.info("plan withdrawn where no plan-based scheme is recorded", municipality_code=code)
+        return
+    await store.upsert_scheme(work.conn, scheme, "planning")
+    action = "plan.adopted" if isinstance(event, PlanAdopted) else "plan.withdrawn"
+    await store.append_audit(
+        work.conn,
+        AuditEntry(actor="planning", actor_role=SYSTEM_ACTOR, municipality_code=code, action=action,
+                   target_type="municipality", target_id=code, at=at,
+                   details={"plan_id": event.plan_id, "legal_basis": scheme.legal_basis}),
+    )
+    log.info("certification scheme follows the plan", municipality_code=code, legal_basis=scheme.legal_basis)
 
 
 # --- partners registered through the gateway -----------------------------------------------------
@@ -235,7 +300,9 @@ class CertificationService:
 
         async def act(work: UnitOfWork) -> Outcome:
             conn = work.conn
-            rules = check_against_rules(request, await store.get_rules(conn, request.municipality_code))
+            rules = check_against_rules(
+                request, await store.get_rules(conn, request.municipality_code), self.clock.today()
+            )
             resident = await store.load_resident(conn, principal.subject, lock=True)
             check_applicant(request, rules, resident, self.clock.today(), retry_after_s=self.retry_after_s)
             if await store.has_open_application(conn, principal.subject, request.municipality_code):
@@ -259,7 +326,10 @@ class CertificationService:
                     municipality_code=application.municipality_code,
                     primary_residence_code=application.primary_residence_code,
                     planned_stay_days=application.planned_stay_days, housing_basis=application.housing_basis,
-                    partners=list(application.partners), submitted_at=application.submitted_at,
+                    partners=await seal_partners(
+                        self.runtime.keyring, application.resident_id, application.partners, erased_ok=False
+                    ),
+                    submitted_at=application.submitted_at,
                 ),
                 subject=application.application_id,
             )
@@ -276,8 +346,10 @@ class CertificationService:
 
         async def act(work: UnitOfWork, application: Application) -> Outcome:
             conn = work.conn
-            rules = await self._rules(conn, application.municipality_code)
             today = self.clock.today()
+            # Certified only while the town's scheme is in force (it may have ended since the application).
+            code = application.municipality_code
+            rules = scheme_in_force(code, await store.get_rules(conn, code), today)
             resident = check_still_eligible(
                 rules, await store.load_resident(conn, application.resident_id, lock=True), today
             )
@@ -294,7 +366,10 @@ class CertificationService:
                        valid_from=start, valid_until=end),
             )
             approved, certificate = approval.numbered(number)
-            partners = shared_partners(certificate.partners, resident.consented_partners)
+            partners = await seal_partners(
+                self.runtime.keyring, certificate.resident_id,
+                shared_partners(certificate.partners, resident.consented_partners), erased_ok=False,
+            )
             await _emit_certificate(
                 work,
                 CertificateIssued(
@@ -340,8 +415,9 @@ class CertificationService:
 
         async def act(work: UnitOfWork, certificate: Certificate) -> Outcome:
             conn = work.conn
-            rules = await self._rules(conn, certificate.municipality_code)
             today = self.clock.today()
+            code = certificate.municipality_code
+            rules = scheme_in_force(code, await store.get_rules(conn, code), today)
             now = self.clock.now()
             renewed = certificate.renew(today=today, validity_days=rules.validity_days, valid_until=valid_until, at=now)
             resident = check_still_eligible(
@@ -353,7 +429,10 @@ class CertificationService:
                 _audit(principal, renewed.municipality_code, "certificate.renewed", renewed, now,
                        previous_valid_until=certificate.valid_until, valid_until=renewed.valid_until),
             )
-            partners = shared_partners(renewed.partners, resident.consented_partners)
+            partners = await seal_partners(
+                self.runtime.keyring, renewed.resident_id,
+                shared_partners(renewed.partners, resident.consented_partners),
+            )
             await _emit_certificate(work, CertificateRenewed(**_certificate_fields(renewed, partners), renewed_at=now))
             return Outcome(200, json_body(CertificateView.of(renewed)))
 
@@ -372,12 +451,14 @@ class CertificationService:
             await store.append_audit(
                 conn,
                 _audit(principal, revoked.municipality_code, "certificate.revoked", revoked, now, reason,
-                       **_noted(note)),
+                       note=note),
             )
             consented = (await store.consented_partners(conn, [revoked.resident_id])).get(
                 revoked.resident_id, frozenset()
             )
-            partners = shared_partners(revoked.partners, consented)
+            partners = await seal_partners(
+                self.runtime.keyring, revoked.resident_id, shared_partners(revoked.partners, consented)
+            )
             await _emit_certificate(
                 work, CertificateRevoked(**_certificate_fields(revoked, partners), reason=reason, revoked_at=now)
             )
@@ -403,7 +484,7 @@ class CertificationService:
     async def _rules(self, conn: Connection, code: str) -> MunicipalityRules:
         rules = await store.get_rules(conn, code)
         if rules is None:
-            raise MunicipalityWithoutPlan(f"{code} has no adopted 特定居住促進計画")
+            raise NoCertificationScheme(f"{code} has no certification scheme")
         return rules
 
     async def rules(self, code: str) -> RulesView:
@@ -411,7 +492,7 @@ class CertificationService:
         async with self.runtime.pool.acquire() as conn:
             rules = await store.get_rules(conn, code)
         if rules is None:
-            raise RulesNotFound(f"{code} has no adopted 特定居住促進計画, so no certification rules")
+            raise RulesNotFound(f"{code} has no certification scheme, so no certification rules")
         return RulesView.of(rules)
 
     async def municipalities(self, limit: int, offset: int) -> Page[RulesView]:
@@ -419,22 +500,23 @@ class CertificationService:
             rules, total = await store.list_rules(conn, limit, offset)
         return Page(items=[RulesView.of(r) for r in rules], total=total, limit=limit, offset=offset)
 
-    async def update_rules(self, write: Write, rules: MunicipalityRules) -> Outcome:
+    async def update_rules(self, write: Write, edit: SchemeEdit) -> Outcome:
         principal = write.principal
-        plannable_municipality(rules.municipality_code)
+        code = edit.municipality_code
+        plannable_municipality(code)
 
         async def authorise(work: UnitOfWork) -> None:
-            principal.ensure_municipality(rules.municipality_code)
+            principal.ensure_municipality(code)
 
         async def act(work: UnitOfWork, _: None) -> Outcome:
-            before = await store.get_rules(work.conn, rules.municipality_code)
+            before = await store.get_rules(work.conn, code)
             if before is None:
-                raise RulesNotFound(f"{rules.municipality_code} has no adopted 特定居住促進計画")
-            await store.save_rules(work.conn, rules, principal.subject)
-            saved = await self._rules(work.conn, rules.municipality_code)
+                raise RulesNotFound(f"{code} has no certification scheme")
+            await store.save_rules(work.conn, before.edited(edit), principal.subject)
+            saved = await self._rules(work.conn, code)
             await store.append_audit(
                 work.conn,
-                _audit(principal, rules.municipality_code, "rules.updated", rules.municipality_code, self.clock.now(),
+                _audit(principal, code, "rules.updated", code, self.clock.now(),
                        before=RulesView.of(before).model_dump(mode="json"),
                        after=RulesView.of(saved).model_dump(mode="json")),
             )
@@ -443,12 +525,17 @@ class CertificationService:
         return await write.run(act, authorise=authorise)
 
     async def add_plan(self, write: Write, code: str, adopted_on: date | None) -> Outcome:
+        """An admin records a plan adopted after the reference data: a town certifying under a model
+        project keeps its rules on a plan basis now; a town without a scheme gets one, default rules."""
         principal = write.principal
         plannable_municipality(code)
 
         async def act(work: UnitOfWork) -> Outcome:
-            if not await store.insert_plan(work.conn, code, adopted_on, principal.subject):
+            current = await store.get_rules(work.conn, code, lock=True)
+            if current is not None and current.legal_basis == "plan":
                 raise PlanAlreadyRecorded(f"{code} has a plan on record already")
+            scheme = (current or MunicipalityRules(code)).with_plan(adopted_on, "admin")
+            await store.upsert_scheme(work.conn, scheme, principal.subject)
             rules = await self._rules(work.conn, code)
             await store.append_audit(
                 work.conn, _audit(principal, code, "plan.recorded", code, self.clock.now(), adopted_on=adopted_on)
@@ -470,12 +557,12 @@ class CertificationService:
 
     async def applications(
         self, *, municipality_code: str | None, resident_id: str | None, status: str | None,
-        housing_basis: str | None, limit: int, offset: int,
+        housing_basis: str | None, limit: int, offset: int, after: str | None = None,
     ) -> Page[ApplicationView]:
         async with self.runtime.pool.acquire() as conn:
             items, total = await store.list_applications(
                 conn, municipality_code=municipality_code, resident_id=resident_id, status=status,
-                housing_basis=housing_basis, limit=limit, offset=offset,
+                housing_basis=housing_basis, limit=limit, offset=offset, after=after,
             )
         return Page(items=[ApplicationView.of(a) for a in items], total=total, limit=limit, offset=offset)
 
@@ -493,25 +580,28 @@ class CertificationService:
         return CertificateView.of(certificate)
 
     async def certificates(
-        self, *, municipality_code: str | None, resident_id: str | None, status: str | None, limit: int, offset: int
+        self, *, municipality_code: str | None, resident_id: str | None, status: str | None, limit: int, offset: int,
+        valid_until_before: date | None = None,
     ) -> Page[CertificateView]:
         async with self.runtime.pool.acquire() as conn:
             items, total = await store.list_certificates(
                 conn, municipality_code=municipality_code, resident_id=resident_id, status=status,
-                limit=limit, offset=offset,
+                limit=limit, offset=offset, valid_until_before=valid_until_before,
             )
         return Page(items=[CertificateView.of(c) for c in items], total=total, limit=limit, offset=offset)
 
-    async def certificate_rows(self, code: str, status: str | None) -> list[list[object]]:
-        async with self.runtime.pool.acquire() as conn:
-            items, _ = await store.list_certificates(
-                conn, municipality_code=code, resident_id=None, status=status, limit=None
-            )
-        return [certificate_row(c) for c in items]
+    async def certificate_rows(self, code: str, status: str | None) -> AsyncIterator[list[object]]:
+        """Every certificate of the municipality as CSV rows, a page at a time (no connection held between)."""
 
-    async def audit(self, code: str, limit: int, offset: int) -> Page[AuditView]:
+        async def page(conn: Connection, after: store.CertificateKey | None, limit: int) -> list[Certificate]:
+            return await store.certificates_after(conn, code, status, after, limit)
+
+        async for certificate in keyset_rows(self.runtime.pool, page, store.certificate_key):
+            yield certificate_row(certificate)
+
+    async def audit(self, code: str, limit: int, offset: int, application_id: str | None = None) -> Page[AuditView]:
         async with self.runtime.pool.acquire() as conn:
-            items, total = await store.list_audit(conn, code, limit, offset)
+            items, total = await store.list_audit(conn, code, limit, offset, application_id)
         return Page(items=[AuditView.model_validate(i) for i in items], total=total, limit=limit, offset=offset)
 
     # expiry
@@ -527,10 +617,10 @@ class CertificationService:
         async def expired(conn: Connection) -> list[Certificate]:
             return await store.claim_expired(conn, today, batch_size)
 
-        def expiring_event(c: Certificate, partners: list[PartnerMembership]) -> CertificateEvent:
+        def expiring_event(c: Certificate, partners: list[SealedMembership]) -> CertificateEvent:
             return CertificateExpiring(**_certificate_fields(c, partners), days_left=days_left(c.valid_until, today))
 
-        def expired_event(c: Certificate, partners: list[PartnerMembership]) -> CertificateEvent:
+        def expired_event(c: Certificate, partners: list[SealedMembership]) -> CertificateEvent:
             return CertificateExpired(**_certificate_fields(c, partners), expired_on=expired_on(c.valid_until))
 
         notified = await self._sweep(expiring, expiring_event, batch_size)
@@ -542,7 +632,7 @@ class CertificationService:
     async def _sweep(
         self,
         claim: Callable[[Connection], Awaitable[list[Certificate]]],
-        event: Callable[[Certificate, list[PartnerMembership]], CertificateEvent],
+        event: Callable[[Certificate, list[SealedMembership]], CertificateEvent],
         batch_size: int,
     ) -> int:
         count = 0
@@ -551,7 +641,10 @@ class CertificationService:
                 claimed = await claim(work.conn)
                 consents = await store.consented_partners(work.conn, [c.resident_id for c in claimed])
                 for certificate in claimed:
-                    partners = shared_partners(certificate.partners, consents.get(certificate.resident_id, frozenset()))
+                    partners = await seal_partners(
+                        self.runtime.keyring, certificate.resident_id,
+                        shared_partners(certificate.partners, consents.get(certificate.resident_id, frozenset())),
+                    )
                     await _emit_certificate(work, event(certificate, partners))
             count += len(claimed)
             if len(claimed) < batch_size:

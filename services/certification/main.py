@@ -11,14 +11,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.certification import consumers, store
 from services.certification.api import router
+from services.certification.domain import seed_schemes
+from services.certification.export import EXPORT_TABLES
 from services.certification.handlers import CertificationService
 from services.certification.scheduler import expiry_scheduler
-from shared.contracts.topics import GATEWAY_PARTNERS, RESIDENTS
+from shared.contracts.topics import EXPORT_REQUESTS, GATEWAY_PARTNERS, PLANS, RESIDENTS
 from shared.kit.clock import SYSTEM_CLOCK, Clock
+from shared.kit.consumer import EventRouter
+from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
-from shared.reference import SPECIFIC_RESIDENCE_PLAN, plans
+from shared.reference import SPECIFIC_RESIDENCE_PLAN, plans, travel_programs
 
 SERVICE = "certification"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -49,7 +53,12 @@ def create_app(
     runtime = ServiceRuntime(
         SERVICE,
         migrations=MIGRATIONS,
-        consumers=[ConsumerSpec(consumers.router, [RESIDENTS, GATEWAY_PARTNERS], name=config.consumer_name)],
+        consumers=[
+            ConsumerSpec(
+                EventRouter.combined(consumers.router, export_router(SERVICE, EXPORT_TABLES)),
+                [RESIDENTS, GATEWAY_PARTNERS, EXPORT_REQUESTS, PLANS], name=config.consumer_name,
+            ),
+        ],
         prepare=[seed_municipality_rules],
         background=[expiry_scheduler(config.expiry_interval_s)],
         settings=settings,
@@ -60,7 +69,8 @@ def create_app(
         service=SERVICE, settings=settings, routers=[router], lifespan=runtime.lifespan, readiness=runtime.readiness,
         description=(
             "Dual-resident certification (二地域居住者の証明): a person with a furusato registration applies to a "
-            "municipality with a specific residence promotion plan, its staff approve or reject the application, "
+            "municipality with a certification scheme (under its specific residence promotion plan or a model "
+            "project), its staff approve or reject the application, "
             "and certificates are issued, renewed, revoked and expire. "
             "Events: certification.applications.v1, certification.certificates.v1."
         ),
@@ -71,13 +81,18 @@ def create_app(
 
 
 async def seed_municipality_rules(runtime: ServiceRuntime) -> None:
-    """Default rules for every municipality of the plans reference data (rows that exist stay as edited)."""
+    """The reference schemes: a plan basis for every town with an adopted 特定居住促進計画, a
+    model-project basis for every other town of a travel programme (rows that exist stay as edited).
+
+    The plans themselves are the planning service's (``planning.plans.v1``); this seed only lets a
+    fresh database certify before those events have been read."""
     adopted = {
         plan.municipality_code: plan.adopted_on
         for plan in plans()
         if plan.level == "municipality" and plan.plan == SPECIFIC_RESIDENCE_PLAN
     }
+    programme_towns = [code for programme in travel_programs() for code in programme.municipality_codes]
     async with runtime.pool.acquire() as conn:
-        added = await store.seed_rules(conn, adopted)
+        added = await store.seed_rules(conn, seed_schemes(adopted, programme_towns))
     if added:
-        log.info("municipality rules seeded", added=added)
+        log.info("certification schemes seeded", added=added)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import date, datetime
 from typing import Any, cast
 
@@ -25,11 +25,11 @@ from shared.contracts.common import PartnerMembership
 from shared.contracts.formats import CertificateNumber
 from shared.kit.db import Connection
 
-# --- municipality rules --------------------------------------------------------------------------
+# --- municipality rules (each municipality's certification scheme) --------------------------------
 
 _RULES_COLUMNS = """
     municipality_code, plan_source, plan_adopted_on, min_stay_days, housing_bases, validity_days,
-    required_registration
+    required_registration, legal_basis, scheme_valid_from, scheme_valid_until
 """
 
 
@@ -38,25 +38,38 @@ def _rules(row: asyncpg.Record) -> MunicipalityRules:
         municipality_code=row["municipality_code"], min_stay_days=row["min_stay_days"],
         housing_bases=tuple(row["housing_bases"]), validity_days=row["validity_days"],
         required_registration=row["required_registration"], plan_source=row["plan_source"],
-        plan_adopted_on=row["plan_adopted_on"],
+        plan_adopted_on=row["plan_adopted_on"], legal_basis=row["legal_basis"],
+        valid_from=row["scheme_valid_from"], valid_until=row["scheme_valid_until"],
     )
 
 
-async def seed_rules(conn: Connection, plans: Mapping[str, date | None]) -> int:
-    """Add default rules for each municipality with a plan; rows that exist (maybe edited) stay."""
+async def seed_rules(conn: Connection, schemes: Sequence[MunicipalityRules]) -> int:
+    """Add the reference schemes (default rules); rows that exist (maybe edited) stay as they are.
+
+    A town seeded on a model-project basis whose plan the reference data now lists moves to the
+    plan basis (its rules stay): the reference data learnt of the plan."""
     result: str = await conn.execute(
         """
-        INSERT INTO municipality_rules (municipality_code, plan_source, plan_adopted_on)
-        SELECT code, 'reference', adopted_on FROM unnest($1::text[], $2::date[]) AS p(code, adopted_on)
-        ON CONFLICT (municipality_code) DO NOTHING
+        INSERT INTO municipality_rules (municipality_code, plan_source, plan_adopted_on, legal_basis)
+        SELECT code, 'reference', adopted_on, basis
+        FROM unnest($1::text[], $2::date[], $3::text[]) AS p(code, adopted_on, basis)
+        ON CONFLICT (municipality_code) DO UPDATE
+        SET legal_basis = 'plan', plan_adopted_on = EXCLUDED.plan_adopted_on, updated_at = now()
+        WHERE EXCLUDED.legal_basis = 'plan' AND municipality_rules.legal_basis = 'model_project'
+            AND municipality_rules.plan_source = 'reference'
         """,
-        list(plans), list(plans.values()),
+        [s.municipality_code for s in schemes], [s.plan_adopted_on for s in schemes],
+        [s.legal_basis for s in schemes],
     )
     return int(result.split()[-1])
 
 
-async def get_rules(conn: Connection, code: str) -> MunicipalityRules | None:
-    row = await conn.fetchrow(f"SELECT {_RULES_COLUMNS} FROM municipality_rules WHERE municipality_code = $1", code)
+async def get_rules(conn: Connection, code: str, *, lock: bool = False) -> MunicipalityRules | None:
+    row = await conn.fetchrow(
+        f"SELECT {_RULES_COLUMNS} FROM municipality_rules WHERE municipality_code = $1"
+        + (" FOR UPDATE" if lock else ""),
+        code,
+    )
     return None if row is None else _rules(row)
 
 
@@ -70,40 +83,52 @@ async def list_rules(conn: Connection, limit: int, offset: int) -> tuple[list[Mu
 
 
 async def save_rules(conn: Connection, rules: MunicipalityRules, by: str) -> bool:
+    """Write a scheme's rules and period (staff's edit); its basis and plan are left as they are."""
     result: str = await conn.execute(
         """
         UPDATE municipality_rules
         SET min_stay_days = $2, housing_bases = $3, validity_days = $4, required_registration = $5,
-            updated_at = now(), updated_by = $6
+            scheme_valid_from = $6, scheme_valid_until = $7, updated_at = now(), updated_by = $8
         WHERE municipality_code = $1
         """,
         rules.municipality_code, rules.min_stay_days, list(rules.housing_bases), rules.validity_days,
-        rules.required_registration, by,
+        rules.required_registration, rules.valid_from, rules.valid_until, by,
     )
     return result.endswith(" 1")
 
 
-async def insert_plan(conn: Connection, code: str, adopted_on: date | None, by: str) -> bool:
-    """Record a plan adopted after the reference data; False if the municipality has one already."""
-    row = await conn.fetchval(
+async def upsert_scheme(conn: Connection, scheme: MunicipalityRules, by: str) -> None:
+    """Write a scheme whole (a plan recorded or withdrawn: the basis changes, the rules come along)."""
+    await conn.execute(
         """
-        INSERT INTO municipality_rules (municipality_code, plan_source, plan_adopted_on, updated_by)
-        VALUES ($1, 'admin', $2, $3)
-        ON CONFLICT (municipality_code) DO NOTHING
-        RETURNING 1
+        INSERT INTO municipality_rules
+            (municipality_code, plan_source, plan_adopted_on, min_stay_days, housing_bases, validity_days,
+             required_registration, legal_basis, scheme_valid_from, scheme_valid_until, updated_by)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        ON CONFLICT (municipality_code) DO UPDATE
+        SET plan_source = EXCLUDED.plan_source, plan_adopted_on = EXCLUDED.plan_adopted_on,
+            min_stay_days = EXCLUDED.min_stay_days, housing_bases = EXCLUDED.housing_bases,
+            validity_days = EXCLUDED.validity_days, required_registration = EXCLUDED.required_registration,
+            legal_basis = EXCLUDED.legal_basis, scheme_valid_from = EXCLUDED.scheme_valid_from,
+            scheme_valid_until = EXCLUDED.scheme_valid_until, updated_at = now(), updated_by = EXCLUDED.updated_by
         """,
-        code, adopted_on, by,
+        scheme.municipality_code, scheme.plan_source, scheme.plan_adopted_on, scheme.min_stay_days,
+        list(scheme.housing_bases), scheme.validity_days, scheme.required_registration, scheme.legal_basis,
+        scheme.valid_from, scheme.valid_until, by,
     )
-    return row is not None
 
 
 # --- the resident projection ---------------------------------------------------------------------
 
 
 async def withdrawn_among(conn: Connection, resident_ids: Iterable[str]) -> set[str]:
-    """Which of these residents withdrew (their tombstone makes late events be ignored)."""
+    """Which of these residents withdrew (their tombstone makes late events be ignored): the
+    projection's tombstone or the kit's ledger of erasures (which a rebuilt projection still has)."""
     rows = await conn.fetch(
-        "SELECT resident_id FROM residents WHERE resident_id = ANY($1::text[]) AND status = 'withdrawn'",
+        """
+        SELECT resident_id FROM residents WHERE resident_id = ANY($1::text[]) AND status = 'withdrawn'
+        UNION SELECT resident_id FROM kit_erased_residents WHERE resident_id = ANY($1::text[])
+        """,
         list(set(resident_ids)),
     )
     return {row["resident_id"] for row in rows}
@@ -339,23 +364,39 @@ async def open_applications_of(conn: Connection, resident_id: str) -> list[Appli
 
 async def list_applications(
     conn: Connection, *, municipality_code: str | None, resident_id: str | None, status: str | None,
-    housing_basis: str | None, limit: int, offset: int,
+    housing_basis: str | None, limit: int, offset: int, after: str | None = None,
 ) -> tuple[list[Application], int]:
-    """Oldest first (the review queue's order), filtered by whatever is given."""
-    where = """
-        ($1::text IS NULL OR municipality_code = $1) AND ($2::text IS NULL OR resident_id = $2)
-        AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR housing_basis = $4)
-    """
-    args = (municipality_code, resident_id, status, housing_basis)
+    """Oldest first (the review queue's order), filtered by whatever is given; ``after``: only those
+    after that application in this order (keyset: a deep page is an index range, not OFFSET's scan)."""
+    where, args = _conditions(municipality_code=municipality_code, resident_id=resident_id, status=status,
+                              housing_basis=housing_basis)
+    n = len(args)
+    keyset = (
+        "" if after is None else
+        " AND (submitted_at, application_id) > (SELECT submitted_at, application_id FROM applications"
+        f" WHERE application_id = ${n + 3})"
+    )
     rows = await conn.fetch(
         f"""
-        SELECT {_APPLICATION_COLUMNS} FROM applications WHERE {where}
-        ORDER BY submitted_at, application_id LIMIT $5 OFFSET $6
+        SELECT {_APPLICATION_COLUMNS} FROM applications WHERE {where}{keyset}
+        ORDER BY submitted_at, application_id LIMIT ${n + 1} OFFSET ${n + 2}
         """,
-        *args, limit, offset,
+        *args, limit, offset, *(() if after is None else (after,)),
     )
     total = await conn.fetchval(f"SELECT count(*) FROM applications WHERE {where}", *args)
     return [_application(row) for row in rows], int(total)
+
+
+def _conditions(**equal: object) -> tuple[str, list[object]]:
+    """Only the conditions a list's filter sets: a generic plan of a prepared `$n IS NULL OR col = $n`
+    (which PostgreSQL may switch to after five runs) cannot make it an index condition; one statement
+    per set of conditions keeps every plan on the listing indexes."""
+    clauses, args = ["TRUE"], []
+    for column, value in equal.items():
+        if value is not None:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    return " AND ".join(clauses), args
 
 
 async def erase_applications(conn: Connection, resident_id: str, at: datetime) -> None:
@@ -504,22 +545,51 @@ async def erase_certificate_member_numbers(conn: Connection, resident_id: str) -
 
 async def list_certificates(
     conn: Connection, *, municipality_code: str | None, resident_id: str | None, status: str | None,
-    limit: int | None, offset: int = 0,
+    limit: int | None, offset: int = 0, valid_until_before: date | None = None,
 ) -> tuple[list[Certificate], int]:
-    where = """
-        ($1::text IS NULL OR municipality_code = $1) AND ($2::text IS NULL OR resident_id = $2)
-        AND ($3::text IS NULL OR status = $3)
-    """
-    args = (municipality_code, resident_id, status)
+    """In issue order; ``valid_until_before``: only those whose validity ends before that day, soonest
+    first (the expiring list: an index range of ``certificates_expiring``, not a scan of them all)."""
+    where, args = _conditions(municipality_code=municipality_code, resident_id=resident_id, status=status)
+    order = "issued_at, certificate_number"
+    if valid_until_before is not None:
+        args.append(valid_until_before)
+        where += f" AND valid_until < ${len(args)}"
+        order = "valid_until, certificate_number"
+    n = len(args)
     rows = await conn.fetch(
-        f"""
-        SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE {where}
-        ORDER BY issued_at, certificate_number LIMIT $4 OFFSET $5
-        """,
+        f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE {where} ORDER BY {order} "
+        f"LIMIT ${n + 1} OFFSET ${n + 2}",
         *args, limit, offset,
     )
     total = await conn.fetchval(f"SELECT count(*) FROM certificates WHERE {where}", *args)
     return [_certificate(row) for row in rows], int(total)
+
+
+#: Where a certificate listing stands: the last row's (issued_at, number), the list's unique order.
+CertificateKey = tuple[datetime, str]
+
+
+def certificate_key(certificate: Certificate) -> CertificateKey:
+    return certificate.issued_at, certificate.certificate_number
+
+
+async def certificates_after(
+    conn: Connection, municipality_code: str, status: str | None, after: CertificateKey | None, limit: int
+) -> list[Certificate]:
+    """The municipality's next ``limit`` certificates after ``after`` in the list's order (keyset)."""
+    where = "municipality_code = $1 AND ($2::text IS NULL OR status = $2)"
+    args: list[object] = [municipality_code, status]
+    if after is not None:
+        where += " AND (issued_at, certificate_number) > ($3, $4)"
+        args += after
+    rows = await conn.fetch(
+        f"""
+        SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE {where}
+        ORDER BY issued_at, certificate_number LIMIT ${len(args) + 1}
+        """,
+        *args, limit,
+    )
+    return [_certificate(row) for row in rows]
 
 
 async def claim_expiring(conn: Connection, first_day: date, last_day: date, limit: int) -> list[Certificate]:
@@ -563,14 +633,36 @@ async def claim_expired(conn: Connection, today: date, limit: int) -> list[Certi
 
 
 async def append_audit(conn: Connection, entry: AuditEntry) -> None:
+    """Append the entry; a staff note goes beside it, in ``audit_notes`` (erasable, the entry is not)."""
     await conn.execute(
         """
-        INSERT INTO audit_trail
-            (at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+        WITH entry AS (
+            INSERT INTO audit_trail
+                (at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+            RETURNING id
+        )
+        INSERT INTO audit_notes (audit_id, note) SELECT id, $10 FROM entry WHERE $10::text IS NOT NULL
         """,
-        *_audit_values(entry),
+        *_audit_values(entry), entry.note,
     )
+
+
+async def erase_audit_notes(conn: Connection, resident_id: str) -> int:
+    """Delete the staff notes on the resident's applications and certificates; how many. The entries
+    stay: who decided what, when, and the reason code."""
+    result: str = await conn.execute(
+        """
+        DELETE FROM audit_notes USING audit_trail AS a
+        WHERE audit_notes.audit_id = a.id AND (
+            (a.target_type = 'application'
+             AND a.target_id IN (SELECT application_id FROM applications WHERE resident_id = $1))
+            OR (a.target_type = 'certificate'
+                AND a.target_id IN (SELECT certificate_number FROM certificates WHERE resident_id = $1)))
+        """,
+        resident_id,
+    )
+    return int(result.split()[-1])
 
 
 def _audit_values(entry: AuditEntry) -> tuple[Any, ...]:
@@ -581,17 +673,27 @@ def _audit_values(entry: AuditEntry) -> tuple[Any, ...]:
 
 
 async def list_audit(
-    conn: Connection, municipality_code: str, limit: int, offset: int
+    conn: Connection, municipality_code: str, limit: int, offset: int, application_id: str | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """Newest first."""
+    """Newest first; ``application_id``: only the entries about that application and its certificate
+    (an application's page: its trail however old, read from ``audit_trail_by_target``)."""
+    where, args = "a.municipality_code = $1", [municipality_code]
+    if application_id is not None:
+        where += (" AND a.target_id IN ($2, (SELECT certificate_number FROM certificates"
+                  " WHERE application_id = $2))")
+        args.append(application_id)
+    n = len(args)
     rows = await conn.fetch(
-        """
-        SELECT id, at, actor, actor_role, municipality_code, action, target_type, target_id, reason, details
-        FROM audit_trail WHERE municipality_code = $1 ORDER BY id DESC LIMIT $2 OFFSET $3
+        f"""
+        SELECT a.id, a.at, a.actor, a.actor_role, a.municipality_code, a.action, a.target_type, a.target_id,
+               a.reason, CASE WHEN n.note IS NULL THEN a.details ELSE a.details || jsonb_build_object('note', n.note)
+                         END AS details
+        FROM audit_trail AS a LEFT JOIN audit_notes AS n ON n.audit_id = a.id
+        WHERE {where} ORDER BY a.id DESC LIMIT ${n + 1} OFFSET ${n + 2}
         """,
-        municipality_code, limit, offset,
+        *args, limit, offset,
     )
-    total = await conn.fetchval("SELECT count(*) FROM audit_trail WHERE municipality_code = $1", municipality_code)
+    total = await conn.fetchval(f"SELECT count(*) FROM audit_trail AS a WHERE {where}", *args)
     items = [{**dict(row), "details": cast(dict[str, Any], json.loads(row["details"]))} for row in rows]
     return items, int(total)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -11,8 +11,10 @@ from services.certification.domain import (
     Application,
     ApplicationStatus,
     Certificate,
+    LegalBasis,
     MunicipalityRules,
     RequiredRegistration,
+    SchemeSource,
 )
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
@@ -88,10 +90,16 @@ class CertificateView(BaseModel):
 
 
 class RulesView(BaseModel):
+    """A municipality's certification scheme."""
+
     municipality_code: str
     municipality_name: str
-    plan_source: Literal["reference", "admin"]
+    #: plan: under its adopted 特定居住促進計画; model_project: a 先導的モデル事業 or its own scheme.
+    legal_basis: LegalBasis
+    plan_source: SchemeSource
     plan_adopted_on: date | None
+    valid_from: date | None
+    valid_until: date | None
     min_stay_days: int
     housing_bases: list[HousingBasis]
     validity_days: int
@@ -101,8 +109,9 @@ class RulesView(BaseModel):
     def of(cls, rules: MunicipalityRules) -> RulesView:
         return cls(
             municipality_code=rules.municipality_code,
-            municipality_name=municipality(rules.municipality_code).full_name, plan_source=rules.plan_source,
-            plan_adopted_on=rules.plan_adopted_on, min_stay_days=rules.min_stay_days,
+            municipality_name=municipality(rules.municipality_code).full_name, legal_basis=rules.legal_basis,
+            plan_source=rules.plan_source, plan_adopted_on=rules.plan_adopted_on, valid_from=rules.valid_from,
+            valid_until=rules.valid_until, min_stay_days=rules.min_stay_days,
             housing_bases=list(rules.housing_bases), validity_days=rules.validity_days,
             required_registration=rules.required_registration,
         )

@@ -7,7 +7,8 @@ municipality staff see their municipality's donations, funds and receipts, and r
 managers record one-stop applications and re-issue receipts (auditors only read); the prefecture's
 readers and the ministry see the funds' balances (figures, no donor); a donor who is a registered
 resident (resident token whose subject is the donor's resident id) sees their own donations,
-receipts and one-stop status; admin sees everything.
+receipts and one-stop status; a donor's erasure on request is an admin's, or a manager's of a
+municipality the donor gave to; admin sees everything.
 """
 
 import uuid
@@ -17,7 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from shared.kit.auth import ALL_STAFF, DECIDERS, Principal, Role, StaffRole, require
+from shared.kit.auth import ALL_STAFF, DECIDERS, MANAGERS, Principal, Role, StaffRole, require
 from shared.kit.csv_export import csv_response
 from shared.kit.http import Offset
 from shared.kit.use_case import WriteRequest
@@ -28,6 +29,7 @@ from .schemas import (
     DonationPage,
     DonationView,
     DonorDetails,
+    DonorErasureView,
     DonorSummary,
     DonorView,
     FundsView,
@@ -54,6 +56,8 @@ Payments = Annotated[Principal, Depends(caller(Role.PAYMENT_PROVIDER, Role.ADMIN
 StaffOrAdmin = Annotated[Principal, Depends(caller(Role.STAFF, Role.ADMIN))]
 #: Staff who act (reviewers, managers); auditors only read.
 ActingStaff = Annotated[Principal, Depends(caller(Role.STAFF, Role.ADMIN, staff=DECIDERS))]
+#: Managers (and admin): a donor's erasure on request.
+Managers = Annotated[Principal, Depends(caller(Role.STAFF, Role.ADMIN, staff=MANAGERS))]
 #: The funds' balances are figures: the prefecture's readers and the ministry read them too.
 FigureReader = Annotated[Principal, Depends(caller(Role.STAFF, Role.PREFECTURE, Role.MINISTRY, Role.ADMIN))]
 AnyRole = Annotated[Principal, Depends(caller(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
@@ -130,6 +134,14 @@ async def register_donor(body: DonorDetails, principal: Admin, service: Service,
 @router.get("/donors/{donor_id}", response_model=DonorView)
 async def get_donor(donor_id: uuid.UUID, principal: DonorOrAdmin, service: Service) -> DonorView:
     return await service.get_donor(principal, donor_id)
+
+
+@router.delete("/donors/{donor_id}", response_model=DonorErasureView)
+async def erase_donor(donor_id: uuid.UUID, principal: Managers, service: Service, write: WriteRequest) -> Response:
+    """Erase a donor on request (a registered resident's donor is erased when they withdraw): name,
+    address and e-mail go now; the receipts keep the donor's name and address until the legal
+    retention period ends (``erasable_from``), then the retention job erases them too."""
+    return (await service.erase_donor(write, donor_id)).response()
 
 
 @router.get("/donors/{donor_id}/summary", response_model=DonorSummary)

@@ -21,7 +21,19 @@ from typing import Literal
 from shared.contracts.donation import DonationKind, DonationUnit, Earmark
 from shared.contracts.formats import ProgramId, ProgramIdError
 from shared.kit.errors import Conflict, DomainError, NotFound
-from shared.reference import Municipality, UnknownMunicipality, municipality, travel_program, travel_programs
+from shared.reference import (
+    Municipality,
+    NotDesignatedPeriod,
+    RevitalisationPlan,
+    UnknownMunicipality,
+    UnknownRevitalisationPlan,
+    allocation_tax_non_recipient,
+    municipality,
+    not_designated_on,
+    revitalisation_plan,
+    travel_program,
+    travel_programs,
+)
 from shared.reference import UnknownTravelProgram as UnknownTravelProgramId
 
 #: 企業版ふるさと納税: the smallest corporate donation.
@@ -55,9 +67,40 @@ class CorporateDonationToHeadOffice(DomainError):
     title = "A company may not give a corporate donation to the local government of its head office"
 
 
-class CorporateProjectRequired(DomainError):
-    code = "corporate-project-required"
-    title = "A corporate donation names the project it funds"
+class CorporatePlanRequired(DomainError):
+    code = "corporate-plan-required"
+    title = "A corporate donation names the certified regional revitalisation plan (地域再生計画) it funds"
+
+
+class CorporateRecipientExcluded(DomainError):
+    code = "corporate-recipient-excluded"
+    title = (
+        "This local government cannot receive corporate donations in the fiscal year: 東京都, or a local "
+        "government of the metropolitan areas that receives no local allocation tax"
+    )
+
+
+class UnknownRevitalisationPlanId(DomainError):
+    code = "unknown-revitalisation-plan"
+    title = "The municipality has no certified regional revitalisation plan with this id"
+
+
+class RevitalisationPlanNotCertified(DomainError):
+    code = "revitalisation-plan-not-certified"
+    title = "The regional revitalisation plan is not certified for the fiscal year of the payment"
+
+
+class RevitalisationPlanNotApplicable(DomainError):
+    code = "revitalisation-plan-not-applicable"
+    title = "Only a corporate donation names a regional revitalisation plan"
+
+
+class MunicipalityNotDesignated(DomainError):
+    code = "municipality-not-designated"
+    title = (
+        "The municipality was not designated for ふるさと納税 on the payment date: the donation has no special "
+        "deduction and no one-stop exception"
+    )
 
 
 class UnknownMunicipalityCode(DomainError):
@@ -152,6 +195,17 @@ class ReceivedBeforePayment(DomainError):
     title = "The application cannot be received before the donation was paid"
 
 
+class DonorErased(DomainError):
+    code = "donor-erased"
+    status = 410
+    title = "The donor's data was erased: the donor is not contacted and nothing is issued to them again"
+
+
+class DonorIsACompany(Conflict):
+    code = "donor-is-a-company"
+    title = "Erasure on request is for persons; a company's donor record is not personal data"
+
+
 class DonationNotFound(NotFound):
     code = "donation-not-found"
 
@@ -209,6 +263,84 @@ def issuer_title(recipient: Municipality) -> str:
     return f"{recipient.name}知事" if recipient.is_prefecture else f"{recipient.name}長"
 
 
+def fiscal_year(day: date) -> int:
+    """The Japanese fiscal year (April to March) a date belongs to: 2026-03-31 is in 2025."""
+    return day.year if day.month >= 4 else day.year - 1
+
+
+# ---------------------------------------------------------------------------- designation (指定制度)
+#
+# Since 2019-06-01 only local governments the Minister of Internal Affairs designates receive
+# ふるさと納税 with the special deduction (地方税法 第37条の2 第2項, 第314条の7 第2項) and the one-stop
+# exception. The reference data lists the periods a government was NOT designated (東京都 never
+# applied; others were refused or revoked); a government not listed on the payment date is
+# designated. A payment to one that is not is still money received: it is recorded and receipted
+# as an ordinary donation (the income-tax and basic resident-tax deduction still apply to a gift
+# to a local government), but never promises the special deduction, takes no one-stop request or
+# application and does not count towards the one-stop limit of five.
+
+
+def not_designated(target: Municipality, payment_date: date) -> NotDesignatedPeriod | None:
+    """The period of non-designation covering the payment date, if any."""
+    return not_designated_on(target.code, payment_date)
+
+
+def _not_designated_error(target: Municipality, period: NotDesignatedPeriod, what: str) -> MunicipalityNotDesignated:
+    until = f" until {period.end.isoformat()}" if period.end else ""
+    return MunicipalityNotDesignated(
+        f"{target.full_name} was not designated for ふるさと納税 from {period.start.isoformat()}{until} "
+        f"({period.reason}): {what}",
+        municipality_code=target.code, not_designated_from=period.start.isoformat(),
+        not_designated_until=period.end.isoformat() if period.end else None,
+    )
+
+
+# ---------------------------------------------------------------------------- corporate (企業版)
+
+
+def check_corporate_recipient(target: Municipality, year: int) -> None:
+    """東京都, and in the three metropolitan areas a local government that receives no local
+    allocation tax (不交付団体) whose whole area lies in their zones, receive no corporate donation."""
+    entry = allocation_tax_non_recipient(target.code, year)
+    if entry is None:
+        return
+    if target.is_prefecture:
+        raise CorporateRecipientExcluded(
+            f"{target.full_name} receives no local allocation tax: it cannot receive corporate donations",
+            municipality_code=target.code, fiscal_year=year, reason="non-recipient-prefecture",
+        )
+    if entry.metropolitan_zone == "whole":
+        raise CorporateRecipientExcluded(
+            f"{target.full_name} receives no local allocation tax in fiscal year {year} and lies in a metropolitan "
+            "area's zone: it cannot receive corporate donations",
+            municipality_code=target.code, fiscal_year=year, reason="metropolitan-non-recipient",
+        )
+
+
+def certified_plan(plan_id: str | None, target: Municipality, payment_date: date) -> RevitalisationPlan:
+    """The certified 地域再生計画 of the recipient a corporate donation funds, certified on the payment date."""
+    if plan_id is None:
+        raise CorporatePlanRequired("name the certified regional revitalisation plan: revitalisation_plan_id")
+    try:
+        plan = revitalisation_plan(plan_id)
+    except UnknownRevitalisationPlan:
+        unknown = UnknownRevitalisationPlanId(f"unknown regional revitalisation plan {plan_id!r}", plan_id=plan_id)
+        raise unknown from None
+    if plan.municipality_code != target.code:
+        raise UnknownRevitalisationPlanId(f"{plan_id} is not a plan of {target.full_name}", plan_id=plan_id)
+    year = fiscal_year(payment_date)
+    if payment_date < plan.certified_on or year < plan.from_fiscal_year or (
+        plan.until_fiscal_year is not None and year > plan.until_fiscal_year
+    ):
+        until = plan.until_fiscal_year if plan.until_fiscal_year is not None else ""
+        raise RevitalisationPlanNotCertified(
+            f"{plan.name} ({plan_id}) was certified on {plan.certified_on.isoformat()} for fiscal years "
+            f"{plan.from_fiscal_year}–{until}; the payment on {payment_date.isoformat()} is in fiscal year {year}",
+            plan_id=plan_id, fiscal_year=year,
+        )
+    return plan
+
+
 # ---------------------------------------------------------------------------- donors
 
 
@@ -222,6 +354,11 @@ class PersonDetails:
     resident_id: str | None = None
     email: str | None = None
     type: Literal["individual"] = "individual"
+
+    def unlinked(self) -> PersonDetails:
+        """The details without the resident link and the e-mail: for a resident who was erased, whose
+        money is still recorded (with what its receipt must show), but never linked or written to."""
+        return replace(self, resident_id=None, email=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +413,12 @@ class Donor:
     head_office_code: str | None
     corporate_number: str | None
     created_at: datetime
+    #: When the donor was erased (their resident withdrew, or they asked): no further use.
+    erased_at: datetime | None = None
+
+    @property
+    def erased(self) -> bool:
+        return self.erased_at is not None
 
     @property
     def facts(self) -> DonorFacts:
@@ -289,6 +432,15 @@ class Donor:
         if self.type == "company" and self.head_office_code:
             return municipality(self.head_office_code).full_name
         return ""
+
+    def check_usable(self) -> None:
+        """An erased donor is named by no new donation (the provider sends the donor's details)."""
+        if self.erased_at is not None:
+            raise DonorErased(f"donor {self.id} was erased; send the donor's details instead of donor_id")
+
+    def check_erasable(self) -> None:
+        if self.type == "company":
+            raise DonorIsACompany(f"donor {self.id} is a company")
 
 
 def _normalised(text: str) -> str:
@@ -358,12 +510,14 @@ class PaymentConfirmation:
     #: Defaults to ``general`` for money and ``dual_residence`` for miles or a named program.
     earmark: Earmark | None = None
     program_id: str | None = None
-    #: The named project of a corporate donation.
+    #: The project of a corporate donation, as the company names it (free text, optional).
     project: str | None = None
     #: The donor's details (found or created by identity) or the id of a donor on file: one of them.
     donor: DonorDetails | None = None
     donor_id: uuid.UUID | None = None
     one_stop_requested: bool = False
+    #: The certified 地域再生計画 a corporate donation funds (required for corporate, refused otherwise).
+    revitalisation_plan_id: str | None = None
 
     def content_hash(self) -> str:
         """What a repeated notification of the payment is compared on: the whole content.
@@ -378,6 +532,8 @@ class PaymentConfirmation:
             "donor_id": None if self.donor_id is None else str(self.donor_id),
             "one_stop_requested": self.one_stop_requested,
         }
+        if self.revitalisation_plan_id is not None:  # absent before plans were named: old hashes unchanged
+            body["revitalisation_plan_id"] = self.revitalisation_plan_id
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -397,9 +553,14 @@ class DonationPlan:
     calendar_year: int
     #: A money donation gets the next receipt number of its municipality and year.
     issues_receipt: bool
-    #: Individuals' hometown-tax donations count towards the one-stop limit.
+    #: Individuals' hometown-tax donations to a designated municipality count towards the one-stop limit.
     counts_for_one_stop: bool
     ledger: tuple[LedgerEntry, ...]
+    #: A hometown-tax donation to a municipality designated on the payment date: the receipt may
+    #: serve the special deduction (特例控除) and the one-stop exception. False for every other donation.
+    special_deduction: bool = False
+    #: The certified plan a corporate donation funds.
+    revitalisation_plan: RevitalisationPlan | None = None
 
 
 def plan_donation(confirmation: PaymentConfirmation, donor: DonorFacts, today: date) -> DonationPlan:
@@ -423,12 +584,20 @@ def plan_donation(confirmation: PaymentConfirmation, donor: DonorFacts, today: d
                 f"{target.full_name} is the local government of the company's head office "
                 f"({donor.head_office_code})"
             )
-        if not confirmation.project:
-            raise CorporateProjectRequired("name the project of the regional plan the donation funds")
-    elif donor.type != "individual":
-        raise DonorKindMismatch(f"a {kind} donation comes from an individual donor")
+        check_corporate_recipient(target, fiscal_year(confirmation.payment_date))
+        plan = certified_plan(confirmation.revitalisation_plan_id, target, confirmation.payment_date)
+    else:
+        if donor.type != "individual":
+            raise DonorKindMismatch(f"a {kind} donation comes from an individual donor")
+        if confirmation.revitalisation_plan_id is not None:
+            raise RevitalisationPlanNotApplicable(f"a {kind} donation names no regional revitalisation plan")
+        plan = None
     if confirmation.one_stop_requested and kind != "hometown_tax":
         raise OneStopNotApplicable(f"a {kind} donation has no one-stop exception")
+    excluded = not_designated(target, confirmation.payment_date) if kind == "hometown_tax" else None
+    if excluded is not None and confirmation.one_stop_requested:
+        raise _not_designated_error(target, excluded, "a one-stop request cannot be taken")
+    special_deduction = kind == "hometown_tax" and excluded is None
 
     unit: DonationUnit = "miles" if kind == "miles" else "jpy"
     names_program = confirmation.program_id is not None
@@ -457,8 +626,10 @@ def plan_donation(confirmation: PaymentConfirmation, donor: DonorFacts, today: d
         earmark=earmark,
         calendar_year=confirmation.payment_date.year,
         issues_receipt=unit == "jpy",
-        counts_for_one_stop=kind == "hometown_tax",
+        counts_for_one_stop=special_deduction,
         ledger=tuple(ledger),
+        special_deduction=special_deduction,
+        revitalisation_plan=plan,
     )
 
 
@@ -512,6 +683,8 @@ class NewDonation:
     issues_receipt: bool
     counts_for_one_stop: bool
     ledger: tuple[LedgerEntry, ...]
+    special_deduction: bool = False
+    revitalisation_plan_id: str | None = None
 
 
 def new_donation(
@@ -524,7 +697,8 @@ def new_donation(
         project=confirmation.project, payment_date=confirmation.payment_date, calendar_year=plan.calendar_year,
         one_stop_requested=confirmation.one_stop_requested, received_at=at, donor_name=donor.name,
         donor_address=donor.receipt_address, issues_receipt=plan.issues_receipt,
-        counts_for_one_stop=plan.counts_for_one_stop, ledger=plan.ledger,
+        counts_for_one_stop=plan.counts_for_one_stop, ledger=plan.ledger, special_deduction=plan.special_deduction,
+        revitalisation_plan_id=plan.revitalisation_plan.plan_id if plan.revitalisation_plan else None,
     )
 
 
@@ -551,6 +725,9 @@ class Donation:
     received_at: datetime
     refunded_at: datetime | None = None
     refund_reason: str | None = None
+    #: A hometown-tax donation to a municipality designated on its payment date (see ``plan_donation``).
+    special_deduction: bool = False
+    revitalisation_plan_id: str | None = None
 
     @classmethod
     def recorded(cls, record: NewDonation, donor: Donor, receipt_number: str | None) -> Donation:
@@ -561,7 +738,8 @@ class Donation:
             earmark=record.earmark, program_id=record.program_id, project=record.project,
             payment_date=record.payment_date, calendar_year=record.calendar_year,
             one_stop_requested=record.one_stop_requested, receipt_number=receipt_number,
-            received_at=record.received_at,
+            received_at=record.received_at, special_deduction=record.special_deduction,
+            revitalisation_plan_id=record.revitalisation_plan_id,
         )
 
     @property
@@ -580,6 +758,15 @@ class Donation:
             kind=self.kind, refunded=self.refunded, payment_date=self.payment_date, received_on=received_on,
             today=today,
         )
+        if not self.special_deduction:
+            target = municipality(self.municipality_code)
+            period = not_designated(target, self.payment_date)
+            if period is not None:
+                raise _not_designated_error(target, period, "a one-stop application cannot be taken")
+            raise MunicipalityNotDesignated(
+                f"donation {self.id} was recorded without the special deduction: no one-stop application",
+                municipality_code=self.municipality_code,
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,6 +835,8 @@ class ExportedDonation:
     refunded_at: datetime | None
     receipt_status: ReceiptStatus | None
     reissue_count: int | None
+    special_deduction: bool
+    revitalisation_plan_id: str | None
 
 
 # ---------------------------------------------------------------------------- receipts
@@ -676,25 +865,71 @@ class Receipt:
     donor_type: DonorType
     kind: DonationKind
     project: str | None
+    #: The donor was erased: the receipt is kept as the municipality's record (until
+    #: ``retention_ends``), read by staff, but never printed or re-issued to anyone again.
+    donor_erased: bool = False
+    #: When the retention period ended and its donor name and address were erased.
+    purged_at: datetime | None = None
+    #: Whether the receipt serves the ふるさと納税 special deduction (a designated municipality).
+    special_deduction: bool = False
+    revitalisation_plan_id: str | None = None
+
+    @property
+    def kind_label(self) -> str:
+        return receipt_kind_label(self.kind, special_deduction=self.special_deduction)
+
+    @property
+    def note(self) -> str | None:
+        """What the receipt must say beyond its table (a donation outside the designation)."""
+        if self.kind == "hometown_tax" and not self.special_deduction:
+            return NOT_DESIGNATED_NOTE
+        return None
+
+    @property
+    def plan_name(self) -> str | None:
+        """The certified plan a corporate donation funds, as the receipt names it (its id if the
+        reference data no longer lists it: a receipt stays printable)."""
+        if self.revitalisation_plan_id is None:
+            return None
+        try:
+            return revitalisation_plan(self.revitalisation_plan_id).name
+        except UnknownRevitalisationPlan:
+            return self.revitalisation_plan_id
 
     def check_printable(self) -> None:
+        self._check_donor_not_erased()
         if self.status == "cancelled":
             raise ReceiptCancelled(f"receipt {self.number} was cancelled; it is not printed")
 
     def reissue(self, at: datetime) -> Receipt:
         """The same number again, counted and dated; a cancelled receipt is never re-issued."""
+        self._check_donor_not_erased()
         if self.status == "cancelled":
             raise ReceiptCancelled(f"receipt {self.number} was cancelled; it cannot be re-issued")
         return replace(self, reissue_count=self.reissue_count + 1, last_reissued_at=at)
+
+    def _check_donor_not_erased(self) -> None:
+        if self.donor_erased:
+            raise DonorErased(f"the donor of receipt {self.number} was erased; it is not issued again")
 
 
 def is_receipt_number(text: str) -> bool:
     return RECEIPT_NUMBER.fullmatch(text) is not None
 
 
-def receipt_kind_label(kind: DonationKind) -> str:
-    """The kind of donation as a receipt names it."""
+def receipt_kind_label(kind: DonationKind, *, special_deduction: bool = True) -> str:
+    """The kind of donation as a receipt names it; a hometown-tax donation to a municipality that was
+    not designated is an ordinary donation (寄附金), never ふるさと納税."""
+    if kind == "hometown_tax" and not special_deduction:
+        return "寄附金（ふるさと納税の対象外）"
     return _KIND_LABELS.get(kind, kind)
+
+
+#: Printed on the receipt of a hometown-tax donation to a municipality that was not designated.
+NOT_DESIGNATED_NOTE = (
+    "寄附日において本団体はふるさと納税の対象となる地方団体として総務大臣の指定を受けていないため、"
+    "この寄附金は特例控除（地方税法第37条の2第2項・第314条の7第2項）及び申告特例（ワンストップ特例）の対象となりません。"
+)
 
 
 _KIND_LABELS: dict[str, str] = {
@@ -822,6 +1057,47 @@ class OneStopApplication:
             verified_at=at if received.verified else None,
             status=application_status(donation.calendar_year, received.received_on, year.voided), recorded_at=at,
         )
+
+
+# ---------------------------------------------------------------------------- erasure and legal retention
+#
+# A donor is erased when their resident withdraws (``ResidentWithdrawn``) or on request
+# (``DELETE /donors/{id}``). Name, address, e-mail, the resident link and staff free text go at
+# once; the receipt (寄附金受領証明書) keeps the donor's name and address, because the municipality
+# must keep it as a record of money received and of a tax credit, until ``retention_ends``:
+#
+# - the donation lowers the donor's resident tax (住民税) of the fiscal year after the calendar year
+#   of the payment (地方税法 第37条の2・第314条の7, 寄附金税額控除; the one-stop exception, 附則第7条,
+#   sends it to the donor's municipality as 申告特例通知書), and that tax can be reassessed for
+#   5 years after its statutory due date (地方税法 第17条の5 第1項);
+# - the receipt copy is an accounting document of revenue (歳入), kept under the municipality's
+#   文書管理規程 / 財務規則 for 5 years (some say 10) counted from the fiscal year after the one it
+#   belongs to; a claim on public money lapses in 5 years (地方自治法 第236条 第1項).
+#
+# The later of the two ends wins: kept through the end of fiscal year (calendar year + 1) + N, so
+# erasable from 1 April of (calendar year + 2 + N); N (``retention_years``) is 5 unless the
+# municipality's rules say longer.
+
+#: The years a municipality keeps a donation's receipt after the fiscal year of the tax it lowered.
+DEFAULT_RETENTION_YEARS = 5
+
+
+def retention_ends(calendar_year: int, years: int = DEFAULT_RETENTION_YEARS) -> date:
+    """The first day the receipt of a donation paid in ``calendar_year`` may lose its donor's name
+    and address (1 April, Japanese fiscal years begin then)."""
+    return date(calendar_year + 2 + years, 4, 1)
+
+
+def last_erasable_year(today: date, years: int = DEFAULT_RETENTION_YEARS) -> int:
+    """The latest calendar year whose receipts' retention has ended on ``today`` (a date in Japan)."""
+    year = today.year - 2 - years
+    return year if today >= date(today.year, 4, 1) else year - 1
+
+
+def erasable_from(receipt_years: Iterable[int], years: int = DEFAULT_RETENTION_YEARS) -> date | None:
+    """The day the last of these receipts may be erased (None: no receipt, nothing is kept)."""
+    latest = max(receipt_years, default=None)
+    return None if latest is None else retention_ends(latest, years)
 
 
 # ---------------------------------------------------------------------------- presentation

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -23,10 +24,13 @@ from shared.contracts.donation import (
     OneStopExceptionVoided,
     ReceiptIssued,
 )
+from shared.contracts.registration import ResidentWithdrawn
 from shared.contracts.topics import DONATIONS
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import japan_date
+from shared.kit.csv_export import keyset_rows
 from shared.kit.db import Connection
+from shared.kit.erasure import forget_responses_about, is_erased, record_erased
 from shared.kit.errors import Forbidden
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, Work, Write
@@ -47,6 +51,7 @@ from .domain import (
     OneStopApplicationNotFound,
     PaymentConfirmation,
     PaymentReferenceConflict,
+    PersonDetails,
     Receipt,
     ReceiptNotFound,
     UnknownDonor,
@@ -55,6 +60,7 @@ from .receipt_pdf import ReceiptDocument, render_receipt
 from .schemas import (
     DonationPage,
     DonationView,
+    DonorErasureView,
     DonorSummary,
     DonorView,
     FundBalance,
@@ -71,7 +77,8 @@ log = structlog.get_logger(__name__)
 CSV_COLUMNS = (
     "receipt_number", "donation_id", "payment_reference", "payment_date", "kind", "unit", "amount", "earmark",
     "program_id", "project", "donor_type", "donor_name", "donor_address", "one_stop_requested",
-    "one_stop_status", "received_at", "refunded_at", "receipt_status", "reissue_count",
+    "one_stop_status", "received_at", "refunded_at", "receipt_status", "reissue_count", "special_deduction",
+    "revitalisation_plan_id",
 )
 
 
@@ -120,13 +127,52 @@ async def _apply_one_stop(
         )
 
 
+# ---------------------------------------------------------------------------- erasure
+
+
+async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) -> None:
+    """Erasure: the resident's donor record loses everything but what its receipts must keep.
+
+    Recorded in the erased-residents ledger in the same transaction, so a payment notification
+    naming the resident later is recorded unlinked (``confirm_donation``)."""
+    conn = work.conn
+    await record_erased(conn, event.resident_id, at)
+    for donor in await store.lock_donors_of_resident(conn, event.resident_id):
+        await _erase(conn, donor.id, at)
+    await forget_responses_about(conn, event.resident_id)
+    log.info("resident withdrawn: donor data erased", resident_id=event.resident_id)
+
+
+async def _erase(conn: Connection, donor_id: uuid.UUID, at: datetime) -> Donor | None:
+    """Erase one donor (None when erased already) and the stored write responses about them."""
+    erased = await store.erase_donor(conn, donor_id, at)
+    # A stored response names the donor id (donations, receipts, applications): it may hold the
+    # name and address, a copy the law does not ask to keep.
+    await forget_responses_about(conn, str(donor_id))
+    return erased
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeRound:
+    """One round of the retention job: how many receipts it blanked, and donors it finished."""
+
+    ran: bool
+    receipts: int = 0
+    donors: int = 0
+
+
+#: The advisory lock of the retention job ("DNRP"): one replica runs a round at a time.
+_PURGE_LOCK = 0x444E_5250
+
+
 # ---------------------------------------------------------------------------- the service
 
 
 class DonationService:
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, *, retention_years: int = domain.DEFAULT_RETENTION_YEARS) -> None:
         self.runtime = runtime
         self.clock = runtime.clock
+        self.retention_years = retention_years
 
     # payment confirmation (the hot path)
 
@@ -145,15 +191,15 @@ class DonationService:
 
         async def act(work: UnitOfWork) -> Outcome:
             if confirmation.donor is not None:
+                details = await _unless_erased(work.conn, confirmation.donor)
                 # The donor on file stays as the donor or an admin left it: a confirmation only names it.
-                donor, _ = await store.find_or_create_donor(
-                    work.conn, domain.new_donor(confirmation.donor, uuid.uuid4(), now)
-                )
+                donor, _ = await store.find_or_create_donor(work.conn, domain.new_donor(details, uuid.uuid4(), now))
             else:
                 assert confirmation.donor_id is not None
                 found = await store.lock_donor(work.conn, confirmation.donor_id)
                 if found is None:
                     raise UnknownDonor(f"no donor {confirmation.donor_id}")
+                found.check_usable()
                 donor = found
             plan = known or domain.plan_donation(confirmation, donor.facts, today)
             donation = await self._record(work, domain.new_donation(confirmation, plan, donor, donation_id, now), donor)
@@ -179,7 +225,8 @@ class DonationService:
                 donation_id=subject, municipality_code=code, donor_id=str(donor.id), resident_id=donor.resident_id,
                 kind=record.kind, unit=record.unit, amount=record.amount, earmark=record.earmark,
                 program_id=record.program_id, payment_date=record.payment_date, calendar_year=record.calendar_year,
-                received_at=record.received_at,
+                received_at=record.received_at, special_deduction=record.special_deduction,
+                revitalisation_plan_id=record.revitalisation_plan_id,
             ),
             subject=subject, key=code,
         )
@@ -225,11 +272,65 @@ class DonationService:
 
         async def act(work: UnitOfWork) -> Outcome:
             donor, created = await store.upsert_donor(
-                work.conn, domain.new_donor(details, uuid.uuid4(), self.clock.now())
+                work.conn, domain.new_donor(await _unless_erased(work.conn, details), uuid.uuid4(), self.clock.now())
             )
             return Outcome(201 if created else 200, _donor_view(donor).model_dump(mode="json"))
 
         return await write.run(act)
+
+    async def erase_donor(self, write: Write, donor_id: uuid.UUID) -> Outcome:
+        """Erase a donor on request (APPI Art. 35): what the receipts must keep stays until its period
+        ends. Erasing an erased donor answers the same again."""
+        principal = write.principal
+
+        async def authorise(work: UnitOfWork) -> Donor:
+            donor = await store.lock_donor(work.conn, donor_id)
+            if donor is None:
+                raise DonorNotFound(f"no donor {donor_id}")
+            # Managers act for donors of their municipality: one who gave to it.
+            if principal.role is not Role.ADMIN and not await store.donor_gave_to(
+                work.conn, donor_id, principal.municipality or ""
+            ):
+                raise Forbidden(f"donor {donor_id} gave nothing to {principal.municipality}")
+            return donor
+
+        async def act(work: UnitOfWork, donor: Donor) -> Outcome:
+            donor.check_erasable()
+            now = self.clock.now()
+            erased = await _erase(work.conn, donor.id, now) if not donor.erased else None
+            if erased is not None:
+                log.info("donor erased on request", donor_id=str(donor_id))
+            kept = await store.receipt_years(work.conn, donor_id)
+            view = DonorErasureView(
+                donor_id=str(donor_id), erased_at=erased.erased_at if erased else donor.erased_at,
+                erasable_from=domain.erasable_from(kept, self.retention_years),
+            )
+            return Outcome(200, view.model_dump(mode="json"))
+
+        return await write.run(act, authorise=authorise)
+
+    async def purge_retained_records(self, batch_size: int = 1000) -> PurgeRound:
+        """The retention job's round: blank the kept donor name and address of erased donors'
+        receipts whose period has ended (today in Japan). One replica at a time (an advisory lock
+        for the round's transaction); each receipt is blanked and logged once."""
+        now = self.clock.now()
+        last_year = domain.last_erasable_year(japan_date(now), self.retention_years)
+        receipts = donors = 0
+        while True:
+            async with self.runtime.transaction() as work:
+                if not await work.conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PURGE_LOCK):
+                    # Another replica runs a round now: it finds what is due.
+                    return PurgeRound(ran=bool(receipts), receipts=receipts, donors=donors)
+                purged = await store.purge_retained_receipts(work.conn, last_year, now, batch_size)
+            receipts += purged.receipts
+            donors += len(purged.donors)
+            if purged.receipts:
+                log.info(
+                    "retention ended: receipts of erased donors purged", receipts=purged.receipts,
+                    donors_done=[str(d) for d in purged.donors], through_year=last_year,
+                )
+            if purged.receipts < batch_size:
+                return PurgeRound(ran=True, receipts=receipts, donors=donors)
 
     async def get_donor(self, principal: Principal, donor_id: uuid.UUID) -> DonorView:
         async with self.runtime.pool.acquire() as conn:
@@ -307,7 +408,7 @@ class DonationService:
             if refunded.receipt_number is not None:
                 await store.cancel_receipt(conn, donation_id, now)
             await store.add_ledger_entries(conn, refunded, reversal, now)
-            if refunded.kind == "hometown_tax":
+            if refunded.kind == "hometown_tax" and refunded.special_deduction:  # only those were counted
                 await store.release_donor_municipality(conn, refunded)
             await work.emit(
                 DONATIONS,
@@ -383,7 +484,7 @@ class DonationService:
             number=receipt.number, donor_name=receipt.donor_name, donor_address=receipt.donor_address,
             donor_is_company=receipt.donor_type == "company", municipality_name=target.full_name,
             issuer=domain.issuer_title(target), donation_date=receipt.donation_date, amount_jpy=receipt.amount_jpy,
-            kind_label=domain.receipt_kind_label(receipt.kind), project=receipt.project,
+            kind_label=receipt.kind_label, project=receipt.project, plan_name=receipt.plan_name, note=receipt.note,
             issued_on=japan_date(receipt.issued_at), reissue_count=receipt.reissue_count,
             reissued_on=japan_date(receipt.last_reissued_at) if receipt.last_reissued_at else None,
         )
@@ -443,19 +544,33 @@ class DonationService:
         return LedgerPage(items=items, total=total, limit=limit, offset=offset)
 
     def export_donations_csv(self, principal: Principal, code: str, year: int) -> AsyncIterator[list[object]]:
-        """A municipality's donations of one calendar year as CSV rows, streamed from a cursor.
+        """A municipality's donations of one calendar year as CSV rows, a page at a time.
 
-        Access is checked now, before the response starts; rows are read from one consistent snapshot.
+        Access is checked now, before the response starts; no connection is held between pages.
         """
         _ensure_staff_of(principal, code)
         pool = self.runtime.pool
 
+        async def page(conn: Connection, after: int | None, limit: int) -> list[tuple[int, domain.ExportedDonation]]:
+            return await store.export_donations(conn, code, year, after, limit)
+
         async def rows() -> AsyncIterator[list[object]]:
-            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-                async for line in store.export_donations(conn, code, year):
-                    yield [getattr(line, column) for column in CSV_COLUMNS]
+            async for _, line in keyset_rows(pool, page, lambda numbered: numbered[0]):
+                yield [getattr(line, column) for column in CSV_COLUMNS]
 
         return rows()
+
+
+async def _unless_erased(conn: Connection, details: DonorDetails) -> DonorDetails:
+    """A person named by an erased resident's id is recorded unlinked and without e-mail: the
+    money must be recorded, with what its receipt shows, but the person is not linked again."""
+    if (
+        isinstance(details, PersonDetails) and details.resident_id is not None
+        and await is_erased(conn, details.resident_id)
+    ):
+        log.info("donation names an erased resident: recorded unlinked")
+        return details.unlinked()
+    return details
 
 
 def _of_municipality(principal: Principal) -> Callable[[Donation], None]:
@@ -489,7 +604,7 @@ def _donor_view(donor: Donor) -> DonorView:
     return DonorView(
         id=str(donor.id), type=donor.type, name=donor.name, address=donor.address, resident_id=donor.resident_id,
         email=donor.email, head_office_code=donor.head_office_code, corporate_number=donor.corporate_number,
-        created_at=donor.created_at,
+        created_at=donor.created_at, erased_at=donor.erased_at,
     )
 
 
@@ -501,6 +616,7 @@ def _donation_view(d: Donation) -> DonationView:
         program_id=d.program_id, project=d.project, payment_date=d.payment_date, calendar_year=d.calendar_year,
         one_stop_requested=d.one_stop_requested, receipt_number=d.receipt_number, received_at=d.received_at,
         status="refunded" if d.refunded else "confirmed", refunded_at=d.refunded_at, refund_reason=d.refund_reason,
+        special_deduction=d.special_deduction, revitalisation_plan_id=d.revitalisation_plan_id,
     )
 
 
@@ -510,7 +626,8 @@ def _receipt_view(r: Receipt) -> ReceiptView:
         municipality_name=municipality(r.municipality_code).full_name, calendar_year=r.calendar_year,
         donor_id=str(r.donor_id), donor_name=r.donor_name, donor_address=r.donor_address, amount_jpy=r.amount_jpy,
         donation_date=r.donation_date, issued_at=r.issued_at, status=r.status, cancelled_at=r.cancelled_at,
-        reissue_count=r.reissue_count, last_reissued_at=r.last_reissued_at,
+        reissue_count=r.reissue_count, last_reissued_at=r.last_reissued_at, kind=r.kind,
+        special_deduction=r.special_deduction, revitalisation_plan_id=r.revitalisation_plan_id,
     )
 
 

@@ -38,6 +38,10 @@ class ReceiptDocument:
     issued_on: date
     reissue_count: int
     reissued_on: date | None
+    #: The certified 地域再生計画 a corporate donation funds.
+    plan_name: str | None = None
+    #: A sentence the receipt must carry (a donation to a municipality that was not designated).
+    note: str | None = None
 
 
 def render_receipt(receipt: ReceiptDocument) -> bytes:
@@ -74,6 +78,8 @@ def render_receipt(receipt: ReceiptDocument) -> bytes:
         ("寄附先", receipt.municipality_name),
         ("寄附の種類", receipt.kind_label),
     ]
+    if receipt.plan_name:
+        rows.append(("地域再生計画", receipt.plan_name))
     if receipt.project:
         rows.append(("事業名", receipt.project))
     label_width = 45
@@ -86,6 +92,11 @@ def render_receipt(receipt: ReceiptDocument) -> bytes:
 
     pdf.set_font(FONT, size=12)
     pdf.multi_cell(0, 8, "上記の金額を寄附金として受領したことを証明します。", new_x="LMARGIN", new_y="NEXT")
+    if receipt.note:
+        pdf.ln(4)
+        pdf.set_font(FONT, size=10)
+        pdf.multi_cell(0, 6, f"※ {receipt.note}", new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font(FONT, size=12)
     pdf.ln(16)
     pdf.cell(0, 8, japanese_date(receipt.issued_on), align="R", new_x="LMARGIN", new_y="NEXT")
     pdf.set_font(FONT, size=14)

@@ -93,8 +93,11 @@ class DonationConfirmation(ApiModel):
     earmark: Earmark | None = None
     #: A travel program of the municipality the donor named (optional).
     program_id: Annotated[str, Field(min_length=1, max_length=100)] | None = None
-    #: The named project of a corporate donation (required for ``corporate``).
+    #: The project of a corporate donation as the company names it (free text, optional).
     project: Text | None = None
+    #: The certified regional revitalisation plan (地域再生計画) a corporate donation funds (required
+    #: for ``corporate``, refused for other kinds): an id of ``shared/reference``'s plans.
+    revitalisation_plan_id: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     #: The payment date, a Japanese calendar date (YYYY-MM-DD).
     payment_date: CalendarDate
     #: Details of the donor (found or created by identity) ...
@@ -109,6 +112,7 @@ class DonationConfirmation(ApiModel):
             amount=self.amount, payment_date=self.payment_date, earmark=self.earmark, program_id=self.program_id,
             project=self.project, donor=None if self.donor is None else self.donor.to_domain(),
             donor_id=self.donor_id, one_stop_requested=self.one_stop_requested,
+            revitalisation_plan_id=self.revitalisation_plan_id,
         )
 
 
@@ -144,6 +148,17 @@ class DonorView(View):
     head_office_code: str | None
     corporate_number: str | None
     created_at: datetime
+    #: Set once the donor was erased: the record is kept blank, used no further.
+    erased_at: datetime | None = None
+
+
+class DonorErasureView(View):
+    """A donor's erasure: done now, but for what the receipts must keep until ``erasable_from``."""
+
+    donor_id: str
+    erased_at: datetime | None
+    #: The day the receipts' donor name and address are erased too (None: no receipt keeps them).
+    erasable_from: date | None
 
 
 class DonationView(View):
@@ -167,6 +182,11 @@ class DonationView(View):
     status: Literal["confirmed", "refunded"]
     refunded_at: datetime | None = None
     refund_reason: str | None = None
+    #: A hometown-tax donation to a municipality designated on the payment date: its receipt serves
+    #: the special deduction and the one-stop exception. False: recorded as an ordinary donation.
+    special_deduction: bool = False
+    #: The certified regional revitalisation plan a corporate donation funds.
+    revitalisation_plan_id: str | None = None
 
 
 class DonationPage(View):
@@ -192,6 +212,10 @@ class ReceiptView(View):
     cancelled_at: datetime | None
     reissue_count: int
     last_reissued_at: datetime | None
+    kind: DonationKind
+    #: The receipt serves the ふるさと納税 special deduction (false: an ordinary donation's receipt).
+    special_deduction: bool
+    revitalisation_plan_id: str | None = None
 
 
 class FundBalance(View):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -76,7 +76,7 @@ class Sql:
 # ---------------------------------------------------------------------------- donors
 
 _DONOR_COLUMNS = (
-    "id, type, name, address, resident_id, email, head_office_code, corporate_number, created_at"
+    "id, type, name, address, resident_id, email, head_office_code, corporate_number, created_at, erased_at"
 )
 
 
@@ -84,7 +84,7 @@ def _donor(row: asyncpg.Record) -> Donor:
     return Donor(
         id=row["id"], type=row["type"], name=row["name"], address=row["address"], resident_id=row["resident_id"],
         email=row["email"], head_office_code=row["head_office_code"], corporate_number=row["corporate_number"],
-        created_at=row["created_at"],
+        created_at=row["created_at"], erased_at=row["erased_at"],
     )
 
 
@@ -151,6 +151,98 @@ async def donor_of_resident(conn: Connection, resident_id: str) -> Donor | None:
     return None if row is None else _donor(row)
 
 
+# ---------------------------------------------------------------------------- erasure
+
+
+async def lock_donors_of_resident(conn: Connection, resident_id: str) -> list[Donor]:
+    rows = await conn.fetch(
+        f"SELECT {_DONOR_COLUMNS} FROM donors WHERE resident_id = $1 ORDER BY id FOR NO KEY UPDATE", resident_id
+    )
+    return [_donor(r) for r in rows]
+
+
+async def donor_gave_to(conn: Connection, donor_id: uuid.UUID, municipality_code: str) -> bool:
+    """Whether the donor has a donation (refunded or not) to the municipality."""
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM donations WHERE donor_id = $1 AND municipality_code = $2)",
+        donor_id, municipality_code,
+    ))
+
+
+_ERASE_DONOR = Sql.of(
+    f"""
+    WITH reasons AS (
+        -- Staff free text about the person goes with them; the refund itself (date, ledger) stays.
+        UPDATE donations SET refund_reason = NULL WHERE donor_id = :id AND refund_reason IS NOT NULL
+    )
+    UPDATE donors SET name = '', address = NULL, email = NULL, resident_id = NULL, corporate_number = NULL,
+                      donor_key = 'erased:' || id::text, erased_at = :at, updated_at = :at,
+                      -- without a receipt nothing is kept: the erasure is complete now
+                      purged_at = CASE WHEN EXISTS (SELECT 1 FROM receipts r WHERE r.donor_id = :id)
+                                       THEN NULL ELSE :at::timestamptz END
+    WHERE id = :id AND erased_at IS NULL
+    RETURNING {_DONOR_COLUMNS}
+    """
+)
+
+
+async def erase_donor(conn: Connection, donor_id: uuid.UUID, at: datetime) -> Donor | None:
+    """Erase the donor's personal data but what their receipts keep; None when erased already.
+
+    The donor key becomes ``erased:<id>``, so no later payment notification finds the record again."""
+    row = await conn.fetchrow(_ERASE_DONOR.text, *_ERASE_DONOR.args({"id": donor_id, "at": at}))
+    return None if row is None else _donor(row)
+
+
+async def receipt_years(conn: Connection, donor_id: uuid.UUID) -> list[int]:
+    """The calendar years of the donor's receipts whose donor name and address are still kept."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT calendar_year FROM receipts WHERE donor_id = $1 AND purged_at IS NULL", donor_id
+    )
+    return [r["calendar_year"] for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class PurgedReceipts:
+    receipts: int
+    #: Donors whose last kept receipt this was: nothing about them is kept any more.
+    donors: list[uuid.UUID]
+
+
+async def purge_retained_receipts(
+    conn: Connection, last_year: int, at: datetime, batch_size: int = 1000
+) -> PurgedReceipts:
+    """Blank the donor name and address of erased donors' receipts of ``last_year`` or before (their
+    retention has ended), at most ``batch_size`` of them. Each receipt is purged once: a concurrent
+    run skips the rows this one holds and finds them purged after its commit."""
+    rows = await conn.fetch(
+        """
+        WITH due AS (
+            SELECT r.number FROM donors o JOIN receipts r ON r.donor_id = o.id
+            WHERE o.erased_at IS NOT NULL AND o.purged_at IS NULL AND r.purged_at IS NULL
+              AND r.calendar_year <= $1
+            ORDER BY r.number LIMIT $3
+            FOR NO KEY UPDATE OF r SKIP LOCKED
+        )
+        UPDATE receipts r SET donor_name = '', donor_address = '', purged_at = $2
+        FROM due WHERE r.number = due.number AND r.purged_at IS NULL
+        RETURNING r.donor_id
+        """,
+        last_year, at, batch_size,
+    )
+    touched = sorted({r["donor_id"] for r in rows})
+    done = await conn.fetch(
+        """
+        UPDATE donors o SET purged_at = $2
+        WHERE o.id = ANY($1::uuid[]) AND o.purged_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.donor_id = o.id AND r.purged_at IS NULL)
+        RETURNING o.id
+        """,
+        touched, at,
+    )
+    return PurgedReceipts(receipts=len(rows), donors=[r["id"] for r in done])
+
+
 # ---------------------------------------------------------------------------- donations
 
 _RECORD_DONATION = Sql.of(
@@ -165,10 +257,10 @@ _RECORD_DONATION = Sql.of(
         -- Reads the counter first, so seq (the recording order) is drawn under the counter's lock.
         INSERT INTO donations (id, payment_reference, request_hash, municipality_code, donor_id, kind, unit,
                                amount, earmark, program_id, project, payment_date, calendar_year,
-                               one_stop_requested, received_at)
+                               one_stop_requested, received_at, special_deduction, revitalisation_plan_id)
         SELECT :id, :payment_reference, :request_hash, :municipality_code, :donor_id, :kind, :unit,
                :amount, :earmark, :program_id, :project, :payment_date, :calendar_year,
-               :one_stop_requested, :received_at
+               :one_stop_requested, :received_at, :special_deduction, :revitalisation_plan_id
         FROM (SELECT 1) AS one LEFT JOIN counter ON true
         RETURNING id, seq
     ), receipt AS (
@@ -297,10 +389,12 @@ async def donor_year(conn: Connection, donor_id: uuid.UUID, year: int) -> DonorY
 
 
 _DONATION_VIEW = """
-SELECT d.id, d.payment_reference, d.request_hash, d.municipality_code, d.donor_id, o.name AS donor_name,
+SELECT d.id, d.payment_reference, d.request_hash, d.municipality_code, d.donor_id,
+       -- an erased donor's name only as its receipt keeps it (the legal record), while it does
+       CASE WHEN o.erased_at IS NULL THEN o.name ELSE coalesce(r.donor_name, '') END AS donor_name,
        o.resident_id AS donor_resident_id, d.kind, d.unit, d.amount, d.earmark, d.program_id, d.project,
        d.payment_date, d.calendar_year, d.one_stop_requested, r.number AS receipt_number, d.received_at,
-       d.refunded_at, d.refund_reason
+       d.refunded_at, d.refund_reason, d.special_deduction, d.revitalisation_plan_id
 FROM donations d JOIN donors o ON o.id = d.donor_id LEFT JOIN receipts r ON r.donation_id = d.id
 """
 
@@ -314,6 +408,7 @@ def _donation(row: asyncpg.Record) -> Donation:
         payment_date=row["payment_date"], calendar_year=row["calendar_year"],
         one_stop_requested=row["one_stop_requested"], receipt_number=row["receipt_number"],
         received_at=row["received_at"], refunded_at=row["refunded_at"], refund_reason=row["refund_reason"],
+        special_deduction=row["special_deduction"], revitalisation_plan_id=row["revitalisation_plan_id"],
     )
 
 
@@ -360,27 +455,28 @@ async def donor_donations(conn: Connection, donor_id: uuid.UUID, year: int) -> l
 
 
 async def export_donations(
-    conn: Connection, municipality_code: str, year: int, prefetch: int = 1000
-) -> AsyncIterator[ExportedDonation]:
-    """Every donation of a municipality-year in recording order (a cursor: run in a transaction)."""
-    cursor = conn.cursor(
+    conn: Connection, municipality_code: str, year: int, after: int | None, limit: int
+) -> list[tuple[int, ExportedDonation]]:
+    """The next ``limit`` donations of a municipality-year after recording number ``after``, each with
+    its number (seq: the keyset of a download read page by page)."""
+    rows = await conn.fetch(
         """
-        SELECT r.number AS receipt_number, d.id AS donation_id, d.payment_reference, d.payment_date, d.kind, d.unit,
-               d.amount, d.earmark, d.program_id, d.project, o.type AS donor_type, o.name AS donor_name,
+        SELECT d.seq, r.number AS receipt_number, d.id AS donation_id, d.payment_reference, d.payment_date, d.kind,
+               d.unit, d.amount, d.earmark, d.program_id, d.project, o.type AS donor_type,
+               CASE WHEN o.erased_at IS NULL THEN o.name ELSE coalesce(r.donor_name, '') END AS donor_name,
                coalesce(r.donor_address, o.address) AS donor_address, d.one_stop_requested,
                a.status AS one_stop_status, d.received_at, d.refunded_at, r.status AS receipt_status,
-               r.reissue_count
+               r.reissue_count, d.special_deduction, d.revitalisation_plan_id
         FROM donations d
         JOIN donors o ON o.id = d.donor_id
         LEFT JOIN receipts r ON r.donation_id = d.id
         LEFT JOIN one_stop_applications a ON a.donation_id = d.id
-        WHERE d.municipality_code = $1 AND d.calendar_year = $2
-        ORDER BY d.seq
+        WHERE d.municipality_code = $1 AND d.calendar_year = $2 AND d.seq > $3
+        ORDER BY d.seq LIMIT $4
         """,
-        municipality_code, year, prefetch=prefetch,
+        municipality_code, year, -1 if after is None else after, limit,
     )
-    async for row in cursor:
-        yield ExportedDonation(**dict(row))
+    return [(row["seq"], ExportedDonation(**{k: v for k, v in row.items() if k != "seq"})) for row in rows]
 
 
 # ---------------------------------------------------------------------------- refunds
@@ -450,7 +546,8 @@ async def release_donor_municipality(conn: Connection, donation: Donation) -> No
 _RECEIPT_COLUMNS = """
        r.number, r.donation_id, r.municipality_code, r.calendar_year, r.donor_id, r.donor_name, r.donor_address,
        r.amount_jpy, r.donation_date, r.issued_at, r.status, r.cancelled_at, r.reissue_count, r.last_reissued_at,
-       o.resident_id AS donor_resident_id, o.type AS donor_type, d.kind, d.project
+       o.resident_id AS donor_resident_id, o.type AS donor_type, d.kind, d.project,
+       o.erased_at IS NOT NULL AS donor_erased, r.purged_at, d.special_deduction, d.revitalisation_plan_id
 """
 
 
@@ -462,7 +559,8 @@ def _receipt(row: asyncpg.Record) -> Receipt:
         issued_at=row["issued_at"], status=row["status"], cancelled_at=row["cancelled_at"],
         reissue_count=row["reissue_count"], last_reissued_at=row["last_reissued_at"],
         donor_resident_id=row["donor_resident_id"], donor_type=row["donor_type"], kind=row["kind"],
-        project=row["project"],
+        project=row["project"], donor_erased=row["donor_erased"], purged_at=row["purged_at"],
+        special_deduction=row["special_deduction"], revitalisation_plan_id=row["revitalisation_plan_id"],
     )
 
 

@@ -6,7 +6,10 @@ service (``ApiModel`` and ``BodyGuard``, ``shared.kit.my_number``).
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -15,10 +18,11 @@ from pydantic import Field, model_validator
 
 from services.registration import domain, handlers
 from services.registration.attestation import Attestations
-from services.registration.domain import Activity, Tier
-from services.registration.store import ListedRegistration
+from services.registration.domain import ActivityKind, ActivityPick, Tier
 from services.registration.views import (
+    CatalogueView,
     ConsentView,
+    DesignatedActivityView,
     ExpiryRun,
     RegistrationDetailView,
     RegistrationPage,
@@ -27,13 +31,12 @@ from services.registration.views import (
 )
 from shared.contracts.reasons import RejectionReason
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
-from shared.kit.auth import DECIDERS, Principal, Role, require
-from shared.kit.clock import JAPAN
-from shared.kit.csv_export import csv_response
+from shared.kit import csv_export
+from shared.kit.auth import DECIDERS, MANAGERS, Principal, Role, require
 from shared.kit.http import ApiModel, MultilineText
+from shared.kit.rate_limit import public_limit
 from shared.kit.service import ServiceRuntime
 from shared.kit.use_case import WriteRequest
-from shared.reference import municipality
 
 Language = Literal["ja", "en"]
 
@@ -45,6 +48,8 @@ StaffOrAdmin = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
 # Premium reviews are decided by reviewers and managers; auditors only read.
 Deciders = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN, staff=DECIDERS))]
 Anyone = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.ADMIN))]
+# A municipality's catalogue of designated activities is its managers' (the mayor's designation).
+Managers = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN, staff=MANAGERS))]
 
 
 # --- Request bodies ------------------------------------------------------------------------------
@@ -104,12 +109,24 @@ def _refuse_self_claimed(identity: dict[str, Any] | None) -> None:
 
 
 class ActivityRequest(ApiModel):
-    name: str = Field(min_length=1, max_length=200, examples=["棚田の草刈りボランティア"])
+    activity_id: str | None = Field(
+        None, max_length=64, examples=["304018-ume-harvest"],
+        description="An entry of the municipality's catalogue (GET /v1/public/municipalities/{code}/activities)",
+    )
     date: dt.date
-    document_ref: str | None = Field(None, max_length=256)
+    document_ref: str | None = Field(None, max_length=256, description="Evidence (required where the entry says so)")
+    name: str | None = Field(
+        None, max_length=200, json_schema_extra={"deprecated": True},
+        description="No longer accepted: activities are picked from the catalogue by `activity_id`",
+    )
 
-    def to_domain(self) -> Activity:
-        return Activity(self.name, self.date, self.document_ref)
+    def to_domain(self) -> ActivityPick:
+        if self.activity_id is None or self.name is not None:
+            raise domain.FreeTextActivity(
+                "name each activity by `activity_id`, an entry of the municipality's catalogue of designated "
+                "activities (GET /v1/public/municipalities/{code}/activities); free-text `name` is no longer accepted"
+            )
+        return ActivityPick(self.activity_id, self.date, self.document_ref)
 
 
 class RegistrationRequest(ApiModel):
@@ -124,6 +141,31 @@ class RenewalRequest(ApiModel):
     activities: list[ActivityRequest] = Field(max_length=50)
     attestation: AttestationToken | None = None
     identity: SelfClaimedIdentity = None
+
+
+class NewDesignatedActivityRequest(ApiModel):
+    code: str = Field(max_length=40, description="Unique in the municipality's catalogue; the id is `<code of the "
+                      "municipality>-<code>`", examples=["beach-cleanup"])
+    name_ja: str = Field(max_length=200, examples=["海岸清掃"])
+    name_en: str = Field(max_length=200, examples=["Beach clean-up"])
+    kind: ActivityKind
+    season: str | None = Field(None, max_length=100, description="When it takes place", examples=["毎年8月"])
+    evidence_required: bool = False
+
+
+class DesignatedActivityChangeRequest(ApiModel):
+    name_ja: str | None = Field(None, max_length=200)
+    name_en: str | None = Field(None, max_length=200)
+    kind: ActivityKind | None = None
+    season: str | None = Field(None, max_length=100, description="null removes it")
+    evidence_required: bool | None = None
+
+    @model_validator(mode="after")
+    def _only_season_may_be_null(self) -> DesignatedActivityChangeRequest:
+        for name in ("name_ja", "name_en", "kind", "evidence_required"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be removed")
+        return self
 
 
 class RejectionRequest(ApiModel):
@@ -232,10 +274,14 @@ async def list_registrations(
     awaiting_review: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    after: Annotated[str | None, Query(max_length=64, description=(
+        "only registrations after this one in the list's order: the next page is `after=<last id>` "
+        "(as fast deep in a long list as at its start, unlike `offset`)"
+    ))] = None,
 ) -> dict[str, Any]:
     """Registrations with one municipality, for its staff: paged, filtered, searchable."""
     registration_filter = handlers.staff_filter(principal, municipality, tier, status, q, awaiting_review)
-    return await handlers.list_registrations(_runtime(request), registration_filter, limit, offset)
+    return await handlers.list_registrations(_runtime(request), registration_filter, limit, offset, after)
 
 
 CSV_COLUMNS = (
@@ -244,15 +290,18 @@ CSV_COLUMNS = (
 )
 
 
-def _csv_row(item: ListedRegistration) -> list[object]:
-    r = item.registration
-    values: list[object] = [
-        r.id, r.resident_id, r.municipality_code, municipality(r.municipality_code).full_name, r.tier, r.status,
-        r.registered_at, r.valid_from, r.valid_until, r.pending_review, item.name, item.name_kana, item.email,
-        item.phone, item.preferred_language,
-    ]
-    # Staff read times in Japan time.
-    return [v.astimezone(JAPAN) if isinstance(v, dt.datetime) else v for v in values]
+async def _csv_pages(pages: AsyncIterator[list[tuple[str, ...]]]) -> AsyncIterator[str]:
+    """The file, a page of rows at a time: the cells come formatted (Japan time, ISO 8601, formulas
+    defused) from the store, so a page is one bulk ``writerows``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    yield csv_export.BOM + buffer.getvalue()
+    async for rows in pages:
+        buffer.seek(0)
+        buffer.truncate(0)
+        writer.writerows(rows)
+        yield buffer.getvalue()
 
 
 @router.get(
@@ -271,8 +320,12 @@ async def export_registrations(
 ) -> StreamingResponse:
     """The same registrations as the list, as a CSV file for Excel (UTF-8 with BOM)."""
     registration_filter = handlers.staff_filter(principal, municipality, tier, status, q, awaiting_review)
-    rows = (_csv_row(item) async for item in handlers.export_registrations(_runtime(request), registration_filter))
-    return csv_response(f"registrations-{registration_filter.municipality_code}.csv", CSV_COLUMNS, rows)
+    pages = handlers.export_registrations(_runtime(request), registration_filter)
+    return StreamingResponse(_csv_pages(pages), media_type="text/csv; charset=utf-8", headers={
+        "content-disposition": csv_export.content_disposition(
+            f"registrations-{registration_filter.municipality_code}.csv"),
+        "cache-control": "no-store",
+    })
 
 
 @router.get("/registrations/{registration_id}", response_model=RegistrationDetailView)
@@ -311,6 +364,45 @@ async def renew(
 async def withdraw_registration(registration_id: str, principal: ResidentOrAdmin, write: WriteRequest) -> Response:
     """Withdraw one registration; the account and the other registrations stay."""
     return (await handlers.withdraw_registration(write, registration_id)).response()
+
+
+# --- Designated activities (each municipality's catalogue) ---------------------------------------
+
+
+@router.get("/public/municipalities/{code}/activities", response_model=CatalogueView,
+            dependencies=[Depends(public_limit)], tags=["public"])
+async def public_catalogue(code: str, request: Request) -> dict[str, Any]:
+    """The municipality's published designated activities (public: no token). Premium requests pick
+    three or more of them."""
+    return await handlers.public_catalogue(_runtime(request), code)
+
+
+@router.post("/municipalities/{code}/activities", status_code=201, response_model=DesignatedActivityView)
+async def create_designated_activity(
+    code: str, body: NewDesignatedActivityRequest, principal: Managers, write: WriteRequest
+) -> Response:
+    """Publish an entry of the municipality's catalogue (its managers, admin)."""
+    principal.ensure_municipality(code)
+    entry = domain.new_designated_activity(
+        municipality_code=code, code=body.code, name_ja=body.name_ja, name_en=body.name_en, kind=body.kind,
+        season=body.season, evidence_required=body.evidence_required, now=write.runtime.clock.now(),
+    )
+    return (await handlers.create_designated_activity(write, entry)).response()
+
+
+@router.patch("/activities/{activity_id}", response_model=DesignatedActivityView)
+async def change_designated_activity(
+    activity_id: str, body: DesignatedActivityChangeRequest, principal: Managers, write: WriteRequest
+) -> Response:
+    """Change an entry's names, kind, season or whether evidence is needed (not a retired one)."""
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    return (await handlers.change_designated_activity(write, activity_id, changes)).response()
+
+
+@router.post("/activities/{activity_id}/retire", response_model=DesignatedActivityView)
+async def retire_designated_activity(activity_id: str, principal: Managers, write: WriteRequest) -> Response:
+    """Retire an entry: activities dated from today on no longer count; retiring again changes nothing."""
+    return (await handlers.retire_designated_activity(write, activity_id)).response()
 
 
 # --- Operations ----------------------------------------------------------------------------------

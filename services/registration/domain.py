@@ -13,6 +13,12 @@ States of a registration::
                     └──reject──▶ rejected
     upgrade:  basic active + pending review ──approve──▶ premium active (reject: stays basic)
     renewal:  premium active + pending review ──approve──▶ valid one more year (reject: unchanged)
+
+A premium request proves activities of the municipality's catalogue of designated activities
+(自治体が指定する担い手活動, *designated activities*): the resident picks entries of that catalogue,
+each with the date they took part; the municipality's managers publish, change and retire entries::
+
+    designated activity:  published ──retire──▶ retired (counts for activities done before that day)
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ from shared.kit.my_number import find_my_number, looks_like_my_number
 from shared.reference import Municipality, UnknownMunicipality, is_valid_code, municipality
 
 Tier = Literal["basic", "premium"]
+#: What kind of local work a designated activity is: 祭り・伝統行事, 農作業・援農, 清掃・環境保全,
+#: 防災・消防団, 地域イベント運営, 子ども・教育支援, その他.
+ActivityKind = Literal[
+    "festival", "farming", "environment", "disaster_prevention", "community_event", "education", "other"
+]
+CatalogueStatus = Literal["published", "retired"]
 ReviewKind = Literal["initial", "upgrade", "renewal"]
 Language = Literal["ja", "en"]
 
@@ -54,6 +66,18 @@ ATTESTATION_LEEWAY = timedelta(seconds=30)
 #: municipalities); a designated city's ward is not (register with the city).
 REGISTRABLE_KINDS = frozenset({"prefecture", "city", "town", "village", "ward"})
 RESIDENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+#: A catalogue entry's code within its municipality; the entry's id is ``<municipality code>-<code>``.
+ACTIVITY_CODE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+#: Japanese and English labels of each kind of designated activity.
+ACTIVITY_KINDS: Mapping[ActivityKind, tuple[str, str]] = {
+    "festival": ("祭り・伝統行事", "Festivals and traditional events"),
+    "farming": ("農作業・援農", "Farm work and farm help"),
+    "environment": ("清掃・環境保全", "Clean-up and conservation"),
+    "disaster_prevention": ("防災・消防団", "Disaster prevention and volunteer fire brigade"),
+    "community_event": ("地域イベント運営", "Running community events"),
+    "education": ("子ども・教育支援", "Support for children and education"),
+    "other": ("その他", "Other"),
+}
 
 
 # --- Errors: one per rule a person or staff member can break -------------------------------------
@@ -188,7 +212,57 @@ class PremiumLimitReached(Conflict):
 
 class NotEnoughActivities(DomainError):
     code = "not-enough-activities"
-    title = "Premium needs at least 3 designated activities within the last year"
+    title = "Premium needs at least 3 distinct designated activities of the municipality within the year"
+
+
+class FreeTextActivity(DomainError):
+    code = "activity-not-designated"
+    title = "Activities are picked from the municipality's catalogue by activity_id, not named freely"
+
+
+class UnknownActivity(DomainError):
+    code = "unknown-activity"
+    title = "No designated activity has this id"
+
+
+class ActivityOfAnotherMunicipality(DomainError):
+    code = "activity-of-another-municipality"
+    title = "The activity is designated by another municipality"
+
+
+class ActivityRetired(DomainError):
+    code = "activity-retired"
+    title = "The activity was no longer designated on the date given"
+
+
+class ActivityEvidenceRequired(DomainError):
+    code = "activity-evidence-required"
+    title = "The municipality needs evidence of this activity: send document_ref"
+
+
+class InvalidActivityCode(DomainError):
+    code = "invalid-activity-code"
+    title = "An activity code is 1-40 lower-case letters, digits and hyphens"
+
+
+class InvalidActivityName(DomainError):
+    code = "invalid-activity-name"
+    title = "An activity's name is empty or contains control characters"
+
+
+class DesignatedActivityExists(Conflict):
+    code = "activity-exists"
+    title = "The municipality's catalogue already has an activity with this code"
+
+
+class DesignatedActivityNotFound(NotFound):
+    code = "activity-not-found"
+    title = "No such designated activity"
+
+
+class DesignatedActivityRetired(Conflict):
+    code = "activity-already-retired"
+    title = "A retired activity is not changed"
 
 
 class ActivityOutOfRange(DomainError):
@@ -432,8 +506,10 @@ class Registration:
 
 
 @dataclass(frozen=True, slots=True)
-class Activity:
-    name: str
+class ActivityPick:
+    """An activity of the catalogue the person took part in, on a day, with an optional evidence reference."""
+
+    activity_id: str
     on: date
     document_ref: str | None = None
 
@@ -538,19 +614,41 @@ def check_attestation(
     return check_identity(IdentityVerification(method, verified_at, provider, attestation_id), now)
 
 
-def check_activities(activities: Sequence[Activity], today: date, since: date, period: str) -> None:
-    """At least 3 distinct activities, each dated between ``since`` and today."""
+def check_activities(
+    activities: Sequence[ActivityPick], catalogue: Mapping[str, DesignatedActivity], municipality_code: str,
+    today: date, since: date, period: str,
+) -> None:
+    """At least 3 distinct designated activities of the municipality, each dated between ``since`` and
+    today. ``catalogue``: the entries the picks name (of any municipality; a missing one is unknown)."""
     for position, activity in enumerate(activities):
+        entry = catalogue.get(activity.activity_id)
+        if entry is None:
+            raise UnknownActivity(
+                f"activities[{position}]: no designated activity {activity.activity_id!r}; pick one of the "
+                f"municipality's catalogue (GET /v1/public/municipalities/{municipality_code}/activities)"
+            )
+        if entry.municipality_code != municipality_code:
+            raise ActivityOfAnotherMunicipality(
+                f"activities[{position}]: {entry.id} is designated by {entry.municipality_code}, "
+                f"not {municipality_code}"
+            )
         if activity.on > today:
             raise ActivityOutOfRange(f"activities[{position}] is dated after today ({today.isoformat()})")
         if activity.on < since:
             raise ActivityOutOfRange(
                 f"activities[{position}] of {activity.on.isoformat()} is before {since.isoformat()} ({period})"
             )
-    distinct = {(a.name, a.on) for a in activities}
+        if not entry.designated_on(activity.on):
+            raise ActivityRetired(
+                f"activities[{position}]: {entry.id} was retired on {entry.retired_on} (the activity is dated "
+                f"{activity.on.isoformat()})"
+            )
+        if entry.evidence_required and not activity.document_ref:
+            raise ActivityEvidenceRequired(f"activities[{position}]: {entry.id} needs a document_ref")
+    distinct = {a.activity_id for a in activities}
     if len(distinct) < MIN_ACTIVITIES:
         raise NotEnoughActivities(
-            f"{len(distinct)} distinct activities listed; at least {MIN_ACTIVITIES} are needed ({period})"
+            f"{len(distinct)} distinct designated activities listed; at least {MIN_ACTIVITIES} are needed ({period})"
         )
 
 
@@ -566,7 +664,8 @@ def plan_registration(
     target_code: str,
     tier: Tier,
     identity: IdentityVerification | None,
-    activities: Sequence[Activity],
+    activities: Sequence[ActivityPick],
+    catalogue: Mapping[str, DesignatedActivity],
     now: datetime,
     new_id: Callable[[], str],
 ) -> RegistrationPlan:
@@ -586,7 +685,7 @@ def plan_registration(
         if target.code == home_municipality(legal_address_code):
             raise PremiumInHomeMunicipality(f"{target.full_name} is the municipality of the legal address")
         today = japan_date(now)
-        check_activities(activities, today, add_years(today, -1), "within the last year")
+        check_activities(activities, catalogue, target.code, today, add_years(today, -1), "within the last year")
         if premium_places(existing) >= PREMIUM_LIMIT:
             raise PremiumLimitReached(f"already {PREMIUM_LIMIT} premium registrations active or under review")
 
@@ -614,7 +713,10 @@ def plan_registration(
     return RegistrationPlan(registration, True, registration.pending_review, derived, derived.id)
 
 
-def plan_renewal(registration: Registration, activities: Sequence[Activity], now: datetime) -> None:
+def plan_renewal(
+    registration: Registration, activities: Sequence[ActivityPick], catalogue: Mapping[str, DesignatedActivity],
+    now: datetime,
+) -> None:
     """A renewal proves this validity year's activities: each dated since it began."""
     if registration.tier != "premium" or registration.status != "active":
         raise NotRenewable(f"registration {registration.id} is {registration.tier} and {registration.status}")
@@ -622,7 +724,8 @@ def plan_renewal(registration: Registration, activities: Sequence[Activity], now
         raise ReviewPending(f"a {registration.pending_review} request awaits review")
     today = japan_date(now)
     since = registration.valid_from or add_years(today, -1)
-    check_activities(activities, today, since, f"since the current validity began on {since.isoformat()}")
+    check_activities(activities, catalogue, registration.municipality_code, today, since,
+                     f"since the current validity began on {since.isoformat()}")
 
 
 def approve(registration: Registration, now: datetime) -> Registration:
@@ -678,6 +781,101 @@ def derived_prefecture_to_release(prefecture_code: str, remaining: Sequence[Regi
                 and r.tier == "basic" and r.pending_review is None):
             return r
     return None
+
+
+# --- Designated activities (the municipality's catalogue) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DesignatedActivity:
+    """An entry of a municipality's catalogue of designated activities (自治体が指定する担い手活動)."""
+
+    id: str
+    municipality_code: str
+    code: str
+    name_ja: str
+    name_en: str
+    kind: ActivityKind
+    #: When it takes place, as the municipality words it (e.g. 毎年8月, 通年); not checked against dates.
+    season: str | None
+    #: Whether a pick must carry a document reference (a photo, a host's confirmation).
+    evidence_required: bool
+    status: CatalogueStatus
+    #: Seeded sample data of the demo towns, not a municipality's own designation.
+    sample: bool
+    created_at: datetime
+    updated_at: datetime
+    retired_at: datetime | None = None
+
+    @property
+    def retired_on(self) -> date | None:
+        return japan_date(self.retired_at) if self.retired_at is not None else None
+
+    def designated_on(self, day: date) -> bool:
+        """An activity done while the entry was designated counts; from its retirement day on, none does."""
+        retired_on = self.retired_on
+        return retired_on is None or day < retired_on
+
+
+def designated_activity_id(municipality_code: str, code: str) -> str:
+    if ACTIVITY_CODE.fullmatch(code) is None:
+        raise InvalidActivityCode(f"{code!r}: use 1-40 lower-case letters, digits and hyphens (e.g. beach-cleanup)")
+    return f"{municipality_code}-{code}"
+
+
+def _activity_name(value: str, field: str) -> str:
+    name = " ".join(unicodedata.normalize("NFC", value).split())
+    if not name or any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise InvalidActivityName(f"{field} must not be empty nor contain control characters")
+    return name
+
+
+def _season(value: str | None) -> str | None:
+    if value is None:
+        return None
+    season = " ".join(unicodedata.normalize("NFC", value).split())
+    return season or None
+
+
+def new_designated_activity(
+    *, municipality_code: str, code: str, name_ja: str, name_en: str, kind: ActivityKind, season: str | None,
+    evidence_required: bool, now: datetime, sample: bool = False,
+) -> DesignatedActivity:
+    """A new published entry of a municipality's (or prefecture's) catalogue."""
+    target = registrable(municipality_code)
+    return DesignatedActivity(
+        id=designated_activity_id(target.code, code), municipality_code=target.code, code=code,
+        name_ja=_activity_name(name_ja, "name_ja"), name_en=_activity_name(name_en, "name_en"), kind=kind,
+        season=_season(season), evidence_required=evidence_required, status="published", sample=sample,
+        created_at=now, updated_at=now,
+    )
+
+
+def change_designated_activity(
+    entry: DesignatedActivity, changes: Mapping[str, Any], now: datetime
+) -> DesignatedActivity:
+    """The entry with ``changes`` (name_ja, name_en, kind, season, evidence_required) applied; a staff
+    change makes it the municipality's own (no longer sample data). Picks made before keep their dates."""
+    if entry.status == "retired":
+        raise DesignatedActivityRetired(f"{entry.id} was retired on {entry.retired_on}: publish a new entry")
+    changed = replace(
+        entry,
+        name_ja=_activity_name(changes["name_ja"], "name_ja") if "name_ja" in changes else entry.name_ja,
+        name_en=_activity_name(changes["name_en"], "name_en") if "name_en" in changes else entry.name_en,
+        kind=changes.get("kind", entry.kind),
+        season=_season(changes["season"]) if "season" in changes else entry.season,
+        evidence_required=changes.get("evidence_required", entry.evidence_required),
+    )
+    if changed == entry:
+        return entry
+    return replace(changed, sample=False, updated_at=now)
+
+
+def retire_designated_activity(entry: DesignatedActivity, now: datetime) -> DesignatedActivity | None:
+    """The retired entry; None when it already is (retiring again changes nothing)."""
+    if entry.status == "retired":
+        return None
+    return replace(entry, status="retired", retired_at=now, updated_at=now)
 
 
 # --- Consents ------------------------------------------------------------------------------------

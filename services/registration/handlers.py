@@ -14,22 +14,26 @@ from typing import Any
 
 import structlog
 
-from services.registration import domain, store
+from services.registration import domain, exports, store
 from services.registration.attestation import AttestationVerifier
 from services.registration.domain import (
-    Activity,
+    ActivityPick,
     Consent,
     Contact,
+    DesignatedActivity,
     IdentityVerification,
     Registration,
     Resident,
     Tier,
 )
+from services.registration.sample_activities import sample_catalogue
 from services.registration.views import (
     ExpiryRun,
     RegistrationPage,
     as_json,
+    catalogue_view,
     consent_view,
+    designated_activity_view,
     listed_view,
     registration_detail,
     registration_view,
@@ -38,13 +42,16 @@ from services.registration.views import (
 from shared.contracts import registration as events
 from shared.contracts.reasons import RejectionReason
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
+from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.topics import RESIDENTS
+from shared.kit import csv_export
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import japan_date
 from shared.kit.db import Connection
+from shared.kit.erasure import forget_responses_about, record_erased
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, Write, checked_target
-from shared.reference import prefecture_of
+from shared.reference import municipality, prefecture_of
 
 log = structlog.get_logger(__name__)
 
@@ -56,21 +63,28 @@ def _new_id() -> str:
 # --- Events --------------------------------------------------------------------------------------
 
 
-def _contact(c: Contact) -> events.Contact:
-    return events.Contact(
-        name=c.name, name_kana=c.name_kana, email=c.email, phone=c.phone, preferred_language=c.preferred_language
+async def _sealed_contact(runtime: ServiceRuntime, resident_id: str, c: Contact) -> Sealed:
+    """The contact as events carry it: sealed with the person's data key, so that erasing the key
+    makes every copy unreadable (topics, dead letters, backups). Sealed inside the use case, before
+    the outbox write: no plaintext contact is ever written to the outbox."""
+    return await runtime.keyring.seal(
+        resident_subject(resident_id),
+        events.Contact(
+            name=c.name, name_kana=c.name_kana, email=c.email, phone=c.phone, preferred_language=c.preferred_language
+        ),
     )
 
 
 async def _emit_registered(
-    uow: UnitOfWork, resident: Resident, r: Registration, consents: Sequence[Consent], now: datetime
+    uow: UnitOfWork, resident: Resident, contact: Sealed, r: Registration, consents: Sequence[Consent],
+    now: datetime,
 ) -> None:
     await uow.emit(
         RESIDENTS,
         events.ResidentRegistered(
             resident_id=resident.id, registration_id=r.id, municipality_code=r.municipality_code,
             prefecture_code=r.prefecture_code, tier=r.tier, status=r.status,
-            legal_address_code=resident.legal_address_code, contact=_contact(resident.contact),
+            legal_address_code=resident.legal_address_code, contact=contact,
             consents=[events.ConsentState(purpose=c.purpose, partner=c.partner, granted=c.granted, at=c.at)
                       for c in consents],
             registered_at=now,
@@ -162,9 +176,9 @@ async def update_contact(write: Write, resident_id: str, changes: dict[str, Any]
         )
         if new != old:
             await store.update_contact(uow.conn, resident_id, new, now)
+            sealed = await _sealed_contact(write.runtime, resident_id, new)
             await uow.emit(
-                RESIDENTS, events.ContactChanged(resident_id=resident_id, contact=_contact(new), at=now),
-                subject=resident_id,
+                RESIDENTS, events.ContactChanged(resident_id=resident_id, contact=sealed, at=now), subject=resident_id
             )
             resident = replace(resident, contact=new)
         registrations = await store.registrations_of(uow.conn, resident_id)
@@ -175,16 +189,34 @@ async def update_contact(write: Write, resident_id: str, changes: dict[str, Any]
 
 
 async def erase_resident(write: Write, resident_id: str) -> Outcome:
-    """The erasure request: blank the person's data here and tell every service (a repeat is a no-op)."""
+    """The erasure request: destroy the person's data key, blank their data here and tell every
+    service (a repeat is a no-op).
+
+    The key is shredded *before* the transaction commits, under the resident's row lock. Erasure
+    is final, so a key destroyed by an attempt that then rolls back (a transient fault, a crash) is
+    still the right outcome: the runner's retry, or the client's repeat, finds the row active, the
+    key already gone (``shred`` is idempotent) and completes the rest; meanwhile nothing new can
+    be sealed for the person (``SubjectErased``). The other order could commit the erasure, tell
+    every service, and then lose the shredding to a crash: every sealed copy of the contact in
+    every topic would stay readable with nothing left to retry it. A repeat of a completed erasure
+    shreds again as well (a no-op), which would heal even that.
+    """
+    keyring = write.runtime.keyring
 
     async def act(uow: UnitOfWork) -> Outcome:
         now = write.runtime.clock.now()
         resident = await store.lock_resident(uow.conn, resident_id)
         if resident is None:
             if await store.resident_status(uow.conn, resident_id) == "erased":
+                await keyring.shred(resident_subject(resident_id))
                 return Outcome(204)
             raise domain.ResidentNotFound(f"no resident {resident_id}")
+        await keyring.shred(resident_subject(resident_id))
         await store.erase_resident(uow.conn, resident_id, prefecture_of(resident.legal_address_code).code, now)
+        await record_erased(uow.conn, resident_id, now)
+        # The person's own stored answers and any other caller's (an admin's, staff's) that name them.
+        await forget_responses_about(uow.conn, resident_id)
+        await exports.forget_exports(uow.conn, resident_id)
         await uow.emit(
             RESIDENTS, events.ResidentWithdrawn(resident_id=resident_id, withdrawn_at=now), subject=resident_id
         )
@@ -232,7 +264,7 @@ async def register(
     municipality_code: str,
     tier: Tier,
     attestation: str | None,
-    activities: Sequence[Activity],
+    activities: Sequence[ActivityPick],
     verifier: AttestationVerifier,
 ) -> Outcome:
     """Register with a municipality (and so its prefecture), or ask to upgrade a basic one to premium."""
@@ -243,10 +275,11 @@ async def register(
         resident = await _lock_resident(uow.conn, resident_id)
         identity = _attested(verifier, attestation, resident, now)
         existing = await store.registrations_of(uow.conn, resident_id)
+        catalogue = await store.designated_activities(uow.conn, (a.activity_id for a in activities))
         plan = domain.plan_registration(
             resident_id=resident_id, legal_address_code=resident.legal_address_code, existing=existing,
-            target_code=municipality_code, tier=tier, identity=identity, activities=activities, now=now,
-            new_id=_new_id,
+            target_code=municipality_code, tier=tier, identity=identity, activities=activities, catalogue=catalogue,
+            now=now, new_id=_new_id,
         )
         registration = plan.registration
         if plan.is_new:
@@ -260,10 +293,12 @@ async def register(
             await store.insert_review(uow.conn, _new_id(), registration.id, plan.review, verification_id,
                                       activities, now)
         consents = await store.consents_of(uow.conn, resident_id) if plan.is_new else []
-        if plan.is_new:
-            await _emit_registered(uow, resident, registration, consents, now)
-        if plan.derived_prefecture is not None:
-            await _emit_registered(uow, resident, plan.derived_prefecture, consents, now)
+        if plan.is_new or plan.derived_prefecture is not None:
+            contact = await _sealed_contact(write.runtime, resident_id, resident.contact)
+            if plan.is_new:
+                await _emit_registered(uow, resident, contact, registration, consents, now)
+            if plan.derived_prefecture is not None:
+                await _emit_registered(uow, resident, contact, plan.derived_prefecture, consents, now)
         if plan.review is not None:
             await _emit_premium_requested(uow, registration, activities, now)
         log.info("registered", resident_id=resident_id, registration_id=registration.id,
@@ -275,13 +310,15 @@ async def register(
 
 
 async def _emit_premium_requested(
-    uow: UnitOfWork, r: Registration, activities: Sequence[Activity], now: datetime
+    uow: UnitOfWork, r: Registration, activities: Sequence[ActivityPick], now: datetime
 ) -> None:
+    # The count of distinct designated activities only: which ones a person did is theirs (erased with
+    # them here), and an event once published cannot be erased.
     await uow.emit(
         RESIDENTS,
         events.PremiumRequested(
             resident_id=r.resident_id, registration_id=r.id, municipality_code=r.municipality_code,
-            activity_count=len({(a.name, a.on) for a in activities}), requested_at=now,
+            activity_count=len({a.activity_id for a in activities}), requested_at=now,
         ),
         subject=r.resident_id,
     )
@@ -397,7 +434,7 @@ async def reject(write: Write, registration_id: str, reason: RejectionReason, no
 
 
 async def renew(
-    write: Write, registration_id: str, activities: Sequence[Activity], attestation: str | None,
+    write: Write, registration_id: str, activities: Sequence[ActivityPick], attestation: str | None,
     verifier: AttestationVerifier,
 ) -> Outcome:
     """Ask for one more premium year with this year's activities (reviewed like a first request); an
@@ -406,7 +443,8 @@ async def renew(
     async def act(uow: UnitOfWork, loaded: Registration) -> Outcome:
         now = write.runtime.clock.now()
         registration = _current(await _lock_for_change(uow.conn, loaded), registration_id)
-        domain.plan_renewal(registration, activities, now)
+        catalogue = await store.designated_activities(uow.conn, (a.activity_id for a in activities))
+        domain.plan_renewal(registration, activities, catalogue, now)
         verification_id = None
         if attestation is not None:
             resident = await _lock_resident(uow.conn, registration.resident_id)
@@ -442,6 +480,78 @@ async def withdraw_registration(write: Write, registration_id: str) -> Outcome:
     return await write.run(act, authorise=_registration_for_owner(write.principal, registration_id))
 
 
+# --- Designated activities (each municipality's catalogue) ---------------------------------------
+
+
+async def seed_sample_catalogue(runtime: ServiceRuntime) -> None:
+    """A ``prepare`` step: the demo towns' sample catalogues (``sample_activities``), once; entries
+    that exist stay as staff left them."""
+    entries = sample_catalogue(runtime.clock.now())
+    async with runtime.transaction() as uow:
+        added = await store.insert_missing_designated_activities(uow.conn, entries)
+    if added:
+        log.info("sample catalogues of designated activities seeded", entries=added)
+
+
+async def public_catalogue(runtime: ServiceRuntime, municipality_code: str) -> dict[str, Any]:
+    """A municipality's published designated activities (an empty list: it has designated none)."""
+    code = domain.registrable(municipality_code).code
+    async with runtime.pool.acquire() as conn:
+        entries = await store.catalogue_of(conn, code)
+    return as_json(catalogue_view(code, entries))
+
+
+async def create_designated_activity(write: Write, entry: DesignatedActivity) -> Outcome:
+    async def act(uow: UnitOfWork) -> Outcome:
+        if not await store.insert_designated_activity(uow.conn, entry):
+            raise domain.DesignatedActivityExists(
+                f"{entry.municipality_code}'s catalogue already has {entry.code!r} (a retired entry keeps its code)"
+            )
+        log.info("designated activity published", activity_id=entry.id, staff=write.principal.subject)
+        return Outcome(201, as_json(designated_activity_view(entry)))
+
+    return await write.run(act)
+
+
+def _designated_for_manager(
+    principal: Principal, activity_id: str
+) -> Callable[[UnitOfWork], Awaitable[DesignatedActivity]]:
+    """Only the municipality's managers (or an admin) change its catalogue."""
+
+    async def load(conn: Connection) -> DesignatedActivity:
+        entry = await store.get_designated_activity(conn, activity_id, lock=True)
+        if entry is None:
+            raise domain.DesignatedActivityNotFound(f"no designated activity {activity_id}")
+        return entry
+
+    return checked_target(load, lambda entry: principal.ensure_municipality(entry.municipality_code))
+
+
+async def change_designated_activity(write: Write, activity_id: str, changes: dict[str, Any]) -> Outcome:
+    async def act(uow: UnitOfWork, entry: DesignatedActivity) -> Outcome:
+        changed = domain.change_designated_activity(entry, changes, write.runtime.clock.now())
+        if changed != entry:
+            await store.save_designated_activity(uow.conn, changed)
+            log.info("designated activity changed", activity_id=activity_id, staff=write.principal.subject)
+        return Outcome(200, as_json(designated_activity_view(changed)))
+
+    return await write.run(act, authorise=_designated_for_manager(write.principal, activity_id))
+
+
+async def retire_designated_activity(write: Write, activity_id: str) -> Outcome:
+    """Retire an entry: no pick dated from today on counts; requests already made keep it."""
+
+    async def act(uow: UnitOfWork, entry: DesignatedActivity) -> Outcome:
+        retired = domain.retire_designated_activity(entry, write.runtime.clock.now())
+        if retired is None:
+            return Outcome(200, as_json(designated_activity_view(entry)))
+        await store.save_designated_activity(uow.conn, retired)
+        log.info("designated activity retired", activity_id=activity_id, staff=write.principal.subject)
+        return Outcome(200, as_json(designated_activity_view(retired)))
+
+    return await write.run(act, authorise=_designated_for_manager(write.principal, activity_id))
+
+
 # --- Staff lists ---------------------------------------------------------------------------------
 
 
@@ -467,21 +577,30 @@ def staff_filter(
 
 
 async def list_registrations(
-    runtime: ServiceRuntime, registration_filter: store.RegistrationFilter, limit: int, offset: int
+    runtime: ServiceRuntime, registration_filter: store.RegistrationFilter, limit: int, offset: int,
+    after: str | None = None,
 ) -> dict[str, Any]:
     async with runtime.pool.acquire() as conn:
-        items, total = await store.search_registrations(conn, registration_filter, limit, offset)
+        items, total = await store.search_registrations(conn, registration_filter, limit, offset, after)
     page = RegistrationPage(items=[listed_view(i) for i in items], total=total, limit=limit, offset=offset)
     return as_json(page)
 
 
 async def export_registrations(
     runtime: ServiceRuntime, registration_filter: store.RegistrationFilter
-) -> AsyncIterator[store.ListedRegistration]:
-    """Every matching registration from one consistent snapshot, streamed."""
-    async with runtime.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        async for item in store.stream_registrations(conn, registration_filter):
-            yield item
+) -> AsyncIterator[list[tuple[str, ...]]]:
+    """Every matching registration as CSV cells, a page at a time (keyset, ``csv_export.PAGE_ROWS`` a
+    page): each page on a connection borrowed for it and returned before its rows are sent, so a slow
+    download holds no pooled connection and no snapshot."""
+    name = municipality(registration_filter.municipality_code).full_name
+    after: store.RegistrationKey | None = None
+    while True:
+        async with runtime.pool.acquire() as conn:
+            page = await store.export_page(conn, registration_filter, name, after, csv_export.PAGE_ROWS)
+        yield page.rows
+        if page.next_after is None:
+            return
+        after = page.next_after
 
 
 # --- Consents ------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Composition root: the runtime (database, outbox relay, the consumer of registered partners,
-premium-expiry job) and the HTTP routes."""
+"""Composition root: the runtime (database, the sample catalogues of designated activities, outbox
+relay, the consumer of registered partners, premium-expiry job) and the HTTP routes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import structlog
 from fastapi import FastAPI
 
-from services.registration import api, consumers, handlers
+from services.registration import api, consumers, export_api, exports, handlers
 from services.registration.attestation import AttestationVerifier
-from shared.contracts.topics import GATEWAY_PARTNERS
+from shared.contracts.topics import EXPORT_PARTS, GATEWAY_PARTNERS
+from shared.kit.consumer import EventRouter
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import BackgroundTask, ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
@@ -46,13 +47,20 @@ def create_app(
     attestations = AttestationVerifier.from_settings(settings, identity_verifiers)
     runtime = ServiceRuntime(
         "registration", migrations=MIGRATIONS, background=[maintenance(maintenance_interval_s)], settings=settings,
+        # The demo towns' sample catalogues of designated activities (premium requests pick from them).
+        prepare=[handlers.seed_sample_catalogue],
         # Partners registered through the gateway: consents may name them (the seed is PARTNER_CODES).
-        consumers=[ConsumerSpec(consumers.router, [GATEWAY_PARTNERS])],
+        consumers=[
+            # ... and each service's part of a resident's data export.
+            ConsumerSpec(
+                EventRouter.combined(consumers.router, exports.parts_router), [GATEWAY_PARTNERS, EXPORT_PARTS]
+            ),
+        ],
     )
     app = create_http_app(
         service="registration",
         settings=settings,
-        routers=[api.router],
+        routers=[api.router, export_api.router],
         lifespan=runtime.lifespan,
         readiness=runtime.readiness,
         description=(

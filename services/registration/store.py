@@ -7,7 +7,7 @@ premium-limit rules hold under concurrent requests and the expiry job never dead
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -15,9 +15,10 @@ from typing import Any
 import asyncpg
 
 from services.registration.domain import (
-    Activity,
+    ActivityPick,
     Consent,
     Contact,
+    DesignatedActivity,
     IdentityVerification,
     Registration,
     Resident,
@@ -95,7 +96,9 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
     Kept: the resident id (the key other services already hold), registrations' municipality, tier,
     status and dates, activity dates, consent history. Blanked or removed: name, reading, e-mail,
     phone, birth date, the legal address below its prefecture, JPKI references, activity names and
-    documents, rejection reasons, stored idempotent responses, and relayed outbox rows of the person.
+    documents, rejection reasons and the staff's notes, and relayed outbox rows of the person (their
+    contact in them is sealed, and unreadable once the key is shredded; deleting them is hygiene). The
+    handler shreds the key and forgets stored idempotent responses (``shared.kit.erasure``).
     """
     await conn.execute(
         """
@@ -124,7 +127,7 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
     )
     await conn.execute(
         """
-        UPDATE premium_activities pa SET name = NULL, document_ref = NULL
+        UPDATE premium_activities pa SET name = NULL, document_ref = NULL, activity_id = NULL
         FROM premium_reviews pr JOIN registrations r ON r.id = pr.registration_id
         WHERE pa.review_id = pr.id AND r.resident_id = $1
         """,
@@ -135,11 +138,6 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
         resident_id,
     )
     await conn.execute("DELETE FROM consents WHERE resident_id = $1", resident_id)
-    # The person's stored answers (their scope starts with the caller, here the person), and an
-    # admin's stored answers that are the person's own view (they carry the contact).
-    await conn.execute(
-        "DELETE FROM idempotency_keys WHERE starts_with(scope, $1 || ' ') OR body->>'id' = $1", resident_id
-    )
     await purge_relayed_events_of(conn, resident_id)
 
 
@@ -253,7 +251,7 @@ async def insert_review(
     registration_id: str,
     kind: ReviewKind,
     identity_verification_id: str | None,
-    activities: Sequence[Activity],
+    activities: Sequence[ActivityPick],
     now: datetime,
 ) -> None:
     await conn.execute(
@@ -265,10 +263,10 @@ async def insert_review(
     )
     await conn.executemany(
         """
-        INSERT INTO premium_activities (review_id, position, name, activity_date, document_ref)
+        INSERT INTO premium_activities (review_id, position, activity_id, activity_date, document_ref)
         VALUES ($1, $2, $3, $4, $5)
         """,
-        [(review_id, i, a.name, a.on, a.document_ref) for i, a in enumerate(activities)],
+        [(review_id, i, a.activity_id, a.on, a.document_ref) for i, a in enumerate(activities)],
     )
 
 
@@ -296,6 +294,17 @@ async def decide_review(
 
 
 @dataclass(frozen=True, slots=True)
+class ReviewedActivity:
+    """An activity of a review: the catalogue entry picked, or the free-text name of a request made
+    before catalogues (both None once the person's data is erased)."""
+
+    on: date
+    document_ref: str | None
+    entry: DesignatedActivity | None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ReviewRecord:
     id: str
     kind: ReviewKind
@@ -307,7 +316,7 @@ class ReviewRecord:
     note: str | None
     identity_method: str | None
     identity_verified_at: datetime | None
-    activities: list[Activity]
+    activities: list[ReviewedActivity]
     identity_provider: str | None = None
 
 
@@ -321,7 +330,9 @@ async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecor
                coalesce(array_agg(pa.activity_date ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL),
                         '{}') AS activity_dates,
                coalesce(array_agg(pa.document_ref ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL),
-                        '{}') AS activity_documents
+                        '{}') AS activity_documents,
+               coalesce(array_agg(pa.activity_id ORDER BY pa.position) FILTER (WHERE pa.review_id IS NOT NULL),
+                        '{}') AS activity_ids
         FROM premium_reviews pr
         LEFT JOIN identity_verifications iv ON iv.id = pr.identity_verification_id
         LEFT JOIN premium_activities pa ON pa.review_id = pr.id
@@ -331,6 +342,9 @@ async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecor
         """,
         registration_id,
     )
+    entries = await designated_activities(
+        conn, {activity_id for row in rows for activity_id in row["activity_ids"] if activity_id is not None}
+    )
     return [
         ReviewRecord(
             id=row["id"], kind=row["kind"], status=row["status"], requested_at=row["requested_at"],
@@ -338,9 +352,10 @@ async def reviews_of(conn: Connection, registration_id: str) -> list[ReviewRecor
             identity_method=row["method"], identity_verified_at=row["verified_at"],
             identity_provider=row["provider"],
             activities=[
-                Activity(name or "", on, document)
-                for name, on, document in zip(
-                    row["activity_names"], row["activity_dates"], row["activity_documents"], strict=True
+                ReviewedActivity(on, document, entries.get(activity_id) if activity_id else None, name)
+                for name, on, document, activity_id in zip(
+                    row["activity_names"], row["activity_dates"], row["activity_documents"], row["activity_ids"],
+                    strict=True,
                 )
             ],
         )
@@ -456,16 +471,25 @@ def _like(term: str) -> str:
 
 
 def _where(f: RegistrationFilter) -> tuple[str, list[Any]]:
-    name = _like(f.name) if f.name else None
-    kana = _like(f.kana) if f.kana else name
-    return (
-        """
-        WHERE r.municipality_code = $1 AND ($2::text IS NULL OR r.tier = $2) AND ($3::text IS NULL OR r.status = $3)
-          AND ($4::text IS NULL OR p.name ILIKE $4 OR p.name_kana ILIKE $5)
-          AND ($6::boolean IS NULL OR (pr.kind IS NOT NULL) = $6)
-        """,
-        [f.municipality_code, f.tier, f.status, name, kana, f.awaiting_review],
-    )
+    """Only the conditions the filter sets: `$n IS NULL OR ...` would keep a generic plan off the
+    indexes, and a count that needs no join (no name, no review filter) skips both joins."""
+    clauses = ["r.municipality_code = $1"]
+    args: list[Any] = [f.municipality_code]
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if f.tier is not None:
+        clauses.append(f"r.tier = {arg(f.tier)}")
+    if f.status is not None:
+        clauses.append(f"r.status = {arg(f.status)}")
+    if f.name:
+        name = _like(f.name)
+        clauses.append(f"(p.name ILIKE {arg(name)} OR p.name_kana ILIKE {arg(_like(f.kana) if f.kana else name)})")
+    if f.awaiting_review is not None:
+        clauses.append(f"(pr.kind IS NOT NULL) = {arg(f.awaiting_review)}")
+    return "WHERE " + " AND ".join(clauses), args
 
 
 _LISTED_COLUMNS = f"{_REGISTRATION_COLUMNS}, p.name, p.name_kana, p.email, p.phone, p.preferred_language"
@@ -479,24 +503,106 @@ def _listed(row: asyncpg.Record) -> ListedRegistration:
 
 
 async def search_registrations(
-    conn: Connection, f: RegistrationFilter, limit: int, offset: int
+    conn: Connection, f: RegistrationFilter, limit: int, offset: int, after: str | None = None
 ) -> tuple[list[ListedRegistration], int]:
+    """A page of the list; ``after``: only registrations after that one in the list's order (keyset:
+    a deep page is an index range, where OFFSET reads and drops every row before it)."""
     where, args = _where(f)
-    total = await conn.fetchval(f"SELECT count(*) {_LISTED_FROM} {where}", *args)
+    people = "JOIN residents p ON p.id = r.resident_id" if f.name else ""
+    pending = _PENDING_JOIN if f.awaiting_review is not None else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM registrations r {people} {pending} {where}", *args)
+    n = len(args)
+    keyset = (
+        "" if after is None else
+        f" AND (r.registered_at, r.id) > (SELECT registered_at, id FROM registrations WHERE id = ${n + 3})"
+    )
     rows = await conn.fetch(
-        f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where} ORDER BY r.registered_at, r.id LIMIT $7 OFFSET $8",
-        *args, limit, offset,
+        f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where}{keyset} ORDER BY r.registered_at, r.id "
+        f"LIMIT ${n + 1} OFFSET ${n + 2}",
+        *args, limit, offset, *(() if after is None else (after,)),
     )
     return [_listed(row) for row in rows], int(total)
 
 
-async def stream_registrations(conn: Connection, f: RegistrationFilter) -> AsyncIterator[ListedRegistration]:
-    """Every matching registration, read through a cursor (the caller holds a transaction)."""
+#: Where a listing stands: the last row's (registered_at, id), the list's unique order.
+RegistrationKey = tuple[datetime, str]
+
+
+def registration_key(item: ListedRegistration) -> RegistrationKey:
+    return item.registration.registered_at, item.registration.id
+
+
+async def registrations_after(
+    conn: Connection, f: RegistrationFilter, after: RegistrationKey | None, limit: int
+) -> list[ListedRegistration]:
+    """The next ``limit`` matching registrations after ``after`` in the list's order (keyset: an
+    index range scan however deep, where OFFSET reads and drops every row before it)."""
     where, args = _where(f)
-    async for row in conn.cursor(
-        f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where} ORDER BY r.registered_at, r.id", *args, prefetch=500
-    ):
-        yield _listed(row)
+    if after is not None:
+        where += f" AND (r.registered_at, r.id) > (${len(args) + 1}, ${len(args) + 2})"
+        args = [*args, *after]
+    rows = await conn.fetch(
+        f"SELECT {_LISTED_COLUMNS} {_LISTED_FROM} {where} ORDER BY r.registered_at, r.id LIMIT ${len(args) + 1}",
+        *args, limit,
+    )
+    return [_listed(row) for row in rows]
+
+
+def _cell(expression: str) -> str:
+    """A text column as the CSV cell the kit's ``csv_export.cell`` makes of it: NULL empty, and a value
+    a spreadsheet would run as a formula (``= + - @``, tab, CR) kept as text behind a quote."""
+    return (f"COALESCE(CASE WHEN left({expression}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r') "
+            f"THEN '''' || {expression} ELSE {expression} END, '')")
+
+
+def _japan_time(expression: str) -> str:
+    """ISO 8601 in Japan time, as ``datetime.astimezone(JAPAN).isoformat()`` writes it."""
+    local = f"({expression} AT TIME ZONE 'Asia/Tokyo')"
+    return (f"""COALESCE(to_char({local}, 'YYYY-MM-DD"T"HH24:MI:SS') || CASE WHEN date_trunc('second', {local}) """
+            f"= {local} THEN '' ELSE to_char({local}, '.US') END || '+09:00', '')")
+
+
+def _iso_date(expression: str) -> str:
+    return f"COALESCE(to_char({expression}, 'YYYY-MM-DD'), '')"
+
+
+#: The export's cells, formatted by PostgreSQL: the CSV of 100,000 registrations is then the csv
+#: module's bulk ``writerows`` per page, not Python work per cell on the service's one event loop
+#: (which the pages of 20 browsing staff waited behind).
+_EXPORT_CELLS = ", ".join([
+    _cell("r.id"), _cell("r.resident_id"), "r.municipality_code", "{municipality_name}", "r.tier", "r.status",
+    _japan_time("r.registered_at"), _iso_date("r.valid_from"), _iso_date("r.valid_until"),
+    "COALESCE(pr.kind, '')", _cell("p.name"), _cell("p.name_kana"), _cell("p.email"), _cell("p.phone"),
+    _cell("p.preferred_language"),
+])
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPage:
+    """A page of the export: its rows as CSV cells, and where the next page starts (None: the last)."""
+
+    rows: list[tuple[str, ...]]
+    next_after: RegistrationKey | None
+
+
+async def export_page(
+    conn: Connection, f: RegistrationFilter, municipality_name: str, after: RegistrationKey | None, limit: int
+) -> ExportPage:
+    """The next ``limit`` matching registrations after ``after`` (keyset, as ``registrations_after``),
+    as the text cells of the export's columns (``api.CSV_COLUMNS``)."""
+    where, args = _where(f)
+    if after is not None:
+        where += f" AND (r.registered_at, r.id) > (${len(args) + 1}, ${len(args) + 2})"
+        args = [*args, *after]
+    args.append(municipality_name)
+    cells = _EXPORT_CELLS.replace("{municipality_name}", f"${len(args)}::text")
+    rows = await conn.fetch(
+        f"SELECT r.registered_at AS key_at, r.id AS key_id, {cells} {_LISTED_FROM} {where} "
+        f"ORDER BY r.registered_at, r.id LIMIT ${len(args) + 1}",
+        *args, limit,
+    )
+    last = (rows[-1]["key_at"], rows[-1]["key_id"]) if len(rows) == limit else None
+    return ExportPage([tuple(row.values())[2:] for row in rows], last)
 
 
 # --- Partners registered through the partner gateway (gateway.partners.v1) -----------------------
@@ -521,3 +627,84 @@ async def registered_partner_codes(conn: Connection, codes: Iterable[str]) -> se
     """Which of these codes are partners registered through the gateway."""
     rows = await conn.fetch("SELECT code FROM registered_partners WHERE code = ANY($1::text[])", list(codes))
     return {row["code"] for row in rows}
+
+
+# --- Designated activities (each municipality's catalogue) ---------------------------------------
+
+
+def _designated(row: asyncpg.Record) -> DesignatedActivity:
+    return DesignatedActivity(
+        id=row["id"], municipality_code=row["municipality_code"], code=row["code"], name_ja=row["name_ja"],
+        name_en=row["name_en"], kind=row["kind"], season=row["season"], evidence_required=row["evidence_required"],
+        status=row["status"], sample=row["sample"], created_at=row["created_at"], updated_at=row["updated_at"],
+        retired_at=row["retired_at"],
+    )
+
+
+_DESIGNATED_INSERT = """
+    INSERT INTO designated_activities (id, municipality_code, code, name_ja, name_en, kind, season,
+                                       evidence_required, status, sample, created_at, updated_at, retired_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+"""
+
+
+def _designated_values(a: DesignatedActivity) -> tuple[object, ...]:
+    return (a.id, a.municipality_code, a.code, a.name_ja, a.name_en, a.kind, a.season, a.evidence_required,
+            a.status, a.sample, a.created_at, a.updated_at, a.retired_at)
+
+
+async def insert_designated_activity(conn: Connection, entry: DesignatedActivity) -> bool:
+    """Publish an entry; False if the municipality already has one with this code (retired ones too)."""
+    return await conn.fetchval(_DESIGNATED_INSERT, *_designated_values(entry)) is not None
+
+
+async def insert_missing_designated_activities(conn: Connection, entries: Sequence[DesignatedActivity]) -> int:
+    """Insert the entries not there yet (the sample seed: entries staff changed or retired stay)."""
+    inserted = 0
+    for entry in entries:
+        inserted += await insert_designated_activity(conn, entry)
+    return inserted
+
+
+async def get_designated_activity(
+    conn: Connection, activity_id: str, *, lock: bool = False
+) -> DesignatedActivity | None:
+    row = await conn.fetchrow(
+        f"SELECT * FROM designated_activities WHERE id = $1{' FOR UPDATE' if lock else ''}", activity_id
+    )
+    return _designated(row) if row is not None else None
+
+
+async def designated_activities(conn: Connection, activity_ids: Iterable[str]) -> dict[str, DesignatedActivity]:
+    """The entries with these ids, of any municipality and status (a missing id is absent)."""
+    ids = sorted(set(activity_ids))
+    if not ids:
+        return {}
+    rows = await conn.fetch("SELECT * FROM designated_activities WHERE id = ANY($1::text[])", ids)
+    return {row["id"]: _designated(row) for row in rows}
+
+
+async def catalogue_of(conn: Connection, municipality_code: str) -> list[DesignatedActivity]:
+    """The municipality's published entries, by kind and code."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM designated_activities WHERE municipality_code = $1 AND status = 'published'
+        ORDER BY kind, code
+        """,
+        municipality_code,
+    )
+    return [_designated(row) for row in rows]
+
+
+async def save_designated_activity(conn: Connection, entry: DesignatedActivity) -> None:
+    await conn.execute(
+        """
+        UPDATE designated_activities SET name_ja = $2, name_en = $3, kind = $4, season = $5, evidence_required = $6,
+                                         status = $7, sample = $8, updated_at = $9, retired_at = $10
+        WHERE id = $1
+        """,
+        entry.id, entry.name_ja, entry.name_en, entry.kind, entry.season, entry.evidence_required, entry.status,
+        entry.sample, entry.updated_at, entry.retired_at,
+    )

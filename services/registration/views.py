@@ -12,8 +12,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.registration.domain import Consent, Registration, Resident, ReviewKind
-from services.registration.store import ListedRegistration, ReviewRecord
+from services.registration.domain import (
+    ACTIVITY_KINDS,
+    ActivityKind,
+    CatalogueStatus,
+    Consent,
+    DesignatedActivity,
+    Registration,
+    Resident,
+    ReviewKind,
+)
+from services.registration.store import ListedRegistration, ReviewedActivity, ReviewRecord
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.reference import municipality
 
@@ -34,10 +43,42 @@ class RegistrationView(BaseModel):
     prefecture_registration_id: str | None = None
 
 
+class DesignatedActivityView(BaseModel):
+    """An entry of a municipality's catalogue of designated activities."""
+
+    id: str
+    municipality_code: str
+    code: str
+    name_ja: str
+    name_en: str
+    kind: ActivityKind
+    kind_ja: str
+    kind_en: str
+    season: str | None
+    evidence_required: bool
+    status: CatalogueStatus
+    #: Seeded sample data of a demo town, not the municipality's own designation.
+    sample: bool
+    created_at: datetime
+    updated_at: datetime
+    retired_at: datetime | None
+
+
+class CatalogueView(BaseModel):
+    municipality_code: str
+    municipality_name: str
+    items: list[DesignatedActivityView]
+
+
 class ActivityView(BaseModel):
+    #: The catalogue entry picked (None: a request from before catalogues, or erased).
+    activity_id: str | None = None
+    #: The entry's Japanese name (or the free text of a request from before catalogues).
     name: str
     date: date
     document_ref: str | None
+    #: The catalogue entry as it is now (a retired one included), for the staff reviewing the request.
+    activity: DesignatedActivityView | None = None
 
 
 class ReviewView(BaseModel):
@@ -121,11 +162,34 @@ def registration_detail(r: Registration, reviews: list[ReviewRecord]) -> Registr
                 id=v.id, kind=v.kind, status=v.status, requested_at=v.requested_at, decided_at=v.decided_at,
                 decided_by=v.decided_by, reason=v.reason, note=v.note, identity_method=v.identity_method,
                 identity_verified_at=v.identity_verified_at, identity_provider=v.identity_provider,
-                activities=[ActivityView(name=a.name, date=a.on, document_ref=a.document_ref) for a in v.activities],
+                activities=[activity_view(a) for a in v.activities],
             )
             for v in reviews
         ],
     )
+
+
+def designated_activity_view(a: DesignatedActivity) -> DesignatedActivityView:
+    kind_ja, kind_en = ACTIVITY_KINDS[a.kind]
+    return DesignatedActivityView(
+        id=a.id, municipality_code=a.municipality_code, code=a.code, name_ja=a.name_ja, name_en=a.name_en,
+        kind=a.kind, kind_ja=kind_ja, kind_en=kind_en, season=a.season, evidence_required=a.evidence_required,
+        status=a.status, sample=a.sample, created_at=a.created_at, updated_at=a.updated_at, retired_at=a.retired_at,
+    )
+
+
+def catalogue_view(municipality_code: str, entries: list[DesignatedActivity]) -> CatalogueView:
+    return CatalogueView(
+        municipality_code=municipality_code, municipality_name=municipality(municipality_code).full_name,
+        items=[designated_activity_view(a) for a in entries],
+    )
+
+
+def activity_view(a: ReviewedActivity) -> ActivityView:
+    if a.entry is not None:
+        return ActivityView(activity_id=a.entry.id, name=a.entry.name_ja, date=a.on, document_ref=a.document_ref,
+                            activity=designated_activity_view(a.entry))
+    return ActivityView(name=a.name or "", date=a.on, document_ref=a.document_ref)
 
 
 def consent_view(c: Consent) -> ConsentView:

@@ -5,20 +5,21 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Any
 
+from asyncpg import Record
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response, StreamingResponse
 from pydantic import AwareDatetime, Field
 
 from services.subsidy import handlers, store
-from services.subsidy.domain import GrantStatus, Program, known_municipality
+from services.subsidy.domain import FareProduct, GrantStatus, Program, known_municipality
 from shared.contracts.common import MunicipalityCode, PartnerCode
 from shared.contracts.partners import TripKind
 from shared.contracts.subsidy import BudgetUnit, Mechanism
 from shared.kit.auth import MANAGERS, Principal, Role, require
-from shared.kit.csv_export import csv_response
+from shared.kit.csv_export import csv_response, keyset_rows
 from shared.kit.db import Connection
-from shared.kit.http import Amount, ApiModel, MultilineText, Offset
+from shared.kit.http import Amount, ApiModel, Int32, MultilineText, Offset
 from shared.kit.rate_limit import PARTNER_API, limited_principal
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, WriteRequest
@@ -37,6 +38,11 @@ Reader = Annotated[Principal, Depends(require(Role.RESIDENT, Role.STAFF, Role.AD
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
+class FareProductBody(ApiModel):
+    route: str = Field(min_length=1, max_length=100, examples=["羽田–高知"])
+    fare_jpy: Amount
+
+
 class ProgramRequest(ApiModel):
     program_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._@-]{2,99}$", examples=["jal-dual-residence-miles@304018"])
     title: str = Field(min_length=1, max_length=300)
@@ -45,11 +51,17 @@ class ProgramRequest(ApiModel):
     mechanism: Mechanism
     #: Per mechanism, integers only: mileage_grant {required_round_trips, max_one_ways, miles_per_one_way,
     #: window_days, jpy_per_mile?}; fare_voucher {voucher_jpy, max_one_ways, window_days?};
-    #: fare_discount {discount_percent, max_discount_jpy, max_one_ways, window_days?}.
+    #: fare_discount {discount_percent?, max_discount_jpy, max_one_ways, window_days?}: without
+    #: discount_percent, the partner's fixed fares (fare_products) for participant_cap residents.
     parameters: dict[str, Any]
     active_from: date
     active_until: date
     opening_budget: Amount = 0
+    fare_products: list[FareProductBody] = Field(default_factory=list, max_length=50)
+    participant_cap: Int32 | None = Field(default=None, ge=1, description="residents the program takes at once")
+    one_region_per_year: bool = Field(
+        default=False, description="a grant per resident per certificate year in one municipality of the scheme only"
+    )
 
 
 class TopUpRequest(ApiModel):
@@ -85,6 +97,8 @@ async def create_program(body: ProgramRequest, principal: Admin, write: WriteReq
         program_id=body.program_id, title=body.title, partner=body.partner, municipality_code=body.municipality_code,
         mechanism=body.mechanism, parameters=body.parameters, active_from=body.active_from,
         active_until=body.active_until, opening_budget=body.opening_budget,
+        fare_products=tuple(FareProduct(route=f.route, fare_jpy=f.fare_jpy) for f in body.fare_products),
+        participant_cap=body.participant_cap, one_region_per_year=body.one_region_per_year,
     )
 
     today = write.runtime.clock.today()
@@ -124,6 +138,7 @@ async def get_program_grants(
         program = await handlers.load_program(conn, program_id)
         principal.ensure_municipality(program.municipality_code)
         items, total = await store.grants_of_program(conn, program_id, status, limit, offset)
+    items = await handlers.readable_grants(_runtime(request).keyring, items)
     return {"items": jsonable_encoder(items), "total": total, "limit": limit, "offset": offset}
 
 
@@ -182,7 +197,10 @@ async def _program_view(conn: Connection, program: Program) -> dict[str, Any]:
         "municipality_code": program.municipality_code, "mechanism": program.mechanism, "unit": program.unit,
         "parameters": program.parameters.model_dump(exclude_none=True), "grant_value": program.grant_value,
         "active_from": program.active_from.isoformat(), "active_until": program.active_until.isoformat(),
-        "reference_program": program.reference_program, "budgets": budgets,
+        "reference_program": program.reference_program,
+        "fare_products": [{"route": f.route, "fare_jpy": f.fare_jpy} for f in program.fare_products],
+        "participant_cap": program.participant_cap, "one_region_per_year": program.one_region_per_year,
+        "budgets": budgets,
         "grants": await store.grant_counts(conn, program.program_id),
     }
 
@@ -198,6 +216,7 @@ async def resident_grants(
     municipality = principal.municipality if principal.role is Role.STAFF else None
     async with _runtime(request).pool.acquire() as conn:
         items, total = await store.grants_of_resident(conn, resident_id, municipality, limit, offset)
+    items = await handlers.readable_grants(_runtime(request).keyring, items)
     return {"items": jsonable_encoder(items), "total": total, "limit": limit, "offset": offset}
 
 
@@ -248,8 +267,12 @@ _CSV_COLUMNS = (
 async def redemptions_csv(request: Request, code: str, principal: Staff) -> StreamingResponse:
     known_municipality(code)
     principal.ensure_municipality(code)
+
+    async def page(conn: Connection, after: store.TripKey | None, limit: int) -> list[Record]:
+        return await store.redemptions_after(conn, code, after, limit)
+
     rows = (
         tuple(row[column] for column in _CSV_COLUMNS)
-        async for row in store.redemption_rows(_runtime(request).pool, code)
+        async for row in keyset_rows(_runtime(request).pool, page, store.trip_key)
     )
     return csv_response(f"redemptions-{code}.csv", _CSV_COLUMNS, rows)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.contracts.formats import ProgramId, ProgramIdError
 from shared.contracts.partners import TripKind
+from shared.contracts.sealed import Sealed
 from shared.contracts.subsidy import BudgetUnit, Mechanism, RedemptionRefusal
 from shared.kit.errors import Conflict, DomainError, Forbidden, NotFound
 from shared.reference import TravelProgram, UnknownMunicipality, municipality
@@ -158,9 +159,14 @@ class VoucherParameters(_Parameters):
 
 
 class DiscountParameters(_Parameters):
-    """The partner's discount per trip, at most ``max_discount_jpy`` a leg and ``max_one_ways`` legs a year."""
+    """The partner's discount per trip, at most ``max_discount_jpy`` a leg and ``max_one_ways`` legs a year.
 
-    discount_percent: int = Field(ge=1, le=100)
+    Either a percentage off the fare (``discount_percent``: the ferries, illustrative) or, without
+    it, the partner's fixed fares for a limited number of participants (ANA): the fares and the cap
+    are the program's terms (``Program.fare_products``, ``Program.participant_cap``), the discount a
+    trip reports is what the fixed fare saved."""
+
+    discount_percent: int | None = Field(default=None, ge=1, le=100)
     max_discount_jpy: int = Field(ge=1, le=10_000_000)
     max_one_ways: int = Field(ge=1, le=1000)
     window_days: int | None = Field(default=None, ge=1, le=3660)
@@ -192,6 +198,37 @@ def parse_parameters(mechanism: Mechanism, raw: Mapping[str, Any]) -> Parameters
 
 
 @dataclass(frozen=True, slots=True)
+class FareProduct:
+    """A fixed fare the partner sells the program's participants (one way)."""
+
+    route: str
+    fare_jpy: int
+
+
+def check_programme_terms(
+    mechanism: Mechanism, parameters: Parameters, fare_products: Sequence[FareProduct], participant_cap: int | None
+) -> None:
+    """A fare discount is a percentage or fixed fares with a participant cap, never both; fixed fares
+    and caps belong to fare discounts only."""
+    if participant_cap is not None and participant_cap < 1:
+        raise InvalidProgramParameters(f"participant_cap is at least 1, not {participant_cap}")
+    for product in fare_products:
+        if product.fare_jpy <= 0 or not product.route:
+            raise InvalidProgramParameters(f"fare product {product.route!r}: a route and a positive fare in yen")
+    if not isinstance(parameters, DiscountParameters):
+        if fare_products:
+            raise InvalidProgramParameters(f"{mechanism}: fixed fares belong to fare_discount programs")
+        return
+    if parameters.discount_percent is None and participant_cap is None:
+        raise InvalidProgramParameters(
+            "fare_discount: either discount_percent, or fixed fares for a limited number of participants "
+            "(participant_cap)"
+        )
+    if parameters.discount_percent is not None and fare_products:
+        raise InvalidProgramParameters("fare_discount: fixed fares replace discount_percent; give one of them")
+
+
+@dataclass(frozen=True, slots=True)
 class Program:
     program_id: str
     title: str
@@ -203,10 +240,25 @@ class Program:
     active_from: date
     active_until: date
     reference_program: str | None = None
+    #: The partner's fixed fares for participants (ANA), as published.
+    fare_products: tuple[FareProduct, ...] = ()
+    #: How many residents the program takes at once (a grant issued or used up holds a place).
+    participant_cap: int | None = None
+    #: One grant per resident and certificate year in one participating municipality only (JAL).
+    one_region_per_year: bool = False
 
     @property
     def grant_value(self) -> int:
         return self.parameters.grant_value
+
+    @property
+    def scheme(self) -> str:
+        """What "the same program in another region" means: the reference program, else the program."""
+        return self.reference_program or self.program_id
+
+    def is_full(self, participants: int) -> bool:
+        """Whether the participant cap leaves no place for one more resident."""
+        return self.participant_cap is not None and participants >= self.participant_cap
 
     def is_active_on(self, day: date) -> bool:
         return self.active_from <= day <= self.active_until
@@ -286,10 +338,11 @@ def seed_program(reference: TravelProgram, municipality_code: str, defaults: See
         raw = {"voucher_jpy": demo["voucher_jpy"], "max_one_ways": demo["max_one_ways"]}
     else:
         raw = {
-            "discount_percent": demo["discount_percent"],
             "max_discount_jpy": demo.get("max_discount_jpy", defaults.max_discount_jpy),
             "max_one_ways": demo.get("max_one_ways", defaults.discount_max_one_ways),
         }
+        if "discount_percent" in demo:
+            raw["discount_percent"] = demo["discount_percent"]
     return Program(
         program_id=ProgramId.format(reference.program_id, municipality_code),
         title=f"{reference.partner}: {reference.seed_terms}",
@@ -301,7 +354,40 @@ def seed_program(reference: TravelProgram, municipality_code: str, defaults: See
         active_from=defaults.active_from,
         active_until=defaults.active_until,
         reference_program=reference.program_id,
+        fare_products=tuple(
+            FareProduct(route=product.route, fare_jpy=product.fare_jpy)
+            for product in reference.fare_products_for(municipality_code)
+        ),
+        participant_cap=demo.get("participant_cap"),
+        one_region_per_year=reference.one_region_per_year,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class HeldGrant:
+    """A grant a resident holds (or held) under the same scheme, in any municipality."""
+
+    grant_id: str
+    municipality_code: str
+    status: GrantStatus
+    window_from: date
+    window_until: date
+
+
+def one_region_conflict(
+    program: Program, municipality_code: str, window: tuple[date, date], held: Sequence[HeldGrant]
+) -> HeldGrant | None:
+    """Under a one-region program (JAL: a grant per resident per certificate year in one region only),
+    the resident's grant of another municipality whose window overlaps this one (a cancelled grant
+    does not count). None: the grant may be made."""
+    if not program.one_region_per_year:
+        return None
+    for grant in held:
+        if grant.municipality_code == municipality_code or grant.status == "cancelled":
+            continue
+        if grant.window_from <= window[1] and window[0] <= grant.window_until:
+            return grant
+    return None
 
 
 def resolve_program_id(named: str, municipality_code: str) -> str:
@@ -415,7 +501,8 @@ class GrantState:
     partner: str
     mechanism: Mechanism
     unit: BudgetUnit
-    member_number: str | None
+    #: As the certificate carried it: sealed with the resident's data key (never opened here).
+    member_number: Sealed | None
     status: GrantStatus
     value: int
     remaining: int

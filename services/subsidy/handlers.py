@@ -26,6 +26,7 @@ from services.subsidy.domain import (
     Channel,
     Decision,
     DuplicateTrip,
+    FareProduct,
     GrantState,
     InvalidAmount,
     LedgerKind,
@@ -40,10 +41,12 @@ from services.subsidy.domain import (
     certificate_years,
     check_discount,
     check_program_period,
+    check_programme_terms,
     choose_program_for_donation,
     convert_to_program_unit,
     convert_top_up,
     decide_trip,
+    one_region_conflict,
     parse_parameters,
     resolve_program_id,
     seed_program,
@@ -57,10 +60,12 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.partners import PartnerRegistered, TripKind
-from shared.contracts.reasons import RESIDENT_WITHDRAWN, revocation_reason
+from shared.contracts.reasons import RESIDENT_WITHDRAWN, BudgetChangeReason, revocation_reason
+from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.sealed import Sealed
 from shared.contracts.subsidy import (
     BudgetChanged,
     BudgetUnit,
@@ -77,6 +82,8 @@ from shared.contracts.topics import BUDGETS, GRANTS, PARTNER_CODES
 from shared.kit.clock import utc_now
 from shared.kit.consumer import Run
 from shared.kit.db import Connection
+from shared.kit.erasure import erased_among, forget_responses_about, is_erased, record_erased
+from shared.kit.keyring import Keyring
 from shared.kit.use_case import Work
 from shared.reference import travel_programs
 
@@ -115,10 +122,14 @@ class ProgramDraft:
     active_from: date
     active_until: date
     opening_budget: int
+    fare_products: tuple[FareProduct, ...] = ()
+    participant_cap: int | None = None
+    one_region_per_year: bool = False
 
 
 async def create_program(work: Work, draft: ProgramDraft, actor: str, today: date) -> Program:
     parameters = parse_parameters(draft.mechanism, draft.parameters)
+    check_programme_terms(draft.mechanism, parameters, draft.fare_products, draft.participant_cap)
     # The partners are the seed and those registered through the gateway (gateway.partners.v1).
     if draft.partner not in PARTNER_CODES and not await store.is_registered_partner(work.conn, draft.partner):
         raise UnknownPartner(f"partner: no partner {draft.partner!r} (not seeded, not registered through the gateway)",
@@ -130,6 +141,8 @@ async def create_program(work: Work, draft: ProgramDraft, actor: str, today: dat
         program_id=draft.program_id, title=draft.title, partner=draft.partner,
         municipality_code=draft.municipality_code, mechanism=draft.mechanism, unit=UNIT_OF[draft.mechanism],
         parameters=parameters, active_from=draft.active_from, active_until=draft.active_until,
+        fare_products=draft.fare_products, participant_cap=draft.participant_cap,
+        one_region_per_year=draft.one_region_per_year,
     )
     if not await store.insert_program(work.conn, program, created_by=actor):
         raise ProgramExists(f"program {draft.program_id} exists")
@@ -184,11 +197,20 @@ async def _credit(
     )
     if movement is None:  # a credit cannot overdraw; only a missing budget row gets here
         raise RuntimeError(f"program {program.program_id} has no {program.unit} budget")
-    await _budget_changed(work, program, amount, movement.available, reason)
+    await _budget_changed(work, program, amount, movement.available, _CREDIT_REASONS.get(kind, "other"))
     return movement
 
 
-async def _budget_changed(work: Work, program: Program, delta: int, balance: int, reason: str) -> None:
+#: The published code of each kind of credit: the ledger keeps the words (a staff top-up's own),
+#: the event only the code.
+_CREDIT_REASONS: dict[LedgerKind, BudgetChangeReason] = {
+    "opening": "opening_balance", "top_up": "top_up", "donation": "donation",
+}
+
+
+async def _budget_changed(
+    work: Work, program: Program, delta: int, balance: int, reason: BudgetChangeReason
+) -> None:
     await work.emit(
         BUDGETS,
         BudgetChanged(
@@ -215,6 +237,8 @@ async def promote_waitlist(work: Work, program: Program, today: date) -> list[tu
                 continue
             if grant.value > available:
                 return issued
+            if program.is_full(await store.participants(work.conn, program.program_id)):
+                return issued  # a place frees when a participant's grant ends
             movement = await store.move_budget(
                 work.conn, program.program_id, program.unit, "reserve", grant.value, grant_id=grant.grant_id,
                 reason="issued from the waitlist",
@@ -265,10 +289,16 @@ async def grant_certificates(run: Run[GrantingEvent], today: date) -> None:
     one statement projects them all and one reads the programs of their towns; only certificates of
     towns with programs go on to be granted, one by one in order (budget locks, waitlist)."""
     conn = run.conn
+    # A certificate of an erased resident (a late event, a replayed dead letter, a group reset to
+    # earliest) is neither projected nor granted: nothing about them is written again.
+    erased = await erased_among(conn, (event.resident_id for event in run.events))
+    live = [(work, event) for work, event in run if event.resident_id not in erased]
+    if len(live) < len(run):
+        log.info("certificate events of erased residents dropped", dropped=len(run) - len(live))
     # Granting never reads the projection, so writing it first (each certificate as its last event
     # left it) changes nothing for the grants that follow.
-    await store.upsert_certificates(conn, [_certificate_row(event) for event in run.events])
-    valid = [(work, event) for work, event in run if event.status == "valid"]
+    await store.upsert_certificates(conn, [_certificate_row(event) for _, event in live])
+    valid = [(work, event) for work, event in live if event.status == "valid"]
     if not valid:
         return
     programs = await store.programs_of_municipalities(conn, {event.municipality_code for _, event in valid})
@@ -281,7 +311,7 @@ async def grant_certificate(work: Work, event: GrantingEvent, programs: Sequence
     """Grant every active program of the certificate's town (``programs``) whose partner the
     resident consented to; the certificate is projected already."""
     certificate = _certificate_state(event)
-    members: dict[str, str | None] = {}
+    members: dict[str, Sealed | None] = {}
     for membership in event.partners:
         members.setdefault(membership.partner, membership.member_number)
     years = certificate_years(certificate.valid_from, certificate.valid_until, today)
@@ -299,13 +329,13 @@ def _certificate_state(event: GrantingEvent | ClosingEvent) -> CertificateState:
 
 
 def _certificate_row(event: GrantingEvent | ClosingEvent) -> store.CertificateRow:
-    partners: Sequence[PartnerMembership] = event.partners
+    partners: Sequence[SealedMembership] = event.partners
     return store.CertificateRow(_certificate_state(event), partners)
 
 
 async def _grant_program(
-    work: Work, program: Program, certificate: CertificateState, year: CertificateYear, member_number: str | None,
-    today: date,
+    work: Work, program: Program, certificate: CertificateState, year: CertificateYear,
+    member_number: Sealed | None, today: date,
 ) -> None:
     """One grant per certificate, program and certificate year: issued if the budget covers it and
     nobody waits before it, waitlisted otherwise."""
@@ -316,8 +346,18 @@ async def _grant_program(
     if window is None or window[1] < today:
         bound.info("no grant: nothing is left of the window", window=window)
         return
-    # The budget row lock serialises grants of one program: the waitlist check and the
-    # reservation below see the same budget.
+    if program.one_region_per_year:
+        # One region per resident and certificate year (JAL): the resident's grants under the scheme
+        # are read under a lock of theirs, so two towns' certificates arriving at once grant once.
+        await store.lock_scheme_of_resident(work.conn, certificate.resident_id, program.scheme)
+        held = await store.held_grants(work.conn, certificate.resident_id, program.scheme)
+        conflict = one_region_conflict(program, certificate.municipality_code, window, held)
+        if conflict is not None:
+            bound.info("no grant: the resident has this program in another region for the year",
+                       held_grant_id=conflict.grant_id, held_in=conflict.municipality_code)
+            return
+    # The budget row lock serialises grants of one program: the waitlist check, the participant
+    # count and the reservation below see the same budget.
     budget = await store.lock_budget(work.conn, program.program_id, program.unit)
     if budget is None:
         raise RuntimeError(f"program {program.program_id} has no budget row")
@@ -327,7 +367,12 @@ async def _grant_program(
     grant_id = str(uuid.uuid4())
     now = utc_now()
     value = program.grant_value
-    fits = budget.available >= value and not await store.program_has_waitlist(work.conn, program.program_id)
+    fits = (
+        budget.available >= value
+        and not await store.program_has_waitlist(work.conn, program.program_id)
+        # Fixed fares are for a limited number of participants (ANA): a full program waitlists.
+        and not program.is_full(await store.participants(work.conn, program.program_id))
+    )
     status: Literal["issued", "waitlisted"] = "issued" if fits else "waitlisted"
     seq = await store.insert_grant(
         work.conn, grant_id=grant_id, program=program, certificate=certificate, period_from=year.start,
@@ -360,6 +405,10 @@ async def _grant_program(
 
 async def close_certificate(work: Work, event: ClosingEvent, today: date) -> None:
     """Cancel (revoked) or expire (expired) the certificate's open grants and release what they hold."""
+    if await is_erased(work.conn, event.resident_id):
+        # The erasure closed their grants already (and nothing about them is written again).
+        log.info("certificate event of an erased resident dropped", certificate_number=event.certificate_number)
+        return
     await store.upsert_certificates(work.conn, [_certificate_row(event)])
     if await store.forget_withdrawn_member_numbers(work.conn, event.certificate_number, event.partners):
         log.info("member numbers erased from grants", certificate_number=event.certificate_number)
@@ -380,6 +429,41 @@ async def close_certificate(work: Work, event: ClosingEvent, today: date) -> Non
         await promote_waitlist(work, await load_program(work.conn, program_id), today)
 
 
+async def erase_resident(work: Work, event: ResidentWithdrawn, today: date) -> None:
+    """The resident withdrew with erasure: end what is open, erase what is personal, remember it.
+
+    Their open grants are cancelled (``resident_withdrawn``) and release their reservations here,
+    since the certificate's revocation may arrive after this and would then be dropped. The member
+    numbers of every grant of theirs, ended ones too, and of their certificates are erased; grants,
+    trips and ledger rows stay with random ids and amounts only (the budget's accounts). Stored
+    responses about them go too."""
+    conn = work.conn
+    if not await record_erased(conn, event.resident_id, event.withdrawn_at):
+        return  # erased before (the same withdrawal sent again)
+    released: set[str] = set()
+    for grant in await store.lock_open_grants_of_resident(conn, event.resident_id):
+        if await _close(work, grant, "cancelled", RESIDENT_WITHDRAWN) > 0:
+            released.add(grant.program_id)
+    for program_id in sorted(released):
+        await promote_waitlist(work, await load_program(conn, program_id), today)
+    grants, certificates = await store.erase_resident(conn, event.resident_id)
+    responses = await forget_responses_about(conn, event.resident_id)
+    log.info("resident erased", resident_id=event.resident_id, grants=grants, certificates=certificates,
+             stored_responses=responses)
+
+
+async def readable_grants(keyring: Keyring, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Grant rows as staff and the resident read them: each member number opened (one key lookup for
+    the page); None once the resident was erased."""
+    sealed = [None if item["member_number"] is None else Sealed.model_validate_json(item["member_number"])
+              for item in items]
+    opened = await keyring.open_many(sealed)
+    return [
+        {**item, "member_number": None if number is None else number.decode()}
+        for item, number in zip(items, opened, strict=True)
+    ]
+
+
 async def _close(
     work: Work, grant: GrantState, status: Literal["cancelled", "expired"], reason: str, *,
     expired_on: date | None = None,
@@ -394,7 +478,9 @@ async def _close(
         if movement is None:
             raise RuntimeError(f"budget of {grant.program_id} holds less than grant {grant.grant_id} reserved")
         program = await load_program(work.conn, grant.program_id)
-        await _budget_changed(work, program, released, movement.available, f"released: {reason}")
+        await _budget_changed(
+            work, program, released, movement.available, "grant_cancelled" if status == "cancelled" else "grant_expired"
+        )
     await store.close_grant(work.conn, grant.grant_id, status, released, reason, now)
     event: EventData
     if status == "cancelled":
@@ -489,7 +575,7 @@ async def refund_donation(work: Work, refund: DonationRefunded) -> None:
             reason=f"donation {refund.donation_id} refunded",
         )
         assert movement is not None  # the budget row is locked and holds at least ``debit``
-        await _budget_changed(work, program, -debit, movement.available, f"donation {refund.donation_id} refunded")
+        await _budget_changed(work, program, -debit, movement.available, "donation_refunded")
     shortfall = credit.credited - debit
     note = f"; refunded {debit}" + (f", {shortfall} already reserved for grants" if shortfall else "")
     await store.mark_donation_refunded(work.conn, refund.donation_id, debit, note)
@@ -619,7 +705,7 @@ async def _release_unused(work: Work, grant: GrantState, trip_id: str, amount: i
     if movement is None:  # a release only adds to what is available
         raise RuntimeError(f"program {grant.program_id} has no {grant.unit} budget")
     program = await load_program(work.conn, grant.program_id)
-    await _budget_changed(work, program, amount, movement.available, reason)
+    await _budget_changed(work, program, amount, movement.available, "grant_used_up")
     await promote_waitlist(work, program, today)
 
 

@@ -9,7 +9,7 @@ never overdraw the budget, however many run at once.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, cast
@@ -18,16 +18,19 @@ import asyncpg
 
 from services.subsidy.domain import (
     CertificateState,
+    FareProduct,
     FundingCandidate,
     GrantState,
     GrantStatus,
+    HeldGrant,
     LedgerKind,
     Parameters,
     Program,
     ledger_deltas,
     parse_parameters,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
+from shared.contracts.sealed import Sealed
 from shared.contracts.subsidy import BudgetUnit, Mechanism
 from shared.kit.db import Connection
 
@@ -35,7 +38,7 @@ from shared.kit.db import Connection
 
 _PROGRAM_COLUMNS = (
     "program_id, reference_program, title, partner, municipality_code, mechanism, unit, parameters, "
-    "active_from, active_until"
+    "active_from, active_until, fare_products, participant_cap, one_region_per_year"
 )
 
 
@@ -52,6 +55,11 @@ def _program(row: asyncpg.Record) -> Program:
         active_from=row["active_from"],
         active_until=row["active_until"],
         reference_program=row["reference_program"],
+        fare_products=tuple(
+            FareProduct(route=item["route"], fare_jpy=item["fare_jpy"]) for item in json.loads(row["fare_products"])
+        ),
+        participant_cap=row["participant_cap"],
+        one_region_per_year=row["one_region_per_year"],
     )
 
 
@@ -60,8 +68,9 @@ async def insert_program(conn: Connection, program: Program, created_by: str) ->
     inserted = await conn.fetchval(
         """
         INSERT INTO programs (program_id, reference_program, title, partner, municipality_code, mechanism,
-                              unit, parameters, active_from, active_until, created_by)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11)
+                              unit, parameters, active_from, active_until, created_by, fare_products,
+                              participant_cap, one_region_per_year)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12::jsonb, $13, $14)
         ON CONFLICT (program_id) DO NOTHING
         RETURNING true
         """,
@@ -69,6 +78,8 @@ async def insert_program(conn: Connection, program: Program, created_by: str) ->
         program.municipality_code, program.mechanism, program.unit,
         json.dumps(program.parameters.model_dump(exclude_none=True)), program.active_from,
         program.active_until, created_by,
+        json.dumps([{"route": f.route, "fare_jpy": f.fare_jpy} for f in program.fare_products], ensure_ascii=False),
+        program.participant_cap, program.one_region_per_year,
     )
     if not inserted:
         return False
@@ -256,7 +267,7 @@ async def ledger_page(
 @dataclass(frozen=True, slots=True)
 class CertificateRow:
     state: CertificateState
-    partners: Sequence[PartnerMembership]
+    partners: Sequence[SealedMembership]
 
 
 async def upsert_certificates(conn: Connection, rows: Sequence[CertificateRow]) -> None:
@@ -280,8 +291,21 @@ async def upsert_certificates(conn: Connection, rows: Sequence[CertificateRow]) 
         """,
         [s.certificate_number for s in states], [s.resident_id for s in states],
         [s.municipality_code for s in states], [s.valid_from for s in states], [s.valid_until for s in states],
-        [s.status for s in states], [json.dumps([p.model_dump() for p in row.partners]) for row in ordered],
+        [s.status for s in states], [_memberships_json(row.partners) for row in ordered],
     )
+
+
+def _memberships_json(partners: Sequence[SealedMembership]) -> str:
+    return json.dumps([p.model_dump(mode="json") for p in partners])
+
+
+def _sealed(raw: str | None) -> Sealed | None:
+    """A member number as stored: the ``Sealed`` JSON the certificate carried (jsonb comes as text)."""
+    return None if raw is None else Sealed.model_validate_json(raw)
+
+
+def _sealed_json(value: Sealed | None) -> str | None:
+    return None if value is None else value.model_dump_json()
 
 
 async def certificate(conn: Connection, certificate_number: str) -> CertificateState | None:
@@ -311,7 +335,8 @@ def _grant(row: asyncpg.Record) -> GrantState:
     return GrantState(
         grant_id=row["grant_id"], program_id=row["program_id"], certificate_number=row["certificate_number"],
         resident_id=row["resident_id"], municipality_code=row["municipality_code"], partner=row["partner"],
-        mechanism=row["mechanism"], unit=row["unit"], member_number=row["member_number"], status=row["status"],
+        mechanism=row["mechanism"], unit=row["unit"], member_number=_sealed(row["member_number"]),
+        status=row["status"],
         value=row["value"], remaining=row["remaining"], legs_counted=row["legs_counted"],
         window_from=row["window_from"], window_until=row["window_until"], waitlist_seq=row["waitlist_seq"],
     )
@@ -324,6 +349,36 @@ async def grant_exists(conn: Connection, certificate_number: str, program_id: st
             certificate_number, program_id, period_from,
         )
     )
+
+
+async def participants(conn: Connection, program_id: str) -> int:
+    """The residents holding a place in the program: a grant issued or used up (callers hold the budget lock)."""
+    count = await conn.fetchval(
+        "SELECT count(DISTINCT resident_id) FROM grants WHERE program_id = $1 AND status IN ('issued', 'completed')",
+        program_id,
+    )
+    return int(count)
+
+
+async def lock_scheme_of_resident(conn: Connection, resident_id: str, scheme: str) -> None:
+    """Serialise the grants of one resident under one scheme (two towns' certificates may arrive at once)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{resident_id}/{scheme}")
+
+
+async def held_grants(conn: Connection, resident_id: str, scheme: str) -> list[HeldGrant]:
+    """The resident's grants under a scheme (its reference program, or the program itself), in any town."""
+    rows = await conn.fetch(
+        """
+        SELECT g.grant_id, g.municipality_code, g.status, g.window_from, g.window_until
+        FROM grants g JOIN programs p ON p.program_id = g.program_id
+        WHERE g.resident_id = $1 AND COALESCE(p.reference_program, p.program_id) = $2
+        """,
+        resident_id, scheme,
+    )
+    return [
+        HeldGrant(r["grant_id"], r["municipality_code"], r["status"], r["window_from"], r["window_until"])
+        for r in rows
+    ]
 
 
 async def program_has_waitlist(conn: Connection, program_id: str) -> bool:
@@ -341,7 +396,7 @@ async def insert_grant(
     program: Program,
     certificate: CertificateState,
     period_from: date,
-    member_number: str | None,
+    member_number: Sealed | None,
     status: GrantStatus,
     window: tuple[date, date],
     now: datetime,
@@ -353,34 +408,68 @@ async def insert_grant(
         INSERT INTO grants (grant_id, program_id, certificate_number, period_from, resident_id, municipality_code,
                             partner, mechanism, unit, member_number, status, value, remaining, window_from,
                             window_until, waitlist_seq, waitlisted_at, issued_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13, $14, $15,
                 CASE WHEN $16 THEN nextval('waitlist_arrival') END,
                 CASE WHEN $16 THEN $17::timestamptz END, CASE WHEN $16 THEN NULL ELSE $17::timestamptz END)
         RETURNING waitlist_seq
         """,
         grant_id, program.program_id, certificate.certificate_number, period_from, certificate.resident_id,
         certificate.municipality_code, program.partner, program.mechanism, program.unit,
-        member_number, status, program.grant_value, 0 if waitlisted else program.grant_value,
+        _sealed_json(member_number), status, program.grant_value, 0 if waitlisted else program.grant_value,
         window[0], window[1], waitlisted, now,
     )
     return seq
 
 
 async def forget_withdrawn_member_numbers(
-    conn: Connection, certificate_number: str, partners: Sequence[PartnerMembership]
+    conn: Connection, certificate_number: str, partners: Sequence[SealedMembership]
 ) -> int:
-    """Keep on the certificate's grants only the member numbers the certificate still carries
-    (a withdrawn resident's certificate comes back without them)."""
+    """Keep on the certificate's grants only the member numbers of partners the certificate still
+    carries one for (a withdrawn resident's certificate comes back without them). Each event seals
+    afresh, so what is compared is whether there is a number, not its ciphertext."""
+    numbered = sorted({p.partner for p in partners if p.member_number is not None})
     result: str = await conn.execute(
         """
         UPDATE grants SET member_number = NULL
-        WHERE certificate_number = $1 AND member_number IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements($2::jsonb) AS m
-                          WHERE m->>'partner' = grants.partner AND m->>'member_number' = grants.member_number)
+        WHERE certificate_number = $1 AND member_number IS NOT NULL AND NOT (partner = ANY($2::text[]))
         """,
-        certificate_number, json.dumps([p.model_dump() for p in partners]),
+        certificate_number, numbered,
     )
     return int(result.split()[-1])
+
+
+async def lock_open_grants_of_resident(conn: Connection, resident_id: str) -> list[GrantState]:
+    rows = await conn.fetch(
+        f"""
+        SELECT {_GRANT_COLUMNS} FROM grants
+        WHERE resident_id = $1 AND status IN ('issued', 'waitlisted')
+        ORDER BY grant_id FOR UPDATE
+        """,
+        resident_id,
+    )
+    return [_grant(row) for row in rows]
+
+
+async def erase_resident(conn: Connection, resident_id: str) -> tuple[int, int]:
+    """What this service holds about an erased resident beyond ids and amounts: the member numbers
+    of all their grants (ended ones too) and of their certificates; (grants, certificates) changed.
+    Grants, trips and ledger rows stay, with random ids only: they are the budget's accounts."""
+    grants: str = await conn.execute(
+        "UPDATE grants SET member_number = NULL WHERE resident_id = $1 AND member_number IS NOT NULL", resident_id
+    )
+    certificates: str = await conn.execute(
+        """
+        UPDATE certificates
+        SET partners = COALESCE(
+                (SELECT jsonb_agg(jsonb_build_object('partner', p->>'partner', 'member_number', NULL))
+                 FROM jsonb_array_elements(partners) AS p),
+                '[]'::jsonb),
+            updated_at = now()
+        WHERE resident_id = $1
+        """,
+        resident_id,
+    )
+    return int(grants.split()[-1]), int(certificates.split()[-1])
 
 
 async def waitlist_position(conn: Connection, program_id: str, seq: int) -> int:
@@ -672,18 +761,30 @@ async def redemptions_page(
     return [dict(row) for row in rows], int(total)
 
 
-async def redemption_rows(
-    pool: asyncpg.Pool, municipality_code: str, batch: int = 500
-) -> AsyncIterator[asyncpg.Record]:
-    """Every trip reported under the municipality's programs, oldest first, read with a cursor."""
-    async with pool.acquire() as conn, conn.transaction():
-        cursor = conn.cursor(
-            f"SELECT {_REDEMPTION_VIEW} FROM trips WHERE municipality_code = $1 ORDER BY recorded_at, partner, trip_id",
-            municipality_code,
-            prefetch=batch,
-        )
-        async for row in cursor:
-            yield row
+#: Where a listing of reported trips stands: the last row's (recorded_at, partner, trip_id), unique.
+TripKey = tuple[datetime, str, str]
+
+
+def trip_key(row: asyncpg.Record) -> TripKey:
+    return row["recorded_at"], row["partner"], row["trip_id"]
+
+
+async def redemptions_after(
+    conn: Connection, municipality_code: str, after: TripKey | None, limit: int
+) -> list[asyncpg.Record]:
+    """The next ``limit`` trips reported under the municipality's programs after ``after``, oldest
+    first (keyset: a download reads them page by page)."""
+    where = "municipality_code = $1"
+    args: list[object] = [municipality_code]
+    if after is not None:
+        where += " AND (recorded_at, partner, trip_id) > ($2, $3, $4)"
+        args += after
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {_REDEMPTION_VIEW} FROM trips WHERE {where} "
+        f"ORDER BY recorded_at, partner, trip_id LIMIT ${len(args) + 1}",
+        *args, limit,
+    )
+    return rows
 
 
 # --- donations ------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import httpx
 
+from shared.cli.browser import ensure_browser
 from shared.kit.auth import Role, StaffRole, mint_token
 from shared.kit.logging import configure_logging
 from shared.kit.settings import REPO_ROOT, SERVICE_PORTS, Settings, get_settings
@@ -27,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = commands.add_parser("start", help="start the whole platform (embedded stack by default)")
     start.add_argument("--demo", action="store_true", help="once it is up, run the resident journey demo on it")
     commands.add_parser("stop", help="stop the running platform")
+    restart = commands.add_parser("restart", help="restart one service of the running platform, until ready")
+    restart.add_argument("service", choices=list(SERVICE_PORTS))
+    restart.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for it to be ready")
     commands.add_parser("status", help="show what runs and whether it is healthy")
     commands.add_parser("demo", help="run the resident journey on the running platform, step by step")
     migrate = commands.add_parser("migrate", help="apply database migrations")
@@ -74,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return start_platform(settings, demo=args.demo)
     if args.command == "stop":
         return _stop(settings)
+    if args.command == "restart":
+        return _restart(settings, args.service, args.timeout)
     if args.command == "status":
         return _status(settings)
     if args.command == "demo":
@@ -95,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dlq":
         from shared.kit.dead_letters import replay_dead_letters
 
-        count = asyncio.run(replay_dead_letters(_wired(settings), args.topic))
+        sys.stderr.write(f"{args.topic}: replaying (the first read waits for the replay group to form)...\n")
+        count = asyncio.run(replay_dead_letters(_wired(settings), args.topic, progress=_progress_line(args.topic)))
         _out(f"{count} dead letters replayed from {args.topic}")
         return 0
     if args.command == "contracts":
@@ -119,6 +126,18 @@ def _wired(settings: Settings) -> Settings:
     if wired.kafka_bootstrap is None or wired.pg_dsn is None:
         raise SystemExit("no running platform and no NICHIIKI_KAFKA_BOOTSTRAP / NICHIIKI_PG_DSN set: `nichiiki start`")
     return wired
+
+
+def _progress_line(topic: str) -> Callable[[int, int], None]:
+    """``n of m replayed`` on stderr: rewritten in place on a terminal, a line per step otherwise."""
+    terminal = sys.stderr.isatty()
+
+    def show(done: int, total: int) -> None:
+        line = f"{topic}: {done} of {total} replayed"
+        sys.stderr.write(f"\r{line}" + ("\n" if done >= total else "") if terminal else line + "\n")
+        sys.stderr.flush()
+
+    return show
 
 
 def _out(text: str) -> None:
@@ -145,6 +164,30 @@ def _stop(settings: Settings) -> int:
     return 1
 
 
+def _restart(settings: Settings, service: str, timeout_s: float) -> int:
+    """Ask the running launcher to restart a service (shared/cli/supervise.py), then wait for it."""
+    from shared.cli.platform import read_run_file
+    from shared.cli.supervise import request_restart, wait_restarted
+
+    running = read_run_file(settings)
+    if running is None:
+        _out("the platform is not running: `./nichiiki start`")
+        return 1
+    info = running["services"].get(service)
+    if info is None:
+        _out(f"{service} does not run on this platform")
+        return 1
+    request_restart(settings.state_dir, service)
+    sys.stderr.write(f"{service}: restart asked of the launcher (pid {running['pid']}); waiting until ready...\n")
+    try:
+        new, seconds = wait_restarted(lambda: read_run_file(settings), service, info.get("pid"), timeout_s=timeout_s)
+    except (TimeoutError, RuntimeError) as error:
+        _out(f"{service}: {error}")
+        return 1
+    _out(f"{service} restarted: pid {info.get('pid')} → {new['pid']}, ready at {new['url']} in {seconds:.1f} s")
+    return 0
+
+
 def _status(settings: Settings) -> int:
     from shared.cli.platform import read_run_file
 
@@ -163,6 +206,8 @@ def _status(settings: Settings) -> int:
         except httpx.HTTPError as error:
             state = f"DOWN ({error.__class__.__name__})"
         healthy = healthy and state == "ready"
+        if info.get("state") not in (None, "running"):
+            state += f" (launcher: {info['state']})"
         _out(f"  {name:<16} {info['url']:<24} pid {info['pid']:<8} {state}")
     return 0 if healthy else 1
 
@@ -251,17 +296,24 @@ def _test(pytest_args: list[str]) -> int:
     typed = [
         d for d in ("shared", "services", "tests", "bench", "deploy", "examples") if any((REPO_ROOT / d).rglob("*.py"))
     ]
-    steps = [
+    steps: list[tuple[str, list[str] | Callable[[], int]]] = [
         ("ruff", [python, "-m", "ruff", "check", "."]),
         ("mypy", [python, "-m", "mypy", *typed]),
+        # the console's browser tests drive Chromium: installed here when missing (apt-get, as root)
+        ("browser", ensure_browser),
         ("pytest", [python, "-m", "pytest", *(pytest_args or ["-q"])]),
     ]
-    for name, command in steps:
-        sys.stderr.write(f"==> {name}\n")
-        result = subprocess.run(command, cwd=REPO_ROOT, check=False)
-        if result.returncode != 0:
-            sys.stderr.write(f"==> {name} failed (exit {result.returncode})\n")
-            return result.returncode
+    began = time.monotonic()
+    for number, (name, command) in enumerate(steps, start=1):
+        sys.stderr.write(f"==> {name} ({number}/{len(steps)})...\n")
+        sys.stderr.flush()
+        started = time.monotonic()
+        returncode = command() if callable(command) else subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
+        if returncode != 0:
+            sys.stderr.write(f"==> {name} failed (exit {returncode}) after {time.monotonic() - started:.0f} s\n")
+            return returncode
+        sys.stderr.write(f"==> {name} passed in {time.monotonic() - started:.0f} s\n")
+    sys.stderr.write(f"==> all {len(steps)} steps passed in {time.monotonic() - began:.0f} s\n")
     return 0
 
 

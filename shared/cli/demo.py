@@ -1,14 +1,14 @@
 """``nichiiki demo``: the whole resident journey on the running platform, one line per step.
 
-Resident A registers with 和歌山県白浜町 (basic, then premium: JPKI identity and three activities,
-approved by the town's staff), applies for dual-resident certification with a JAL Mileage Bank
-number, and the staff approve. JAL's own consumer (``confluent_kafka``, a consumer group reading
-``partner.jal.v1`` from the beginning) receives the consented certificate and the grant; the
-subsidy service grants the JAL mileage program (the 白浜町 program funds exactly one resident:
-30,000 miles); JAL reports four round trips and the miles are credited once. Resident B follows
-to a certificate, and B's grant is waitlisted; a hometown-tax donation earmarked
-``dual_residence`` raises the budget and releases it. Last, both residents find every message in
-their in-app inbox and in the SMTP sink.
+Resident A registers with 和歌山県白浜町 (basic, then premium: JPKI identity and three of the town's
+designated activities, picked from its public catalogue; approved by the town's staff), applies for
+dual-resident certification with a JAL Mileage Bank number, and the staff approve. JAL's own
+consumer (``confluent_kafka``, a consumer group reading ``partner.jal.v1`` from the beginning)
+receives the consented certificate and the grant; the subsidy service grants the JAL mileage
+program (the 白浜町 program funds exactly one resident: 30,000 miles); JAL reports four round trips
+and the miles are credited once. Resident B follows to a certificate, and B's grant is
+waitlisted; a hometown-tax donation earmarked ``dual_residence`` raises the budget and releases it.
+Last, both residents find every message in their in-app inbox and in the SMTP sink.
 
 Everyone signs in at the embedded identity provider (``services/identity``, docs/identity.md), as
 they would on a real platform: the residents sign up and sign in with a password (their account id
@@ -70,6 +70,8 @@ MailboxReader = Callable[[], list[EmailMessage]]
 
 SHIRAHAMA = "304018"
 JAL_PROGRAM = ProgramId.format("jal-dual-residence-miles", SHIRAHAMA)
+#: What resident A did in 白浜町: entries of the town's sample catalogue of designated activities.
+DEMO_ACTIVITIES = ("shirarahama-beach-cleanup", "kumano-kodo-trail-work", "ume-harvest")
 JAL_FEED = "partner.jal.v1"
 #: What a partner record may carry (docs/services/partner_gateway.md): never a name, an address...
 PARTNER_RECORD_FIELDS = frozenset({
@@ -169,6 +171,11 @@ class ResidentFacts:
     email: str
     member_number: str
     legal_address_code: str
+    #: Their own phone, birth date and address in the town (distinct per person: the privacy test
+    #: looks for each of them after an erasure).
+    phone: str = ""
+    date_of_birth: str = ""
+    address_there: str = ""
     #: The identity account's password (the resident id is the account's id, known after sign-up).
     password: str = ""
     registration_id: str = ""
@@ -356,8 +363,8 @@ class Journey:
         self._donated_before = 0
         self.result = JourneyResult(
             run_tag=self.tag,
-            resident_a=self._person("A", "山田 花子", "ヤマダ ハナコ", "hanako.yamada", "131016"),
-            resident_b=self._person("B", "鈴木 一郎", "スズキ イチロウ", "ichiro.suzuki", "271004"),
+            resident_a=self._person("A", "山田 花子", "ヤマダ ハナコ", "hanako.yamada", "131016", "1985-06-15"),
+            resident_b=self._person("B", "鈴木 一郎", "スズキ イチロウ", "ichiro.suzuki", "271004", "1978-11-03"),
         )
         self.identity_url = self.urls["identity"]
         self._staff = Credential.password(
@@ -368,11 +375,15 @@ class Journey:
         self._payments = Credential.client("the payment provider", *PAYMENT_CLIENT)
         self._residents: dict[str, Credential] = {}
 
-    def _person(self, label: str, name: str, kana: str, mailbox: str, legal_address: str) -> ResidentFacts:
+    def _person(
+        self, label: str, name: str, kana: str, mailbox: str, legal_address: str, born: str
+    ) -> ResidentFacts:
         # The resident id is the identity account's id, known once the resident signs up.
         return ResidentFacts(
             label=label, resident_id="", name=name, name_kana=kana, email=f"{mailbox}.{self.tag}@example.jp",
             member_number=_member_number(), legal_address_code=legal_address,
+            phone=f"090-{secrets.randbelow(9000) + 1000}-{secrets.randbelow(9000) + 1000}", date_of_birth=born,
+            address_there=f"和歌山県西牟婁郡白浜町{secrets.randbelow(900) + 100}番地 ({self.tag} {label})",
             password=f"demo-{secrets.token_urlsafe(12)}",
         )
 
@@ -380,7 +391,10 @@ class Journey:
         """Where and how to sign in by hand after the journey: one staff member, one resident."""
         staff, staff_password = TRY_STAFF_LOGIN
         a = self.result.resident_a
+        console = self.urls.get("console")
         lines = [
+            *([f"Try the pages at the console {console}/ (docs/console.md): staff at {console}/staff, "
+               f"residents at {console}/my — the same sign-ins as below"] if console else []),
             f"Sign in yourself at the identity service {self.identity_url} (POST /oauth/token; docs/identity.md):",
             f"  {self.town} staff: {staff} / {staff_password} + a TOTP code for the secret {STAFF_TOTP_SECRET} "
             f"(python -c \"import pyotp; print(pyotp.TOTP('{STAFF_TOTP_SECRET}').now())\")",
@@ -417,6 +431,7 @@ class Journey:
                 await self._grant_waitlisted(b)
                 await self._donate()
                 await self._waitlist_released(b)
+                await self._plan_proposal()
                 await self._inbox(a, A_INBOX)
                 await self._inbox(b, B_INBOX)
                 await self._emails(a, A_INBOX)
@@ -643,8 +658,8 @@ class Journey:
         self._begin(f"{who.label} registers with {self.town}")
         token = await self._sign_up(who)
         await self._json("POST", "registration", "/residents", token, {
-            "name": who.name, "name_kana": who.name_kana, "email": who.email, "phone": "090-1234-5678",
-            "date_of_birth": "1985-06-15" if who.label == "A" else "1978-11-03",
+            "name": who.name, "name_kana": who.name_kana, "email": who.email, "phone": who.phone,
+            "date_of_birth": who.date_of_birth,
             "legal_address_code": who.legal_address_code, "preferred_language": "ja",
             "consents": [{"purpose": "email"}, {"purpose": "share_certificate", "partner": "jal"}],
         }, idempotency_key=f"demo-{self.tag}-{who.label}-account")
@@ -663,11 +678,21 @@ class Journey:
             return
 
         self._begin(f"{who.label} asks for premium")
+        # Premium activities are the town's designated ones: read its public catalogue and pick three.
+        catalogue = await self._json("GET", "registration", f"/public/municipalities/{SHIRAHAMA}/activities", token)
+        entries = {entry["id"]: entry for entry in catalogue["items"]}
+        wanted = [f"{SHIRAHAMA}-{code}" for code in DEMO_ACTIVITIES]
+        picked = [entries[i] for i in wanted if i in entries]
+        picked += [entry for i, entry in entries.items() if i not in wanted][: 3 - len(picked)]
+        if len(picked) < 3:
+            raise self._fail(f"{self.town} publishes {len(entries)} designated activities; premium needs 3")
         activities = [
-            {"name": "白良浜のビーチクリーン", "date": (self.today - timedelta(days=20)).isoformat()},
-            {"name": "熊野古道の道普請ボランティア", "date": (self.today - timedelta(days=55)).isoformat()},
-            {"name": "梅の収穫の手伝い", "date": (self.today - timedelta(days=110)).isoformat()},
+            {"activity_id": entry["id"], "date": (self.today - timedelta(days=days)).isoformat(),
+             # evidence where the town asks for it: a reference to the photo the app uploaded
+             "document_ref": f"demo-{self.tag}-photo-{n}" if entry["evidence_required"] else None}
+            for n, (entry, days) in enumerate(zip(picked, (20, 55, 110), strict=False))
         ]
+        names = [entry["name_ja"] for entry in picked]
         upgrade = await self._json(
             "POST", "registration", f"/residents/{who.resident_id}/registrations", token, {
                 "municipality_code": SHIRAHAMA, "tier": "premium",
@@ -680,8 +705,8 @@ class Journey:
         if upgrade["id"] != who.registration_id or upgrade.get("awaiting_review") is None:
             raise self._fail(f"expected the basic registration to await review as an upgrade, got {upgrade}")
         self._done(
-            f"{who.label} asked for premium: JPKI identity verified (signed attestation), 3 activities "
-            f"({'、'.join(a['name'] for a in activities)}) — awaiting {self.town}'s review"
+            f"{who.label} asked for premium: JPKI identity verified (signed attestation), 3 of the town's designated "
+            f"activities ({'、'.join(names)}) — awaiting {self.town}'s review"
         )
 
         self._begin(f"{self.town} staff approve the premium registration")
@@ -705,7 +730,7 @@ class Journey:
         await self._notification_knows(who)
         body = {
             "municipality_code": SHIRAHAMA, "planned_stay_days": 90, "housing_basis": "rented",
-            "address_there": "和歌山県西牟婁郡白浜町 (賃貸住宅)", "primary_residence_code": who.legal_address_code,
+            "address_there": who.address_there, "primary_residence_code": who.legal_address_code,
             "partners": [{"partner": "jal", "member_number": who.member_number}],
         }
         waited: list[str] = []
@@ -798,16 +823,19 @@ class Journey:
             raise self._fail(f"JAL's record does not fit {PartnerCertificate.event_type}: {error}") from error
         extra = set(data) - PARTNER_RECORD_FIELDS
         raw = (record.raw or b"").decode()
-        leaked = [value for value in (who.name, who.email, who.resident_id, who.name_kana) if value in raw]
+        # The member number too: it is sealed for JAL (opened with GET /v1/keys/{kid}, docs/partners.md).
+        leaked = [value for value in (who.name, who.email, who.resident_id, who.name_kana, who.member_number)
+                  if value in raw]
         if extra or leaked:
             raise self._fail(f"JAL's record carries more than it may: fields {sorted(extra)}, values {leaked}")
-        if data.get("member_number") != who.member_number:
-            raise self._fail(f"JAL's record has member number {data.get('member_number')!r}, not {who.member_number}")
+        sealed = data.get("member_number") or {}
+        if sealed.get("kid") != f"partner:jal:{data.get('resident_ref')}":
+            raise self._fail(f"JAL's record has no member number sealed for JAL: {sealed!r}")
         group = self._feed.group if self._feed else ""
         self._done(
             f"JAL's own consumer (group {group}) read the certificate from {self.settings.topic(JAL_FEED)}: "
             f"{data['certificate_number']} {data['status']}, resident_ref {str(data['resident_ref'])[:12]}…, "
-            f"JAL Mileage Bank {data['member_number']} — no name, address, e-mail or resident id"
+            f"JAL Mileage Bank number sealed for JAL — no name, address, e-mail or resident id"
         )
 
     async def _grant(self, who: ResidentFacts, status: str) -> dict[str, Any]:
@@ -862,14 +890,14 @@ class Journey:
         credited = [t for t in self.result.trips if t["amount"] > 0]
         if len(credited) != 1 or not credited[0]["completed"]:
             raise self._fail(f"expected one crediting answer, got {credited}")
-        record = await self._feed_records(
+        await self._feed_records(
             who, "the redeemed grant",
             lambda r: r.ce_type == PartnerGrant.event_type and (r.data or {}).get("state") == "redeemed"
             and ((r.data or {}).get("amount") or 0) > 0,
         )
         self.result.miles_credited = int(grant["drawn"])
         self._done(
-            f"{_miles(grant['drawn'])} credited to JAL Mileage Bank {(record.data or {}).get('member_number')}, "
+            f"{_miles(grant['drawn'])} credited to the resident's JAL Mileage Bank account, "
             f"once: the grant is {grant['status']} ({grant['legs_counted']} legs), and JAL's feed shows the redemption"
         )
 
@@ -924,6 +952,33 @@ class Journey:
             f"The donation raised the budget by {_miles(self.result.donation_miles)} (¥{DONATION_JPY:,} at "
             f"¥{DONATION_JPY // max(self.result.donation_miles, 1)} a mile) and released {who.label}'s grant: issued, "
             f"{_miles(grant['value'])} reserved"
+        )
+
+    async def _plan_proposal(self) -> None:
+        """A support corporation the town designated proposes a change to its 特定居住促進計画 (staff record
+        what it submitted), and the town's manager answers, as the act requires."""
+        self._begin("a support corporation proposes a plan change; the town answers")
+        corporations = await self._json("GET", "planning", f"/municipalities/{SHIRAHAMA}/corporations", self._staff)
+        designated = [c for c in corporations["items"] if c["status"] == "designated"]
+        jal = [c for c in designated if c["name"] == "日本航空(株)"]
+        corporation = (jal or designated or [None])[0]
+        plans = await self._json("GET", "planning", f"/municipalities/{SHIRAHAMA}/plans", self._staff)
+        plan = next((p for p in plans["items"] if p["level"] == "municipality" and p["status"] in (
+            "adopted", "amended")), None)
+        if corporation is None or plan is None:
+            raise self._fail(f"{self.town} has no designated support corporation or no adopted plan in planning")
+        proposal = await self._json(
+            "POST", "planning", f"/corporations/{corporation['corporation_id']}/proposals", self._staff,
+            {"kind": "change", "plan_id": plan["plan_id"],
+             "summary": f"拠点施設に空港からの移動手段を加える (demo {self.tag})"},
+        )
+        answered = await self._json(
+            "POST", "planning", f"/proposals/{proposal['proposal_id']}/answer", self._staff,
+            {"decision": "accepted", "reason_code": "will_amend_plan"},
+        )
+        self._done(
+            f"{corporation['name']} proposed a change to {self.town}'s {plan['name']} (answer due "
+            f"{proposal['due_on']}); the town {answered['status']} it ({answered['answer_reason']})"
         )
 
     async def _inbox(self, who: ResidentFacts, expected: Mapping[str, int]) -> None:

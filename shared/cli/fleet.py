@@ -6,6 +6,7 @@ restarted; the servers (broker, PostgreSQL) can be restarted under them.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class ServiceFleet:
     def add_replica(self, name: str) -> ServiceProcess:
         replicas = self.processes.setdefault(name, [])
         env = {**service_env(self.settings, self.backends, self.smtp_url), **self.extra_env}
+        if name == "console":  # a front: it calls the services started before it (SERVICES order)
+            env["NICHIIKI_CONSOLE_SERVICE_URLS"] = json.dumps(
+                {other: self.url(other) for other in self.processes if other != "console" and self.processes[other]}
+            )
         port = self.identity_port if name == "identity" and not replicas and self.identity_port else free_port()
         process = ServiceProcess(name, port, env, self.log_dir / f"{name}-{len(replicas)}.log")
         process.start()

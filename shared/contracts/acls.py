@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.contracts.topics import ALL_TOPICS, PARTNER_CODES, SERVICES, Cluster, Topic, dead_letter_topics
+from shared.contracts.topics import ALL_TOPICS, BACKENDS, PARTNER_CODES, Cluster, Topic, dead_letter_topics
 
 Operation = Literal["READ", "WRITE", "DESCRIBE"]
 ResourceType = Literal["TOPIC", "GROUP"]
@@ -85,7 +85,7 @@ def password_variable(principal: str) -> str:
     return "NICHIIKI_KAFKA_PASSWORD_" + username(principal).upper().replace("-", "_").replace(".", "_")
 
 
-def principals(services: Sequence[str] = SERVICES, partners: Sequence[str] = PARTNER_CODES) -> tuple[str, ...]:
+def principals(services: Sequence[str] = BACKENDS, partners: Sequence[str] = PARTNER_CODES) -> tuple[str, ...]:
     """Every SCRAM user of the platform: each service (with ACLs or not: every one connects), each
     partner and the operator."""
     return (
@@ -96,7 +96,7 @@ def principals(services: Sequence[str] = SERVICES, partners: Sequence[str] = PAR
 def bindings(
     topics: Iterable[Topic] = ALL_TOPICS,
     *,
-    services: Sequence[str] = SERVICES,
+    services: Sequence[str] = BACKENDS,
     partners: Sequence[str] = PARTNER_CODES,
     prefix: str = "",
 ) -> tuple[Binding, ...]:
@@ -122,7 +122,8 @@ def bindings(
 
     for topic in topics:
         name = prefix + topic.name
-        allow(party(topic, topic.producer), "TOPIC", "LITERAL", name, ("WRITE", "DESCRIBE"), topic.cluster)
+        for producer in topic.producers:
+            allow(party(topic, producer), "TOPIC", "LITERAL", name, ("WRITE", "DESCRIBE"), topic.cluster)
         for consumer in topic.consumers:
             principal = party(topic, consumer)
             allow(principal, "TOPIC", "LITERAL", name, ("READ", "DESCRIBE"), topic.cluster)

@@ -46,6 +46,19 @@ def events_on(topic: Topic) -> list[type[EventData]]:
 RETIRED_EVENT_TYPES: dict[str, str] = {
     "jp.nichiiki.partner.trip.reported.v1": "replaced by v2 on each partner's own partner.<code>.trips.v1 "
     "(2026-12): the shared partner.redemptions.v1 is gone, so a partner can no longer report as another",
+    **{
+        f"jp.nichiiki.{name}.v1": "replaced by v2 (2026-12, crypto-shredding): personal data (contact, member "
+        "numbers) travels sealed with the resident's data key, unreadable in every copy once they are erased"
+        for name in (
+            "registration.resident.registered", "registration.contact_changed",
+            "certification.application.submitted", "certification.certificate.issued",
+            "certification.certificate.renewed", "certification.certificate.revoked",
+            "certification.certificate.expiring", "certification.certificate.expired",
+            "subsidy.grant.issued", "partner.certificate", "partner.grant",
+        )
+    },
+    "jp.nichiiki.subsidy.budget.changed.v1": "replaced by v2 (2026-12, privacy): `reason` is a BudgetChangeReason "
+    "code; v1 carried a staff member's own words of a top-up, which now stay in the subsidy service's ledger",
 }
 
 #: The AsyncAPI addresses of the partner topics: one of each per partner, on the edge cluster.
@@ -172,7 +185,7 @@ def asyncapi(service: str) -> dict[str, Any]:
     messages: dict[str, Any] = {}
     schemas: dict[str, Any] = {}
     for topic in (*CORE_TOPICS, PARTNER_FEED, PARTNER_TRIPS):  # one parameterised channel per partner topic kind
-        sends = topic.producer == service
+        sends = service in topic.producers
         receives = service in topic.consumers
         if not (sends or receives):
             continue

@@ -33,6 +33,13 @@ class DonationReceived(EventData, name="donation.donation.received", topic=DONAT
     payment_date: date
     calendar_year: int
     received_at: datetime
+    #: True: a hometown-tax donation to a municipality designated for ふるさと納税 on the payment date
+    #: (its receipt serves the special deduction and the one-stop exception); False: any other
+    #: donation, including a hometown-tax payment recorded as an ordinary donation. None: sent before
+    #: the field existed.
+    special_deduction: bool | None = None
+    #: The certified regional revitalisation plan (地域再生計画) a corporate donation funds.
+    revitalisation_plan_id: str | None = None
 
 
 class ReceiptIssued(EventData, name="donation.receipt.issued", topic=DONATIONS):

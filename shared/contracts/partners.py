@@ -25,6 +25,7 @@ from typing import Literal
 
 from shared.contracts.base import EventData
 from shared.contracts.common import MunicipalityCode, PartnerCode
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import GATEWAY_PARTNERS, GATEWAY_TRIPS, PARTNER_FEED, PARTNER_TRIPS
 
 TripKind = Literal["one_way", "round_trip"]
@@ -76,7 +77,7 @@ class TripAccepted(EventData, name="partner_gateway.trip.accepted", topic=GATEWA
     reported_at: datetime
 
 
-class PartnerCertificate(EventData, name="partner.certificate", topic=PARTNER_FEED):
+class PartnerCertificate(EventData, name="partner.certificate", version=2, topic=PARTNER_FEED):
     """The current state of one certificate as one partner may see it (no personal data).
 
     Key: the certificate number. Its grants come on the same partition, keyed per grant.
@@ -90,12 +91,14 @@ class PartnerCertificate(EventData, name="partner.certificate", topic=PARTNER_FE
     programs: list[str]
     #: HMAC of the resident id with this partner's key: stable here, unlinkable across partners.
     resident_ref: str
-    #: Only if the resident gave it for this partner.
-    member_number: str | None = None
+    #: Only if the resident gave it for this partner; v2: sealed for this partner (kid
+    #: ``partner:<code>:<resident_ref>``), opened with the key the gateway's ``GET /v1/keys/{kid}``
+    #: gives while the resident is not erased (docs/partners.md).
+    member_number: Sealed | None = None
     changed_at: datetime
 
 
-class PartnerGrant(EventData, name="partner.grant", topic=PARTNER_FEED):
+class PartnerGrant(EventData, name="partner.grant", version=2, topic=PARTNER_FEED):
     """A grant of this partner's program for a certificate (issued, redeemed, cancelled...).
 
     Key ``<certificate number>/grants/<grant id>``, on the certificate's partition: the latest
@@ -107,7 +110,8 @@ class PartnerGrant(EventData, name="partner.grant", topic=PARTNER_FEED):
     program_id: str
     state: Literal["issued", "waitlisted", "redeemed", "redemption_rejected", "cancelled", "expired"]
     resident_ref: str
-    member_number: str | None = None
+    #: As on ``partner.certificate``: sealed for this partner.
+    member_number: Sealed | None = None
     unit: Literal["jpy", "miles"] | None = None
     amount: int | None = None
     trip_id: str | None = None

@@ -1,5 +1,5 @@
 """The published lists of decision reasons: why a certificate was revoked, an application or a
-premium request rejected, a grant cancelled.
+premium request rejected, a grant cancelled, a program's budget changed.
 
 Only a code from these lists crosses a service boundary (events, partner feeds, the delivery
 record): staff may add a free-text note to a decision, and it stays in the deciding service (its
@@ -25,7 +25,7 @@ from typing import Final, Literal, cast, get_args
 
 from shared.contracts.common import Language
 
-ReasonKind = Literal["revocation", "rejection", "cancellation"]
+ReasonKind = Literal["revocation", "rejection", "cancellation", "budget_change"]
 
 #: Why a municipality revoked a dual-resident certificate.
 RevocationReason = Literal[
@@ -52,6 +52,18 @@ RejectionReason = Literal[
 ]
 #: Why a travel-support grant was cancelled.
 CancellationReason = Literal["certificate_revoked", "resident_withdrawn", "other"]
+#: Why a travel program's budget moved (``subsidy.budget.changed`` v2). A staff top-up's own words
+#: stay in the subsidy service's ledger; the event says only ``top_up``.
+BudgetChangeReason = Literal[
+    "opening_balance",
+    "top_up",
+    "donation",
+    "donation_refunded",
+    "grant_cancelled",
+    "grant_expired",
+    "grant_used_up",
+    "other",
+]
 
 OTHER: Final = "other"
 #: A code set by the platform itself when the resident withdraws (staff may choose it too).
@@ -140,10 +152,24 @@ CANCELLATION_REASONS: Mapping[str, ReasonText] = {
     ),
 }
 
+BUDGET_CHANGE_REASONS: Mapping[str, ReasonText] = {
+    "opening_balance": ReasonText("予算の当初額の計上", "the program's opening budget"),
+    "top_up": ReasonText("職員による予算の追加", "a top-up by the municipality's staff"),
+    "donation": ReasonText("ふるさと納税の寄附による財源の追加", "a hometown-tax donation for the program"),
+    "donation_refunded": ReasonText("寄附の返金による減額", "a donation was refunded"),
+    "grant_cancelled": ReasonText("助成の取消しによる予約額の戻し入れ", "a cancelled grant released its reservation"),
+    "grant_expired": ReasonText("助成の期限切れによる予約額の戻し入れ", "an expired grant released its reservation"),
+    "grant_used_up": ReasonText(
+        "助成の利用完了による未使用額の戻し入れ", "a used-up grant released what it did not need"
+    ),
+    "other": ReasonText("その他の理由による変更", "another reason"),
+}
+
 REASONS: Mapping[ReasonKind, Mapping[str, ReasonText]] = {
     "revocation": REVOCATION_REASONS,
     "rejection": REJECTION_REASONS,
     "cancellation": CANCELLATION_REASONS,
+    "budget_change": BUDGET_CHANGE_REASONS,
 }
 
 _CODES_NOTE = (
@@ -154,12 +180,17 @@ _CODES_NOTE = (
 REVOCATION_DESCRIPTION = "Why the certificate was revoked: a RevocationReason code" + _CODES_NOTE
 REJECTION_DESCRIPTION = "Why it was not approved: a RejectionReason code" + _CODES_NOTE
 CANCELLATION_DESCRIPTION = "Why the grant was cancelled: a CancellationReason code" + _CODES_NOTE
+BUDGET_CHANGE_DESCRIPTION = (
+    "Why the budget moved: a BudgetChangeReason code (docs/contracts/reasons.md); a staff member's own words "
+    "stay in the subsidy service's ledger"
+)
 
 #: Reasons written by the platform before the lists existed, and what they mean as codes.
 _LEGACY_TEXTS: Mapping[ReasonKind, Mapping[str, str]] = {
     "revocation": {"resident withdrew": RESIDENT_WITHDRAWN},
     "rejection": {"resident withdrew": RESIDENT_WITHDRAWN},
     "cancellation": {"certificate revoked": "certificate_revoked"},
+    "budget_change": {},
 }
 
 
@@ -188,6 +219,10 @@ def cancellation_reason(value: str | None) -> CancellationReason:
     return cast(CancellationReason, reason_code("cancellation", value))
 
 
+def budget_change_reason(value: str | None) -> BudgetChangeReason:
+    return cast(BudgetChangeReason, reason_code("budget_change", value))
+
+
 def reason_text(kind: ReasonKind, value: str | None, language: Language) -> str:
     """The sentence telling the resident why, in ``language`` (unknown text: the ``other`` sentence)."""
     return REASONS[kind][reason_code(kind, value)].in_language(language)
@@ -204,6 +239,9 @@ _SECTIONS: tuple[tuple[ReasonKind, str, str], ...] = (
      "(`reason`); `POST /v1/applications/{id}/reject` and `POST /v1/registrations/{id}/reject` (`reason_code`)"),
     ("cancellation", "CancellationReason", "`subsidy.grant.cancelled` (`reason`); `partner.grant` records "
      "of state `cancelled` (`reason`)"),
+    ("budget_change", "BudgetChangeReason", "`subsidy.budget.changed` v2 (`reason`); not told to residents: "
+     "the sentences say what moved a program's budget. A staff top-up's own words (`POST "
+     "/v1/programs/{id}/budget`, `reason`) stay in the subsidy service's ledger"),
 )
 
 
@@ -233,7 +271,7 @@ def _check_lists() -> None:
     """The label tables and the Literal lists name the same codes, in the same order."""
     for kind, codes in (
         ("revocation", get_args(RevocationReason)), ("rejection", get_args(RejectionReason)),
-        ("cancellation", get_args(CancellationReason)),
+        ("cancellation", get_args(CancellationReason)), ("budget_change", get_args(BudgetChangeReason)),
     ):
         if tuple(REASONS[kind]) != codes or OTHER not in codes:  # type: ignore[index]
             raise RuntimeError(f"the {kind} reasons and their sentences disagree")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.contracts.base import EventData
 from shared.contracts.common import Language, MunicipalityCode, PartnerCode, Tier
 from shared.contracts.reasons import REJECTION_DESCRIPTION
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import RESIDENTS
 
 RegistrationStatus = Literal["active", "pending_review", "rejected", "expired", "withdrawn"]
@@ -22,7 +23,8 @@ ConsentPurpose = Literal["email", "share_certificate", "newsletter"]
 
 
 class Contact(BaseModel):
-    """What other services may keep to reach the resident (erased on withdrawal)."""
+    """What other services may keep to reach the resident (erased on withdrawal). It travels sealed
+    with the resident's key (``Sealed`` of this model's JSON): erasing the key erases every copy."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -42,8 +44,10 @@ class ConsentState(BaseModel):
     at: datetime
 
 
-class ResidentRegistered(EventData, name="registration.resident.registered", topic=RESIDENTS):
-    """A registration with one municipality became known (basic: active; premium: pending review)."""
+class ResidentRegistered(EventData, name="registration.resident.registered", version=2, topic=RESIDENTS):
+    """A registration with one municipality became known (basic: active; premium: pending review).
+
+    v2: the contact is sealed with the resident's data key (a ``Contact`` as JSON)."""
 
     resident_id: str
     registration_id: str
@@ -52,7 +56,7 @@ class ResidentRegistered(EventData, name="registration.resident.registered", top
     tier: Tier
     status: RegistrationStatus
     legal_address_code: MunicipalityCode
-    contact: Contact
+    contact: Sealed
     consents: list[ConsentState] = []
     registered_at: datetime
 
@@ -107,9 +111,11 @@ class ConsentChanged(EventData, name="registration.consent_changed", topic=RESID
     at: datetime
 
 
-class ContactChanged(EventData, name="registration.contact_changed", topic=RESIDENTS):
+class ContactChanged(EventData, name="registration.contact_changed", version=2, topic=RESIDENTS):
+    """v2: the contact is sealed with the resident's data key (a ``Contact`` as JSON)."""
+
     resident_id: str
-    contact: Contact
+    contact: Sealed
     at: datetime
 
 

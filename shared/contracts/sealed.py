@@ -12,24 +12,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-#: The key of a person's data, and of what a partner may read of it (derived from it).
 RESIDENT_SUBJECT = "resident:"
-PARTNER_SCOPE = "/partner:"
 
 
 def resident_subject(resident_id: str) -> str:
+    """The kid of everything sealed about one resident inside the platform."""
     return f"{RESIDENT_SUBJECT}{resident_id}"
 
 
-def partner_kid(resident_id: str, partner_code: str) -> str:
-    """The key a partner is given for one resident: derived from the resident's, so it dies with it,
-    and useless for anything sealed for another partner or for the platform itself."""
-    return f"{resident_subject(resident_id)}{PARTNER_SCOPE}{partner_code}"
-
-
-def subject_of(kid: str) -> str:
-    """The stored key a kid depends on (a partner's kid depends on the resident's key)."""
-    return kid.split(PARTNER_SCOPE, 1)[0]
+def partner_kid(partner_code: str, resident_ref: str) -> str:
+    """The kid of what one partner is sent about one resident (``resident_ref``: the partner's own
+    pseudonym of the resident, never the id). Its key is derived from the resident's, so it dies
+    with it, and opens nothing sealed for the platform or for another partner."""
+    return f"partner:{partner_code}:{resident_ref}"
 
 
 class Sealed(BaseModel):
@@ -37,7 +32,8 @@ class Sealed(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kid: str = Field(description="whose key: `resident:<id>`, or `resident:<id>/partner:<code>` for a partner")
+    kid: str = Field(description="whose key: `resident:<id>` inside the platform, `partner:<code>:<resident ref>` "
+                     "on a partner's feed")
     alg: Literal["A256GCM"] = "A256GCM"
     iv: str = Field(description="the 96-bit nonce, base64url without padding")
     ct: str = Field(description="ciphertext and 128-bit tag, base64url without padding; AAD is the kid")

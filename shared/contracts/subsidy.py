@@ -13,7 +13,8 @@ from pydantic import Field
 
 from shared.contracts.base import EventData
 from shared.contracts.common import MunicipalityCode, PartnerCode
-from shared.contracts.reasons import CANCELLATION_DESCRIPTION
+from shared.contracts.reasons import BUDGET_CHANGE_DESCRIPTION, CANCELLATION_DESCRIPTION, BudgetChangeReason
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import BUDGETS, GRANTS
 
 Mechanism = Literal["mileage_grant", "fare_discount", "fare_voucher"]
@@ -34,13 +35,15 @@ class _GrantEvent(EventData):
     municipality_code: MunicipalityCode
 
 
-class GrantIssued(_GrantEvent, name="subsidy.grant.issued", topic=GRANTS):
+class GrantIssued(_GrantEvent, name="subsidy.grant.issued", version=2, topic=GRANTS):
+    """v2: the member number is sealed with the resident's data key (as the certificate carried it)."""
+
     unit: BudgetUnit
     reserved: int
     window_from: date
     window_until: date
-    #: The partner member number the resident consented to share (e.g. JAL Mileage Bank).
-    member_number: str | None = None
+    #: The partner member number the resident consented to share (e.g. JAL Mileage Bank), sealed.
+    member_number: Sealed | None = None
     issued_at: datetime
 
 
@@ -81,11 +84,13 @@ class GrantExpired(_GrantEvent, name="subsidy.grant.expired", topic=GRANTS):
     expired_on: date
 
 
-class BudgetChanged(EventData, name="subsidy.budget.changed", topic=BUDGETS):
+class BudgetChanged(EventData, name="subsidy.budget.changed", version=2, topic=BUDGETS):
+    """v2: ``reason`` is a code of the published list; v1 carried the staff's own words of a top-up."""
+
     program_id: str
     municipality_code: MunicipalityCode
     unit: BudgetUnit
     delta: int
     balance: int
-    reason: str
+    reason: BudgetChangeReason = Field(description=BUDGET_CHANGE_DESCRIPTION)
     changed_at: datetime

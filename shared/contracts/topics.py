@@ -24,11 +24,18 @@ from typing import Literal
 DLQ_SUFFIX = ".dlq"
 Cluster = Literal["internal", "edge"]
 
-#: The platform's services (each its own process and database; the only consumers that park dead
-#: letters). ``identity`` is the embedded identity provider: it has no events.
+#: The platform's services, each its own process; each but the fronts (below) has its own database
+#: and they are the only consumers that park dead letters. ``identity`` is the embedded identity
+#: provider: it publishes no events and hears only a resident's erasure.
 SERVICES: tuple[str, ...] = (
     "registration", "certification", "subsidy", "donation", "notification", "partner_gateway", "identity",
+    "planning", "insights", "listings", "console",
 )
+#: Fronts for people (the staff console and resident pages): they call the others' HTTP APIs with the
+#: signed-in user's token and have no database and no Kafka client of their own.
+FRONTS: tuple[str, ...] = ("console",)
+#: The services with a database and Kafka clients of their own.
+BACKENDS: tuple[str, ...] = tuple(s for s in SERVICES if s not in FRONTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,13 @@ class Topic:
     compacted: bool = False
     description: str = ""
     cluster: Cluster = "internal"
+    #: Further services that write here (a conversation every service takes part in, e.g. exports).
+    co_producers: tuple[str, ...] = ()
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """Every service that writes here (a dead-letter topic names its writers comma-separated)."""
+        return (*self.producer.split(","), *self.co_producers)
 
     @property
     def dlq(self) -> str:
@@ -49,7 +63,7 @@ class Topic:
 
 RESIDENTS = Topic(
     "registration.residents.v1", 4, "resident id", "registration",
-    ("certification", "notification", "partner_gateway"),
+    ("certification", "subsidy", "donation", "notification", "partner_gateway", "identity", "insights", "listings"),
     description="Residents, their furusato registrations, consents and withdrawal.",
 )
 APPLICATIONS = Topic(
@@ -58,11 +72,11 @@ APPLICATIONS = Topic(
 )
 CERTIFICATES = Topic(
     "certification.certificates.v1", 4, "certificate number", "certification",
-    ("subsidy", "notification", "partner_gateway"),
+    ("subsidy", "notification", "partner_gateway", "insights", "listings"),
     description="Certificates: issued, renewed, revoked, expiring, expired.",
 )
 GRANTS = Topic(
-    "subsidy.grants.v1", 4, "certificate number", "subsidy", ("notification", "partner_gateway"),
+    "subsidy.grants.v1", 4, "certificate number", "subsidy", ("notification", "partner_gateway", "insights"),
     description="Travel grants: issued, waitlisted, redeemed, rejected redemptions, cancelled, expired.",
 )
 BUDGETS = Topic(
@@ -70,12 +84,24 @@ BUDGETS = Topic(
     description="Program budget changes (JPY and miles).",
 )
 DONATIONS = Topic(
-    "donation.donations.v1", 4, "municipality code", "donation", ("subsidy", "notification"),
+    "donation.donations.v1", 4, "municipality code", "donation", ("subsidy", "notification", "insights"),
     description="Donations received, receipts issued, refunds, one-stop exception voided.",
 )
 DELIVERIES = Topic(
     "notification.deliveries.v1", 2, "resident id", "notification", (),
     description="What was sent to whom by which channel (no message body).",
+)
+EXPORT_REQUESTS = Topic(
+    "registration.exports.v1", 2, "resident id", "registration",
+    ("certification", "subsidy", "donation", "notification", "partner_gateway", "listings"),
+    description="A resident asked for everything the platform holds about them (APPI Art. 33 disclosure): each "
+    "service answers with its part on privacy.export-parts.v1.",
+)
+EXPORT_PARTS = Topic(
+    "privacy.export-parts.v1", 2, "resident id", "certification", ("registration",),
+    co_producers=("subsidy", "donation", "notification", "partner_gateway", "listings"),
+    description="Each service's part of a resident's data export, sealed with the resident's data key; "
+    "registration gathers them into one archive.",
 )
 GATEWAY_TRIPS = Topic(
     "gateway.trips.v1", 4, "grant id", "partner_gateway", ("subsidy",),
@@ -87,6 +113,34 @@ GATEWAY_PARTNERS = Topic(
     compacted=True,
     description="Partners registered through the gateway's admin API (beyond the seed of PARTNER_CODES): code, "
     "kind, member-number format, feed transport. The registry of partners is the seed plus this topic.",
+)
+
+PLANS = Topic(
+    "planning.plans.v1", 2, "plan id", "planning", ("certification", "insights"),
+    description="Dual-residence plans (prefectural 広域的地域活性化基盤整備計画, municipal 特定居住促進計画): "
+    "submitted for consultation, adopted, amended (a new version), withdrawn; adopted and amended versions carry "
+    "their public content.",
+)
+CORPORATIONS = Topic(
+    "planning.corporations.v1", 2, "corporation id", "planning", ("insights", "listings"),
+    description="Support corporations (特定居住支援法人): designated, supervision reports received, revoked; their "
+    "proposals to make or change a plan and the municipality's answers (keyed by the corporation).",
+)
+COUNCILS = Topic(
+    "planning.councils.v1", 1, "council id", "planning", (),
+    description="Councils (特定居住促進協議会): formed, membership changed (counts by kind), meetings held and the "
+    "plan they consulted on. No member names, agendas or minutes.",
+)
+LISTINGS = Topic(
+    "listings.listings.v1", 2, "listing id", "listings", (),
+    description="Listings municipalities and their support corporations publish for dual residents (vacant houses, "
+    "trial stays, jobs, events, coworking, childcare programmes): published, withdrawn, expired. Public content "
+    "and ids only; the owner's consent record stays in the listings service.",
+)
+LISTING_DIGESTS = Topic(
+    "listings.digests.v1", 2, "resident id", "listings", ("notification",),
+    description="A digest of new listings due to one resident (immediate or weekly): the resident id and the "
+    "listings' public content; notification turns it into a message and an e-mail.",
 )
 
 #: The key scheme of every partner feed (see ``shared.contracts.partners``).
@@ -155,7 +209,7 @@ def cluster_of(name: str) -> Cluster:
 
 CORE_TOPICS: tuple[Topic, ...] = (
     RESIDENTS, APPLICATIONS, CERTIFICATES, GRANTS, BUDGETS, DONATIONS, DELIVERIES, GATEWAY_TRIPS,
-    GATEWAY_PARTNERS,
+    GATEWAY_PARTNERS, EXPORT_REQUESTS, EXPORT_PARTS, PLANS, CORPORATIONS, COUNCILS, LISTINGS, LISTING_DIGESTS,
 )
 PARTNER_TOPICS: tuple[Topic, ...] = tuple(
     topic for code in PARTNER_CODES for topic in (partner_feed(code), partner_trips(code))

@@ -2,10 +2,24 @@
 
 - municipalities: every 全国地方公共団体コード (MIC, 2024-01-01) keyed by its 6-digit code;
 - plans: adopted 特定居住促進計画 / 広域的地域活性化基盤整備計画, and designated support corporations;
-- programs: airline, rail and ferry programs for certified dual residents.
+- programs: airline, rail and ferry programs for certified dual residents;
+- hometown_tax: ふるさと納税 designation, 不交付団体 by fiscal year, certified 地域再生計画.
 """
 
 from ._data import ReferenceDataError
+from .hometown_tax import (
+    AllocationTaxNonRecipient,
+    MetropolitanZone,
+    NotDesignatedPeriod,
+    RevitalisationPlan,
+    UnknownRevitalisationPlan,
+    allocation_tax_non_recipient,
+    allocation_tax_non_recipients,
+    not_designated_on,
+    not_designated_periods,
+    revitalisation_plan,
+    revitalisation_plans,
+)
 from .municipalities import (
     MUNICIPALITY_CODE_PATTERN,
     AmbiguousMunicipality,
@@ -33,6 +47,7 @@ from .plans import (
     support_corporations,
 )
 from .programs import (
+    FareProduct,
     PartnerKind,
     TravelMechanism,
     TravelProgram,
@@ -47,19 +62,27 @@ __all__ = [
     "MUNICIPALITY_CODE_PATTERN",
     "REGIONAL_BASE_PLAN",
     "SPECIFIC_RESIDENCE_PLAN",
+    "AllocationTaxNonRecipient",
     "AmbiguousMunicipality",
+    "FareProduct",
+    "MetropolitanZone",
     "Municipality",
     "MunicipalityCode",
     "MunicipalityKind",
+    "NotDesignatedPeriod",
     "PartnerKind",
     "Plan",
     "PlanLevel",
     "ReferenceDataError",
+    "RevitalisationPlan",
     "SupportCorporation",
     "TravelMechanism",
     "TravelProgram",
     "UnknownMunicipality",
+    "UnknownRevitalisationPlan",
     "UnknownTravelProgram",
+    "allocation_tax_non_recipient",
+    "allocation_tax_non_recipients",
     "check_digit",
     "find_municipality",
     "find_municipality_by_full_name",
@@ -67,11 +90,15 @@ __all__ = [
     "municipalities",
     "municipalities_with_plan",
     "municipality",
+    "not_designated_on",
+    "not_designated_periods",
     "parse_demo_parameters",
     "partner_code_of",
     "plans",
     "prefecture_of",
     "prefectures",
+    "revitalisation_plan",
+    "revitalisation_plans",
     "support_corporations",
     "travel_program",
     "travel_programs",

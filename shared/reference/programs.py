@@ -9,8 +9,8 @@ from functools import cache
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from ._data import ReferenceDataError, read_rows
-from .municipalities import find_municipality_by_full_name
+from ._data import ReferenceDataError, parse_flag, read_rows
+from .municipalities import find_municipality_by_full_name, municipality
 
 PartnerKind = Literal["airline", "rail", "ferry"]
 TravelMechanism = Literal["mileage_grant", "fare_discount", "fare_voucher"]
@@ -26,7 +26,9 @@ _COLUMNS = (
     "municipalities",
     "seed_terms",
     "demo_parameters",
+    "one_region_per_year",
 )
+_FARE_COLUMNS = ("program", "prefecture", "route", "fare_jpy")
 
 
 class UnknownTravelProgram(KeyError):
@@ -58,6 +60,16 @@ def partner_code_of(partner: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class FareProduct:
+    """A fixed fare a partner publishes for the programme's participants (ANA: e.g. 羽田–高知 ¥11,000
+    one way), for the participating municipalities of one prefecture."""
+
+    prefecture: str
+    route: str
+    fare_jpy: int
+
+
+@dataclass(frozen=True, slots=True)
 class TravelProgram:
     program_id: str
     partner: str
@@ -70,6 +82,16 @@ class TravelProgram:
     """The published terms, in prose."""
     demo_parameters: Mapping[str, int] = field(hash=False)
     """Illustrative numbers for demos and tests (read-only), e.g. ``{"miles_per_one_way": 7500, ...}``."""
+    one_region_per_year: bool = False
+    """A resident gets this programme in one participating municipality per certificate year (JAL)."""
+    fare_products: tuple[FareProduct, ...] = ()
+    """The fixed fares published for participants (``fare_products.csv``), if the programme has any."""
+
+    def fare_products_for(self, municipality_code: str) -> tuple[FareProduct, ...]:
+        """The fares of the municipality's prefecture (none known: the partner has not published them
+        in our sources)."""
+        prefecture = municipality(municipality(municipality_code).prefecture_code).name
+        return tuple(product for product in self.fare_products if product.prefecture == prefecture)
 
     @property
     def partner_code(self) -> str:
@@ -78,8 +100,21 @@ class TravelProgram:
 
 
 @cache
+def _fare_products() -> dict[str, tuple[FareProduct, ...]]:
+    products: dict[str, list[FareProduct]] = {}
+    for line, row in enumerate(read_rows("fare_products.csv", _FARE_COLUMNS), start=2):
+        if not row["fare_jpy"].isdigit() or int(row["fare_jpy"]) <= 0:
+            raise ReferenceDataError(f"fare_products.csv, row {line}: fare_jpy is a positive whole number of yen")
+        products.setdefault(row["program"], []).append(
+            FareProduct(prefecture=row["prefecture"], route=row["route"], fare_jpy=int(row["fare_jpy"]))
+        )
+    return {program: tuple(items) for program, items in products.items()}
+
+
+@cache
 def _travel_programs() -> tuple[TravelProgram, ...]:
     result: list[TravelProgram] = []
+    fares = _fare_products()
     for line, row in enumerate(read_rows("travel_programs.csv", _COLUMNS), start=2):
         where = f"travel_programs.csv, row {line}"
         partner_kind = _PARTNER_KINDS.get(row["partner_kind"])
@@ -97,6 +132,8 @@ def _travel_programs() -> tuple[TravelProgram, ...]:
                 municipality_codes=codes,
                 seed_terms=row["seed_terms"],
                 demo_parameters=MappingProxyType(parse_demo_parameters(row["demo_parameters"])),
+                one_region_per_year=parse_flag(row["one_region_per_year"], where=where),
+                fare_products=fares.get(row["program"], ()),
             )
         )
     return tuple(result)

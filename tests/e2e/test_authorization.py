@@ -41,7 +41,8 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from shared.contracts.topics import SERVICES
+from services.planning.handlers import seeded_corporation_id, seeded_plan_id
+from shared.contracts.topics import FRONTS, SERVICES
 from shared.kit.auth import Role, TokenVerifier, audience, mint_token
 from shared.kit.clock import JAPAN
 from shared.kit.settings import Settings
@@ -76,6 +77,10 @@ def _identity_exists() -> bool:
 
 #: Every app: the platform's services and, once it exists, the identity provider.
 APPS: tuple[str, ...] = (*SERVICES, "identity") if _identity_exists() else tuple(SERVICES)
+# A front (the console) takes no bearer token and has no database: people reach it with a session
+# cookie. Its pages have entries below all the same (who the console lets through), checked per
+# role in-process by tests/unit/test_console_pages.py and in a browser by tests/e2e/test_console.py.
+APPS = tuple(dict.fromkeys(app for app in APPS if app not in FRONTS))
 
 
 # --- The matrix ------------------------------------------------------------------------------------
@@ -102,6 +107,53 @@ def _service(name: str, routes: dict[str, frozenset[str]]) -> dict[str, frozense
     return {f"{name} {route}": allowed for route, allowed in {**OPERATIONS, **routes}.items()}
 
 
+#: The console's pages: who it lets through (everyone else: a sign-in redirect without a session, 403
+#: with one). Staff pages are any staff member's (the services then show their own municipality's
+#: part only, and refuse another's objects); the forms that decide, manage or move money are the
+#: roles the services allow. "other_staff" is staff of another municipality: let into the pages, then
+#: refused by the services (journey 2 of tests/e2e/test_console.py).
+SIGNED_OUT = frozenset({*ACTORS, "public"})
+STAFF_PAGES = STAFF - {"admin"} | {"other_staff"}
+DECIDE_FORMS = DECIDE - {"admin"} | {"other_staff"}
+MANAGE_FORMS = MANAGE - {"admin"} | {"other_staff"}
+MY_PAGES = frozenset({"resident", "other_resident"})
+CONSOLE_PAGES: dict[str, frozenset[str]] = {
+    "GET /": SIGNED_OUT, "GET /signin": SIGNED_OUT, "POST /signin": SIGNED_OUT, "GET /signup": SIGNED_OUT,
+    "POST /signup": SIGNED_OUT, "POST /signout": SIGNED_OUT, "GET /lang/{code}": SIGNED_OUT,
+    "GET /fonts/ipaexg.ttf": SIGNED_OUT,
+    **{f"GET /insights{page}": STAFF_PAGES | {"prefecture", "other_prefecture", "ministry", "admin"} for page in (
+        "", "/registrations", "/certificates", "/programmes", "/donations", "/relationship-population",
+        "/{table}.csv",
+    )},
+    "GET /public/insights": SIGNED_OUT,
+    **{f"GET /staff{page}": STAFF_PAGES for page in (
+        "", "/applications", "/applications.csv", "/applications/{application_id}", "/registrations",
+        "/registrations/{registration_id}", "/residents", "/residents.csv", "/certificates", "/certificates.csv",
+        "/certificates/expiring", "/certificates/{number}", "/donations", "/donations.csv",
+        "/receipts/{number}.pdf", "/programs", "/programs/{program_id}", "/programs/{program_id}/ledger.csv",
+        "/deliveries", "/deliveries.csv", "/catalogue", "/catalogue/{activity_id}",
+    )},
+    "POST /staff/applications/{application_id}/approve": DECIDE_FORMS,
+    "POST /staff/applications/{application_id}/reject": DECIDE_FORMS,
+    "POST /staff/registrations/{registration_id}/{decision}": DECIDE_FORMS,
+    "POST /staff/receipts/{number}/reissue": DECIDE_FORMS,
+    "POST /staff/donations/{donation_id}/one-stop": DECIDE_FORMS,
+    "POST /staff/certificates/{number}/{action}": MANAGE_FORMS,
+    "POST /staff/programs/{program_id}/budget": MANAGE_FORMS,
+    # the catalogue of designated activities: every staff member reads it, managers change it
+    "POST /staff/catalogue": MANAGE_FORMS,
+    "POST /staff/catalogue/{activity_id}": MANAGE_FORMS,
+    "POST /staff/catalogue/{activity_id}/retire": MANAGE_FORMS,
+    **{f"GET /my{page}": MY_PAGES for page in (
+        "", "/premium", "/apply", "/certificates", "/inbox", "/consents", "/deliveries", "/export",
+        "/export/{export_id}/archive.{kind}", "/withdraw",
+    )},
+    **{f"POST /my{page}": MY_PAGES for page in (
+        "/profile", "/registrations", "/premium", "/apply", "/inbox/{notification_id}/read", "/consents",
+        "/consents/revoke", "/export", "/withdraw",
+    )},
+}
+
 MATRIX: dict[str, frozenset[str]] = {
     **_service("registration", {
         "POST /v1/residents": frozenset({"resident", "other_resident"}),  # one's own account
@@ -112,6 +164,11 @@ MATRIX: dict[str, frozenset[str]] = {
         "GET /v1/residents/{resident_id}/consents": OWNER,
         "POST /v1/residents/{resident_id}/consents": OWNER,
         "DELETE /v1/residents/{resident_id}/consents/{purpose}": OWNER,
+        # The resident's data export (APPI Art. 33): theirs alone.
+        "POST /v1/residents/{resident_id}/exports": OWNER,
+        "GET /v1/residents/{resident_id}/exports/{export_id}": OWNER,
+        "GET /v1/residents/{resident_id}/exports/{export_id}/archive.json": OWNER,
+        "GET /v1/residents/{resident_id}/exports/{export_id}/archive.pdf": OWNER,
         "GET /v1/registrations": STAFF,
         "GET /v1/registrations/export.csv": STAFF,
         "GET /v1/registrations/{registration_id}": STAFF | {"resident"},
@@ -120,6 +177,11 @@ MATRIX: dict[str, frozenset[str]] = {
         "POST /v1/registrations/{registration_id}/renew": OWNER,
         "DELETE /v1/registrations/{registration_id}": OWNER,
         "POST /v1/admin/premium-expiry": ADMIN,
+        # the municipality's catalogue of designated activities: its managers designate, anyone reads
+        "GET /v1/public/municipalities/{code}/activities": PUBLIC,
+        "POST /v1/municipalities/{code}/activities": MANAGE,
+        "PATCH /v1/activities/{activity_id}": MANAGE,
+        "POST /v1/activities/{activity_id}/retire": MANAGE,
     }),
     **_service("certification", {
         "POST /v1/applications": frozenset({"resident", "other_resident"}),  # one's own application
@@ -161,6 +223,8 @@ MATRIX: dict[str, frozenset[str]] = {
         "POST /v1/donations/{donation_id}/one-stop": DECIDE,
         "POST /v1/donations/{donation_id}/one-stop/verify": DECIDE,
         "POST /v1/donors": ADMIN,
+        # erasure on request: a manager of a municipality the donor gave to (白浜町), or an admin
+        "DELETE /v1/donors/{donor_id}": MANAGE,
         "GET /v1/donors/{donor_id}": OWNER,
         "GET /v1/donors/{donor_id}/summary": OWNER,
         "GET /v1/residents/{resident_id}/donor": OWNER,
@@ -203,19 +267,91 @@ MATRIX: dict[str, frozenset[str]] = {
         "DELETE /v1/partners/{code}/api-keys/{key_id}": ADMIN,
         "GET /v1/deliveries": STAFF,
         "GET /v1/deliveries.csv": STAFF,
+        # the key of the member numbers sealed for JAL about the resident: JAL's, and 404 to ANA
+        "GET /v1/keys/{kid}": frozenset({"partner"}),
+        # the resident's own provision record (APPI Art. 33); other staff see their municipality's part
+        "GET /v1/residents/{resident_id}/deliveries": STAFF | {"resident", "other_staff"},
     }),
+    **_service("planning", {
+        # the municipality's managers decide (the mayor's acts); reviewers record what arrives
+        "POST /v1/plans": MANAGE,
+        "GET /v1/plans/{plan_id}": FIGURES,
+        "POST /v1/plans/{plan_id}/consultation": MANAGE,
+        "POST /v1/plans/{plan_id}/adopt": MANAGE,
+        "POST /v1/plans/{plan_id}/amendments": MANAGE,
+        "POST /v1/plans/{plan_id}/withdraw": MANAGE,
+        "GET /v1/municipalities/{code}/plans": FIGURES,
+        "POST /v1/corporations": DECIDE,
+        "GET /v1/corporations/{corporation_id}": FIGURES,
+        "POST /v1/corporations/{corporation_id}/designate": MANAGE,
+        "POST /v1/corporations/{corporation_id}/reports": DECIDE,
+        "POST /v1/corporations/{corporation_id}/revoke": MANAGE,
+        "POST /v1/corporations/{corporation_id}/proposals": DECIDE,
+        "GET /v1/municipalities/{code}/corporations": FIGURES,
+        "POST /v1/proposals/{proposal_id}/answer": MANAGE,
+        "GET /v1/municipalities/{code}/proposals": FIGURES,
+        "POST /v1/councils": MANAGE,
+        # member names and minutes: the municipality's staff only
+        "GET /v1/councils/{council_id}": STAFF,
+        "POST /v1/councils/{council_id}/members": MANAGE,
+        "POST /v1/councils/{council_id}/meetings": DECIDE,
+        "GET /v1/municipalities/{code}/councils": FIGURES,
+        # adopted plans and designated corporations are public (no token)
+        "GET /v1/public/plans": PUBLIC,
+        "GET /v1/public/plans/{plan_id}": PUBLIC,
+        "GET /v1/public/corporations": PUBLIC,
+    }),
+    **_service("insights", {
+        # figures of the reader's own scope (staff: their municipality; prefecture readers: their
+        # prefecture; the ministry and admins: all), each table also as CSV
+        **{f"GET /v1/insights/{table}{suffix}": FIGURES | {"other_staff", "other_prefecture"}
+           for table in ("registrations", "registrations/monthly", "certificates", "programmes", "donations",
+                         "relationship-population", "kpis") for suffix in ("", ".csv")},
+        # public tables: counts of people under 10 withheld
+        "GET /v1/public/insights/registrations": PUBLIC,
+        "GET /v1/public/insights/relationship-population": PUBLIC,
+        "GET /v1/public/insights/kpis": PUBLIC,
+        "POST /v1/insights/rebuild": ADMIN,
+    }),
+    **_service("listings", {
+        # the municipality's staff record and publish listings (for it or a corporation it designated)
+        "POST /v1/listings": DECIDE,
+        "GET /v1/listings": STAFF,
+        "GET /v1/listings/{listing_id}": STAFF,
+        "POST /v1/listings/{listing_id}/publish": DECIDE,
+        "POST /v1/listings/{listing_id}/withdraw": DECIDE,
+        "GET /v1/listings/{listing_id}/interests": STAFF,
+        "POST /v1/listings/{listing_id}/interests/{resident_id}/contact-deliveries": DECIDE,
+        # a resident's interests, "interested" and the record of their contact given: theirs
+        "GET /v1/residents/{resident_id}/listing-interests": OWNER,
+        "PUT /v1/residents/{resident_id}/listing-interests": OWNER,
+        "DELETE /v1/residents/{resident_id}/listing-interests": OWNER,
+        "GET /v1/residents/{resident_id}/interested-listings": OWNER,
+        "PUT /v1/residents/{resident_id}/interested-listings/{listing_id}": OWNER,
+        "DELETE /v1/residents/{resident_id}/interested-listings/{listing_id}": OWNER,
+        "GET /v1/residents/{resident_id}/listing-deliveries": OWNER,
+        # published listings are public (no token)
+        "GET /v1/public/listings": PUBLIC,
+        "GET /v1/public/listings/{listing_id}": PUBLIC,
+    }),
+    **_service("console", CONSOLE_PAGES),
 }
 
 #: Refusals that must look like "no such thing" (404), never a 403 that confirms it exists.
 HIDDEN = {
     ("partner_gateway GET /v1/certificates/{number}", "other_partner"),
+    ("partner_gateway GET /v1/keys/{kid}", "other_partner"),
     ("subsidy POST /v1/redemptions", "other_partner"),
 }
 
 #: Allowed writes that end what later checks use: sent last, in this order.
 DESTRUCTIVE = (
     "donation POST /v1/donations/{donation_id}/refund",
+    "donation DELETE /v1/donors/{donor_id}",
     "certification POST /v1/certificates/{number}/revoke",
+    "planning POST /v1/corporations/{corporation_id}/revoke",
+    "planning POST /v1/plans/{plan_id}/withdraw",
+    "listings POST /v1/listings/{listing_id}/withdraw",
     "partner_gateway DELETE /v1/partners/{code}/api-keys/{key_id}",
     "registration DELETE /v1/registrations/{registration_id}",
     "registration DELETE /v1/residents/{resident_id}",
@@ -243,9 +379,10 @@ def test_every_route_has_a_matrix_entry() -> None:
     # Building an app connects to nothing: a DSN that is never dialled will do.
     settings = Settings(pg_dsn="postgresql://nobody@127.0.0.1:1/none", redis_url="redis://127.0.0.1:1/0",
                         env="development")
-    found = {
-        f"{service} {method} {path}" for service, app in _apps(settings).items() for method, path in routes_of(app)
-    }
+    from services.console.main import create_app as console_app
+
+    apps = {**_apps(settings), "console": console_app(settings)}
+    found = {f"{service} {method} {path}" for service, app in apps.items() for method, path in routes_of(app)}
     assert sorted(found - set(MATRIX)) == [], "routes without an entry in MATRIX"
     assert sorted(set(MATRIX) - found) == [], "MATRIX entries of routes that no longer exist"
     assert all(allowed <= PUBLIC for allowed in MATRIX.values())
@@ -316,7 +453,8 @@ class World:
         common = {"resident_id": self.resident, "code": SHIRAHAMA}
         match service:
             case "registration":
-                return {**common, "registration_id": self.ids["registration"], "purpose": "email"}
+                return {**common, "registration_id": self.ids["registration"], "purpose": "email",
+                        "export_id": self.ids["export"], "activity_id": self.ids["activity"]}
             case "certification":
                 return {**common, "application_id": self.ids["application"], "number": self.ids["certificate"]}
             case "subsidy":
@@ -327,9 +465,16 @@ class World:
             case "notification":
                 return {**common, "notification_id": self.ids["notification"]}
             case "partner_gateway":
-                return {"number": self.ids["certificate"], "code": "jal", "key_id": self.ids["api_key"]}
+                return {"number": self.ids["certificate"], "code": "jal", "key_id": self.ids["api_key"],
+                        "kid": self.ids["kid"], "resident_id": self.resident}
             case "identity":
                 return {"account_id": self.resident}
+            case "planning":
+                return {"code": SHIRAHAMA, "plan_id": seeded_plan_id(SHIRAHAMA),
+                        "corporation_id": self.ids["corporation"], "proposal_id": self.ids["proposal"],
+                        "council_id": self.ids["council"]}
+            case "listings":
+                return {"resident_id": self.resident, "listing_id": self.ids["listing"]}
         raise AssertionError(service)
 
     def request(self, key: str) -> dict[str, Any]:
@@ -344,7 +489,10 @@ class World:
             "registration POST /v1/residents/{resident_id}/consents": {"purpose": "email"},
             "registration POST /v1/registrations/{registration_id}/reject": {"reason_code": "documents_incomplete"},
             "registration POST /v1/registrations/{registration_id}/renew": {
-                "activities": [{"name": "浜の清掃", "date": today}]},
+                "activities": [{"activity_id": self.ids["activity"], "date": today}]},
+            "registration POST /v1/municipalities/{code}/activities": {
+                "code": f"authz-{tag}", "name_ja": "authz", "name_en": "authz", "kind": "other"},
+            "registration PATCH /v1/activities/{activity_id}": {"season": f"authz {tag}"},
             "certification POST /v1/applications": self.application_body(),
             "certification POST /v1/applications/{application_id}/reject": {"reason_code": "documents_incomplete"},
             "certification POST /v1/certificates/{number}/revoke": {"reason_code": "not_residing"},
@@ -367,6 +515,24 @@ class World:
             "partner_gateway POST /v1/partners": {
                 "code": f"authz{tag}", "name": "authz ferry", "kind": "ferry", "member_number_format": "^[0-9]{8}$",
                 "feed": "http"},
+            "planning POST /v1/plans": {"level": "municipality", "municipality_code": SHIRAHAMA, "content": {}},
+            "planning POST /v1/plans/{plan_id}/consultation": {},
+            "planning POST /v1/plans/{plan_id}/amendments": {"content": {"area": "authz"}},
+            "planning POST /v1/plans/{plan_id}/withdraw": {"reason_code": "other"},
+            "planning POST /v1/corporations": {"municipality_code": SHIRAHAMA, "name": f"authz {tag}"},
+            "planning POST /v1/corporations/{corporation_id}/reports": {
+                "period_from": today, "period_until": today, "summary": "authz"},
+            "planning POST /v1/corporations/{corporation_id}/revoke": {"reason_code": "other"},
+            "planning POST /v1/corporations/{corporation_id}/proposals": {
+                "kind": "change", "plan_id": seeded_plan_id(SHIRAHAMA), "summary": "authz"},
+            "planning POST /v1/proposals/{proposal_id}/answer": {"decision": "accepted", "reason_code": "other"},
+            "planning POST /v1/councils": {"municipality_code": SHIRAHAMA, "name": "authz"},
+            "planning POST /v1/councils/{council_id}/members": {"kind": "resident", "name": "authz"},
+            "planning POST /v1/councils/{council_id}/meetings": {"agenda": "authz"},
+            "listings POST /v1/listings": self.listing_body(),
+            "listings POST /v1/listings/{listing_id}/withdraw": {"reason_code": "other"},
+            "listings PUT /v1/residents/{resident_id}/listing-interests": {"kinds": ["vacant_house"]},
+            "listings PUT /v1/residents/{resident_id}/interested-listings/{listing_id}": {"share_contact": True},
             "identity POST /v1/accounts/residents": {"email": f"authz-{tag}@example.jp", "password": PASSWORD},
             "identity POST /v1/accounts": {
                 "email": f"authz-staff-{tag}@example.jp", "password": PASSWORD, "role": "staff",
@@ -381,6 +547,7 @@ class World:
             "donation GET /v1/municipalities/{code}/donations.csv": {"year": str(japan_today().year)},
             "partner_gateway GET /v1/deliveries": {"municipality": SHIRAHAMA},
             "partner_gateway GET /v1/deliveries.csv": {"municipality": SHIRAHAMA},
+            "listings GET /v1/listings": {"municipality": SHIRAHAMA},
         }
         url = path.format(**self.params(service)) if "{" in path else path
         arguments: dict[str, Any] = {"method": method, "url": url, "params": queries.get(key)}
@@ -393,6 +560,15 @@ class World:
             "name": "山田 花子", "name_kana": "ヤマダ ハナコ", "email": f"hanako.{self.resident[:8]}@example.jp",
             "date_of_birth": "1985-06-15", "legal_address_code": OTHER_TOWN,
             "consents": [{"purpose": "email"}, {"purpose": "share_certificate", "partner": "jal"}],
+        }
+
+    def listing_body(self) -> dict[str, Any]:
+        today = japan_today()
+        return {
+            "kind": "vacant_house", "municipality_code": SHIRAHAMA, "area": "堅田", "title": "authz",
+            "summary": "authz", "available_from": today.isoformat(),
+            "expires_on": (today + timedelta(days=30)).isoformat(),
+            "owner_consent": {"owner_name": "authz", "consented_on": today.isoformat(), "method": "written"},
         }
 
     def application_body(self) -> dict[str, Any]:
@@ -447,6 +623,12 @@ async def build_world(world: World) -> None:
         f"/v1/residents/{world.resident}/registrations", json={"municipality_code": SHIRAHAMA, "tier": "basic"},
         headers=h(r, "")), 201)
     world.ids["registration"] = registration["id"]
+    export = await _json(await c["registration"].post(f"/v1/residents/{world.resident}/exports", headers=h(r, "")), 202)
+    world.ids["export"] = export["export_id"]
+    activity = await _json(await c["registration"].post(
+        f"/v1/municipalities/{SHIRAHAMA}/activities", headers=h("manager", ""),
+        json={"code": "authz-cleanup", "name_ja": "浜の清掃", "name_en": "Beach clean-up", "kind": "environment"}), 201)
+    world.ids["activity"] = activity["id"]
 
     async def applied() -> Any:  # the registration's events are on their way to certification
         answer = await c["certification"].post("/v1/applications", json=world.application_body(), headers=h(r, ""))
@@ -474,6 +656,12 @@ async def build_world(world: World) -> None:
         return True if answer.status_code == 200 else None
 
     await _until("JAL's verification of the certificate", verifiable)
+    # The kid of JAL's sealed member number about the resident (the feed's, read as JAL).
+    feed = await _json(await c["partner_gateway"].get("/v1/feed", headers=h("partner", "")), 200)
+    world.ids["kid"] = next(
+        r["value"]["member_number"]["kid"] for r in feed["records"]
+        if r["subject"] == world.ids["certificate"] and r["value"] and r["value"].get("member_number")
+    )
     donation = await _json(await c["donation"].post(
         "/v1/donations", json=world.donation_body("authz-world"), headers=h("payment_provider", "")), 201)
     world.ids |= {"donation": donation["id"], "donor": donation["donor_id"], "receipt": donation["receipt_number"]}
@@ -487,6 +675,24 @@ async def build_world(world: World) -> None:
     key = await _json(await c["partner_gateway"].post(
         "/v1/partners/jal/api-keys", json={"label": "authz"}, headers=h("admin", "")), 201)
     world.ids["api_key"] = key["id"]
+    # planning: 白浜町's council, and a proposal of a corporation the town designated (JAL, seeded)
+    planning, manager = c["planning"], h("manager", "")
+    world.ids["corporation"] = seeded_corporation_id(SHIRAHAMA, "日本航空(株)")
+    council = await _json(await planning.post(
+        "/v1/councils", json={"municipality_code": SHIRAHAMA, "name": "白浜町特定居住促進協議会"},
+        headers=manager), 201)
+    world.ids["council"] = council["council_id"]
+    proposal = await _json(await planning.post(
+        f"/v1/corporations/{world.ids['corporation']}/proposals",
+        json={"kind": "change", "plan_id": seeded_plan_id(SHIRAHAMA), "summary": "authz"}, headers=manager), 201)
+    world.ids["proposal"] = proposal["proposal_id"]
+    # listings: a published vacant house the resident said "interested" in, consenting to give their contact
+    listings = c["listings"]
+    listing = await _json(await listings.post("/v1/listings", json=world.listing_body(), headers=manager), 201)
+    world.ids["listing"] = listing["listing_id"]
+    await _json(await listings.post(f"/v1/listings/{listing['listing_id']}/publish", headers=manager), 200)
+    await _json(await listings.put(f"/v1/residents/{world.resident}/interested-listings/{listing['listing_id']}",
+                                   json={"share_contact": True}, headers=h(r, "")), 200)
     for _ in range(2):  # one service's events reach another: until every queue is empty twice over
         for app in world.apps.values():
             await caught_up(app)

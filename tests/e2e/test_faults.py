@@ -19,11 +19,12 @@ from aiokafka import AIOKafkaProducer
 
 from shared.cli.fleet import ServiceFleet
 from shared.contracts.registration import Contact, ResidentRegistered
+from shared.contracts.sealed import resident_subject
 from shared.contracts.topics import RESIDENTS
 from shared.kit.envelope import new_envelope
 from shared.kit.settings import Settings
 from shared.stack.backends import Backends
-from tests.support import bearer, eventually, read_topic
+from tests.support import bearer, eventually, read_topic, seal_for_tests
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,10 +57,14 @@ async def registration_db(own_settings: Settings) -> AsyncIterator[asyncpg.Pool]
 
 
 def registered(resident_id: str) -> ResidentRegistered:
+    """As registration publishes it (v2: the contact sealed). Only certification reads these here,
+    and it never opens the contact: the test key seals it."""
     return ResidentRegistered(
         resident_id=resident_id, registration_id=str(uuid.uuid4()), municipality_code=SHIRAHAMA,
         prefecture_code="300004", tier="basic", status="active", legal_address_code=CHIYODA,
-        contact=Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        contact=seal_for_tests(resident_subject(resident_id), Contact(
+            name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp",
+        )),
         registered_at=datetime.now(UTC),
     )
 

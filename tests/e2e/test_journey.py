@@ -7,9 +7,11 @@ its own; the test then checks the outcomes, partly again through the services' A
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +20,8 @@ from shared.cli.demo import A_INBOX, B_INBOX, JAL_PROGRAM, PARTNER_RECORD_FIELDS
 from shared.cli.fleet import ServiceFleet
 from shared.contracts.formats import CertificateNumber
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, grant_key
+from shared.contracts.sealed import Sealed, partner_kid
+from shared.kit.keyring import open_with
 from shared.kit.settings import Settings
 from shared.stack.backends import Backends
 from shared.stack.smtp_sink import SmtpSink
@@ -67,10 +71,23 @@ async def journey(fleet: ServiceFleet, journey_settings: Settings, sink: SmtpSin
         raise AssertionError("the journey failed:\n" + "\n".join(lines)) from None
 
 
+async def opened_by_jal(fleet: ServiceFleet, settings: Settings, record: dict[str, Any]) -> str:
+    """A feed record's member number as JAL opens it: sealed for JAL about this resident (kid
+    ``partner:jal:<resident_ref>``), with the key the gateway's ``GET /v1/keys/{kid}`` gives JAL."""
+    sealed = Sealed.model_validate(record["member_number"])
+    assert sealed.kid == partner_kid("jal", record["resident_ref"])
+    async with httpx.AsyncClient(base_url=fleet.url("partner_gateway"), timeout=10) as client:
+        answer = await client.get(f"/v1/keys/{sealed.kid}", headers=bearer(settings, "partner", partner="jal"))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Cache-Control"] == "no-store"
+    key = answer.json()["k"]
+    return open_with(base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)), sealed).decode()
+
+
 async def test_the_journey_prints_one_line_per_step(journey: JourneyResult) -> None:
     numbered = [line for line in journey.lines if line.startswith("✓ ")]
-    assert len(numbered) == 22, journey.lines
-    assert [int(line.split(".")[0].removeprefix("✓ ")) for line in numbered] == list(range(1, 23))
+    assert len(numbered) == 23, journey.lines
+    assert [int(line.split(".")[0].removeprefix("✓ ")) for line in numbered] == list(range(1, 24))
     assert any("staff approved the premium registration (valid until" in line for line in numbered)
     assert journey.lines[-1].startswith("The journey is complete")
 
@@ -98,7 +115,9 @@ async def test_a_is_certified_and_jal_receives_only_what_it_may_see(
         assert record.data is not None and record.raw is not None
         assert set(record.data) <= PARTNER_RECORD_FIELDS
         assert not set(record.data) & PERSONAL_FIELDS
-        assert record.data["member_number"] == a.member_number
+        # sealed for JAL: never in the clear on the feed, and JAL's key opens it (docs/partners.md)
+        assert a.member_number not in record.raw.decode()
+        assert await opened_by_jal(fleet, journey_settings, record.data) == a.member_number
         assert record.data["resident_ref"] and record.data["resident_ref"] != a.resident_id
         assert record.data["municipality_code"] == "304018" and record.data["status"] == "valid"
         for personal in (a.resident_id, a.name, a.name_kana, a.email):
@@ -121,7 +140,7 @@ async def test_the_thirty_thousand_miles_are_credited_exactly_once(
         and r.data["state"] == "redeemed" and (r.data["amount"] or 0) > 0
     ]
     assert len(redeemed) == 1 and redeemed[0]["amount"] == 30_000 and redeemed[0]["unit"] == "miles"
-    assert redeemed[0]["member_number"] == a.member_number
+    assert await opened_by_jal(fleet, journey_settings, redeemed[0]) == a.member_number
 
     async with httpx.AsyncClient(base_url=fleet.url("subsidy"), timeout=10) as client:
         grants = (await client.get(

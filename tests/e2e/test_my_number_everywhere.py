@@ -9,9 +9,10 @@ passes the route's auth (the first of several principals that is not refused wit
 body is looked at. Query and path parameters get the same. The one exempt field (the payment
 provider's own reference) is not refused for its twelve digits.
 
-Then no test number is anywhere: not on any platform topic (read from the earliest offset) and not
-in any table of any service database. Self-checks keep that from passing vacuously: one accepted
-request wrote a row and an event that the same search finds a marker in.
+Then no test number is anywhere: not on any platform topic (read from the earliest offset, every
+value sealed for a resident opened with the key store) and not in any table of any service
+database. Self-checks keep that from passing vacuously: one accepted request wrote a row and an
+event that the same search finds a marker in (inside its sealed contact).
 
 A partner's trip report over Kafka (on its own topic, on the partner-facing cluster) holding a My
 Number is parked by the partner gateway, the first service it reaches, on the dead-letter topic with
@@ -35,8 +36,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastapi import FastAPI
 
 from shared.contracts.partners import TripReported
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import ALL_TOPICS, SERVICES, dead_letter_topics, partner_trips
 from shared.kit.envelope import new_envelope
+from shared.kit.keyring import Keyring
 from shared.kit.my_number import check_digit, normalise
 from shared.kit.settings import Settings
 from shared.stack.backends import Backends
@@ -274,15 +277,44 @@ async def refuse_everything(app: FastAPI, client: httpx.AsyncClient, settings: S
 
 async def topic_texts(settings: Settings) -> list[str]:
     """Every record of every platform topic and dead-letter topic, from the earliest offset, as text
-    (each cluster's: partner topics are on the partner-facing one)."""
+    (each cluster's: partner topics are on the partner-facing one), with every value sealed for a
+    resident opened: a My Number sealed inside an event would still be one."""
     texts: list[str] = []
-    for cluster in ("internal", "edge"):
-        topics = [t for t in (*ALL_TOPICS, *dead_letter_topics()) if t.cluster == cluster]
-        texts += await _cluster_texts(settings.bootstrap_of(cluster), [settings.topic(t.name) for t in topics])
+    keyring = Keyring.from_settings(settings)
+    try:
+        for cluster in ("internal", "edge"):
+            topics = [t for t in (*ALL_TOPICS, *dead_letter_topics()) if t.cluster == cluster]
+            texts += await _cluster_texts(
+                settings.bootstrap_of(cluster), [settings.topic(t.name) for t in topics], keyring
+            )
+    finally:
+        await keyring.close()
     return texts
 
 
-async def _cluster_texts(bootstrap: str, names: list[str]) -> list[str]:
+def _sealed_values(value: Any) -> Iterator[Sealed]:
+    if isinstance(value, dict):
+        if set(value) == {"kid", "alg", "iv", "ct"}:
+            yield Sealed.model_validate(value)
+            return
+        for inner in value.values():
+            yield from _sealed_values(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _sealed_values(inner)
+
+
+async def _opened(keyring: Keyring, value: bytes | None) -> list[str]:
+    """What a record's sealed values hold (those a resident's key still opens)."""
+    try:
+        data = json.loads(value or b"null")
+    except ValueError:
+        return []
+    sealed = list(_sealed_values(data))
+    return [readable(o) for o in await keyring.open_many(sealed) if o is not None] if sealed else []
+
+
+async def _cluster_texts(bootstrap: str, names: list[str], keyring: Keyring) -> list[str]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=10)
     await consumer.start()
@@ -298,7 +330,8 @@ async def _cluster_texts(bootstrap: str, names: list[str]) -> list[str]:
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 for record in batch:
                     parts = [record.key or b"", record.value or b"", *(v for _, v in record.headers)]
-                    texts.append(" | ".join(readable(part) for part in parts))
+                    opened = await _opened(keyring, record.value)
+                    texts.append(" | ".join([*(readable(part) for part in parts), *opened]))
         return texts
     finally:
         await consumer.stop()
@@ -348,7 +381,7 @@ async def test_a_my_number_is_refused_in_every_field_of_every_service_and_is_now
                   "date_of_birth": "1988-04-12", "legal_address_code": "131016"},
         )
         assert accepted.status_code == 201, accepted.text
-        # a change of contact is an event (the new e-mail in it)
+        # a change of contact is an event (the new e-mail in it, sealed: the search opens it)
         changed = await clients["registration"].patch(
             f"/v1/residents/{resident_id}", headers=me, json={"email": f"mn{marker}@example.jp"}
         )

@@ -44,21 +44,29 @@ from services.subsidy import handlers as subsidy_handlers
 from services.subsidy.config import SubsidySettings
 from shared.contracts.base import EVENT_MODELS, EventData
 from shared.contracts.certification import ApplicationSubmitted, CertificateIssued
-from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived, ReceiptIssued
 from shared.contracts.formats import CertificateNumber, ProgramId
+from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerRegistered, TripAccepted, TripReported
-from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
+from shared.contracts.planning import CorporationDesignated, PlanAdopted, PlanContent
+from shared.contracts.privacy import ExportPartProvided, ExportRequested
+from shared.contracts.registration import ConsentState, Contact, ResidentRegistered, ResidentWithdrawn
+from shared.contracts.sealed import resident_subject
 from shared.contracts.subsidy import GrantIssued, GrantRedemptionRejected
 from shared.contracts.topics import (
     ALL_TOPICS,
     APPLICATIONS,
     CERTIFICATES,
+    CORPORATIONS,
     DONATIONS,
+    EXPORT_PARTS,
+    EXPORT_REQUESTS,
     GATEWAY_PARTNERS,
     GATEWAY_TRIPS,
     GRANTS,
+    LISTING_DIGESTS,
     PARTNER_CODES,
+    PLANS,
     RESIDENTS,
     SERVICES,
     Topic,
@@ -69,11 +77,21 @@ from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import EventConsumer
 from shared.kit.dead_letters import replay_dead_letters
 from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.keyring import Keyring
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
-from tests.support import bearer, eventually, produce, read_topic, service_client
+from tests.support import (
+    bearer,
+    envelope_sealed_for,
+    eventually,
+    membership,
+    produce,
+    read_topic,
+    seal_for_tests,
+    service_client,
+)
 from tests.support import caught_up as support_caught_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
@@ -81,11 +99,14 @@ pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
 TODAY = SYSTEM_CLOCK.today()
 NOW = datetime.now(UTC)
 SHIRAHAMA = "304018"  # JAL only
+NAGANO = "202011"  # plans and support corporations (no grant or certificate here uses it)
 ANA_TOWNS = ("392065", "393061", "393410", "393649", "314030", "313726")  # ANA fare discount, 1,000,000 yen each
 SOURCES = {
     RESIDENTS.name: "registration", APPLICATIONS.name: "certification", CERTIFICATES.name: "certification",
     GRANTS.name: "subsidy", DONATIONS.name: "donation", GATEWAY_TRIPS.name: "partner_gateway",
-    GATEWAY_PARTNERS.name: "partner_gateway",
+    GATEWAY_PARTNERS.name: "partner_gateway", EXPORT_REQUESTS.name: "registration",
+    EXPORT_PARTS.name: "subsidy",  # one of the services that answer exports
+    PLANS.name: "planning", CORPORATIONS.name: "planning", LISTING_DIGESTS.name: "listings",
     # each partner writes its own trips topic (on the partner-facing cluster)
     **{partner_trips(code).name: code for code in PARTNER_CODES},
 }
@@ -133,6 +154,23 @@ def build_app(name: str, settings: Settings) -> FastAPI:
         from services.registration.main import create_app as registration_app
 
         return registration_app(settings, maintenance_interval_s=3600)
+    if name == "donation":
+        from services.donation.main import create_app as donation_app
+
+        return donation_app(settings)
+    if name == "identity":
+        from services.identity.main import create_app as identity_app
+
+        return identity_app(settings)
+    if name == "insights":
+        from services.insights.main import create_app as insights_app
+
+        return insights_app(settings)
+    if name == "listings":
+        from services.listings.main import ListingsConfig
+        from services.listings.main import create_app as listings_app
+
+        return listings_app(settings, config=ListingsConfig(sweep_interval_s=3600))
     from services.partner_gateway.main import create_app as gateway_app
 
     return gateway_app(settings)
@@ -145,6 +183,12 @@ class Stack:
 
     def __getitem__(self, name: str) -> Service:
         return self.services[name]
+
+    @property
+    def keyring(self) -> Keyring:
+        """The key store the stack's services share: events are sealed with it as upstream seals them."""
+        keyring: Keyring = next(iter(self.services.values())).app.state.runtime.keyring
+        return keyring
 
 
 async def start_stack(exits: AsyncExitStack, settings: Settings, names: list[str]) -> Stack:
@@ -162,7 +206,10 @@ async def poison_stack(backends: Backends, run_id: str) -> AsyncIterator[Stack]:
     async with AsyncExitStack() as exits:
         yield await start_stack(
             exits, make_settings(backends, f"{run_id}poi"),
-            ["certification", "subsidy", "notification", "partner_gateway", "registration"],
+            [
+                "certification", "subsidy", "notification", "partner_gateway", "registration", "donation", "identity",
+                "insights", "listings",
+            ],
         )
 
 
@@ -187,11 +234,14 @@ def new_number(code: str) -> str:
 
 
 def registered(resident_id: str, *, share_with: str | None = None) -> ResidentRegistered:
+    """Its contact sealed with the test key: ``publish`` seals it with the stack's key store."""
     consents = [ConsentState(purpose="share_certificate", partner=share_with, granted=True, at=NOW)]
     return ResidentRegistered(
         resident_id=resident_id, registration_id=new_id("reg"), municipality_code=SHIRAHAMA,
         prefecture_code=prefecture_of(SHIRAHAMA).code, tier="basic", status="active", legal_address_code="131016",
-        contact=Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        contact=seal_for_tests(resident_subject(resident_id), Contact(
+            name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp",
+        )),
         consents=consents if share_with else [], registered_at=NOW,
     )
 
@@ -201,7 +251,7 @@ def certificate(number: str, resident_id: str, partner: str, member_number: str 
         certificate_number=number, resident_id=resident_id,
         municipality_code=CertificateNumber.parse(number).municipality_code,
         valid_from=TODAY - timedelta(days=10), valid_until=TODAY + timedelta(days=354), status="valid",
-        partners=[PartnerMembership(partner=partner, member_number=member_number)],
+        partners=[membership(partner, member_number, resident_id=resident_id)],
         application_id=new_id("app"), issued_at=NOW,
     )
 
@@ -218,8 +268,16 @@ def envelope_for(topic: Topic, data: EventData, subject: str, key: str | None = 
     return new_envelope(SOURCES[topic.name], data, subject=subject, key=key)
 
 
-async def publish(settings: Settings, topic: Topic, *envelopes: Envelope) -> None:
-    await produce(settings, settings.topic(topic.name), [(e.key, e.data, e.headers()) for e in envelopes])
+async def sealed(stack: Stack, envelope: Envelope) -> Envelope:
+    """The envelope as upstream publishes it: its personal fields sealed with the stack's key store
+    (same id), so the consuming services can open them."""
+    return await envelope_sealed_for(stack.keyring, envelope)
+
+
+async def publish(stack: Stack, topic: Topic, *envelopes: Envelope) -> None:
+    settings = stack.settings
+    ready = [await sealed(stack, e) for e in envelopes]
+    await produce(settings, settings.topic(topic.name), [(e.key, e.data, e.headers()) for e in ready])
 
 
 # --- Poison --------------------------------------------------------------------------------------
@@ -330,6 +388,15 @@ PAIRS = [
     Pair(GATEWAY_TRIPS, "subsidy"),
     *[Pair(partner_trips(code), "partner_gateway") for code in PARTNER_CODES],
     Pair(GATEWAY_PARTNERS, "certification"), Pair(GATEWAY_PARTNERS, "subsidy"), Pair(GATEWAY_PARTNERS, "registration"),
+    Pair(RESIDENTS, "subsidy"), Pair(RESIDENTS, "donation"), Pair(RESIDENTS, "identity"),
+    Pair(RESIDENTS, "insights"), Pair(RESIDENTS, "listings"),
+    Pair(CERTIFICATES, "insights"), Pair(CERTIFICATES, "listings"),
+    Pair(GRANTS, "insights"), Pair(DONATIONS, "insights"),
+    *[Pair(EXPORT_REQUESTS, s) for s in EXPORT_REQUESTS.consumers],
+    Pair(EXPORT_PARTS, "registration"),
+    Pair(PLANS, "certification"), Pair(PLANS, "insights"),
+    Pair(CORPORATIONS, "insights"), Pair(CORPORATIONS, "listings"),
+    Pair(LISTING_DIGESTS, "notification"),
 ]
 
 
@@ -440,7 +507,7 @@ async def valid_event(stack: Stack, pair: Pair, index: int) -> tuple[Envelope, C
             number = new_number(code)
             # the trip needs a grant: the certificate comes first (on its own topic)
             first = envelope_for(CERTIFICATES, certificate(number, rid, "ana"), number)
-            await publish(stack.settings, CERTIFICATES, first)
+            await publish(stack, CERTIFICATES, first)
             await eventually(lambda: _has_grant(svc, rid), timeout=40)
             grant_id = (await resident_grants(svc, rid))[0]["grant_id"]
             trip_id = new_id("trip")
@@ -454,6 +521,101 @@ async def valid_event(stack: Stack, pair: Pair, index: int) -> tuple[Envelope, C
                 return [(t["trip_id"], t["accepted"]) for t in await trips_of(svc, code)] == [(trip_id, True)]
 
             return env, counted
+        case (RESIDENTS.name, "subsidy" | "donation" | "identity"):
+            # these only hear the erasure: it is remembered, so nothing about the resident is written again
+            env = envelope_for(RESIDENTS, ResidentWithdrawn(resident_id=rid, withdrawn_at=NOW), rid)
+            return env, lambda: has_row(svc, "SELECT 1 FROM kit_erased_residents WHERE resident_id = $1", rid)
+        case (RESIDENTS.name, "insights"):
+            env = envelope_for(RESIDENTS, registered(rid), rid)
+            return env, lambda: has_row(svc, "SELECT 1 FROM registrations WHERE resident_id = $1", rid)
+        case (RESIDENTS.name, "listings"):
+            env = envelope_for(RESIDENTS, registered(rid), rid)
+            return env, lambda: has_row(svc, "SELECT 1 FROM resident_registrations WHERE resident_id = $1", rid)
+        case (CERTIFICATES.name, "insights" | "listings"):
+            number = new_number(SHIRAHAMA)
+            env = envelope_for(CERTIFICATES, certificate(number, rid, "jal"), number)
+            table = "certificates" if pair.service == "insights" else "resident_certificates"
+            return env, lambda: has_row(
+                svc, f"SELECT 1 FROM {table} WHERE certificate_number = $1 AND resident_id = $2", number, rid
+            )
+        case (GRANTS.name, "insights"):
+            number = new_number(SHIRAHAMA)
+            grant = grant_issued(number, rid)
+            env = envelope_for(GRANTS, grant, grant.grant_id, number)
+            return env, lambda: has_row(
+                svc, "SELECT 1 FROM grants WHERE grant_id = $1 AND status = 'active'", grant.grant_id
+            )
+        case (DONATIONS.name, "insights"):
+            code, donation_id = ANA_TOWNS[1], new_id("don")
+            donation = DonationReceived(
+                donation_id=donation_id, municipality_code=code, donor_id=new_id("donor"), kind="hometown_tax",
+                unit="jpy", amount=30_000, earmark="dual_residence", payment_date=TODAY, calendar_year=TODAY.year,
+                received_at=NOW,
+            )
+            env = envelope_for(DONATIONS, donation, donation_id, code)
+            return env, lambda: has_row(svc, "SELECT 1 FROM donations WHERE donation_id = $1", donation_id)
+        case (EXPORT_REQUESTS.name, _):
+            # every service answers with its part (empty for a resident it does not know), once
+            export_id = new_id("exp")
+            requested = ExportRequested(export_id=export_id, resident_id=rid, requested_at=NOW)
+            env = envelope_for(EXPORT_REQUESTS, requested, rid)
+
+            async def answered() -> bool:
+                parts = await outbox_events(svc, ExportPartProvided, export_id=export_id)
+                return [p["service"] for p in parts] == [pair.service]
+
+            return env, answered
+        case (EXPORT_PARTS.name, "registration"):
+            # registration keeps a part only of an export it was asked for
+            export_id = new_id("exp")
+            await svc.pool.execute(
+                "INSERT INTO data_exports (export_id, resident_id, requested_at) VALUES ($1, $2, $3)",
+                export_id, rid, NOW,
+            )
+            provided = ExportPartProvided(
+                export_id=export_id, resident_id=rid, service="subsidy", provided_at=NOW,
+                part=seal_for_tests(resident_subject(rid), json.dumps({"grants": []})),
+            )
+            env = envelope_for(EXPORT_PARTS, provided, rid)
+            return env, lambda: has_row(
+                svc, "SELECT 1 FROM data_export_parts WHERE export_id = $1 AND service = 'subsidy'", export_id
+            )
+        case (PLANS.name, "certification" | "insights"):
+            # a municipal plan adopted: certification moves the town's scheme to a plan basis, insights counts it
+            plan_id, code = new_id("plan"), NAGANO
+            adopted = PlanAdopted(
+                plan_id=plan_id, level="municipality", municipality_code=code,
+                prefecture_code=prefecture_of(code).code, version=1, name="長野市特定居住促進計画",
+                covers_dual_residence=True, content=PlanContent(area="市内全域"), adopted_on=TODAY,
+            )
+            env = envelope_for(PLANS, adopted, plan_id)
+            if pair.service == "insights":
+                return env, lambda: has_row(svc, "SELECT 1 FROM plans WHERE plan_id = $1", plan_id)
+            return env, lambda: has_row(
+                svc, "SELECT 1 FROM audit_trail WHERE action = 'plan.adopted' AND details->>'plan_id' = $1", plan_id
+            )
+        case (CORPORATIONS.name, "insights" | "listings"):
+            corporation_id = new_id("corp")
+            designated = CorporationDesignated(
+                corporation_id=corporation_id, municipality_code=NAGANO, name="一般社団法人 二地域支援",
+                services=["housing"], designated_on=TODAY,
+            )
+            env = envelope_for(CORPORATIONS, designated, corporation_id)
+            return env, lambda: has_row(svc, "SELECT 1 FROM corporations WHERE corporation_id = $1", corporation_id)
+        case (LISTING_DIGESTS.name, "notification"):
+            digest = ListingDigestDue(
+                digest_id=new_id("dig"), resident_id=rid, cadence="immediate", due_at=NOW,
+                listings=[DigestEntry(
+                    listing_id=new_id("lst"), kind="trial_stay", municipality_code=NAGANO, title="お試し住宅",
+                    available_from=TODAY,
+                )],
+            )
+            env = envelope_for(LISTING_DIGESTS, digest, rid)
+
+            async def digested() -> bool:
+                return len(await messages(svc, rid, "listing_digest")) == 1
+
+            return env, digested
         case (name, "partner_gateway") if partner_of_topic(name) is not None:
             # a partner's trip (the gateway only forwards it: no grant needed for that)
             partner, trip_id, grant_id = partner_of_topic(name), new_id("trip"), new_id("gr")
@@ -493,6 +655,7 @@ async def test_poison_is_parked_with_its_reason_and_the_next_event_is_applied(
     svc = poison_stack[pair.service]
     consumer = svc.consumer_of(pair.topic)
     valid, applied = await valid_event(poison_stack, pair, PAIRS.index(pair))
+    valid = await sealed(poison_stack, valid)
     poisons = poisons_like(valid)
 
     await produce(
@@ -557,14 +720,14 @@ async def test_a_trip_parked_before_its_certificate_is_answered_once_after_repla
     ), trip_id, grant_id)
 
     # the certificate is not known yet: nobody to answer on the grants topic, so the trip is parked
-    await publish(settings, GATEWAY_TRIPS, trip)
+    await publish(replay_stack, GATEWAY_TRIPS, trip)
     parked = await dead_letters(settings, GATEWAY_TRIPS, {str(trip.id)}, trips.name)
     assert "UnknownGrant" in dict(parked[str(trip.id)].headers)["dlq_reason"].decode()
     assert await subsidy.pool.fetchval("SELECT status FROM inbox WHERE event_id = $1", trip.id) == "parked"
     assert await trips_of(subsidy, code) == []
 
     # the fix: the certificate arrives (and gets its own grant, under another id)
-    await publish(settings, CERTIFICATES, envelope_for(CERTIFICATES, certificate(number, rid, "ana"), number))
+    await publish(replay_stack, CERTIFICATES, envelope_for(CERTIFICATES, certificate(number, rid, "ana"), number))
     await eventually(lambda: _has_grant(subsidy, rid), timeout=40)
 
     assert await replay_dead_letters(settings, settings.topic(GATEWAY_TRIPS.dlq)) == 1
@@ -576,7 +739,7 @@ async def test_a_trip_parked_before_its_certificate_is_answered_once_after_repla
     [recorded] = await trips_of(subsidy, code)
     assert (recorded["trip_id"], recorded["accepted"], recorded["reason"]) == (trip_id, False, "unknown_grant")
     # the replayed record again (a redelivery) and a second replay change nothing
-    await publish(settings, GATEWAY_TRIPS, trip)
+    await publish(replay_stack, GATEWAY_TRIPS, trip)
     assert await replay_dead_letters(settings, settings.topic(GATEWAY_TRIPS.dlq), idle_s=0.5) == 0
     await caught_up(subsidy)
     assert len(await trips_of(subsidy, code)) == 1
@@ -602,7 +765,7 @@ async def test_an_event_parked_by_a_bug_is_applied_once_after_the_fix_and_others
         raise RuntimeError("bug: grants are broken in this release")
 
     monkeypatch.setattr(subsidy_handlers, "grant_certificate", bug)
-    await publish(settings, CERTIFICATES, issued)
+    await publish(replay_stack, CERTIFICATES, issued)
 
     # subsidy retries, then parks it; notification and the partner gateway apply it meanwhile
     parked = await dead_letters(settings, CERTIFICATES, {str(issued.id)}, "subsidy")

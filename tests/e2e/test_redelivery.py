@@ -26,6 +26,7 @@ Where the design allows no reordering, the scenario keeps a phase barrier, and s
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -55,7 +56,7 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded, OneStopExceptionVoided, ReceiptIssued
 from shared.contracts.formats import CertificateNumber, ProgramId
 from shared.contracts.partners import TripAccepted, certificate_of_key, grant_key
@@ -69,6 +70,7 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.subsidy import (
     GrantCancelled,
     GrantIssued,
@@ -91,11 +93,12 @@ from shared.contracts.topics import (
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import EventConsumer
 from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.keyring import open_with
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
-from tests.support import bearer, caught_up, service_client
+from tests.support import bearer, caught_up, envelope_sealed_for, membership, seal_for_tests, service_client
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(240)]
 
@@ -223,10 +226,17 @@ def seen(run: Run) -> dict[str, int]:
     return {f: sum(getattr(c.stats, f) for c in consumers) for f in fields}
 
 
+async def sealed_items(run: Run, phase: Phase) -> list[Item]:
+    """The phase's events with their personal fields sealed with the run's own key store, as the
+    upstream service would have sealed them (each run has its own: the services open them there)."""
+    keyring = run.app.state.runtime.keyring
+    return [(topic, await envelope_sealed_for(keyring, envelope)) for topic, envelope in await phase(run)]
+
+
 async def once_in_order(run: Run, phases: list[Phase]) -> None:
     published = 0
     for phase in phases:
-        for item in await phase(run):
+        for item in await sealed_items(run, phase):
             await publish(run, [item])
             await quiescent(run)
             published += 1
@@ -237,7 +247,7 @@ async def once_in_order(run: Run, phases: list[Phase]) -> None:
 async def twice_shuffled(run: Run, phases: list[Phase], rng: random.Random) -> list[str]:
     order: list[str] = []
     for phase in phases:
-        items = twice_interleaved(await phase(run), rng)
+        items = twice_interleaved(await sealed_items(run, phase), rng)
         order += [f"{topic.name.split('.')[1]}:{env.type.split('.')[-2]}:{env.subject}" for topic, env in items]
         await publish(run, items)
         await quiescent(run)
@@ -286,11 +296,20 @@ def new_number(code: str) -> str:
     return CertificateNumber.format(code, TODAY.year, random.randint(1, CertificateNumber.MAX_SEQUENCE))
 
 
-def members(*partners: str, **numbers: str) -> list[PartnerMembership]:
-    return [PartnerMembership(partner=p, member_number=numbers.get(p)) for p in partners]
+def members(resident_id: str, *partners: str, **numbers: str) -> list[SealedMembership]:
+    """The memberships of a certificate event, member numbers sealed for the resident (with the test
+    key here, with the run's key store when published: ``sealed_items``)."""
+    return [membership(p, numbers.get(p), resident_id=resident_id) for p in partners]
 
 
-def cert_fields(number: str, resident_id: str, partners: list[PartnerMembership], **kw: Any) -> dict[str, Any]:
+def contact(resident_id: str, name: str, kana: str, email: str, language: str = "ja") -> Sealed:
+    """A contact as registration publishes it: sealed for the resident (see ``members``)."""
+    return seal_for_tests(resident_subject(resident_id), Contact(
+        name=name, name_kana=kana, email=email, preferred_language="en" if language == "en" else "ja",
+    ))
+
+
+def cert_fields(number: str, resident_id: str, partners: list[SealedMembership], **kw: Any) -> dict[str, Any]:
     valid_from: date = kw.pop("valid_from", TODAY - timedelta(days=10))
     return {
         "certificate_number": number, "resident_id": resident_id,
@@ -300,13 +319,13 @@ def cert_fields(number: str, resident_id: str, partners: list[PartnerMembership]
     }
 
 
-def issued(number: str, resident_id: str, partners: list[PartnerMembership], minute: int) -> Item:
+def issued(number: str, resident_id: str, partners: list[SealedMembership], minute: int) -> Item:
     data = CertificateIssued(**cert_fields(number, resident_id, partners), application_id=f"app-{number[-6:]}",
                              issued_at=at(minute))
     return event(CERTIFICATES, data, number, minute=minute)
 
 
-def revoked(number: str, resident_id: str, partners: list[PartnerMembership], minute: int) -> Item:
+def revoked(number: str, resident_id: str, partners: list[SealedMembership], minute: int) -> Item:
     data = CertificateRevoked(**cert_fields(number, resident_id, partners, status="revoked"),
                               reason="the resident moved away", revoked_at=at(minute))
     return event(CERTIFICATES, data, number, minute=minute)
@@ -322,8 +341,7 @@ def registered(
     data = ResidentRegistered.model_validate({
         "resident_id": resident_id, "registration_id": f"reg-{resident_id}", "municipality_code": code,
         "prefecture_code": prefecture_of(code).code, "tier": tier, "status": status, "legal_address_code": "131016",
-        "contact": Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp",
-                           preferred_language=language),
+        "contact": contact(resident_id, "山田 花子", "ヤマダ ハナコ", f"{resident_id}@example.jp", language),
         "consents": consents, "registered_at": at(minute),
     })
     return event(RESIDENTS, data, resident_id, minute=minute)
@@ -384,8 +402,8 @@ async def test_subsidy_redelivered_and_reordered_ends_where_the_once_only_run_en
 ) -> None:
     r1, r2, r3 = new_id("res"), new_id("res"), new_id("res")
     c1, c2, c3 = new_number(IKI), new_number(IKI), new_number(IKI)
-    m1 = members("jal", "kyushuyusen", jal="123456789")
-    m2, m3 = members("jal", jal="987654321"), members("kyushuyusen")
+    m1 = members(r1, "jal", "kyushuyusen", jal="123456789")
+    m2, m3 = members(r2, "jal", jal="987654321"), members(r3, "kyushuyusen")
     d1, d2, d3, d4 = (new_id("don") for _ in range(4))
     first = [
         # two JAL grants of 30,000 miles on a 30,000 budget, and a 30,000-mile donation: whichever comes
@@ -490,6 +508,21 @@ async def read_feed_partitions(run: Run, partner: str) -> list[tuple[int, bytes,
         await consumer.stop()
 
 
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def opened_member_number(run: Run, partner: str, sealed: dict[str, str] | None) -> str | None:
+    """A feed record's member number as the partner opens it: sealed for it (a ciphertext of its
+    own in each run), with the key the gateway's ``GET /v1/keys/{kid}`` gives it (docs/partners.md)."""
+    if sealed is None:
+        return None
+    assert sealed["kid"].startswith(f"partner:{partner}:"), sealed
+    response = await run.client.get(f"/v1/keys/{sealed['kid']}", headers=run.auth("partner", partner=partner))
+    assert response.status_code == 200, f"{sealed['kid']}: {response.status_code} {response.text}"
+    return open_with(_unb64(response.json()["k"]), Sealed.model_validate(sealed)).decode()
+
+
 async def gateway_state(run: Run, numbers: list[str], residents: list[str]) -> dict[str, Any]:
     """What each partner can verify, and what each partner's feed leaves it knowing.
 
@@ -497,7 +530,8 @@ async def gateway_state(run: Run, numbers: list[str], residents: list[str]) -> d
     grants by id (key ``<number>/grants/<grant id>``); a withdrawal or the certificate's tombstone
     forgets the certificate with its grants, a grant's tombstone forgets the grant. The pseudonym
     is checked against the partner's key and replaced by the resident id; ``changed_at`` (when the
-    partner's basis changed, which the order decides) is left out.
+    partner's basis changed, which the order decides) is left out; member numbers are opened as the
+    partner opens them (each run seals them anew).
     """
     rows = await run.pool.fetch("SELECT code, pseudonym_key FROM partners")
     keys = {r["code"]: bytes(r["pseudonym_key"]) for r in rows}
@@ -530,6 +564,10 @@ async def gateway_state(run: Run, numbers: list[str], residents: list[str]) -> d
                 view.setdefault(number, {"certificate": None, "grants": {}})["grants"][record["grant_id"]] = record
             else:
                 view.setdefault(number, {"certificate": None, "grants": {}})["certificate"] = record
+        for known in view.values():
+            for record in [known["certificate"], *known["grants"].values()]:
+                if record is not None:
+                    record["member_number"] = await opened_member_number(run, partner, record["member_number"])
         state[partner] = {"verified": verified, "view": view}
     return state
 
@@ -537,11 +575,14 @@ async def gateway_state(run: Run, numbers: list[str], residents: list[str]) -> d
 async def test_partner_gateway_redelivered_and_reordered_ends_where_the_once_only_run_ends(
     backends: Backends, run_id: str
 ) -> None:
-    r1, r2, r3, r4, r5 = (new_id("res") for _ in range(5))
+    r1, r2, r3, r4, r5, r6 = (new_id("res") for _ in range(6))
     c1, c5 = new_number(IKI), new_number(IKI)
     c2, c3, c4, c6 = (new_number(SHIRAHAMA) for _ in range(4))
-    m1 = members("jal", "kyushuyusen", jal="123456789", kyushuyusen="K42")
-    jal = members("jal")
+    m1 = members(r1, "jal", "kyushuyusen", jal="123456789", kyushuyusen="K42")
+
+    def jal(resident_id: str) -> list[SealedMembership]:
+        return members(resident_id, "jal")
+
     g1, g2 = new_id("gr"), new_id("gr")
     events = [
         registered(r1, IKI, 1, shares=("jal", "kyushuyusen")),
@@ -549,9 +590,9 @@ async def test_partner_gateway_redelivered_and_reordered_ends_where_the_once_onl
         registered(r3, SHIRAHAMA, 3),  # no share consent: the certificate's membership is the consent
         registered(r4, SHIRAHAMA, 4, shares=("jal",)),
         registered(r5, IKI, 5, shares=("jal",)),
-        issued(c1, r1, m1, 10), issued(c2, r2, jal, 11), issued(c3, r3, jal, 12), issued(c4, r4, jal, 13),
-        issued(c5, r5, jal, 14),
-        issued(c6, new_id("res"), members("ana"), 15),  # ANA has no program in Shirahama: nobody sees it
+        issued(c1, r1, m1, 10), issued(c2, r2, jal(r2), 11), issued(c3, r3, jal(r3), 12),
+        issued(c4, r4, jal(r4), 13), issued(c5, r5, jal(r5), 14),
+        issued(c6, r6, members(r6, "ana"), 15),  # ANA has no program in Shirahama: nobody sees it
         grant(GrantIssued, g1, c1, r1, 20, unit="miles", reserved=30_000, window_from=TODAY,
               window_until=TODAY + timedelta(days=121), issued_at=at(20)),
         grant(GrantIssued, g2, c2, r2, 21, unit="miles", reserved=30_000, window_from=TODAY,
@@ -559,7 +600,7 @@ async def test_partner_gateway_redelivered_and_reordered_ends_where_the_once_onl
         share(r2, "jal", False, 30),  # r2 stops sharing with JAL: JAL must end up knowing nothing of c2
         share(r5, "jal", False, 31), share(r5, "jal", True, 32),  # r5 stops, then shares again
         event(RESIDENTS, ResidentWithdrawn(resident_id=r4, withdrawn_at=at(33)), r4, minute=33),
-        revoked(c3, r3, jal, 34),
+        revoked(c3, r3, jal(r3), 34),
         event(CERTIFICATES, CertificateRenewed(**cert_fields(c1, r1, m1, valid_until=TODAY + timedelta(days=700)),
                                                renewed_at=at(35)), c1, minute=35),
         grant(GrantRedeemed, g1, c1, r1, 36, trip_id="jl-1", unit="miles", amount=0, trips_counted=2,
@@ -577,7 +618,8 @@ async def test_partner_gateway_redelivered_and_reordered_ends_where_the_once_onl
     jal_view, ferry_view = once["jal"]["view"], once["kyushuyusen"]["view"]
     assert sorted(jal_view) == sorted([c1, c3, c5]) and sorted(ferry_view) == [c1]
     assert jal_view[c1]["certificate"]["valid_until"] == (TODAY + timedelta(days=700)).isoformat()
-    assert jal_view[c1]["certificate"]["member_number"] == "123456789"
+    assert jal_view[c1]["certificate"]["member_number"] == "123456789"  # sealed for JAL, opened with its key
+    assert ferry_view[c1]["certificate"]["member_number"] == "K42"
     assert {g["state"] for g in jal_view[c1]["grants"].values()} == {"redemption_rejected"}
     assert jal_view[c3]["certificate"]["status"] == "revoked"
     assert {n: s for n, (s, _) in once["jal"]["verified"].items()} == {
@@ -611,13 +653,16 @@ async def test_notification_redelivered_and_reordered_ends_where_the_once_only_r
     c1, c2, c4 = new_number(SHIRAHAMA), new_number(IKI), new_number(SHIRAHAMA)
     a1, a2 = new_id("app"), new_id("app")
     g1, g2 = new_id("gr"), new_id("gr")
-    jal = members("jal")
+
+    def jal(resident_id: str) -> list[SealedMembership]:
+        return members(resident_id, "jal")
+
     residents_first = [
         registered(r1, SHIRAHAMA, 1, email=True),
         registered(r2, IKI, 2),
-        event(RESIDENTS, ContactChanged(resident_id=r2, contact=Contact(
-            name="Jane Roe", name_kana="ジェーン ロウ", email=f"{r2}@example.com", preferred_language="en",
-        ), at=at(3)), r2, minute=3),
+        event(RESIDENTS, ContactChanged(
+            resident_id=r2, contact=contact(r2, "Jane Roe", "ジェーン ロウ", f"{r2}@example.com", "en"), at=at(3),
+        ), r2, minute=3),
         registered(r3, SHIRAHAMA, 4, tier="premium", status="pending_review", email=True),
         event(RESIDENTS, PremiumRequested(resident_id=r3, registration_id=f"reg-{r3}", municipality_code=SHIRAHAMA,
                                           activity_count=3, requested_at=at(5)), r3, minute=5),
@@ -637,10 +682,10 @@ async def test_notification_redelivered_and_reordered_ends_where_the_once_only_r
         event(APPLICATIONS, ApplicationRejected(
             application_id=a2, resident_id=r2, municipality_code=IKI, reason="stay too short", decided_at=at(12),
         ), a2, minute=12),
-        issued(c1, r1, jal, 13), issued(c2, r2, jal, 14),
-        event(CERTIFICATES, CertificateExpiring(**cert_fields(c2, r2, jal), days_left=30), c2, minute=15),
-        revoked(c2, r2, jal, 16),
-        revoked(c4, r4, jal, 17),  # about a withdrawn resident: dropped
+        issued(c1, r1, jal(r1), 13), issued(c2, r2, jal(r2), 14),
+        event(CERTIFICATES, CertificateExpiring(**cert_fields(c2, r2, jal(r2)), days_left=30), c2, minute=15),
+        revoked(c2, r2, jal(r2), 16),
+        revoked(c4, r4, jal(r4), 17),  # about a withdrawn resident: dropped
         grant(GrantIssued, g1, c1, r1, 18, unit="miles", reserved=30_000, window_from=TODAY,
               window_until=TODAY + timedelta(days=121), issued_at=at(18)),
         grant(GrantRedeemed, g1, c1, r1, 19, trip_id="jl-4", unit="miles", amount=30_000, trips_counted=8,
@@ -699,7 +744,7 @@ async def test_partner_gateway_consent_given_again_ends_the_same_whenever_the_gr
     backends: Backends, run_id: str
 ) -> None:
     r, c, g = new_id("res"), new_number(IKI), new_id("gr")
-    registration, certificate = registered(r, IKI, 1, shares=("jal",)), issued(c, r, members("jal"), 2)
+    registration, certificate = registered(r, IKI, 1, shares=("jal",)), issued(c, r, members(r, "jal"), 2)
     the_grant = grant(GrantIssued, g, c, r, 3, unit="miles", reserved=30_000, window_from=TODAY,
                       window_until=TODAY + timedelta(days=121), issued_at=at(3))
     consent_back = [share(r, "jal", False, 4), share(r, "jal", True, 5)]
@@ -769,18 +814,19 @@ async def test_a_compacted_partner_feed_keeps_each_certificate_and_grant_and_for
         # Certificates and grants; c1 renewed after its grants, and g1 redeemed after g2 was issued.
         latest, _ = await feed_after(
             registered(r1, SHIRAHAMA, 1, shares=("jal",)), registered(r2, SHIRAHAMA, 2, shares=("jal",)),
-            issued(c1, r1, members("jal", jal="JMB-1"), 3), issued(c2, r2, members("jal"), 4),
+            issued(c1, r1, members(r1, "jal", jal="JMB-1"), 3), issued(c2, r2, members(r2, "jal"), 4),
             issued_grant(g1, c1, r1, 5), issued_grant(g2, c1, r1, 6), issued_grant(g3, c2, r2, 7),
             grant(GrantRedeemed, g1, c1, r1, 8, trip_id="jl-1", unit="miles", amount=0, trips_counted=2,
                   completed=False, redeemed_at=at(8)),
             event(CERTIFICATES, CertificateRenewed(
-                **cert_fields(c1, r1, members("jal", jal="JMB-1"), valid_until=TODAY + timedelta(days=700)),
+                **cert_fields(c1, r1, members(r1, "jal", jal="JMB-1"), valid_until=TODAY + timedelta(days=700)),
                 renewed_at=at(9)), c1, minute=9),
         )
         assert set(keys_of(latest, c1)) == {c1, grant_key(c1, g1), grant_key(c1, g2)}, latest
         assert set(keys_of(latest, c2)) == {c2, grant_key(c2, g3)}, latest
         certificate = latest[c1][1]
-        assert certificate["status"] == "valid" and certificate["member_number"] == "JMB-1"
+        assert certificate["status"] == "valid"
+        assert await opened_member_number(run, "jal", certificate["member_number"]) == "JMB-1"  # sealed for JAL
         assert certificate["valid_until"] == (TODAY + timedelta(days=700)).isoformat()
         assert latest[c2][1]["status"] == "valid"
         assert {g: latest[grant_key(c1, g)][1]["state"] for g in (g1, g2)} == {g1: "redeemed", g2: "issued"}
@@ -814,7 +860,7 @@ async def test_a_compacted_partner_feed_keeps_each_certificate_and_grant_and_for
             grant(GrantCancelled, g2, c1, r1, 14, unit="miles", released=30_000, reason="withdrawn",
                   cancelled_at=at(14)),
             issued_grant(g4, c1, r1, 15),
-            revoked(c2, r2, members("jal"), 16),
+            revoked(c2, r2, members(r2, "jal"), 16),
         )
         assert keys_of(latest, c1) == {c1: None, grant_key(c1, g1): None, grant_key(c1, g2): None}
         assert keys_of(latest, c2) == {c2: None, grant_key(c2, g3): None}

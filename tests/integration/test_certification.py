@@ -33,7 +33,7 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import PartnerMembership, SealedMembership
 from shared.contracts.formats import CertificateNumber
 from shared.contracts.registration import (
     ConsentChanged,
@@ -48,14 +48,15 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import resident_subject
 from shared.contracts.topics import APPLICATIONS, CERTIFICATES, RESIDENTS
 from shared.kit.clock import JAPAN, SYSTEM_CLOCK, Clock
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
 from shared.kit.use_case import Work
-from shared.reference import municipalities_with_plan, prefecture_of
-from tests.support import bearer, eventually, produce, read_topic, service_client
+from shared.reference import municipalities_with_plan, prefecture_of, travel_programs
+from tests.support import bearer, eventually, produce, read_topic, seal_for_tests, service_client
 
 SHIRAHAMA = "304018"  # 和歌山県白浜町: has a 特定居住促進計画
 CHIYODA = "131016"  # 東京都千代田区: no plan; the residents' legal address
@@ -143,10 +144,22 @@ def registered(
         resident_id=resident_id, registration_id=registration_id or new_id("reg"), municipality_code=municipality,
         prefecture_code=prefecture_of(municipality).code, tier=tier, status=status,
         legal_address_code=legal,
-        contact=Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        contact=seal_for_tests(
+            resident_subject(resident_id),
+            Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        ),
         consents=[ConsentState(purpose="share_certificate", partner=p, granted=True, at=now()) for p in consents],
         registered_at=now(),
     )
+
+
+async def opened_partners(h: Harness, partners: Sequence[SealedMembership]) -> list[PartnerMembership]:
+    """The memberships an event carried, their member numbers opened with the platform's key store."""
+    numbers = await h.runtime.keyring.open_many([m.member_number for m in partners])
+    return [
+        PartnerMembership(partner=m.partner, member_number=None if n is None else n.decode())
+        for m, n in zip(partners, numbers, strict=True)
+    ]
 
 
 async def known(h: Harness, resident_id: str, *, municipality: str | None = None) -> None:
@@ -276,7 +289,8 @@ async def test_journey_registration_application_approval_certificate_event(h: Ha
     assert submitted.type == ApplicationSubmitted.event_type and submitted.subject == application_id
     data = submitted.decode(ApplicationSubmitted)
     assert (data.resident_id, data.municipality_code, data.primary_residence_code) == (resident, SHIRAHAMA, CHIYODA)
-    assert data.partners == [PartnerMembership(partner="jal", member_number="123456789")]
+    assert await opened_partners(h, data.partners) == [PartnerMembership(partner="jal", member_number="123456789")]
+    assert b"123456789" not in submitted.data  # sealed with the resident's key, never in clear
 
     queue = await h.client.get("/v1/applications", params={"municipality": SHIRAHAMA}, headers=h.staff())
     assert queue.status_code == 200
@@ -292,12 +306,12 @@ async def test_journey_registration_application_approval_certificate_event(h: Ha
     assert certificate["valid_until"] == (h.clock.today + timedelta(days=364)).isoformat()  # 365 days inclusive
 
     [issued] = await events_on(h.settings, CERTIFICATES.name, number)
-    assert issued.type == "jp.nichiiki.certification.certificate.issued.v1"
+    assert issued.type == "jp.nichiiki.certification.certificate.issued.v2"
     assert issued.key == number.encode() and issued.subject == number
     event = issued.decode(CertificateIssued)
     assert event.status == "valid" and event.resident_id == resident and event.application_id == application_id
     assert (event.valid_from, event.valid_until) == (h.clock.today, h.clock.today + timedelta(days=364))
-    assert event.partners == [PartnerMembership(partner="jal", member_number="123456789")]
+    assert await opened_partners(h, event.partners) == [PartnerMembership(partner="jal", member_number="123456789")]
 
     row = await h.pool.fetchrow("SELECT status, certificate_number FROM applications WHERE application_id = $1",
                                 application_id)
@@ -357,7 +371,9 @@ async def test_only_partners_still_consented_at_approval_are_shared(h: Harness) 
     await eventually(consent_gone)
     certificate = await approve(h, application["application_id"])
     [issued] = await events_on(h.settings, CERTIFICATES.name, certificate["certificate_number"])
-    assert issued.decode(CertificateIssued).partners == [PartnerMembership(partner="jal", member_number="1234567")]
+    assert await opened_partners(h, issued.decode(CertificateIssued).partners) == [
+        PartnerMembership(partner="jal", member_number="1234567")
+    ]
 
 
 async def test_an_idempotency_key_makes_a_repeated_application_act_once(h: Harness) -> None:
@@ -450,7 +466,7 @@ async def test_every_bad_application_is_refused_with_its_problem_and_writes_noth
     headers = h.resident(resident)
 
     cases: list[tuple[dict[str, Any], int, str]] = [
-        ({"municipality_code": CHIYODA, "primary_residence_code": SHIRAHAMA}, 422, "municipality-without-plan"),
+        ({"municipality_code": CHIYODA, "primary_residence_code": SHIRAHAMA}, 422, "no-certification-scheme"),
         ({"primary_residence_code": SHIRAHAMA}, 422, "primary-residence-same-municipality"),
         ({"planned_stay_days": 0}, 422, "stay-days-out-of-range"),
         ({"planned_stay_days": 367}, 422, "stay-days-out-of-range"),
@@ -730,7 +746,13 @@ async def test_municipality_rules_are_seeded_edited_by_their_staff_and_applied(h
     await seed_municipality_rules(h.runtime)
     assert (await h.client.get(url, headers=h.admin())).json()["min_stay_days"] == 60
     assert await h.pool.fetchval(
-        "SELECT count(*) FROM municipality_rules WHERE plan_source = 'reference'") == len(municipalities_with_plan())
+        "SELECT count(*) FROM municipality_rules WHERE plan_source = 'reference' AND legal_basis = 'plan'"
+    ) == len(municipalities_with_plan())
+    # Every other town of a travel programme certifies under a model project (issue #19).
+    programme_towns = {code for programme in travel_programs() for code in programme.municipality_codes}
+    assert await h.pool.fetchval(
+        "SELECT count(*) FROM municipality_rules WHERE plan_source = 'reference' AND legal_basis = 'model_project'"
+    ) == len(programme_towns - municipalities_with_plan())
 
     resident = new_id()
     registration_id = new_id("reg")
@@ -795,7 +817,7 @@ async def test_withdrawal_revokes_certificates_rejects_open_applications_and_era
     [revoked] = await events_on(h.settings, CERTIFICATES.name, number, event_type=CertificateRevoked.event_type)
     data = revoked.decode(CertificateRevoked)
     assert data.reason == "resident_withdrawn" and data.status == "revoked"
-    assert data.partners == [PartnerMembership(partner="jal")]  # who to tell, but no member number
+    assert data.partners == [SealedMembership(partner="jal")]  # who to tell, but no member number
     assert revoked.causation_id == str(envelope.id)
     [rejected] = await events_on(h.settings, APPLICATIONS.name, open_application["application_id"],
                                  event_type=ApplicationRejected.event_type)
@@ -838,6 +860,87 @@ async def test_withdrawal_revokes_certificates_rejects_open_applications_and_era
                   409, "resident-withdrawn")
 
 
+async def tables_holding(pool: asyncpg.Pool, *needles: str) -> dict[str, list[str]]:
+    """Every table of the service's database whose rows' text holds one of the needles (bytea
+    columns such as the outbox's payload are searched as UTF-8 bytes)."""
+    found: dict[str, list[str]] = {}
+    tables = await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    for row in tables:
+        table = row["tablename"]
+        columns = await pool.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = $1", table,
+        )
+        for needle in needles:
+            tests = [
+                f"position(convert_to($1, 'UTF8') in \"{c['column_name']}\") > 0" if c["data_type"] == "bytea"
+                else f"strpos(\"{c['column_name']}\"::text, $1) > 0"
+                for c in columns
+            ]
+            if tests and await pool.fetchval(f"SELECT count(*) FROM \"{table}\" WHERE {' OR '.join(tests)}", needle):
+                found.setdefault(table, []).append(needle)
+    return found
+
+
+async def test_erasure_leaves_no_member_number_note_or_address_and_sealed_copies_die_with_the_key(
+    h: Harness,
+) -> None:
+    resident = new_id()
+    member, note, address = "918273645", f"NOTE-{uuid.uuid4().hex[:12]} 通院のため", f"白浜町{uuid.uuid4().hex[:8]}"
+    staff_note = f"STAFF-{uuid.uuid4().hex[:12]} 家族から連絡"
+    await register(h, resident, SHIRAHAMA, TANABE, consents=("jal",))
+    keyed = {**h.resident(resident), "Idempotency-Key": f"apply-{resident}"}
+    applied = await h.client.post("/v1/applications", headers=keyed, json=application_body(
+        partners=[{"partner": "jal", "member_number": member}], note=note, address_there=address))
+    assert applied.status_code == 201, applied.text
+    number = (await approve(h, applied.json()["application_id"]))["certificate_number"]
+    other = await apply(h, resident, municipality_code=TANABE, partners=[{"partner": "jal", "member_number": member}])
+    rejected = await h.client.post(
+        f"/v1/applications/{other['application_id']}/reject",
+        json={"reason_code": "residence_not_confirmed", "note": staff_note},
+        headers={**h.staff(TANABE), "Idempotency-Key": f"reject-{resident}"},
+    )
+    assert rejected.status_code == 200, rejected.text
+    # Before: the database holds them (the resident is active); the events never in clear.
+    assert set(await tables_holding(h.pool, member, note, address, staff_note)) >= {
+        "applications", "certificates", "audit_notes", "idempotency_keys"}
+    [issued] = await events_on(h.settings, CERTIFICATES.name, number)
+    [submitted] = await events_on(h.settings, APPLICATIONS.name, other["application_id"],
+                                  event_type=ApplicationSubmitted.event_type)
+    for raw in (issued.data, submitted.data):
+        assert member.encode() not in raw and b'"kid":"resident:' in raw.replace(b" ", b"")
+    sealed = issued.decode(CertificateIssued).partners[0].member_number
+    assert await h.runtime.keyring.open_text(sealed) == member
+
+    [envelope] = await publish(h.settings, ResidentWithdrawn(resident_id=resident, withdrawn_at=now()))
+    await events_on(h.settings, CERTIFICATES.name, number, event_type=CertificateRevoked.event_type)
+    assert await tables_holding(h.pool, member, note, address, staff_note) == {}
+    # The audit trail keeps who decided what, when and why (the code); the note alone is gone.
+    entries = await h.pool.fetch("SELECT actor, action, reason, details FROM audit_trail WHERE target_id = $1",
+                                 other["application_id"])
+    assert [(e["action"], e["reason"]) for e in entries] == [("application.rejected", "residence_not_confirmed")]
+    assert await h.pool.fetchval("SELECT erased_at FROM kit_erased_residents WHERE resident_id = $1", resident)
+    # The key is shredded (registration does it): every copy of the sealed number is unreadable.
+    await h.runtime.keyring.shred(resident_subject(resident))
+    assert await h.runtime.keyring.open_many([sealed]) == [None]
+
+    # Late events about the person write nothing back.
+    late = await publish(
+        h.settings, registered(resident, SHIRAHAMA, consents=("jal", "ana")),
+        ConsentChanged(resident_id=resident, purpose="share_certificate", partner="ana", granted=True, at=now()),
+    )
+
+    async def handled() -> bool:
+        seen = await h.pool.fetchval("SELECT count(*) FROM inbox WHERE event_id = ANY($1::uuid[])",
+                                     [e.id for e in late])
+        return bool(seen == len(late))
+
+    await eventually(handled)
+    for table in ("resident_registrations", "share_consents"):
+        assert await h.pool.fetchval(f"SELECT count(*) FROM {table} WHERE resident_id = $1", resident) == 0
+    assert envelope.id is not None
+
+
 PROJECTION = {
     "residents": "resident_id",
     "resident_registrations": "registration_id",
@@ -868,7 +971,10 @@ async def test_replaying_the_registration_topic_into_an_empty_database_rebuilds_
         ConsentChanged(resident_id=a, purpose="share_certificate", partner="ana", granted=False,
                        at=earlier),  # older fact arriving later: loses
         ConsentChanged(resident_id=a, purpose="email", granted=False, at=now()),  # not ours
-        ContactChanged(resident_id=a, contact=Contact(name="x", name_kana="エックス", email="x@example.jp"),
+        ContactChanged(resident_id=a,
+                       contact=seal_for_tests(
+                           resident_subject(a), Contact(name="x", name_kana="エックス", email="x@example.jp")
+                       ),
                        at=now()),  # not routed: no contact data here
         registered(b, TANABE, tier="premium", status="pending_review", registration_id=reg_b),
         PremiumRejected(resident_id=b, registration_id=reg_b, municipality_code=TANABE,

@@ -30,13 +30,22 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import resident_subject
 from shared.contracts.topics import RESIDENTS
 from shared.kit.consumer import EventConsumer
 from shared.kit.envelope import Envelope
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from shared.reference import prefecture_of
-from tests.support import EventFeed, OpenPool, QueryLog, assert_batch_is_one_by_one, in_transaction, service_pools
+from tests.support import (
+    EventFeed,
+    OpenPool,
+    QueryLog,
+    assert_batch_is_one_by_one,
+    in_transaction,
+    seal_for_tests,
+    service_pools,
+)
 
 SHIRAHAMA, TANABE, SUSAMI = "304018", "302066", "304069"
 CHIYODA, HACHIOJI = "131016", "132012"  # legal addresses
@@ -74,7 +83,10 @@ def registered(
     return ResidentRegistered(
         resident_id=resident_id, registration_id=registration_id, municipality_code=municipality,
         prefecture_code=prefecture_of(municipality).code, tier=tier, status=status, legal_address_code=legal,
-        contact=Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        contact=seal_for_tests(
+            resident_subject(resident_id),
+            Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        ),
         consents=[
             ConsentState(purpose="share_certificate", partner=partner, granted=granted, at=at)
             for partner, granted in (consents or {}).items()
@@ -144,7 +156,8 @@ async def test_one_batch_of_mixed_events_leaves_what_one_event_per_batch_leaves(
     feed.add(consent(k["a"], "ana", False, minutes=27), minutes=27)
     feed.add(consent(k["a"], "ana", True, minutes=27), minutes=28)  # same time: the later one wins
     feed.add(consent(k["a"], None, False, minutes=29, purpose="email"), minutes=29)  # not ours: touches nothing
-    feed.add(ContactChanged(resident_id=k["a"], contact=Contact(name="x", name_kana="エックス", email="x@example.jp"),
+    feed.add(ContactChanged(resident_id=k["a"], contact=seal_for_tests(
+        resident_subject(k["a"]), Contact(name="x", name_kana="エックス", email="x@example.jp")),
                             at=T0), minutes=30)  # not routed
     # a3: registered, asked to upgrade and refused within the run (the change builds on the run's own state)
     feed.add(registered(k["a"], k["a3"], SUSAMI, minutes=30), minutes=30)

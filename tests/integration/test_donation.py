@@ -39,6 +39,8 @@ WAKAYAMA_PREFECTURE = find_municipality_by_full_name("和歌山県").code
 SAPPORO_CHUO = find_municipality_by_full_name("北海道札幌市中央区").code
 SAPPORO = find_municipality_by_full_name("北海道札幌市").code
 MINATO = find_municipality_by_full_name("東京都港区").code
+TOKYO = find_municipality_by_full_name("東京都").code
+MUSASHINO = find_municipality_by_full_name("東京都武蔵野市").code
 
 TABLES = (
     "donors", "donations", "receipts", "fund_ledger", "donor_years", "donor_year_municipalities",
@@ -106,6 +108,9 @@ def donation(
         "amount": amount, "payment_date": payment_date,
         "donor": donor if donor is not None else person(),
     }
+    if kind == "corporate":
+        # Every programme municipality has a (sample) certified plan on file: sample-<code>.
+        body["revitalisation_plan_id"] = f"sample-{municipality}"
     body.update(extra)
     return body
 
@@ -309,6 +314,11 @@ async def test_corporate_and_mile_donations(service: Service) -> None:
     )
     assert corporate["receipt_number"].startswith(f"{TANABE}-2025-")
     assert corporate["earmark"] == "general" and corporate["project"] == "熊野古道の保全"
+    assert corporate["revitalisation_plan_id"] == f"sample-{TANABE}" and not corporate["special_deduction"]
+    received = (await events_about(service.settings, corporate["id"], expected=1, model=DonationReceived))[0].decode(
+        DonationReceived
+    )
+    assert (received.revitalisation_plan_id, received.special_deduction) == (f"sample-{TANABE}", False)
 
     miles = await service.confirm(donation(SHIRAHAMA, 7_500, kind="miles", payment_date="2025-07-01"))
     assert miles["unit"] == "miles" and miles["earmark"] == "dual_residence" and miles["receipt_number"] is None
@@ -371,8 +381,25 @@ def _bad_inputs() -> list[tuple[str, dict[str, Any], int, str]]:
         ("corporate to the city of its head-office ward",
          donation(SAPPORO, 500_000, kind="corporate", donor=company(SAPPORO_CHUO), project="p"), 422,
          "corporate-donation-to-head-office"),
-        ("corporate without a project", donation(TANABE, 500_000, kind="corporate", donor=company()), 422,
-         "corporate-project-required"),
+        ("corporate without a plan",
+         donation(TANABE, 500_000, kind="corporate", donor=company(), revitalisation_plan_id=None), 422,
+         "corporate-plan-required"),
+        ("corporate to 東京都", donation(TOKYO, 500_000, kind="corporate", donor=company(SHIRAHAMA)), 422,
+         "corporate-recipient-excluded"),
+        ("corporate to a metropolitan non-recipient of allocation tax",
+         donation(MUSASHINO, 500_000, kind="corporate", donor=company(SHIRAHAMA)), 422,
+         "corporate-recipient-excluded"),
+        ("corporate to another town's plan",
+         donation(TANABE, 500_000, kind="corporate", donor=company(), revitalisation_plan_id=f"sample-{SUSAMI}"), 422,
+         "unknown-revitalisation-plan"),
+        ("corporate to a plan not certified in the payment's fiscal year",
+         donation(WAKAYAMA_PREFECTURE, 500_000, kind="corporate", donor=company(),
+                  revitalisation_plan_id="300004-machi-hito-shigoto", payment_date="2025-03-31"), 422,
+         "revitalisation-plan-not-certified"),
+        ("a plan named by a hometown-tax donation", donation(revitalisation_plan_id=f"sample-{SHIRAHAMA}"), 422,
+         "revitalisation-plan-not-applicable"),
+        ("one-stop requested of a municipality not designated", donation(TOKYO, one_stop_requested=True), 422,
+         "municipality-not-designated"),
         ("corporate from an individual", donation(TANABE, 500_000, kind="corporate", project="p"), 422,
          "donor-kind-mismatch"),
         ("hometown tax from a company", donation(TANABE, donor=company()), 422, "donor-kind-mismatch"),

@@ -27,6 +27,7 @@ COVERED = {
     "POST /v1/donations/{donation_id}/one-stop",
     "POST /v1/donations/{donation_id}/one-stop/verify",
     "POST /v1/donors",
+    "DELETE /v1/donors/{donor_id}",
     "POST /v1/receipts/{number}/reissue",
 }
 
@@ -120,3 +121,17 @@ async def test_a_reissue_key_never_hands_the_receipt_to_someone_else(service: Se
     assert await service.pool.fetchval(
         "SELECT reissue_count FROM receipts WHERE number = $1", made["receipt_number"]
     ) == 2
+
+
+async def test_an_erasure_key_is_the_managers_own(service: Service) -> None:
+    # DELETE /donors/{id}: another town's manager reusing the key gets its own 403, never the answer.
+    made = await service.confirm(donation(SHIRAHAMA, 10_000, payment_date="2025-10-01", donor=person("消去 鍵子")))
+    other = await service.confirm(donation(SHIRAHAMA, 10_000, payment_date="2025-10-01", donor=person("消去 鍵代")))
+    first = await assert_key_scoped(
+        service.client, "DELETE", f"/v1/donors/{made['donor_id']}", owner=service.staff(SHIRAHAMA),
+        other=service.staff(TANABE), changed_path=f"/v1/donors/{other['donor_id']}",
+    )
+    assert first.json()["donor_id"] == made["donor_id"] and first.json()["erased_at"] is not None
+    assert await service.pool.fetchval(
+        "SELECT erased_at IS NULL FROM donors WHERE id = $1", uuid.UUID(other["donor_id"])
+    )

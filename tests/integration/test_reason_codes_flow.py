@@ -28,6 +28,7 @@ from services.subsidy.main import create_app as subsidy_app
 from shared.contracts.certification import CertificateRevoked
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, certificate_of_key
 from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
+from shared.contracts.sealed import resident_subject
 from shared.contracts.subsidy import GrantCancelled
 from shared.contracts.topics import CERTIFICATES, GRANTS, PARTNER_CODES, RESIDENTS, partner_feed
 from shared.kit.envelope import new_envelope
@@ -35,7 +36,7 @@ from shared.kit.settings import Settings
 from shared.reference import prefecture_of
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
-from tests.support import bearer, eventually, produce, read_topic, service_client
+from tests.support import bearer, eventually, produce, read_topic, seal_for_tests, service_client
 
 SHIRAHAMA = "304018"  # has a plan and a JAL mileage program
 CHIYODA = "131016"  # the resident's legal address
@@ -67,7 +68,10 @@ def registered(resident_id: str) -> ResidentRegistered:
     return ResidentRegistered(
         resident_id=resident_id, registration_id=f"reg-{uuid.uuid4().hex[:8]}", municipality_code=SHIRAHAMA,
         prefecture_code=prefecture_of(SHIRAHAMA).code, tier="basic", status="active", legal_address_code=CHIYODA,
-        contact=Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        contact=seal_for_tests(
+            resident_subject(resident_id),
+            Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
+        ),
         consents=[ConsentState(purpose="share_certificate", partner="jal", granted=True, at=now)],
         registered_at=now,
     )
@@ -167,6 +171,9 @@ async def test_a_staff_note_never_reaches_a_partner_topic_or_the_delivery_record
         payloads = await p.pools[service].fetch("SELECT convert_from(payload, 'UTF8') AS p FROM outbox")
         assert not [r["p"] for r in payloads if r["p"] and token in r["p"]], f"{service}.outbox"
     audit = await p.pools["certification"].fetchrow(
-        "SELECT reason, details FROM audit_trail WHERE target_id = $1 AND action = 'certificate.revoked'", number
+        "SELECT a.reason, a.details, n.note FROM audit_trail AS a LEFT JOIN audit_notes AS n ON n.audit_id = a.id "
+        "WHERE a.target_id = $1 AND a.action = 'certificate.revoked'", number
     )
-    assert audit is not None and audit["reason"] == "not_residing" and token in audit["details"]
+    # The note is kept beside the audit entry (erasable with the resident), never in the entry itself.
+    assert audit is not None and audit["reason"] == "not_residing" and token in audit["note"]
+    assert token not in audit["details"]

@@ -48,6 +48,7 @@ from tests.integration.test_registration_support import (
     new_resident_id,
     of_type,
     one,
+    opened_contact,
     premium,
     register,
     resident_auth,
@@ -230,9 +231,12 @@ async def test_registering_with_a_municipality_registers_with_its_prefecture(
     assert (first.registration_id, first.municipality_code, first.prefecture_code) == (town["id"], SHIRAHAMA, WAKAYAMA)
     assert (second.municipality_code, second.prefecture_code, second.tier) == (WAKAYAMA, WAKAYAMA, "basic")
     assert first.status == "active" and first.legal_address_code == HOME
-    assert first.contact.name == "山田 花子" and first.contact.name_kana == "ヤマダ ハナコ"
-    assert first.contact.email == "hanako.yamada@example.jp" and first.contact.phone == "090-1234-5678"
-    assert first.contact.preferred_language == "ja"
+    contact = await opened_contact(settings, first.contact)  # sealed with the person's key
+    assert contact is not None and first.contact.kid == f"resident:{resident_id}"
+    assert contact.name == "山田 花子" and contact.name_kana == "ヤマダ ハナコ"
+    assert contact.email == "hanako.yamada@example.jp" and contact.phone == "090-1234-5678"
+    assert contact.preferred_language == "ja"
+    assert await opened_contact(settings, second.contact) == contact
 
     # A second town in the same prefecture reuses the prefecture registration.
     tanabe = await register(client, settings, resident_id, {"municipality_code": TANABE})
@@ -321,15 +325,28 @@ BAD_REGISTRATIONS: list[tuple[str, Callable[[str], dict[str, Any]], int, str]] =
      lambda r: premium(SHIRAHAMA, r, attestation=attest(r, verified_at=_minutes_ago(2 * 366 * 24 * 60))), 422,
      "identity-verification-invalid"),
     ("two activities", lambda r: premium(SHIRAHAMA, r, activities=activities(5, 6)), 422, "not-enough-activities"),
-    ("the same activity thrice",
-     lambda r: premium(SHIRAHAMA, r, activities=[{"name": "草刈り", "date": date.today().isoformat()}] * 3), 422,
-     "not-enough-activities"),
+    ("one designated activity on three days",
+     lambda r: premium(SHIRAHAMA, r, activities=[{**activities(d)[0], "document_ref": None} for d in (1, 2, 3)]),
+     422, "not-enough-activities"),
+    # Activities are picked from the municipality's catalogue of designated activities.
+    ("a freely named activity", lambda r: premium(SHIRAHAMA, r, activities=[
+        *activities(5, 6), {"name": "棚田の草刈り", "date": date.today().isoformat()}]), 422,
+     "activity-not-designated"),
+    ("a name beside the pick", lambda r: premium(SHIRAHAMA, r, activities=[
+        *activities(5, 6), {**activities(7, start=2)[0], "name": "棚田の草刈り"}]), 422, "activity-not-designated"),
+    ("an activity no municipality designated", lambda r: premium(SHIRAHAMA, r, activities=[
+        *activities(5, 6), {"activity_id": f"{SHIRAHAMA}-no-such-activity", "date": date.today().isoformat()}]),
+     422, "unknown-activity"),
+    ("another municipality's activity", lambda r: premium(SHIRAHAMA, r, activities=[
+        *activities(5, 6), *activities(7, municipality=TANABE, start=2)]), 422, "activity-of-another-municipality"),
+    ("an activity needing evidence without it", lambda r: premium(SHIRAHAMA, r, activities=[
+        {**a, "document_ref": None} for a in activities(5, 6, 7)]), 422, "activity-evidence-required"),
     ("an activity in the future", lambda r: premium(SHIRAHAMA, r, activities=activities(5, 6, -3)), 422,
      "activity-out-of-range"),
     ("an activity over a year ago", lambda r: premium(SHIRAHAMA, r, activities=activities(5, 6, 400)), 422,
      "activity-out-of-range"),
     ("My Number as a document", lambda r: premium(SHIRAHAMA, r, activities=[
-        *activities(5, 6), {"name": "清掃", "date": date.today().isoformat(), "document_ref": "1234 5678 9018"}]),
+        *activities(5, 6), {**activities(0, start=2)[0], "document_ref": "1234 5678 9018"}]),
      422, "my-number-not-allowed"),
     ("My Number as certificate serial",
      lambda r: premium(SHIRAHAMA, r, identity=identity(certificate_serial="123456789018")), 422,
@@ -613,21 +630,23 @@ async def test_renewal_needs_a_new_activity_record(
     )
     before = await snapshot(pool)
     old_record = await client.post(f"/v1/registrations/{registration_id}/renew",
-                                   json={"activities": activities(10, 20, 330)},
+                                   json={"activities": activities(10, 20, 330, municipality=SUSAMI)},
                                    headers=resident_auth(settings, resident_id))
     assert_problem(old_record, 422, "activity-out-of-range")
-    too_few = await client.post(f"/v1/registrations/{registration_id}/renew", json={"activities": activities(10, 20)},
+    too_few = await client.post(f"/v1/registrations/{registration_id}/renew",
+                                json={"activities": activities(10, 20, municipality=SUSAMI)},
                                 headers=resident_auth(settings, resident_id))
     assert_problem(too_few, 422, "not-enough-activities")
     assert await snapshot(pool) == before
 
     renewal = await client.post(f"/v1/registrations/{registration_id}/renew",
-                                json={"activities": activities(10, 50, 200, prefix="移住相談会")},
+                                json={"activities": activities(10, 50, 200, municipality=SUSAMI, start=3)},
                                 headers=resident_auth(settings, resident_id))
     assert renewal.status_code == 200, renewal.text
     assert (renewal.json()["status"], renewal.json()["awaiting_review"]) == ("active", "renewal")
     pending = await client.post(f"/v1/registrations/{registration_id}/renew",
-                                json={"activities": activities(1, 2, 3)}, headers=resident_auth(settings, resident_id))
+                                json={"activities": activities(1, 2, 3, municipality=SUSAMI)},
+                                headers=resident_auth(settings, resident_id))
     assert_problem(pending, 409, "review-pending")
     approved = await client.post(f"/v1/registrations/{registration_id}/approve", headers=staff_auth(settings, SUSAMI))
     # An early renewal keeps the days left: one more year after the current one.
@@ -647,7 +666,8 @@ async def test_premium_expires_once_after_its_year(
     resident_id = await create_resident(client, settings)
     requested = await register(client, settings, resident_id, premium(IKI, resident_id))
     await client.post(f"/v1/registrations/{requested['id']}/approve", headers=staff_auth(settings, IKI))
-    renewal = await client.post(f"/v1/registrations/{requested['id']}/renew", json={"activities": activities(0, 0, 0)},
+    renewal = await client.post(f"/v1/registrations/{requested['id']}/renew",
+                                json={"activities": activities(0, 0, 0, municipality=IKI)},
                                 headers=resident_auth(settings, resident_id))
     assert renewal.json()["awaiting_review"] == "renewal"
     yesterday = today() - timedelta(days=1)

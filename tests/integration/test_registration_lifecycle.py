@@ -44,6 +44,7 @@ from tests.integration.test_registration_support import (
     new_resident_id,
     of_type,
     one,
+    opened_contact,
     premium,
     register,
     relayed,
@@ -197,8 +198,10 @@ async def test_a_contact_change_is_published(
     events = await events_of(settings, pool, resident_id, 1)
     assert len(events) == 1
     change = decoded(events[0], ContactChanged, resident_id)
-    assert change.contact.email == "hanako@shirahama.example.jp" and change.contact.name_kana == "ヤマダ ハナコ"
-    assert change.contact.phone is None and change.contact.preferred_language == "en"
+    contact = await opened_contact(settings, change.contact)
+    assert contact is not None
+    assert contact.email == "hanako@shirahama.example.jp" and contact.name_kana == "ヤマダ ハナコ"
+    assert contact.phone is None and contact.preferred_language == "en"
 
 
 # --- Withdrawal of one registration --------------------------------------------------------------
@@ -273,11 +276,9 @@ async def test_erasure_leaves_no_personal_data(
                       json={"purpose": "share_certificate", "partner": "jal"},
                       headers={**me, "Idempotency-Key": str(uuid.uuid4())})
     documents = [f"DOC-{tag}-{i}" for i in range(3)]
-    activity_names = [f"棚田保全{tag}-{i}" for i in range(3)]
     premium_body = premium(
         SHIRAHAMA, resident_id,
-        activities=[{**a, "name": n, "document_ref": d}
-                    for a, n, d in zip(activities(3, 30, 60), activity_names, documents, strict=True)],
+        activities=[{**a, "document_ref": d} for a, d in zip(activities(3, 30, 60), documents, strict=True)],
     )
     approved = await register(client, settings, resident_id, premium_body)
     await client.post(f"/v1/registrations/{approved['id']}/approve",
@@ -299,7 +300,7 @@ async def test_erasure_leaves_no_personal_data(
     await handlers.purge_relayed_events_of_erased(app.state.runtime)  # what the maintenance job does
 
     # Not one column of one row of any table holds a personal value any more.
-    secrets = [*personal.values(), *documents, *activity_names, reason, tag]
+    secrets = [*personal.values(), *documents, reason, tag]
     for table in TABLES:
         rows = await pool.fetch(f"SELECT t::text AS row FROM {table} t")
         for row in rows:
@@ -322,14 +323,23 @@ async def test_erasure_leaves_no_personal_data(
         assert verification["certificate_serial"] is None and verification["subject_ref"] is None
         # How and by whom the identity was verified stays (the attestation id is no personal data).
         assert verification["verified_at"] is not None and verification["provider"] is not None
-    for activity in await pool.fetch(
+    picked = await pool.fetch(
         "SELECT pa.* FROM premium_activities pa JOIN premium_reviews pr ON pr.id = pa.review_id "
         "JOIN registrations r ON r.id = pr.registration_id WHERE r.resident_id = $1", resident_id
-    ):
-        assert activity["name"] is None and activity["document_ref"] is None and activity["activity_date"]
+    )
+    assert len(picked) == 6  # three picks for 白浜町, three for 田辺市
+    for activity in picked:
+        # Which designated activities the person picked is theirs too: only the dates stay.
+        assert activity["activity_id"] is None and activity["document_ref"] is None and activity["activity_date"]
+        assert activity["name"] is None
     assert await pool.fetchval("SELECT count(*) FROM consents WHERE resident_id = $1", resident_id) == 0
     assert await pool.fetchval(
         "SELECT count(*) FROM idempotency_keys WHERE starts_with(scope, $1)", resident_id) == 0
+    # The staff's stored answer of the approval named the person: forgotten too.
+    assert await pool.fetchval(
+        "SELECT count(*) FROM idempotency_keys WHERE strpos(body::text, $1) > 0", resident_id) == 0
+    assert await pool.fetchval(
+        "SELECT count(*) FROM kit_erased_residents WHERE resident_id = $1", resident_id) == 1
 
     # Every service is told, once; a repeated request changes nothing.
     assert (await client.delete(f"/v1/residents/{resident_id}", headers=me)).status_code == 204
@@ -343,6 +353,46 @@ async def test_erasure_leaves_no_personal_data(
 
     # The id stays a tombstone (other services keep one too): coming back needs a new identity.
     assert_problem(await client.post("/v1/residents", json=hanako(), headers=me), 409, "resident-erased")
+
+
+async def test_the_contact_on_the_topic_is_sealed_and_unreadable_after_the_erasure(
+    client: httpx.AsyncClient, settings: Settings, pool: asyncpg.Pool, app: FastAPI
+) -> None:
+    """Every copy of the contact on registration.residents.v1 (and so in every retained record and
+    dead letter) is sealed with the person's key: plaintext never reaches the topic, and once the
+    erasure shreds the key no copy opens, in any process."""
+    tag = uuid.uuid4().hex[:8]
+    personal = {
+        "name": f"封印 花子{tag}", "name_kana": f"フウイン {_random_katakana(8)}",
+        "email": f"sealed-{tag}@example.jp", "phone": f"080-{random.randint(1000, 9999)}-{random.randint(1000, 9999)}",
+    }
+    resident_id = await create_resident(client, settings, **personal)
+    me = resident_auth(settings, resident_id)
+    await register(client, settings, resident_id, {"municipality_code": SHIRAHAMA})
+    changed = await client.patch(f"/v1/residents/{resident_id}", json={"email": f"new-{personal['email']}"},
+                                 headers=me)
+    assert changed.status_code == 200, changed.text
+    records = await events_of(settings, pool, resident_id, 3)  # town, its prefecture, the change
+    sealed = [decoded(e, ResidentRegistered, resident_id).contact for e in of_type(records, ResidentRegistered)]
+    sealed += [decoded(e, ContactChanged, resident_id).contact for e in of_type(records, ContactChanged)]
+    assert len(sealed) == 3
+    plaintexts = [value.encode() for value in (*personal.values(), f"new-{personal['email']}", tag)]
+    for record in records:
+        assert not [p for p in plaintexts if p in record.data], record.data  # the raw record value
+    opened = [await opened_contact(settings, value) for value in sealed]
+    assert [c.name if c else None for c in opened] == [personal["name"]] * 3
+    assert opened[-1] is not None and opened[-1].email == f"new-{personal['email']}"
+
+    assert (await client.delete(f"/v1/residents/{resident_id}", headers=me)).status_code == 204
+    # Read again from the topic, as a consumer reset to earliest or a dead-letter replay would.
+    again = await events_of(settings, pool, resident_id, 4)
+    assert of_type(again, ResidentWithdrawn)
+    assert [await opened_contact(settings, value) for value in sealed] == [None] * 3
+    runtime: ServiceRuntime = app.state.runtime
+    assert await runtime.keyring.open_many(sealed) == [None] * 3
+    # Nothing can be sealed for them again: a late write finds the account gone, not a fresh key.
+    assert_problem(await client.patch(f"/v1/residents/{resident_id}", json={"phone": None}, headers=me),
+                   404, "resident-not-found")
 
 
 async def test_erasure_is_for_the_person_or_admin(

@@ -12,10 +12,14 @@ import asyncpg
 import httpx
 import jsonschema  # type: ignore[import-untyped]
 
+from services.registration.sample_activities import COMMON
 from shared.contracts.base import EventData
+from shared.contracts.registration import Contact
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import RESIDENTS
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, parse_envelope
+from shared.kit.keyring import Keyring
 from shared.kit.outbox import pending_count
 from shared.kit.settings import Settings
 from shared.stack.identity_verifier import attest
@@ -26,7 +30,7 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "contracts" / "schemas"
 #: Every table of the service, the kit's included: a refused request must change none of them.
 TABLES = (
     "residents", "registrations", "identity_verifications", "premium_reviews", "premium_activities", "consents",
-    "consent_log", "outbox", "idempotency_keys",
+    "consent_log", "outbox", "idempotency_keys", "designated_activities",
 )
 
 HOME = "131016"  # 東京都千代田区
@@ -85,19 +89,22 @@ def identity(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-def activities(*days_ago: int, prefix: str = "棚田の草刈り") -> list[dict[str, Any]]:
+def activities(*days_ago: int, municipality: str = SHIRAHAMA, start: int = 0) -> list[dict[str, Any]]:
+    """Picks of the municipality's sample catalogue (seeded by the service): one per day given, each of
+    the next entry from ``start`` on, each with a document reference."""
     return [
-        {"name": f"{prefix}{i + 1}", "date": (today() - timedelta(days=d)).isoformat(),
-         "document_ref": f"doc-{uuid.uuid4().hex[:8]}"}
+        {"activity_id": f"{municipality}-{COMMON[(start + i) % len(COMMON)].code}",
+         "date": (today() - timedelta(days=d)).isoformat(), "document_ref": f"doc-{uuid.uuid4().hex[:8]}"}
         for i, d in enumerate(days_ago)
     ]
 
 
 def premium(municipality: str, resident_id: str, **overrides: Any) -> dict[str, Any]:
-    """A premium request of ``resident_id`` with a fresh attestation of the development provider."""
+    """A premium request of ``resident_id`` with a fresh attestation of the development provider and
+    three activities of the municipality's sample catalogue."""
     body: dict[str, Any] = {
         "municipality_code": municipality, "tier": "premium", "attestation": attest(resident_id),
-        "activities": activities(10, 40, 90),
+        "activities": activities(10, 40, 90, municipality=municipality),
     }
     body.update(overrides)
     return body
@@ -182,3 +189,14 @@ def decoded(envelope: Envelope, model: type[EventData], resident_id: str) -> Any
 
 def of_type(envelopes: list[Envelope], model: type[EventData]) -> list[Envelope]:
     return [e for e in envelopes if e.type == model.event_type]
+
+
+async def opened_contact(settings: Settings, sealed: Sealed) -> Contact | None:
+    """A contact as another service opens it from an event: with a key store of its own (its own
+    cache); None once the person's key is shredded."""
+    keyring = Keyring.from_settings(settings)
+    try:
+        plaintext = await keyring.open(sealed)
+    finally:
+        await keyring.close()
+    return None if plaintext is None else Contact.model_validate_json(plaintext)

@@ -45,6 +45,10 @@ COVERED: set[str] = {
     "POST /v1/registrations/{registration_id}/renew",
     "DELETE /v1/registrations/{registration_id}",
     "POST /v1/admin/premium-expiry",
+    "POST /v1/residents/{resident_id}/exports",
+    "POST /v1/municipalities/{code}/activities",
+    "PATCH /v1/activities/{activity_id}",
+    "POST /v1/activities/{activity_id}/retire",
 }
 
 
@@ -113,6 +117,19 @@ async def test_erase_resident(client: httpx.AsyncClient, settings: Settings) -> 
     assert spared_view.status_code == 200
 
 
+async def test_request_export(client: httpx.AsyncClient, settings: Settings) -> None:
+    # An admin asks (so the same key can name another resident: the resident may only name themself).
+    asked, other = await create_resident(client, settings), await create_resident(client, settings)
+    first = await assert_key_scoped(
+        client, "POST", f"/v1/residents/{asked}/exports", owner=admin_auth(settings),
+        other=resident_auth(settings, new_resident_id()), changed_path=f"/v1/residents/{other}/exports",
+    )
+    assert first.status_code == 202 and first.json()["resident_id"] == asked
+    view = await client.get(f"/v1/residents/{asked}/exports/{first.json()['export_id']}",
+                            headers=resident_auth(settings, asked))
+    assert view.status_code == 200 and view.json()["status"] == "gathering"
+
+
 # --- Registrations -------------------------------------------------------------------------------
 
 
@@ -156,7 +173,7 @@ async def test_renew(client: httpx.AsyncClient, settings: Settings) -> None:
     first = await assert_key_scoped(
         client, "POST", f"/v1/registrations/{registration_id}/renew", owner=resident_auth(settings, resident_id),
         other=resident_auth(settings, new_resident_id()), body={"activities": activities(0, 0, 0)},
-        changed_body={"activities": activities(0, 0, 0, prefix="地域の祭り")},
+        changed_body={"activities": activities(0, 0, 0, start=3)},
     )
     assert first.json()["awaiting_review"] == "renewal"
 
@@ -214,6 +231,49 @@ async def test_premium_expiry(client: httpx.AsyncClient, settings: Settings, poo
     )
     assert first.json()["expired"] >= 1
     assert await pool.fetchval("SELECT status FROM registrations WHERE id = $1", registration_id) == "expired"
+
+
+# --- Designated activities -----------------------------------------------------------------------
+
+
+def designated_activity(code: str) -> dict[str, object]:
+    return {"code": code, "name_ja": "棚田の田植え", "name_en": "Rice planting", "kind": "farming"}
+
+
+async def published_activity(client: httpx.AsyncClient, settings: Settings, town: str) -> str:
+    response = await client.post(f"/v1/municipalities/{town}/activities",
+                                 json=designated_activity(f"keys-{uuid.uuid4().hex[:8]}"),
+                                 headers=staff_auth(settings, town))
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def test_publish_designated_activity(client: httpx.AsyncClient, settings: Settings) -> None:
+    code = f"keys-{uuid.uuid4().hex[:8]}"
+    first = await assert_key_scoped(
+        client, "POST", f"/v1/municipalities/{SHIRAHAMA}/activities", owner=staff_auth(settings, SHIRAHAMA),
+        other=staff_auth(settings, TANABE), body=designated_activity(code),
+        changed_body=designated_activity(f"{code}-2"),
+    )
+    assert first.status_code == 201 and first.json()["id"] == f"{SHIRAHAMA}-{code}"
+
+
+async def test_change_designated_activity(client: httpx.AsyncClient, settings: Settings) -> None:
+    activity_id = await published_activity(client, settings, SHIRAHAMA)
+    first = await assert_key_scoped(
+        client, "PATCH", f"/v1/activities/{activity_id}", owner=staff_auth(settings, SHIRAHAMA),
+        other=staff_auth(settings, TANABE), body={"season": "5月"}, changed_body={"season": "6月"},
+    )
+    assert first.json()["season"] == "5月"
+
+
+async def test_retire_designated_activity(client: httpx.AsyncClient, settings: Settings) -> None:
+    activity_id, another_id = [await published_activity(client, settings, SHIRAHAMA) for _ in range(2)]
+    first = await assert_key_scoped(
+        client, "POST", f"/v1/activities/{activity_id}/retire", owner=staff_auth(settings, SHIRAHAMA),
+        other=staff_auth(settings, TANABE), changed_path=f"/v1/activities/{another_id}/retire",
+    )
+    assert first.json()["status"] == "retired"
 
 
 # --- Erasure forgets stored answers --------------------------------------------------------------

@@ -32,10 +32,13 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.common import PartnerMembership
+from shared.contracts.common import SealedMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.formats import ProgramId
 from shared.contracts.partners import TripAccepted, TripKind
+from shared.contracts.reasons import BUDGET_CHANGE_REASONS
+from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.subsidy import (
     BudgetChanged,
     GrantCancelled,
@@ -45,7 +48,7 @@ from shared.contracts.subsidy import (
     GrantRedemptionRejected,
     GrantWaitlisted,
 )
-from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, GATEWAY_TRIPS, GRANTS, Topic
+from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, GATEWAY_TRIPS, GRANTS, RESIDENTS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import HandlerContext, Run
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
@@ -53,7 +56,16 @@ from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
-from tests.support import bearer, eventually, produce, read_topic, service_client
+from tests.support import (
+    bearer,
+    eventually,
+    membership,
+    opened_for_tests,
+    produce,
+    read_topic,
+    sealed_for,
+    service_client,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -211,7 +223,7 @@ def uid() -> str:
 
 
 def certificate_issued(
-    municipality: str, partners: list[PartnerMembership], *, valid_from: date | None = None,
+    municipality: str, partners: list[SealedMembership], *, valid_from: date | None = None,
     number: str | None = None, resident: str | None = None,
 ) -> CertificateIssued:
     start = valid_from or TODAY - timedelta(days=30)
@@ -322,7 +334,7 @@ async def test_programs_are_seeded_once_from_the_reference_data(subsidy: Subsidy
     assert jal["grant_value"] == 30_000
     assert await subsidy.pool.fetchval("SELECT count(*) FROM programs WHERE reference_program IS NOT NULL") == 18
     opening = await subsidy.on_topic(
-        BUDGETS, BudgetChanged, 1, program_id="jal-dual-residence-miles@302066", reason="opening balance (illustrative)"
+        BUDGETS, BudgetChanged, 1, program_id="jal-dual-residence-miles@302066", reason="opening_balance"
     )
     record, data = opening[0]
     assert record.key == b"jal-dual-residence-miles@302066" and data["delta"] == 30_000 and data["unit"] == "miles"
@@ -333,14 +345,17 @@ async def test_programs_are_seeded_once_from_the_reference_data(subsidy: Subsidy
 
 async def test_the_jal_journey_credits_the_miles_exactly_once(subsidy: Subsidy) -> None:
     program_id = "jal-dual-residence-miles@304018"
-    issued = certificate_issued("304018", [PartnerMembership(partner="jal", member_number="123456789")])
+    issued = certificate_issued("304018", [membership(partner="jal", member_number="123456789")])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
 
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     [(record, data)] = await subsidy.on_topic(GRANTS, GrantIssued, 1, certificate_number=issued.certificate_number)
     assert record.key == issued.certificate_number.encode()
     assert dict(record.headers)["ce_subject"] == grant["grant_id"].encode()
-    assert data["reserved"] == 30_000 and data["unit"] == "miles" and data["member_number"] == "123456789"
+    assert data["reserved"] == 30_000 and data["unit"] == "miles"
+    # The certificate's sealed member number, copied as it came (subsidy never opens it).
+    assert Sealed.model_validate(data["member_number"]) == issued.partners[0].member_number
+    assert b"123456789" not in (record.value or b"")
     assert data["window_from"] == issued.valid_from.isoformat()
     assert data["window_until"] == (issued.valid_from + timedelta(days=121)).isoformat()
     assert await subsidy.budget(program_id) == {"available": 0, "reserved": 30_000, "spent": 0}
@@ -371,7 +386,7 @@ async def test_the_jal_journey_credits_the_miles_exactly_once(subsidy: Subsidy) 
 
 async def test_waitlisted_grants_are_issued_in_arrival_order_when_donations_arrive(subsidy: Subsidy) -> None:
     program_id = "jal-dual-residence-miles@302066"  # 田辺市: opening budget for one resident
-    jal = [PartnerMembership(partner="jal", member_number="987654321")]
+    jal = [membership(partner="jal", member_number="987654321")]
     first, second, third = (certificate_issued("302066", jal) for _ in range(3))
     await subsidy.certify(first, second, third)
     granted = [await subsidy.grant_of(c.certificate_number, program_id) for c in (first, second, third)]
@@ -409,8 +424,14 @@ async def test_waitlisted_grants_are_issued_in_arrival_order_when_donations_arri
 
     issued_order = [e["certificate_number"] for e in await subsidy.emitted(GrantIssued, program_id=program_id)]
     assert issued_order == [c.certificate_number for c in (first, second, third)]
-    changes = await subsidy.on_topic(BUDGETS, BudgetChanged, 3, program_id=program_id)
+    changes = await subsidy.on_topic(BUDGETS, BudgetChanged, 4, program_id=program_id)
     assert sorted(d["delta"] for _, d in changes) == [1, 29_999, 30_000, 30_000]  # the opening balance too
+    # The staff's words stay in the ledger; the event carries the code only.
+    assert "top_up" in {d["reason"] for _, d in changes} <= set(BUDGET_CHANGE_REASONS)
+    assert not any("council" in json.dumps(d) for _, d in changes)
+    assert await subsidy.pool.fetchval(
+        "SELECT reason FROM budget_ledger WHERE program_id = $1 AND kind = 'top_up'", program_id
+    ) == "council decision"
     assert await subsidy.assert_balanced(program_id) == {"available": 0, "reserved": 90_000, "spent": 0}
 
 
@@ -423,8 +444,8 @@ async def test_concurrent_redemptions_never_overdraw_a_small_budget(subsidy: Sub
     program_id, partner = await create_program(
         subsidy, "152048", "fare_voucher", {"voucher_jpy": 5000, "max_one_ways": 10}, opening_budget=50_000
     )
-    issued = certificate_issued("152048", [PartnerMembership(partner=partner)])
-    late = certificate_issued("152048", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("152048", [membership(partner=partner)])
+    late = certificate_issued("152048", [membership(partner=partner)])
     await subsidy.certify(issued, late)
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     assert (await subsidy.grant_of(late.certificate_number, program_id))["status"] == "waitlisted"
@@ -457,7 +478,7 @@ async def test_concurrent_reservations_never_overdraw_and_keep_arrival_order(sub
     program_id, partner = await create_program(
         subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, opening_budget=3 * 40_000 + 39_999
     )
-    certificates = [certificate_issued("152048", [PartnerMembership(partner=partner)]) for _ in range(20)]
+    certificates = [certificate_issued("152048", [membership(partner=partner)]) for _ in range(20)]
 
     async def grant(certificate: CertificateIssued) -> None:
         async with subsidy.runtime.transaction() as uow:
@@ -476,7 +497,7 @@ async def test_concurrent_reservations_never_overdraw_and_keep_arrival_order(sub
 
 async def test_a_repeated_trip_is_acknowledged_once_and_a_reused_trip_id_is_refused(subsidy: Subsidy) -> None:
     program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 80_000)
-    issued = certificate_issued("152048", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("152048", [membership(partner=partner)])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     headers = subsidy.auth("partner", partner=partner)
@@ -514,8 +535,8 @@ async def test_a_repeated_trip_is_acknowledged_once_and_a_reused_trip_id_is_refu
 
 async def test_redelivered_events_never_count_twice(subsidy: Subsidy) -> None:
     program_id = "jal-dual-residence-miles@016331"  # 上士幌町
-    issued = certificate_issued("016331", [PartnerMembership(partner="jal")])
-    waiting = certificate_issued("016331", [PartnerMembership(partner="jal")])
+    issued = certificate_issued("016331", [membership(partner="jal")])
+    waiting = certificate_issued("016331", [membership(partner="jal")])
     gift = donation("016331", "miles", 30_000)
     certificate_envelopes = await subsidy.certify(issued, waiting)
     first = await subsidy.grant_of(issued.certificate_number, program_id)
@@ -566,8 +587,8 @@ async def test_revocation_and_expiry_release_the_unused_part(subsidy: Subsidy) -
     program_id, partner = await create_program(
         subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, opening_budget=50_000
     )
-    revoked = certificate_issued("152048", [PartnerMembership(partner=partner)])
-    waiting = certificate_issued("152048", [PartnerMembership(partner=partner)])
+    revoked = certificate_issued("152048", [membership(partner=partner)])
+    waiting = certificate_issued("152048", [membership(partner=partner)])
     await subsidy.certify(revoked, waiting)
     grant = await subsidy.grant_of(revoked.certificate_number, program_id)
     assert (await subsidy.grant_of(waiting.certificate_number, program_id))["status"] == "waitlisted"
@@ -615,7 +636,7 @@ async def test_revocation_and_expiry_release_the_unused_part(subsidy: Subsidy) -
 
 async def test_a_renewal_grants_the_next_certificate_year_once(subsidy: Subsidy) -> None:
     program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 80_000)
-    issued = certificate_issued("152048", [PartnerMembership(partner=partner, member_number="M-77")])
+    issued = certificate_issued("152048", [membership(partner=partner, member_number="M-77")])
     await subsidy.certify(issued)
     this_year = await subsidy.grant_of(issued.certificate_number, program_id)
 
@@ -633,7 +654,7 @@ async def test_a_renewal_grants_the_next_certificate_year_once(subsidy: Subsidy)
     assert next_event["window_from"] == issued.valid_from.replace(year=issued.valid_from.year + 1).isoformat()
     program_ends = TODAY + timedelta(days=365)  # test programs run a year from today
     assert next_event["window_until"] == min(renewed.valid_until, program_ends).isoformat()
-    assert next_event["member_number"] == "M-77"
+    assert opened_for_tests(Sealed.model_validate(next_event["member_number"])) == b"M-77"
 
     too_early = await subsidy.client.post(
         "/v1/redemptions", json=http_trip({"grant_id": next_id, "certificate_number": issued.certificate_number}),
@@ -644,7 +665,7 @@ async def test_a_renewal_grants_the_next_certificate_year_once(subsidy: Subsidy)
     # the resident withdraws: the certificate is revoked without member numbers, and so are the grants
     withdrawn = CertificateRevoked(
         **renewed.model_dump(exclude={"renewed_at", "status", "partners"}), status="revoked",
-        partners=[PartnerMembership(partner=partner)], reason="resident withdrew", revoked_at=datetime.now(UTC),
+        partners=[membership(partner=partner)], reason="resident withdrew", revoked_at=datetime.now(UTC),
     )
     await subsidy.publish(CERTIFICATES, cert_event(withdrawn))
     cancelled = await subsidy.on_topic(GRANTS, GrantCancelled, 2, certificate_number=issued.certificate_number)
@@ -660,8 +681,8 @@ async def test_a_renewal_grants_the_next_certificate_year_once(subsidy: Subsidy)
 async def test_windows_that_end_expire_the_grant_and_return_its_miles(subsidy: Subsidy) -> None:
     parameters = {"required_round_trips": 2, "max_one_ways": 2, "miles_per_one_way": 5000, "window_days": 10}
     program_id, partner = await create_program(subsidy, "304069", "mileage_grant", parameters, 10_000)
-    issued = certificate_issued("304069", [PartnerMembership(partner=partner)], valid_from=TODAY - timedelta(days=5))
-    too_late = certificate_issued("304069", [PartnerMembership(partner=partner)], valid_from=TODAY - timedelta(days=20))
+    issued = certificate_issued("304069", [membership(partner=partner)], valid_from=TODAY - timedelta(days=5))
+    too_late = certificate_issued("304069", [membership(partner=partner)], valid_from=TODAY - timedelta(days=20))
     await subsidy.certify(too_late, issued)
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     assert grant["window_until"] == TODAY + timedelta(days=4)
@@ -679,7 +700,7 @@ async def test_windows_that_end_expire_the_grant_and_return_its_miles(subsidy: S
 async def test_fare_discounts_draw_what_the_partner_granted_up_to_the_cap(subsidy: Subsidy) -> None:
     parameters = {"discount_percent": 50, "max_discount_jpy": 10_000, "max_one_ways": 2}
     program_id, partner = await create_program(subsidy, "392065", "fare_discount", parameters, 20_000)
-    issued = certificate_issued("392065", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("392065", [membership(partner=partner)])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     assert grant["value"] == 20_000
@@ -702,7 +723,7 @@ async def test_fare_discounts_draw_what_the_partner_granted_up_to_the_cap(subsid
     assert await subsidy.assert_balanced(program_id) == {"available": 13_000, "reserved": 0, "spent": 7000}
 
     # the seeded ANA program: cap and count from the illustrative defaults
-    ana = certificate_issued("392065", [PartnerMembership(partner="ana", member_number="ANA-1")])
+    ana = certificate_issued("392065", [membership(partner="ana", member_number="ANA-1")])
     await subsidy.publish(CERTIFICATES, cert_event(ana))
     seeded = await subsidy.grant_of(ana.certificate_number, "ana-dual-residence-fare@392065")
     assert seeded["value"] == 120_000 and seeded["status"] == "issued"
@@ -710,7 +731,7 @@ async def test_fare_discounts_draw_what_the_partner_granted_up_to_the_cap(subsid
 
 async def test_kafka_reports_are_answered_on_the_grants_topic(subsidy: Subsidy) -> None:
     program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 40_000)
-    issued = certificate_issued("152048", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("152048", [membership(partner=partner)])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
 
@@ -765,7 +786,7 @@ async def test_another_partners_grant_is_answered_as_a_grant_that_does_not_exist
     """JAL runs a program in 香川県三豊市 (372081) too: a JAL trip on the other partner's grant there
     is refused exactly as one on a grant id nobody issued, on both channels, and moves nothing."""
     program_id, partner = await create_program(subsidy, "372081", "fare_voucher", VOUCHER_PARAMETERS, 40_000)
-    issued = certificate_issued("372081", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("372081", [membership(partner=partner)])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     budget = await subsidy.assert_balanced(program_id)
@@ -804,7 +825,7 @@ async def test_another_partners_grant_is_answered_as_a_grant_that_does_not_exist
 
 async def test_staff_see_their_programs_grants_ledger_and_redemptions(subsidy: Subsidy) -> None:
     program_id, partner = await create_program(subsidy, "152242", "fare_voucher", VOUCHER_PARAMETERS, 40_000)
-    issued = certificate_issued("152242", [PartnerMembership(partner=partner)], resident="res-sado-1")
+    issued = certificate_issued("152242", [membership(partner=partner)], resident="res-sado-1")
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     headers = subsidy.auth("partner", partner=partner)
@@ -877,7 +898,7 @@ async def test_a_refunded_donation_leaves_the_reserved_grants_whole(subsidy: Sub
     gift = donation("422100", "miles", 10_000)
     await subsidy.publish(DONATIONS, (gift, gift.donation_id, gift.municipality_code))
     await eventually(lambda: _has_credit(subsidy, gift.donation_id))
-    issued = certificate_issued("422100", [PartnerMembership(partner="jal")])
+    issued = certificate_issued("422100", [membership(partner="jal")])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     await subsidy.grant_of(issued.certificate_number, program_id)  # takes 30,000 of the 40,000
     refund = DonationRefunded(
@@ -1041,7 +1062,7 @@ async def test_top_ups_by_admin_convert_yen_and_replay_with_the_idempotency_key(
 
 async def test_bad_redemptions_are_problems_and_write_nothing(subsidy: Subsidy) -> None:
     program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 40_000)
-    issued = certificate_issued("152048", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("152048", [membership(partner=partner)])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     mine = subsidy.auth("partner", partner=partner)
@@ -1062,3 +1083,83 @@ async def test_bad_redemptions_are_problems_and_write_nothing(subsidy: Subsidy) 
         response = await subsidy.client.post("/v1/redemptions", json=body, headers=headers)
         await assert_problem(subsidy, response, status, code, before)
     assert await subsidy.ledger(program_id) == [("opening", 40_000), ("reserve", 40_000)]
+
+
+async def test_erasure_removes_member_numbers_from_every_table_and_no_late_certificate_grants_again(
+    subsidy: Subsidy,
+) -> None:
+    """Member numbers travel and rest sealed with the resident's key; the resident's withdrawal ends
+    their open grants, erases the numbers of all their grants (ended ones too) and certificates, keeps
+    the accounts with ids only; a certificate event redelivered afterwards grants nothing."""
+    program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 80_000)
+    resident, member = f"res-{uid()}", f"M{uuid.uuid4().hex[:12].upper()}"
+    keyring = subsidy.runtime.keyring
+    ended, current = [
+        await sealed_for(keyring, certificate_issued(
+            "152048", [membership(partner, member, resident_id=resident)], resident=resident))
+        for _ in range(2)
+    ]
+    [ended_envelope] = await subsidy.certify(ended)
+    await subsidy.certify(current)
+    await subsidy.grant_of(ended.certificate_number, program_id)
+    await subsidy.publish(CERTIFICATES, cert_event(closing(ended, CertificateExpired)))
+    open_grant = await subsidy.grant_of(current.certificate_number, program_id)
+
+    async def ended_expired() -> bool:
+        return await subsidy.status(ended.certificate_number, program_id) == "expired"
+
+    await eventually(ended_expired)
+    issued = await subsidy.on_topic(GRANTS, GrantIssued, 2, resident_id=resident)
+    for record, data in issued:  # never in clear on the topic; the key store opens it while they are active
+        assert member.encode() not in (record.value or b"")
+        assert await keyring.open_text(Sealed.model_validate(data["member_number"])) == member
+    listed = await subsidy.client.get(f"/v1/residents/{resident}/grants", headers=subsidy.auth("admin"))
+    assert {g["member_number"] for g in listed.json()["items"]} == {member}  # opened for whoever may read it
+
+    [withdrawal] = await subsidy.publish(
+        RESIDENTS, (ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident, resident)
+    )
+
+    async def erased() -> bool:
+        return bool(await subsidy.pool.fetchval(
+            "SELECT true FROM kit_erased_residents WHERE resident_id = $1", resident))
+
+    await eventually(erased)
+    [(_, cancelled)] = await subsidy.on_topic(GRANTS, GrantCancelled, 1, grant_id=open_grant["grant_id"])
+    assert cancelled["reason"] == "resident_withdrawn" and cancelled["released"] == 40_000
+    grants = await subsidy.pool.fetch(
+        "SELECT status, member_number FROM grants WHERE resident_id = $1 ORDER BY status", resident
+    )
+    assert [(g["status"], g["member_number"]) for g in grants] == [("cancelled", None), ("expired", None)]
+    certificates = await subsidy.pool.fetch(
+        "SELECT partners FROM certificates WHERE resident_id = $1", resident
+    )
+    assert [json.loads(c["partners"]) for c in certificates] == [[{"partner": partner, "member_number": None}]] * 2
+    # No table holds the sealed number any more (nor, ever, the number itself).
+    sealed_ct = cast(Sealed, current.partners[0].member_number).ct
+    for table in ("grants", "certificates", "trips", "budget_ledger", "idempotency_keys"):
+        for needle in (member, sealed_ct):
+            query = f"SELECT count(*) FROM {table} AS t WHERE strpos(t::text, $1) > 0"
+            hits = await subsidy.pool.fetchval(query, needle)
+            assert hits == 0, (table, needle)
+    assert await subsidy.pool.fetchval(  # the events went out sealed only
+        "SELECT count(*) FROM outbox WHERE position(convert_to($1, 'UTF8') in payload) > 0", member
+    ) == 0
+    # The accounts stay whole, with ids only.
+    assert await subsidy.assert_balanced(program_id) == {"available": 80_000, "reserved": 0, "spent": 0}
+    # The key shredded (registration does it): the copies on the topic are unreadable for good.
+    await keyring.shred(resident_subject(resident))
+    assert await keyring.open_many([Sealed.model_validate(d["member_number"]) for _, d in issued]) == [None, None]
+
+    # A certificate redelivered after the erasure (a late event, a replay) grants nothing.
+    grants_before = await subsidy.pool.fetchval("SELECT count(*) FROM grants WHERE resident_id = $1", resident)
+    await subsidy.republish(CERTIFICATES, [ended_envelope])
+    [late] = await subsidy.publish(CERTIFICATES, cert_event(current))
+    await subsidy.republish(RESIDENTS, [withdrawal])
+
+    async def handled() -> bool:
+        return bool(await subsidy.pool.fetchval("SELECT true FROM inbox WHERE event_id = $1", late.id))
+
+    await eventually(handled)
+    assert await subsidy.pool.fetchval("SELECT count(*) FROM grants WHERE resident_id = $1", resident) == grants_before
+    assert len(await subsidy.emitted(GrantIssued, resident_id=resident)) == 2

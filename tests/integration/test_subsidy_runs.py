@@ -23,7 +23,6 @@ from services.subsidy.config import SubsidySettings
 from services.subsidy.main import MIGRATIONS
 from shared.contracts.base import EventData
 from shared.contracts.certification import CertificateIssued, CertificateRenewed, CertificateRevoked
-from shared.contracts.common import PartnerMembership
 from shared.contracts.donation import DonationReceived
 from shared.contracts.subsidy import BudgetChanged, GrantIssued, GrantWaitlisted
 from shared.contracts.topics import CERTIFICATES, DONATIONS, Topic
@@ -39,6 +38,7 @@ from tests.support import (
     QueryLog,
     assert_batch_is_one_by_one,
     in_transaction,
+    membership,
     service_pools,
     table_rows,
     without,
@@ -69,7 +69,7 @@ def issued(municipality: str, *partners: str, valid_from: date | None = None) ->
     return CertificateIssued(
         certificate_number=f"C-{municipality}-{uuid.uuid4().hex[:8]}", resident_id=f"res-{uuid.uuid4().hex[:8]}",
         municipality_code=municipality, valid_from=start, valid_until=start + timedelta(days=364), status="valid",
-        partners=[PartnerMembership(partner=p, member_number="123456789" if p == "jal" else None) for p in partners],
+        partners=[membership(partner=p, member_number="123456789" if p == "jal" else None) for p in partners],
         application_id=f"app-{uuid.uuid4().hex[:8]}", issued_at=datetime.now(UTC),
     )
 
@@ -213,7 +213,9 @@ async def test_a_run_of_certificates_without_programs_costs_a_handful_of_stateme
 
     # Before: 2 per event (the certificate, the town's programs), 1,000 in all.
     assert [" ".join(statement.split()[:3]) for statement in batch] == [
-        "INSERT INTO inbox", "INSERT INTO certificates", "SELECT program_id, reference_program,",
+        # The erased among the run's residents (one read), the certificates, the towns' programs.
+        "INSERT INTO inbox", "SELECT resident_id FROM", "INSERT INTO certificates",
+        "SELECT program_id, reference_program,",
     ]
     assert consumer.stats.handled == 501
     assert await pool.fetchval("SELECT count(*) FROM certificates") == 501

@@ -7,7 +7,6 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from shared.contracts.common import PartnerMembership
 from shared.contracts.formats import ProgramId
 from shared.contracts.topics import CERTIFICATES
 from tests.integration.test_subsidy import (
@@ -23,7 +22,7 @@ from tests.integration.test_subsidy import (
     subsidy,
     uid,
 )
-from tests.support import assert_key_scoped
+from tests.support import assert_key_scoped, membership
 
 __all__ = ["subsidy"]  # the module-scoped app of the subsidy tests, used here as a fixture
 
@@ -90,7 +89,7 @@ async def test_a_top_up_key_is_checked_for_permission_before_it_is_replayed(subs
 
 async def test_report_redemption(subsidy: Subsidy) -> None:
     program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 40_000)
-    issued = certificate_issued("152048", [PartnerMembership(partner=partner)])
+    issued = certificate_issued("152048", [membership(partner=partner)])
     await subsidy.publish(CERTIFICATES, cert_event(issued))
     grant = await subsidy.grant_of(issued.certificate_number, program_id)
     body = http_trip(grant)

@@ -21,9 +21,10 @@ from services.certification.domain import (
     DuplicatePartner,
     HousingBasisNotAccepted,
     InvalidMemberNumber,
+    InvalidSchemePeriod,
     InvalidValidityPeriod,
     MunicipalityRules,
-    MunicipalityWithoutPlan,
+    NoCertificationScheme,
     NotAMunicipality,
     PartnerConsentMissing,
     PremiumRegistrationRequired,
@@ -36,6 +37,8 @@ from services.certification.domain import (
     Resident,
     ResidentNotYetKnown,
     ResidentWithdrawn,
+    SchemeEdit,
+    SchemeNotInForce,
     StayBelowMinimum,
     StayDaysOutOfRange,
     UnknownMunicipalityCode,
@@ -54,6 +57,8 @@ from services.certification.domain import (
     expiring_window,
     registration_after,
     registration_registered,
+    scheme_after_plan_event,
+    seed_schemes,
     share_consents,
     shared_partners,
     validity_period,
@@ -70,8 +75,10 @@ from shared.contracts.registration import (
     RegistrationWithdrawn,
     ResidentRegistered,
 )
+from shared.contracts.sealed import resident_subject
 from shared.kit.csv_export import csv_lines
 from shared.kit.errors import DomainError
+from tests.support import seal_for_tests
 
 SHIRAHAMA, CHIYODA = "304018", "131016"
 TODAY = date(2026, 6, 1)
@@ -164,14 +171,16 @@ def test_a_366_day_stay_and_a_designated_ward_elsewhere_pass() -> None:
 
 
 def test_the_municipality_rules_apply() -> None:
-    with pytest.raises(MunicipalityWithoutPlan):
-        check_against_rules(request(municipality_code=CHIYODA, primary_residence_code=SHIRAHAMA), None)
+    with pytest.raises(NoCertificationScheme):
+        check_against_rules(request(municipality_code=CHIYODA, primary_residence_code=SHIRAHAMA), None, TODAY)
     with pytest.raises(StayBelowMinimum) as short:
-        check_against_rules(request(planned_stay_days=29), RULES)
+        check_against_rules(request(planned_stay_days=29), RULES, TODAY)
     assert short.value.extra["minimum"] == 30
-    assert check_against_rules(request(planned_stay_days=30), RULES) == RULES
+    assert check_against_rules(request(planned_stay_days=30), RULES, TODAY) == RULES
     with pytest.raises(HousingBasisNotAccepted):
-        check_against_rules(request(housing_basis="hotel"), MunicipalityRules(SHIRAHAMA, housing_bases=("owned",)))
+        check_against_rules(
+            request(housing_basis="hotel"), MunicipalityRules(SHIRAHAMA, housing_bases=("owned",)), TODAY
+        )
 
 
 def test_an_unknown_resident_is_told_to_retry_and_a_withdrawn_one_is_refused() -> None:
@@ -225,7 +234,8 @@ def registered_event(tier: str, status: str) -> ResidentRegistered:
     return ResidentRegistered(
         resident_id="r-1", registration_id="g-1", municipality_code=SHIRAHAMA, prefecture_code="300004",
         tier=tier, status=status, legal_address_code=CHIYODA,
-        contact=Contact(name="山田", name_kana="ヤマダ", email="r@example.jp"), registered_at=AT,
+        contact=seal_for_tests(resident_subject("r-1"), Contact(name="山田", name_kana="ヤマダ", email="r@example.jp")),
+        registered_at=AT,
     )
 
 
@@ -382,3 +392,72 @@ async def test_the_csv_export_has_a_bom_and_neutralises_formulas() -> None:
     text = "".join([chunk async for chunk in csv_lines(CSV_COLUMNS, rows)])
     assert text.startswith("\ufeffcertificate_number,")
     assert "'=HYPERLINK" in text and text.endswith("\r\n")
+
+
+# --- certification schemes (issue #19: certification is not tied to a plan) ----------------------
+
+IKI = "422100"  # 長崎県壱岐市: JAL and 九州郵船, no 特定居住促進計画
+
+
+def test_a_town_without_a_plan_certifies_under_a_model_project() -> None:
+    """The bug of issue #19: the seed gave only plan towns a scheme, so 壱岐市 refused every application."""
+    schemes = {s.municipality_code: s for s in seed_schemes({SHIRAHAMA: date(2025, 3, 1)}, [SHIRAHAMA, IKI, IKI])}
+    assert schemes[SHIRAHAMA].legal_basis == "plan" and schemes[SHIRAHAMA].plan_adopted_on == date(2025, 3, 1)
+    assert schemes[IKI].legal_basis == "model_project" and schemes[IKI].plan_adopted_on is None
+    assert len(schemes) == 2
+    iki = request(municipality_code=IKI, primary_residence_code=CHIYODA)
+    assert check_against_rules(iki, schemes[IKI], TODAY) == schemes[IKI]
+
+
+def test_every_programme_town_of_the_reference_has_a_scheme() -> None:
+    from shared.reference import municipalities_with_plan, travel_programs
+
+    towns = [code for programme in travel_programs() for code in programme.municipality_codes]
+    schemes = {s.municipality_code: s for s in seed_schemes({}, towns)}
+    assert set(towns) <= set(schemes)
+    assert {c for c, s in schemes.items() if s.legal_basis == "model_project"} == set(towns)
+    with_plans = seed_schemes({code: date(2025, 1, 1) for code in municipalities_with_plan()}, towns)
+    assert {s.municipality_code for s in with_plans if s.legal_basis == "plan"} == set(municipalities_with_plan())
+
+
+def test_a_scheme_applies_only_within_its_period() -> None:
+    scheme = MunicipalityRules(IKI, legal_basis="model_project", valid_from=TODAY, valid_until=TODAY + timedelta(30))
+    iki = request(municipality_code=IKI, primary_residence_code=CHIYODA)
+    assert check_against_rules(iki, scheme, TODAY) == scheme
+    assert check_against_rules(iki, scheme, TODAY + timedelta(30)) == scheme
+    for day in (TODAY - timedelta(1), TODAY + timedelta(31)):
+        with pytest.raises(SchemeNotInForce):
+            check_against_rules(iki, scheme, day)
+
+
+def test_staff_edit_rules_and_period_but_not_the_basis() -> None:
+    scheme = MunicipalityRules(IKI, legal_basis="model_project")
+    edit = SchemeEdit(IKI, 14, ("hotel",), 180, "premium", period=(TODAY, None))
+    edited = scheme.edited(edit)
+    assert (edited.min_stay_days, edited.housing_bases, edited.validity_days) == (14, ("hotel",), 180)
+    assert (edited.valid_from, edited.valid_until, edited.legal_basis) == (TODAY, None, "model_project")
+    kept = edited.edited(SchemeEdit(IKI, 30, ("owned",), 365, "any_active"))
+    assert kept.valid_from == TODAY  # no period given: the period stays
+    with pytest.raises(InvalidSchemePeriod):
+        scheme.edited(SchemeEdit(IKI, 30, ("owned",), 365, "any_active", period=(TODAY, TODAY - timedelta(1))))
+
+
+def test_a_plan_adopted_or_withdrawn_moves_the_basis_and_keeps_the_rules() -> None:
+    from shared.contracts.planning import PlanAdopted, PlanContent, PlanWithdrawn
+
+    common = {"plan_id": "plan-1", "level": "municipality", "municipality_code": IKI, "prefecture_code": "420000",
+              "version": 1}
+    adopted = PlanAdopted(**common, name="壱岐市特定居住促進計画", covers_dual_residence=True, content=PlanContent(),
+                          adopted_on=date(2026, 4, 1))
+    withdrawn = PlanWithdrawn(**common, reason="policy_ended", withdrawn_on=date(2027, 4, 1))
+    own = MunicipalityRules(IKI, min_stay_days=14, legal_basis="model_project")
+    on_plan = scheme_after_plan_event(own, IKI, adopted)
+    assert on_plan is not None
+    assert (on_plan.legal_basis, on_plan.plan_adopted_on, on_plan.plan_source) == ("plan", date(2026, 4, 1), "planning")
+    assert on_plan.min_stay_days == 14
+    back = scheme_after_plan_event(on_plan, IKI, withdrawn)
+    assert back is not None and back.legal_basis == "model_project" and back.plan_adopted_on is None
+    assert back.min_stay_days == 14
+    assert scheme_after_plan_event(None, IKI, withdrawn) is None
+    fresh = scheme_after_plan_event(None, IKI, adopted)
+    assert fresh is not None and fresh.legal_basis == "plan" and fresh.min_stay_days == 30

@@ -43,6 +43,15 @@ MINATO = find_municipality_by_full_name("東京都港区").code
 SAPPORO_CHUO = find_municipality_by_full_name("北海道札幌市中央区").code
 SAPPORO = find_municipality_by_full_name("北海道札幌市").code
 HOKKAIDO = find_municipality_by_full_name("北海道").code
+TOKYO = find_municipality_by_full_name("東京都").code
+MIYAKI = find_municipality_by_full_name("佐賀県みやき町").code
+MUSASHINO = find_municipality_by_full_name("東京都武蔵野市").code
+KODAIRA = find_municipality_by_full_name("東京都小平市").code
+HAKONE = find_municipality_by_full_name("神奈川県箱根町").code
+WAKAYAMA = find_municipality_by_full_name("和歌山県").code
+SHIRAHAMA_PLAN = f"sample-{SHIRAHAMA}"
+TANABE_PLAN = f"sample-{TANABE}"
+WAKAYAMA_PLAN = "300004-machi-hito-shigoto"
 TODAY = date(2026, 11, 26)
 PERSON = DonorFacts("individual")
 
@@ -109,11 +118,15 @@ def test_amounts_are_positive() -> None:
 def test_corporate_rules() -> None:
     company = DonorFacts("company", MINATO)
     ok = domain.plan_donation(
-        confirmation(kind="corporate", amount=100_000, project="観光振興"), company, TODAY
+        confirmation(kind="corporate", amount=100_000, project="観光振興", revitalisation_plan_id=SHIRAHAMA_PLAN),
+        company, TODAY,
     )
-    assert ok.issues_receipt and not ok.counts_for_one_stop
-    refused(domain.CorporateDonationBelowMinimum, confirmation(kind="corporate", amount=99_999, project="p"), company)
-    refused(domain.CorporateProjectRequired, confirmation(kind="corporate", amount=100_000), company)
+    assert ok.issues_receipt and not ok.counts_for_one_stop and not ok.special_deduction
+    assert ok.revitalisation_plan is not None and ok.revitalisation_plan.municipality_code == SHIRAHAMA
+    refused(domain.CorporateDonationBelowMinimum,
+            confirmation(kind="corporate", amount=99_999, revitalisation_plan_id=SHIRAHAMA_PLAN), company)
+    # The project is free text now; the plan is what the rules check.
+    refused(domain.CorporatePlanRequired, confirmation(kind="corporate", amount=100_000, project="p"), company)
     refused(domain.DonorKindMismatch, confirmation(kind="corporate", amount=100_000, project="p"), PERSON)
     refused(domain.DonorKindMismatch, confirmation(), company)
     at_home = DonorFacts("company", SHIRAHAMA)
@@ -126,8 +139,122 @@ def test_corporate_rules() -> None:
         refused(domain.CorporateDonationToHeadOffice,
                 confirmation(kind="corporate", amount=100_000, project="p", municipality_code=recipient), in_ward)
     # Another town of the same prefecture is fine.
-    domain.plan_donation(confirmation(kind="corporate", amount=100_000, project="p", municipality_code=TANABE),
-                         at_home, TODAY)
+    domain.plan_donation(confirmation(kind="corporate", amount=100_000, project="p", municipality_code=TANABE,
+                                      revitalisation_plan_id=TANABE_PLAN), at_home, TODAY)
+
+
+# ---------------------------------------------------------------------------- designation (指定制度)
+
+
+def test_a_hometown_tax_donation_to_tokyo_is_an_ordinary_donation_without_one_stop() -> None:
+    # The old behaviour: 東京都 got a ふるさと納税 receipt and counted for (and took) the one-stop exception.
+    plan = domain.plan_donation(confirmation(municipality_code=TOKYO), PERSON, TODAY)
+    assert plan.issues_receipt  # money received is receipted ...
+    assert not plan.special_deduction and not plan.counts_for_one_stop  # ... but never as ふるさと納税
+    with pytest.raises(domain.MunicipalityNotDesignated) as error:
+        domain.plan_donation(confirmation(municipality_code=TOKYO, one_stop_requested=True), PERSON, TODAY)
+    assert error.value.code == "municipality-not-designated"
+    assert error.value.extra["not_designated_from"] == "2019-06-01"
+    assert error.value.extra["not_designated_until"] is None
+    # Before the designation system (June 2019) every local government received ふるさと納税.
+    assert domain.plan_donation(confirmation(municipality_code=TOKYO, payment_date="2019-05-31"), PERSON,
+                                TODAY).special_deduction
+
+
+def test_a_designated_municipality_gives_the_special_deduction() -> None:
+    plan = domain.plan_donation(confirmation(one_stop_requested=True), PERSON, TODAY)  # 白浜町
+    assert plan.special_deduction and plan.counts_for_one_stop
+
+
+@pytest.mark.parametrize(
+    ("payment_date", "designated"),
+    [
+        ("2019-05-31", True),  # before the designation system
+        ("2019-06-01", False),  # not designated in the first designation
+        ("2020-07-02", False),
+        ("2020-07-03", True),  # designated after the Supreme Court judgment
+        ("2025-09-29", True),
+        ("2025-09-30", False),  # revoked for two years
+        ("2026-11-20", False),
+    ],
+)
+def test_a_municipality_excluded_for_periods(payment_date: str, designated: bool) -> None:
+    # みやき町: excluded 2019-06-01 – 2020-07-02, designated again, revoked from 2025-09-30.
+    plan = domain.plan_donation(confirmation(municipality_code=MIYAKI, payment_date=payment_date), PERSON, TODAY)
+    assert (plan.special_deduction, plan.counts_for_one_stop) == (designated, designated)
+
+
+def test_no_one_stop_application_for_a_donation_without_the_special_deduction() -> None:
+    donation = _donation(municipality_code=TOKYO, special_deduction=False)
+    with pytest.raises(domain.MunicipalityNotDesignated):
+        donation.check_application(date(2026, 1, 5), TODAY)
+    _donation().check_application(date(2026, 1, 5), TODAY)
+
+
+def test_the_receipt_of_an_ordinary_donation_never_promises_the_special_deduction() -> None:
+    at = datetime(2026, 2, 1, tzinfo=UTC)
+    receipt = Receipt(
+        number=f"{TOKYO}-2025-000001", donation_id=uuid.uuid4(), municipality_code=TOKYO, calendar_year=2025,
+        donor_id=uuid.uuid4(), donor_name="n", donor_address="a", amount_jpy=10_000, donation_date=date(2025, 12, 1),
+        issued_at=at, status="issued", cancelled_at=None, reissue_count=0, last_reissued_at=None,
+        donor_resident_id=None, donor_type="individual", kind="hometown_tax", project=None, special_deduction=False,
+    )
+    assert "ふるさと納税の対象外" in receipt.kind_label and receipt.note == domain.NOT_DESIGNATED_NOTE
+    designated = dataclasses.replace(receipt, special_deduction=True)
+    assert (designated.kind_label, designated.note) == ("ふるさと納税", None)
+
+
+# ---------------------------------------------------------------------------- corporate (企業版)
+
+
+def _corporate(code: str, plan_id: str | None, payment_date: str = "2025-12-01") -> PaymentConfirmation:
+    return confirmation(kind="corporate", amount=1_000_000, municipality_code=code, payment_date=payment_date,
+                        revitalisation_plan_id=plan_id)
+
+
+def test_corporate_donations_never_go_to_tokyo() -> None:
+    with pytest.raises(domain.CorporateRecipientExcluded) as error:
+        domain.plan_donation(_corporate(TOKYO, None), DonorFacts("company", SHIRAHAMA), TODAY)
+    assert error.value.extra["reason"] == "non-recipient-prefecture"
+
+
+def test_corporate_donations_never_go_to_a_metropolitan_non_recipient_of_allocation_tax() -> None:
+    # 武蔵野市 receives no local allocation tax (FY2023 on) and lies in the 既成市街地.
+    with pytest.raises(domain.CorporateRecipientExcluded) as error:
+        domain.plan_donation(_corporate(MUSASHINO, None), DonorFacts("company", SHIRAHAMA), TODAY)
+    assert error.value.extra == {"municipality_code": MUSASHINO, "fiscal_year": 2025,
+                                 "reason": "metropolitan-non-recipient"}
+    # 小平市 became a non-recipient in FY2024: in FY2023 (March 2024) the rule did not exclude it (it
+    # has no certified plan on file, so the next rule answers).
+    elsewhere = DonorFacts("company", SHIRAHAMA)
+    refused(domain.CorporateRecipientExcluded, _corporate(KODAIRA, None, "2024-04-01"), elsewhere)
+    refused(domain.CorporatePlanRequired, _corporate(KODAIRA, None, "2024-03-31"), elsewhere)
+    # A non-recipient outside the metropolitan zones (箱根町) may receive corporate donations.
+    refused(domain.CorporatePlanRequired, _corporate(HAKONE, None), elsewhere)
+
+
+def test_a_corporate_donation_funds_a_plan_certified_for_its_fiscal_year() -> None:
+    company = DonorFacts("company", MINATO)
+    # 和歌山県まち・ひと・しごと創生推進計画: certified 2025-03-31 for FY2025 on.
+    ok = domain.plan_donation(_corporate(WAKAYAMA, WAKAYAMA_PLAN, "2025-04-01"), company, TODAY)
+    assert ok.revitalisation_plan is not None and not ok.revitalisation_plan.sample
+    with pytest.raises(domain.RevitalisationPlanNotCertified) as error:
+        domain.plan_donation(_corporate(WAKAYAMA, WAKAYAMA_PLAN, "2025-03-31"), company, TODAY)  # FY2024
+    assert error.value.extra == {"plan_id": WAKAYAMA_PLAN, "fiscal_year": 2024}
+    # A sample plan runs FY2024–FY2028.
+    refused(domain.RevitalisationPlanNotCertified, _corporate(SHIRAHAMA, SHIRAHAMA_PLAN, "2024-03-31"), company)
+    with pytest.raises(domain.RevitalisationPlanNotCertified):
+        domain.plan_donation(_corporate(SHIRAHAMA, SHIRAHAMA_PLAN, "2029-04-01"), company, date(2029, 4, 1))
+    domain.plan_donation(_corporate(SHIRAHAMA, SHIRAHAMA_PLAN, "2029-03-31"), company, date(2029, 4, 1))
+    # Another municipality's plan, or a plan that does not exist.
+    refused(domain.UnknownRevitalisationPlanId, _corporate(TANABE, SHIRAHAMA_PLAN), company)
+    refused(domain.UnknownRevitalisationPlanId, _corporate(SHIRAHAMA, "no-such-plan"), company)
+    # Only a corporate donation names a plan.
+    refused(domain.RevitalisationPlanNotApplicable, confirmation(revitalisation_plan_id=SHIRAHAMA_PLAN))
+
+
+def test_fiscal_years_begin_in_april() -> None:
+    assert (domain.fiscal_year(date(2026, 3, 31)), domain.fiscal_year(date(2026, 4, 1))) == (2025, 2026)
 
 
 def test_recipients_are_local_governments() -> None:
@@ -262,11 +389,13 @@ def test_a_notification_is_compared_on_the_hash_recorded_before_the_domain_had_i
         request(program_id="jal-dual-residence-miles", one_stop_requested=True,
                 donor={"type": "individual", "name": "名", "address": "住所", "resident_id": "r", "email": "a@b.jp"}),
     ):
-        before = hashlib.sha256(
-            json.dumps(body.model_dump(mode="json"), sort_keys=True, ensure_ascii=False).encode()
-        ).hexdigest()
+        # Those bodies had no revitalisation_plan_id (it came with issue #19).
+        recorded = body.model_dump(mode="json", exclude={"revitalisation_plan_id"})
+        before = hashlib.sha256(json.dumps(recorded, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         assert body.to_domain().content_hash() == before
     assert confirmation().content_hash() != confirmation(amount=10_001).content_hash()
+    named = {plan: confirmation(revitalisation_plan_id=plan).content_hash() for plan in ("a", "b")}
+    assert named["a"] != named["b"]
 
 
 def test_access_to_a_donors_data() -> None:
@@ -290,6 +419,7 @@ def _donation(**changes: Any) -> Donation:
         "unit": "jpy", "amount": 10_000, "earmark": "general", "program_id": None, "project": None,
         "payment_date": date(2025, 12, 20), "calendar_year": 2025, "one_stop_requested": False,
         "receipt_number": f"{SHIRAHAMA}-2025-000001", "received_at": datetime(2025, 12, 20, tzinfo=UTC),
+        "special_deduction": True,
     }
     values.update(changes)
     return Donation(**values)
@@ -345,6 +475,53 @@ def test_a_receipt_is_reissued_under_its_number_unless_cancelled() -> None:
     with pytest.raises(domain.ReceiptCancelled):
         cancelled.check_printable()
     assert domain.is_receipt_number(receipt.number) and not domain.is_receipt_number("304018-2025-1")
+    # An erased donor's receipt is the municipality's record only: never printed or issued again.
+    erased = dataclasses.replace(receipt, donor_erased=True)
+    for issue in (lambda: erased.reissue(at), erased.check_printable):
+        with pytest.raises(domain.DonorErased) as refused:
+            issue()
+        assert refused.value.status == 410 and refused.value.code == "donor-erased"
+
+
+@pytest.mark.parametrize(
+    ("calendar_year", "first_erasable"),
+    [
+        # Paid in 2025: lowers the 2026 fiscal year's resident tax, kept 5 years after that year
+        # closes (31 March 2027), so through 31 March 2032.
+        (2025, date(2032, 4, 1)),
+        (2026, date(2033, 4, 1)),
+    ],
+)
+def test_a_receipt_is_kept_five_years_after_the_fiscal_year_of_the_tax_it_lowered(
+    calendar_year: int, first_erasable: date
+) -> None:
+    assert domain.retention_ends(calendar_year) == first_erasable
+    assert domain.retention_ends(calendar_year, years=10) == first_erasable.replace(year=first_erasable.year + 5)
+    # The day before, the year is not yet erasable; on the day it is (dates in Japan).
+    assert domain.last_erasable_year(first_erasable) == calendar_year
+    assert domain.last_erasable_year(date(first_erasable.year, 3, 31)) == calendar_year - 1
+    assert domain.last_erasable_year(date(first_erasable.year, 12, 31)) == calendar_year
+
+
+def test_an_erased_donor_keeps_nothing_without_a_receipt_and_is_named_no_more() -> None:
+    assert domain.erasable_from([]) is None
+    assert domain.erasable_from([2024, 2026, 2025]) == date(2033, 4, 1)
+    details = PersonDetails(name="山田 太郎", address="東京都千代田区1-1", resident_id="res-1", email="t@example.jp")
+    unlinked = details.unlinked()
+    assert (unlinked.resident_id, unlinked.email) == (None, None)
+    assert (unlinked.name, unlinked.address) == (details.name, details.address)
+    assert domain.donor_key(unlinked) == "individual:山田太郎|東京都千代田区1-1"
+    at = datetime(2026, 2, 1, tzinfo=UTC)
+    donor = domain.Donor(
+        id=uuid.uuid4(), type="individual", name="", address=None, resident_id=None, email=None,
+        head_office_code=None, corporate_number=None, created_at=at, erased_at=at,
+    )
+    with pytest.raises(domain.DonorErased):
+        donor.check_usable()
+    company = dataclasses.replace(donor, type="company", name="株式会社", head_office_code=MINATO, erased_at=None)
+    company.check_usable()
+    with pytest.raises(domain.DonorIsACompany):
+        company.check_erasable()
 
 
 def test_statements_bind_parameters_by_name() -> None:

@@ -15,8 +15,11 @@ from fastapi.routing import APIRoute
 from services.certification.main import create_app as certification_app
 from services.donation.main import create_app as donation_app
 from services.identity.main import create_app as identity_app
+from services.insights.main import create_app as insights_app
+from services.listings.main import create_app as listings_app
 from services.notification.main import create_app as notification_app
 from services.partner_gateway.main import create_app as gateway_app
+from services.planning.main import create_app as planning_app
 from services.registration.main import create_app as registration_app
 from services.subsidy.main import create_app as subsidy_app
 from shared.kit.settings import Settings
@@ -24,7 +27,7 @@ from shared.kit.settings import Settings
 APPS: dict[str, Callable[..., FastAPI]] = {
     "registration": registration_app, "certification": certification_app, "subsidy": subsidy_app,
     "donation": donation_app, "notification": notification_app, "partner_gateway": gateway_app,
-    "identity": identity_app,
+    "identity": identity_app, "planning": planning_app, "insights": insights_app, "listings": listings_app,
 }
 
 

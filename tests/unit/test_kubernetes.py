@@ -29,9 +29,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from services.console.main import ConsoleConfig
 from services.identity.main import IdentityConfig
 from shared.contracts.acls import bindings, principals, username
-from shared.contracts.topics import ALL_TOPICS, PARTNER_CODES, SERVICES, dead_letter_topics
+from shared.contracts.topics import ALL_TOPICS, BACKENDS, FRONTS, PARTNER_CODES, SERVICES, dead_letter_topics
 from shared.kit.kafka_security import KafkaConnection
 from shared.kit.settings import Settings
 
@@ -361,18 +362,23 @@ def environment(resources: list[Resource], templates: list[Resource], container:
 def test_every_service_gets_its_settings(production: list[Resource], templates: list[Resource]) -> None:
     known = {f"NICHIIKI_{name.upper()}" for name in Settings.model_fields} | {
         f"NICHIIKI_IDENTITY_{name.upper()}" for name in IdentityConfig.model_fields
-    }
+    } | {f"NICHIIKI_CONSOLE_{name.upper()}" for name in ConsoleConfig.model_fields}
     for service in SERVICES:
         deployment = named(production, "Deployment", generate.dns_name(service))
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         env = environment(production, templates, container)
         wanted = REQUIRED_ENV | (PARTNER_ENV if service == "partner_gateway" else set())
+        if service in FRONTS:  # the console: sessions in Redis, no database, no Kafka
+            wanted = {"NICHIIKI_REDIS_URL", "NICHIIKI_OIDC_ISSUER", "NICHIIKI_ENV"}
+            assert not {"NICHIIKI_PG_DSN", "NICHIIKI_KAFKA_SASL_PASSWORD"} & set(env), service
         assert wanted <= set(env), (service, wanted - set(env))
         if service != "partner_gateway":
             assert not PARTNER_ENV & set(env), service  # only the gateway reaches the edge
         assert set(env) <= known, (service, set(env) - known)  # no misspelt variable goes unnoticed
         assert env["NICHIIKI_ENV"] == "production"
         assert env["NICHIIKI_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        if service in FRONTS:
+            continue
         assert env["NICHIIKI_KAFKA_SASL_USERNAME"] == generate.kafka_user_name(service)
         # the CA files are where the Secret volumes are mounted
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
@@ -560,7 +566,7 @@ def world() -> list[Peer]:
         Peer("internet-https", "", {}, 443, ip="203.0.113.80"),
         Peer("other-namespace", "default", {"app": "x"}, 8000),
     ]
-    peers += [Peer(f"db-{s}", "nichiiki-data", {"nichiiki.jp/database": s}, 5432) for s in SERVICES]
+    peers += [Peer(f"db-{s}", "nichiiki-data", {"nichiiki.jp/database": s}, 5432) for s in BACKENDS]
     peers += [Peer(s, "nichiiki", generate.labels(s), 8000) for s in SERVICES]
     return peers
 
@@ -572,6 +578,8 @@ def test_each_service_reaches_only_what_it_needs(production: list[Resource]) -> 
         source = next(p for p in peers if p.name == service)
         reached = {p.name for p in peers if p is not source and allowed(policies, source, p)}
         expected = {"kafka", f"db-{service}", "redis", "identity", "dns", "ingress-controller"}
+        if service in FRONTS:  # Redis and the services' HTTP APIs; no database, no Kafka
+            expected = {"redis", "dns", "ingress-controller", *BACKENDS}
         if service == "partner_gateway":
             expected.add("edge-kafka")
         if service == "notification":
@@ -591,8 +599,11 @@ def test_each_service_is_reached_only_from_the_ingress_and_the_console(productio
         assert not allowed(policies, stranger, target), service
         assert not allowed(policies, ingress, Peer(service, "nichiiki", generate.labels(service), 9000)), service
         others = [Peer(s, "nichiiki", generate.labels(s), 0) for s in SERVICES if s != service]
-        # the services call one another only for the issuer's keys
-        assert all(allowed(policies, o, target) == (service == "identity") for o in others), service
+        # the services call one another only for the issuer's keys; the console calls every service
+        assert all(
+            allowed(policies, o, target) == (service == "identity" or (o.name in FRONTS and service not in FRONTS))
+            for o in others
+        ), service
 
 
 def test_the_migration_job_reaches_the_databases_only(rendered: dict[str, list[Resource]]) -> None:
@@ -601,8 +612,8 @@ def test_the_migration_job_reaches_the_databases_only(rendered: dict[str, list[R
     job = named(resources, "Job", "nichiiki-migrate")
     source = Peer("migrate", "nichiiki", job["spec"]["template"]["metadata"]["labels"], 0)
     reached = {p.name for p in world() if allowed(policies, source, p)}
-    assert reached == {"dns", *(f"db-{s}" for s in SERVICES)}
+    assert reached == {"dns", *(f"db-{s}" for s in BACKENDS)}
     pod = job["spec"]["template"]["spec"]
     steps = pod["initContainers"] + pod["containers"]
-    assert [s["command"] for s in steps] == [["nichiiki", "migrate", s] for s in SERVICES]
-    assert [s["envFrom"][-1]["secretRef"]["name"] for s in steps] == [generate.secret_name(s) for s in SERVICES]
+    assert [s["command"] for s in steps] == [["nichiiki", "migrate", s] for s in BACKENDS]
+    assert [s["envFrom"][-1]["secretRef"]["name"] for s in steps] == [generate.secret_name(s) for s in BACKENDS]

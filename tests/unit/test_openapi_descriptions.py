@@ -20,6 +20,10 @@ WHAT_IT_DOES = {
     "notification": "inbox",
     "partner_gateway": "partner",
     "identity": "sign",
+    "planning": "plans",
+    "insights": "kpis",
+    "listings": "listings",
+    "console": "pages",
 }
 
 

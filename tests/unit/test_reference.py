@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from datetime import date
 from pathlib import Path
@@ -280,7 +281,8 @@ def test_travel_programs() -> None:
         "kyushuyusen",
     }
     assert len(programs["ana-dual-residence-fare"].municipality_codes) == 9
-    assert dict(programs["ana-dual-residence-fare"].demo_parameters) == {"discount_percent": 50}
+    # ANA sells fixed fares to a limited number of participants: a cap (illustrative), no percentage.
+    assert dict(programs["ana-dual-residence-fare"].demo_parameters) == {"participant_cap": 100}
     assert dict(programs["jr-east-sanjo-shinkansen"].demo_parameters) == {
         "voucher_jpy": 5000,
         "max_one_ways": 8,
@@ -312,10 +314,81 @@ def test_parse_demo_parameters() -> None:
     assert reference.parse_demo_parameters("") == {}
 
 
+# --- hometown tax -------------------------------------------------------------------------------
+
+
+def test_tokyo_is_never_designated_and_every_other_period_is_sourced_and_closed_in_order() -> None:
+    periods = reference.not_designated_periods()
+    tokyo = find_municipality("東京都", "東京都").code
+    assert [p for p in periods if p.end is None] == [p for p in periods if p.municipality_code == tokyo]
+    assert reference.not_designated_on(tokyo, date(2019, 6, 1)) is not None
+    assert reference.not_designated_on(tokyo, date(2019, 5, 31)) is None  # the system began in June 2019
+    by_code: dict[str, list[reference.NotDesignatedPeriod]] = {}
+    for period in periods:
+        assert period.source.startswith("http")
+        assert period.start >= date(2019, 6, 1)
+        assert period.end is None or period.end >= period.start
+        by_code.setdefault(period.municipality_code, []).append(period)
+    for listed in by_code.values():  # no overlap: みやき町 has two periods, six years apart
+        listed.sort(key=lambda p: p.start)
+        for earlier, later in itertools.pairwise(listed):
+            assert earlier.end is not None and earlier.end < later.start
+    assert len(by_code[find_municipality("佐賀県", "みやき町").code]) == 2
+    # The demo's town is designated.
+    assert reference.not_designated_on(find_municipality("和歌山県", "白浜町").code, date(2026, 12, 1)) is None
+
+
+def test_non_recipients_of_allocation_tax() -> None:
+    tokyo = find_municipality("東京都", "東京都").code
+    entry = reference.allocation_tax_non_recipient(tokyo, 2026)
+    assert entry is not None and entry.metropolitan_zone == "whole"
+    kodaira = find_municipality("東京都", "小平市").code
+    assert reference.allocation_tax_non_recipient(kodaira, 2023) is None
+    assert reference.allocation_tax_non_recipient(kodaira, 2024) is not None
+    hakone = reference.allocation_tax_non_recipient(find_municipality("神奈川県", "箱根町").code, 2025)
+    assert hakone is not None and hakone.metropolitan_zone == "none"
+    # Only 東京都 among the prefectures.
+    prefecture_codes = {p.code for p in prefectures()}
+    assert {n.municipality_code for n in reference.allocation_tax_non_recipients()} & prefecture_codes == {tokyo}
+
+
+def test_every_programme_municipality_has_a_revitalisation_plan_on_file() -> None:
+    plans = reference.revitalisation_plans()
+    assert len({p.plan_id for p in plans}) == len(plans)
+    with_plan = {p.municipality_code for p in plans}
+    for program in travel_programs():
+        assert set(program.municipality_codes) <= with_plan, program.program_id
+    wakayama = reference.revitalisation_plan("300004-machi-hito-shigoto")
+    assert (wakayama.sample, wakayama.certified_on, wakayama.from_fiscal_year) == (False, date(2025, 3, 31), 2025)
+    for plan in plans:
+        # A sample plan says so in its name and its source; a real one cites where it was published.
+        assert plan.sample == plan.plan_id.startswith("sample-") == ("サンプル" in plan.name)
+        assert plan.source.startswith("http") or plan.sample
+    with pytest.raises(KeyError):
+        reference.revitalisation_plan("no-such-plan")
+
+
 # --- packaging ----------------------------------------------------------------------------------
 
 
 def test_data_is_bundled_in_the_package() -> None:
     data = Path(reference.__file__).parent / "data"
-    for name in ("municipalities.csv", "plans.csv", "support_corporations.csv", "travel_programs.csv"):
+    for name in (
+        "municipalities.csv", "plans.csv", "support_corporations.csv", "travel_programs.csv",
+        "hometown_tax_designation.csv", "local_allocation_tax_non_recipients.csv", "regional_revitalisation_plans.csv",
+    ):
         assert (data / name).is_file()
+
+
+def test_programme_terms_as_the_partners_publish_them() -> None:
+    """JAL: one region per resident and certificate year; ANA: fixed fares per prefecture (domain brief:
+    羽田–高知 ¥11,000, 羽田–佐賀 ¥14,000; 鳥取県's fares are not in our sources)."""
+    programs = {program.program_id: program for program in travel_programs()}
+    assert [p for p, program in programs.items() if program.one_region_per_year] == ["jal-dual-residence-miles"]
+    ana = programs["ana-dual-residence-fare"]
+    susaki, kanzaki, chizu = (find_municipality(*name).code for name in
+                              (("高知県", "須崎市"), ("佐賀県", "神埼市"), ("鳥取県", "智頭町")))
+    assert [(f.route, f.fare_jpy) for f in ana.fare_products_for(susaki)] == [("羽田–高知", 11000)]
+    assert [(f.route, f.fare_jpy) for f in ana.fare_products_for(kanzaki)] == [("羽田–佐賀", 14000)]
+    assert ana.fare_products_for(chizu) == ()
+    assert all(not program.fare_products for p, program in programs.items() if p != "ana-dual-residence-fare")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from services.registration import domain
 from services.registration.attestation import AttestationVerifier, parse_providers
-from services.registration.domain import Activity, IdentityVerification, Registration
+from services.registration.domain import ActivityPick, DesignatedActivity, IdentityVerification, Registration
 from shared.kit import my_number
 from shared.kit.settings import Settings
 from shared.reference import municipality
@@ -41,8 +41,24 @@ def jpki(verified_at: datetime = NOW - timedelta(days=1)) -> IdentityVerificatio
     return IdentityVerification("jpki", verified_at, "https://verifier.example", "attestation-1")
 
 
-def acts(*days_ago: int) -> list[Activity]:
-    return [Activity(f"活動{i}", TODAY - timedelta(days=d)) for i, d in enumerate(days_ago)]
+def designated(town: str, code: str, **fields: Any) -> DesignatedActivity:
+    entry = domain.new_designated_activity(
+        municipality_code=town, code=code, name_ja=f"活動 {code}", name_en=f"Activity {code}", kind="environment",
+        season=None, evidence_required=False, now=NOW - timedelta(days=400),
+    )
+    return replace(entry, **fields)
+
+
+#: Each town's catalogue in these tests: six published entries, act0 .. act5.
+CATALOGUE: dict[str, DesignatedActivity] = {
+    entry.id: entry
+    for town in (SHIRAHAMA, TANABE, "130001") for entry in (designated(town, f"act{i}") for i in range(6))
+}
+
+
+def acts(*days_ago: int, town: str = SHIRAHAMA) -> list[ActivityPick]:
+    """One pick per day given, each of another entry of the town's catalogue."""
+    return [ActivityPick(f"{town}-act{i}", TODAY - timedelta(days=d)) for i, d in enumerate(days_ago)]
 
 
 def registration(code: str, **fields: object) -> Registration:
@@ -57,11 +73,13 @@ def registration(code: str, **fields: object) -> Registration:
 
 def plan(
     target: str, tier: domain.Tier = "basic", existing: list[Registration] | None = None,
-    legal: str = HOME, identity: IdentityVerification | None = None, activities: list[Activity] | None = None,
+    legal: str = HOME, identity: IdentityVerification | None = None, activities: list[ActivityPick] | None = None,
+    catalogue: dict[str, DesignatedActivity] | None = None,
 ) -> domain.RegistrationPlan:
     return domain.plan_registration(
         resident_id="res-1", legal_address_code=legal, existing=existing or [], target_code=target, tier=tier,
-        identity=identity, activities=activities or [], now=NOW, new_id=new_id_factory(),
+        identity=identity, activities=activities or [], catalogue=CATALOGUE if catalogue is None else catalogue,
+        now=NOW, new_id=new_id_factory(),
     )
 
 
@@ -382,11 +400,11 @@ def test_premium_rules() -> None:
     with pytest.raises(domain.PremiumInHomeMunicipality):  # a ward's municipality is its city
         plan(YOKOHAMA, "premium", legal=TSURUMI, identity=jpki(), activities=acts(1, 2, 3))
     # The home prefecture is allowed: the rule names the municipality.
-    assert plan("130001", "premium", identity=jpki(), activities=acts(1, 2, 3)).review == "initial"
+    assert plan("130001", "premium", identity=jpki(), activities=acts(1, 2, 3, town="130001")).review == "initial"
     with pytest.raises(domain.NotEnoughActivities):
         plan(SHIRAHAMA, "premium", identity=jpki(), activities=acts(1, 2))
     with pytest.raises(domain.NotEnoughActivities):
-        plan(SHIRAHAMA, "premium", identity=jpki(), activities=[Activity("同じ", TODAY)] * 3)
+        plan(SHIRAHAMA, "premium", identity=jpki(), activities=[ActivityPick(f"{SHIRAHAMA}-act0", TODAY)] * 3)
     with pytest.raises(domain.ActivityOutOfRange):
         plan(SHIRAHAMA, "premium", identity=jpki(), activities=acts(1, 2, -1))
     with pytest.raises(domain.ActivityOutOfRange):
@@ -443,15 +461,15 @@ def test_a_rejection_ends_only_a_first_request() -> None:
 def test_renewal_needs_activities_of_the_current_year() -> None:
     active = registration(SHIRAHAMA, tier="premium", valid_from=TODAY - timedelta(days=200),
                           valid_until=TODAY + timedelta(days=165))
-    domain.plan_renewal(active, acts(1, 50, 199), NOW)
+    domain.plan_renewal(active, acts(1, 50, 199), CATALOGUE, NOW)
     with pytest.raises(domain.ActivityOutOfRange):
-        domain.plan_renewal(active, acts(1, 50, 201), NOW)
+        domain.plan_renewal(active, acts(1, 50, 201), CATALOGUE, NOW)
     with pytest.raises(domain.ReviewPending):
-        domain.plan_renewal(replace(active, pending_review="renewal"), acts(1, 2, 3), NOW)
+        domain.plan_renewal(replace(active, pending_review="renewal"), acts(1, 2, 3), CATALOGUE, NOW)
     with pytest.raises(domain.NotRenewable):
-        domain.plan_renewal(registration(SHIRAHAMA), acts(1, 2, 3), NOW)
+        domain.plan_renewal(registration(SHIRAHAMA), acts(1, 2, 3), CATALOGUE, NOW)
     with pytest.raises(domain.NotRenewable):
-        domain.plan_renewal(replace(active, status="expired"), acts(1, 2, 3), NOW)
+        domain.plan_renewal(replace(active, status="expired"), acts(1, 2, 3), CATALOGUE, NOW)
 
 
 # --- Withdrawal ----------------------------------------------------------------------------------
@@ -487,3 +505,117 @@ def test_calendar_helpers() -> None:
     assert domain.approve(pending, datetime(2026, 12, 31, 15, 0, tzinfo=UTC)).valid_from == date(2027, 1, 1)
     assert domain.add_years(date(2024, 2, 29), 1) == date(2025, 2, 28)
     assert domain.add_years(date(2025, 3, 1), -1) == date(2024, 3, 1)
+
+
+# --- Designated activities: premium picks from the municipality's catalogue ----------------------
+
+
+def premium_with(activities: list[ActivityPick], catalogue: dict[str, DesignatedActivity] | None = None,
+                 target: str = SHIRAHAMA) -> domain.RegistrationPlan:
+    return plan(target, "premium", identity=jpki(), activities=activities, catalogue=catalogue)
+
+
+def test_premium_needs_three_distinct_designated_activities() -> None:
+    act0 = f"{SHIRAHAMA}-act0"
+    assert premium_with(acts(1, 2, 3)).review == "initial"
+    # One entry on three days is one designated activity, not three.
+    with pytest.raises(domain.NotEnoughActivities, match="1 distinct"):
+        premium_with([ActivityPick(act0, TODAY - timedelta(days=d)) for d in (1, 2, 3)])
+    with pytest.raises(domain.NotEnoughActivities, match="2 distinct"):
+        premium_with([*acts(1, 2), ActivityPick(act0, TODAY - timedelta(days=9))])
+    # A fourth pick repeating one is fine once three distinct ones are there.
+    assert premium_with([*acts(1, 2, 3), ActivityPick(act0, TODAY - timedelta(days=9))]).review == "initial"
+
+
+def test_activities_are_the_municipalitys_own_designated_ones() -> None:
+    with pytest.raises(domain.ActivityOfAnotherMunicipality, match=r"activities\[2\]"):
+        premium_with([*acts(1, 2), *acts(3, 4, 5, town=TANABE)[2:]])
+    with pytest.raises(domain.UnknownActivity, match=r"activities\[0\]"):
+        premium_with([ActivityPick(f"{SHIRAHAMA}-freely-named", TODAY), *acts(1, 2, 3)[1:]])
+    with pytest.raises(domain.UnknownActivity):  # a town that designated nothing takes no premium request
+        premium_with(acts(1, 2, 3), catalogue={})
+    # The same picks for 田辺市 are its own there.
+    assert premium_with(acts(1, 2, 3, town=TANABE), target=TANABE).review == "initial"
+
+
+def test_activities_are_dated_within_the_year() -> None:
+    assert premium_with(acts(0, 200, 365)).review == "initial"  # the day one year ago counts
+    with pytest.raises(domain.ActivityOutOfRange):
+        premium_with(acts(0, 200, 366))
+    with pytest.raises(domain.ActivityOutOfRange):
+        premium_with(acts(-1, 2, 3))
+
+
+def test_a_retired_activity_counts_only_when_done_before_its_retirement() -> None:
+    # Retired 10 days before NOW: on 20 February in Japan (NOW - 10 days is 00:30 on 20 February there).
+    retired = designated(SHIRAHAMA, "act0", status="retired", retired_at=NOW - timedelta(days=10))
+    assert retired.retired_on == date(2026, 2, 20)
+    catalogue = {**CATALOGUE, retired.id: retired}
+    assert premium_with(acts(11, 2, 3), catalogue).review == "initial"
+    with pytest.raises(domain.ActivityRetired, match=r"activities\[0\]"):
+        premium_with(acts(10, 2, 3), catalogue)
+
+
+def test_evidence_is_needed_where_the_municipality_says_so() -> None:
+    strict = designated(SHIRAHAMA, "act1", evidence_required=True)
+    catalogue = {**CATALOGUE, strict.id: strict}
+    with pytest.raises(domain.ActivityEvidenceRequired, match=r"activities\[1\]"):
+        premium_with(acts(1, 2, 3), catalogue)
+    picks = acts(1, 2, 3)
+    picks[1] = replace(picks[1], document_ref="photo-2026-02-28")
+    assert premium_with(picks, catalogue).review == "initial"
+
+
+def test_renewal_picks_from_the_catalogue_too() -> None:
+    active = registration(TANABE, tier="premium", valid_from=TODAY - timedelta(days=200))
+    domain.plan_renewal(active, acts(1, 2, 3, town=TANABE), CATALOGUE, NOW)
+    with pytest.raises(domain.ActivityOfAnotherMunicipality):
+        domain.plan_renewal(active, acts(1, 2, 3), CATALOGUE, NOW)
+    with pytest.raises(domain.NotEnoughActivities):
+        domain.plan_renewal(active, [ActivityPick(f"{TANABE}-act0", TODAY - timedelta(days=d)) for d in (1, 2, 3)],
+                            CATALOGUE, NOW)
+
+
+def test_a_catalogue_entry_is_checked_when_published() -> None:
+    entry = designated(SHIRAHAMA, "beach-cleanup")
+    assert (entry.id, entry.status, entry.sample, entry.retired_on) == (f"{SHIRAHAMA}-beach-cleanup", "published",
+                                                                        False, None)
+    for bad_code in ("", "Beach", "beach cleanup", "-beach", "x" * 41):
+        with pytest.raises(domain.InvalidActivityCode):
+            designated(SHIRAHAMA, bad_code)
+    with pytest.raises(domain.InvalidActivityName):
+        domain.new_designated_activity(municipality_code=SHIRAHAMA, code="x", name_ja=" \u3000", name_en="X",
+                                       kind="other", season=None, evidence_required=False, now=NOW)
+    with pytest.raises(domain.MunicipalityNotRegistrable):  # a ward designates nothing: its city does
+        designated(TSURUMI, "x")
+
+
+def test_changing_and_retiring_a_catalogue_entry() -> None:
+    entry = replace(designated(SHIRAHAMA, "cleanup"), sample=True)
+    assert domain.change_designated_activity(entry, {"name_ja": "活動 cleanup"}, NOW) is entry  # nothing changed
+    changed = domain.change_designated_activity(entry, {"name_ja": "浜の清掃", "season": None,
+                                                        "evidence_required": True}, NOW)
+    assert (changed.name_ja, changed.season, changed.evidence_required, changed.updated_at) == (
+        "浜の清掃", None, True, NOW)
+    assert changed.sample is False  # the municipality's own entry now
+    retired = domain.retire_designated_activity(changed, NOW)
+    assert retired is not None and (retired.status, retired.retired_on) == ("retired", TODAY)
+    assert domain.retire_designated_activity(retired, NOW) is None
+    with pytest.raises(domain.DesignatedActivityRetired):
+        domain.change_designated_activity(retired, {"name_ja": "別名"}, NOW)
+
+
+def test_the_sample_catalogue_covers_every_programme_town() -> None:
+    from services.registration.sample_activities import sample_catalogue
+    from shared.reference import travel_programs
+
+    entries = sample_catalogue(NOW)
+    by_town: dict[str, list[DesignatedActivity]] = {}
+    for entry in entries:
+        by_town.setdefault(entry.municipality_code, []).append(entry)
+    towns = {SHIRAHAMA} | {code for program in travel_programs() for code in program.municipality_codes}
+    assert set(by_town) == towns
+    assert len({e.id for e in entries}) == len(entries)
+    assert all(e.sample and e.status == "published" for e in entries)
+    assert all(len(listed) >= domain.MIN_ACTIVITIES for listed in by_town.values())
+    assert {"304018-ume-harvest", "304018-shirarahama-beach-cleanup"} <= {e.id for e in by_town[SHIRAHAMA]}

@@ -13,8 +13,10 @@ from services.subsidy.domain import (
     CertificateState,
     CertificateYear,
     DiscountParameters,
+    FareProduct,
     FundingCandidate,
     GrantState,
+    HeldGrant,
     InvalidAmount,
     InvalidDiscount,
     InvalidProgramParameters,
@@ -30,11 +32,13 @@ from services.subsidy.domain import (
     certificate_years,
     check_discount,
     check_program_period,
+    check_programme_terms,
     choose_program_for_donation,
     convert_to_program_unit,
     convert_top_up,
     decide_trip,
     ledger_deltas,
+    one_region_conflict,
     parse_parameters,
     resolve_program_id,
     seed_program,
@@ -265,3 +269,61 @@ def test_a_donation_naming_no_program_goes_where_grants_wait_longest() -> None:
     assert resolve_program_id("jal-dual-residence-miles", "304018") == "jal-dual-residence-miles@304018"
     assert resolve_program_id("x@304018", "302066") == "x@304018"
     assert resolve_program_id("x@3040", "302066") == "x@3040"  # no program of ours: the lookup finds none
+
+
+# --- programme terms as the partners publish them (issue #19, rule 5) ------------------------------
+
+
+def test_ana_is_seeded_with_fixed_fares_and_a_participant_cap_not_a_percentage() -> None:
+    defaults = SubsidySettings().seed_defaults()
+    susaki = seed_program(travel_program("ana-dual-residence-fare"), "392065", defaults)  # 高知県須崎市
+    assert isinstance(susaki.parameters, DiscountParameters) and susaki.parameters.discount_percent is None
+    assert susaki.fare_products == (FareProduct("羽田–高知", 11_000),) and susaki.participant_cap == 100
+    chizu = seed_program(travel_program("ana-dual-residence-fare"), "313289", defaults)  # 鳥取県智頭町
+    assert chizu.fare_products == () and chizu.participant_cap == 100
+    ferry = seed_program(travel_program("sado-kisen-ferry"), "152242", defaults)
+    assert isinstance(ferry.parameters, DiscountParameters) and ferry.parameters.discount_percent == 30
+    assert ferry.participant_cap is None and not ferry.one_region_per_year
+    jal = seed_program(travel_program("jal-dual-residence-miles"), "304018", defaults)
+    assert jal.one_region_per_year and jal.participant_cap is None
+
+
+def test_a_fare_discount_is_a_percentage_or_fixed_fares_for_capped_participants() -> None:
+    percent = parse_parameters("fare_discount", {"discount_percent": 30, "max_discount_jpy": 1, "max_one_ways": 1})
+    fixed = parse_parameters("fare_discount", {"max_discount_jpy": 1, "max_one_ways": 1})
+    check_programme_terms("fare_discount", percent, (), None)
+    check_programme_terms("fare_discount", fixed, (FareProduct("羽田–高知", 11_000),), 10)
+    with pytest.raises(InvalidProgramParameters):  # neither: no percentage and no cap
+        check_programme_terms("fare_discount", fixed, (FareProduct("羽田–高知", 11_000),), None)
+    with pytest.raises(InvalidProgramParameters):  # both
+        check_programme_terms("fare_discount", percent, (FareProduct("羽田–高知", 11_000),), 10)
+    with pytest.raises(InvalidProgramParameters):
+        check_programme_terms("fare_discount", fixed, (FareProduct("羽田–高知", 0),), 10)
+    with pytest.raises(InvalidProgramParameters):
+        check_programme_terms("mileage_grant", MILEAGE, (FareProduct("羽田–高知", 11_000),), None)
+
+
+def _program(**terms: object) -> Program:
+    base = seed_program(travel_program("jal-dual-residence-miles"), "304018", SubsidySettings().seed_defaults())
+    return Program(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, **terms})
+
+
+def test_the_participant_cap_fills_the_program() -> None:
+    capped = _program(participant_cap=2)
+    assert not capped.is_full(0) and not capped.is_full(1) and capped.is_full(2)
+    assert not _program(participant_cap=None).is_full(10_000)
+
+
+def test_a_jal_grant_is_made_in_one_region_per_certificate_year() -> None:
+    jal = _program(one_region_per_year=True)
+    window = (TODAY, TODAY + timedelta(days=121))
+    shirahama = HeldGrant("g1", "304018", "issued", TODAY - timedelta(days=10), TODAY + timedelta(days=111))
+    assert one_region_conflict(jal, "422100", window, [shirahama]) == shirahama  # 壱岐市 too: refused
+    assert one_region_conflict(jal, "304018", window, [shirahama]) is None  # the same town: its own rule
+    used_up = HeldGrant("g2", "304018", "completed", *window)
+    assert one_region_conflict(jal, "422100", window, [used_up]) == used_up
+    cancelled = HeldGrant("g3", "304018", "cancelled", *window)
+    assert one_region_conflict(jal, "422100", window, [cancelled]) is None
+    last_year = HeldGrant("g4", "304018", "completed", TODAY - timedelta(days=400), TODAY - timedelta(days=279))
+    assert one_region_conflict(jal, "422100", window, [last_year]) is None  # another certificate year
+    assert one_region_conflict(_program(one_region_per_year=False), "422100", window, [shirahama]) is None

@@ -54,3 +54,18 @@ def test_every_write_route_runs_through_the_use_case_runner(service: str) -> Non
 def test_every_write_route_has_its_key_scoping_tested(service: str) -> None:
     operations = {op for op, _ in write_operations(service)} - PROTOCOL_ENDPOINTS.get(service, set())
     assert operations - covered_operations(service) == set()
+
+
+def test_a_front_writes_nothing_of_its_own() -> None:
+    """The console (a front, ``FRONTS``) is not in ``APPS``: it has no database and no runtime, so
+    there is no write of its own to run through the use-case runner. Each of its forms calls a
+    service's write route (listed above, with its ``Idempotency-Key`` made when the form was shown)
+    and is CSRF-checked (tests/unit/test_console_pages.py)."""
+    from services.console.main import create_app as console_app
+    from shared.contracts.topics import FRONTS
+
+    assert set(FRONTS).isdisjoint(APPS)
+    app = console_app(Settings(redis_url="redis://127.0.0.1:1/0", env="development"))
+    assert not hasattr(app.state, "runtime")
+    posts = [route for route in api_routes(app.routes) if "POST" in (route.methods or set())]
+    assert posts and all(write_request not in set(calls(route.dependant)) for route in posts)

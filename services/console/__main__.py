@@ -1,0 +1,3 @@
+from shared.kit.service import serve
+
+serve("console")

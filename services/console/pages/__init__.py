@@ -1,0 +1,1 @@
+"""The console's pages: ``common`` (sign-in, language, errors), ``staff`` and ``resident``."""

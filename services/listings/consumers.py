@@ -1,0 +1,67 @@
+"""What the service consumes, thin: where residents belong (``registration.residents.v1``: their
+registrations — ids and municipality codes, never a contact — and their erasure), their valid
+certificates (``certification.certificates.v1``: number, resident id, municipality code) and the
+designated support corporations (``planning.corporations.v1``).
+
+Events about a resident this service erased are dropped (a late event, a replayed dead letter, a
+group reset to earliest): nothing about them is written again.
+"""
+
+from __future__ import annotations
+
+from services.listings import handlers, store
+from shared.contracts.certification import (
+    CertificateExpired,
+    CertificateIssued,
+    CertificateRenewed,
+    CertificateRevoked,
+)
+from shared.contracts.planning import CorporationDesignated, CorporationRevoked
+from shared.contracts.registration import RegistrationWithdrawn, ResidentRegistered, ResidentWithdrawn
+from shared.contracts.topics import CERTIFICATES, CORPORATIONS, RESIDENTS
+from shared.kit.consumer import EventRouter, HandlerContext
+from shared.kit.erasure import is_erased
+
+TOPICS = (RESIDENTS, CERTIFICATES, CORPORATIONS)
+
+router = EventRouter()
+
+
+@router.on(ResidentRegistered)
+async def registered(ctx: HandlerContext, event: ResidentRegistered) -> None:
+    # Only the ids and codes: the sealed contact is never opened or kept here.
+    if event.status in ("active", "pending_review") and not await is_erased(ctx.conn, event.resident_id):
+        await handlers.record_registrations(ctx.conn, [
+            (event.registration_id, event.resident_id, event.municipality_code, event.prefecture_code)
+        ])
+
+
+@router.on(RegistrationWithdrawn)
+async def registration_withdrawn(ctx: HandlerContext, event: RegistrationWithdrawn) -> None:
+    await store.delete_registration(ctx.conn, event.registration_id)
+
+
+@router.on(CertificateIssued, CertificateRenewed)
+async def certified(ctx: HandlerContext, event: CertificateIssued | CertificateRenewed) -> None:
+    if not await is_erased(ctx.conn, event.resident_id):
+        await store.save_certificate(ctx.conn, event.certificate_number, event.resident_id, event.municipality_code)
+
+
+@router.on(CertificateRevoked, CertificateExpired)
+async def certificate_ended(ctx: HandlerContext, event: CertificateRevoked | CertificateExpired) -> None:
+    await store.delete_certificate(ctx.conn, event.certificate_number)
+
+
+@router.on(CorporationDesignated)
+async def corporation_designated(ctx: HandlerContext, event: CorporationDesignated) -> None:
+    await store.save_corporation(ctx.conn, event.corporation_id, event.municipality_code, event.name, True)
+
+
+@router.on(CorporationRevoked)
+async def corporation_revoked(ctx: HandlerContext, event: CorporationRevoked) -> None:
+    await store.save_corporation(ctx.conn, event.corporation_id, event.municipality_code, None, False)
+
+
+@router.on(ResidentWithdrawn)
+async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
+    await handlers.erase_resident(ctx.conn, event.resident_id, event.withdrawn_at)
