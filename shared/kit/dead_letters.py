@@ -10,10 +10,11 @@ what was parked since.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 
 from shared.contracts.topics import cluster_of
 from shared.kit.consumer import dead_letter_origin
@@ -30,8 +31,9 @@ async def replay_dead_letters(
 ) -> int:
     """Re-publish every not-yet-replayed record of ``dlq_topic``; return how many.
 
-    ``progress(replayed, total)`` is called after each batch (total: what was left to replay when
-    the first batch came, by ``shared.kit.offsets``; more if dead letters arrive meanwhile)."""
+    Only what the topic held when the replay began is replayed: an event that fails again is parked
+    again (a new dead letter) for the next replay. ``progress(replayed, total)`` is called after
+    each batch (total: what was left to replay when the first batch came, by ``shared.kit.offsets``)."""
     internal = KafkaConnection.internal(settings)
     consumer = AIOKafkaConsumer(
         dlq_topic,
@@ -53,6 +55,10 @@ async def replay_dead_letters(
         await edge_producer.start()
     replayed = 0
     total: int | None = None
+    #: Where each partition ended when the replay began: only what was parked before it is replayed.
+    #: An event that fails again is parked again, as a new dead letter past this end, for the next
+    #: replay; replaying "until the topic is empty" would chase it forever.
+    ends: dict[TopicPartition, int] | None = None
     try:
         # The first fetch waits out the group join; after that, an empty fetch means "all replayed".
         first_wait_ms = settings.kafka_session_timeout_ms + 5000
@@ -61,10 +67,16 @@ async def replay_dead_letters(
             batches = await consumer.getmany(timeout_ms=wait_ms, max_records=500)
             if not batches:
                 break
-            if progress is not None and total is None:
-                total = await _left_to_replay(internal, consumer, batches)
-            for records in batches.values():
+            if ends is None:
+                ends = await _ends(internal, list(consumer.assignment()))
+                if progress is not None:
+                    starts = {tp: records[0].offset for tp, records in batches.items() if records}
+                    total = sum(max(0, end - starts.get(tp, end)) for tp, end in ends.items())
+            done: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
                 for record in records:
+                    if record.offset >= ends.get(tp, 0):
+                        break  # parked after the replay began: the next replay's
                     origin, headers = dead_letter_origin(record.headers)
                     # A dead letter parked before they had ids replays as one without (b"").
                     headers.append((REPLAY_HEADER, dict(record.headers).get(DEAD_LETTER_ID_HEADER, b"")))
@@ -73,10 +85,14 @@ async def replay_dead_letters(
                         origin, value=record.value, key=record.key, headers=headers,
                     )
                     replayed += 1
-            await consumer.commit()
+                    done[tp] = record.offset + 1
+            if done:
+                await consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in done.items()})
             if progress is not None:
                 total = max(total or 0, replayed)
                 progress(replayed, total)
+            if not [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                break
         log.info("dead letters replayed", topic=dlq_topic, count=replayed)
         return replayed
     finally:
@@ -86,20 +102,11 @@ async def replay_dead_letters(
         await consumer.stop()
 
 
-async def _left_to_replay(
-    connection: KafkaConnection, consumer: AIOKafkaConsumer,
-    first: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]],
-) -> int:
-    """Records from where this replay starts to the end of each assigned partition (for progress)."""
-    assigned = list(consumer.assignment())
-    starts = {tp: records[0].offset for tp, records in first.items() if records}
-    for tp in assigned:
-        if tp not in starts:
-            starts[tp] = await consumer.position(tp)
+async def _ends(connection: KafkaConnection, assigned: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """Where each assigned partition ends now (by ``shared.kit.offsets``: never by a stale watermark)."""
     probe = end_probe(connection.aiokafka_kwargs())
     await probe.start()
     try:
-        ends = await log_end_offsets(probe, assigned)
+        return await log_end_offsets(probe, assigned)
     finally:
         await probe.stop()
-    return sum(max(0, ends[tp] - starts[tp]) for tp in assigned)
