@@ -15,3 +15,5 @@ CREATE DATABASE nichiiki_identity OWNER nichiiki ENCODING 'UTF8' TEMPLATE templa
 CREATE DATABASE nichiiki_planning OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
 CREATE DATABASE nichiiki_insights OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
 CREATE DATABASE nichiiki_listings OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;
+-- the key store of crypto-shredding, one for every service (docs/privacy.md)
+CREATE DATABASE nichiiki_keyring OWNER nichiiki ENCODING 'UTF8' TEMPLATE template0;

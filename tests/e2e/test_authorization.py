@@ -826,7 +826,9 @@ async def test_a_payment_confirmation_never_rewrites_the_donor_on_file(world: Wo
 
 
 async def test_allowed_actors_are_let_through(world: World) -> None:
-    order = [key for key in sorted(MATRIX) if key not in DESTRUCTIVE] + list(DESTRUCTIVE)
+    # The console's pages take a session, not a token: tests/unit/test_console_pages.py checks them per role.
+    order = [key for key in sorted(MATRIX) if key not in DESTRUCTIVE and not key.startswith("console ")]
+    order += list(DESTRUCTIVE)
     problems: list[str] = []
     calls = 0
     for key in order:
@@ -837,7 +839,7 @@ async def test_allowed_actors_are_let_through(world: World) -> None:
             calls += 1
             if response.status_code in (401, 403) or response.status_code >= 500:
                 problems.append(f"{key} as {actor}: {response.status_code} {response.text[:200]}")
-    assert calls > len(MATRIX) and not problems, "\n".join(problems)
+    assert calls > len(order) and not problems, "\n".join(problems)
 
 
 # --- Production mode -----------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def build_app(service: str, settings: Settings) -> FastAPI:
         from services.insights.main import create_app as insights_app
 
         return insights_app(settings)
+    if service == "identity":
+        from services.identity.main import create_app as identity_app
+
+        return identity_app(settings)
     if service != "partner_gateway":
         raise ValueError(f"no app builder for {service}")
     from services.partner_gateway.main import create_app as gateway_app
@@ -337,7 +341,21 @@ class Findings:
         )
 
 
+def check_oauth_error(response: httpx.Response) -> str | None:
+    """The token endpoint answers as RFC 6749 §5.2 says (``{"error": ..., "error_description": ...}``
+    as application/json), which OAuth clients expect; everything else is problem+json."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"{response.status_code} OAuth error is not JSON: {response.text[:200]}"
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return f"{response.status_code} OAuth error without an error code: {response.text[:200]}"
+    return None
+
+
 def check_problem(response: httpx.Response) -> str | None:
+    if response.request.url.path.startswith("/oauth/") and response.status_code in (400, 401):
+        return check_oauth_error(response)
     content_type = response.headers.get("content-type", "")
     if not content_type.startswith(PROBLEM_JSON):
         return f"{response.status_code} as {content_type!r}, not {PROBLEM_JSON}: {response.text[:200]}"

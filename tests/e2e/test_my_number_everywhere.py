@@ -37,7 +37,7 @@ from fastapi import FastAPI
 
 from shared.contracts.partners import TripReported
 from shared.contracts.sealed import Sealed
-from shared.contracts.topics import ALL_TOPICS, SERVICES, dead_letter_topics, partner_trips
+from shared.contracts.topics import ALL_TOPICS, BACKENDS, dead_letter_topics, partner_trips
 from shared.kit.envelope import new_envelope
 from shared.kit.keyring import Keyring
 from shared.kit.my_number import check_digit, normalise
@@ -235,6 +235,8 @@ async def refuse_everything(app: FastAPI, client: httpx.AsyncClient, settings: S
             if body is None:
                 continue
             leaves = list(document.leaves(body))
+            if not leaves:
+                continue  # a body with no field of its own (e.g. {}): nothing to put a number in
             # the principal: the first whose token the route lets through to its body
             token: dict[str, str] | None = None
             for candidate in tokens:
@@ -361,7 +363,7 @@ def holding(text: str, numbers: list[str]) -> list[str]:
 
 
 async def test_a_my_number_is_refused_in_every_field_of_every_service_and_is_nowhere(mn_settings: Settings) -> None:
-    apps = {service: build_app(service, mn_settings) for service in SERVICES}
+    apps = {service: build_app(service, mn_settings) for service in BACKENDS}
     # a marker that is no My Number (wrong check digit), accepted, so the searches below can see it
     marker = NUMBERS[0][:11] + str((int(NUMBERS[0][11]) + 1) % 10)
     async with contextlib.AsyncExitStack() as stack:

@@ -21,6 +21,7 @@ import jwt
 import pyotp
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from services.identity.development import DEMO_TOTP_SECRET
@@ -594,6 +595,7 @@ async def test_production_bootstraps_its_first_admin_once(
 
     production = settings.model_copy(update={
         "env": "production", "oidc_issuer": PRODUCTION_ISSUER, "db_prefix": f"{settings.db_prefix}prod",
+        "keyring_master_key": SecretStr("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"),  # production needs one
         **UNLIMITED_SIGN_IN,
     })
     email, password = "first.admin@pref.example.lg.jp", "a long bootstrap passphrase"
