@@ -439,7 +439,10 @@ async def test_replaying_dead_letters_and_resetting_groups_changes_nothing(
     assert groups, "the services' consumer groups"
     fleet.stop()
     await _reset_to_earliest(settings, groups)
-    fleet.start()
+    for replicas in fleet.processes.values():  # the same processes again, on their own ports
+        for process in replicas:
+            process.start()
+    fleet.wait_all_ready()
     await settle(settings)
     found = await scan_everything(settings, fleet, before.needles)
     assert found == {}, f"readable after replays and a reset to earliest: {found}"

@@ -62,7 +62,8 @@ async def server(settings: Settings) -> AsyncIterator[Server]:
     # Accepted sockets inherit the listener's send buffer: the server cannot run far ahead.
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
     listener.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    # log_config=None: keep the kit's logging (uvicorn's own config would take its loggers out of the pipeline)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", log_config=None)
     uvicorn_server = uvicorn.Server(config)
     task = asyncio.create_task(uvicorn_server.serve(sockets=[listener]))
     deadline = time.monotonic() + 60
