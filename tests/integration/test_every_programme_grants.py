@@ -1,9 +1,9 @@
 """Every travel programme of ``shared/reference`` grants end to end, through HTTP (issue #19).
 
-Certification and subsidy run side by side on one set of topics and their own databases: a resident
-is registered as registration publishes it on ``registration.residents.v1`` (sealed contact,
-share_certificate consents), applies over HTTP, the town's staff approve over HTTP, certification
-publishes the certificate, and subsidy grants the programme. No certificate event is injected.
+Registration, certification and subsidy run side by side on one set of topics and their own
+databases: a resident signs up and registers with the town over HTTP (consenting to share with the
+programme's partner), applies over HTTP, the town's staff approve over HTTP, certification publishes
+the certificate, and subsidy grants the programme. No event is injected.
 
 Before the certification schemes, 8 of the 18 programme towns (壱岐市, the ANA towns without a
 plan, 三条市) refused every application (``municipality-without-plan``), so their programmes could
@@ -16,7 +16,6 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -26,19 +25,17 @@ from aiokafka import ConsumerRecord
 
 from services.certification.main import CertificationConfig
 from services.certification.main import create_app as certification_app
+from services.registration.main import create_app as registration_app
 from services.subsidy.config import SubsidySettings
 from services.subsidy.main import create_app as subsidy_app
 from shared.contracts.formats import ProgramId
-from shared.contracts.registration import ConsentState, Contact, ResidentRegistered
-from shared.contracts.sealed import resident_subject
 from shared.contracts.subsidy import GrantIssued, GrantWaitlisted
-from shared.contracts.topics import GRANTS, RESIDENTS
-from shared.kit.envelope import new_envelope
+from shared.contracts.topics import GRANTS
 from shared.kit.settings import Settings
-from shared.reference import municipalities_with_plan, prefecture_of, travel_programs
+from shared.reference import municipalities_with_plan, travel_programs
 from shared.stack.backends import Backends
 from tests.conftest import make_settings
-from tests.support import bearer, eventually, produce, read_topic, seal_for_tests, service_client
+from tests.support import bearer, eventually, read_topic, service_client
 
 pytestmark = pytest.mark.stack
 
@@ -52,6 +49,7 @@ MEMBER_NUMBERS = {"jal": "123456789", "ana": "1234567890"}
 @dataclass
 class Platform:
     settings: Settings
+    registration: httpx.AsyncClient
     certification: httpx.AsyncClient
     subsidy: httpx.AsyncClient
     subsidy_pool: Any
@@ -65,10 +63,11 @@ async def platform(backends: Backends, run_id: str) -> AsyncIterator[Platform]:
     settings = make_settings(backends, f"{run_id}every")
     # Every grant of the module fits its budget: the waitlist by budget is test_subsidy's.
     config = SubsidySettings(sweep_interval_s=3600, opening_miles=3_000_000, opening_jpy=10_000_000)
+    registration = registration_app(settings, maintenance_interval_s=3600)
     certification = certification_app(settings, config=CertificationConfig(expiry_interval_s=3600))
     subsidy = subsidy_app(settings, config)
-    async with service_client(certification) as c, service_client(subsidy) as s:
-        yield Platform(settings, c, s, subsidy.state.runtime.pool)
+    async with service_client(registration) as r, service_client(certification) as c, service_client(subsidy) as s:
+        yield Platform(settings, r, c, s, subsidy.state.runtime.pool)
 
 
 def new_id(prefix: str) -> str:
@@ -76,21 +75,26 @@ def new_id(prefix: str) -> str:
 
 
 async def register(p: Platform, resident_id: str, municipality: str, partner: str) -> None:
-    """The resident's registration as registration publishes it (key and subject: the resident id)."""
-    now = datetime.now(UTC)
-    event = ResidentRegistered(
-        resident_id=resident_id, registration_id=new_id("reg"), municipality_code=municipality,
-        prefecture_code=prefecture_of(municipality).code, tier="basic", status="active",
-        legal_address_code=CHIYODA,
-        contact=seal_for_tests(
-            resident_subject(resident_id),
-            Contact(name="山田 花子", name_kana="ヤマダ ハナコ", email=f"{resident_id}@example.jp"),
-        ),
-        consents=[ConsentState(purpose="share_certificate", partner=partner, granted=True, at=now)],
-        registered_at=now,
+    """The resident signs up (consenting to share with ``partner``) and registers with the town, over HTTP."""
+    resident = bearer(p.settings, "resident", resident_id)
+    account = await p.registration.post("/v1/residents", headers=resident, json={
+        "name": "山田 花子", "name_kana": "ヤマダ ハナコ", "email": f"{resident_id}@example.jp",
+        "date_of_birth": "1990-04-01", "legal_address_code": CHIYODA,
+        "consents": [{"purpose": "share_certificate", "partner": partner}],
+    })
+    if account.status_code == 409 and account.json()["code"] == "resident-exists":  # a second programme
+        consent = await p.registration.post(f"/v1/residents/{resident_id}/consents", headers=resident,
+                                            json={"purpose": "share_certificate", "partner": partner})
+        assert consent.status_code == 200, consent.text
+    else:
+        assert account.status_code == 201, account.text
+    registered = await p.registration.post(
+        f"/v1/residents/{resident_id}/registrations", headers=resident,
+        json={"municipality_code": municipality, "tier": "basic"},
     )
-    envelope = new_envelope("registration", event, subject=resident_id)
-    await produce(p.settings, p.settings.topic(RESIDENTS.name), [(envelope.key, envelope.data, envelope.headers())])
+    # a second programme of the same town: registered there already
+    again = account.status_code == 409 and registered.status_code == 409
+    assert registered.status_code == 201 or again, registered.text
 
 
 async def certify(p: Platform, resident_id: str, municipality: str, partner: str) -> dict[str, Any]:
