@@ -195,6 +195,11 @@ def secret_templates() -> list[Resource]:
             # the KafkaUser's name; its password is in the Secret Strimzi makes for it (docs/deploy.md)
             "NICHIIKI_KAFKA_SASL_USERNAME": kafka_user_name(service),
             "NICHIIKI_KAFKA_SASL_PASSWORD": PLACEHOLDER,
+            # the key store of crypto-shredding: one database for every service, a role per service,
+            # and the key that wraps every person's data key (docs/privacy.md)
+            "NICHIIKI_KEYRING_DSN": f"postgresql://nichiiki_keyring_{service}:{PLACEHOLDER}@postgres-keyring"
+            f".{DATA_NAMESPACE}.svc:5432/nichiiki_keyring?sslmode=verify-full",
+            "NICHIIKI_KEYRING_MASTER_KEY": PLACEHOLDER,
         }
         if service == "partner_gateway":
             data["NICHIIKI_PARTNER_KAFKA_SASL_USERNAME"] = kafka_user_name(service)
@@ -483,6 +488,12 @@ def network_policy(service: str) -> Resource:
         {   # its own database, nobody else's
             "to": [{"namespaceSelector": _namespace(DATA_NAMESPACE), "podSelector": {"matchLabels": {
                 "nichiiki.jp/database": service,
+            }}}],
+            "ports": [{"protocol": "TCP", "port": 5432}],
+        },
+        {   # the key store every service shares (crypto-shredding: one key per person)
+            "to": [{"namespaceSelector": _namespace(DATA_NAMESPACE), "podSelector": {"matchLabels": {
+                "nichiiki.jp/database": "keyring",
             }}}],
             "ports": [{"protocol": "TCP", "port": 5432}],
         },
