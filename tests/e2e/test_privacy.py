@@ -44,7 +44,6 @@ from shared.kit.offsets import end_probe, log_end_offsets
 from shared.kit.settings import Settings, with_database
 from shared.stack.backends import Backends
 from shared.stack.smtp_sink import SmtpSink
-from tests.conftest import make_settings
 from tests.support import bearer
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(600)]
@@ -69,8 +68,10 @@ class Needles:
 
 
 @pytest.fixture(scope="module")
-def privacy_settings(backends: Backends, run_id: str) -> Settings:
-    return make_settings(backends, f"{run_id}p")
+def privacy_settings(own_settings: Settings) -> Settings:
+    # Servers of this module's own (tests/e2e/conftest.py): what is scanned is this person's platform
+    # only, and the replays and group resets load no other module's broker.
+    return own_settings
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,9 @@ def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpSink]:
 
 @pytest.fixture(scope="module")
 def fleet(
-    privacy_settings: Settings, backends: Backends, sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory
+    privacy_settings: Settings, own_backends: Backends, sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceFleet]:
-    fleet = ServiceFleet(privacy_settings, backends, tmp_path_factory.mktemp("privacy-logs"), smtp_url=sink.url)
+    fleet = ServiceFleet(privacy_settings, own_backends, tmp_path_factory.mktemp("privacy-logs"), smtp_url=sink.url)
     try:
         fleet.start()
         yield fleet
