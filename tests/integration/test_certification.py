@@ -1027,7 +1027,10 @@ async def test_replaying_the_registration_topic_into_an_empty_database_rebuilds_
 async def test_two_replicas_send_each_expiring_and_expired_notice_exactly_once(settings: Settings) -> None:
     clock = FakeClock()
     start = clock.today
-    replica_settings = settings.model_copy(update={"db_prefix": f"{settings.db_prefix}_expiry"})
+    # Topics of its own too: a fresh database numbers certificates from 000001 again, as other tests' do.
+    replica_settings = settings.model_copy(update={
+        "db_prefix": f"{settings.db_prefix}_expiry", "topic_prefix": f"{settings.topic_prefix}expiry.",
+    })
     config = CertificationConfig(expiry_interval_s=0.05, consumer_name=new_id("certification-expiry"))
     first, second = create_app(replica_settings, config=config, clock=clock.clock), create_app(
         replica_settings, config=config, clock=clock.clock)
@@ -1047,7 +1050,9 @@ async def test_two_replicas_send_each_expiring_and_expired_notice_exactly_once(s
         clock.today = start + timedelta(days=10)  # 30 days left: the notice is due
         for number in numbers:
             # One notice (one event id); the relay may deliver a record twice (at least once, by design).
-            notices = await events_on(settings, CERTIFICATES.name, number, event_type=CertificateExpiring.event_type)
+            notices = await events_on(
+                replica_settings, CERTIFICATES.name, number, event_type=CertificateExpiring.event_type
+            )
             assert len({n.id for n in notices}) == 1
             assert notices[0].decode(CertificateExpiring).days_left == 30
         renewed = await h.client.post(f"/v1/certificates/{numbers[3]}/renew", headers=h.staff())
@@ -1055,7 +1060,9 @@ async def test_two_replicas_send_each_expiring_and_expired_notice_exactly_once(s
 
         clock.today = start + timedelta(days=41)  # the day after valid_until: expired
         for number in numbers[:3]:
-            expiries = await events_on(settings, CERTIFICATES.name, number, event_type=CertificateExpired.event_type)
+            expiries = await events_on(
+                replica_settings, CERTIFICATES.name, number, event_type=CertificateExpired.event_type
+            )
             assert len({e.id for e in expiries}) == 1
             data = expiries[0].decode(CertificateExpired)
             assert data.status == "expired" and data.expired_on == start + timedelta(days=41)
@@ -1067,7 +1074,7 @@ async def test_two_replicas_send_each_expiring_and_expired_notice_exactly_once(s
 
         await eventually(all_published)
         keys = {number.encode() for number in numbers}
-        records = await read_topic(settings, settings.topic(CERTIFICATES.name),
+        records = await read_topic(replica_settings, replica_settings.topic(CERTIFICATES.name),
                                    until=lambda rs: sum(r.key in keys for r in rs) >= 12)
         for number in numbers:
             # distinct events: a record the relay delivered twice is one event (consumers dedupe by id)

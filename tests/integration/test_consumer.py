@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 from faststream.kafka import KafkaBroker
@@ -163,10 +164,18 @@ async def committed_offsets(settings: Settings, consumer: EventConsumer) -> dict
     return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
 
+async def _handled(consumer: Any, count: int) -> bool:
+    return bool(consumer.stats.handled >= count)
+
+
 async def test_offsets_are_committed_once_per_interval_not_per_batch(settings: Settings) -> None:
     topic = await fresh_topic(settings, partitions=1)
     async with consuming(settings, topic) as (consumer, _):
-        await produce(settings, topic, [ping_record("r-4", i) for i in range(20)])  # one send at a time
+        # The consumer takes part first (under load its join can outlast the whole send), then the
+        # rest come one send at a time: several batches within one commit interval.
+        await produce(settings, topic, [ping_record("r-4", 0)])
+        await eventually(lambda: _handled(consumer, 1), timeout=60)
+        await produce(settings, topic, [ping_record("r-4", i) for i in range(1, 20)])
 
         async def all_committed() -> bool:
             return consumer.stats.handled == 20 and await committed_offsets(settings, consumer) == {0: 20}
