@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -18,16 +18,9 @@ from services.certification.domain import (
 )
 from shared.contracts.certification import CertificateStatus, HousingBasis
 from shared.contracts.common import PartnerMembership
+from shared.kit.views import Page as Page
+from shared.kit.views import json_body as json_body
 from shared.reference import municipality
-
-T = TypeVar("T")
-
-
-class Page(BaseModel, Generic[T]):
-    items: list[T]
-    total: int
-    limit: int
-    offset: int
 
 
 class ApplicationView(BaseModel):
@@ -129,9 +122,6 @@ class AuditView(BaseModel):
     reason: str | None
     details: dict[str, Any]
 
-
-def json_body(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json")
 
 
 CSV_COLUMNS = (

@@ -7,7 +7,6 @@ consent record. Residents see their own interests, "interested" and the record o
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -21,20 +20,9 @@ from services.listings.domain import (
 )
 from shared.contracts.common import Language
 from shared.contracts.listings import DigestCadence, ListingKind, ListingWithdrawalReason, Publisher
+from shared.kit.views import Page as Page
+from shared.kit.views import json_body as json_body
 from shared.reference import municipality
-
-T = TypeVar("T")
-
-
-class Page(BaseModel, Generic[T]):
-    items: list[T]
-    total: int
-    limit: int
-    offset: int
-
-
-def json_body(view: BaseModel) -> Any:
-    return view.model_dump(mode="json")
 
 
 class PublicListingView(BaseModel):

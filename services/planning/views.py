@@ -7,7 +7,6 @@ and designated corporations. Staff views add drafts, versions, reports, proposal
 from __future__ import annotations
 
 from datetime import date
-from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -35,20 +34,9 @@ from shared.contracts.planning import (
     ProposalKind,
     SupportArea,
 )
+from shared.kit.views import Page as Page
+from shared.kit.views import json_body as json_body
 from shared.reference import municipality
-
-T = TypeVar("T")
-
-
-class Page(BaseModel, Generic[T]):
-    items: list[T]
-    total: int
-    limit: int
-    offset: int
-
-
-def json_body(view: BaseModel) -> Any:
-    return view.model_dump(mode="json")
 
 
 class PlanVersionView(BaseModel):
