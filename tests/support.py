@@ -213,19 +213,28 @@ async def caught_up(
                 for group, topics in groups.items()
             }
 
+        behind: list[str] = []
+
         async def done() -> bool:
-            if await runtime.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
+            behind.clear()
+            if unpublished := await runtime.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
+                behind.append(f"{unpublished} outbox rows unpublished")
                 return False
-            if also_empty is not None and await runtime.pool.fetchval(also_empty):
+            if also_empty is not None and (left := await runtime.pool.fetchval(also_empty)):
+                behind.append(f"{left} rows left by {also_empty!r}")
                 return False
             for group, tps in partitions.items():
                 ends = await probes[group].end_offsets(tps)
                 for tp in tps:
-                    if (await probes[group].committed(tp) or 0) < ends[tp]:
-                        return False
-            return True
+                    committed = await probes[group].committed(tp) or 0
+                    if committed < ends[tp]:
+                        behind.append(f"{group} {tp.topic}[{tp.partition}] committed {committed} of {ends[tp]}")
+            return not behind
 
-        await eventually(done, timeout=timeout, interval=interval)
+        try:
+            await eventually(done, timeout=timeout, interval=interval)
+        except AssertionError as error:
+            raise AssertionError(f"{error}: {'; '.join(behind)}") from None
     finally:
         for probe in probes.values():
             await probe.stop()
