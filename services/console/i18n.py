@@ -316,6 +316,12 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "insights.relationship.people": ("関係人口", "People"),
     "insights.relationship.population": ("人口", "Population"),
     "insights.relationship.per_1000": ("人口千人当たり", "Per 1,000 inhabitants"),
+    # 政府標準利用規約 2.0 asks every use of the figures to name their source (shared/reference/data/README.md)
+    "insights.relationship.source": (
+        "人口の出典：総務省「住民基本台帳に基づく人口、人口動態及び世帯数」（令和7年1月1日現在）を加工して作成",
+        "Population source: Ministry of Internal Affairs and Communications, \"Population, demographics and "
+        "households based on the Basic Resident Register\" (1 January 2025), processed by Nichiiki",
+    ),
     "insights.public.title": ("二地域居住の全国の状況", "Dual-region living across Japan"),
     "insights.public.intro": ("ログインせずに見られる公開の集計です。", "Public figures: no sign-in needed."),
     "insights.public.by_prefecture": ("都道府県内の市区町村別", "Municipalities of a prefecture"),

@@ -1,9 +1,9 @@
 """Inhabitants per municipality, for "per 1,000 inhabitants".
 
-The platform bundles no population table yet (see docs/services/insights.md): it reads
-``shared/reference/data/populations.csv`` (``code6,population``, one row per municipality, from a
-dated official source named in the reference README) when that file exists. Without it every
-``population`` and ``per_1000`` is null, never a guess.
+Read from ``shared/reference/data/populations.csv`` (``code6,population``): 総務省「住民基本台帳に基づく
+人口、人口動態及び世帯数」 as of 2025-01-01, every municipality and designated-city ward (source, licence
+and how to rebuild it in the reference README). A code it lacks (the 北方領土 villages, a missing file)
+has a null ``population`` and ``per_1000``, never a guess.
 """
 
 from __future__ import annotations

@@ -128,6 +128,8 @@ def test_1_the_ministry_sees_the_kpis_against_the_600_lines(browser: Browser, fl
         browser.go(f"/insights/{page}")
         assert browser.driver.find_element("tag name", "h1").text, page
         assert "全国" in browser.text, browser.text
+    # the population behind "per 1,000 inhabitants" names its source, as its licence asks
+    assert "総務省「住民基本台帳に基づく人口、人口動態及び世帯数」" in browser.text, browser.text
     browser.sign_out()
 
 

@@ -133,7 +133,9 @@ async def test_figures_equal_the_owning_services_counts_and_survive_a_rebuild(w:
 
     # Relationship population: one person once; the erased person is in no count and no row holds the id.
     shirahama = next(r for r in before["relationship-population"] if r["municipality_code"] == SHIRAHAMA)
-    assert (shirahama["registered"], shirahama["people"], shirahama["per_1000"]) == (10, 10, None)
+    # per 1,000 of 白浜町's 19,753 inhabitants (住民基本台帳, 2025-01-01: shared/reference/data/populations.csv)
+    assert (shirahama["registered"], shirahama["people"], shirahama["population"]) == (10, 10, 19_753)
+    assert shirahama["per_1000"] == round(10 * 1000 / 19_753, 3) == 0.506
     ins_pool = w.insights.state.runtime.pool
     assert await ins_pool.fetchval("SELECT count(*) FROM registrations WHERE resident_id = $1", erased) == 0
     assert await ins_pool.fetchval("SELECT count(*) FROM registrations WHERE resident_id IS NULL") == 2

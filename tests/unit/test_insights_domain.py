@@ -18,10 +18,13 @@ from services.insights.domain import (
     kpis,
     scope_for,
     suppress,
+    with_population,
 )
+from services.insights.population import population_of, populations
 from shared.contracts.registration import RegistrationWithdrawn, ResidentRegistered, ResidentWithdrawn
 from shared.contracts.subsidy import GrantRedeemed
 from shared.kit.auth import Principal, Role
+from shared.reference.municipalities import municipalities
 from tests.support import seal_for_tests
 
 SHIRAHAMA, TANABE, WAKAYAMA, TOKYO, CHIYODA = "304018", "302066", "300004", "130001", "131016"
@@ -160,6 +163,36 @@ def test_per_1000_needs_a_population() -> None:
     figure = RelationshipFigure(SHIRAHAMA, WAKAYAMA, registered=30, certified=5, people=32)
     assert figure.per_1000 is None
     assert RelationshipFigure(SHIRAHAMA, WAKAYAMA, 30, 5, 32, population=20_000).per_1000 == 1.6
+
+
+# --- the bundled population table (住民基本台帳, 2025-01-01) ------------------------------------------
+
+
+def test_the_population_table_covers_every_municipality_by_a_known_code() -> None:
+    table = populations()
+    every = municipalities()
+    kinds = {code: m.kind for code, m in every.items()}
+    assert set(table) <= set(kinds), "every code6 is a code of municipalities.csv"
+    kinds_kept = {"city", "town", "village", "ward"}
+    inhabited = {c for c, m in every.items() if m.kind in kinds_kept and not m.northern_territories}
+    assert inhabited <= set(table)
+    assert sum(1 for c in table if kinds[c] != "designated_ward") == 1_741
+    assert all(p > 0 for p in table.values())
+
+
+def test_the_population_table_holds_the_ministrys_figures() -> None:
+    # 表25-03 【総計】, column 人口 計, as the ministry's workbook has them
+    assert population_of(SHIRAHAMA) == 19_753
+    assert population_of(CHIYODA) == 68_835
+    assert population_of("011002") == 1_955_678  # 札幌市, the city as a whole
+    assert population_of("011011") == 245_916  # 札幌市中央区
+    assert population_of("016951") is None  # 色丹村 (北方領土): no one registered, no base
+
+
+def test_a_relationship_figure_now_has_a_per_1000() -> None:
+    figure = with_population(RelationshipFigure(SHIRAHAMA, WAKAYAMA, 30, 5, 32), population_of(SHIRAHAMA))
+    assert figure.population == 19_753
+    assert figure.per_1000 == round(32 * 1000 / 19_753, 3) == 1.62
 
 
 # --- KPIs --------------------------------------------------------------------------------------------
