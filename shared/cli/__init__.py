@@ -301,7 +301,8 @@ def _test(pytest_args: list[str]) -> int:
         ("mypy", [python, "-m", "mypy", *typed]),
         # the console's browser tests drive Chromium: installed here when missing (apt-get, as root)
         ("browser", ensure_browser),
-        ("pytest", [python, "-m", "pytest", *(pytest_args or ["-q"])]),
+        # the slowest tests listed at the end: what keeps the suite's time in view
+        ("pytest", [python, "-m", "pytest", *(pytest_args or ["-q", "--durations=25"])]),
     ]
     began = time.monotonic()
     for number, (name, command) in enumerate(steps, start=1):

@@ -201,11 +201,13 @@ async def start_stack(exits: AsyncExitStack, settings: Settings, names: list[str
 
 
 @pytest.fixture(scope="module")
-async def poison_stack(backends: Backends, run_id: str) -> AsyncIterator[Stack]:
-    """Every consuming service, on topics and databases of this module."""
+async def poison_stack(own_backends: Backends, run_id: str) -> AsyncIterator[Stack]:
+    """Every consuming service, on servers of this module. These tests wait on group commits, and on
+    the shared broker (every earlier module's topics and groups) a CI run once saw them stall for
+    minutes, never seen with the module alone."""
     async with AsyncExitStack() as exits:
         yield await start_stack(
-            exits, make_settings(backends, f"{run_id}poi"),
+            exits, make_settings(own_backends, f"{run_id}poi"),
             [
                 "certification", "subsidy", "notification", "partner_gateway", "registration", "donation", "identity",
                 "insights", "listings",
@@ -214,11 +216,11 @@ async def poison_stack(backends: Backends, run_id: str) -> AsyncIterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-async def replay_stack(backends: Backends, run_id: str) -> AsyncIterator[Stack]:
+async def replay_stack(own_backends: Backends, run_id: str) -> AsyncIterator[Stack]:
     """The services of the replay tests, on prefixes of their own: their DLQs hold no poison."""
     async with AsyncExitStack() as exits:
         yield await start_stack(
-            exits, make_settings(backends, f"{run_id}rpl"), ["subsidy", "notification", "partner_gateway"]
+            exits, make_settings(own_backends, f"{run_id}rpl"), ["subsidy", "notification", "partner_gateway"]
         )
 
 
