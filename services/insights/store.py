@@ -18,6 +18,7 @@ from services.insights.domain import (
     Scope,
 )
 from shared.kit.clock import japan_date
+from shared.kit.consumer import distinct_runs
 from shared.kit.db import Connection
 
 #: The tables a rebuild empties (``insights_state`` and the kit's tables stay).
@@ -25,24 +26,9 @@ PROJECTION_TABLES = ("registrations", "certificates", "grants", "redemptions", "
 
 _LIVE = "('active', 'pending_review')"
 
-#: One statement per kind of change. Every one is idempotent and order-safe for its own key, so
-#: consecutive changes of one kind go to the server in one pipelined ``executemany``.
-_STATEMENTS: dict[Op, str] = {
-    "register": (
-        "INSERT INTO registrations (registration_id, resident_id, municipality_code, prefecture_code, tier, status, "
-        "registered_on) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (registration_id) DO NOTHING"
-    ),
-    # An upgrade or a first premium request approved: premium and active.
-    "approve_premium": (
-        "UPDATE registrations SET tier = 'premium', status = 'active' WHERE registration_id = $1"
-    ),
-    # A rejected first request ends the registration; a rejected upgrade leaves it as it was.
-    "reject_premium": (
-        "UPDATE registrations SET status = 'rejected' WHERE registration_id = $1 AND status = 'pending_review'"
-    ),
-    "end_registration": (
-        f"UPDATE registrations SET status = $2, ended_on = $3 WHERE registration_id = $1 AND status IN {_LIVE}"
-    ),
+#: The two kinds applied row by row (one pipelined ``executemany``): one per withdrawal or trip, and
+#: each writes two tables.
+_PER_ROW: dict[Op, str] = {
     # Erasure: the person's live registrations end; every row forgets the id, the counts stay.
     "erase": (
         "WITH forgot AS (UPDATE certificates SET resident_id = NULL WHERE resident_id = $1) "
@@ -50,54 +36,101 @@ _STATEMENTS: dict[Op, str] = {
         f"ended_on = CASE WHEN status IN {_LIVE} THEN $2 ELSE ended_on END, resident_id = NULL "
         "WHERE resident_id = $1"
     ),
-    "certificate": (
-        "INSERT INTO certificates (certificate_number, resident_id, municipality_code, prefecture_code, status, "
-        "valid_from, valid_until, issued_on) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-        "ON CONFLICT (certificate_number) DO UPDATE SET status = EXCLUDED.status, valid_from = EXCLUDED.valid_from, "
-        "valid_until = EXCLUDED.valid_until, issued_on = COALESCE(certificates.issued_on, EXCLUDED.issued_on), "
-        "resident_id = CASE WHEN EXCLUDED.resident_id IS NULL THEN NULL ELSE certificates.resident_id END"
-    ),
-    "grant_waitlisted": (
-        "INSERT INTO grants (grant_id, program_id, partner, mechanism, municipality_code, prefecture_code, unit, "
-        "status) VALUES ($1, $2, $3, $4, $5, $6, $7, 'waitlisted') ON CONFLICT (grant_id) DO NOTHING"
-    ),
-    "grant_issued": (
-        "INSERT INTO grants (grant_id, program_id, partner, mechanism, municipality_code, prefecture_code, unit, "
-        "status, issued, reserved) VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', true, $8) "
-        "ON CONFLICT (grant_id) DO UPDATE SET status = 'active', issued = true, reserved = EXCLUDED.reserved "
-        "WHERE grants.status = 'waitlisted'"
-    ),
-    "grant_ended": "UPDATE grants SET status = $2 WHERE grant_id = $1 AND status IN ('active', 'waitlisted')",
     "redemption": (
         "WITH counted AS (INSERT INTO redemptions (grant_id, trip_id, program_id, municipality_code, "
         "prefecture_code, unit, amount, redeemed_on) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
         "ON CONFLICT (grant_id, trip_id) DO NOTHING) "
         "UPDATE grants SET status = 'completed' WHERE grant_id = $1 AND $9 AND status = 'active'"
     ),
+}
+
+#: Every other kind: one statement for a whole stretch, its rows as arrays (``unnest``), which costs
+#: the server less per row than an ``executemany`` running the statement once per row (issue #20).
+#: Each is idempotent and touches a row at most once, so a stretch is cut where its key (the first
+#: column) repeats; applied in order, the pieces leave the rows the changes one by one would.
+_SET_BASED: dict[Op, str] = {
+    "register": (
+        "INSERT INTO registrations (registration_id, resident_id, municipality_code, prefecture_code, tier, status, "
+        "registered_on) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::date[]) ON CONFLICT (registration_id) DO NOTHING"
+    ),
+    # An upgrade or a first premium request approved: premium and active.
+    "approve_premium": (
+        "UPDATE registrations SET tier = 'premium', status = 'active' WHERE registration_id = ANY($1::text[])"
+    ),
+    # A rejected first request ends the registration; a rejected upgrade leaves it as it was.
+    "reject_premium": (
+        "UPDATE registrations SET status = 'rejected' "
+        "WHERE registration_id = ANY($1::text[]) AND status = 'pending_review'"
+    ),
+    "end_registration": (
+        "UPDATE registrations r SET status = c.status, ended_on = c.ended_on "
+        "FROM unnest($1::text[], $2::text[], $3::date[]) AS c (registration_id, status, ended_on) "
+        f"WHERE r.registration_id = c.registration_id AND r.status IN {_LIVE}"
+    ),
+    "certificate": (
+        "INSERT INTO certificates (certificate_number, resident_id, municipality_code, prefecture_code, status, "
+        "valid_from, valid_until, issued_on) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+        "$5::text[], $6::date[], $7::date[], $8::date[]) "
+        "ON CONFLICT (certificate_number) DO UPDATE SET status = EXCLUDED.status, valid_from = EXCLUDED.valid_from, "
+        "valid_until = EXCLUDED.valid_until, issued_on = COALESCE(certificates.issued_on, EXCLUDED.issued_on), "
+        "resident_id = CASE WHEN EXCLUDED.resident_id IS NULL THEN NULL ELSE certificates.resident_id END"
+    ),
+    "grant_waitlisted": (
+        "INSERT INTO grants (grant_id, program_id, partner, mechanism, municipality_code, prefecture_code, unit, "
+        "status) SELECT *, 'waitlisted' FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::text[]) ON CONFLICT (grant_id) DO NOTHING"
+    ),
+    "grant_issued": (
+        "INSERT INTO grants (grant_id, program_id, partner, mechanism, municipality_code, prefecture_code, unit, "
+        "reserved, status, issued) SELECT *, 'active', true FROM unnest($1::text[], $2::text[], $3::text[], "
+        "$4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[]) "
+        "ON CONFLICT (grant_id) DO UPDATE SET status = 'active', issued = true, reserved = EXCLUDED.reserved "
+        "WHERE grants.status = 'waitlisted'"
+    ),
+    "grant_ended": (
+        "UPDATE grants g SET status = c.status FROM unnest($1::text[], $2::text[]) AS c (grant_id, status) "
+        "WHERE g.grant_id = c.grant_id AND g.status IN ('active', 'waitlisted')"
+    ),
     "donation": (
         "INSERT INTO donations (donation_id, municipality_code, prefecture_code, kind, unit, amount, earmark, "
-        "received_month) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (donation_id) DO NOTHING"
+        "received_month) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::bigint[], $7::text[], $8::date[]) ON CONFLICT (donation_id) DO NOTHING"
     ),
-    "refund": "UPDATE donations SET refunded = true WHERE donation_id = $1",
+    "refund": "UPDATE donations SET refunded = true WHERE donation_id = ANY($1::text[])",
     "plan_adopted": (
         "INSERT INTO plans (plan_id, level, municipality_code, prefecture_code, adopted_on) "
-        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (plan_id) DO NOTHING"
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[]) "
+        "ON CONFLICT (plan_id) DO NOTHING"
     ),
-    "plan_withdrawn": "UPDATE plans SET withdrawn_on = $2 WHERE plan_id = $1 AND withdrawn_on IS NULL",
+    "plan_withdrawn": (
+        "UPDATE plans p SET withdrawn_on = c.withdrawn_on "
+        "FROM unnest($1::text[], $2::date[]) AS c (plan_id, withdrawn_on) "
+        "WHERE p.plan_id = c.plan_id AND p.withdrawn_on IS NULL"
+    ),
     "designated": (
         "INSERT INTO corporations (corporation_id, municipality_code, prefecture_code, designated_on) "
-        "VALUES ($1, $2, $3, $4) ON CONFLICT (corporation_id) DO NOTHING"
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::date[]) ON CONFLICT (corporation_id) DO NOTHING"
     ),
     "corporation_revoked": (
-        "UPDATE corporations SET revoked_on = $2 WHERE corporation_id = $1 AND revoked_on IS NULL"
+        "UPDATE corporations k SET revoked_on = c.revoked_on "
+        "FROM unnest($1::text[], $2::date[]) AS c (corporation_id, revoked_on) "
+        "WHERE k.corporation_id = c.corporation_id AND k.revoked_on IS NULL"
     ),
 }
 
 
 async def apply(conn: Connection, changes: Sequence[Change]) -> None:
-    """The changes in order: each stretch of one kind in one pipelined round trip."""
+    """The changes in order: each stretch of one kind in one statement (cut where a key repeats), or
+    for ``_PER_ROW`` kinds in one pipelined round trip."""
     for op, stretch in itertools.groupby(changes, key=lambda change: change.op):
-        await conn.executemany(_STATEMENTS[op], [change.args for change in stretch])
+        rows = [change.args for change in stretch]
+        statement = _SET_BASED.get(op)
+        if statement is None:
+            await conn.executemany(_PER_ROW[op], rows)
+            continue
+        for piece in distinct_runs(rows, key=lambda args: args[0]):
+            await conn.execute(statement, *(list(column) for column in zip(*piece, strict=True)))
 
 
 async def erased_among(conn: Connection, resident_ids: Iterable[str]) -> dict[str, date]:
