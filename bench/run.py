@@ -29,6 +29,7 @@ import bench.scenarios
 from bench.measure import PeakMemory
 from bench.raw import RawLimits, measure_all
 from shared.cli.fleet import ServiceFleet
+from shared.cli.processes import LOCAL_SERVICE_ENV
 from shared.kit.auth import Role, mint_token
 from shared.kit.logging import configure_logging
 from shared.kit.settings import REPO_ROOT, Settings
@@ -110,7 +111,8 @@ async def run_all(args: argparse.Namespace) -> str:
         "kafka_session_timeout_ms": 4000, "kafka_heartbeat_interval_ms": 1000,
     })
     fleet = ServiceFleet(settings, backends, workdir / "logs", smtp_url=sink.url,
-                         extra_env={"NICHIIKI_LOG_LEVEL": "WARNING", **BENCH_RATE_LIMITS})
+                         extra_env={"NICHIIKI_LOG_LEVEL": "WARNING", **BENCH_RATE_LIMITS},
+                         service_env=LOCAL_SERVICE_ENV)
     results: list[ScenarioResult] = []
     started = time.perf_counter()
     try:
@@ -148,7 +150,8 @@ def render(
         f"- {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB memory, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
         *(f"- {name}: {where}" for name, where in backends.describe().items()),
-        "- services: one process each (uvicorn, one worker), the load generator on the same machine",
+        "- services: one process each (uvicorn, one worker; the console two workers), the load generator on "
+        "the same machine",
         "",
         "## Raw limits (same run)",
         "",

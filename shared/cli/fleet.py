@@ -48,6 +48,8 @@ class ServiceFleet:
     log_dir: Path
     smtp_url: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Environment for one service's processes only, over ``extra_env`` (e.g. its HTTP workers).
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     processes: dict[str, list[ServiceProcess]] = field(default_factory=dict)
     #: The first identity replica's port, chosen before any service starts (it is in the issuer URL).
     identity_port: int | None = None
@@ -67,7 +69,8 @@ class ServiceFleet:
 
     def add_replica(self, name: str) -> ServiceProcess:
         replicas = self.processes.setdefault(name, [])
-        env = {**service_env(self.settings, self.backends, self.smtp_url), **self.extra_env}
+        env = {**service_env(self.settings, self.backends, self.smtp_url), **self.extra_env,
+               **self.service_env.get(name, {})}
         if name == "console":  # a front: it calls the services started before it (SERVICES order)
             env["NICHIIKI_CONSOLE_SERVICE_URLS"] = json.dumps(
                 {other: self.url(other) for other in self.processes if other != "console" and self.processes[other]}

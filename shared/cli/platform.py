@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import structlog
 
-from shared.cli.processes import ServiceProcess, available_services, is_alive
+from shared.cli.processes import LOCAL_SERVICE_ENV, ServiceProcess, available_services, is_alive
 from shared.cli.supervise import Supervisor, describe_exit
 from shared.kit.kafka_admin import ensure_topics
 from shared.kit.settings import REPO_ROOT, Settings
@@ -99,7 +99,8 @@ class Platform:
         self._write_run_file(env)
         names = available_services()
         for name in names:
-            process = ServiceProcess(name, self.settings.service_port(name), env, self.logs / f"{name}.log")
+            own = {k: v for k, v in LOCAL_SERVICE_ENV.get(name, {}).items() if k not in os.environ}
+            process = ServiceProcess(name, self.settings.service_port(name), {**env, **own}, self.logs / f"{name}.log")
             process.start()
             self.services.append(process)
         _step("services", f"starting {len(names)}: {', '.join(names)}...")

@@ -15,6 +15,11 @@ import psutil
 
 from shared.kit.settings import REPO_ROOT, SERVICE_PORTS
 
+#: Environment for one service's processes on one machine, over the platform's. The console serves
+#: every staff page through one event loop: two workers, as production runs two replicas of it; with
+#: one, 20 staff's pages queued in its loop while the services answered in time (docs/benchmarks.md).
+LOCAL_SERVICE_ENV: dict[str, dict[str, str]] = {"console": {"NICHIIKI_HTTP_WORKERS": "2"}}
+
 
 def available_services() -> list[str]:
     """Services that exist in this checkout (a folder with ``__main__.py``), in start-up order."""
