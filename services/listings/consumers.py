@@ -19,21 +19,24 @@ from shared.contracts.certification import (
 from shared.contracts.planning import CorporationDesignated, CorporationRevoked
 from shared.contracts.registration import RegistrationWithdrawn, ResidentRegistered, ResidentWithdrawn
 from shared.contracts.topics import CERTIFICATES, CORPORATIONS, RESIDENTS
-from shared.kit.consumer import EventRouter, HandlerContext
-from shared.kit.erasure import is_erased
+from shared.kit.consumer import EventRouter, HandlerContext, Run
+from shared.kit.erasure import erased_among
 
 TOPICS = (RESIDENTS, CERTIFICATES, CORPORATIONS)
 
 router = EventRouter()
 
 
-@router.on(ResidentRegistered)
-async def registered(ctx: HandlerContext, event: ResidentRegistered) -> None:
-    # Only the ids and codes: the sealed contact is never opened or kept here.
-    if event.status in ("active", "pending_review") and not await is_erased(ctx.conn, event.resident_id):
-        await handlers.record_registrations(ctx.conn, [
-            (event.registration_id, event.resident_id, event.municipality_code, event.prefecture_code)
-        ])
+@router.on_many(ResidentRegistered)
+async def registered(run: Run[ResidentRegistered]) -> None:
+    # Only the ids and codes: the sealed contact is never opened or kept here. A run holds no erasure
+    # (that event ends it), so one look at the erased for the whole run is exact.
+    erased = await erased_among(run.conn, (event.resident_id for event in run.events))
+    await handlers.record_registrations(run.conn, [
+        (event.registration_id, event.resident_id, event.municipality_code, event.prefecture_code)
+        for event in run.events
+        if event.status in ("active", "pending_review") and event.resident_id not in erased
+    ])
 
 
 @router.on(RegistrationWithdrawn)
@@ -41,10 +44,13 @@ async def registration_withdrawn(ctx: HandlerContext, event: RegistrationWithdra
     await store.delete_registration(ctx.conn, event.registration_id)
 
 
-@router.on(CertificateIssued, CertificateRenewed)
-async def certified(ctx: HandlerContext, event: CertificateIssued | CertificateRenewed) -> None:
-    if not await is_erased(ctx.conn, event.resident_id):
-        await store.save_certificate(ctx.conn, event.certificate_number, event.resident_id, event.municipality_code)
+@router.on_many(CertificateIssued, CertificateRenewed)
+async def certified(run: Run[CertificateIssued | CertificateRenewed]) -> None:
+    erased = await erased_among(run.conn, (event.resident_id for event in run.events))
+    await store.save_certificates(run.conn, [
+        (event.certificate_number, event.resident_id, event.municipality_code)
+        for event in run.events if event.resident_id not in erased
+    ])
 
 
 @router.on(CertificateRevoked, CertificateExpired)

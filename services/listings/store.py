@@ -142,9 +142,11 @@ async def designated_corporations(conn: Connection, code: str) -> frozenset[str]
 
 async def save_registrations(conn: Connection, rows: Sequence[tuple[str, str, str, str]]) -> None:
     """(registration id, resident id, municipality code, prefecture code) rows."""
-    await conn.executemany(
+    # One statement for a consumer's whole run (DO NOTHING also takes a key twice in one statement).
+    await conn.execute(
         "INSERT INTO resident_registrations (registration_id, resident_id, municipality_code, prefecture_code) "
-        "VALUES ($1, $2, $3, $4) ON CONFLICT (registration_id) DO NOTHING", rows,
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT (registration_id) DO NOTHING",
+        *(list(column) for column in zip(*rows, strict=True)),
     )
 
 
@@ -152,11 +154,14 @@ async def delete_registration(conn: Connection, registration_id: str) -> None:
     await conn.execute("DELETE FROM resident_registrations WHERE registration_id = $1", registration_id)
 
 
-async def save_certificate(conn: Connection, certificate_number: str, resident_id: str, code: str) -> None:
-    await conn.execute(
-        "INSERT INTO resident_certificates (certificate_number, resident_id, municipality_code) VALUES ($1, $2, $3) "
-        "ON CONFLICT (certificate_number) DO NOTHING", certificate_number, resident_id, code,
-    )
+async def save_certificates(conn: Connection, rows: Sequence[tuple[str, str, str]]) -> None:
+    """(certificate number, resident id, municipality code) rows, in one statement."""
+    if rows:
+        await conn.execute(
+            "INSERT INTO resident_certificates (certificate_number, resident_id, municipality_code) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (certificate_number) DO NOTHING",
+            *(list(column) for column in zip(*rows, strict=True)),
+        )
 
 
 async def delete_certificate(conn: Connection, certificate_number: str) -> None:
