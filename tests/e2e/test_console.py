@@ -43,6 +43,8 @@ from tests.conftest import make_settings
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(420)]
 
 AXE = REPO_ROOT / "tests" / "vendor" / "axe-core" / "axe.min.js"
+#: How long a page may take to replace the last one (a loaded machine, a form's service calls).
+NAVIGATION_S = 30
 DOCS_SHOTS = REPO_ROOT / "docs" / "console"
 PHONE = (412, 915)
 DESKTOP = (1280, 1000)
@@ -106,7 +108,19 @@ class Browser:
     def submit(self, action: str) -> None:
         """Press the submit button of the form posting to ``action`` (by keyboard: Enter on the button)."""
         form = self.driver.find_element("css selector", f"form[action='{action}']")
-        form.find_element("css selector", "button[type=submit]").click()
+        self.follow(form.find_element("css selector", "button[type=submit]"))
+
+    def follow(self, element: Any) -> None:
+        """Click a link or button that loads the next page, and check that page once it is there.
+
+        A click only starts the navigation: checked at once, ``checked`` could find the old page
+        (axe already in it), and the new one then load under the audit ("axe is not defined")."""
+        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        old = self.driver.find_element("tag name", "html")
+        element.click()
+        WebDriverWait(self.driver, NAVIGATION_S).until(staleness_of(old))
         self.checked()
 
     def shot(self, name: str) -> Path:
@@ -116,6 +130,11 @@ class Browser:
 
     def checked(self) -> None:
         """axe-core on the page now: no serious or critical violation."""
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        WebDriverWait(self.driver, NAVIGATION_S).until(
+            lambda driver: driver.execute_script("return document.readyState") == "complete"
+        )
         self.visited.append(self.path)
         if not self.driver.execute_script("return typeof axe !== 'undefined'"):
             self.driver.execute_script(AXE.read_text())
@@ -301,8 +320,7 @@ def test_1_a_resident_applies_and_a_reviewer_approves(
     assert len(links) == 1, browser.text
     shared.application_id = links[0].text
     browser.shot("staff-queue")
-    links[0].click()
-    browser.checked()
+    browser.follow(links[0])
     assert "市町村の要件の確認" in browser.text and "適合" in browser.text
     assert "123456789" in browser.text
     browser.shot("staff-application")
@@ -389,9 +407,8 @@ def test_3_a_manager_revokes_and_the_resident_sees_it(browser: Browser, shared: 
         "css selector", f"li[data-number='{shared.certificate_number}']").text)
     browser.shot("my-revoked")
     # English on request, the same page.
-    browser.driver.find_element("css selector", "a.lang").click()
-    browser.checked()
+    browser.follow(browser.driver.find_element("css selector", "a.lang"))
     assert browser.driver.find_element("tag name", "html").get_attribute("lang") == "en"
     assert "Revoked" in browser.text
-    browser.driver.find_element("css selector", "a.lang").click()
+    browser.follow(browser.driver.find_element("css selector", "a.lang"))
     browser.sign_out()
