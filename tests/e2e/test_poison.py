@@ -202,9 +202,8 @@ async def start_stack(exits: AsyncExitStack, settings: Settings, names: list[str
 
 @pytest.fixture(scope="module")
 async def poison_stack(own_backends: Backends, run_id: str) -> AsyncIterator[Stack]:
-    """Every consuming service, on servers of this module. These tests wait on group commits, and on
-    the shared broker (every earlier module's topics and groups) a CI run once saw them stall for
-    minutes, never seen with the module alone."""
+    """Every consuming service, on servers of this module: these tests wait on group commits, and
+    here they wait on no other module's topics and groups."""
     async with AsyncExitStack() as exits:
         yield await start_stack(
             exits, make_settings(own_backends, f"{run_id}poi"),
