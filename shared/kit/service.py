@@ -32,6 +32,7 @@ from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.consumer import EventConsumer, EventRouter
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope, new_envelope
+from shared.kit.group_commit import GroupCommit
 from shared.kit.group_join import release_departed_leader
 from shared.kit.http import Readiness
 from shared.kit.kafka_admin import ensure_topics, platform_topics
@@ -91,8 +92,12 @@ class UnitOfWork:
 
     async def flush(self) -> None:
         """Write the emitted events to the outbox (the runtime does this before committing)."""
+        await self.runtime.outbox.add_many(self.conn, self.take_pending())
+
+    def take_pending(self) -> list[OutgoingRecord]:
+        """The events emitted and not yet written: a group commit writes a batch's in one go."""
         pending, self._pending = self._pending, []
-        await self.runtime.outbox.add_many(self.conn, pending)
+        return pending
 
 
 class ServiceRuntime:
@@ -125,6 +130,8 @@ class ServiceRuntime:
         self.readiness = Readiness()
         self.consumers: list[EventConsumer] = []
         self.state: dict[str, Any] = {}  # service-specific singletons (redis client, caches...)
+        #: The group commits of the use cases that share transactions, by operation (``Write.run``).
+        self.group_commits: dict[str, GroupCommit[Any]] = {}
         self._pool: asyncpg.Pool | None = None
         self._keyring: Keyring | None = None
         self._producer: AIOKafkaProducer | None = None

@@ -11,6 +11,10 @@
    deadlock re-runs the whole attempt after a jittered backoff; a commit whose outcome is unknown
    is never re-run (it answers 503, and an Idempotency-Key makes the client's retry safe).
 
+A hot use case may let concurrent writes share the transaction (``run(..., group_commit=True)``,
+``shared/kit/group_commit.py``): each still runs these steps in order, in a savepoint of its own,
+and gets its own answer or its own problem; the batch writes its events and commits once.
+
 Routes get a ``Write`` through the ``WriteRequest`` dependency (it is the only way to run a
 use case from HTTP) and call ``write.run(act, authorise=...)``; ``tests/unit/test_use_cases.py``
 walks every write route of every service and fails on one without it.
@@ -19,6 +23,7 @@ walks every write route of every service and fails on one without it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import re
@@ -37,6 +42,8 @@ from shared.kit.auth import Principal, current_principal
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope
 from shared.kit.errors import DomainError, is_transient
+from shared.kit.group_commit import BatchAborted, CommitUncertain, GroupCommit
+from shared.kit.outbox import OutgoingRecord
 from shared.kit.service import ServiceRuntime, UnitOfWork
 
 log = structlog.get_logger(__name__)
@@ -89,10 +96,6 @@ class Outcome:
         return JSONResponse(self.body, status_code=self.status_code, headers=headers)
 
 
-class _CommitUncertain(Exception):
-    """The commit failed on the wire: it may or may not have happened, so it is never re-run."""
-
-
 @dataclass(slots=True)
 class Write:
     """One HTTP write: who asks, for which operation, with which request, under which key."""
@@ -106,6 +109,7 @@ class Write:
     idempotency_key: str | None = None
     correlation_id: str | None = None
     ran: bool = False
+    group_commit: bool = False
 
     @property
     def caller(self) -> str:
@@ -115,22 +119,32 @@ class Write:
         return f"{p.subject} {p.role.value}{'@' + where if where else ''}"
 
     @overload
-    async def run(self, act: Callable[[UnitOfWork], Awaitable[Outcome]]) -> Outcome: ...
+    async def run(
+        self, act: Callable[[UnitOfWork], Awaitable[Outcome]], *, group_commit: bool = False
+    ) -> Outcome: ...
 
     @overload
     async def run(
-        self, act: Callable[[UnitOfWork, T], Awaitable[Outcome]], *, authorise: Callable[[UnitOfWork], Awaitable[T]]
+        self, act: Callable[[UnitOfWork, T], Awaitable[Outcome]], *, authorise: Callable[[UnitOfWork], Awaitable[T]],
+        group_commit: bool = False,
     ) -> Outcome: ...
 
-    async def run(self, act: Callable[..., Awaitable[Outcome]], *, authorise: Any = None) -> Outcome:
+    async def run(
+        self, act: Callable[..., Awaitable[Outcome]], *, authorise: Any = None, group_commit: bool = False
+    ) -> Outcome:
         """Authorise, replay or act, commit; retry what a transient fault interrupted.
 
         ``authorise`` checks who may act on the target (and may load and lock it for ``act``); it
         must not check the target's state, so that a replay finds the first answer, not a 409.
-        Without it the route's role check is the whole permission check."""
+        Without it the route's role check is the whole permission check.
+
+        ``group_commit``: concurrent writes of this operation may share one transaction, each in a
+        savepoint of its own (``shared/kit/group_commit.py``). For a hot use case whose act is
+        short and only talks to its own database; the answer is the same as alone."""
         if self.ran:
             raise RuntimeError(f"{self.operation}: a write runs once")
         self.ran = True
+        self.group_commit = group_commit
         if not tracing.recording():
             return await self._run(act, authorise)
         # The use case's span: the events it emits name it as their parent (``UnitOfWork.emit``).
@@ -146,10 +160,10 @@ class Write:
         while True:
             try:
                 return await self._attempt(act, authorise)
-            except _CommitUncertain as uncertain:
+            except CommitUncertain as uncertain:
                 raise uncertain.__cause__ or uncertain from None
             except Exception as error:
-                if not is_transient(error) or attempt >= ATTEMPTS:
+                if not (is_transient(error) or isinstance(error, BatchAborted)) or attempt >= ATTEMPTS:
                     raise
                 delay = FIRST_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
                 log.warning("write hit a transient fault, retrying", operation=self.operation,
@@ -158,28 +172,18 @@ class Write:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, act: Callable[..., Awaitable[Outcome]], authorise: Any) -> Outcome:
+        if self.group_commit:
+            return await self._batches().run(functools.partial(self._in_batch, act, authorise))
         runtime = self.runtime
         async with runtime.pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
                 work = UnitOfWork(conn, runtime, self.correlation_id)
-                target = await authorise(work) if authorise is not None else None
-                scope, fingerprint = self._key_scope()
-                if scope is not None:
-                    assert self.idempotency_key is not None
-                    stored = await idempotency.replay(conn, scope, self.idempotency_key, fingerprint)
-                    if stored is not None:
-                        await transaction.rollback()
-                        log.info("write replayed", operation=self.operation)
-                        return Outcome(stored.status_code, stored.body, replayed=True)
-                outcome = await (act(work, target) if authorise is not None else act(work))
-                if scope is not None:
-                    assert self.idempotency_key is not None
-                    kept = outcome.body if outcome.replay_body is None else outcome.replay_body
-                    await idempotency.remember(
-                        conn, scope, self.idempotency_key, fingerprint, outcome.status_code, kept
-                    )
+                outcome = await self._decide(work, act, authorise)
+                if outcome.replayed:
+                    await transaction.rollback()
+                    return outcome
                 await work.flush()
             except BaseException:
                 try:
@@ -192,8 +196,42 @@ class Write:
             try:
                 await transaction.commit()
             except Exception as error:
-                raise _CommitUncertain from error
+                raise CommitUncertain from error
         runtime.outbox.committed()
+        return outcome
+
+    async def _in_batch(
+        self, act: Callable[..., Awaitable[Outcome]], authorise: Any, conn: Connection
+    ) -> tuple[Outcome, list[OutgoingRecord]]:
+        """This write's part of a shared transaction: its answer, and its events for the batch."""
+        work = UnitOfWork(conn, self.runtime, self.correlation_id)
+        outcome = await self._decide(work, act, authorise)
+        return outcome, work.take_pending()
+
+    def _batches(self) -> GroupCommit[Outcome]:
+        batches = self.runtime.group_commits.get(self.operation)
+        if batches is None:
+            runtime = self.runtime
+            batches = runtime.group_commits[self.operation] = GroupCommit(
+                self.operation, lambda: runtime.pool, runtime.outbox
+            )
+        return batches
+
+    async def _decide(self, work: UnitOfWork, act: Callable[..., Awaitable[Outcome]], authorise: Any) -> Outcome:
+        """Authorise; then the key's stored answer, or act and remember the answer under the key."""
+        target = await authorise(work) if authorise is not None else None
+        scope, fingerprint = self._key_scope()
+        if scope is not None:
+            assert self.idempotency_key is not None
+            stored = await idempotency.replay(work.conn, scope, self.idempotency_key, fingerprint)
+            if stored is not None:
+                log.info("write replayed", operation=self.operation)
+                return Outcome(stored.status_code, stored.body, replayed=True)
+        outcome = await (act(work, target) if authorise is not None else act(work))
+        if scope is not None:
+            assert self.idempotency_key is not None
+            kept = outcome.body if outcome.replay_body is None else outcome.replay_body
+            await idempotency.remember(work.conn, scope, self.idempotency_key, fingerprint, outcome.status_code, kept)
         return outcome
 
     def _key_scope(self) -> tuple[str | None, str]:
