@@ -109,6 +109,18 @@ class EventMetrics(Collector):
         for topic, count in sorted((relay.dead_letters if relay else {}).items()):
             dead.add_metric([topic], count)
         yield dead
+        # Group commit (shared/kit/group_commit.py): writes per batch = writes / batches.
+        write_batches = CounterMetricFamily(
+            "nichiiki_write_batches", "Transactions committed for group-committed writes", labels=["operation"]
+        )
+        batched_writes = CounterMetricFamily(
+            "nichiiki_batched_writes", "Group-committed writes kept in a committed batch", labels=["operation"]
+        )
+        for operation, group in sorted(getattr(self.runtime, "group_commits", {}).items()):
+            write_batches.add_metric([operation], group.batches)
+            batched_writes.add_metric([operation], group.writes)
+        yield write_batches
+        yield batched_writes
         for component in self.runtime.state.get("metrics", ()):
             yield from component.collect()
         # Summed over replicas this is the table's total: one replica prunes each round.
