@@ -685,20 +685,39 @@ class NewDonation:
     ledger: tuple[LedgerEntry, ...]
     special_deduction: bool = False
     revitalisation_plan_id: str | None = None
+    #: A person to find by identity or create in the same statement: the record on file, if any,
+    #: is the donor (its id, and its name and address on the receipt), not these details.
+    new_donor: NewDonor | None = None
+
+    def for_donor(self, donor: Donor) -> NewDonation:
+        """What was recorded, once the donor found or created with it is known."""
+        return replace(
+            self, donor_id=donor.id, donor_name=donor.name, donor_address=donor.receipt_address, new_donor=None
+        )
 
 
 def new_donation(
-    confirmation: PaymentConfirmation, plan: DonationPlan, donor: Donor, donation_id: uuid.UUID, at: datetime
+    confirmation: PaymentConfirmation, plan: DonationPlan, donor: Donor | NewDonor, donation_id: uuid.UUID,
+    at: datetime,
 ) -> NewDonation:
+    """The donation to record. A ``NewDonor`` (a person only) is found or created with it: the
+    donor's fields here are then the notification's, until ``for_donor`` names the one on file."""
+    if isinstance(donor, NewDonor):
+        if donor.type != "individual":  # a company's receipt address needs the one on file: found first
+            raise ValueError("only a person is found or created with the donation")
+        donor_address, new_donor = donor.address or "", donor
+    else:
+        donor_address, new_donor = donor.receipt_address, None
     return NewDonation(
         id=donation_id, payment_reference=confirmation.payment_reference, request_hash=confirmation.content_hash(),
         municipality_code=plan.municipality.code, donor_id=donor.id, kind=plan.kind, unit=plan.unit,
         amount=confirmation.amount, earmark=plan.earmark, program_id=confirmation.program_id,
         project=confirmation.project, payment_date=confirmation.payment_date, calendar_year=plan.calendar_year,
         one_stop_requested=confirmation.one_stop_requested, received_at=at, donor_name=donor.name,
-        donor_address=donor.receipt_address, issues_receipt=plan.issues_receipt,
+        donor_address=donor_address, issues_receipt=plan.issues_receipt,
         counts_for_one_stop=plan.counts_for_one_stop, ledger=plan.ledger, special_deduction=plan.special_deduction,
         revitalisation_plan_id=plan.revitalisation_plan.plan_id if plan.revitalisation_plan else None,
+        new_donor=new_donor,
     )
 
 
@@ -778,6 +797,8 @@ class RecordedDonation:
     year: DonorYearState | None
     #: The donor-year's municipalities before this donation, in the order they were first given to.
     earlier_municipalities: tuple[str, ...]
+    #: The donor found or created with the donation (``NewDonation.new_donor``); None when known before.
+    donor: Donor | None = None
 
     def municipalities(self, code: str) -> list[str]:
         """The donor-year's municipalities with this donation's."""

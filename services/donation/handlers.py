@@ -2,9 +2,10 @@
 
 Every HTTP write runs through the kit's runner (``Write.run``): the permission check first, then
 an Idempotency-Key replay scoped to the caller, then one transaction. The payment confirmation,
-the hot path of the year-end peak, is kept short: a donor upsert, one statement that records the
-donation with its receipt number, receipt, ledger rows and one-stop count, and its events, then
-commit. The receipt counter's row lock is taken as late as possible and held only until that commit.
+the hot path of the year-end peak, is kept short: one statement that finds or creates the donor (a
+person; a company is found first) and records the donation with its receipt number, receipt, ledger
+rows and one-stop count, then its events, then commit. The receipt counter's row lock is taken last
+in that statement, after the donor's, and held only until that commit.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from . import domain, store
 from .domain import (
     NOT_REQUESTED,
     ApplicationReceived,
+    CompanyDetails,
     Donation,
     DonationNotFound,
     DonationPlan,
     Donor,
     DonorDetails,
     DonorNotFound,
+    NewDonor,
     OneStopApplication,
     OneStopApplicationExists,
     OneStopApplicationNotFound,
@@ -190,10 +193,16 @@ class DonationService:
         donation_id = uuid.uuid4()
 
         async def act(work: UnitOfWork) -> Outcome:
-            if confirmation.donor is not None:
+            donor: Donor | NewDonor
+            if known is not None:
+                assert confirmation.donor is not None
                 details = await _unless_erased(work.conn, confirmation.donor)
                 # The donor on file stays as the donor or an admin left it: a confirmation only names it.
-                donor, _ = await store.find_or_create_donor(work.conn, domain.new_donor(details, uuid.uuid4(), now))
+                donor = domain.new_donor(details, uuid.uuid4(), now)
+                if isinstance(details, CompanyDetails):  # its receipt address needs the record on file first
+                    donor, _ = await store.find_or_create_donor(work.conn, donor)
+                # else a person is found or created by the statement that records the donation
+                plan = known
             else:
                 assert confirmation.donor_id is not None
                 found = await store.lock_donor(work.conn, confirmation.donor_id)
@@ -201,14 +210,16 @@ class DonationService:
                     raise UnknownDonor(f"no donor {confirmation.donor_id}")
                 found.check_usable()
                 donor = found
-            plan = known or domain.plan_donation(confirmation, donor.facts, today)
+                plan = domain.plan_donation(confirmation, donor.facts, today)
             donation = await self._record(work, domain.new_donation(confirmation, plan, donor, donation_id, now), donor)
             log.info("donation recorded", donation_id=str(donation.id), municipality=donation.municipality_code,
                      receipt=donation.receipt_number, kind=donation.kind)
             return Outcome(201, _donation_view(donation).model_dump(mode="json"))
 
         try:
-            return await write.run(act)
+            # Under load, confirmations share transactions (a savepoint each): a hot municipality's
+            # receipt counter is then locked once per batch.
+            return await write.run(act, group_commit=True)
         except asyncpg.UniqueViolationError as error:
             if error.constraint_name != store.PAYMENT_REFERENCE_KEY:
                 raise
@@ -216,7 +227,13 @@ class DonationService:
         # receipt number back): the same notification again is that donation, anything else a 409.
         return Outcome(200, (await self._confirmed_before(confirmation)).model_dump(mode="json"))
 
-    async def _record(self, work: Work, record: domain.NewDonation, donor: Donor) -> Donation:
+    async def _record(self, work: Work, record: domain.NewDonation, named: Donor | NewDonor) -> Donation:
+        recorded = await store.record_donation(work.conn, record)
+        if recorded.donor is not None:  # found or created with the donation
+            donor, record = recorded.donor, record.for_donor(recorded.donor)
+        else:
+            assert isinstance(named, Donor)
+            donor = named
         code = record.municipality_code
         subject = str(record.id)
         await work.emit(
@@ -230,7 +247,6 @@ class DonationService:
             ),
             subject=subject, key=code,
         )
-        recorded = await store.record_donation(work.conn, record)
         donation = Donation.recorded(record, donor, recorded.receipt_number)
         if recorded.receipt_number is not None:
             await work.emit(

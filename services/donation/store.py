@@ -80,11 +80,12 @@ _DONOR_COLUMNS = (
 )
 
 
-def _donor(row: asyncpg.Record) -> Donor:
+def _donor(row: asyncpg.Record, prefix: str = "") -> Donor:
     return Donor(
-        id=row["id"], type=row["type"], name=row["name"], address=row["address"], resident_id=row["resident_id"],
-        email=row["email"], head_office_code=row["head_office_code"], corporate_number=row["corporate_number"],
-        created_at=row["created_at"], erased_at=row["erased_at"],
+        id=row[prefix + "id"], type=row[prefix + "type"], name=row[prefix + "name"], address=row[prefix + "address"],
+        resident_id=row[prefix + "resident_id"], email=row[prefix + "email"],
+        head_office_code=row[prefix + "head_office_code"], corporate_number=row[prefix + "corporate_number"],
+        created_at=row[prefix + "created_at"], erased_at=row[prefix + "erased_at"],
     )
 
 
@@ -245,12 +246,15 @@ async def purge_retained_receipts(
 
 # ---------------------------------------------------------------------------- donations
 
-_RECORD_DONATION = Sql.of(
-    """
-    WITH counter AS (
+# Donation, receipt number and receipt, ledger rows and the donor-year's one-stop count in one
+# statement; ``{donor}`` is the donor's CTE (``id``, ``receipt_name``, ``receipt_address``). Each
+# part reads the donor first, so a donor's row lock (one donor's confirmations queue on it) is
+# waited for before the receipt counter's row is locked: the hot counter is never held waiting.
+_RECORD_TEMPLATE = """
+    WITH {donor}, counter AS (
         -- The receipt number: the municipality-year's counter row, locked until commit.
         INSERT INTO receipt_counters AS c (municipality_code, calendar_year, last_number)
-        SELECT :municipality_code, :calendar_year, 1 WHERE :issues_receipt::boolean
+        SELECT :municipality_code, :calendar_year, 1 FROM donor WHERE :issues_receipt::boolean
         ON CONFLICT (municipality_code, calendar_year) DO UPDATE SET last_number = c.last_number + 1
         RETURNING last_number
     ), donation AS (
@@ -258,19 +262,19 @@ _RECORD_DONATION = Sql.of(
         INSERT INTO donations (id, payment_reference, request_hash, municipality_code, donor_id, kind, unit,
                                amount, earmark, program_id, project, payment_date, calendar_year,
                                one_stop_requested, received_at, special_deduction, revitalisation_plan_id)
-        SELECT :id, :payment_reference, :request_hash, :municipality_code, :donor_id, :kind, :unit,
+        SELECT :id, :payment_reference, :request_hash, :municipality_code, donor.id, :kind, :unit,
                :amount, :earmark, :program_id, :project, :payment_date, :calendar_year,
                :one_stop_requested, :received_at, :special_deduction, :revitalisation_plan_id
-        FROM (SELECT 1) AS one LEFT JOIN counter ON true
+        FROM donor LEFT JOIN counter ON true
         RETURNING id, seq
     ), receipt AS (
         INSERT INTO receipts (number, municipality_code, calendar_year, sequence, donation_id, donor_id,
                               donor_name, donor_address, amount_jpy, donation_date, issued_at)
         SELECT :municipality_code || '-' || :calendar_year::text || '-'
                    || lpad(n::text, greatest(6, length(n::text)), '0'),
-               :municipality_code, :calendar_year, n, donation.id, :donor_id, :donor_name, :donor_address, :amount,
-               :payment_date, :received_at
-        FROM (SELECT last_number AS n FROM counter) AS issued, donation
+               :municipality_code, :calendar_year, n, donation.id, donor.id, donor.receipt_name,
+               donor.receipt_address, :amount, :payment_date, :received_at
+        FROM (SELECT last_number AS n FROM counter) AS issued, donation, donor
         RETURNING number
     ), ledger AS (
         INSERT INTO fund_ledger (municipality_code, earmark, unit, entry, amount, donation_id, program_id,
@@ -279,40 +283,70 @@ _RECORD_DONATION = Sql.of(
         FROM unnest(:ledger_entries::text[], :ledger_amounts::bigint[]) AS e (entry, amount)
     ), donor_year AS (
         INSERT INTO donor_years AS y (donor_id, calendar_year, one_stop_requested)
-        SELECT :donor_id, :calendar_year, :one_stop_requested WHERE :counts_for_one_stop::boolean
+        SELECT donor.id, :calendar_year, :one_stop_requested FROM donor WHERE :counts_for_one_stop::boolean
         ON CONFLICT (donor_id, calendar_year)
             DO UPDATE SET one_stop_requested = y.one_stop_requested OR EXCLUDED.one_stop_requested
         RETURNING one_stop_requested, voided_at, void_announced_at IS NOT NULL AS announced
     ), donor_municipality AS (
         INSERT INTO donor_year_municipalities AS m (donor_id, calendar_year, municipality_code, donations,
                                                     first_donation_at)
-        SELECT :donor_id, :calendar_year, :municipality_code, 1, :received_at WHERE :counts_for_one_stop::boolean
+        SELECT donor.id, :calendar_year, :municipality_code, 1, :received_at FROM donor
+        WHERE :counts_for_one_stop::boolean
         ON CONFLICT (donor_id, calendar_year, municipality_code) DO UPDATE SET donations = m.donations + 1
     )
     SELECT receipt.number AS receipt_number,
            donor_year.one_stop_requested, donor_year.voided_at, donor_year.announced,
            -- the statement's snapshot: the municipalities before this donation
            CASE WHEN :counts_for_one_stop::boolean THEN ARRAY(
-               SELECT municipality_code FROM donor_year_municipalities
-               WHERE donor_id = :donor_id AND calendar_year = :calendar_year
-               ORDER BY first_donation_at, municipality_code
-           ) END AS earlier_municipalities
-    FROM donation LEFT JOIN receipt ON true LEFT JOIN donor_year ON true
-    """
-)
+               SELECT m.municipality_code FROM donor_year_municipalities m
+               WHERE m.donor_id = donor.id AND m.calendar_year = :calendar_year
+               ORDER BY m.first_donation_at, m.municipality_code
+           ) END AS earlier_municipalities{returning}
+    FROM donor CROSS JOIN donation LEFT JOIN receipt ON true LEFT JOIN donor_year ON true
+"""
+
+#: The donor is known (found and locked before: a donor id, or a company).
+_RECORD_DONATION = Sql.of(_RECORD_TEMPLATE.format(
+    donor="""donor AS (
+        SELECT :donor_id::uuid AS id, :donor_name::text AS receipt_name, :donor_address::text AS receipt_address
+    )""",
+    returning="",
+))
+
+#: A person named by the notification is found by identity, unchanged, or created, in the same
+#: statement (as ``find_or_create_donor``: the no-op update locks the row until commit); the
+#: receipt shows the record on file: a person's name and address (an individual's address is
+#: never null before erasure, and an erased donor's key is never matched again).
+_RECORD_DONATION_AND_DONOR = Sql.of(_RECORD_TEMPLATE.format(
+    donor=f"""donor AS (
+        INSERT INTO donors AS d (id, donor_key, type, name, address, resident_id, email,
+                                 head_office_code, corporate_number, created_at, updated_at)
+        VALUES (:new_donor_id, :donor_key, 'individual', :new_donor_name, :new_donor_address,
+                :new_donor_resident_id, :new_donor_email, NULL, NULL, :new_donor_at, :new_donor_at)
+        ON CONFLICT (donor_key) DO UPDATE SET donor_key = d.donor_key
+        RETURNING {_DONOR_COLUMNS}, name AS receipt_name, coalesce(address, '') AS receipt_address
+    )""",
+    returning="".join(f", donor.{column} AS donor_{column}" for column in _DONOR_COLUMNS.replace(" ", "").split(",")),
+))
 
 
 async def record_donation(conn: Connection, donation: NewDonation) -> RecordedDonation:
     """Donation, receipt number and receipt, ledger rows and the donor-year's one-stop count in one
-    statement (one round trip). Raises UniqueViolationError (``PAYMENT_REFERENCE_KEY``) when the
-    payment reference exists."""
-    row = await conn.fetchrow(
-        _RECORD_DONATION.text,
-        *_RECORD_DONATION.args_of(
-            donation,
-            ledger_entries=[e.entry for e in donation.ledger], ledger_amounts=[e.amount for e in donation.ledger],
-        ),
-    )
+    statement (one round trip); with ``donation.new_donor``, the donor found or created too.
+    Raises UniqueViolationError (``PAYMENT_REFERENCE_KEY``) when the payment reference exists."""
+    ledger = {
+        "ledger_entries": [e.entry for e in donation.ledger], "ledger_amounts": [e.amount for e in donation.ledger],
+    }
+    person = donation.new_donor
+    if person is None:
+        row = await conn.fetchrow(_RECORD_DONATION.text, *_RECORD_DONATION.args_of(donation, **ledger))
+    else:
+        statement = _RECORD_DONATION_AND_DONOR
+        row = await conn.fetchrow(statement.text, *statement.args_of(
+            donation, **ledger, new_donor_id=person.id, donor_key=person.donor_key, new_donor_name=person.name,
+            new_donor_address=person.address, new_donor_resident_id=person.resident_id,
+            new_donor_email=person.email, new_donor_at=person.at,
+        ))
     assert row is not None
     year = None
     if donation.counts_for_one_stop:
@@ -322,6 +356,7 @@ async def record_donation(conn: Connection, donation: NewDonation) -> RecordedDo
     return RecordedDonation(
         receipt_number=row["receipt_number"], year=year,
         earlier_municipalities=tuple(row["earlier_municipalities"] or ()),
+        donor=None if person is None else _donor(row, prefix="donor_"),
     )
 
 
