@@ -536,6 +536,12 @@ class RegistrationPlan:
     derived_prefecture: Registration | None  # a new derived prefecture row
     prefecture_registration_id: str | None  # the prefecture row (new or reused); None for a prefecture
 
+    @property
+    def new_rows(self) -> list[Registration]:
+        """The registrations to insert: the new one, then its derived prefecture one."""
+        rows = [self.registration] if self.is_new else []
+        return rows if self.derived_prefecture is None else [*rows, self.derived_prefecture]
+
 
 def check_identity(identity: IdentityVerification | None, now: datetime) -> IdentityVerification:
     if identity is None:

@@ -74,6 +74,28 @@ async def lock_resident(conn: Connection, resident_id: str) -> Resident | None:
     return _resident(row) if row is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class LockedResident:
+    """An active resident, locked, with their registrations and consents as they are under the lock."""
+
+    resident: Resident
+    registrations: list[Registration]
+    consents: list[Consent]
+
+
+async def lock_resident_for_registration(conn: Connection, resident_id: str) -> LockedResident | None:
+    """``lock_resident``, ``registrations_of`` and ``consents_of`` in one round trip (the function of
+    migration 008 reads after taking the lock); None if absent or erased."""
+    row = await conn.fetchrow("SELECT * FROM lock_resident_for_registration($1)", resident_id)
+    if row is None:
+        return None
+    return LockedResident(
+        _resident(row),
+        [_registration(r) for r in row["registrations"]],
+        [Consent(c["purpose"], c["partner"] or None, c["granted"], c["changed_at"]) for c in row["consents"]],
+    )
+
+
 async def resident_status(conn: Connection, resident_id: str) -> str | None:
     status: str | None = await conn.fetchval("SELECT status FROM residents WHERE id = $1", resident_id)
     return status
@@ -198,16 +220,26 @@ async def get_registration(conn: Connection, registration_id: str) -> Registrati
     return _registration(row) if row is not None else None
 
 
-async def insert_registration(conn: Connection, registration: Registration) -> None:
-    r = registration
+#: Each row's parameters, in ``insert_registrations``' column order (``updated_at`` is ``registered_at``).
+_REGISTRATION_ROW = "(${0}, ${1}, ${2}, ${3}, ${4}, ${5}, ${6}, ${7}, ${8}, ${9}, ${7})"
+
+
+async def insert_registrations(conn: Connection, registrations: Sequence[Registration]) -> None:
+    """Insert registrations in one statement (a municipal one and its derived prefecture one: the
+    foreign key of ``derived_from`` is checked at the end of the statement)."""
+    if not registrations:
+        return
+    values = ", ".join(_REGISTRATION_ROW.format(*range(10 * i + 1, 10 * i + 11)) for i in range(len(registrations)))
     await conn.execute(
-        """
+        f"""
         INSERT INTO registrations (id, resident_id, municipality_code, prefecture_code, tier, status, derived_from,
                                    registered_at, valid_from, valid_until, updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $8)
+        VALUES {values}
         """,
-        r.id, r.resident_id, r.municipality_code, r.prefecture_code, r.tier, r.status, r.derived_from,
-        r.registered_at, r.valid_from, r.valid_until,
+        *(value for r in registrations for value in (
+            r.id, r.resident_id, r.municipality_code, r.prefecture_code, r.tier, r.status, r.derived_from,
+            r.registered_at, r.valid_from, r.valid_until,
+        )),
     )
 
 

@@ -97,6 +97,28 @@ def keyring_dsn(settings: Settings) -> str:
     return settings.database_dsn(KEYRING_DATABASE)
 
 
+#: Read the subjects' keys, and make the missing ones (a row made meanwhile elsewhere comes back in
+#: neither part: the caller asks for it again).
+_FETCH_OR_MAKE = """
+    WITH wanted (subject, wrapped_key) AS (
+        SELECT * FROM unnest($1::text[], $2::bytea[])
+    ), known AS (
+        SELECT d.subject, d.wrapped_key FROM data_keys d WHERE d.subject = ANY($1::text[])
+    ), made AS (
+        INSERT INTO data_keys (subject, wrapped_key)
+        SELECT w.subject, w.wrapped_key FROM wanted w WHERE w.subject NOT IN (SELECT k.subject FROM known k)
+        ON CONFLICT (subject) DO NOTHING
+        RETURNING subject, wrapped_key
+    )
+    SELECT subject, wrapped_key FROM known UNION ALL SELECT subject, wrapped_key FROM made
+"""
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset on release (a round trip per use): the keyring's connections hold no session state
+    (no advisory locks, LISTENs or settings); asyncpg still rolls back an open transaction."""
+
+
 class Keyring:
     """Seal and open personal data; erase a person by destroying their key."""
 
@@ -109,6 +131,10 @@ class Keyring:
         self._cache: dict[str, tuple[bytes | None, float]] = {}
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        #: Keys for sealing asked and not yet answered (queued, or in the statement on the wire).
+        self._asked: dict[str, asyncio.Future[bytes | None]] = {}
+        self._queued: list[str] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
@@ -128,7 +154,7 @@ class Keyring:
                     await apply_migrations(conn, load_migrations(KEYRING_MIGRATIONS, "keyring"))
                 finally:
                     await conn.close()
-                self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4)
+                self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4, reset=_keep_session)
         return self._pool
 
     async def close(self) -> None:
@@ -153,6 +179,10 @@ class Keyring:
         if key is None or time.monotonic() - at < self._cache_s:
             return True, key
         return False, None
+
+    def _erased_here(self, subject: str) -> bool:
+        hit = self._cache.get(subject)
+        return hit is not None and hit[0] is None
 
     async def keys(self, subjects: Iterable[str]) -> dict[str, bytes | None]:
         """Each subject's data key; None for an erased person or one who has no key yet."""
@@ -179,29 +209,73 @@ class Keyring:
         return found
 
     async def key_for_sealing(self, subject: str) -> bytes:
-        """The subject's key, made on first use; ``SubjectErased`` once they were erased."""
+        """The subject's key, made on first use; ``SubjectErased`` once they were erased.
+
+        Keys asked for while a statement is on the wire are fetched or made together in the next
+        one (one round trip and at most one commit for all of them): under load, batches grow by
+        themselves; alone, a key is asked at once."""
         hit, key = self._cached(subject)
         if hit and key is not None:
             return key
         if hit:
             raise SubjectErased(f"{subject} was erased")
-        pool = await self._connections()
-        fresh = os.urandom(_KEY_BYTES)
-        row = await pool.fetchrow(
-            """
-            INSERT INTO data_keys (subject, wrapped_key) VALUES ($1, $2)
-            ON CONFLICT (subject) DO UPDATE SET subject = EXCLUDED.subject
-            RETURNING wrapped_key
-            """,
-            subject, self._wrap(subject, fresh),
-        )
-        assert row is not None
-        if row["wrapped_key"] is None:
-            self._cache[subject] = (None, time.monotonic())
+        asked = self._asked.get(subject)
+        if asked is None:
+            asked = self._asked[subject] = asyncio.get_running_loop().create_future()
+            self._queued.append(subject)
+            if self._writer is None:
+                self._writer = asyncio.create_task(self._answer_queued())
+        # Shielded: a caller that gives up does not fail the others waiting for the same statement.
+        key = await asyncio.shield(asked)
+        if key is None:
             raise SubjectErased(f"{subject} was erased")
-        key = self._unwrap(subject, row["wrapped_key"])
-        self._cache[subject] = (key, time.monotonic())
         return key
+
+    async def _answer_queued(self) -> None:
+        """Fetch or make the queued keys, a statement at a time, until none is queued."""
+        try:
+            while self._queued:
+                subjects, self._queued = self._queued, []
+                try:
+                    keys = await self._fetch_or_make(subjects)
+                except Exception as error:  # each caller of this statement gets it (the runner may retry)
+                    for subject in subjects:
+                        self._asked.pop(subject).set_exception(error)
+                    continue
+                except BaseException:  # cancelled (shutting down): so is every caller still waiting
+                    for subject in [*subjects, *self._queued]:
+                        self._asked.pop(subject).cancel()
+                    self._queued = []
+                    raise
+                for subject in subjects:
+                    self._asked.pop(subject).set_result(keys[subject])
+        finally:
+            self._writer = None
+
+    async def _fetch_or_make(self, subjects: Sequence[str]) -> dict[str, bytes | None]:
+        """Each subject's key (None: erased), made where there is none yet. Existing keys are only
+        read (no write, no commit to flush); a subject another process makes a key for meanwhile is
+        read again in the next statement."""
+        pool = await self._connections()
+        wanted = sorted(set(subjects))  # one order everywhere: concurrent inserts never deadlock
+        keys: dict[str, bytes | None] = {}
+        while wanted:
+            fresh = {subject: os.urandom(_KEY_BYTES) for subject in wanted}
+            wrapped = {subject: self._wrap(subject, fresh[subject]) for subject in wanted}
+            rows = await pool.fetch(_FETCH_OR_MAKE, wanted, [wrapped[subject] for subject in wanted])
+            now = time.monotonic()
+            for row in rows:
+                subject, stored = row["subject"], row["wrapped_key"]
+                # A key made by this statement is the fresh one: no need to unwrap it again.
+                key = None if stored is None else fresh[subject] if stored == wrapped[subject] else (
+                    self._unwrap(subject, stored)
+                )
+                if self._erased_here(subject):
+                    key = None  # shredded by this process while the statement was on the wire: final
+                self._cache[subject] = (key, now)
+                keys[subject] = key
+            wanted = [subject for subject in wanted if subject not in keys]
+        return keys
 
     async def shred(self, subject: str) -> bool:
         """Destroy the subject's key for good (True if a key was destroyed now); idempotent."""

@@ -12,6 +12,7 @@ import asyncpg
 import httpx
 import jwt
 import pytest
+from asyncpg.connection import LoggedQuery
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
@@ -762,3 +763,41 @@ async def test_a_repeated_post_with_the_same_key_returns_the_first_result(
         ResidentRegistered.event_type, ResidentRegistered.event_type, PremiumRequested.event_type,
         PremiumApproved.event_type,
     ]
+
+
+async def test_a_basic_registration_is_three_statements_in_its_transaction_and_one_keyring_statement_before(
+    app: FastAPI, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    # The hot path of issue 22: the data key fetched or made before the transaction (one statement on
+    # the keyring's database), then BEGIN, the resident locked with their registrations and consents,
+    # both registrations in one insert, the outbox write, COMMIT. A new round trip costs every registration.
+    runtime: ServiceRuntime = app.state.runtime
+    resident_id = await create_resident(client, settings)
+    statements: list[str] = []
+
+    def logged(query: LoggedQuery) -> None:
+        # asyncpg's own type introspection runs once per connection and type, not per request.
+        if "typeinfo_tree" not in query.query and "'jit'" not in query.query:
+            statements.append(" ".join(query.query.split()[:3]))
+
+    keyring = await runtime.keyring._connections()
+    pools = (keyring, runtime.pool)
+    for pool in pools:
+        held = [await pool.acquire() for _ in range(pool.get_max_size())]
+        for conn in held:
+            conn.add_query_logger(logged)
+        for conn in held:
+            await pool.release(conn)
+    try:
+        await register(client, settings, resident_id, {"municipality_code": SHIRAHAMA})
+    finally:
+        for pool in pools:
+            held = [await pool.acquire() for _ in range(pool.get_max_size())]
+            for conn in held:
+                conn.remove_query_logger(logged)
+            for conn in held:
+                await pool.release(conn)
+    assert statements == [
+        "WITH wanted (subject,", "BEGIN;", "SELECT * FROM", "INSERT INTO registrations", "INSERT INTO outbox",
+        "COMMIT;",
+    ], statements
