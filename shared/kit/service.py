@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -417,8 +418,28 @@ def serve(service: str, settings: Settings | None = None) -> None:
     configure_logging(service, fmt=s.log_format, level=s.log_level)
     # Several workers: each writes its metrics to files there, and /metrics sums them (shared.kit.metrics).
     prepare_multiprocess(s.http_workers)
+    os.environ[_SERVED_SERVICE] = service  # inherited by the workers: _served_app builds their app
     uvicorn.run(
-        f"services.{service}.main:create_app", factory=True, workers=s.http_workers,
+        "shared.kit.service:_served_app", factory=True, workers=s.http_workers,
         host=s.http_host, port=s.http_port or s.service_port(service),
         log_config=None, access_log=False, timeout_graceful_shutdown=10,
     )
+
+
+_SERVED_SERVICE = "NICHIIKI_SERVED_SERVICE"
+
+
+def _served_app() -> FastAPI:
+    """The app of one served process. Worker processes are spawned and run no ``__main__``: the
+    logging ``serve`` set up is theirs only if set up here again (otherwise they log every line at
+    DEBUG in the console format, whatever ``NICHIIKI_LOG_LEVEL`` and ``NICHIIKI_LOG_FORMAT`` say)."""
+    import importlib
+
+    from shared.kit.logging import configure_logging
+
+    service = os.environ[_SERVED_SERVICE]
+    s = get_settings()
+    configure_logging(service, fmt=s.log_format, level=s.log_level)
+    app: FastAPI = importlib.import_module(f"services.{service}.main").create_app()
+    return app
+

@@ -42,3 +42,29 @@ def test_stdlib_loggers_go_through_the_same_pipeline(json_lines: io.StringIO) ->
         logging.getLogger("uvicorn.error").warning("port busy")
     line = json.loads(json_lines.getvalue().splitlines()[-1])
     assert line["event"] == "port busy" and line["request_id"] == "r-9" and line["service"] == "certification"
+
+
+def test_a_served_worker_process_logs_as_configured(json_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` with several workers spawns processes that run no ``__main__``: the app factory
+    they call sets up logging as the settings say (before, they logged at DEBUG in console format)."""
+    from fastapi import FastAPI
+
+    from shared.kit import service
+    from shared.kit.settings import get_settings
+
+    monkeypatch.setenv("NICHIIKI_SERVED_SERVICE", "registration")
+    monkeypatch.setenv("NICHIIKI_LOG_FORMAT", "json")
+    monkeypatch.setenv("NICHIIKI_LOG_LEVEL", "WARNING")
+    monkeypatch.setenv("NICHIIKI_PG_DSN", "postgresql://nobody@127.0.0.1:1/none")  # the app only names it
+    monkeypatch.setattr(kit_logging, "_configured_for", None)  # a fresh process: nothing set up yet
+    structlog.reset_defaults()
+    get_settings.cache_clear()
+    try:
+        app = service._served_app()
+    finally:
+        get_settings.cache_clear()
+
+    assert isinstance(app, FastAPI)
+    assert kit_logging._configured_for == ("registration", "json", "WARNING")
+    assert logging.getLogger().level == logging.WARNING
+    assert not structlog.get_logger("test").is_enabled_for(logging.INFO)
