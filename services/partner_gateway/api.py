@@ -35,6 +35,7 @@ from services.partner_gateway.auth import (
     PartnerCaller,
     ResidentStaffOrAdmin,
     StaffOrAdmin,
+    api_key_principal,
     gateway_of,
     partner_caller,
 )
@@ -56,7 +57,7 @@ from shared.contracts.sealed import resident_subject
 from shared.kit.auth import Principal, Role
 from shared.kit.csv_export import csv_response, keyset_rows
 from shared.kit.db import Connection
-from shared.kit.errors import DomainError
+from shared.kit.errors import DomainError, Forbidden
 from shared.kit.http import ApiModel, Offset, failure_response, refusal
 from shared.kit.rate_limit import (
     PARTNER_API,
@@ -152,7 +153,7 @@ class VerificationHotPath:
             return
         scope["route"] = self._ROUTE  # the metrics label, as FastAPI's router would set it
         try:
-            principal = await partner_caller(StarletteRequest(scope))
+            principal = await self._caller(scope)
             assert principal.partner is not None
             await verification_limit(limiter_of_scope(scope), principal.partner)
             body = await verification_body(self.gateway, principal.partner, path[len(self._PREFIX):])
@@ -167,6 +168,19 @@ class VerificationHotPath:
             "headers": [*self._HEADERS, (b"content-length", str(len(body)).encode())],
         })
         await send({"type": "http.response.body", "body": body})
+
+    async def _caller(self, scope: Scope) -> Principal:
+        """``partner_caller``: an API key (what partners send at these rates) straight from the raw
+        headers, as Starlette's ``Headers.get`` reads them (the first one, latin-1); anything else
+        (a bearer token, no credential) through the dependency itself."""
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                principal = await api_key_principal(self.gateway, value.decode("latin-1"))
+                scope.setdefault("state", {})["principal_kind"] = principal.role.value  # the access log's
+                if principal.role is not Role.PARTNER:
+                    raise Forbidden("this needs the role: partner")
+                return principal
+        return await partner_caller(StarletteRequest(scope))
 
 
 # --- Partners and their API keys (admin) --------------------------------------------------------

@@ -87,9 +87,7 @@ async def authenticated(
     gateway = gateway_of(request)
     secret = request.headers.get("x-api-key")
     if secret is not None:
-        principal = await gateway.api_keys.principal(secret.strip())
-        if principal is None:
-            raise InvalidApiKey("the X-Api-Key is unknown or revoked")
+        principal = await api_key_principal(gateway, secret)
         request.state.principal_kind = principal.role.value  # the access log's caller kind (never who)
         return principal
     if not request.headers.get("authorization"):
@@ -97,6 +95,14 @@ async def authenticated(
     principal = await current_principal(request)
     if principal.role is Role.PARTNER and principal.partner not in gateway.partners:
         raise UnknownPartnerCredential(f"no partner {principal.partner!r}")
+    return principal
+
+
+async def api_key_principal(gateway: Gateway, secret: str) -> Principal:
+    """The partner an ``X-Api-Key`` header's value belongs to; 401 for an unknown or revoked key."""
+    principal = await gateway.api_keys.principal(secret.strip())
+    if principal is None:
+        raise InvalidApiKey("the X-Api-Key is unknown or revoked")
     return principal
 
 

@@ -639,6 +639,9 @@ class Observe:
         self.app = app
         self.requests = requests
         self.latency = latency
+        # Each label set's child, looked up once: ``labels()`` takes a lock and builds a key per call.
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -670,13 +673,23 @@ class Observe:
 
         with bound_context(**ids):
             try:
-                with tracing.ending(span, before_end=name_the_span):
+                if span is None:  # no tracing here: spare every request the context manager
                     await self.app(scope, receive, send_with_id)
+                else:
+                    with tracing.ending(span, before_end=name_the_span):
+                        await self.app(scope, receive, send_with_id)
             finally:
                 elapsed = time.perf_counter() - started
                 route = getattr(scope.get("route"), "path", "unmatched")
-                self.requests.labels(method, route, str(status)).inc()
-                self.latency.labels(method, route).observe(elapsed)
+                labels = (method, route, str(status))
+                counted = self._counted.get(labels)
+                if counted is None:
+                    counted = self._counted[labels] = self.requests.labels(*labels)
+                counted.inc()
+                timed = self._timed.get((method, route))
+                if timed is None:
+                    timed = self._timed[(method, route)] = self.latency.labels(method, route)
+                timed.observe(elapsed)
                 (log.debug if route in _QUIET_ROUTES else log.info)(
                     "request", method=method, route=route, status=status, duration_ms=round(elapsed * 1000, 2),
                     principal_kind=state.get("principal_kind", "none"),
