@@ -1,20 +1,28 @@
-"""The consumer side of the kit: events/s through envelope → inbox → state → outbox → commit.
+"""The consumer side of the kit, and reshaping the bench's fleet of services.
 
-Every service's consumer runs on this path, so its rate is the ceiling of each service's
-consumer. The handler writes one state row and emits one event, as a typical projection does.
+``consumer_throughput``: events/s through envelope → inbox → state → outbox → commit. Every
+service's consumer runs on this path, so its rate is the ceiling of each service's consumer. The
+handler writes one state row and emits one event, as a typical projection does.
+
+``services_with_env``: some services of the running fleet restarted with other environment (more
+HTTP workers: the scale-out scenario), then as they were.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 import uuid
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from faststream.kafka import KafkaBroker
 
+from shared.cli.fleet import ServiceFleet
 from shared.contracts.base import EventData
 from shared.contracts.topics import Topic
 from shared.kit.consumer import EventConsumer, EventRouter, HandlerContext
@@ -102,3 +110,70 @@ async def consumer_throughput(settings: Settings, events: int = 20_000) -> KitRe
     await producer.stop()
     await pool.close()
     return KitResult(events - counted_from, seconds)
+
+
+# --- Reshaping the fleet ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restart:
+    """How a restart of some services went: seconds until all had stopped, then until all were ready."""
+
+    stopped_s: float
+    ready_s: float
+    #: Processes that did not stop within their grace period and were killed.
+    killed: int
+
+    def describe(self) -> str:
+        killed = f", {self.killed} killed after their grace period" if self.killed else ""
+        total = self.stopped_s + self.ready_s
+        return f"{total:.0f} s ({self.stopped_s:.0f} s to stop{killed}, {self.ready_s:.0f} s to ready)"
+
+
+async def restart_with_env(fleet: ServiceFleet, env: Mapping[str, Mapping[str, str]]) -> Restart:
+    """Restart every replica of each service named in ``env`` with exactly that service environment
+    (over the platform's, as ``ServiceFleet.add_replica`` composes it), on the same port, so URLs held
+    by clients and by the console stay right.
+
+    The services stop gracefully (their consumers leave their groups, batches in hand committed), all at
+    once, then start together: one at a time would cost each one's start-up in turn.
+    """
+    started = time.perf_counter()
+    processes = [process for name in env for process in fleet.processes.get(name, [])]
+    await asyncio.gather(*(asyncio.to_thread(process.stop) for process in processes))
+    killed = sum(1 for process in processes if process.exit_code == -signal.SIGKILL)
+    stopped = time.perf_counter()
+    for name, overrides in env.items():
+        previous = fleet.service_env.get(name, {})
+        fleet.service_env[name] = dict(overrides)
+        for process in fleet.processes.get(name, []):
+            # The platform's environment stays; only this service's own entries change.
+            base = {key: value for key, value in process.env.items() if key not in previous}
+            process.env = {**base, **overrides}
+            process.start()
+    await asyncio.gather(*(asyncio.to_thread(process.wait_ready, 120) for process in processes))
+    return Restart(stopped - started, time.perf_counter() - stopped, killed)
+
+
+@dataclass
+class Reshape:
+    """The restart into another environment, and (once the block is left) the one back."""
+
+    there: Restart
+    back: Restart | None = None
+
+
+@contextlib.asynccontextmanager
+async def services_with_env(
+    fleet: ServiceFleet, env: Mapping[str, Mapping[str, str]], *, restarted: Mapping[str, str] | None = None,
+) -> AsyncIterator[Reshape]:
+    """Within the block the services named in ``env`` run with that environment of their own (merged over
+    what they had); afterwards they run as before. ``restarted``: environment of both restarts, there and
+    back (what restarting needs, not what is measured)."""
+    before = {name: {**fleet.service_env.get(name, {}), **(restarted or {})} for name in env}
+    changed = {name: {**before[name], **overrides} for name, overrides in env.items()}
+    reshape = Reshape(await restart_with_env(fleet, changed))
+    try:
+        yield reshape
+    finally:
+        reshape.back = await restart_with_env(fleet, before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,22 +112,71 @@ async def saturate(
     return LoadResult(None, completed, errors, time.perf_counter() - started, latencies)
 
 
-class PeakMemory:
-    """Samples the resident set size of some processes in the background; keeps each one's peak."""
+async def saturate_for(
+    operation: Callable[[int], Awaitable[None]], *, seconds: float, concurrency: int, limit: int
+) -> LoadResult:
+    """Closed-loop load for about ``seconds``: ``concurrency`` workers back to back, none starting an
+    operation after the deadline (at most ``limit`` in all). The window lasts as long on a slow machine
+    as on a fast one, and the rate counts only whole operations: completed over the time they took."""
+    latencies = Latencies()
+    errors = 0
+    completed = 0
+    counter = iter(range(limit))
+    started = time.perf_counter()
+    deadline = started + seconds
 
-    def __init__(self, pids: dict[str, int], interval_s: float = 0.1) -> None:
+    async def worker() -> None:
+        nonlocal errors, completed
+        for index in counter:
+            begun = time.perf_counter()
+            if begun >= deadline:
+                return
+            try:
+                await operation(index)
+                completed += 1
+                latencies.add(time.perf_counter() - begun)
+            except Exception:
+                errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return LoadResult(None, completed, errors, time.perf_counter() - started, latencies)
+
+
+class PeakMemory:
+    """Samples the resident set size of some processes in the background; keeps each one's peak.
+
+    ``pids`` is read at every sample, so a service restarted during the run (other pid) is followed.
+    A service of several HTTP workers is a supervisor and its worker children: its figure is the
+    largest one process of them, as with one worker.
+    """
+
+    #: Finding children reads every process of the machine (tens of ms): once every few seconds, for all.
+    CHILDREN_EVERY_S = 5.0
+
+    def __init__(self, pids: Callable[[], dict[str, int]], interval_s: float = 0.1) -> None:
         self.pids = pids
         self.interval_s = interval_s
-        self.peak_bytes: dict[str, int] = dict.fromkeys(pids, 0)
+        self.peak_bytes: dict[str, int] = dict.fromkeys(pids(), 0)
         self._task: asyncio.Task[None] | None = None
+        self._children: dict[int, list[psutil.Process]] = {}
+        self._children_at = float("-inf")
+
+    def _processes(self, pid: int) -> list[psutil.Process]:
+        now = time.monotonic()
+        if now - self._children_at > self.CHILDREN_EVERY_S:
+            self._children_at = now
+            self._children = {}
+            for process in psutil.process_iter(["ppid"]):
+                self._children.setdefault(process.info["ppid"], []).append(process)
+        with contextlib.suppress(psutil.Error):
+            return [psutil.Process(pid), *self._children.get(pid, [])]
+        return []
 
     def _sample(self) -> None:
-        for name, pid in self.pids.items():
-            try:
-                rss = int(psutil.Process(pid).memory_info().rss)
-            except psutil.Error:
-                continue
-            self.peak_bytes[name] = max(self.peak_bytes[name], rss)
+        for name, pid in self.pids().items():
+            for process in self._processes(pid):
+                with contextlib.suppress(psutil.Error):
+                    self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), int(process.memory_info().rss))
 
     async def _run(self) -> None:
         while True:

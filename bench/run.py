@@ -78,13 +78,16 @@ Scenario = Callable[[BenchContext], Awaitable[ScenarioResult]]
 
 
 def discover() -> dict[str, Scenario]:
+    """Every scenario module's ``run``, by name; those that restart services (``RESHAPES_FLEET``) last,
+    so that however their restore goes, no other scenario runs on a fleet they changed."""
     found: dict[str, Scenario] = {}
+    last: dict[str, Scenario] = {}
     for module in pkgutil.iter_modules(bench.scenarios.__path__):
         loaded = importlib.import_module(f"bench.scenarios.{module.name}")
         run = getattr(loaded, "run", None)
         if run is not None:
-            found[module.name] = run
-    return found
+            (last if getattr(loaded, "RESHAPES_FLEET", False) else found)[module.name] = run
+    return {**found, **last}
 
 
 #: One partner offers thousands of requests a second here: the limiters run (their cost is measured)
@@ -118,8 +121,7 @@ async def run_all(args: argparse.Namespace) -> str:
     try:
         limits = await measure_all(backends.kafka_bootstrap, backends.pg_dsn, backends.redis_url)
         fleet.start()
-        pids = {name: p[0].pid or 0 for name, p in fleet.processes.items()}
-        with PeakMemory(pids) as memory:
+        with PeakMemory(lambda: {name: p[0].pid or 0 for name, p in fleet.processes.items()}) as memory:
             context = BenchContext(settings, backends, fleet, limits, args.quick)
             for name in chosen:
                 sys.stderr.write(f"bench: {name}...\n")
@@ -167,8 +169,9 @@ def render(
             ratio = f"{metric.value / limit_value:.1%}" if limit_value else ""
             limit_text = f"{limit_value:,.0f} ({metric.limit})" if limit_value else ""
             met = "" if metric.met is None else ("yes" if metric.met else "**no**")
+            digits = 2 if metric.unit == "×" else 1  # a ratio of rates: 1.04× is not 1.0×
             lines.append(
-                f"| {metric.name} | {metric.value:,.1f} {metric.unit} | {limit_text} | {ratio} | "
+                f"| {metric.name} | {metric.value:,.{digits}f} {metric.unit} | {limit_text} | {ratio} | "
                 f"{metric.target or ''} | {met} |"
             )
         lines += [f"- {note}" for note in result.notes]

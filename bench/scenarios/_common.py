@@ -21,11 +21,17 @@ def group_of(process: psutil.Process) -> str:
             return "broker"
         if name.startswith("redis"):
             return "redis"
-        for part in process.cmdline():
+        command = process.cmdline()
+        for part in command:
             if part.startswith("services."):
                 return str(part).removeprefix("services.")
             if part == "bench.loadgen":
                 return CLIENT
+        # A service's HTTP workers (NICHIIKI_HTTP_WORKERS > 1) are multiprocessing children of
+        # ``python -m services.<name>``: their CPU is that service's.
+        parent = process.parent()
+        if parent is not None and any("multiprocessing" in part for part in command):
+            return group_of(parent)
     return "other"
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -442,9 +442,16 @@ async def idle_cpu(seconds: float = 2.0) -> dict[str, float]:
     return {group: value / seconds for group, value in meter.stop().items()}
 
 
-def cpu_note(spent: dict[str, float], seconds: float, per: int, unit: str, idle: dict[str, float]) -> str:
+def cpu_note(
+    spent: dict[str, float], seconds: float, per: int, unit: str, idle: dict[str, float],
+    workers: Mapping[str, int] | None = None,
+) -> str:
     """Where the CPU went in a window: cores busy per part, and the CPU each operation added on top of
-    what that part uses idle (``idle``), so a slow window does not inflate the cost per operation."""
+    what that part uses idle (``idle``), so a slow window does not inflate the cost per operation.
+
+    Each service's own figure is beside the platform's sum. ``workers``: services running more than one
+    process (``NICHIIKI_HTTP_WORKERS``); the cap of the busiest service is per process, so it multiplies.
+    """
     parts = []
     platform = 0.0
     busiest, busiest_ms = "", 0.0
@@ -463,8 +470,10 @@ def cpu_note(spent: dict[str, float], seconds: float, per: int, unit: str, idle:
     idle_total = sum(v for g, v in idle.items() if g not in (OUTSIDE, CLIENT))
     cores = os.cpu_count() or 1
     ceiling = (cores - idle_total) / platform * 1000 if platform else float("nan")
+    count = (workers or {}).get(busiest, 1)
     single = (
-        f"; one {busiest} process (one event loop, one core at most) caps it at about {1000 / busiest_ms:,.0f}/s"
+        f"; {'one' if count == 1 else count} {busiest} process{'' if count == 1 else 'es'} (one event loop, one core "
+        f"at most each) cap{'s' if count == 1 else ''} it at about {count * 1000 / busiest_ms:,.0f}/s"
         if busiest_ms else ""
     )
     return (

@@ -22,6 +22,7 @@ import re
 import sys
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,9 @@ if TYPE_CHECKING:
     from bench.run import BenchContext, ScenarioResult
 
 FEED_RATE = 50.0
-VERIFY_RATE = 1_000.0
+#: Issue 22: one partner's verifications at 3,000/s sustained, p99 under 5 ms.
+VERIFY_RATE = 3_000.0
+VERIFY_P99_MS = 5.0
 
 
 def certificate_event(number: str, resident_id: str, keys: Mapping[str, bytes]) -> CertificateIssued:
@@ -79,7 +82,17 @@ async def verification_sources(http: HttpPool) -> dict[str, float]:
     return found
 
 
-async def load_in_own_process(url: str, headers: dict[str, str], paths: list[str]) -> tuple[LoadResult, Latencies]:
+@dataclass(frozen=True, slots=True)
+class ClientSide:
+    """How the load generator itself kept up: its loop's lateness, how late it got to each request
+    (after its scheduled start), and its CPU."""
+
+    loop_lag: Latencies
+    send_late: Latencies
+    cpu_s: float
+
+
+async def load_in_own_process(url: str, headers: dict[str, str], paths: list[str]) -> tuple[LoadResult, ClientSide]:
     """The verification load from ``bench.loadgen``: this process's consumers and bookkeeping
     pause its event loop by milliseconds, which would be read as the gateway's latency."""
     process = await asyncio.create_subprocess_exec(
@@ -94,14 +107,14 @@ async def load_in_own_process(url: str, headers: dict[str, str], paths: list[str
     result = LoadResult(
         VERIFY_RATE, found["completed"], found["errors"], found["seconds"], Latencies(found["latencies_ms"])
     )
-    return result, Latencies(found["loop_lag_ms"])
+    return result, ClientSide(Latencies(found["loop_lag_ms"]), Latencies(found["send_late_ms"]), found["cpu_s"])
 
 
 async def run(ctx: BenchContext) -> ScenarioResult:
     from bench.run import Metric, ScenarioResult
 
     certificates = ctx.scale(750, 150)  # 15 s (quick: 3 s) at 50/s
-    verifications = ctx.scale(10_000, 2_000)  # 10 s (quick: 2 s) at 1,000/s
+    verifications = ctx.scale(30_000, 6_000)  # 10 s (quick: 2 s) at 3,000/s
     # A year of the sequence no real certificate has yet: these numbers are this scenario's alone.
     year = 9000 + random.randrange(1000)
     numbers = [CertificateNumber.format(SHIRAHAMA, year, i) for i in range(1, certificates + 1)]
@@ -156,7 +169,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         before = await verification_sources(http)
 
         cpu = CpuMeter()
-        checked, client_lag = await load_in_own_process(ctx.fleet.url("partner_gateway"), jal, paths)
+        checked, client = await load_in_own_process(ctx.fleet.url("partner_gateway"), jal, paths)
         verify_cpu = cpu.stop()
         after = await verification_sources(http)
     finally:
@@ -176,10 +189,11 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             Metric(f"feed lag p99 at {FEED_RATE:.0f} certificates/s", lag.p99, "ms", target="< 200 ms",
                    met=lag.p99 < 200 and feed.errors == 0),
             Metric(f"verifications/s at {VERIFY_RATE:,.0f}/s offered", rate, "req/s", limit="redis_get_one_at_a_time",
-                   target=f"{VERIFY_RATE:,.0f}/s sustained", met=checked.errors == 0 and rate >= 0.97 * VERIFY_RATE),
+                   target=f"≥ {VERIFY_RATE:,.0f}/s sustained with p99 < {VERIFY_P99_MS:.0f} ms",
+                   met=checked.errors == 0 and rate >= 0.97 * VERIFY_RATE and latency.p99 < VERIFY_P99_MS),
             Metric(f"verification p50 at {VERIFY_RATE:,.0f}/s", latency.p50, "ms"),
-            Metric(f"verification p99 at {VERIFY_RATE:,.0f}/s", latency.p99, "ms", target="< 5 ms",
-                   met=latency.p99 < 5 and checked.errors == 0),
+            Metric(f"verification p99 at {VERIFY_RATE:,.0f}/s", latency.p99, "ms", target=f"< {VERIFY_P99_MS:.0f} ms",
+                   met=latency.p99 < VERIFY_P99_MS and checked.errors == 0),
         ],
         [
             f"Feed: {certificates:,} CertificateIssued published one by one (acks=all) at {FEED_RATE:.0f}/s, "
@@ -190,13 +204,17 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             f"Verification: {verifications:,} GETs offered open-loop at {VERIFY_RATE:,.0f}/s over {certificates:,} "
             f"certificates (uniform), {checked.errors} errors, from the scheduled start: {describe(latency)}. "
             f"Answers by source: {served['redis']:,.0f} from Redis, {served['database']:,.0f} from PostgreSQL. "
-            f"The load generator (a process of its own, uvloop) ran late by p99 {client_lag.p99:.1f} ms, "
-            f"max {max(client_lag.samples_ms or [0.0]):.1f} ms. "
+            f"The load generator (a process of its own, uvloop) got to each request p99 {client.send_late.p99:.1f} ms, "
+            f"max {max(client.send_late.samples_ms or [0.0]):.1f} ms after its scheduled start; its event loop ran "
+            f"late by p99 {client.loop_lag.p99:.1f} ms, max {max(client.loop_lag.samples_ms or [0.0]):.1f} ms; "
+            f"it spent {client.cpu_s / max(1, checked.completed + checked.errors) * 1000:.3f} ms of CPU per request. "
             "Credential: an X-Api-Key issued by the gateway (revoked at the end). "
             f"Sample answer: valid={sample.get('valid')}, programs={sample.get('programs')}.",
             cpu_note(verify_cpu, checked.seconds, checked.completed, "verification", idle) + " (verification)",
             "Record seen = an aiokafka consumer in the load generator (all partitions assigned before the load, "
             "fetch_max_wait_ms 10). Verification client: keep-alive HTTP/1.1 over asyncio (uvloop) in a process of "
-            "its own (bench.loadgen), same machine.",
+            "its own (bench.loadgen: protocol-level, one request in flight per connection, at most 128), same machine; "
+            "requests due at a timer tick (about 1 ms) are written together, and latency counts from each one's "
+            "scheduled start.",
         ],
     )

@@ -9,6 +9,8 @@ nothing; their rate is reported apart.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bench.measure import Latencies, paced, saturate
@@ -37,6 +39,31 @@ RATE = 200.0
 BODY = {"municipality_code": SHIRAHAMA, "tier": "basic"}
 
 
+@dataclass
+class Registrations:
+    """Basic registrations of residents whose accounts exist, each end to end: the POST, then its
+    ResidentRegistered seen by ``watcher`` (the scale-out scenario drives them too)."""
+
+    http: HttpPool
+    watcher: TopicWatcher
+    ids: Sequence[str]
+    #: One bearer token per resident, minted before any timed window.
+    headers: Sequence[dict[str, str]]
+
+    @classmethod
+    def of(cls, ctx: BenchContext, http: HttpPool, watcher: TopicWatcher, ids: Sequence[str]) -> Registrations:
+        return cls(http, watcher, ids, [ctx.headers("resident", subject=resident) for resident in ids])
+
+    async def register(self, index: int) -> float:
+        """Register resident ``index``; returns when the HTTP answer came (perf_counter), after the event."""
+        resident = self.ids[index]
+        await self.http.request("POST", f"/v1/residents/{resident}/registrations", headers=self.headers[index],
+                                body=BODY)
+        answered = time.perf_counter()
+        await self.watcher.wait(resident)
+        return answered
+
+
 async def run(ctx: BenchContext) -> ScenarioResult:
     from bench.run import Metric, ScenarioResult
 
@@ -52,15 +79,8 @@ async def run(ctx: BenchContext) -> ScenarioResult:
         started = time.perf_counter()
         await create_accounts(ctx, http, ids, concurrency=32)
         accounts_per_s = len(ids) / (time.perf_counter() - started)
-        headers = [ctx.headers("resident", subject=resident) for resident in ids]  # tokens minted up front
+        register = Registrations.of(ctx, http, watcher, ids).register  # tokens minted up front
         await watcher.start()
-
-        async def register(index: int) -> float:
-            resident = ids[index]
-            await http.request("POST", f"/v1/residents/{resident}/registrations", headers=headers[index], body=BODY)
-            answered = time.perf_counter()
-            await watcher.wait(resident)
-            return answered
 
         async def warm_up(index: int) -> None:
             await register(index)
