@@ -167,6 +167,8 @@ class OutboxRelay:
         #: Dead letters published, per dead-letter topic (as named on the broker).
         self.dead_letters: dict[str, int] = {}
         self.is_leader = False
+        #: Times this relay asked for the lead (once a poll interval while another leads).
+        self.standby_rounds = 0
         #: Rows not yet relayed and the age of the oldest (seconds), sampled by the leader at most
         #: every ``sample_interval_s``; None while this relay does not lead.
         self.backlog: int | None = None
@@ -210,9 +212,13 @@ class OutboxRelay:
         try:
             await conn.add_listener(self.channel, self._on_notify)
             while not self._stopping:
+                self.standby_rounds += 1
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK_ID):
                     break
-                await self._sleep(self.poll_interval_s)  # another replica relays; stand by
+                # Another replica relays; stand by. A wake (this process committed, a NOTIFY) found
+                # on the way would otherwise end every wait at once: a tight loop of round trips.
+                self._wake.clear()
+                await self._sleep(self.poll_interval_s)
             self.is_leader = True
             while not self._stopping:
                 self._wake.clear()

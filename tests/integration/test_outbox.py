@@ -201,3 +201,29 @@ async def test_a_record_with_a_partition_key_shares_that_keys_partition(
             assert partition_of[number + b"/grant/1"] == partition_of[number]
     finally:
         await conn.close()
+
+
+async def test_a_standing_by_relay_woken_asks_for_the_lead_once_a_poll_interval(
+    settings: Settings, producer: AIOKafkaProducer
+) -> None:
+    """A second worker's relay stands by while the first leads. Its process commits outbox rows and
+    hears NOTIFYs, which wake it: before, a wake left set made every wait end at once, and the
+    standby asked PostgreSQL for the lead in a tight loop (a fifth of a core each, found by the bench)."""
+    dsn = await fresh_database(settings, "outbox")
+    async with running(OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.2)) as leader:
+        await eventually_leading(leader)
+        async with running(OutboxRelay(dsn, CHANNEL, producer, poll_interval_s=0.2)) as standby:
+            await asyncio.sleep(0.3)
+            standby.wake()  # this process committed an outbox write
+            before = standby.standby_rounds
+            await asyncio.sleep(1.0)
+            assert not standby.is_leader
+            assert 1 <= standby.standby_rounds - before <= 7, standby.standby_rounds - before
+
+
+async def eventually_leading(relay: OutboxRelay) -> None:
+    for _ in range(100):
+        if relay.is_leader:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the relay never took the lead")
