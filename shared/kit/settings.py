@@ -92,9 +92,11 @@ class Settings(BaseSettings):
     port_offset: int = 0
     max_body_bytes: int = 64 * 1024
 
-    # Consumer tuning: a lone event must be handled in milliseconds, not after the
-    # client's default 500 ms fetch wait; the session timeout bounds group joins.
-    kafka_fetch_max_wait_ms: int = 20
+    # Consumer tuning: a fetch that finds nothing waits this long on the broker. Shorter costs
+    # every idle consumer and the broker CPU (an empty fetch each time); longer delays a record
+    # that lands on another partition of the fetch (docs/architecture.md, "Latency"). The
+    # session timeout bounds group joins.
+    kafka_fetch_max_wait_ms: int = 60
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 1_000
     kafka_max_poll_interval_ms: int = 300_000
