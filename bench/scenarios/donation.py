@@ -156,7 +156,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             Metric(f"donations/s spread over {min(spread_total, len(spread_codes)):,} municipalities", spread.rate,
                    "donations/s", limit="pg_commit_1_conn", target="≥ 1,400/s", met=spread.rate >= 1_400),
             Metric("donations/s to one hot municipality", hot.rate, "donations/s", limit="pg_commit_1_conn",
-                   target="≥ 300/s", met=hot.rate >= 300),
+                   target="≥ 600/s", met=hot.rate >= 600),
             Metric("municipality-years with a receipt gap, duplicate or misorder", check.bad_groups,
                    "municipality-years", target="0 (gapless 1..n)",
                    met=check.bad_groups == 0 and check.money_without_receipt == 0 and check.ledger_matches),
