@@ -7,7 +7,7 @@ own problem; what fails is rolled back alone; a broken batch is retried; an idle
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,9 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=6)
     async with pool.acquire() as conn:
         await conn.execute("""
-            CREATE TABLE receipts (municipality text, number int, donor text UNIQUE, PRIMARY KEY (municipality, number));
+            CREATE TABLE receipts (
+                municipality text, number int, donor text UNIQUE, PRIMARY KEY (municipality, number)
+            );
             CREATE TABLE counters (municipality text PRIMARY KEY, last int NOT NULL);
             INSERT INTO counters VALUES ('152021', 0);
         """)
@@ -66,7 +68,10 @@ def write(runtime: Runtime, *, key: str | None = None, request: Any = None) -> W
     )
 
 
-def donate(donor: str, *, refuse: bool = False) -> Any:
+Act = Callable[[UnitOfWork], Awaitable[Outcome]]
+
+
+def donate(donor: str, *, refuse: bool = False) -> Act:
     """One receipt number from the one hot counter, a receipt row, an event."""
 
     async def act(uow: UnitOfWork) -> Outcome:
@@ -129,7 +134,7 @@ async def test_a_failing_write_is_rolled_back_alone_and_answered_with_its_proble
 async def test_a_broken_batch_is_retried_and_nothing_is_lost_or_doubled(runtime: Runtime) -> None:
     killed: list[str] = []
 
-    def kill_own_connection_once(donor: str) -> Any:
+    def kill_own_connection_once(donor: str) -> Act:
         """The first time, the server drops the batch's connection in the middle of this write."""
         act = donate(donor)
 
