@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -91,25 +92,7 @@ async def saturate(
     operation: Callable[[int], Awaitable[None]], *, total: int, concurrency: int
 ) -> LoadResult:
     """Closed-loop load: ``concurrency`` workers back to back; measures the sustainable rate."""
-    latencies = Latencies()
-    errors = 0
-    completed = 0
-    counter = iter(range(total))
-    started = time.perf_counter()
-
-    async def worker() -> None:
-        nonlocal errors, completed
-        for index in counter:
-            begun = time.perf_counter()
-            try:
-                await operation(index)
-                completed += 1
-                latencies.add(time.perf_counter() - begun)
-            except Exception:
-                errors += 1
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return LoadResult(None, completed, errors, time.perf_counter() - started, latencies)
+    return await saturate_for(operation, seconds=math.inf, concurrency=concurrency, limit=total)
 
 
 async def saturate_for(

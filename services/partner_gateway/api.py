@@ -37,6 +37,7 @@ from services.partner_gateway.auth import (
     StaffOrAdmin,
     api_key_principal,
     gateway_of,
+    only_partner,
     partner_caller,
 )
 from services.partner_gateway.domain import (
@@ -57,7 +58,7 @@ from shared.contracts.sealed import resident_subject
 from shared.kit.auth import Principal, Role
 from shared.kit.csv_export import csv_response, keyset_rows
 from shared.kit.db import Connection
-from shared.kit.errors import DomainError, Forbidden
+from shared.kit.errors import DomainError
 from shared.kit.http import ApiModel, Offset, failure_response, refusal
 from shared.kit.rate_limit import (
     PARTNER_API,
@@ -177,9 +178,7 @@ class VerificationHotPath:
             if name == b"x-api-key":
                 principal = await api_key_principal(self.gateway, value.decode("latin-1"))
                 scope.setdefault("state", {})["principal_kind"] = principal.role.value  # the access log's
-                if principal.role is not Role.PARTNER:
-                    raise Forbidden("this needs the role: partner")
-                return principal
+                return only_partner(principal)
         return await partner_caller(StarletteRequest(scope))
 
 

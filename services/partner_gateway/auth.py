@@ -123,7 +123,11 @@ async def partner_caller(
     _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
 ) -> Principal:
     """``allow(Role.PARTNER)`` in one dependency: the verification hot path pays for one, not two."""
-    principal = await authenticated(request)
+    return only_partner(await authenticated(request))
+
+
+def only_partner(principal: Principal) -> Principal:
+    """The principal if it is a partner's; 403 for a valid credential of another role."""
     if principal.role is not Role.PARTNER:
         raise Forbidden("this needs the role: partner")
     return principal

@@ -109,7 +109,6 @@ class Write:
     idempotency_key: str | None = None
     correlation_id: str | None = None
     ran: bool = False
-    group_commit: bool = False
 
     @property
     def caller(self) -> str:
@@ -144,22 +143,21 @@ class Write:
         if self.ran:
             raise RuntimeError(f"{self.operation}: a write runs once")
         self.ran = True
-        self.group_commit = group_commit
         if not tracing.recording():
-            return await self._run(act, authorise)
+            return await self._run(act, authorise, group_commit)
         # The use case's span: the events it emits name it as their parent (``UnitOfWork.emit``).
         span = tracing.start_span(
             f"use case {self.operation}", kind=tracing.SpanKind.INTERNAL,
             attributes={"nichiiki.operation": self.operation, "nichiiki.principal_kind": self.principal.role.value},
         )
         with tracing.ending(span):
-            return await self._run(act, authorise)
+            return await self._run(act, authorise, group_commit)
 
-    async def _run(self, act: Callable[..., Awaitable[Outcome]], authorise: Any) -> Outcome:
+    async def _run(self, act: Callable[..., Awaitable[Outcome]], authorise: Any, group_commit: bool) -> Outcome:
         attempt = 1
         while True:
             try:
-                return await self._attempt(act, authorise)
+                return await self._attempt(act, authorise, group_commit)
             except CommitUncertain as uncertain:
                 raise uncertain.__cause__ or uncertain from None
             except Exception as error:
@@ -171,8 +169,8 @@ class Write:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, act: Callable[..., Awaitable[Outcome]], authorise: Any) -> Outcome:
-        if self.group_commit:
+    async def _attempt(self, act: Callable[..., Awaitable[Outcome]], authorise: Any, group_commit: bool) -> Outcome:
+        if group_commit:
             return await self._batches().run(functools.partial(self._in_batch, act, authorise))
         runtime = self.runtime
         async with runtime.pool.acquire() as conn:
