@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field, model_validator
 
 from services.registration import domain, handlers
-from services.registration.attestation import Attestations
+from services.registration.attestation import AttestationVerifier
 from services.registration.domain import ActivityKind, ActivityPick, Tier
 from services.registration.views import (
     CatalogueView,
@@ -185,6 +185,12 @@ def _runtime(request: Request) -> ServiceRuntime:
     return runtime
 
 
+def _attestations(request: Request) -> AttestationVerifier:
+    """The verifier ``main.create_app`` built (read here, not as one more dependency of a hot route)."""
+    verifier: AttestationVerifier = request.app.state.attestations
+    return verifier
+
+
 # --- Residents -----------------------------------------------------------------------------------
 
 
@@ -224,15 +230,14 @@ async def erase_resident(resident_id: str, principal: ResidentOrAdmin, write: Wr
 
 @router.post("/residents/{resident_id}/registrations", status_code=201, response_model=RegistrationView)
 async def register(
-    resident_id: str, body: RegistrationRequest, principal: ResidentOrAdmin, write: WriteRequest,
-    attestations: Attestations,
+    resident_id: str, body: RegistrationRequest, principal: ResidentOrAdmin, write: WriteRequest, request: Request,
 ) -> Response:
     """Register with a municipality (201), or ask to upgrade a basic registration to premium (200)."""
     principal.ensure_resident(resident_id)
     _refuse_self_claimed(body.identity)
     outcome = await handlers.register(
         write, resident_id, body.municipality_code, body.tier, body.attestation,
-        [a.to_domain() for a in body.activities], attestations,
+        [a.to_domain() for a in body.activities], _attestations(request),
     )
     return outcome.response()
 
@@ -349,13 +354,12 @@ async def reject(
 
 @router.post("/registrations/{registration_id}/renew", response_model=RegistrationView)
 async def renew(
-    registration_id: str, body: RenewalRequest, principal: ResidentOrAdmin, write: WriteRequest,
-    attestations: Attestations,
+    registration_id: str, body: RenewalRequest, principal: ResidentOrAdmin, write: WriteRequest, request: Request,
 ) -> Response:
     """Ask for one more premium year with a new activity record (reviewed by the municipality)."""
     _refuse_self_claimed(body.identity)
     outcome = await handlers.renew(
-        write, registration_id, [a.to_domain() for a in body.activities], body.attestation, attestations,
+        write, registration_id, [a.to_domain() for a in body.activities], body.attestation, _attestations(request),
     )
     return outcome.response()
 

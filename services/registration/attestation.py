@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import jwt
 import structlog
-from fastapi import Depends, Request
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.registration.domain import AttestationInvalid
@@ -116,12 +115,3 @@ class AttestationVerifier:
                 raise AttestationInvalid(f"the attestation is not valid: {error}") from None
             return claims
         raise AttestationInvalid("the attestation's signature is not by a key of its provider")
-
-
-async def _verifier(request: Request) -> AttestationVerifier:
-    verifier: AttestationVerifier = request.app.state.attestations
-    return verifier
-
-
-#: The route dependency: the verifier ``main.create_app`` built.
-Attestations = Annotated[AttestationVerifier, Depends(_verifier)]

@@ -29,7 +29,7 @@ import httpx
 import jwt
 import structlog
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from redis.asyncio import Redis
 
 from shared.contracts.topics import SERVICES
@@ -50,6 +50,11 @@ REVOCATION_CACHE_S = 1.0
 #: The JWKS is fetched again after this long, or sooner for an unknown ``kid`` (at most this often).
 JWKS_TTL_S = 300.0
 JWKS_MIN_REFRESH_S = 10.0
+#: Tokens verified lately, kept so that a client's next request with the same token skips the
+#: signature check (at most this many; the oldest goes first).
+VERIFIED_TOKENS = 10_000
+#: Parsed token headers (``alg``, ``kid``), by their encoded form: an issuer's tokens share a few.
+PARSED_HEADERS = 64
 
 
 class Role(enum.StrEnum):
@@ -221,6 +226,18 @@ def principal_of(claims: dict[str, Any]) -> Principal:
     return principal
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token that passed every check but the session's revocation (which runs on every request)."""
+
+    principal: Principal
+    #: The wall-clock time (s) from which its ``exp``, the leeway included, refuses it.
+    expires_at: float
+    #: When the issuer's keys that verified it were fetched (``None``: the development key): it is
+    #: believed only while those keys are, so a key the issuer withdraws stops working as soon as now.
+    keys_fetched_at: float | None
+
+
 class JwksKeys:
     """The issuer's signing keys, from its discovery document's ``jwks_uri``, cached."""
 
@@ -243,6 +260,16 @@ class JwksKeys:
         if found is None:
             raise Unauthenticated("the token's signing key is not one the issuer publishes")
         return found
+
+    @property
+    def fetched_at(self) -> float:
+        """When the keys ``key`` hands out now were fetched (``time.monotonic``)."""
+        return self._fetched_at
+
+    def trusts(self, fetched_at: float) -> bool:
+        """Whether a key of the fetch made at ``fetched_at`` is one ``key`` would still hand out
+        unchecked: no fetch since, and that one not yet due again."""
+        return fetched_at == self._fetched_at and time.monotonic() - fetched_at <= JWKS_TTL_S
 
     async def _refresh(self, started: float) -> None:
         async with self._lock:
@@ -288,15 +315,57 @@ class TokenVerifier:
         self.keys = JwksKeys(settings.oidc_issuer, http) if settings.oidc_issuer else None
         self._redis: Redis | None = None
         self._not_revoked: dict[str, float] = {}
+        self._verified: dict[str, _Verified] = {}
+        self._headers: dict[str, dict[str, Any]] = {}
 
     async def principal(self, token: str) -> Principal:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as error:
-            raise Unauthenticated(f"invalid bearer token: {error}") from None
+        """The caller a bearer token names; ``Unauthenticated`` for any token not to be accepted.
+
+        A token verified lately is not verified again until its ``exp`` (or the keys that verified
+        it are due to be fetched again); whether its session was signed out is asked every time."""
+        verified = self._verified.get(token)
+        if verified is None or not self._still_valid(verified):
+            self._verified.pop(token, None)
+            verified = await self._verify(token)
+            self._remember(token, verified)
+        principal = verified.principal
+        if principal.session is not None and await self._revoked(principal.session):
+            raise Unauthenticated("the session was signed out")
+        return principal
+
+    def _still_valid(self, verified: _Verified) -> bool:
+        if time.time() >= verified.expires_at:
+            return False
+        return verified.keys_fetched_at is None or (
+            self.keys is not None and self.keys.trusts(verified.keys_fetched_at)
+        )
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        if token not in self._verified and len(self._verified) >= VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = verified
+
+    def _header(self, token: str) -> dict[str, Any]:
+        """The token's header, parsed by PyJWT once per distinct encoded header."""
+        encoded = token.partition(".")[0]
+        header = self._headers.get(encoded)
+        if header is None:
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError as error:
+                raise Unauthenticated(f"invalid bearer token: {error}") from None
+            if len(self._headers) >= PARSED_HEADERS:
+                self._headers.clear()
+            self._headers[encoded] = header
+        return header
+
+    async def _verify(self, token: str) -> _Verified:
+        header = self._header(token)
         algorithm = header.get("alg")
+        keys_fetched_at: float | None = None
         if algorithm in ASYMMETRIC_ALGORITHMS and self.keys is not None:
             key: Any = (await self.keys.key(header.get("kid"))).key
+            keys_fetched_at = self.keys.fetched_at  # read with the key, no await between
             issuer = self.keys.issuer
         elif algorithm == DEVELOPMENT_ALGORITHM and self.development:
             key, issuer = self.settings.jwt_secret, self.settings.jwt_issuer
@@ -314,9 +383,8 @@ class TokenVerifier:
                 f"the token lives longer than the {self.settings.token_max_lifetime_s} s this platform accepts"
             )
         principal = principal_of(platform_claims(claims, self.settings.oidc_claim_map))
-        if principal.session is not None and await self._revoked(principal.session):
-            raise Unauthenticated("the session was signed out")
-        return principal
+        # PyJWT refuses a token once ``exp <= now - leeway``.
+        return _Verified(principal, int(claims["exp"]) + LEEWAY_S, keys_fetched_at)
 
     async def _revoked(self, session: str) -> bool:
         if not self.settings.redis_url:
@@ -338,28 +406,32 @@ class TokenVerifier:
             await self._redis.aclose()
 
 
+_BEARER = {
+    "scheme_name": "bearer", "bearerFormat": "JWT",
+    "description": "An access token from the identity provider (docs/identity.md).",
+}
 #: The OpenAPI security scheme of every authenticated operation (Swagger's Authorize button).
-bearer_scheme = HTTPBearer(
-    auto_error=False, scheme_name="bearer", bearerFormat="JWT",
-    description="An access token from the identity provider (docs/identity.md).",
-)
+bearer_scheme = HTTPBearer(auto_error=False, **_BEARER)
 
 
-async def current_principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
-) -> Principal:
-    """The caller of a request, from its bearer token (the header is read here when called directly)."""
-    if credentials is None:
+class _BearerCaller(HTTPBearer):
+    """``current_principal``: the bearer scheme that also verifies the token. One dependency, not a
+    verifier over a scheme: FastAPI resolves every dependency of every request in turn."""
+
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    else:
-        scheme, token = credentials.scheme, credentials.credentials
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("send a bearer token in the Authorization header")
-    verifier: TokenVerifier = request.app.state.verifier
-    principal = await verifier.principal(token.strip())
-    request.state.principal_kind = principal.role.value  # the access log's caller kind (never who)
-    return principal
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("send a bearer token in the Authorization header")
+        verifier: TokenVerifier = request.app.state.verifier
+        principal = await verifier.principal(token)
+        request.state.principal_kind = principal.role.value  # the access log's caller kind (never who)
+        return principal
+
+
+#: The caller of a request, from its bearer token: ``Depends(current_principal)``, or
+#: ``await current_principal(request)``. Declares the same OpenAPI security scheme as ``bearer_scheme``.
+current_principal = _BearerCaller(auto_error=False, **_BEARER)
 
 
 def require(

@@ -12,8 +12,9 @@
    is never re-run (it answers 503, and an Idempotency-Key makes the client's retry safe).
 
 A hot use case may let concurrent writes share the transaction (``run(..., group_commit=True)``,
-``shared/kit/group_commit.py``): each still runs these steps in order, in a savepoint of its own,
-and gets its own answer or its own problem; the batch writes its events and commits once.
+``shared/kit/group_commit.py``): each still runs these steps in order and gets its own answer or
+its own problem (one that fails makes its batch run again, in savepoints for a while); the batch
+writes its events and commits once.
 
 Routes get a ``Write`` through the ``WriteRequest`` dependency (it is the only way to run a
 use case from HTTP) and call ``write.run(act, authorise=...)``; ``tests/unit/test_use_cases.py``
@@ -272,7 +273,9 @@ async def write_request(
     """The ``Write`` of an HTTP request (FastAPI has parsed and validated the body before this runs)."""
     if idempotency_key is not None and _IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
         raise InvalidIdempotencyKey("send 1-255 visible ASCII characters, e.g. a UUID")
-    route = getattr(request.scope.get("route"), "path", request.url.path)
+    route = getattr(request.scope.get("route"), "path", None)
+    if route is None:  # not routed by a template (the URL is parsed only then)
+        route = request.url.path
     return Write(
         runtime=request.app.state.runtime,
         principal=principal,
