@@ -217,7 +217,7 @@ class DonationService:
             return Outcome(201, _donation_view(donation).model_dump(mode="json"))
 
         try:
-            # Under load, confirmations share transactions (a savepoint each): a hot municipality's
+            # Under load, confirmations share transactions (shared/kit/group_commit.py): a hot municipality's
             # receipt counter is then locked once per batch.
             return await write.run(act, group_commit=True)
         except asyncpg.UniqueViolationError as error:

@@ -316,7 +316,7 @@ async def register(
         return Outcome(201 if plan.is_new else 200, as_json(view))
 
     await _prepare_sealing(write.runtime, resident_id)
-    # Under load, registrations share transactions (a savepoint each); the answer is the same.
+    # Under load, registrations share transactions (shared/kit/group_commit.py); the answer is the same.
     return await write.run(act, group_commit=True)
 
 

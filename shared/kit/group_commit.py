@@ -8,9 +8,14 @@ behind it, and a hot row (a municipality's receipt counter) locked by one write 
   free, so an idle service runs each write at once, with no collection window to wait for;
 - writes that arrive while the lanes are busy, or while a batch's writes run, join the forming
   batch (at most ``max_batch``): under load batches grow by themselves;
-- each write runs in the batch's transaction inside a savepoint of its own (the first needs none:
-  if it fails, the transaction begins again), one at a time on the batch's connection: a write
-  that fails is rolled back alone and answered with its own problem, the others go on;
+- each write runs in the batch's transaction, one at a time on the batch's connection. A savepoint
+  of its own would let a write that fails be rolled back alone, but costs a round trip per write
+  (asyncpg cannot send it with the write's first statement), and writes rarely fail. So writes run
+  without one: a write that fails (the first needs none: the transaction begins again) breaks the
+  batch, and it and its batch-mates run again (``BatchAborted``, which the runner retries) while
+  the ``GroupCommit`` runs each write in a savepoint of its own for ``CAREFUL_S``: there, a write
+  that fails is rolled back alone and answered with its own problem, the others go on. One failing
+  write sends at most one batch a ``CAREFUL_S`` round again, and a stream of them keeps savepoints on;
 - the batch writes every write's events to the outbox in one statement and commits once, then each
   write answers. A hot row is locked once per batch, not once per write.
 
@@ -24,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NoReturn, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -43,6 +49,9 @@ T = TypeVar("T")
 MAX_BATCH = 48
 #: Batches of one operation in flight at once: one runs its writes while another commits.
 LANES = 3
+#: After a write failed in a batch without savepoints, every write runs in a savepoint of its own for
+#: this long: a failure then costs that write alone, not a batch run again.
+CAREFUL_S = 2.0
 
 
 class BatchAborted(Exception):
@@ -95,6 +104,8 @@ class GroupCommit(Generic[T]):
         self._lanes = asyncio.Semaphore(lanes)
         self._max_batch = max_batch
         self._forming: _Batch | None = None
+        #: Until when (monotonic) writes run in savepoints of their own (``CAREFUL_S``).
+        self._careful_until = 0.0
         self._leaders: set[asyncio.Task[None]] = set()
         #: Batches committed and writes in them, for the metrics and the tests.
         self.batches = 0
@@ -144,15 +155,17 @@ class GroupCommit(Generic[T]):
             # write alone costs what it did before group commit.
             first = batch.ran == 0
             batch.ran += 1
-            if not first:
+            savepoint = not first and time.monotonic() < self._careful_until
+            if savepoint:
                 await conn.execute("SAVEPOINT write")
             try:
                 answer, records = await member(conn)
             except BaseException as error:
+                if not first and not savepoint:
+                    return self._broke(batch, error)
                 try:
-                    if first:
-                        await conn.execute("ROLLBACK;")
-                        await conn.execute("BEGIN;")
+                    if first:  # one round trip: a simple query may hold both
+                        await conn.execute("ROLLBACK; BEGIN;")
                     else:  # to this write's own savepoint: the latest of that name
                         await conn.execute("ROLLBACK TO SAVEPOINT write")
                 except BaseException as rollback_error:
@@ -163,6 +176,17 @@ class GroupCommit(Generic[T]):
             batch.records.extend(records)
             batch.kept += 1
             return answer
+
+    def _broke(self, batch: _Batch, error: BaseException) -> NoReturn:
+        """A write without a savepoint failed: what it did cannot be undone alone, so the batch
+        rolls back; it and its batch-mates run again, in savepoints for a while."""
+        self._careful_until = time.monotonic() + CAREFUL_S
+        batch.broken = error
+        if not isinstance(error, Exception):  # cancelled (the caller went) or the process stops
+            raise error
+        log.info("a write failed in a batch without savepoints: the batch runs again",
+                 operation=self.operation, writes=batch.joined, error=repr(error))
+        raise BatchAborted(f"{self.operation}: this write failed in a batch without savepoints") from error
 
     async def _lead(self, batch: _Batch) -> None:
         async with self._lanes:

@@ -390,8 +390,10 @@ class ServiceRuntime:
 
 
 def _relay_producer(connection: KafkaConnection) -> AIOKafkaProducer:
+    # No linger: a relay round queues all its rows without yielding to the loop (``send`` only
+    # suspends on a full batch), so they leave batched anyway; a linger only delays each round.
     return AIOKafkaProducer(
-        **connection.aiokafka_kwargs(), acks="all", linger_ms=2, max_batch_size=256 * 1024,
+        **connection.aiokafka_kwargs(), acks="all", linger_ms=0, max_batch_size=256 * 1024,
         request_timeout_ms=10_000, retry_backoff_ms=100,
     )
 

@@ -44,10 +44,23 @@ class Runtime:
     group_commits: dict[str, GroupCommit[Any]] = field(default_factory=dict)
 
 
+#: Every statement the runtime's pooled connections ran, in order.
+Statements = list[str]
+
+
 @pytest.fixture
-async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+def statements() -> Statements:
+    return []
+
+
+@pytest.fixture
+async def runtime(settings: Settings, statements: Statements) -> AsyncIterator[Runtime]:
     dsn = await fresh_database(settings, "groupcommit")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=6)
+
+    async def log_statements(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda logged: statements.append(logged.query))
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=6, init=log_statements)
     async with pool.acquire() as conn:
         await conn.execute("""
             CREATE TABLE receipts (
@@ -113,7 +126,60 @@ async def test_concurrent_writes_share_transactions_and_each_gets_its_own_answer
     assert sorted(await outbox_subjects(runtime)) == donors
 
 
+async def careful(runtime: Runtime) -> None:
+    """Two writes in one batch, the second failing: the batch runs again, and for ``CAREFUL_S``
+    after, each write runs in a savepoint of its own. The first is kept (``primer``)."""
+    primed = await asyncio.gather(
+        write(runtime).run(donate("primer"), group_commit=True),
+        write(runtime).run(donate("primer-refused", refuse=True), group_commit=True),
+        return_exceptions=True,
+    )
+    assert isinstance(primed[0], Outcome) and isinstance(primed[1], OverBudget)
+
+
+async def test_writes_run_without_savepoints_and_one_that_fails_runs_again_with_its_batch(
+    runtime: Runtime, statements: Statements
+) -> None:
+    """A savepoint is a round trip per write: writes run without, until one fails. Its batch then
+    rolls back and runs again; nothing of the failed write is kept, every other write once."""
+    donors = [f"donor-{i:02}" for i in range(12)]
+    answers = await asyncio.gather(*(write(runtime).run(donate(d), group_commit=True) for d in donors))
+    assert sorted(a.body["donor"] for a in answers) == donors
+    assert runtime.group_commits["POST /v1/donations"].batches < 12 / 2, "concurrent writes were not coalesced"
+    assert not [q for q in statements if "SAVEPOINT" in q], "no savepoint while no write fails"
+
+    refused = "donor-refused"
+    more = [f"donor-{i:02}" for i in range(12, 20)]
+    runs: dict[str, int] = {}
+
+    def counted(donor: str) -> Act:
+        act = donate(donor, refuse=donor == refused)
+
+        async def counting(uow: UnitOfWork) -> Outcome:
+            runs[donor] = runs.get(donor, 0) + 1
+            return await act(uow)
+
+        return counting
+
+    answers_2 = await asyncio.gather(
+        *(write(runtime).run(counted(d), group_commit=True) for d in [more[0], refused, *more[1:]]),
+        return_exceptions=True,
+    )
+    assert isinstance(answers_2[1], OverBudget)
+    assert all(isinstance(a, Outcome) and a.status_code == 201 for i, a in enumerate(answers_2) if i != 1)
+    assert runs[more[0]] == 2, "the batch-mate before the failed write ran again"
+    stored = await receipts(runtime)
+    assert [n for n, _ in stored] == list(range(1, 21)), "gapless: the failed write's number was taken back"
+    assert sorted(d for _, d in stored) == sorted(donors + more), "every other write kept once"
+    assert sorted(await outbox_subjects(runtime)) == sorted(donors + more), "no event of the failed write"
+
+    statements.clear()  # for a while now, each write (but a batch's first) runs in a savepoint
+    await asyncio.gather(*(write(runtime).run(donate(f"late-{i}"), group_commit=True) for i in range(6)))
+    assert [q for q in statements if "SAVEPOINT" in q]
+
+
 async def test_a_failing_write_is_rolled_back_alone_and_answered_with_its_problem(runtime: Runtime) -> None:
+    await careful(runtime)
     refused = {"donor-00", "donor-03", "donor-11"}  # the first of a batch has no savepoint: it begins again
     donors = [f"donor-{i:02}" for i in range(16)]
     answers = await asyncio.gather(
@@ -126,9 +192,11 @@ async def test_a_failing_write_is_rolled_back_alone_and_answered_with_its_proble
     assert all(isinstance(a, Outcome) and a.status_code == 201 for d, a in zip(donors, answers, strict=True)
                if d not in refused)
     stored = await receipts(runtime)
-    assert [n for n, _ in stored] == list(range(1, 14)), "the refused writes' numbers were taken back"
-    assert {d for _, d in stored} == set(donors) - refused
-    assert sorted(await outbox_subjects(runtime)) == sorted(set(donors) - refused), "no event of a refused write"
+    assert [n for n, _ in stored] == list(range(1, 15)), "the refused writes' numbers were taken back"
+    assert {d for _, d in stored} == set(donors) - refused | {"primer"}
+    assert sorted(await outbox_subjects(runtime)) == sorted(set(donors) - refused | {"primer"}), (
+        "no event of a refused write"
+    )
 
 
 async def test_a_broken_batch_is_retried_and_nothing_is_lost_or_doubled(runtime: Runtime) -> None:
@@ -181,8 +249,9 @@ async def test_an_idle_write_runs_at_once_in_a_batch_of_its_own(runtime: Runtime
 
 async def test_a_write_that_runs_into_a_batch_mates_row_sees_it_committed(runtime: Runtime) -> None:
     """Alone, the second write would wait for the first's commit and then fail on the unique index;
-    its caller then reads the first's row to answer (a duplicate payment). In a batch it fails at
-    once: its error must still reach it only once the row it ran into is committed."""
+    its caller then reads the first's row to answer (a duplicate payment). In a batch (in savepoints)
+    it fails at once: its error must still reach it only once the row it ran into is committed."""
+    await careful(runtime)
     seen_by_caller: list[list[tuple[int, str]]] = []
 
     async def confirm(donor: str) -> Outcome | None:
@@ -195,4 +264,26 @@ async def test_a_write_that_runs_into_a_batch_mates_row_sees_it_committed(runtim
     first, twice, other = await asyncio.gather(confirm("donor-dup"), confirm("donor-dup"), confirm("donor-x"))
 
     assert first is not None and twice is None and other is not None
-    assert seen_by_caller == [[(1, "donor-dup"), (2, "donor-x")]]
+    assert seen_by_caller == [[(1, "primer"), (2, "donor-dup"), (3, "donor-x")]]
+
+
+async def test_a_duplicate_in_a_batch_without_savepoints_answers_the_conflict_once_the_row_is_committed(
+    runtime: Runtime,
+) -> None:
+    """The duplicate breaks its batch (no savepoint to roll back to): both run again, one is kept and
+    the other meets its row, committed by then, and answers the conflict."""
+    seen_by_caller: list[list[tuple[int, str]]] = []
+
+    async def confirm(donor: str) -> Outcome | None:
+        try:
+            return await write(runtime).run(donate(donor), group_commit=True)
+        except asyncpg.UniqueViolationError:
+            seen_by_caller.append(await receipts(runtime))
+            return None
+
+    answers = await asyncio.gather(confirm("donor-dup"), confirm("donor-dup"), confirm("donor-x"))
+
+    assert answers[2] is not None and [a is None for a in answers[:2]].count(True) == 1
+    assert len(seen_by_caller) == 1 and "donor-dup" in {d for _, d in seen_by_caller[0]}
+    stored = await receipts(runtime)
+    assert sorted(d for _, d in stored) == ["donor-dup", "donor-x"] and [n for n, _ in stored] == [1, 2]

@@ -227,3 +227,41 @@ async def eventually_leading(relay: OutboxRelay) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the relay never took the lead")
+
+
+class CountingMarks(OutboxRelay):
+    """Counts the statements that only mark rows published (a round trip each)."""
+
+    marks = 0
+
+    async def _mark_published(self, conn: Connection, row_ids: list[int]) -> None:
+        self.marks += 1
+        await super()._mark_published(conn, row_ids)
+
+
+async def test_under_load_a_round_marks_the_rounds_before_in_its_read(
+    settings: Settings, producer: AIOKafkaProducer
+) -> None:
+    """A backlog of 62 rows, 5 a round: each round's read marks the round before's rows in the same
+    statement, and only the last (2 rows) marks alone before the relay waits. Every row goes out once."""
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            written = [await add(conn, outbox, topic, f"k{i % 3}", i) for i in range(62)]
+        relay = CountingMarks(dsn, CHANNEL, producer, batch_size=5, poll_interval_s=30)
+        async with running(relay):
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 62)
+            for _ in range(100):
+                if await pending_count(conn) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # a record sent twice would have arrived by now
+            records = await read_topic(settings, topic, until=lambda r: len(r) > 62, timeout=0.5)
+        assert sorted(ids(records)) == sorted(written), "each row once"
+        assert relay.published == 62
+        assert relay.marks == 1, relay.marks  # 13 rounds: 12 marked by the next round's read
+        assert await pending_count(conn) == 0
+    finally:
+        await conn.close()
