@@ -179,10 +179,9 @@ async def record_projection_events(
     needed = registrations_to_read(event for event, _ in live)
     stored = await store.get_registrations(conn, needed) if needed else {}
     changes = project_events(live, stored)
-    # Residents first: registrations and consents reference them.
-    await store.upsert_residents(conn, list(changes.residents.values()))
-    await store.save_registrations(conn, list(changes.registrations.values()))
-    await store.set_share_consents(conn, list(changes.consents.values()))
+    await store.save_projection(
+        conn, list(changes.residents.values()), list(changes.registrations.values()), list(changes.consents.values())
+    )
 
 
 def _of_withdrawn(event: ProjectionEvent, withdrawn: set[str]) -> bool:

@@ -134,24 +134,6 @@ async def withdrawn_among(conn: Connection, resident_ids: Iterable[str]) -> set[
     return {row["resident_id"] for row in rows}
 
 
-async def upsert_residents(conn: Connection, rows: Collection[ResidentRow]) -> None:
-    """Insert new residents as active, refresh known active ones; a NULL address keeps the known one."""
-    if not rows:
-        return
-    await conn.execute(
-        """
-        INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
-        SELECT r.resident_id, 'active', r.legal_address_code, r.last_event_at
-        FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS r(resident_id, legal_address_code, last_event_at)
-        ON CONFLICT (resident_id) DO UPDATE
-        SET legal_address_code = COALESCE(EXCLUDED.legal_address_code, residents.legal_address_code),
-            last_event_at = EXCLUDED.last_event_at
-        WHERE residents.status = 'active'
-        """,
-        [r.resident_id for r in rows], [r.legal_address_code for r in rows], [r.last_event_at for r in rows],
-    )
-
-
 def _registration(row: asyncpg.Record) -> Registration:
     return Registration(
         registration_id=row["registration_id"], municipality_code=row["municipality_code"], tier=row["tier"],
@@ -170,44 +152,60 @@ async def get_registrations(conn: Connection, registration_ids: Iterable[str]) -
     return {row["registration_id"]: _registration(row) for row in rows}
 
 
-async def save_registrations(conn: Connection, rows: Collection[RegistrationRow]) -> None:
-    """Write each registration whole; one keeps the resident it was first saved under."""
-    if not rows:
+async def save_projection(
+    conn: Connection, residents: Collection[ResidentRow], registrations: Collection[RegistrationRow],
+    consents: Collection[ConsentRow],
+) -> None:
+    """Write what a run of registration events changed, in one statement (one round trip):
+
+    - residents: new ones inserted as active, known active ones refreshed (a NULL address keeps
+      the known one);
+    - registrations: each written whole; one keeps the resident it was first saved under;
+    - share consents: last writer wins by the consent's own time (an older fact never overrides a
+      newer one).
+
+    Each table is written once, by its own part of the statement; the foreign keys of registrations
+    and consents on residents are checked at its end, when the residents are in."""
+    if not (residents or registrations or consents):
         return
-    registrations = [r.registration for r in rows]
+    saved = [r.registration for r in registrations]
     await conn.execute(
-        """
+        _SAVE_PROJECTION,
+        [r.resident_id for r in residents], [r.legal_address_code for r in residents],
+        [r.last_event_at for r in residents],
+        [g.registration_id for g in saved], [r.resident_id for r in registrations],
+        [g.municipality_code for g in saved], [g.tier for g in saved], [g.status for g in saved],
+        [g.premium_status for g in saved], [g.valid_until for g in saved], [r.last_event_at for r in registrations],
+        [r.resident_id for r in consents], [r.consent.partner for r in consents], [r.consent.granted for r in consents],
+        [r.consent.at for r in consents],
+    )
+
+
+_SAVE_PROJECTION = """
+    WITH saved_residents AS (
+        INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
+        SELECT r.resident_id, 'active', r.legal_address_code, r.last_event_at
+        FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS r(resident_id, legal_address_code, last_event_at)
+        ON CONFLICT (resident_id) DO UPDATE
+        SET legal_address_code = COALESCE(EXCLUDED.legal_address_code, residents.legal_address_code),
+            last_event_at = EXCLUDED.last_event_at
+        WHERE residents.status = 'active'
+    ), saved_registrations AS (
         INSERT INTO resident_registrations
             (registration_id, resident_id, municipality_code, tier, status, premium_status, valid_until,
              last_event_at)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::date[],
-                             $8::timestamptz[])
+        SELECT * FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[],
+                             $11::timestamptz[])
         ON CONFLICT (registration_id) DO UPDATE
         SET municipality_code = EXCLUDED.municipality_code, tier = EXCLUDED.tier, status = EXCLUDED.status,
             premium_status = EXCLUDED.premium_status, valid_until = EXCLUDED.valid_until,
             last_event_at = EXCLUDED.last_event_at
-        """,
-        [g.registration_id for g in registrations], [r.resident_id for r in rows],
-        [g.municipality_code for g in registrations], [g.tier for g in registrations],
-        [g.status for g in registrations], [g.premium_status for g in registrations],
-        [g.valid_until for g in registrations], [r.last_event_at for r in rows],
     )
-
-
-async def set_share_consents(conn: Connection, rows: Collection[ConsentRow]) -> None:
-    """Last writer wins by the consent's own time (an older fact never overrides a newer one)."""
-    if not rows:
-        return
-    await conn.execute(
-        """
-        INSERT INTO share_consents (resident_id, partner, granted, at)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::boolean[], $4::timestamptz[])
-        ON CONFLICT (resident_id, partner) DO UPDATE SET granted = EXCLUDED.granted, at = EXCLUDED.at
-        WHERE share_consents.at <= EXCLUDED.at
-        """,
-        [r.resident_id for r in rows], [r.consent.partner for r in rows], [r.consent.granted for r in rows],
-        [r.consent.at for r in rows],
-    )
+    INSERT INTO share_consents (resident_id, partner, granted, at)
+    SELECT * FROM unnest($12::text[], $13::text[], $14::boolean[], $15::timestamptz[])
+    ON CONFLICT (resident_id, partner) DO UPDATE SET granted = EXCLUDED.granted, at = EXCLUDED.at
+    WHERE share_consents.at <= EXCLUDED.at
+"""
 
 
 async def mark_withdrawn(conn: Connection, resident_id: str, withdrawn_at: datetime, at: datetime) -> None:

@@ -40,12 +40,11 @@ log = structlog.get_logger(__name__)
 
 async def project(conn: Connection, generation: int, events: Sequence[EventData]) -> None:
     """Apply a run of events to the read model of ``generation`` (nothing if a rebuild moved on)."""
-    current = await store.generation_for_update(conn, share=True)
+    current, erased = await store.generation_and_erased(conn, domain.resident_ids(events))
     if current != generation:
         log.info("events of an earlier generation dropped", generation=generation, current=current,
                  events=len(events))
         return
-    erased = await store.erased_among(conn, domain.resident_ids(events))
     for event in events:
         if isinstance(event, ResidentWithdrawn):
             await erasure.record_erased(conn, event.resident_id, event.withdrawn_at)

@@ -133,15 +133,20 @@ async def apply(conn: Connection, changes: Sequence[Change]) -> None:
             await conn.execute(statement, *(list(column) for column in zip(*piece, strict=True)))
 
 
-async def erased_among(conn: Connection, resident_ids: Iterable[str]) -> dict[str, date]:
-    """The erased residents among these, with the day (Japan) of their erasure (kit_erased_residents)."""
-    ids = sorted(set(resident_ids))
-    if not ids:
-        return {}
+async def generation_and_erased(conn: Connection, resident_ids: Iterable[str]) -> tuple[int, dict[str, date]]:
+    """What a consumer run starts with, in one round trip: the current generation, share-locked
+    (``generation_for_update``), and the erased residents among these, with the day (Japan) of their
+    erasure (``kit_erased_residents``)."""
     rows = await conn.fetch(
-        "SELECT resident_id, erased_at FROM kit_erased_residents WHERE resident_id = ANY($1::text[])", ids
+        """
+        SELECT g.generation, e.resident_id, e.erased_at
+        FROM (SELECT generation FROM insights_state FOR SHARE) AS g
+        LEFT JOIN kit_erased_residents e ON e.resident_id = ANY($1::text[])
+        """,
+        sorted(set(resident_ids)),
     )
-    return {row["resident_id"]: japan_date(row["erased_at"]) for row in rows}
+    erased = {row["resident_id"]: japan_date(row["erased_at"]) for row in rows if row["resident_id"] is not None}
+    return int(rows[0]["generation"]), erased
 
 
 async def generation_for_update(conn: Connection, *, share: bool) -> int:

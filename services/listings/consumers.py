@@ -20,7 +20,6 @@ from shared.contracts.planning import CorporationDesignated, CorporationRevoked
 from shared.contracts.registration import RegistrationWithdrawn, ResidentRegistered, ResidentWithdrawn
 from shared.contracts.topics import CERTIFICATES, CORPORATIONS, RESIDENTS
 from shared.kit.consumer import EventRouter, HandlerContext, Run
-from shared.kit.erasure import erased_among
 
 TOPICS = (RESIDENTS, CERTIFICATES, CORPORATIONS)
 
@@ -30,12 +29,10 @@ router = EventRouter()
 @router.on_many(ResidentRegistered)
 async def registered(run: Run[ResidentRegistered]) -> None:
     # Only the ids and codes: the sealed contact is never opened or kept here. A run holds no erasure
-    # (that event ends it), so one look at the erased for the whole run is exact.
-    erased = await erased_among(run.conn, (event.resident_id for event in run.events))
+    # (that event ends it), so the one statement's look at the erased (``store``) is exact.
     await handlers.record_registrations(run.conn, [
         (event.registration_id, event.resident_id, event.municipality_code, event.prefecture_code)
-        for event in run.events
-        if event.status in ("active", "pending_review") and event.resident_id not in erased
+        for event in run.events if event.status in ("active", "pending_review")
     ])
 
 
@@ -46,10 +43,8 @@ async def registration_withdrawn(ctx: HandlerContext, event: RegistrationWithdra
 
 @router.on_many(CertificateIssued, CertificateRenewed)
 async def certified(run: Run[CertificateIssued | CertificateRenewed]) -> None:
-    erased = await erased_among(run.conn, (event.resident_id for event in run.events))
     await store.save_certificates(run.conn, [
-        (event.certificate_number, event.resident_id, event.municipality_code)
-        for event in run.events if event.resident_id not in erased
+        (event.certificate_number, event.resident_id, event.municipality_code) for event in run.events
     ])
 
 

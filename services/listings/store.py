@@ -141,11 +141,15 @@ async def designated_corporations(conn: Connection, code: str) -> frozenset[str]
 
 
 async def save_registrations(conn: Connection, rows: Sequence[tuple[str, str, str, str]]) -> None:
-    """(registration id, resident id, municipality code, prefecture code) rows."""
-    # One statement for a consumer's whole run (DO NOTHING also takes a key twice in one statement).
+    """(registration id, resident id, municipality code, prefecture code) rows; those of a resident
+    this service erased are left out (nothing about them is written again)."""
+    # One statement for a consumer's whole run (DO NOTHING also takes a key twice in one statement),
+    # the look at the erased included.
     await conn.execute(
         "INSERT INTO resident_registrations (registration_id, resident_id, municipality_code, prefecture_code) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) ON CONFLICT (registration_id) DO NOTHING",
+        "SELECT r.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+        "AS r(registration_id, resident_id, municipality_code, prefecture_code) "
+        f"WHERE {_NOT_ERASED} ON CONFLICT (registration_id) DO NOTHING",
         *(list(column) for column in zip(*rows, strict=True)),
     )
 
@@ -155,13 +159,20 @@ async def delete_registration(conn: Connection, registration_id: str) -> None:
 
 
 async def save_certificates(conn: Connection, rows: Sequence[tuple[str, str, str]]) -> None:
-    """(certificate number, resident id, municipality code) rows, in one statement."""
+    """(certificate number, resident id, municipality code) rows, in one statement; those of a
+    resident this service erased are left out."""
     if rows:
         await conn.execute(
             "INSERT INTO resident_certificates (certificate_number, resident_id, municipality_code) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (certificate_number) DO NOTHING",
+            "SELECT r.* FROM unnest($1::text[], $2::text[], $3::text[]) "
+            "AS r(certificate_number, resident_id, municipality_code) "
+            f"WHERE {_NOT_ERASED} ON CONFLICT (certificate_number) DO NOTHING",
             *(list(column) for column in zip(*rows, strict=True)),
         )
+
+
+#: The rows of a batch ``r`` not about a resident in the kit's ledger of erasures (``shared.kit.erasure``).
+_NOT_ERASED = "NOT EXISTS (SELECT 1 FROM kit_erased_residents e WHERE e.resident_id = r.resident_id)"
 
 
 async def delete_certificate(conn: Connection, certificate_number: str) -> None:

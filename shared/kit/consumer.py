@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
@@ -31,7 +33,7 @@ import structlog
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
-from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka import KafkaBroker
 
 from shared.contracts.base import EventData
 from shared.contracts.topics import DLQ_SUFFIX, Topic
@@ -59,6 +61,9 @@ Handler = Callable[["HandlerContext", Any], Awaitable[None]]
 BatchHandler = Callable[["Run[Any]"], Awaitable[None]]
 
 COMMIT_TIMEOUT_S = 10.0
+#: How long one poll for a batch listens for records before it asks again (it returns as soon as
+#: any come): idle, a consumer wakes this often, not every few milliseconds.
+POLL_TIMEOUT_MS = 200
 DLQ_HEADERS = (
     "dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time",
     inbox.DEAD_LETTER_ID_HEADER, inbox.REPLAY_HEADER,
@@ -365,15 +370,15 @@ class EventConsumer:
         self._uncommitted, self._client = {}, None  # a new subscription re-reads from its group's offsets
         self.topics = [s.topic(topic.name) for topic in self._topics_of()]
         self.join_watch = JoinWatch()
-        broker.subscriber(
+        subscriber = broker.subscriber(
             *self.topics,
             group_id=self.group_id,
             batch=True,
             max_records=s.consumer_batch_size,
-            # FastStream sleeps this long after an empty fetch without listening: keep it short.
-            batch_timeout_ms=5,
+            batch_timeout_ms=POLL_TIMEOUT_MS,
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.MANUAL,
+            parser=_parse_batch,
             decoder=_keep_raw_records,
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
             session_timeout_ms=s.kafka_session_timeout_ms,
@@ -381,7 +386,12 @@ class EventConsumer:
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,
             listener=self.join_watch,
             title=f"{self.name}:{','.join(self.topics)}",
-        )(self._on_batch)
+        )
+        # FastStream's own poll sleeps as long again, deaf, after a poll that found nothing: a short
+        # timeout then means a hundred idle wake-ups a second per group, a long one late records.
+        # This one only listens (instance attribute: FastStream's consume loop calls it).
+        setattr(subscriber, "get_msg", _BatchPoll(s.consumer_batch_size))  # noqa: B010
+        subscriber(self._on_batch)
 
     def waiting_to_join_s(self) -> float:
         """Seconds this member has been (re)joining its group without getting in (0: joined)."""
@@ -398,7 +408,9 @@ class EventConsumer:
             self._commit_task.cancel()
         await self._commit()
 
-    async def _on_batch(self, msg: KafkaMessage) -> None:
+    async def _on_batch(self, msg: Any) -> None:
+        """A fetched batch: ``msg`` is FastStream's ``KafkaMessage`` (the decoder hands it over as the
+        body: injecting it as context would run a thread-pool hop per batch)."""
         records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
         if msg.consumer is not self._reader:
             self._applied, self._reader = {}, msg.consumer
@@ -479,30 +491,46 @@ class EventConsumer:
     async def _apply(self, records: Sequence[ConsumerRecord[bytes, bytes]], *, isolate: bool) -> None:
         counts = ConsumerStats()
         ordered = in_time_order(records)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if isolate:
+        if isolate:
+            async with self.pool.acquire() as conn, conn.transaction():
                 for record in ordered:
                     await self._apply_record(conn, record, counts=counts)
-            else:
-                await self._apply_batch(conn, ordered, counts)
-        self.outbox.committed()
+            self.outbox.committed()
+        else:
+            # Read and route before the transaction: a batch of nothing this consumer handles (nor
+            # anything to park) needs none, and one that wrote no outbox row wakes no relay.
+            pending: list[OutgoingRecord] = []
+            routed: list[tuple[ConsumerRecord[bytes, bytes], Envelope, Route]] = []
+            for record in ordered:
+                found = self._route(record, counts, pending)
+                if isinstance(found, tuple):
+                    routed.append((record, *found))
+            if routed or pending:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await self._apply_batch(conn, routed, pending, counts)
+                if pending:
+                    self.outbox.committed()
         self.stats.handled += counts.handled
         self.stats.duplicates += counts.duplicates
         self.stats.skipped += counts.skipped
         self.stats.parked += counts.parked
 
-    async def _route(
-        self, conn: Connection, record: ConsumerRecord[bytes, bytes], counts: ConsumerStats,
-        pending: list[OutgoingRecord] | None = None,
-    ) -> tuple[Envelope, Route] | None:
-        """The record's envelope and the route of its type; None for a record parked as unreadable
-        (with its dead letter in ``pending``, or written at once) or of a type nobody here handles."""
+    def _route(
+        self, record: ConsumerRecord[bytes, bytes], counts: ConsumerStats, pending: list[OutgoingRecord]
+    ) -> tuple[Envelope, Route] | uuid.UUID | None:
+        """The record's envelope and the route of its type; None for a record of a type nobody here
+        handles; for a record parked as unreadable, the id of its dead letter (put in ``pending``)."""
+        # A type nobody here handles is skipped on its ce_type header alone, unread (most records
+        # of a shared topic, for most consumers); a record without a readable one is read in full.
+        event_type = _event_type(record.headers)
+        if event_type is not None and self.router.route(event_type) is None:
+            counts.skipped += 1
+            return None
         try:
             envelope = parse_envelope(record.headers, record.value, record.key)
         except EnvelopeError as error:
-            await self._park(conn, record, str(error), None, pending)
             counts.parked += 1
-            return None
+            return self._park(record, str(error), pending)
         route = self.router.route(envelope.type)
         if route is None:
             counts.skipped += 1
@@ -510,19 +538,15 @@ class EventConsumer:
         return envelope, route
 
     async def _apply_batch(
-        self, conn: Connection, records: Sequence[ConsumerRecord[bytes, bytes]], counts: ConsumerStats
+        self, conn: Connection, routed: Sequence[tuple[ConsumerRecord[bytes, bytes], Envelope, Route]],
+        pending: list[OutgoingRecord], counts: ConsumerStats,
     ) -> None:
-        """The common path: one inbox statement and one outbox write for the whole batch.
+        """The common path: one inbox statement and one outbox write for the whole batch (``pending``
+        holds its dead letters so far; handlers add what they emit).
 
         Any handler failure aborts the batch, which is then re-run record by record in savepoints
         (``_apply_record``) to find and park the culprit.
         """
-        pending: list[OutgoingRecord] = []
-        routed: list[tuple[ConsumerRecord[bytes, bytes], Envelope, Route]] = []
-        for record in records:
-            found = await self._route(conn, record, counts, pending)
-            if found is not None:
-                routed.append((record, *found))
         # One claim per event id: its first copy's topic, and a replay's mark if any copy is one (a
         # group re-reading a parked original beside its replay must not hide the replay).
         claims: dict[uuid.UUID, inbox.Claim] = {}
@@ -592,8 +616,10 @@ class EventConsumer:
         self, conn: Connection, record: ConsumerRecord[bytes, bytes], *, counts: ConsumerStats
     ) -> None:
         """One record in a savepoint of its own: a failing handler is retried, then parked."""
-        found = await self._route(conn, record, counts)
-        if found is None:
+        parked: list[OutgoingRecord] = []
+        found = self._route(record, counts, parked)
+        if not isinstance(found, tuple):
+            await self.outbox.add_many(conn, parked)
             return
         envelope, route = found
         if not await inbox.claim(conn, self.name, envelope.id, record.topic, inbox.replay_of(record.headers)):
@@ -611,7 +637,8 @@ class EventConsumer:
                 return
             tracing.failed(span, "parked on the dead-letter topic")
             log.error("event parked on the dead-letter topic", reason=reason, topic=record.topic)
-            dead_letter_id = await self._park(conn, record, reason, envelope)
+            dead_letter_id = self._park(record, reason, parked)
+            await self.outbox.add_many(conn, parked)
             await inbox.mark_parked(conn, self.name, envelope.id, dead_letter_id)
             counts.parked += 1
 
@@ -640,11 +667,11 @@ class EventConsumer:
                 await asyncio.sleep(0.02 * 2**attempt)
         return None  # unreachable: the loop returns
 
-    async def _park(
-        self, conn: Connection, record: ConsumerRecord[bytes, bytes], reason: str, envelope: Envelope | None,
-        pending: list[OutgoingRecord] | None = None,
+    def _park(
+        self, record: ConsumerRecord[bytes, bytes], reason: str, pending: list[OutgoingRecord]
     ) -> uuid.UUID:
-        """Write the record's dead letter; its id (the replay names it, see ``inbox``)."""
+        """Add the record's dead letter to ``pending`` (written to the outbox with the rest); its id
+        (the replay names it, see ``inbox``)."""
         dead_letter_id = uuid.uuid4()
         headers = [(k, v) for k, v in record.headers if k not in DLQ_HEADERS]
         headers += [
@@ -656,14 +683,21 @@ class EventConsumer:
             ("dlq_time", datetime.now(UTC).isoformat().encode()),
             (inbox.DEAD_LETTER_ID_HEADER, str(dead_letter_id).encode()),
         ]
-        dead_letter = OutgoingRecord(
+        pending.append(OutgoingRecord(
             record.topic + DLQ_SUFFIX, record.key, headers, record.value, str(dead_letter_id)
-        )
-        if pending is not None:
-            pending.append(dead_letter)
-        else:
-            await self.outbox.add_record(conn, dead_letter)
+        ))
         return dead_letter_id
+
+
+def _event_type(headers: Sequence[tuple[str, bytes]]) -> str | None:
+    """The ``ce_type`` header of a record, if it has a readable one."""
+    for name, value in headers:
+        if name == "ce_type":
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 def _event_log_context(
@@ -695,9 +729,34 @@ def in_time_order(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[Consu
     return list(heapq.merge(*partitions.values(), key=lambda record: record.timestamp))
 
 
+async def _parse_batch(records: tuple[ConsumerRecord[bytes, bytes], ...], original: Any) -> Any:
+    """FastStream's message for a batch, without its reading of every record's headers as UTF-8:
+    that costs each record a dict of decoded headers nobody reads here, and a header that is not
+    UTF-8 failed the whole batch before it reached us, stalling its partitions on a record that
+    should be parked (``parse_envelope`` names such a header). The message is made from the first
+    record without headers, then given every record."""
+    message = await original((dataclasses.replace(records[0], headers=[]),))
+    message.raw_message = records
+    message.body = [record.value or b"" for record in records]
+    return message
+
+
 async def _keep_raw_records(msg: Any, original: Any = None) -> Any:
-    """Hand the handler the raw records: a poison record must reach us to be parked."""
-    return msg.raw_message
+    """Hand the handler the message itself, raw records and all: a poison record must reach us to
+    be parked, and the batch is acknowledged or rewound through it."""
+    return msg
+
+
+class _BatchPoll:
+    """A subscriber's poll for the next batch: waits up to ``POLL_TIMEOUT_MS`` for records, returning
+    as soon as any are fetched, and never sleeps after an empty poll (FastStream's own does)."""
+
+    def __init__(self, max_records: int) -> None:
+        self.max_records = max_records
+
+    async def __call__(self, consumer: Any) -> tuple[ConsumerRecord[bytes, bytes], ...]:
+        batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_records)
+        return tuple(itertools.chain.from_iterable(batches.values()))
 
 
 def dead_letter_origin(headers: Sequence[tuple[str, bytes]]) -> tuple[str, list[tuple[str, bytes]]]:

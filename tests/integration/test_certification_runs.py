@@ -236,9 +236,9 @@ async def test_a_run_of_registrations_costs_a_handful_of_statements(
     batch = in_transaction(await log.of_batch(consumer, feed.records))
 
     # Before: 5 per event (resident status, resident, registration, 2 consents), 2,500 in all.
+    # Now: the inbox, who withdrew, and one statement writing residents, registrations and consents.
     assert [" ".join(statement.split()[:3]) for statement in batch] == [
-        "INSERT INTO inbox", "SELECT resident_id FROM", "INSERT INTO residents",
-        "INSERT INTO resident_registrations", "INSERT INTO share_consents",
+        "INSERT INTO inbox", "SELECT resident_id FROM", "WITH saved_residents AS",
     ]
     assert consumer.stats.handled == 501
 

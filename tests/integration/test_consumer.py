@@ -108,6 +108,25 @@ async def test_a_poison_record_is_parked_with_its_reason_and_the_stream_moves_on
         await eventually(outbox_drained)
 
 
+async def test_a_record_with_a_header_that_is_not_utf8_is_parked_and_the_stream_moves_on(settings: Settings) -> None:
+    # FastStream's batch parser read every header as UTF-8: such a record failed its whole batch,
+    # again and again, before the kit could park it; the partition stood still.
+    topic = await fresh_topic(settings)
+    async with consuming(settings, topic) as (_, pool):
+        key, value, headers = ping_record("r-3", 1)
+        garbled = [(k, b"\xff\xfe" if k == "ce_subject" else v) for k, v in headers]
+        await produce(settings, topic, [(key, value, garbled), ping_record("r-3", 2)])
+
+        async def next_one_applied() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 2"))
+
+        await eventually(next_one_applied)
+        dead = await read_topic(settings, topic + ".dlq", until=lambda r: len(r) >= 1)
+        assert len(dead) == 1
+        assert dict(dead[0].headers)["dlq_reason"] == b"header ce_subject is not UTF-8"
+        assert await pool.fetchval("SELECT count(*) FROM pings") == 1
+
+
 async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_after_the_fix(
     settings: Settings,
 ) -> None:

@@ -4,14 +4,15 @@ and every kind of change included."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 import asyncpg
 from asyncpg.connection import LoggedQuery
 
-from services.insights import store
+from services.insights import handlers, store
 from services.insights.domain import Change, Op
 from services.insights.main import MIGRATIONS
+from shared.contracts.certification import CertificateIssued
 from shared.kit.settings import Settings
 from tests.support import query_logging_pool, service_database
 
@@ -127,3 +128,34 @@ async def test_a_burst_of_registrations_is_one_statement(settings: Settings) -> 
     finally:
         await pool.close()
 
+
+
+async def test_a_run_reads_its_generation_and_the_erased_in_one_round_trip(settings: Settings) -> None:
+    statements: list[LoggedQuery] = []
+    pool = await query_logging_pool(await service_database(settings, "insstore", MIGRATIONS), statements.append)
+    try:
+        await pool.execute(
+            "INSERT INTO kit_erased_residents (resident_id, erased_at) VALUES ('gone', '2026-02-01T00:00:00Z')"
+        )
+        events = [certificate("c-gone", "gone"), certificate("c-here", "here")]
+        async with pool.acquire() as conn, conn.transaction():
+            statements.clear()
+            await handlers.project(conn, 1, events)
+        # Before its writes, one statement: the generation (share-locked) and the erased, together.
+        reads = [q.query for q in statements if "insights_state" in q.query or "kit_erased_residents" in q.query]
+        assert len(reads) == 1 and "FOR SHARE" in reads[0] and "kit_erased_residents" in reads[0], reads
+        rows = await pool.fetch("SELECT certificate_number, resident_id FROM certificates ORDER BY 1")
+        assert [tuple(row) for row in rows] == [("c-gone", None), ("c-here", "here")]
+        async with pool.acquire() as conn, conn.transaction():
+            await handlers.project(conn, 0, [certificate("c-stale", "here")])  # a rebuild moved past generation 0
+        assert await pool.fetchval("SELECT count(*) FROM certificates") == 2
+    finally:
+        await pool.close()
+
+
+def certificate(number: str, resident_id: str) -> CertificateIssued:
+    return CertificateIssued(
+        certificate_number=number, resident_id=resident_id, municipality_code=SHIRAHAMA,
+        valid_from=D1, valid_until=D3, status="valid", partners=[], application_id=f"app-{number}",
+        issued_at=datetime(2026, 1, 10, 9, 0, tzinfo=UTC),
+    )
