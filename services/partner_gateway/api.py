@@ -43,6 +43,7 @@ from services.partner_gateway.auth import (
 from services.partner_gateway.domain import (
     MAX_FORMAT_LENGTH,
     CertificateNotFound,
+    InvalidApiKey,
     InvalidPeriod,
     MalformedCertificateNumber,
     PartnerKeyNotFound,
@@ -112,12 +113,16 @@ async def verification_limit(limiter: RateLimiter, partner: str) -> None:
     await limiter.take(limiter.limit(VERIFICATION), partner)
 
 
-async def verification_body(gateway: Gateway, partner: str, number: str) -> bytes:
+async def verification_body(gateway: Gateway, partner: str, number: str, api_key: str | None = None) -> bytes:
+    """The answer for ``partner``. ``api_key``: the caller's key, taken from the cache unchecked and
+    checked here against the generation read with the certificate (401 if it was revoked since)."""
     try:
         CertificateNumber.parse(number)
     except CertificateNumberError as error:
         raise MalformedCertificateNumber(str(error)) from None
-    entry = await gateway.verification.lookup(partner, number)
+    entry, generation = await gateway.verification.lookup_with_generation(partner, number)
+    if api_key is not None and await gateway.api_keys.principal(api_key, generation, read=False) is None:
+        raise InvalidApiKey("the X-Api-Key is unknown or revoked")
     if entry is None:
         raise CertificateNotFound(f"no certificate {number}")
     return json.dumps(verification(entry, gateway.today()), separators=(",", ":")).encode()
@@ -154,10 +159,10 @@ class VerificationHotPath:
             return
         scope["route"] = self._ROUTE  # the metrics label, as FastAPI's router would set it
         try:
-            principal = await self._caller(scope)
+            principal, unchecked_key = await self._caller(scope)
             assert principal.partner is not None
             await verification_limit(limiter_of_scope(scope), principal.partner)
-            body = await verification_body(self.gateway, principal.partner, path[len(self._PREFIX):])
+            body = await verification_body(self.gateway, principal.partner, path[len(self._PREFIX):], unchecked_key)
         except DomainError as error:
             await refusal(error, path)(scope, receive, send)
             return
@@ -170,16 +175,22 @@ class VerificationHotPath:
         })
         await send({"type": "http.response.body", "body": body})
 
-    async def _caller(self, scope: Scope) -> Principal:
+    async def _caller(self, scope: Scope) -> tuple[Principal, str | None]:
         """``partner_caller``: an API key (what partners send at these rates) straight from the raw
         headers, as Starlette's ``Headers.get`` reads them (the first one, latin-1); anything else
-        (a bearer token, no credential) through the dependency itself."""
+        (a bearer token, no credential) through the dependency itself. With the principal, the key
+        if its cached principal is still to be checked against the generation (``verification_body``:
+        in the round trip to Redis it makes anyway)."""
         for name, value in scope["headers"]:
             if name == b"x-api-key":
-                principal = await api_key_principal(self.gateway, value.decode("latin-1"))
+                secret = value.decode("latin-1").strip()
+                principal = self.gateway.api_keys.cached(secret)
+                unchecked = secret if principal is not None else None
+                if principal is None:
+                    principal = await api_key_principal(self.gateway, secret)
                 scope.setdefault("state", {})["principal_kind"] = principal.role.value  # the access log's
-                return only_partner(principal)
-        return await partner_caller(StarletteRequest(scope))
+                return only_partner(principal), unchecked
+        return await partner_caller(StarletteRequest(scope)), None
 
 
 # --- Partners and their API keys (admin) --------------------------------------------------------
@@ -275,7 +286,8 @@ async def revoke_api_key(
     """Revoke a partner's API key (revoking it again is a 204 too; the first revocation time stays)."""
     gateway = gateway_of(request)
     outcome = await handlers.revoke_api_key(write, gateway.partners, code, key_id)
-    gateway.api_keys.forget()  # after the commit: this process stops accepting the key at once
+    # After the commit: this process stops accepting the key at once, the others at its next use.
+    await gateway.api_keys.revoked()
     return outcome.response()
 
 

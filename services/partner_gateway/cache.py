@@ -5,8 +5,12 @@ Key ``{topic_prefix}verify:{partner}:{number}``, value JSON: ``{"v": version, "e
 or ``{"v": version, "entitled": false}`` for a certificate the partner may not (or no longer)
 see. ``valid`` is not cached: it depends on the day and is computed per request.
 
-- Reads: one GET. A miss (cold cache) or an unreachable Redis falls back to the entitlements
-  table and repopulates the entry; after a Redis fault, Redis is skipped for ``down_for_s``.
+- Reads: the reads the requests of one event-loop iteration make go out together, as one MGET
+  (under load several verifications arrive per iteration: one command, one write and one read
+  for all of them); the MGET also reads the API keys' generation (``auth.py``: a revocation
+  changes it, so every process learns of it in the round trip it makes anyway). A miss (cold
+  cache) or an unreachable Redis falls back to the entitlements table and repopulates the entry;
+  after a Redis fault, Redis is skipped for ``down_for_s``.
 - Writes: never inside a consumer transaction. Entitlement changes are queued in the same
   transaction (``verify_cache_queue``) and this module's sync task writes them after commit,
   woken by NOTIFY. At start (and after Redis was unreachable) it rebuilds every entry.
@@ -20,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import structlog
@@ -81,6 +86,25 @@ def cache_key(settings: Settings, partner: str, number: str) -> str:
     return f"{settings.topic_prefix}verify:{partner}:{number}"
 
 
+def generation_key(settings: Settings) -> str:
+    """The API keys' generation: a random token, replaced at every revocation (absent: b"")."""
+    return f"{settings.topic_prefix}api-keys:generation"
+
+
+#: A value read with the generation: (the key's value or None, the generation; b"" when never set).
+Read = tuple[bytes | None, bytes]
+
+
+class _Batch:
+    """The reads of one event-loop iteration, made together."""
+
+    __slots__ = ("client", "waiters")
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.waiters: list[tuple[str | None, asyncio.Future[Read]]] = []
+
+
 def entry_of(row: asyncpg.Record | None) -> dict[str, Any]:
     """The cache entry of an entitlements row (None: unknown to this partner, version 0)."""
     if row is None:
@@ -114,6 +138,9 @@ class VerificationCache:
         self._down_until = 0.0
         self._children: dict[str, Any] = {}
         self._wake = asyncio.Event()
+        self._batch: _Batch | None = None
+        self._fetches: set[asyncio.Task[None]] = set()
+        self.generation_key = generation_key(self.settings)
         self.rebuilt = 0  # entries written by the last rebuild
         self.synced = 0  # entries written by the queue since start
 
@@ -129,11 +156,16 @@ class VerificationCache:
 
     async def lookup(self, partner: str, number: str) -> dict[str, Any] | None:
         """The entry this partner may see, or None (unknown, or not this partner's)."""
+        return (await self.lookup_with_generation(partner, number))[0]
+
+    async def lookup_with_generation(self, partner: str, number: str) -> tuple[dict[str, Any] | None, bytes | None]:
+        """``lookup``, and the API keys' generation read in the same round trip (None: Redis could
+        not be read, the answer came from PostgreSQL)."""
         client = self._usable()
         key = self.key(partner, number)
         if client is not None:
             try:
-                raw = await client.get(key)
+                raw, generation = await self._read(client, key)
             except (RedisError, OSError) as error:
                 self._trip(error)
                 client = None
@@ -141,7 +173,7 @@ class VerificationCache:
                 if raw is not None:
                     self._count("redis")
                     entry: dict[str, Any] = json.loads(raw)
-                    return entry if entry.get("entitled") else None
+                    return (entry if entry.get("entitled") else None), generation
         self._count("database")
         entry = entry_of(await store.verification_row(self.runtime.pool, partner, number))
         if client is not None:
@@ -149,7 +181,74 @@ class VerificationCache:
                 await self._write(client, [(key, entry)])
             except (RedisError, OSError) as error:
                 self._trip(error)
-        return entry if entry["entitled"] else None
+            else:
+                # Read before the database row: revocations since are not missed.
+                return (entry if entry["entitled"] else None), generation
+        return (entry if entry["entitled"] else None), None
+
+    async def generation(self) -> bytes | None:
+        """The API keys' generation (b"": never set), or None when Redis cannot be read."""
+        client = self._usable()
+        if client is None:
+            return None
+        try:
+            return (await self._read(client, None))[1]
+        except (RedisError, OSError) as error:
+            self._trip(error)
+            return None
+
+    async def new_generation(self) -> bool:
+        """Replace the generation (after a revocation's commit): every process checks its cached
+        API keys again at their next use. False when Redis could not be written."""
+        client = self.redis
+        if client is None:
+            return False
+        try:
+            await client.set(self.generation_key, secrets.token_hex(16))
+        except (RedisError, OSError) as error:
+            log.warning("the API keys' generation could not be replaced", error=repr(error))
+            return False
+        return True
+
+    def _read(self, client: Redis, key: str | None) -> asyncio.Future[Read]:
+        """``key``'s value (None: only the generation), read with every other read of this loop
+        iteration: the batch goes once the requests already running have all asked."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None or batch.client is not client:
+            batch = self._batch = _Batch(client)
+            loop.call_soon(self._send, batch)
+        future: asyncio.Future[Read] = loop.create_future()
+        batch.waiters.append((key, future))
+        return future
+
+    def _send(self, batch: _Batch) -> None:
+        if self._batch is batch:
+            self._batch = None
+        task = asyncio.ensure_future(self._fetch(batch))
+        self._fetches.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(self._fetches.discard)
+
+    async def _fetch(self, batch: _Batch) -> None:
+        keys = list(dict.fromkeys(key for key, _ in batch.waiters if key is not None))
+        try:
+            # bytes: the client does not decode responses (``open_redis``).
+            values = cast(list[bytes | None], await batch.client.mget([self.generation_key, *keys]))
+        except BaseException as error:
+            for _, future in batch.waiters:
+                if not future.done():  # a waiter cancelled meanwhile has gone
+                    if isinstance(error, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        generation = values[0] or b""
+        found = dict(zip(keys, values[1:], strict=True))
+        for key, future in batch.waiters:
+            if not future.done():
+                future.set_result((None if key is None else found[key], generation))
 
     def _usable(self) -> Redis | None:
         client = self.redis

@@ -91,7 +91,7 @@ def create_app(
     partners.on_new = lambda codes: resubscribe_trips(runtime, codes)
     verification = VerificationCache(runtime)
     runtime.state["verification"] = verification
-    gateway = Gateway(runtime, partners, ApiKeyCache(runtime), verification, feed=feed_signal)
+    gateway = Gateway(runtime, partners, ApiKeyCache(runtime, generations=verification), verification, feed=feed_signal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
