@@ -138,9 +138,10 @@ class Write:
         must not check the target's state, so that a replay finds the first answer, not a 409.
         Without it the route's role check is the whole permission check.
 
-        ``group_commit``: concurrent writes of this operation may share one transaction, each in a
-        savepoint of its own (``shared/kit/group_commit.py``). For a hot use case whose act is
-        short and only talks to its own database; the answer is the same as alone."""
+        ``group_commit``: concurrent writes of this operation may share one transaction
+        (``shared/kit/group_commit.py``; a write that fails makes its batch-mates run again). For a
+        hot use case whose act is short and only talks to its own database; the answer is the same
+        as alone."""
         if self.ran:
             raise RuntimeError(f"{self.operation}: a write runs once")
         self.ran = True
