@@ -68,14 +68,21 @@ _TRANSIENT_PG = (
 )
 
 
+class Transient(Exception):
+    """A condition of the platform's own making that clears by itself (e.g. a shared transaction
+    broke before a write in it could commit): retried, and answered 503 if it lasts."""
+
+
 #: Exception classes that are always infrastructure faults (HTTP answers them with 503).
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*_TRANSIENT_PG, KafkaError, TimeoutError, ConnectionError)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    *_TRANSIENT_PG, KafkaError, TimeoutError, ConnectionError, Transient,
+)
 
 
 def is_transient(error: BaseException) -> bool:
     """True for faults of infrastructure that may clear by themselves; never for a broken rule."""
     if isinstance(error, DomainError):
         return False
-    if isinstance(error, (*_TRANSIENT_PG, KafkaError, TimeoutError, asyncio.TimeoutError, ConnectionError)):
+    if isinstance(error, (*_TRANSIENT_PG, KafkaError, TimeoutError, asyncio.TimeoutError, ConnectionError, Transient)):
         return True
     return isinstance(error, OSError) and error.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE)

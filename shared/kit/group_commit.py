@@ -38,6 +38,7 @@ import asyncpg
 import structlog
 
 from shared.kit.db import Connection
+from shared.kit.errors import Transient
 from shared.kit.outbox import OutgoingRecord
 
 log = structlog.get_logger(__name__)
@@ -54,8 +55,9 @@ LANES = 3
 CAREFUL_S = 2.0
 
 
-class BatchAborted(Exception):
-    """The shared transaction broke before this write could commit; nothing of it was kept."""
+class BatchAborted(Transient):
+    """The shared transaction broke before this write could commit; nothing of it was kept (retried
+    like any transient fault; a 503 if the batch keeps breaking, e.g. while the database is away)."""
 
 
 class CommitUncertain(Exception):

@@ -43,7 +43,7 @@ from shared.kit.auth import Principal, current_principal
 from shared.kit.db import Connection
 from shared.kit.envelope import Envelope
 from shared.kit.errors import DomainError, is_transient
-from shared.kit.group_commit import BatchAborted, CommitUncertain, GroupCommit
+from shared.kit.group_commit import CommitUncertain, GroupCommit
 from shared.kit.outbox import OutgoingRecord
 from shared.kit.service import ServiceRuntime, UnitOfWork
 
@@ -163,7 +163,7 @@ class Write:
             except CommitUncertain as uncertain:
                 raise uncertain.__cause__ or uncertain from None
             except Exception as error:
-                if not (is_transient(error) or isinstance(error, BatchAborted)) or attempt >= ATTEMPTS:
+                if not is_transient(error) or attempt >= ATTEMPTS:  # a BatchAborted is transient
                     raise
                 delay = FIRST_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
                 log.warning("write hit a transient fault, retrying", operation=self.operation,

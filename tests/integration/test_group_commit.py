@@ -7,6 +7,7 @@ own problem; what fails is rolled back alone; a broken batch is retried; an idle
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,9 @@ import pytest
 
 from shared.contracts.topics import Topic
 from shared.kit.auth import Principal, Role
-from shared.kit.errors import DomainError
-from shared.kit.group_commit import GroupCommit
+from shared.kit.errors import DomainError, is_transient
+from shared.kit.group_commit import BatchAborted, GroupCommit
+from shared.kit.http import failure_response
 from shared.kit.outbox import Outbox
 from shared.kit.service import UnitOfWork
 from shared.kit.settings import Settings
@@ -287,3 +289,15 @@ async def test_a_duplicate_in_a_batch_without_savepoints_answers_the_conflict_on
     assert len(seen_by_caller) == 1 and "donor-dup" in {d for _, d in seen_by_caller[0]}
     stored = await receipts(runtime)
     assert sorted(d for _, d in stored) == ["donor-dup", "donor-x"] and [n for n, _ in stored] == [1, 2]
+
+
+async def test_a_write_whose_batch_keeps_breaking_is_answered_503_not_500(runtime: Runtime) -> None:
+    """The database away (here: no connection to be had) breaks every batch the write is retried in:
+    it ends as a temporary refusal (503, retry), as a write outside a batch would, never a 500."""
+    await runtime.pool.close()
+    with pytest.raises(BatchAborted) as refused:
+        await write(runtime).run(donate("d1"), group_commit=True)
+    assert is_transient(refused.value)
+    answer = failure_response(refused.value, "/v1/donations")
+    assert answer.status_code == 503
+    assert json.loads(bytes(answer.body))["code"] == "service-unavailable"
