@@ -56,6 +56,37 @@ JOURNEY_SERVICES = (
 BLOCKING = {"serious", "critical"}
 
 
+def _swapped_under_us(error: Exception) -> bool:
+    """ChromeDriver's answer when the page an element came from is replaced between finding it and
+    reading it (a reload or navigation finishing meanwhile): sometimes a stale-element error, sometimes
+    this "unknown error" from its inspector. Either means "that page is gone", not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    return isinstance(error, StaleElementReferenceException) or (
+        isinstance(error, WebDriverException) and "does not belong to the document" in (error.msg or "")
+    )
+
+
+def _settled(check: Callable[[], bool]) -> bool:
+    """``check`` on the page now; False (look again) when the page was swapped while it looked."""
+    try:
+        return check()
+    except Exception as error:
+        if _swapped_under_us(error):
+            return False
+        raise
+
+
+def _replaced(stale: Callable[[Any], Any], driver: Any) -> bool:
+    """Selenium's ``staleness_of``, also taking ChromeDriver's inspector error as "replaced"."""
+    try:
+        return bool(stale(driver))
+    except Exception as error:
+        if _swapped_under_us(error):
+            return True
+        raise
+
+
 def _chromium() -> tuple[str, str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
@@ -120,7 +151,7 @@ class Browser:
 
         old = self.driver.find_element("tag name", "html")
         element.click()
-        WebDriverWait(self.driver, NAVIGATION_S).until(staleness_of(old))
+        WebDriverWait(self.driver, NAVIGATION_S).until(lambda driver: _replaced(staleness_of(old), driver))
         self.checked()
 
     def shot(self, name: str) -> Path:
@@ -160,7 +191,7 @@ class Browser:
 
     def until(self, what: str, check: Callable[[], bool], timeout: float = 45.0, reload: bool = True) -> None:
         deadline = time.monotonic() + timeout
-        while not check():
+        while not _settled(check):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} did not show within {timeout:.0f} s on {self.path}:\n{self.text}")
             time.sleep(0.5)
