@@ -82,8 +82,8 @@ async def apply_events(run: Run[EventData]) -> None:
     Events about a resident this service erased are dropped first (a late event, a replayed dead
     letter, a group reset to earliest): nothing about them is written again. Each chunk
     (``conflict_free_runs``) saves its contacts, then its consents, then writes its messages, which
-    read the residents as saved: what applying the events one by one gives. The sender is woken
-    once for the whole run.
+    read the residents as saved: what applying the events one by one gives — in two statements (the
+    residents saved and read back, then the messages, e-mails and the sender's wake-up).
     """
     erased = await erased_among(run.conn, (_resident_of(event) for event in run.events))
     live = [(ctx, event) for ctx, event in run if _resident_of(event) not in erased]
@@ -94,38 +94,44 @@ async def apply_events(run: Run[EventData]) -> None:
         (ctx, effect) for (ctx, event), contact in zip(live, contacts, strict=True)
         if (effect := effect_of(event, contact)) is not None
     ]
-    queued = 0
+    channel = sender_channel(run.settings)
     for chunk in conflict_free_runs(planned, effect=lambda item: item[1]):
-        queued += await _apply_chunk(chunk)
-    if queued:
-        await store.wake_sender(run.conn, sender_channel(run.settings))
+        await _apply_chunk(chunk, channel)
     for event in run.events:
         if isinstance(event, ConsentChanged) and event.purpose == "email":
             log.info("e-mail consent changed", resident_id=event.resident_id, granted=event.granted)
 
 
-async def _apply_chunk(chunk: Sequence[tuple[HandlerContext, Effect]]) -> int:
+async def _apply_chunk(chunk: Sequence[tuple[HandlerContext, Effect]], channel: str) -> int:
     """Contacts, consents, then messages; how many e-mails were queued."""
     conn = chunk[0][0].conn
     # A chunk updates a resident at most once: equal keys carry equal updates.
     contacts = {effect.resident_id: effect.contact for _, effect in chunk if effect.contact is not None}
-    if contacts:
-        await store.save_contacts(conn, contacts)
     consents = {effect.resident_id: effect.consent for _, effect in chunk if effect.consent is not None}
-    if consents:
-        await store.save_email_consents(conn, consents)
     notices = [(ctx, effect.notice) for ctx, effect in chunk if effect.notice is not None]
-    return await deliver(notices) if notices else 0
+    if not contacts and not consents:
+        return await deliver(notices, channel) if notices else 0
+    # The updates and the read of the residents to tell, as updated, in one statement.
+    residents = await store.save_and_read_residents(
+        conn, contacts, consents, sorted({notice.resident_id for _, notice in notices})
+    )
+    return await deliver(notices, channel, residents) if notices else 0
 
 
-async def deliver(notices: Sequence[tuple[HandlerContext, Notice]]) -> int:
-    """Tell each resident: inbox always, e-mail with consent; how many e-mails were queued.
+async def deliver(
+    notices: Sequence[tuple[HandlerContext, Notice]], channel: str,
+    residents: dict[str, store.Resident] | None = None,
+) -> int:
+    """Tell each resident: inbox always, e-mail with consent; how many e-mails were queued (the
+    senders are woken on ``channel`` if any was).
 
-    Every statement covers all the notices: one read of the residents, one insert of the messages,
-    one of the e-mails. An event whose message already exists changes nothing and emits nothing.
+    ``residents``: those told, as already read (else they are read here). One statement writes the
+    messages and e-mails of all the notices and wakes the senders. An event whose message already
+    exists changes nothing and emits nothing.
     """
     conn = notices[0][0].conn
-    residents = await store.residents_by_id(conn, list({notice.resident_id for _, notice in notices}))
+    if residents is None:
+        residents = await store.residents_by_id(conn, sorted({notice.resident_id for _, notice in notices}))
     drafts: list[tuple[HandlerContext, store.NewMessage, store.Resident | None]] = []
     for ctx, notice in notices:
         resident = residents.get(notice.resident_id)
@@ -135,16 +141,16 @@ async def deliver(notices: Sequence[tuple[HandlerContext, Notice]]) -> int:
         drafts.append((ctx, draft_message(ctx, notice, resident), resident))
     if not drafts:
         return 0
-    created = await store.insert_messages(conn, [message for _, message, _ in drafts])
-    emails: list[tuple[uuid.UUID, store.NewMessage]] = []
-    for ctx, message, resident in drafts:
+    created, queued = await store.insert_messages_and_emails(
+        conn, [message for _, message, _ in drafts],
+        [uuid.uuid4() if resident is not None and resident.can_receive_email else None for _, _, resident in drafts],
+        channel,
+    )
+    for ctx, message, _ in drafts:
         created_at = created.get(message.id)
-        if created_at is None:
-            continue  # this event already produced its message
-        await emit_delivered(ctx, message, created_at)
-        if resident is not None and resident.can_receive_email:
-            emails.append((uuid.uuid4(), message))
-    return await store.insert_emails(conn, emails) if emails else 0
+        if created_at is not None:  # else this event already produced its message
+            await emit_delivered(ctx, message, created_at)
+    return queued
 
 
 def draft_message(ctx: HandlerContext, notice: Notice, resident: store.Resident | None) -> store.NewMessage:
@@ -175,8 +181,7 @@ async def listing_digest(ctx: HandlerContext, event: ListingDigestDue) -> None:
     notice = notice_for(event)
     if notice is None or await is_erased(ctx.conn, event.resident_id):
         return
-    if await deliver([(ctx, notice)]):
-        await store.wake_sender(ctx.conn, sender_channel(ctx.settings))
+    await deliver([(ctx, notice)], sender_channel(ctx.settings))
 
 
 # -- the rest of the contact projection (registration.residents.v1) ------------------------------

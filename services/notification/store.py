@@ -82,20 +82,66 @@ async def save_contacts(conn: Connection, contacts: Mapping[str, ContactUpdate])
     )
 
 
-async def save_email_consents(conn: Connection, consents: Mapping[str, ConsentUpdate]) -> None:
-    """Apply each consent unless a later one is already recorded (a stale copy changes nothing)."""
-    rows = sorted(consents.items())  # in resident order: transactions lock shared rows in one order
-    await conn.execute(
-        """
-        INSERT INTO residents (resident_id, email_consent, email_consent_at)
-        SELECT * FROM unnest($1::text[], $2::boolean[], $3::timestamptz[])
-        ON CONFLICT (resident_id) DO UPDATE SET
-            email_consent = EXCLUDED.email_consent, email_consent_at = EXCLUDED.email_consent_at, updated_at = now()
-        WHERE residents.withdrawn_at IS NULL
-          AND (residents.email_consent_at IS NULL OR residents.email_consent_at <= EXCLUDED.email_consent_at)
+async def save_and_read_residents(
+    conn: Connection, contacts: Mapping[str, ContactUpdate], consents: Mapping[str, ConsentUpdate],
+    resident_ids: Sequence[str],
+) -> dict[str, Resident]:
+    """``save_contacts``, then each e-mail consent unless a later one is already recorded (a stale
+    copy changes nothing), and the residents ``resident_ids`` as they are
+    after both, in one statement (one round trip for a chunk of registrations).
+
+    One upsert carries both updates (a statement may touch a row once): a NULL name means "no new
+    contact", a NULL consent time "no new consent" (neither is ever NULL in an update). The rows it
+    did not change are read from the statement's snapshot, which they are as of now."""
+    ids = sorted(set(contacts) | set(consents))  # in resident order: transactions lock shared rows in one order
+    given = [(r, contacts.get(r), consents.get(r)) for r in ids]
+    rows = await conn.fetch(
+        f"""
+        WITH saved AS (
+            INSERT INTO residents (resident_id, name, email, preferred_language, email_consent, email_consent_at)
+            SELECT resident_id, name, email, coalesce(language, 'ja'), coalesce(granted, false), at
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[], $6::timestamptz[])
+                 AS g (resident_id, name, email, language, granted, at)
+            ON CONFLICT (resident_id) DO UPDATE SET
+                name = CASE WHEN EXCLUDED.name IS NOT NULL THEN EXCLUDED.name ELSE residents.name END,
+                email = CASE WHEN EXCLUDED.name IS NOT NULL THEN EXCLUDED.email ELSE residents.email END,
+                preferred_language = CASE WHEN EXCLUDED.name IS NOT NULL THEN EXCLUDED.preferred_language
+                                          ELSE residents.preferred_language END,
+                -- a new address gets a fresh chance; the refused one stays refused
+                bounced_email = CASE WHEN EXCLUDED.name IS NULL OR lower(residents.email) = lower(EXCLUDED.email)
+                                     THEN residents.bounced_email END,
+                bounce_reason = CASE WHEN EXCLUDED.name IS NULL OR lower(residents.email) = lower(EXCLUDED.email)
+                                     THEN residents.bounce_reason END,
+                -- a stale consent (a later one is recorded) changes nothing
+                email_consent = CASE WHEN EXCLUDED.email_consent_at IS NOT NULL AND (
+                                          residents.email_consent_at IS NULL
+                                          OR residents.email_consent_at <= EXCLUDED.email_consent_at)
+                                     THEN EXCLUDED.email_consent ELSE residents.email_consent END,
+                email_consent_at = CASE WHEN EXCLUDED.email_consent_at IS NOT NULL AND (
+                                             residents.email_consent_at IS NULL
+                                             OR residents.email_consent_at <= EXCLUDED.email_consent_at)
+                                        THEN EXCLUDED.email_consent_at ELSE residents.email_consent_at END,
+                updated_at = now()
+            WHERE residents.withdrawn_at IS NULL AND (
+                EXCLUDED.name IS NOT NULL
+                OR (EXCLUDED.email_consent_at IS NOT NULL AND (
+                    residents.email_consent_at IS NULL OR residents.email_consent_at <= EXCLUDED.email_consent_at)))
+            RETURNING {_RESIDENT_COLUMNS}
+        )
+        SELECT {_RESIDENT_COLUMNS} FROM saved WHERE resident_id = ANY($7::text[])
+        UNION ALL
+        SELECT {_RESIDENT_COLUMNS} FROM residents
+        WHERE resident_id = ANY($7::text[]) AND resident_id NOT IN (SELECT resident_id FROM saved)
         """,
-        [r for r, _ in rows], [c.granted for _, c in rows], [c.at for _, c in rows],
+        ids,
+        [c.name if c is not None else None for _, c, _ in given],
+        [c.email if c is not None else None for _, c, _ in given],
+        [c.language if c is not None else None for _, c, _ in given],
+        [k.granted if k is not None else None for _, _, k in given],
+        [k.at if k is not None else None for _, _, k in given],
+        list(resident_ids),
     )
+    return {row["resident_id"]: _resident(row) for row in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,23 +194,51 @@ class NewMessage:
     source_event_type: str
 
 
-async def insert_messages(conn: Connection, messages: Sequence[NewMessage]) -> dict[uuid.UUID, datetime]:
-    """Add the messages, in order; the creation time of each one added (not of one whose event
-    already produced its message)."""
+async def insert_messages_and_emails(
+    conn: Connection, messages: Sequence[NewMessage], email_ids: Sequence[uuid.UUID | None],
+    wake_channel: str | None,
+) -> tuple[dict[uuid.UUID, datetime], int]:
+    """Add the messages, in order, then the e-mail of each message added whose ``email_ids`` entry is not
+    None (under that row id), then wake the senders on ``wake_channel`` if any was queued: one
+    statement. The creation time of each message added, and how many e-mails were queued (not
+    those whose event already queued one for the resident).
+
+    The wake-up may be sent by several statements of a transaction: PostgreSQL delivers a channel's
+    identical notifications of one transaction once, at commit."""
     rows = await conn.fetch(
         """
-        INSERT INTO messages (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
-        SELECT id, resident_id, kind, language, subject, body, source_event_id, source_event_type
-        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::uuid[], $8::text[])
-             WITH ORDINALITY AS m (id, resident_id, kind, language, subject, body, source_event_id,
-                                   source_event_type, position)
-        ORDER BY position  -- created_at is the statement clock: rows are stamped in this order
-        ON CONFLICT (source_event_id, resident_id) DO NOTHING
-        RETURNING id, created_at
+        WITH given AS (
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                 $7::uuid[], $8::text[], $9::uuid[])
+                 WITH ORDINALITY AS m (id, resident_id, kind, language, subject, body, source_event_id,
+                                       source_event_type, email_id, position)
+        ), added AS (
+            INSERT INTO messages (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
+            SELECT id, resident_id, kind, language, subject, body, source_event_id, source_event_type
+            FROM given
+            ORDER BY position  -- created_at is the statement clock: rows are stamped in this order
+            ON CONFLICT (source_event_id, resident_id) DO NOTHING
+            RETURNING id, created_at
+        ), queued AS (
+            INSERT INTO email_outbox
+                (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
+            SELECT g.email_id, g.resident_id, g.kind, g.language, g.subject, g.body, g.source_event_id,
+                   g.source_event_type
+            FROM given g JOIN added USING (id)
+            WHERE g.email_id IS NOT NULL
+            ORDER BY g.position
+            ON CONFLICT (source_event_id, channel, resident_id) DO NOTHING
+            RETURNING 1
+        ), woken AS (
+            SELECT pg_notify($10::text, '') FROM (SELECT FROM queued LIMIT 1) AS any_queued
+            WHERE $10::text IS NOT NULL
+        )
+        SELECT id, created_at, (SELECT count(*) FROM queued) AS queued, (SELECT count(*) FROM woken) AS woken
+        FROM added
         """,
-        *_message_columns(messages),
+        *_message_columns(messages), list(email_ids), wake_channel,
     )
-    return {row["id"]: row["created_at"] for row in rows}
+    return {row["id"]: row["created_at"] for row in rows}, int(rows[0]["queued"]) if rows else 0
 
 
 def _message_columns(messages: Sequence[NewMessage]) -> list[list[Any]]:
@@ -230,28 +304,6 @@ async def mark_read(conn: Connection | asyncpg.Pool, resident_id: str, message_i
 
 
 # -- e-mails -------------------------------------------------------------------------------
-
-
-async def insert_emails(conn: Connection, emails: Sequence[tuple[uuid.UUID, NewMessage]]) -> int:
-    """Queue the e-mail of each message (with its row id); how many were queued (not those whose
-    event already queued one for the resident)."""
-    result = await conn.execute(
-        """
-        INSERT INTO email_outbox
-            (id, resident_id, kind, language, subject, body, source_event_id, source_event_type)
-        SELECT * FROM unnest(
-            $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::uuid[], $8::text[]
-        )
-        ON CONFLICT (source_event_id, channel, resident_id) DO NOTHING
-        """,
-        [email_id for email_id, _ in emails], *_message_columns([message for _, message in emails])[1:],
-    )
-    return _count(result)
-
-
-async def wake_sender(conn: Connection, channel: str) -> None:
-    """Tell the senders there is mail (delivered when the transaction commits)."""
-    await conn.execute("SELECT pg_notify($1, '')", channel)
 
 
 @dataclass(frozen=True, slots=True)
