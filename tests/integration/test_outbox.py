@@ -265,3 +265,53 @@ async def test_under_load_a_round_marks_the_rounds_before_in_its_read(
         assert await pending_count(conn) == 0
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("relay_here", [True, False], ids=["relay-here", "relay-elsewhere"])
+async def test_records_written_together_are_stored_as_one_at_a_time_would_store_them(
+    settings: Settings, producer: AIOKafkaProducer, relay_here: bool
+) -> None:
+    """``add_many`` writes several records in one statement over arrays: each keeps its own headers
+    (records carry different numbers of them, none at all, Trace Context or not), the records'
+    order is the outbox's order, and an event already there or repeated is kept once. A relay in
+    another process hears of them by a NOTIFY in the same statement."""
+    dsn = await fresh_database(settings, "outbox")
+    outbox = Outbox(CHANNEL)
+    if relay_here:
+        outbox.local_relay = OutboxRelay(dsn, CHANNEL, producer)  # leads, never run
+        outbox.local_relay.is_leader = True
+    heard: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener(CHANNEL, lambda *args: heard.append(args[2]))
+    ids_ = [str(uuid.uuid4()) for _ in range(5)]
+    records = [
+        OutgoingRecord("t.a", b"k1", [("ce_id", b"1"), ("traceparent", b"00-ab-cd-01"), ("ce_type", b"x")], b"v1",
+                       ids_[0]),
+        OutgoingRecord("t.b", None, [], None, ids_[1], partition_key=b"k1"),  # a tombstone without headers
+        OutgoingRecord("t.a", b"k3", [("traceparent", b"00-ef-01-01"), ("tracestate", b"a=1")], b"v3", ids_[2]),
+        OutgoingRecord("t.a", b"k4", [("ce_id", b"4")], b"v4", ids_[3]),
+        OutgoingRecord("t.a", b"again", [("ce_id", b"5")], b"repeated", ids_[3]),  # the same event again
+        OutgoingRecord("t.a", b"k5", [("n", b"1"), ("m", b"2")], b"v5", ids_[4]),
+    ]
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await outbox.add_record(conn, OutgoingRecord("t.a", b"k0", [("ce_id", b"0")], b"first", ids_[4]))
+        async with conn.transaction():
+            await outbox.add_many(conn, records)
+        rows = await conn.fetch(
+            "SELECT event_id::text, topic, key, header_names, header_values, payload, partition_key, traceparent,"
+            " tracestate FROM outbox ORDER BY id"
+        )
+        await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+        await listener.close()
+    assert heard == ([] if relay_here else [CHANNEL, CHANNEL])
+    assert [tuple(row) for row in rows] == [
+        (ids_[4], "t.a", b"k0", ["ce_id"], [b"0"], b"first", None, None, None),  # already there: kept as it was
+        (ids_[0], "t.a", b"k1", ["ce_id", "ce_type"], [b"1", b"x"], b"v1", None, "00-ab-cd-01", None),
+        (ids_[1], "t.b", None, [], [], None, b"k1", None, None),
+        (ids_[2], "t.a", b"k3", [], [], b"v3", None, "00-ef-01-01", "a=1"),
+        (ids_[3], "t.a", b"k4", ["ce_id"], [b"4"], b"v4", None, None, None),
+    ]
