@@ -14,7 +14,7 @@ import re
 import unicodedata
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import date, datetime
 from typing import Literal
 
@@ -377,6 +377,14 @@ class CompanyDetails:
 
 DonorDetails = PersonDetails | CompanyDetails
 
+#: The details' fields in order: ``content_hash`` reads them as ``dataclasses.asdict`` would, without
+#: its recursive copy on every confirmation (the details hold only str and None).
+_DETAIL_FIELDS = {kind: tuple(f.name for f in fields(kind)) for kind in (PersonDetails, CompanyDetails)}
+
+
+def _details_dict(details: DonorDetails) -> dict[str, str | None]:
+    return {name: getattr(details, name) for name in _DETAIL_FIELDS[type(details)]}
+
 
 @dataclass(frozen=True, slots=True)
 class DonorFacts:
@@ -528,7 +536,7 @@ class PaymentConfirmation:
             "payment_reference": self.payment_reference, "municipality_code": self.municipality_code,
             "kind": self.kind, "amount": self.amount, "earmark": self.earmark, "program_id": self.program_id,
             "project": self.project, "payment_date": self.payment_date.isoformat(),
-            "donor": None if self.donor is None else asdict(self.donor),
+            "donor": None if self.donor is None else _details_dict(self.donor),
             "donor_id": None if self.donor_id is None else str(self.donor_id),
             "one_stop_requested": self.one_stop_requested,
         }
@@ -689,19 +697,14 @@ class NewDonation:
     #: is the donor (its id, and its name and address on the receipt), not these details.
     new_donor: NewDonor | None = None
 
-    def for_donor(self, donor: Donor) -> NewDonation:
-        """What was recorded, once the donor found or created with it is known."""
-        return replace(
-            self, donor_id=donor.id, donor_name=donor.name, donor_address=donor.receipt_address, new_donor=None
-        )
-
 
 def new_donation(
     confirmation: PaymentConfirmation, plan: DonationPlan, donor: Donor | NewDonor, donation_id: uuid.UUID,
     at: datetime,
 ) -> NewDonation:
     """The donation to record. A ``NewDonor`` (a person only) is found or created with it: the
-    donor's fields here are then the notification's, until ``for_donor`` names the one on file."""
+    donor's fields here are then the notification's: the donor recorded is the one the statement
+    found or created (``Donation.recorded`` takes it from there)."""
     if isinstance(donor, NewDonor):
         if donor.type != "individual":  # a company's receipt address needs the one on file: found first
             raise ValueError("only a person is found or created with the donation")
@@ -750,9 +753,11 @@ class Donation:
 
     @classmethod
     def recorded(cls, record: NewDonation, donor: Donor, receipt_number: str | None) -> Donation:
+        """The donation as recorded for ``donor``: the one on file, which a person named by the
+        notification may be (then ``record``'s donor fields are the notification's, not its)."""
         return cls(
             id=record.id, payment_reference=record.payment_reference, request_hash=record.request_hash,
-            municipality_code=record.municipality_code, donor_id=record.donor_id, donor_name=donor.name,
+            municipality_code=record.municipality_code, donor_id=donor.id, donor_name=donor.name,
             donor_resident_id=donor.resident_id, kind=record.kind, unit=record.unit, amount=record.amount,
             earmark=record.earmark, program_id=record.program_id, project=record.project,
             payment_date=record.payment_date, calendar_year=record.calendar_year,

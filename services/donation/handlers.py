@@ -229,17 +229,17 @@ class DonationService:
 
     async def _record(self, work: Work, record: domain.NewDonation, named: Donor | NewDonor) -> Donation:
         recorded = await store.record_donation(work.conn, record)
-        if recorded.donor is not None:  # found or created with the donation
-            donor, record = recorded.donor, record.for_donor(recorded.donor)
+        if recorded.donor is not None:  # found or created with the donation: its id, not the one sent
+            donor = recorded.donor
         else:
             assert isinstance(named, Donor)
             donor = named
         code = record.municipality_code
-        subject = str(record.id)
+        subject, donor_id = str(record.id), str(donor.id)
         await work.emit(
             DONATIONS,
             DonationReceived(
-                donation_id=subject, municipality_code=code, donor_id=str(donor.id), resident_id=donor.resident_id,
+                donation_id=subject, municipality_code=code, donor_id=donor_id, resident_id=donor.resident_id,
                 kind=record.kind, unit=record.unit, amount=record.amount, earmark=record.earmark,
                 program_id=record.program_id, payment_date=record.payment_date, calendar_year=record.calendar_year,
                 received_at=record.received_at, special_deduction=record.special_deduction,
@@ -253,7 +253,7 @@ class DonationService:
                 DONATIONS,
                 ReceiptIssued(
                     receipt_number=recorded.receipt_number, donation_id=subject, municipality_code=code,
-                    donor_id=str(donor.id), resident_id=donor.resident_id, amount_jpy=record.amount,
+                    donor_id=donor_id, resident_id=donor.resident_id, amount_jpy=record.amount,
                     calendar_year=record.calendar_year, issued_at=record.received_at,
                 ),
                 subject=subject, key=code,

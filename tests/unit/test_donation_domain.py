@@ -425,6 +425,23 @@ def _donation(**changes: Any) -> Donation:
     return Donation(**values)
 
 
+def test_a_donation_recorded_with_a_person_on_file_names_that_person() -> None:
+    # The statement that records a donation finds a person named by the notification, or creates
+    # them with the id sent: the donation is the one on file's.
+    confirmed = confirmation()
+    assert confirmed.donor is not None
+    plan = domain.plan_donation(confirmed, PERSON, TODAY)
+    now = datetime(2026, 11, 26, tzinfo=UTC)
+    sent = domain.new_donor(confirmed.donor, uuid.uuid4(), now)
+    record = domain.new_donation(confirmed, plan, sent, uuid.uuid4(), now)
+    on_file = domain.Donor(
+        id=uuid.uuid4(), type="individual", name="山田 太郎", address="東京都", resident_id="r-1", email=None,
+        head_office_code=None, corporate_number=None, created_at=now,
+    )
+    donation = Donation.recorded(record, on_file, f"{SHIRAHAMA}-2026-000001")
+    assert (donation.donor_id, donation.donor_name, donation.donor_resident_id) == (on_file.id, "山田 太郎", "r-1")
+
+
 def test_a_donation_is_refunded_once_and_then_takes_no_application() -> None:
     at = datetime(2026, 1, 5, tzinfo=UTC)
     refunded = _donation().refund("reversed", at)
