@@ -414,8 +414,9 @@ class EventConsumer:
         records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
         if msg.consumer is not self._reader:
             self._applied, self._reader = {}, msg.consumer
-        for record in records:
-            self._applied.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        spans = _partition_spans(records)
+        for tp, (first, _) in spans.items():
+            self._applied.setdefault(tp, first)
         try:
             await self.handle_batch(records)
         except BaseException:
@@ -423,10 +424,9 @@ class EventConsumer:
             raise
         if msg.consumer is not self._client:
             self._uncommitted, self._client = {}, msg.consumer
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), record.offset + 1)
-            self._applied[tp] = max(self._applied.get(tp, 0), record.offset + 1)
+        for tp, (_, end) in spans.items():
+            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), end)
+            self._applied[tp] = max(self._applied.get(tp, 0), end)
         if self._stopping:
             await self._commit()  # the last batch before the subscription closes
         elif self._commit_task is None or self._commit_task.done():
@@ -551,7 +551,9 @@ class EventConsumer:
         # group re-reading a parked original beside its replay must not hide the replay).
         claims: dict[uuid.UUID, inbox.Claim] = {}
         for record, envelope, _ in routed:
-            replay, known = inbox.replay_of(record.headers), claims.get(envelope.id)
+            # The envelope keeps every header that is not an attribute, in order (the replay mark
+            # among them): a scan of those few, not of all the record's headers.
+            replay, known = inbox.replay_of(envelope.extra_headers), claims.get(envelope.id)
             if known is None:
                 claims[envelope.id] = inbox.Claim(envelope.id, record.topic, replay)
             elif known.replay_of is None and replay is not None:
@@ -591,6 +593,8 @@ class EventConsumer:
     ) -> tuple[tracing.Span | None, tracing.TraceHeaders | None]:
         """The event's span (one per event, the child of its ``traceparent``) and the Trace Context
         its emitted events carry; without a tracer provider no span, and the event's own context."""
+        if envelope.traceparent is None and not tracing.recording():
+            return None, None  # the common case without tracing: nothing to parse or start
         return tracing.consumer_span(
             envelope.traceparent, envelope.tracestate, topic=record.topic, partition=record.partition,
             offset=record.offset, group=self.group_id, event_id=str(envelope.id), event_type=envelope.type,
@@ -604,10 +608,13 @@ class EventConsumer:
         event and correlation id of the run; each event's span lasts the run."""
         assert handler is not None
         first = run[0][0].envelope
-        correlation_ids = list(dict.fromkeys(c.envelope.correlation_id or str(c.envelope.id) for c, _ in run))
+        # Each id turned into text once (a run is up to a batch long).
+        event_ids = [str(c.envelope.id) for c, _ in run]
+        correlation_ids = list(dict.fromkeys(
+            c.envelope.correlation_id or event_id for (c, _), event_id in zip(run, event_ids, strict=True)
+        ))
         with bound_context(
-            event_id=str(first.id), event_type=first.type, events=len(run),
-            event_ids=[str(c.envelope.id) for c, _ in run],
+            event_id=event_ids[0], event_type=first.type, events=len(run), event_ids=event_ids,
             correlation_id=correlation_ids[0], correlation_ids=correlation_ids,
         ), tracing.ending_all(spans):
             await handler(Run(run))
@@ -711,6 +718,20 @@ def _event_log_context(
     if traced is not None:
         ids["trace_id"] = traced.trace_id
     return bound_context(**ids)
+
+
+def _partition_spans(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[TopicPartition, tuple[int, int]]:
+    """Each partition of a batch: the offset of its first record, and the offset after its last
+    (one ``TopicPartition`` per partition, not one per record)."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        span = spans.get(key)
+        if span is None:
+            spans[key] = (record.offset, record.offset + 1)
+        elif record.offset >= span[1]:
+            spans[key] = (span[0], record.offset + 1)
+    return {TopicPartition(topic, partition): span for (topic, partition), span in spans.items()}
 
 
 def in_time_order(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[ConsumerRecord[bytes, bytes]]:

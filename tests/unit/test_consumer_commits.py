@@ -11,7 +11,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from shared.contracts.topics import RESIDENTS
-from shared.kit.consumer import EventConsumer, EventRouter
+from shared.kit.consumer import EventConsumer, EventRouter, _partition_spans
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 
@@ -65,3 +65,14 @@ async def test_a_batch_applied_during_a_commit_is_committed_without_another_reco
     await consumer._on_batch(cast(Any, Batch(client, [13, 14, 15])))  # the last batch of a burst
     await asyncio.sleep(0.8)
     assert client.committed == [{TP: 13}, {TP: 16}]
+
+
+def test_a_batch_is_committed_past_the_last_record_of_each_of_its_partitions() -> None:
+    """Per partition of a batch (its records interleaved, as a batch merged in time order is): the
+    offset of its first record (applied from there, for the lag) and the offset after its last."""
+    other = TopicPartition(TP.topic, 1)
+    records = [
+        ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, b"k", b"v", None, 1, 1, [])
+        for tp, offset in [(TP, 7), (other, 3), (TP, 8), (other, 4), (TP, 9)]
+    ]
+    assert _partition_spans(records) == {TP: (7, 10), other: (3, 5)}
