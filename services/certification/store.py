@@ -154,8 +154,8 @@ async def get_registrations(conn: Connection, registration_ids: Iterable[str]) -
 
 async def save_projection(
     conn: Connection, residents: Collection[ResidentRow], registrations: Collection[RegistrationRow],
-    consents: Collection[ConsentRow],
-) -> None:
+    consents: Collection[ConsentRow], *, unless_withdrawn: Collection[str] = (),
+) -> set[str]:
     """Write what a run of registration events changed, in one statement (one round trip):
 
     - residents: new ones inserted as active, known active ones refreshed (a NULL address keeps
@@ -164,12 +164,16 @@ async def save_projection(
     - share consents: last writer wins by the consent's own time (an older fact never overrides a
       newer one).
 
+    ``unless_withdrawn``: residents to look up in the same statement (``withdrawn_among``): no row
+    of one who withdrew is written, and the ones who did are returned (a run that needs no stored
+    state is folded whole and filtered here, without a round trip of its own for the look-up).
+
     Each table is written once, by its own part of the statement; the foreign keys of registrations
     and consents on residents are checked at its end, when the residents are in."""
-    if not (residents or registrations or consents):
-        return
+    if not (residents or registrations or consents or unless_withdrawn):
+        return set()
     saved = [r.registration for r in registrations]
-    await conn.execute(
+    rows = await conn.fetch(
         _SAVE_PROJECTION,
         [r.resident_id for r in residents], [r.legal_address_code for r in residents],
         [r.last_event_at for r in residents],
@@ -178,14 +182,22 @@ async def save_projection(
         [g.premium_status for g in saved], [g.valid_until for g in saved], [r.last_event_at for r in registrations],
         [r.resident_id for r in consents], [r.consent.partner for r in consents], [r.consent.granted for r in consents],
         [r.consent.at for r in consents],
+        list(set(unless_withdrawn)),
     )
+    return {row["resident_id"] for row in rows}
 
 
+# Data-modifying CTEs all see the snapshot the statement started with: ``withdrawn`` is who had
+# withdrawn before any of this run's rows were written, as a look-up before the statement would be.
 _SAVE_PROJECTION = """
-    WITH saved_residents AS (
+    WITH withdrawn AS (
+        SELECT resident_id FROM residents WHERE resident_id = ANY($16::text[]) AND status = 'withdrawn'
+        UNION SELECT resident_id FROM kit_erased_residents WHERE resident_id = ANY($16::text[])
+    ), saved_residents AS (
         INSERT INTO residents (resident_id, status, legal_address_code, last_event_at)
         SELECT r.resident_id, 'active', r.legal_address_code, r.last_event_at
         FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS r(resident_id, legal_address_code, last_event_at)
+        WHERE r.resident_id NOT IN (SELECT resident_id FROM withdrawn)
         ON CONFLICT (resident_id) DO UPDATE
         SET legal_address_code = COALESCE(EXCLUDED.legal_address_code, residents.legal_address_code),
             last_event_at = EXCLUDED.last_event_at
@@ -194,17 +206,24 @@ _SAVE_PROJECTION = """
         INSERT INTO resident_registrations
             (registration_id, resident_id, municipality_code, tier, status, premium_status, valid_until,
              last_event_at)
-        SELECT * FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[],
-                             $11::timestamptz[])
+        SELECT g.* FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::date[],
+                               $11::timestamptz[])
+            AS g(registration_id, resident_id, municipality_code, tier, status, premium_status, valid_until,
+                 last_event_at)
+        WHERE g.resident_id NOT IN (SELECT resident_id FROM withdrawn)
         ON CONFLICT (registration_id) DO UPDATE
         SET municipality_code = EXCLUDED.municipality_code, tier = EXCLUDED.tier, status = EXCLUDED.status,
             premium_status = EXCLUDED.premium_status, valid_until = EXCLUDED.valid_until,
             last_event_at = EXCLUDED.last_event_at
+    ), saved_consents AS (
+        INSERT INTO share_consents (resident_id, partner, granted, at)
+        SELECT c.* FROM unnest($12::text[], $13::text[], $14::boolean[], $15::timestamptz[])
+            AS c(resident_id, partner, granted, at)
+        WHERE c.resident_id NOT IN (SELECT resident_id FROM withdrawn)
+        ON CONFLICT (resident_id, partner) DO UPDATE SET granted = EXCLUDED.granted, at = EXCLUDED.at
+        WHERE share_consents.at <= EXCLUDED.at
     )
-    INSERT INTO share_consents (resident_id, partner, granted, at)
-    SELECT * FROM unnest($12::text[], $13::text[], $14::boolean[], $15::timestamptz[])
-    ON CONFLICT (resident_id, partner) DO UPDATE SET granted = EXCLUDED.granted, at = EXCLUDED.at
-    WHERE share_consents.at <= EXCLUDED.at
+    SELECT resident_id FROM withdrawn
 """
 
 

@@ -236,9 +236,10 @@ async def test_a_run_of_registrations_costs_a_handful_of_statements(
     batch = in_transaction(await log.of_batch(consumer, feed.records))
 
     # Before: 5 per event (resident status, resident, registration, 2 consents), 2,500 in all.
-    # Now: the inbox, who withdrew, and one statement writing residents, registrations and consents.
+    # Now: the inbox, and one statement that looks up who withdrew and writes residents,
+    # registrations and consents of the others.
     assert [" ".join(statement.split()[:3]) for statement in batch] == [
-        "INSERT INTO inbox", "SELECT resident_id FROM", "WITH saved_residents AS",
+        "INSERT INTO inbox", "WITH withdrawn AS",
     ]
     assert consumer.stats.handled == 501
 
@@ -250,3 +251,52 @@ async def test_a_run_of_registrations_costs_a_handful_of_statements(
         250, 500, 500)
     # ana: granted with the first registration, revoked with the second (jal stays granted)
     assert await count("share_consents", "granted") == 250
+
+
+async def test_a_run_that_reads_nothing_stored_drops_the_withdrawn_in_its_one_statement(
+    settings: Settings, pools: OpenPool
+) -> None:
+    """Registrations, consents and a change of a registration the run saved itself: folded whole,
+    and a withdrawn resident's rows dropped by the statement that writes the others."""
+    k = ids()
+    history, feed = Feed(settings), Feed(settings)
+    history.add(registered(k["c"], k["c1"], TANABE, minutes=10), minutes=10)
+    history.add(registered(k["w"], k["w1"], SHIRAHAMA, consents={"jal": True}), minutes=11)
+    history.add(ResidentWithdrawn(resident_id=k["w"], withdrawn_at=T0 + timedelta(minutes=12)), minutes=12)
+
+    feed.add(registered(k["a"], k["a1"], SHIRAHAMA, consents={"jal": True}, minutes=20), minutes=20)
+    feed.add(registered(k["w"], k["w2"], TANABE, consents={"ana": True}, minutes=21), minutes=21)  # too late
+    feed.add(consent(k["w"], "jal", True, minutes=22), minutes=22)  # too late as well
+    feed.add(PremiumRequested(resident_id=k["a"], registration_id=k["a1"], municipality_code=SHIRAHAMA,
+                              activity_count=3, requested_at=T0), minutes=23)
+    feed.add(consent(k["c"], "ana", True, minutes=24), minutes=24)
+    feed.add(registered(k["b"], k["b1"], SUSAMI, minutes=25), minutes=25)
+
+    outcome = await assert_batch_is_one_by_one(
+        pools, lambda pool: consumer_on(settings, pool), history=history.records, batch=feed.records,
+        snapshot=projection, label="cert-live",
+    )
+    rows = outcome.snapshot
+
+    def minutes(m: int) -> datetime:
+        return T0 + timedelta(minutes=m)
+
+    mine = set(k.values())
+    assert [(r["resident_id"], r["status"], r["legal_address_code"], r["last_event_at"])
+            for r in rows["residents"] if r["resident_id"] in mine] == sorted([
+        (k["a"], "active", CHIYODA, minutes(23)),
+        (k["b"], "active", CHIYODA, minutes(25)),
+        (k["c"], "active", CHIYODA, minutes(24)),
+        (k["w"], "withdrawn", None, minutes(12)),  # the tombstone, untouched
+    ])
+    assert [(r["registration_id"], r["resident_id"], r["status"], r["premium_status"], r["last_event_at"])
+            for r in rows["resident_registrations"] if r["resident_id"] in mine] == sorted([
+        (k["a1"], k["a"], "active", "requested", minutes(23)),
+        (k["b1"], k["b"], "active", None, minutes(25)),
+        (k["c1"], k["c"], "active", None, minutes(10)),
+    ])
+    assert [(r["resident_id"], r["partner"], r["granted"], r["at"])
+            for r in rows["share_consents"] if r["resident_id"] in mine] == sorted([
+        (k["a"], "jal", True, minutes(20)),
+        (k["c"], "ana", True, minutes(24)),
+    ])
