@@ -71,7 +71,10 @@ async def run(ctx: BenchContext) -> ScenarioResult:
     fixed = ctx.scale(2_000, 600)  # 10 s (quick: 3 s) at 200/s
     burst = ctx.scale(2_000, 800)
     serial = ctx.scale(100, 50)
-    concurrency = 48
+    # Clients of the maximum: 48 kept the pipeline under-full (the registration process at half a core,
+    # each client waiting ~105 ms for its event); 96 reaches the machine's knee (192 added ~4 % for
+    # twice the latency, measured 2026-12-06).
+    concurrency = 96
     ids = new_resident_ids(warm + serial + fixed + burst)
     http = HttpPool(ctx.fleet.url("registration"), size=256)
     watcher = TopicWatcher(ctx.settings, ctx.settings.topic(RESIDENTS.name), subject_of(ResidentRegistered.event_type))
