@@ -102,28 +102,28 @@ async def apply_events(run: Run[EventData]) -> None:
             log.info("e-mail consent changed", resident_id=event.resident_id, granted=event.granted)
 
 
-async def _apply_chunk(chunk: Sequence[tuple[HandlerContext, Effect]], channel: str) -> int:
-    """Contacts, consents, then messages; how many e-mails were queued."""
+async def _apply_chunk(chunk: Sequence[tuple[HandlerContext, Effect]], channel: str) -> None:
+    """Contacts, consents, then messages."""
     conn = chunk[0][0].conn
     # A chunk updates a resident at most once: equal keys carry equal updates.
     contacts = {effect.resident_id: effect.contact for _, effect in chunk if effect.contact is not None}
     consents = {effect.resident_id: effect.consent for _, effect in chunk if effect.consent is not None}
     notices = [(ctx, effect.notice) for ctx, effect in chunk if effect.notice is not None]
-    if not contacts and not consents:
-        return await deliver(notices, channel) if notices else 0
-    # The updates and the read of the residents to tell, as updated, in one statement.
-    residents = await store.save_and_read_residents(
-        conn, contacts, consents, sorted({notice.resident_id for _, notice in notices})
-    )
-    return await deliver(notices, channel, residents) if notices else 0
+    residents = None
+    if contacts or consents:  # the updates and the read of the residents to tell, as updated: one statement
+        residents = await store.save_and_read_residents(
+            conn, contacts, consents, sorted({notice.resident_id for _, notice in notices})
+        )
+    if notices:
+        await deliver(notices, channel, residents)
 
 
 async def deliver(
     notices: Sequence[tuple[HandlerContext, Notice]], channel: str,
     residents: dict[str, store.Resident] | None = None,
-) -> int:
-    """Tell each resident: inbox always, e-mail with consent; how many e-mails were queued (the
-    senders are woken on ``channel`` if any was).
+) -> None:
+    """Tell each resident: inbox always, e-mail with consent (the senders are woken on ``channel``
+    if any was queued).
 
     ``residents``: those told, as already read (else they are read here). One statement writes the
     messages and e-mails of all the notices and wakes the senders. An event whose message already
@@ -140,8 +140,8 @@ async def deliver(
             continue
         drafts.append((ctx, draft_message(ctx, notice, resident), resident))
     if not drafts:
-        return 0
-    created, queued = await store.insert_messages_and_emails(
+        return
+    created = await store.insert_messages_and_emails(
         conn, [message for _, message, _ in drafts],
         [uuid.uuid4() if resident is not None and resident.can_receive_email else None for _, _, resident in drafts],
         channel,
@@ -150,7 +150,6 @@ async def deliver(
         created_at = created.get(message.id)
         if created_at is not None:  # else this event already produced its message
             await emit_delivered(ctx, message, created_at)
-    return queued
 
 
 def draft_message(ctx: HandlerContext, notice: Notice, resident: store.Resident | None) -> store.NewMessage:
@@ -196,7 +195,7 @@ async def contact_changed(ctx: HandlerContext, event: ContactChanged) -> None:
         log.info("contact change of an erased resident dropped", resident_id=event.resident_id)
         return
     contact = Contact.model_validate_json(plaintext)
-    await store.save_contacts(ctx.conn, {event.resident_id: ContactUpdate.of(contact)})
+    await store.save_and_read_residents(ctx.conn, {event.resident_id: ContactUpdate.of(contact)}, {}, [])
 
 
 async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:

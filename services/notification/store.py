@@ -60,35 +60,14 @@ async def residents_by_id(conn: Connection, resident_ids: list[str]) -> dict[str
     return {row["resident_id"]: _resident(row) for row in rows}
 
 
-async def save_contacts(conn: Connection, contacts: Mapping[str, ContactUpdate]) -> None:
-    """Record how to reach each resident; never for an erased one (an erasure is final: their
-    tombstone stays a tombstone, whatever registration is replayed after it)."""
-    rows = sorted(contacts.items())  # in resident order: transactions lock shared rows in one order
-    await conn.execute(
-        """
-        INSERT INTO residents (resident_id, name, email, preferred_language)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-        ON CONFLICT (resident_id) DO UPDATE SET
-            name = EXCLUDED.name, email = EXCLUDED.email, preferred_language = EXCLUDED.preferred_language,
-            -- a new address gets a fresh chance; the refused one stays refused
-            bounced_email = CASE WHEN lower(residents.email) = lower(EXCLUDED.email)
-                                 THEN residents.bounced_email END,
-            bounce_reason = CASE WHEN lower(residents.email) = lower(EXCLUDED.email)
-                                 THEN residents.bounce_reason END,
-            updated_at = now()
-        WHERE residents.withdrawn_at IS NULL
-        """,
-        [r for r, _ in rows], [c.name for _, c in rows], [c.email for _, c in rows], [c.language for _, c in rows],
-    )
-
-
 async def save_and_read_residents(
     conn: Connection, contacts: Mapping[str, ContactUpdate], consents: Mapping[str, ConsentUpdate],
     resident_ids: Sequence[str],
 ) -> dict[str, Resident]:
-    """``save_contacts``, then each e-mail consent unless a later one is already recorded (a stale
-    copy changes nothing), and the residents ``resident_ids`` as they are
-    after both, in one statement (one round trip for a chunk of registrations).
+    """Record how to reach each resident in ``contacts`` and each e-mail consent unless a later one
+    is already recorded (a stale copy changes nothing), never for an erased resident (an erasure is
+    final: their tombstone stays a tombstone, whatever is replayed after it); and read the residents
+    ``resident_ids`` as they are after both. One statement: one round trip for a chunk of registrations.
 
     One upsert carries both updates (a statement may touch a row once): a NULL name means "no new
     contact", a NULL consent time "no new consent" (neither is ever NULL in an update). The rows it
@@ -197,11 +176,11 @@ class NewMessage:
 async def insert_messages_and_emails(
     conn: Connection, messages: Sequence[NewMessage], email_ids: Sequence[uuid.UUID | None],
     wake_channel: str | None,
-) -> tuple[dict[uuid.UUID, datetime], int]:
+) -> dict[uuid.UUID, datetime]:
     """Add the messages, in order, then the e-mail of each message added whose ``email_ids`` entry is not
     None (under that row id), then wake the senders on ``wake_channel`` if any was queued: one
-    statement. The creation time of each message added, and how many e-mails were queued (not
-    those whose event already queued one for the resident).
+    statement. The creation time of each message added (not of one whose event already produced
+    its message, nor its e-mail).
 
     The wake-up may be sent by several statements of a transaction: PostgreSQL delivers a channel's
     identical notifications of one transaction once, at commit."""
@@ -233,12 +212,12 @@ async def insert_messages_and_emails(
             SELECT pg_notify($10::text, '') FROM (SELECT FROM queued LIMIT 1) AS any_queued
             WHERE $10::text IS NOT NULL
         )
-        SELECT id, created_at, (SELECT count(*) FROM queued) AS queued, (SELECT count(*) FROM woken) AS woken
+        SELECT id, created_at, (SELECT count(*) FROM woken) AS woken  -- woken: named, so that it runs
         FROM added
         """,
         *_message_columns(messages), list(email_ids), wake_channel,
     )
-    return {row["id"]: row["created_at"] for row in rows}, int(rows[0]["queued"]) if rows else 0
+    return {row["id"]: row["created_at"] for row in rows}
 
 
 def _message_columns(messages: Sequence[NewMessage]) -> list[list[Any]]:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 from typing import Any, ClassVar
 
@@ -83,6 +82,6 @@ def is_transient(error: BaseException) -> bool:
     """True for faults of infrastructure that may clear by themselves; never for a broken rule."""
     if isinstance(error, DomainError):
         return False
-    if isinstance(error, (*_TRANSIENT_PG, KafkaError, TimeoutError, asyncio.TimeoutError, ConnectionError, Transient)):
+    if isinstance(error, TRANSIENT_ERRORS):  # asyncio.TimeoutError is TimeoutError (Python 3.11+)
         return True
     return isinstance(error, OSError) and error.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE)
