@@ -38,6 +38,15 @@ from shared.kit.errors import is_transient
 log = structlog.get_logger(__name__)
 
 _RELAY_LOCK_ID = 0x4F55_5442  # "OUTB"
+#: How long rows published at a trickle of commits wait to be marked by the next commit's round
+#: (saving the round trip that marks them alone). Only the mark waits, not any record; a crash in
+#: between re-sends them, which consumers' inboxes drop.
+MARK_LINGER_S = 0.05
+#: While commits keep coming (one woke the relay during its last round or within ``MARK_LINGER_S``
+#: of it), the relay waits this long before its next round, so that it reads and produces several
+#: commits' rows together: at most this much latency per event for fewer rounds. A commit after a
+#: quiet spell goes out at once; a backlog (full rounds) is relayed without a pause.
+GATHER_S = 0.002
 
 
 def notify_channel(database: str) -> str:
@@ -280,19 +289,30 @@ class OutboxRelay:
                 self._wake.clear()
                 await self._sleep(self.poll_interval_s)
             self.is_leader = True
-            # Rows published and not yet marked: under load the next round's read marks them in the
-            # same statement (one round trip a round instead of two); before an idle wait, alone.
+            # Rows published and not yet marked: the next round's read marks them in the same
+            # statement (one round trip a round instead of two), under load and at a trickle of
+            # commits alike; they are marked alone only once no commit came for ``MARK_LINGER_S``.
             unmarked: list[int] = []
             while not self._stopping:
                 self._wake.clear()
                 if time.monotonic() - self._last_sample >= self.sample_interval_s:
                     await self._sample_backlog(conn, unmarked)
                 unmarked = await self._relay_batch(conn, unmarked)
-                if len(unmarked) < self.batch_size and not self._wake.is_set():
-                    if unmarked:
+                if len(unmarked) >= self.batch_size:
+                    continue  # a backlog: straight on
+                if not self._wake.is_set():
+                    if not unmarked:
+                        await self._sleep(self.poll_interval_s)
+                        continue
+                    if not await self._sleep(MARK_LINGER_S):
                         await self._mark_published(conn, unmarked)
                         unmarked = []
-                    await self._sleep(self.poll_interval_s)
+                        # A commit after this quiet spell goes out at once, without gathering.
+                        await self._sleep(self.poll_interval_s)
+                        continue
+                # Commits keep coming: let the next few land too, so that one round (a read, a
+                # produce) takes them together.
+                await asyncio.sleep(GATHER_S)
             if unmarked:  # stopping: mark what went out, or the next leader sends it again
                 await self._mark_published(conn, unmarked)
         finally:
@@ -355,9 +375,11 @@ class OutboxRelay:
     async def _mark_published(self, conn: Connection, ids: list[int]) -> None:
         await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", ids)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait until woken or ``seconds`` passed; whether it was woken."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        return self._wake.is_set()
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()

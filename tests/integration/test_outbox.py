@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -9,11 +10,12 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from shared.kit import outbox as outbox_module
 from shared.kit.db import Connection
 from shared.kit.envelope import new_envelope, parse_envelope
 from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, pending_count
 from shared.kit.settings import Settings
-from tests.support import Ping, fresh_database, fresh_topic, read_topic
+from tests.support import Ping, eventually, fresh_database, fresh_topic, read_topic
 
 CHANNEL = "outbox_test"
 
@@ -265,6 +267,88 @@ async def test_under_load_a_round_marks_the_rounds_before_in_its_read(
         assert await pending_count(conn) == 0
     finally:
         await conn.close()
+
+
+async def test_at_a_trickle_of_commits_a_round_marks_the_round_before_in_its_read(
+    settings: Settings, producer: AIOKafkaProducer
+) -> None:
+    """Commits one at a time, each soon after the one before (as at 200 registrations/s): every
+    round's read marks the round before's row in the same statement; only the last marks alone,
+    once no commit came for a while. Every row goes out once and ends marked."""
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)  # the relay hears of each commit by its NOTIFY
+    conn = await asyncpg.connect(dsn)
+    try:
+        relay = CountingMarks(dsn, CHANNEL, producer, poll_interval_s=30)
+        async with running(relay):
+            await eventually_leading(relay)
+            written = []
+            for i in range(10):
+                async with conn.transaction():
+                    written.append(await add(conn, outbox, topic, f"k{i}", i))
+                await asyncio.sleep(0.01)
+            records = await read_topic(settings, topic, until=lambda r: len(r) >= 10)
+            for _ in range(100):
+                if await pending_count(conn) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert await pending_count(conn) == 0
+        assert sorted(ids(records)) == sorted(written), "each row once"
+        assert relay.published == 10
+        # Alone each time, it was 10; a commit late on a busy machine may leave a row or two to mark alone.
+        assert relay.marks <= 3, relay.marks
+    finally:
+        await conn.close()
+
+
+class CountingRounds(OutboxRelay):
+    """Counts the rounds that published something, and when each did."""
+
+    rounds: list[tuple[float, int]]
+
+    async def _relay_batch(self, conn: Connection, unmarked: list[int]) -> list[int]:
+        published = await super()._relay_batch(conn, unmarked)
+        if published:
+            self.rounds = [*getattr(self, "rounds", []), (time.monotonic(), len(published))]
+        return published
+
+
+async def test_while_commits_keep_coming_a_round_gathers_them_and_after_a_quiet_spell_one_goes_at_once(
+    settings: Settings, producer: AIOKafkaProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit after a quiet spell is relayed at once. One that comes soon after a round waits
+    ``GATHER_S`` for the next: the commits of that pause go out in one round (here a long pause, so
+    the timings are clear on a busy machine)."""
+    monkeypatch.setattr(outbox_module, "GATHER_S", 0.4)
+    monkeypatch.setattr(outbox_module, "MARK_LINGER_S", 1.0)  # the next commit surely comes "soon after"
+    dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
+    outbox = Outbox(CHANNEL)
+    conn = await asyncpg.connect(dsn)
+
+    async def commit(sequence: int) -> float:
+        async with conn.transaction():
+            await add(conn, outbox, topic, f"k{sequence}", sequence)
+        return time.monotonic()
+
+    try:
+        relay = CountingRounds(dsn, CHANNEL, producer, poll_interval_s=30)
+        async with running(relay):
+            await eventually_leading(relay)
+            alone = await commit(1)
+            await eventually(lambda: _published(relay, 1), timeout=5)
+            assert relay.rounds[0][0] - alone < 0.3, "after a quiet spell, at once"
+            first = await commit(2)  # soon after that round: it gathers
+            await commit(3)
+            await commit(4)
+            await eventually(lambda: _published(relay, 4), timeout=5)
+        assert [rows for _, rows in relay.rounds] == [1, 3], relay.rounds
+        assert relay.rounds[1][0] - first >= 0.4
+    finally:
+        await conn.close()
+
+
+async def _published(relay: OutboxRelay, rows: int) -> bool:
+    return relay.published >= rows
 
 
 @pytest.mark.parametrize("relay_here", [True, False], ids=["relay-here", "relay-elsewhere"])
