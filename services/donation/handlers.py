@@ -5,7 +5,9 @@ an Idempotency-Key replay scoped to the caller, then one transaction. The paymen
 the hot path of the year-end peak, is kept short: one statement that finds or creates the donor (a
 person; a company is found first) and records the donation with its receipt number, receipt, ledger
 rows and one-stop count, then its events, then commit. The receipt counter's row lock is taken last
-in that statement, after the donor's, and held only until that commit.
+in that statement, after the donor's, and held only until that commit. Under load, concurrent
+confirmations share a transaction and that statement (``store.RECORD``): one per batch, which raises
+each municipality-year's counter once.
 """
 
 from __future__ import annotations
@@ -228,7 +230,8 @@ class DonationService:
         return Outcome(200, (await self._confirmed_before(confirmation)).model_dump(mode="json"))
 
     async def _record(self, work: Work, record: domain.NewDonation, named: Donor | NewDonor) -> Donation:
-        recorded = await store.record_donation(work.conn, record)
+        # In a group-commit batch, one statement records the batch's confirmations (``store.RECORD``).
+        recorded = await store.RECORD(work.conn, record)
         if recorded.donor is not None:  # found or created with the donation: its id, not the one sent
             donor = recorded.donor
         else:

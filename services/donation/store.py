@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from shared.kit.db import Connection
+from shared.kit.group_commit import SharedStep
 
 from .domain import (
     Donation,
@@ -358,6 +359,174 @@ async def record_donation(conn: Connection, donation: NewDonation) -> RecordedDo
         earlier_municipalities=tuple(row["earlier_municipalities"] or ()),
         donor=None if person is None else _donor(row, prefix="donor_"),
     )
+
+
+# Many donations in one statement: what ``_RECORD_TEMPLATE`` does for one, for a batch of
+# confirmations (``record_donations``). Inputs are columns (one array each) numbered by ``ord``, the
+# order the confirmations arrived in; no two share a donor or a payment reference (``RECORD``'s keys).
+# Row locks are taken in one order: the persons' rows (by donor key; a known donor was locked before),
+# then each municipality-year's counter once (by code and year), raised by its count in the batch.
+_RECORD_MANY = Sql.of(f"""
+    WITH input AS (
+        SELECT * FROM unnest(
+            :id::uuid[], :payment_reference::text[], :request_hash::text[], :municipality_code::text[],
+            :donor_id::uuid[], :donor_name::text[], :donor_address::text[], :kind::text[], :unit::text[],
+            :amount::bigint[], :earmark::text[], :program_id::text[], :project::text[], :payment_date::date[],
+            :calendar_year::integer[], :one_stop_requested::boolean[], :received_at::timestamptz[],
+            :issues_receipt::boolean[], :counts_for_one_stop::boolean[], :special_deduction::boolean[],
+            :revitalisation_plan_id::text[], :new_donor_id::uuid[], :donor_key::text[], :new_donor_name::text[],
+            :new_donor_address::text[], :new_donor_resident_id::text[], :new_donor_email::text[],
+            :new_donor_at::timestamptz[]
+        ) WITH ORDINALITY AS i (
+            id, payment_reference, request_hash, municipality_code, donor_id, donor_name, donor_address, kind, unit,
+            amount, earmark, program_id, project, payment_date, calendar_year, one_stop_requested, received_at,
+            issues_receipt, counts_for_one_stop, special_deduction, revitalisation_plan_id, new_donor_id, donor_key,
+            new_donor_name, new_donor_address, new_donor_resident_id, new_donor_email, new_donor_at, ord
+        )
+    ), person AS (
+        INSERT INTO donors AS d (id, donor_key, type, name, address, resident_id, email,
+                                 head_office_code, corporate_number, created_at, updated_at)
+        SELECT new_donor_id, donor_key, 'individual', new_donor_name, new_donor_address, new_donor_resident_id,
+               new_donor_email, NULL, NULL, new_donor_at, new_donor_at
+        FROM input WHERE donor_key IS NOT NULL ORDER BY donor_key
+        ON CONFLICT (donor_key) DO UPDATE SET donor_key = d.donor_key
+        RETURNING {_DONOR_COLUMNS}, donor_key
+    ), donor AS (
+        SELECT i.ord, coalesce(p.id, i.donor_id) AS id,
+               CASE WHEN p.id IS NULL THEN i.donor_name ELSE p.name END AS receipt_name,
+               CASE WHEN p.id IS NULL THEN i.donor_address ELSE coalesce(p.address, '') END AS receipt_address
+        FROM input i LEFT JOIN person p ON p.donor_key = i.donor_key
+    ), wanted AS (
+        -- Reads every donor first: the donors' row locks are held before a counter's is taken.
+        SELECT i.municipality_code, i.calendar_year, count(*) AS issued
+        FROM input i JOIN donor USING (ord) WHERE i.issues_receipt
+        GROUP BY i.municipality_code, i.calendar_year
+    ), counter AS (
+        INSERT INTO receipt_counters AS c (municipality_code, calendar_year, last_number)
+        SELECT municipality_code, calendar_year, issued FROM wanted ORDER BY municipality_code, calendar_year
+        ON CONFLICT (municipality_code, calendar_year) DO UPDATE SET last_number = c.last_number + EXCLUDED.last_number
+        RETURNING municipality_code, calendar_year, last_number
+    ), numbered AS (
+        -- The batch's numbers of a municipality-year, in input order, end at its counter's new last.
+        SELECT i.ord, c.last_number - w.issued
+                      + row_number() OVER (PARTITION BY i.municipality_code, i.calendar_year ORDER BY i.ord) AS n
+        FROM input i JOIN wanted w USING (municipality_code, calendar_year)
+                     JOIN counter c USING (municipality_code, calendar_year)
+        WHERE i.issues_receipt
+    ), donation AS (
+        -- Reads the counters first, so seq (the recording order) is drawn under their locks, in input order.
+        INSERT INTO donations (id, payment_reference, request_hash, municipality_code, donor_id, kind, unit,
+                               amount, earmark, program_id, project, payment_date, calendar_year,
+                               one_stop_requested, received_at, special_deduction, revitalisation_plan_id)
+        SELECT i.id, i.payment_reference, i.request_hash, i.municipality_code, donor.id, i.kind, i.unit,
+               i.amount, i.earmark, i.program_id, i.project, i.payment_date, i.calendar_year,
+               i.one_stop_requested, i.received_at, i.special_deduction, i.revitalisation_plan_id
+        FROM input i JOIN donor USING (ord) LEFT JOIN numbered USING (ord)
+        ORDER BY i.ord
+        RETURNING id
+    ), receipt AS (
+        INSERT INTO receipts (number, municipality_code, calendar_year, sequence, donation_id, donor_id,
+                              donor_name, donor_address, amount_jpy, donation_date, issued_at)
+        SELECT i.municipality_code || '-' || i.calendar_year::text || '-'
+                   || lpad(numbered.n::text, greatest(6, length(numbered.n::text)), '0'),
+               i.municipality_code, i.calendar_year, numbered.n, donation.id, donor.id, donor.receipt_name,
+               donor.receipt_address, i.amount, i.payment_date, i.received_at
+        FROM numbered JOIN input i USING (ord) JOIN donor USING (ord) JOIN donation ON donation.id = i.id
+        ORDER BY numbered.ord
+        RETURNING donation_id, number
+    ), ledger AS (
+        INSERT INTO fund_ledger (municipality_code, earmark, unit, entry, amount, donation_id, program_id,
+                                 recorded_at)
+        SELECT i.municipality_code, i.earmark, i.unit, e.entry, e.amount, i.id, i.program_id, i.received_at
+        FROM unnest(:ledger_ord::bigint[], :ledger_entry::text[], :ledger_amount::bigint[])
+                 WITH ORDINALITY AS e (ord, entry, amount, line)
+             JOIN input i USING (ord)
+        ORDER BY e.line
+    ), donor_year AS (
+        INSERT INTO donor_years AS y (donor_id, calendar_year, one_stop_requested)
+        SELECT donor.id, i.calendar_year, i.one_stop_requested FROM input i JOIN donor USING (ord)
+        WHERE i.counts_for_one_stop
+        ON CONFLICT (donor_id, calendar_year)
+            DO UPDATE SET one_stop_requested = y.one_stop_requested OR EXCLUDED.one_stop_requested
+        RETURNING donor_id, calendar_year, one_stop_requested, voided_at, void_announced_at IS NOT NULL AS announced
+    ), donor_municipality AS (
+        INSERT INTO donor_year_municipalities AS m (donor_id, calendar_year, municipality_code, donations,
+                                                    first_donation_at)
+        SELECT donor.id, i.calendar_year, i.municipality_code, 1, i.received_at FROM input i JOIN donor USING (ord)
+        WHERE i.counts_for_one_stop
+        ON CONFLICT (donor_id, calendar_year, municipality_code) DO UPDATE SET donations = m.donations + 1
+    )
+    SELECT i.counts_for_one_stop, receipt.number AS receipt_number,
+           y.one_stop_requested, y.voided_at, y.announced,
+           -- the statement's snapshot: the municipalities before this donation (no donor twice in a batch)
+           CASE WHEN i.counts_for_one_stop THEN ARRAY(
+               SELECT m.municipality_code FROM donor_year_municipalities m
+               WHERE m.donor_id = donor.id AND m.calendar_year = i.calendar_year
+               ORDER BY m.first_donation_at, m.municipality_code
+           ) END AS earlier_municipalities,
+           p.id IS NOT NULL AS found,
+           {", ".join(f"p.{column} AS donor_{column}" for column in _DONOR_COLUMNS.replace(" ", "").split(","))}
+    FROM input i JOIN donor USING (ord) JOIN donation ON donation.id = i.id
+         LEFT JOIN receipt ON receipt.donation_id = i.id
+         LEFT JOIN donor_year y ON i.counts_for_one_stop AND y.donor_id = donor.id AND y.calendar_year = i.calendar_year
+         LEFT JOIN person p ON p.donor_key = i.donor_key
+    ORDER BY i.ord
+""")
+
+#: ``NewDonation`` fields bound column-wise by ``_RECORD_MANY`` (the new donor's come from ``new_donor``).
+_MANY_FIELDS = tuple(
+    name for name in _RECORD_MANY.names
+    if not name.startswith(("new_donor_", "ledger_")) and name != "donor_key"
+)
+
+
+async def record_donations(conn: Connection, donations: Sequence[NewDonation]) -> list[RecordedDonation]:
+    """``record_donation`` for many donations in one statement, numbered in the given order.
+
+    No two may share a donor or a payment reference (``RECORD`` runs a repeat alone, after);
+    raises UniqueViolationError when a payment reference exists."""
+    values: dict[str, list[Any]] = {name: [] for name in _RECORD_MANY.names}
+    for ord_, donation in enumerate(donations, start=1):
+        for name in _MANY_FIELDS:
+            values[name].append(getattr(donation, name))
+        person = donation.new_donor
+        if person is not None:
+            values["donor_id"][-1] = None  # found or created by the statement
+        values["new_donor_id"].append(None if person is None else person.id)
+        values["donor_key"].append(None if person is None else person.donor_key)
+        values["new_donor_name"].append(None if person is None else person.name)
+        values["new_donor_address"].append(None if person is None else person.address)
+        values["new_donor_resident_id"].append(None if person is None else person.resident_id)
+        values["new_donor_email"].append(None if person is None else person.email)
+        values["new_donor_at"].append(None if person is None else person.at)
+        for entry in donation.ledger:
+            values["ledger_ord"].append(ord_)
+            values["ledger_entry"].append(entry.entry)
+            values["ledger_amount"].append(entry.amount)
+    rows = await conn.fetch(_RECORD_MANY.text, *_RECORD_MANY.args(values))
+    return [
+        RecordedDonation(
+            receipt_number=row["receipt_number"],
+            year=DonorYearState(
+                requested=row["one_stop_requested"], voided_at=row["voided_at"], announced=row["announced"]
+            ) if row["counts_for_one_stop"] else None,
+            earlier_municipalities=tuple(row["earlier_municipalities"] or ()),
+            donor=_donor(row, prefix="donor_") if row["found"] else None,
+        )
+        for row in rows
+    ]
+
+
+def _donation_keys(donation: NewDonation) -> tuple[Hashable, ...]:
+    donor = donation.donor_id if donation.new_donor is None else donation.new_donor.donor_key
+    return ("donor", donor), ("payment", donation.payment_reference)
+
+
+#: Recording a confirmation: concurrent ones of a group-commit batch share one statement
+#: (``shared/kit/group_commit.py``); a donor's or payment's repeat runs alone, after the first.
+RECORD: SharedStep[NewDonation, RecordedDonation] = SharedStep(
+    "record donations", record_donations, record_donation, _donation_keys
+)
 
 
 _VOID_DONOR_YEAR = Sql.of(

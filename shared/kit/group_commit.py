@@ -16,6 +16,11 @@ behind it, and a hot row (a municipality's receipt counter) locked by one write 
   the ``GroupCommit`` runs each write in a savepoint of its own for ``CAREFUL_S``: there, a write
   that fails is rolled back alone and answered with its own problem, the others go on. One failing
   write sends at most one batch a ``CAREFUL_S`` round again, and a stream of them keeps savepoints on;
+- a step that can serve many writes with one statement (a ``SharedStep``, e.g. recording donations)
+  is run once for the batch: a write that reaches it waits (giving up its turn) until every write of
+  the batch has finished or reached it, then the batch runs the step for all of them and each goes
+  on with its own result. One write alone, inputs that must not share a run (``keys``) and writes
+  in savepoints run the step's one-write form, as before;
 - the batch writes every write's events to the outbox in one statement and commits once, then each
   write answers. A hot row is locked once per batch, not once per write.
 
@@ -30,9 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, NoReturn, Protocol, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -44,6 +49,8 @@ from shared.kit.outbox import OutgoingRecord
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+In = TypeVar("In")
+R = TypeVar("R")
 
 #: Writes in one transaction at most: a savepoint each; PostgreSQL keeps the first 64 of a
 #: transaction's subtransactions in shared memory and slows down past that.
@@ -75,6 +82,84 @@ class _Outbox(Protocol):
 Member = Callable[[Connection], Awaitable[tuple[T, Sequence[OutgoingRecord]]]]
 
 
+def _no_keys(_: object) -> Iterable[Hashable]:
+    return ()
+
+
+@dataclass(frozen=True, eq=False)
+class SharedStep(Generic[In, R]):
+    """A step of a write that a batch runs once for all its writes that reach it.
+
+    ``many`` answers each input's result, in input order, from one statement; ``one`` is the step
+    for a single input (a write alone, in a savepoint, or outside any batch). ``keys``: what two
+    inputs of one run of ``many`` must not share (a row that each would change, where the second
+    must see the first's change): an input that shares one with an earlier input runs ``one``,
+    after. If ``many`` fails, the batch runs again with its writes in savepoints (``CAREFUL_S``),
+    where each runs ``one``. What a write does after the step, its batch-mates' earlier statements
+    do not see: two writes under one Idempotency-Key both reach the step, the second's key then
+    conflicts, and the batch runs again one by one (the second replays the first's answer).
+
+    Call it as the step itself: ``await step(conn, value)``."""
+
+    name: str
+    many: Callable[[Connection, Sequence[In]], Awaitable[Sequence[R]]]
+    one: Callable[[Connection, In], Awaitable[R]]
+    keys: Callable[[In], Iterable[Hashable]] = _no_keys
+
+    async def __call__(self, conn: Connection, value: In) -> R:
+        seat = _seat.get()
+        if seat is None or seat.batch.conn is not conn:
+            return await self.one(conn, value)
+        return await seat.share(self, value)
+
+
+#: What ``many`` hands a write whose input runs ``one`` instead.
+_ALONE: Any = object()
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A write waiting at a ``SharedStep`` for its batch to run it."""
+
+    step: SharedStep[Any, Any]
+    value: Any
+    result: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass(eq=False)
+class _Seat:
+    """A write's turn on the batch's connection, which it gives up while it waits at a shared step."""
+
+    batch: _Batch
+    holds: bool = True
+    #: It waited at a shared step: its batch-mates ran in between, so it cannot be rolled back alone.
+    shared: bool = False
+
+    async def share(self, step: SharedStep[In, R], value: In) -> R:
+        batch = self.batch
+        waiting = _Waiting(step, value)
+        batch.waiting.append(waiting)
+        self.shared = True
+        self.holds = False
+        batch.turn.release()
+        batch.progress.set()
+        try:
+            result = await waiting.result
+        except BaseException:
+            if waiting in batch.waiting:  # cancelled before its batch ran the step
+                batch.waiting.remove(waiting)
+            raise
+        await batch.turn.acquire()
+        self.holds = True
+        conn = batch.conn
+        assert conn is not None
+        return await step.one(conn, value) if result is _ALONE else result
+
+
+#: The write whose turn it is, in its own task: a ``SharedStep`` it reaches may wait for its batch.
+_seat: contextvars.ContextVar[_Seat | None] = contextvars.ContextVar("group_commit_seat", default=None)
+
+
 @dataclass(eq=False)
 class _Batch:
     joined: int = 0
@@ -90,6 +175,8 @@ class _Batch:
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     records: list[OutgoingRecord] = field(default_factory=list)
+    #: Writes waiting at a shared step, in the order they reached it.
+    waiting: list[_Waiting] = field(default_factory=list)
     outcome: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -148,7 +235,9 @@ class GroupCommit(Generic[T]):
         return batch
 
     async def _take_turn(self, batch: _Batch, member: Member[T]) -> T:
-        async with batch.turn:
+        await batch.turn.acquire()
+        seat = _Seat(batch)
+        try:
             if batch.broken is not None:
                 raise BatchAborted(f"{self.operation}: the batch broke before this write ran") from batch.broken
             conn = batch.conn
@@ -157,16 +246,22 @@ class GroupCommit(Generic[T]):
             # write alone costs what it did before group commit.
             first = batch.ran == 0
             batch.ran += 1
-            savepoint = not first and time.monotonic() < self._careful_until
+            careful = time.monotonic() < self._careful_until
+            savepoint = not first and careful
             if savepoint:
                 await conn.execute("SAVEPOINT write")
+            # Careful, a write runs its steps alone: one that fails is then rolled back alone.
+            token = _seat.set(None if careful else seat)
             try:
                 answer, records = await member(conn)
             except BaseException as error:
-                if not first and not savepoint:
+                # Nothing but this write ran in the transaction (a write that waited at a shared step
+                # may have had batch-mates run in between).
+                alone = first and batch.ran == 1 and seat.holds
+                if not (alone or savepoint):
                     return self._broke(batch, error)
                 try:
-                    if first:  # one round trip: a simple query may hold both
+                    if alone:  # one round trip: a simple query may hold both
                         await conn.execute("ROLLBACK; BEGIN;")
                     else:  # to this write's own savepoint: the latest of that name
                         await conn.execute("ROLLBACK TO SAVEPOINT write")
@@ -175,15 +270,21 @@ class GroupCommit(Generic[T]):
                 if batch.broken is None and isinstance(error, asyncio.CancelledError):
                     batch.broken = error  # cut off in the middle of a statement: the connection is not trusted
                 raise
+            finally:
+                _seat.reset(token)
             batch.records.extend(records)
             batch.kept += 1
             return answer
+        finally:
+            if seat.holds:
+                batch.turn.release()
 
     def _broke(self, batch: _Batch, error: BaseException) -> NoReturn:
         """A write without a savepoint failed: what it did cannot be undone alone, so the batch
         rolls back; it and its batch-mates run again, in savepoints for a while."""
         self._careful_until = time.monotonic() + CAREFUL_S
-        batch.broken = error
+        if batch.broken is None:  # a shared step that failed broke it first: that is the cause
+            batch.broken = error
         if not isinstance(error, Exception):  # cancelled (the caller went) or the process stops
             raise error
         log.info("a write failed in a batch without savepoints: the batch runs again",
@@ -200,6 +301,7 @@ class GroupCommit(Generic[T]):
             except BaseException as error:
                 log.warning("write batch failed", operation=self.operation, writes=batch.joined, error=repr(error))
                 self._seal(batch)
+                self._release_waiting(batch, error)
                 if not batch.opened.is_set():  # no connection, or BEGIN failed: every write retries
                     batch.broken = error
                     batch.opened.set()
@@ -216,10 +318,66 @@ class GroupCommit(Generic[T]):
 
     async def _until_all_ran(self, batch: _Batch) -> None:
         while batch.finished < batch.joined:
+            if batch.waiting and batch.finished + len(batch.waiting) == batch.joined:
+                await self._run_shared(batch)  # every write that has not finished waits at a shared step
+                continue
             batch.progress.clear()
             await batch.progress.wait()
         # No await between the check and the seal: nobody joins a batch whose writes all ran.
         self._seal(batch)
+
+    async def _run_shared(self, batch: _Batch) -> None:
+        """Run the shared steps the batch's writes wait at: ``many`` once per step for the inputs
+        that may share a run, in the order they reached it; the others run ``one`` on their turn."""
+        if batch.broken is not None:
+            self._release_waiting(batch, batch.broken)
+            return
+        conn = batch.conn
+        assert conn is not None
+        steps: dict[SharedStep[Any, Any], tuple[list[_Waiting], list[_Waiting]]] = {}
+        seen: set[Hashable] = set()
+        for w in batch.waiting:
+            together, alone = steps.setdefault(w.step, ([], []))
+            keys = [(w.step, key) for key in w.step.keys(w.value)]
+            (alone if seen.intersection(keys) else together).append(w)
+            seen.update(keys)
+        waiting, batch.waiting = batch.waiting, []
+        async with batch.turn:  # the writes still to come wait for their turn until the step is done
+            for step, (together, alone) in steps.items():
+                if len(together) < 2:  # one write alone runs the step as it always did
+                    alone[:0] = together
+                    continue
+                try:
+                    results = await step.many(conn, [w.value for w in together])
+                    for w, result in zip(together, results, strict=True):
+                        if not w.result.done():
+                            w.result.set_result(result)
+                except BaseException as error:
+                    # Its writes ran their earlier statements without savepoints: the batch runs again.
+                    self._careful_until = time.monotonic() + CAREFUL_S
+                    batch.broken = error
+                    log.info("a shared step failed: the batch runs again", operation=self.operation,
+                             step=step.name, writes=len(together), error=repr(error))
+                    self._release_waiting(batch, error, waiting)
+                    if not isinstance(error, Exception):
+                        raise
+                    return
+            for _, alone in steps.values():
+                for w in alone:
+                    if not w.result.done():
+                        w.result.set_result(_ALONE)
+
+    def _release_waiting(
+        self, batch: _Batch, error: BaseException, waiting: Sequence[_Waiting] | None = None
+    ) -> None:
+        """The batch broke: every write still waiting at a shared step is told (and runs again)."""
+        if waiting is None:
+            waiting, batch.waiting = batch.waiting, []
+        for w in waiting:
+            if not w.result.done():
+                aborted = BatchAborted(f"{self.operation}: the batch broke before its shared step ran")
+                aborted.__cause__ = error
+                w.result.set_exception(aborted)
 
     def _seal(self, batch: _Batch) -> None:
         batch.sealed = True

@@ -14,7 +14,8 @@
 A hot use case may let concurrent writes share the transaction (``run(..., group_commit=True)``,
 ``shared/kit/group_commit.py``): each still runs these steps in order and gets its own answer or
 its own problem (one that fails makes its batch run again, in savepoints for a while); the batch
-writes its events and commits once.
+writes its events and commits once. A step of the act that can serve many writes in one statement
+(a ``SharedStep``) then runs once for the batch's writes that reach it.
 
 Routes get a ``Write`` through the ``WriteRequest`` dependency (it is the only way to run a
 use case from HTTP) and call ``write.run(act, authorise=...)``; ``tests/unit/test_use_cases.py``
