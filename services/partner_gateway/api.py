@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -113,19 +113,60 @@ async def verification_limit(limiter: RateLimiter, partner: str) -> None:
     await limiter.take(limiter.limit(VERIFICATION), partner)
 
 
-async def verification_body(gateway: Gateway, partner: str, number: str, api_key: str | None = None) -> bytes:
+#: Rendered verification answers kept per process: at most this many.
+MAX_ANSWERS = 10_000
+
+
+class RenderedAnswers:
+    """Verification answers rendered once: reused while the cache hands out the same entry object
+    for (partner, number) on the same day. The cache gives one object per raw Redis value
+    (``VerificationCache._entry``), so a changed entry (a new version) is a new object and is
+    rendered again; an entry read from PostgreSQL is always new."""
+
+    __slots__ = ("_rendered",)
+
+    def __init__(self) -> None:
+        self._rendered: dict[tuple[str, str], tuple[Mapping[str, Any], date, bytes]] = {}
+
+    def known(self, partner: str, number: str) -> bool:
+        """Whether ``number`` was answered before (so it is well formed)."""
+        return (partner, number) in self._rendered
+
+    def body(self, partner: str, number: str, entry: Mapping[str, Any], today: date) -> bytes:
+        key = (partner, number)
+        found = self._rendered.get(key)
+        if found is not None and found[0] is entry and found[1] == today:
+            return found[2]
+        body = render_verification(entry, today)
+        if len(self._rendered) >= MAX_ANSWERS:
+            self._rendered.clear()  # crude but bounded
+        self._rendered[key] = (entry, today, body)
+        return body
+
+
+def render_verification(entry: Mapping[str, Any], today: date) -> bytes:
+    return json.dumps(verification(entry, today), separators=(",", ":")).encode()
+
+
+async def verification_body(
+    gateway: Gateway, partner: str, number: str, api_key: str | None = None, answers: RenderedAnswers | None = None,
+) -> bytes:
     """The answer for ``partner``. ``api_key``: the caller's key, taken from the cache unchecked and
-    checked here against the generation read with the certificate (401 if it was revoked since)."""
-    try:
-        CertificateNumber.parse(number)
-    except CertificateNumberError as error:
-        raise MalformedCertificateNumber(str(error)) from None
+    checked here against the generation read with the certificate (401 if it was revoked since).
+    ``answers``: where answers rendered before are reused."""
+    if answers is None or not answers.known(partner, number):
+        try:
+            CertificateNumber.parse(number)
+        except CertificateNumberError as error:
+            raise MalformedCertificateNumber(str(error)) from None
     entry, generation = await gateway.verification.lookup_with_generation(partner, number)
     if api_key is not None and await gateway.api_keys.principal(api_key, generation, read=False) is None:
         raise InvalidApiKey("the X-Api-Key is unknown or revoked")
     if entry is None:
         raise CertificateNotFound(f"no certificate {number}")
-    return json.dumps(verification(entry, gateway.today()), separators=(",", ":")).encode()
+    if answers is None:
+        return render_verification(entry, gateway.today())
+    return answers.body(partner, number, entry, gateway.today())
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +189,7 @@ class VerificationHotPath:
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
         self.gateway = gateway
+        self.answers = RenderedAnswers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -162,7 +204,9 @@ class VerificationHotPath:
             principal, unchecked_key = await self._caller(scope)
             assert principal.partner is not None
             await verification_limit(limiter_of_scope(scope), principal.partner)
-            body = await verification_body(self.gateway, principal.partner, path[len(self._PREFIX):], unchecked_key)
+            body = await verification_body(
+                self.gateway, principal.partner, path[len(self._PREFIX):], unchecked_key, self.answers
+            )
         except DomainError as error:
             await refusal(error, path)(scope, receive, send)
             return

@@ -105,6 +105,7 @@ def create_app(
                 gc.freeze()
                 yield
         finally:
+            verification.close()
             client = runtime.state.pop(REDIS_STATE, None)
             if client is not None:
                 await client.aclose()

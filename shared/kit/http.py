@@ -43,11 +43,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from shared.kit import tracing
 from shared.kit.auth import TokenVerifier
 from shared.kit.errors import TRANSIENT_ERRORS, DomainError, is_transient
-from shared.kit.logging import bound_context
 from shared.kit.metrics import AppRegistry, Mirror, process_exited
 from shared.kit.my_number import (
     MyNumberNotAllowed,
@@ -395,6 +395,11 @@ def create_app(
         responses=PROBLEM_RESPONSES,
         docs_url=None,  # /docs and /redoc are served from the kit's own assets (_serve_docs)
         redoc_url=None,
+        # The kit traces, counts and logs every request itself (``Observe``): FastAPI's own
+        # OpenTelemetry spans, metrics and logs would double them wherever a provider is installed,
+        # and asking whether one is costs every request (three provider look-ups: 4 % of a
+        # verification, profiled).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
     tracing.configure_tracing(service)  # once per process (each HTTP worker builds its app)
@@ -671,14 +676,15 @@ class Observe:
             assert span is not None
             _finish_server_span(span, method, getattr(scope.get("route"), "path", "unmatched"), status)
 
-        with bound_context(**ids):
-            try:
-                if span is None:  # no tracing here: spare every request the context manager
+        tokens = bind_contextvars(**ids)  # as ``shared.kit.logging.bound_context``, without its generator
+        try:
+            if span is None:  # no tracing here: spare every request the context manager
+                await self.app(scope, receive, send_with_id)
+            else:
+                with tracing.ending(span, before_end=name_the_span):
                     await self.app(scope, receive, send_with_id)
-                else:
-                    with tracing.ending(span, before_end=name_the_span):
-                        await self.app(scope, receive, send_with_id)
-            finally:
+        finally:
+            try:
                 elapsed = time.perf_counter() - started
                 route = getattr(scope.get("route"), "path", "unmatched")
                 labels = (method, route, str(status))
@@ -694,6 +700,8 @@ class Observe:
                     "request", method=method, route=route, status=status, duration_ms=round(elapsed * 1000, 2),
                     principal_kind=state.get("principal_kind", "none"),
                 )
+            finally:
+                reset_contextvars(**tokens)
 
 
 def _server_span(method: str, scope: Scope, headers: dict[bytes, bytes]) -> tracing.Span | None:
@@ -736,6 +744,7 @@ class BodyGuard:
         self.max_bytes = max_bytes
         self.form_paths = frozenset(form_paths)
         self.forms_everywhere = "*" in self.form_paths
+        self._segment_of = _CleanPaths()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -750,7 +759,7 @@ class BodyGuard:
             )
             await response(scope, _no_receive, send)
             return
-        holding = _my_number_target(scope)
+        holding = _my_number_target(scope, self._segment_of)
         if holding is not None:
             path = scope.get("path", "")
             if holding[0] == "path":  # the problem's instance must not echo it either
@@ -830,16 +839,48 @@ def _unstorable_target(scope: Scope) -> tuple[list[str], str] | None:
 _PARTNER_KID = re.compile(r"partner:[a-z][a-z0-9]{1,31}:[0-9a-f]{64}")
 
 
-def _my_number_target(scope: Scope) -> list[str | int] | None:
-    """Where the path or the query holds a My Number (as the app would decode them): a path segment
-    (by its index: one segment is one value, so no two are read as one), a query value by its name."""
-    path: str = scope.get("path", "")
+def _my_number_segment(path: str) -> int | None:
+    """The index of the first path segment holding a My Number (one segment is one value, so no two
+    are read as one), or None."""
     if might_hold_my_number(path):
         for index, segment in enumerate(path.split("/")):
             # A partner kid (``partner:<code>:<HMAC hex>``) is a pseudonym, not a number anyone wrote;
             # about 1 in 300 holds twelve digits with a valid check digit by chance.
             if looks_like_my_number(segment) and not _PARTNER_KID.fullmatch(segment):
-                return ["path", index]
+                return index
+    return None
+
+
+class _CleanPaths:
+    """``_my_number_segment`` remembering the paths found clean: a path with twelve digits or more (a
+    certificate number) costs about 10 µs to check, and the hottest routes ask the same paths again
+    and again. A path holding a My Number is never kept (it is refused, and no copy stays here)."""
+
+    __slots__ = ("_clean", "size")
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._clean: set[str] = set()
+        self.size = size
+
+    def __call__(self, path: str) -> int | None:
+        if path in self._clean:
+            return None
+        index = _my_number_segment(path)
+        if index is None:
+            if len(self._clean) >= self.size:
+                self._clean.clear()  # crude but bounded
+            self._clean.add(path)
+        return index
+
+
+def _my_number_target(
+    scope: Scope, segment_of: Callable[[str], int | None] = _my_number_segment
+) -> list[str | int] | None:
+    """Where the path or the query holds a My Number (as the app would decode them): a path segment
+    by its index, a query value by its name."""
+    index = segment_of(scope.get("path", ""))
+    if index is not None:
+        return ["path", index]
     raw: bytes = scope.get("query_string", b"")
     # Cheap first: fewer than 12 digits, nothing escaped and nothing beyond ASCII hold no My Number.
     if len(raw) >= 12 and (b"%" in raw or not raw.isascii() or sum(map(raw.count, b"0123456789")) >= 12):
