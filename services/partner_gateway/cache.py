@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import asyncpg
@@ -149,8 +150,9 @@ class VerificationCache:
         self._fetches: set[asyncio.Task[None]] = set()
         # The hot path's reads (``redis_reads``), made for the client they were made from.
         self._reads: tuple[Redis, PipelinedReads | None] | None = None
-        # Raw value → its parsed entry, the same object each time (``api.py`` keys its answers on it).
-        self._parsed: dict[bytes, dict[str, Any]] = {}
+        # Raw value → its parsed entry, the same object each time (``api.py`` keys its answers on it);
+        # callers only read it (it is shared).
+        self._entry: Callable[[bytes], dict[str, Any]] = functools.lru_cache(maxsize=MAX_PARSED)(json.loads)
         self.generation_key = generation_key(self.settings)
         self.rebuilt = 0  # entries written by the last rebuild
         self.synced = 0  # entries written by the queue since start
@@ -196,15 +198,6 @@ class VerificationCache:
                 # Read before the database row: revocations since are not missed.
                 return (entry if entry["entitled"] else None), generation
         return (entry if entry["entitled"] else None), None
-
-    def _entry(self, raw: bytes) -> dict[str, Any]:
-        """The parsed entry of a raw value; callers only read it (it is shared)."""
-        entry = self._parsed.get(raw)
-        if entry is None:
-            if len(self._parsed) >= MAX_PARSED:
-                self._parsed.clear()  # crude but bounded
-            entry = self._parsed[raw] = json.loads(raw)
-        return entry
 
     async def generation(self) -> bytes | None:
         """The API keys' generation (b"": never set), or None when Redis cannot be read."""
