@@ -18,7 +18,7 @@ from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
 
 from . import consumers
-from .api import router
+from .api import confirm_donation, router
 from .domain import DEFAULT_RETENTION_YEARS
 from .export import EXPORT_TABLES
 from .handlers import DonationService
@@ -70,6 +70,7 @@ def create_app(
         routers=[router],
         lifespan=runtime.lifespan,
         readiness=runtime.readiness,
+        hot_writes=[confirm_donation],  # every payment the provider confirms arrives here
         description=(
             "Hometown-tax (ふるさと納税), corporate and mile donations to municipalities: donation receipts with a "
             "gapless number per municipality and year, refunds, the yearly one-stop exception counts and each "

@@ -63,6 +63,7 @@ def create_app(
         routers=[api.router, export_api.router],
         lifespan=runtime.lifespan,
         readiness=runtime.readiness,
+        hot_writes=[api.register],  # the registrations of a whole campaign arrive here
         description=(
             "ふるさと住民登録 (furusato resident registration): accounts, registrations with municipalities "
             "(basic and premium), premium review, consents and erasure. Events: registration.residents.v1."

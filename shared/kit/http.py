@@ -381,11 +381,13 @@ def create_app(
     readiness: Readiness | None = None,
     description: str = "",
     hot_paths: Sequence[Middleware] = (),
+    hot_writes: Sequence[Callable[..., Awaitable[Response]]] = (),
     form_paths: Collection[str] = (),
 ) -> FastAPI:
     """The service's app. ``hot_paths``: plain ASGI handlers for the few requests that must skip
     FastAPI's routing and dependency machinery; they sit inside ``Observe`` and ``BodyGuard`` (ids,
-    metrics and limits as for every request) and hand everything else on. ``form_paths``: the exact
+    metrics and limits as for every request) and hand everything else on. ``hot_writes``: endpoints
+    of write routes served the same way in their plain case (``shared.kit.hot_writes``). ``form_paths``: the exact
     paths that also take ``application/x-www-form-urlencoded`` bodies (OAuth 2.0 protocol endpoints)."""
     app = FastAPI(
         title=f"Nichiiki {service.replace('_', ' ')}",
@@ -418,10 +420,6 @@ def create_app(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     )
 
-    for hot_path in reversed(hot_paths):  # each add wraps the previous: the first listed runs first
-        app.add_middleware(hot_path.cls, *hot_path.args, **hot_path.kwargs)
-    app.add_middleware(Observe, requests=requests, latency=latency)
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, form_paths=form_paths)
     _install_problem_handlers(app)
 
     ops = APIRouter(tags=["operations"])
@@ -444,6 +442,18 @@ def create_app(
     _serve_docs(app)
     for router in routers:
         app.include_router(router)
+
+    # Each add wraps the previous: BodyGuard runs first, then Observe, the hot paths in their order,
+    # the hot writes, FastAPI. (Added once the routes are in: the hot writes are planned from them.)
+    if hot_writes:
+        # Here, not at the top: hot writes build on use_case, which builds on the runtime, which uses this module.
+        from shared.kit.hot_writes import HotWrites, plan
+
+        app.add_middleware(HotWrites, routes=plan(app, hot_writes), verifier=app.state.verifier)
+    for hot_path in reversed(hot_paths):
+        app.add_middleware(hot_path.cls, *hot_path.args, **hot_path.kwargs)
+    app.add_middleware(Observe, requests=requests, latency=latency)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, form_paths=form_paths)
     return app
 
 

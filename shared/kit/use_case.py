@@ -267,13 +267,17 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
+def valid_idempotency_key(key: str) -> bool:
+    return _IDEMPOTENCY_KEY.fullmatch(key) is not None
+
+
 async def write_request(
     request: Request,
     principal: Annotated[Principal, Depends(current_principal)],
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Write:
     """The ``Write`` of an HTTP request (FastAPI has parsed and validated the body before this runs)."""
-    if idempotency_key is not None and _IDEMPOTENCY_KEY.fullmatch(idempotency_key) is None:
+    if idempotency_key is not None and not valid_idempotency_key(idempotency_key):
         raise InvalidIdempotencyKey("send 1-255 visible ASCII characters, e.g. a UUID")
     route = getattr(request.scope.get("route"), "path", None)
     if route is None:  # not routed by a template (the URL is parsed only then)
