@@ -21,6 +21,8 @@ behind it, and a hot row (a municipality's receipt counter) locked by one write 
   the batch has finished or reached it, then the batch runs the step for all of them and each goes
   on with its own result. One write alone, inputs that must not share a run (``keys``) and writes
   in savepoints run the step's one-write form, as before;
+- a write that reads what it then changes through a shared step names it (``key``): two writes
+  naming one thing never share a batch, so the later decides on what the earlier wrote;
 - the batch writes every write's events to the outbox in one statement and commits once, then each
   write answers. A hot row is locked once per batch, not once per write.
 
@@ -33,6 +35,7 @@ of the batch; it is never re-run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
@@ -175,6 +178,8 @@ class _Batch:
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     records: list[OutgoingRecord] = field(default_factory=list)
+    #: The keys of its writes that named one (``GroupCommit.run``).
+    keys: set[Hashable] = field(default_factory=set)
     #: Writes waiting at a shared step, in the order they reached it.
     waiting: list[_Waiting] = field(default_factory=list)
     outcome: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -200,8 +205,12 @@ class GroupCommit(Generic[T]):
         self.batches = 0
         self.writes = 0
 
-    async def run(self, member: Member[T]) -> T:
-        batch = self._join()
+    async def run(self, member: Member[T], key: Hashable | None = None) -> T:
+        """``key``: what the write decides on (a resident whose registrations it reads, then adds
+        to). Two writes with one key never share a batch: the later waits for the earlier's batch
+        to end and joins a next one, so it reads what the earlier wrote. Within a batch a write's
+        reads would not see a batch-mate's writes still waiting at a shared step."""
+        batch = self._join() if key is None else await self._join_once(key)
         conflict: asyncpg.UniqueViolationError | None = None
         try:
             await batch.opened.wait()
@@ -222,6 +231,16 @@ class GroupCommit(Generic[T]):
             # and its caller (who may read the row to answer) now finds it committed too.
             raise conflict
         return answer
+
+    async def _join_once(self, key: Hashable) -> _Batch:
+        while True:
+            batch = self._forming
+            if batch is None or batch.sealed or batch.joined >= self._max_batch or key not in batch.keys:
+                batch = self._join()
+                batch.keys.add(key)
+                return batch
+            with contextlib.suppress(Exception):  # how it ended is its writes' business
+                await asyncio.shield(batch.outcome)
 
     def _join(self) -> _Batch:
         batch = self._forming

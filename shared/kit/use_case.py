@@ -29,7 +29,7 @@ import functools
 import json
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar, overload
 
@@ -121,17 +121,19 @@ class Write:
 
     @overload
     async def run(
-        self, act: Callable[[UnitOfWork], Awaitable[Outcome]], *, group_commit: bool = False
+        self, act: Callable[[UnitOfWork], Awaitable[Outcome]], *, group_commit: bool = False,
+        batch_key: Hashable | None = None,
     ) -> Outcome: ...
 
     @overload
     async def run(
         self, act: Callable[[UnitOfWork, T], Awaitable[Outcome]], *, authorise: Callable[[UnitOfWork], Awaitable[T]],
-        group_commit: bool = False,
+        group_commit: bool = False, batch_key: Hashable | None = None,
     ) -> Outcome: ...
 
     async def run(
-        self, act: Callable[..., Awaitable[Outcome]], *, authorise: Any = None, group_commit: bool = False
+        self, act: Callable[..., Awaitable[Outcome]], *, authorise: Any = None, group_commit: bool = False,
+        batch_key: Hashable | None = None,
     ) -> Outcome:
         """Authorise, replay or act, commit; retry what a transient fault interrupted.
 
@@ -142,25 +144,28 @@ class Write:
         ``group_commit``: concurrent writes of this operation may share one transaction
         (``shared/kit/group_commit.py``; a write that fails makes its batch-mates run again). For a
         hot use case whose act is short and only talks to its own database; the answer is the same
-        as alone."""
+        as alone. ``batch_key``: what the act reads and then writes through a ``SharedStep`` (two
+        writes naming one never share a batch: ``GroupCommit.run``)."""
         if self.ran:
             raise RuntimeError(f"{self.operation}: a write runs once")
         self.ran = True
         if not tracing.recording():
-            return await self._run(act, authorise, group_commit)
+            return await self._run(act, authorise, group_commit, batch_key)
         # The use case's span: the events it emits name it as their parent (``UnitOfWork.emit``).
         span = tracing.start_span(
             f"use case {self.operation}", kind=tracing.SpanKind.INTERNAL,
             attributes={"nichiiki.operation": self.operation, "nichiiki.principal_kind": self.principal.role.value},
         )
         with tracing.ending(span):
-            return await self._run(act, authorise, group_commit)
+            return await self._run(act, authorise, group_commit, batch_key)
 
-    async def _run(self, act: Callable[..., Awaitable[Outcome]], authorise: Any, group_commit: bool) -> Outcome:
+    async def _run(
+        self, act: Callable[..., Awaitable[Outcome]], authorise: Any, group_commit: bool, batch_key: Hashable | None
+    ) -> Outcome:
         attempt = 1
         while True:
             try:
-                return await self._attempt(act, authorise, group_commit)
+                return await self._attempt(act, authorise, group_commit, batch_key)
             except CommitUncertain as uncertain:
                 raise uncertain.__cause__ or uncertain from None
             except Exception as error:
@@ -172,9 +177,11 @@ class Write:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, act: Callable[..., Awaitable[Outcome]], authorise: Any, group_commit: bool) -> Outcome:
+    async def _attempt(
+        self, act: Callable[..., Awaitable[Outcome]], authorise: Any, group_commit: bool, batch_key: Hashable | None
+    ) -> Outcome:
         if group_commit:
-            return await self._batches().run(functools.partial(self._in_batch, act, authorise))
+            return await self._batches().run(functools.partial(self._in_batch, act, authorise), batch_key)
         runtime = self.runtime
         async with runtime.pool.acquire() as conn:
             transaction = conn.transaction()

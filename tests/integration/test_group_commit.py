@@ -301,3 +301,27 @@ async def test_a_write_whose_batch_keeps_breaking_is_answered_503_not_500(runtim
     answer = failure_response(refused.value, "/v1/donations")
     assert answer.status_code == 503
     assert json.loads(bytes(answer.body))["code"] == "service-unavailable"
+
+
+async def test_writes_naming_one_batch_key_never_share_a_batch(runtime: Runtime) -> None:
+    # A write that reads what it then changes through a shared step must see a batch-mate's change:
+    # with a ``batch_key``, two writes naming one thing run in different transactions, in order.
+    transaction_of: dict[str, list[int]] = {}
+
+    def record(key: str) -> Act:
+        async def act(uow: UnitOfWork) -> Outcome:
+            transaction_of.setdefault(key, []).append(int(await uow.conn.fetchval("SELECT txid_current()")))
+            return Outcome(201, {"key": key})
+
+        return act
+
+    keys = [f"resident-{i % 4}" for i in range(32)]
+    answers = await asyncio.gather(*(
+        write(runtime).run(record(key), group_commit=True, batch_key=key) for key in keys
+    ))
+
+    assert sorted(a.body["key"] for a in answers) == sorted(keys)
+    for key, transactions in transaction_of.items():
+        assert len(set(transactions)) == len(transactions) == 8, f"{key} shared a batch with itself"
+    every = [t for transactions in transaction_of.values() for t in transactions]
+    assert len(set(every)) < len(every), "writes of different keys did not share batches"
