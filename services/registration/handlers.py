@@ -282,7 +282,8 @@ async def register(
 
     async def act(uow: UnitOfWork) -> Outcome:
         now = write.runtime.clock.now()
-        locked = await store.lock_resident_for_registration(uow.conn, resident_id)
+        # In a batch, one statement locks the batch's residents (``store.LOCK_FOR_REGISTRATION``).
+        locked = await store.LOCK_FOR_REGISTRATION(uow.conn, resident_id)
         if locked is None:
             raise domain.ResidentNotFound(f"no resident {resident_id}")
         resident, existing = locked.resident, locked.registrations
@@ -294,7 +295,8 @@ async def register(
             now=now, new_id=_new_id,
         )
         registration = plan.registration
-        await store.insert_registrations(uow.conn, plan.new_rows)
+        if plan.new_rows:  # in a batch, one INSERT for the batch's rows (``store.INSERT``)
+            await store.INSERT(uow.conn, plan.new_rows)
         if plan.review is not None:
             verification_id = None
             if identity is not None:
@@ -317,7 +319,8 @@ async def register(
 
     await _prepare_sealing(write.runtime, resident_id)
     # Under load, registrations share transactions (shared/kit/group_commit.py); the answer is the same.
-    return await write.run(act, group_commit=True)
+    # One resident's registrations never share one: each decides on what the one before wrote.
+    return await write.run(act, group_commit=True, batch_key=resident_id)
 
 
 async def _emit_premium_requested(

@@ -3,11 +3,12 @@
 Locking order, everywhere: the resident's row first (``lock_resident``), then their registrations.
 Every use case that changes a person's registrations takes that lock, so the duplicate and
 premium-limit rules hold under concurrent requests and the expiry job never deadlocks with them.
+Many residents at once (a registration batch, the expiry job) are locked in id order, in one statement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from services.registration.domain import (
 )
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.kit.db import Connection
+from shared.kit.group_commit import SharedStep
 
 _ENDED = ("rejected", "expired", "withdrawn")
 
@@ -87,13 +89,39 @@ async def lock_resident_for_registration(conn: Connection, resident_id: str) -> 
     """``lock_resident``, ``registrations_of`` and ``consents_of`` in one round trip (the function of
     migration 008 reads after taking the lock); None if absent or erased."""
     row = await conn.fetchrow("SELECT * FROM lock_resident_for_registration($1)", resident_id)
-    if row is None:
-        return None
+    return _locked(row) if row is not None else None
+
+
+def _locked(row: asyncpg.Record) -> LockedResident:
     return LockedResident(
         _resident(row),
         [_registration(r) for r in row["registrations"]],
         [Consent(c["purpose"], c["partner"] or None, c["granted"], c["changed_at"]) for c in row["consents"]],
     )
+
+
+async def lock_residents_for_registration(
+    conn: Connection, resident_ids: Sequence[str]
+) -> list[LockedResident | None]:
+    """``lock_resident_for_registration`` for many residents in one round trip (the function of
+    migration 009 locks them in id order, so two batches cannot deadlock), answered in the given
+    order; None for an id without an active resident."""
+    rows = await conn.fetch("SELECT * FROM lock_residents_for_registration($1::text[])", list(resident_ids))
+    found = {row["id"]: _locked(row) for row in rows}
+    return [found.get(resident_id) for resident_id in resident_ids]
+
+
+def _one_resident(resident_id: str) -> tuple[Hashable, ...]:
+    return (resident_id,)
+
+
+#: The resident locked with their registrations and consents: concurrent registrations of a
+#: group-commit batch share one statement (``shared/kit/group_commit.py``). One resident's requests
+#: never share a batch (the handler's ``batch_key``); the key here is a second guard.
+LOCK_FOR_REGISTRATION: SharedStep[str, LockedResident | None] = SharedStep(
+    "lock residents for registration", lock_residents_for_registration, lock_resident_for_registration,
+    _one_resident,
+)
 
 
 async def resident_status(conn: Connection, resident_id: str) -> str | None:
@@ -241,6 +269,39 @@ async def insert_registrations(conn: Connection, registrations: Sequence[Registr
             r.registered_at, r.valid_from, r.valid_until,
         )),
     )
+
+
+async def insert_many_registrations(conn: Connection, batches: Sequence[Sequence[Registration]]) -> list[None]:
+    """``insert_registrations`` for the rows of many requests, in one statement (column arrays: one
+    statement text whatever the batch's size); no two requests of one resident (``INSERT``'s keys)."""
+    rows = [r for registrations in batches for r in registrations]
+    if rows:
+        await conn.execute(
+            """
+            INSERT INTO registrations (id, resident_id, municipality_code, prefecture_code, tier, status, derived_from,
+                                       registered_at, valid_from, valid_until, updated_at)
+            SELECT i.*, i.registered_at FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                                  $6::text[], $7::text[], $8::timestamptz[], $9::date[], $10::date[])
+                AS i (id, resident_id, municipality_code, prefecture_code, tier, status, derived_from, registered_at,
+                      valid_from, valid_until)
+            """,
+            [r.id for r in rows], [r.resident_id for r in rows], [r.municipality_code for r in rows],
+            [r.prefecture_code for r in rows], [r.tier for r in rows], [r.status for r in rows],
+            [r.derived_from for r in rows], [r.registered_at for r in rows], [r.valid_from for r in rows],
+            [r.valid_until for r in rows],
+        )
+    return [None] * len(batches)
+
+
+def _residents_of(registrations: Sequence[Registration]) -> set[Hashable]:
+    return {r.resident_id for r in registrations}
+
+
+#: A request's new registrations: a group-commit batch's share one INSERT (one resident's requests
+#: never share it: the second must see the first's rows).
+INSERT: SharedStep[Sequence[Registration], None] = SharedStep(
+    "insert registrations", insert_many_registrations, insert_registrations, _residents_of
+)
 
 
 async def save_registration(conn: Connection, registration: Registration, now: datetime) -> None:
