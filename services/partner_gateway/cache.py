@@ -113,6 +113,19 @@ class _Batch:
 MAX_PARSED = 10_000
 
 
+def parsed(raw: bytes) -> dict[str, Any]:
+    """A Redis entry's value, parsed into a form the garbage collector stops tracking: the entry's
+    only container, ``programs``, as a tuple of str (CPython untracks such a tuple at its first
+    collection, and a dict holding only untracked values at the next full one). Kept as lists, the
+    cached entries were walked by every full collection: with the cache full (``MAX_PARSED``), 4.8 ms
+    of walking instead of 1.1, a pause every request in flight waits out."""
+    entry: dict[str, Any] = json.loads(raw)
+    programs = entry.get("programs")
+    if isinstance(programs, list):
+        entry["programs"] = tuple(programs)
+    return entry
+
+
 def entry_of(row: asyncpg.Record | None) -> dict[str, Any]:
     """The cache entry of an entitlements row (None: unknown to this partner, version 0)."""
     if row is None:
@@ -152,7 +165,7 @@ class VerificationCache:
         self._reads: tuple[Redis, PipelinedReads | None] | None = None
         # Raw value → its parsed entry, the same object each time (``api.py`` keys its answers on it);
         # callers only read it (it is shared).
-        self._entry: Callable[[bytes], dict[str, Any]] = functools.lru_cache(maxsize=MAX_PARSED)(json.loads)
+        self._entry: Callable[[bytes], dict[str, Any]] = functools.lru_cache(maxsize=MAX_PARSED)(parsed)
         self.generation_key = generation_key(self.settings)
         self.rebuilt = 0  # entries written by the last rebuild
         self.synced = 0  # entries written by the queue since start

@@ -5,6 +5,7 @@ the kit's request ids and its memo of clean paths."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import shared.kit.http as kit
-from services.partner_gateway.api import RenderedAnswers
+from services.partner_gateway.api import RenderedAnswers, render_verification
 from services.partner_gateway.cache import REDIS_STATE, VerificationCache, generation_key, open_redis
 from services.partner_gateway.redis_reads import PipelinedReads, Value, _Pipeline, pack
 from shared.kit.http import _CleanPaths, _my_number_target
@@ -267,6 +268,18 @@ def test_an_answer_is_reused_only_for_the_same_entry_object_and_day() -> None:
     assert json.loads(later)["checked_on"] == "2026-12-07"
     expired = answers.body("jal", "N1", an_entry(), date(2027, 4, 1))
     assert json.loads(expired)["valid"] is False
+
+
+def test_parsed_entries_leave_the_collectors_view_and_answer_as_before() -> None:
+    """The cached entries (up to ``MAX_PARSED``) are not walked by every full collection."""
+    runtime: Any = SimpleNamespace(settings=Settings.model_validate({"topic_prefix": "u."}), state={}, pool=None)
+    cache = VerificationCache(runtime)
+    raw = json.dumps(an_entry()).encode()
+    entry = cache._entry(raw)
+    assert entry == {**an_entry(), "programs": ("jal-dual-residence-miles",)} and cache._entry(raw) is entry
+    gc.collect()  # CPython untracks atom-only tuples, then dicts of untracked values, in a full collection
+    assert not gc.is_tracked(entry["programs"]) and not gc.is_tracked(entry)
+    assert render_verification(entry, date(2026, 12, 6)) == render_verification(an_entry(), date(2026, 12, 6))
 
 
 # --- The kit: clean paths ----------------------------------------------------------------
