@@ -40,6 +40,7 @@ from shared.contracts.registration import (
     ResidentRegistered,
     ResidentWithdrawn,
 )
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import DELIVERIES
 from shared.kit.consumer import HandlerContext, Run
 from shared.kit.erasure import erased_among, forget_responses_about, is_erased, record_erased
@@ -70,10 +71,20 @@ async def _open_contacts(keyring: Keyring, events: Sequence[EventData]) -> list[
     """Each registration's contact, opened in one look-up of keys (None for other events, and for a
     contact whose person was erased: their key is gone)."""
     sealed = [event.contact if isinstance(event, ResidentRegistered) else None for event in events]
-    if not any(s is not None for s in sealed):
+    # A registration and its derived prefecture row carry the same sealed contact: each distinct one
+    # is opened (AES-GCM) and read (JSON) once, not once per event.
+    distinct: dict[tuple[str, str, str], Sealed] = {}
+    for value in sealed:
+        if value is not None:
+            distinct.setdefault((value.kid, value.iv, value.ct), value)
+    if not distinct:
         return [None] * len(events)
-    opened = await keyring.open_many(sealed)
-    return [None if plaintext is None else Contact.model_validate_json(plaintext) for plaintext in opened]
+    opened = await keyring.open_many(list(distinct.values()))
+    contacts = {
+        key: None if plaintext is None else Contact.model_validate_json(plaintext)
+        for key, plaintext in zip(distinct, opened, strict=True)
+    }
+    return [None if value is None else contacts[(value.kid, value.iv, value.ct)] for value in sealed]
 
 
 async def apply_events(run: Run[EventData]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import cast
 
 from services.notification.domain import (
     ConsentUpdate,
@@ -11,11 +13,13 @@ from services.notification.domain import (
     conflict_free_runs,
     effect_of,
 )
+from services.notification.handlers import _open_contacts
 from shared.contracts.base import EventData
 from shared.contracts.donation import ReceiptIssued
 from shared.contracts.registration import ConsentChanged, Contact, ContactChanged, ResidentRegistered
-from shared.contracts.sealed import resident_subject
-from tests.support import seal_for_tests
+from shared.contracts.sealed import Sealed, resident_subject
+from shared.kit.keyring import Keyring
+from tests.support import opened_for_tests, seal_for_tests
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, contact_of, registration, sample_events
 
 
@@ -91,3 +95,25 @@ def test_a_second_different_update_of_one_resident_starts_a_new_chunk() -> None:
     ]
     assert chunked(events) == [[0], [1, 2], [3, 4]]
     assert chunked([]) == []
+
+
+class CountingKeyring:
+    """Opens what ``seal_for_tests`` sealed, and remembers how many values each call asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    async def open_many(self, sealed: Sequence[Sealed | None]) -> list[bytes | None]:
+        self.asked.append(len(sealed))
+        return [None if value is None else opened_for_tests(value) for value in sealed]
+
+
+async def test_a_contact_carried_by_a_registration_and_its_prefecture_row_is_opened_once() -> None:
+    municipal = registration("r-1", name="Emma", email="e@example.jp", language="en")
+    derived = municipal.model_copy(update={"municipality_code": WAKAYAMA})  # the same sealed contact
+    other = registration("r-2", name="Bo")
+    keyring = CountingKeyring()
+    events: list[EventData] = [municipal, sample_events("r-1")["receipt_issued"], derived, other]
+    contacts = await _open_contacts(cast(Keyring, keyring), events)
+    assert keyring.asked == [2]  # Emma's contact once, Bo's once
+    assert contacts == [contact_of(municipal), None, contact_of(municipal), contact_of(other)]
