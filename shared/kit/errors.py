@@ -11,6 +11,7 @@ import errno
 from typing import Any, ClassVar
 
 import asyncpg
+import redis.exceptions
 from aiokafka.errors import KafkaError
 
 #: Members of a problem+json body that the kit fills; a rule's extra members must not reuse them.
@@ -75,6 +76,8 @@ class Transient(Exception):
 #: Exception classes that are always infrastructure faults (HTTP answers them with 503).
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     *_TRANSIENT_PG, KafkaError, TimeoutError, ConnectionError, Transient,
+    # Redis away (a session's sign-out is looked up there): not the builtin ConnectionError
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 )
 
 

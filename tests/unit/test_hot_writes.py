@@ -231,3 +231,22 @@ def test_an_endpoint_no_route_serves_is_refused() -> None:
 
     with pytest.raises(NotHot, match="0 routes"):
         plan_of(lambda r: nowhere)
+
+
+async def test_a_fault_while_checking_the_caller_is_answered_by_the_documented_route() -> None:
+    # A session's sign-out is looked up in Redis; with Redis away both answer alike (never a bare 500).
+    away = Settings(env="development", redis_url="redis://127.0.0.1:1/0", pg_dsn=SETTINGS.pg_dsn)
+    signed_in = mint_token(away, subject="res-1", role=Role.RESIDENT, session="s-1")
+    answers = []
+    SERVED_BY.clear()
+    for hot in (True, False):
+        app = create_app(service="registration", settings=away, routers=[router], hot_writes=[add_part] if hot else ())
+        app.state.runtime = "the runtime"
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kit.test") as client:
+            answers.append(await client.post(
+                "/v1/things/t-1/parts", content=GOOD, headers={**headers(None), "authorization": f"Bearer {signed_in}"},
+            ))
+    assert answers[0].status_code == answers[1].status_code == 503
+    assert answers[0].content == answers[1].content
+    assert SERVED_BY == []
