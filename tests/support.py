@@ -515,3 +515,32 @@ async def envelope_sealed_for(keyring: Keyring, envelope: Envelope) -> Envelope:
         return envelope  # nothing sealed in it
     sealed = await sealed_for(keyring, envelope.data_model())
     return dataclasses.replace(envelope, data=sealed.model_dump_json().encode())
+
+
+class PooledStatements:
+    """The statements a pool's connections run inside ``async with`` (each statement with its
+    whitespace made single spaces): ``count(start)`` counts those that begin so."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.queries: list[str] = []
+
+    def __call__(self, query: LoggedQuery) -> None:
+        self.queries.append(" ".join(query.query.split()))
+
+    async def __aenter__(self) -> PooledStatements:
+        await self._each(lambda conn: conn.add_query_logger(self))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._each(lambda conn: conn.remove_query_logger(self))
+
+    async def _each(self, act: Callable[[Any], None]) -> None:  # a pooled connection (its proxy)
+        held = [await self.pool.acquire() for _ in range(self.pool.get_max_size())]
+        for conn in held:
+            act(conn)
+        for conn in held:
+            await self.pool.release(conn)
+
+    def count(self, start: str) -> int:
+        return sum(1 for q in self.queries if q.startswith(start))

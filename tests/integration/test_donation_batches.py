@@ -35,7 +35,7 @@ from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, 
 from shared.kit.db import Connection
 from shared.kit.settings import Settings
 from shared.reference import find_municipality_by_full_name
-from tests.support import OpenPool, bearer, in_transaction, service_client, service_pools
+from tests.support import OpenPool, PooledStatements, bearer, in_transaction, service_client, service_pools
 
 SHIRAHAMA = "304018"  # 和歌山県白浜町 (JAL mileage program)
 TANABE = find_municipality_by_full_name("和歌山県田辺市").code
@@ -223,34 +223,6 @@ def body(code: str, amount: int, paid: str, donor: dict[str, Any] | None = None,
     }
 
 
-class Statements:
-    """The batch statements the service's connections ran while it is open."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self.queries: list[str] = []
-
-    def __call__(self, query: LoggedQuery) -> None:
-        self.queries.append(query.query)
-
-    async def __aenter__(self) -> Statements:
-        await self._each(lambda conn: conn.add_query_logger(self))
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self._each(lambda conn: conn.remove_query_logger(self))
-
-    async def _each(self, act: Any) -> None:
-        held = [await self.pool.acquire() for _ in range(self.pool.get_max_size())]
-        for conn in held:
-            act(conn)
-        for conn in held:
-            await self.pool.release(conn)
-
-    def count(self, start: str) -> int:
-        return sum(1 for q in self.queries if q.lstrip().startswith(start))
-
-
 async def post_all(http: httpx.AsyncClient, admin: dict[str, str], bodies: Sequence[dict[str, Any]]) -> list[Any]:
     return list(await asyncio.gather(*(http.post("/v1/donations", json=b, headers=admin) for b in bodies)))
 
@@ -277,7 +249,7 @@ async def test_concurrent_confirmations_share_one_statement_and_answer_as_one_by
         *fresh[12:],
     ]
 
-    async with Statements(pool) as statements:
+    async with PooledStatements(pool) as statements:
         responses = await post_all(http, admin, requests)
 
     assert [r.status_code for r in responses] == [201] * len(requests), [r.text for r in responses]

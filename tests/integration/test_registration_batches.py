@@ -40,7 +40,7 @@ from tests.integration.test_registration_support import (
     premium,
     resident_auth,
 )
-from tests.support import OpenPool, in_transaction, service_client, service_pools
+from tests.support import OpenPool, PooledStatements, in_transaction, service_client, service_pools
 
 AT = datetime(2026, 1, 10, 3, 0, tzinfo=UTC)
 #: What the batch statements start with (the one-write forms: ``lock_resident_for_registration(``
@@ -182,34 +182,6 @@ async def client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, a
         yield http, app.state.runtime.pool, app.state.runtime
 
 
-class Statements:
-    """The statements the service's connections ran while it is open."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self.queries: list[str] = []
-
-    def __call__(self, query: LoggedQuery) -> None:
-        self.queries.append(" ".join(query.query.split()))
-
-    async def __aenter__(self) -> Statements:
-        await self._each(lambda conn: conn.add_query_logger(self))
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self._each(lambda conn: conn.remove_query_logger(self))
-
-    async def _each(self, act: Any) -> None:
-        held = [await self.pool.acquire() for _ in range(self.pool.get_max_size())]
-        for conn in held:
-            act(conn)
-        for conn in held:
-            await self.pool.release(conn)
-
-    def count(self, start: str) -> int:
-        return sum(1 for q in self.queries if q.startswith(start))
-
-
 async def post_all(
     http: httpx.AsyncClient, settings: Settings, requests: Sequence[tuple[str, dict[str, Any]]]
 ) -> list[httpx.Response]:
@@ -233,7 +205,7 @@ async def test_concurrent_registrations_share_the_lock_and_the_insert(
     http, pool, runtime = client
     residents = [await create_resident(http, settings) for _ in range(24)]
 
-    async with Statements(pool) as statements:
+    async with PooledStatements(pool) as statements:
         responses = await post_all(http, settings, [(rid, {"municipality_code": SHIRAHAMA}) for rid in residents])
 
     assert [r.status_code for r in responses] == [201] * len(residents), [r.text for r in responses]
@@ -270,7 +242,7 @@ async def test_a_residents_premium_requests_in_a_batch_decide_one_after_another(
         *((rid, basic) for rid in fresh[6:]),
     ]
 
-    async with Statements(pool) as statements:
+    async with PooledStatements(pool) as statements:
         responses = await post_all(http, settings, requests)
 
     assert statements.count(LOCK_MANY) >= 1, "the batch's residents did not share a lock"
@@ -317,7 +289,7 @@ async def test_repeats_and_unknown_and_erased_residents_in_a_batch_answer_as_alo
         *((rid, basic) for rid in fresh[8:]),
     ]
 
-    async with Statements(pool) as statements:
+    async with PooledStatements(pool) as statements:
         responses = await post_all(http, settings, requests)
 
     def answers(rid: str) -> list[httpx.Response]:
