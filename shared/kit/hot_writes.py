@@ -1,25 +1,27 @@
 """Hot writes: the few write routes taken at rates no other route sees, served ahead of FastAPI.
 
 FastAPI's routing and dependency solving cost about 190 µs of CPU per registration (in-process,
-handler stubbed), two thirds of it spent resolving the same three dependencies every time. A hot
+handler stubbed), most of it finding the route and resolving the same three dependencies. A hot
 write runs the route's own endpoint with those dependencies resolved directly, but only in the plain
 case: a usable bearer token whose role the route admits, no query string, a JSON body its model
 accepts, a well-formed Idempotency-Key or none. Anything else (no token, a refused role, a body the
-model refuses, a My Number) is handed, body and all, to the documented route, which answers exactly
-as it always has. So a hot write cannot answer a bad request differently, and a good one runs the
-very endpoint FastAPI would call, with the same arguments.
+model refuses, a My Number, a fault while checking the caller) is handed, body and all, to the
+documented route, which answers exactly as it always has. So a hot write cannot answer a bad request
+differently, and a good one runs the very endpoint FastAPI would call, with the same arguments.
 
 What a hot write resolves is read from the route FastAPI built (``APIRoute.dependant``) when the
 app is made: path parameters (``str``), one body model, the ``Request``, ``WriteRequest``, and
-principals through a role check over ``current_principal`` (``require``). A route with anything
-else (query or header parameters, other dependencies, a response model to apply), or one that an
-earlier route could shadow, is refused at start-up with the reason.
+principals through a role check over ``current_principal`` (``require``); the endpoint must answer a
+``Response`` itself (FastAPI then applies no response model). A route with anything else (query or
+header parameters, other dependencies), or one that an earlier route could shadow, is refused at
+start-up with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +107,9 @@ class HotRoute:
                 raise NotHot(f"{name}: depends on {getattr(sub.call, '__qualname__', sub.call)!r}")
         if not principals and not writes:
             raise NotHot(f"{name}: takes no caller (a hot write is always authenticated)")
+        answers = typing.get_type_hints(endpoint).get("return")
+        if not (isinstance(answers, type) and issubclass(answers, Response)):
+            raise NotHot(f"{name}: must answer a Response itself (it answers {answers!r})")
         return cls(
             method=method, path=path, pattern=route.path_regex, endpoint=endpoint,
             body_param=body.name, body_model=body_model, principal_params=tuple(principals),

@@ -225,6 +225,17 @@ def test_a_route_without_a_caller_is_refused() -> None:
         plan_of(build)
 
 
+def test_a_route_whose_answer_fastapi_shapes_is_refused() -> None:
+    def build(r: APIRouter) -> Any:
+        @r.post("/shaped", response_model=Part)
+        async def shaped(body: Part, principal: Writers) -> dict[str, Any]:
+            return {"name": body.name, "secret": "dropped by the response model"}
+        return shaped
+
+    with pytest.raises(NotHot, match="Response"):
+        plan_of(build)
+
+
 def test_an_endpoint_no_route_serves_is_refused() -> None:
     async def nowhere(body: Part, principal: Writers) -> Response:
         return Response()
