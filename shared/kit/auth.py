@@ -16,10 +16,13 @@ on the principal.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import enum
+import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +33,9 @@ import jwt
 import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
+from jwt.algorithms import HMACAlgorithm
+from jwt.api_jws import PyJWS
+from jwt.utils import base64url_decode, base64url_encode
 from redis.asyncio import Redis
 
 from shared.contracts.topics import SERVICES
@@ -238,6 +244,60 @@ class _Verified:
     keys_fetched_at: float | None
 
 
+#: A token segment as issuers write it: base64url, unpadded.
+_UNPADDED_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+class _Segments(PyJWS):
+    """PyJWT's JWS, reading a plain segment with one regular expression instead of a Python test per
+    byte (about half the cost of checking a fresh token). A segment accepted here is decoded exactly
+    as PyJWT decodes it; any other goes to PyJWT's own reading, which answers it (or refuses it)."""
+
+    @staticmethod
+    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
+        if _UNPADDED_BASE64URL.fullmatch(segment) is not None and len(segment) % 4 != 1:
+            try:
+                decoded = base64url_decode(segment)
+            except (TypeError, binascii.Error):
+                pass
+            else:
+                if base64url_encode(decoded) == segment:  # canonical, as PyJWT requires
+                    return decoded
+        return PyJWS._decode_base64url_segment(segment, name)
+
+
+class _PreparedHMAC(HMACAlgorithm):
+    """HS256 whose key checks (not a PEM, SSH, DER or JWK key) run once per key, not per token: the
+    prepared key depends on the key alone. A key PyJWT refuses is refused every time, as before."""
+
+    def __init__(self) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+        self._prepared: dict[str | bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = super().prepare_key(key)
+            if len(self._prepared) < 4:  # the development key; never a token's own input
+                self._prepared[key] = prepared
+        return prepared
+
+
+class _Decoder(jwt.PyJWT):
+    """``jwt.decode`` with every check it makes, at a lower cost per fresh token (``_Segments``,
+    ``_PreparedHMAC``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        segments = _Segments(options=self._get_sig_options())
+        segments.unregister_algorithm(DEVELOPMENT_ALGORITHM)
+        segments.register_algorithm(DEVELOPMENT_ALGORITHM, _PreparedHMAC())
+        self._jws = segments
+
+
+_decoder = _Decoder()
+
+
 class JwksKeys:
     """The issuer's signing keys, from its discovery document's ``jwks_uri``, cached."""
 
@@ -315,7 +375,8 @@ class TokenVerifier:
         self.keys = JwksKeys(settings.oidc_issuer, http) if settings.oidc_issuer else None
         self._redis: Redis | None = None
         self._not_revoked: dict[str, float] = {}
-        self._verified: dict[str, _Verified] = {}
+        # Ordered: the oldest goes in O(1) (a dict's first key is found by a scan past the deleted ones).
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._headers: dict[str, dict[str, Any]] = {}
 
     async def principal(self, token: str) -> Principal:
@@ -342,7 +403,7 @@ class TokenVerifier:
 
     def _remember(self, token: str, verified: _Verified) -> None:
         if token not in self._verified and len(self._verified) >= VERIFIED_TOKENS:
-            del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified.popitem(last=False)  # the oldest
         self._verified[token] = verified
 
     def _header(self, token: str) -> dict[str, Any]:
@@ -372,7 +433,7 @@ class TokenVerifier:
         else:
             raise Unauthenticated(f"tokens signed with {algorithm!r} are not accepted here")
         try:
-            claims: dict[str, Any] = jwt.decode(
+            claims: dict[str, Any] = _decoder.decode(
                 token, key, algorithms=[algorithm], audience=self.audience, issuer=issuer, leeway=LEEWAY_S,
                 options={"require": ["sub", "exp", "iat", "iss", "aud"]},
             )

@@ -6,7 +6,9 @@ with real ES256 / RS256 keys (``cryptography``), so the verifier runs its real c
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -16,8 +18,10 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
+from jwt.api_jws import PyJWS
 
+from shared.kit import auth
 from shared.kit.auth import (
     ConfigurationError,
     Role,
@@ -189,3 +193,122 @@ async def test_an_entra_style_token_is_read_through_the_claim_mapping(issuer: Is
         await checker.principal(issuer.token())
     with pytest.raises(Unauthenticated):  # two app roles: which one it acts as is not for us to guess
         await checker.principal(issuer.token(aud="api-app-id", role=None, roles=["admin", "resident"]))
+
+
+# --- The decoder: PyJWT's checks at a lower cost per fresh token -----------------------------------
+
+
+def _answer(read: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return "ok", read()
+    except Exception as error:
+        return type(error).__name__, str(error)
+
+
+def _segments() -> list[bytes]:
+    fixed = [
+        b"", b"e30", b"eyJhIjoxfQ", b"eyJhIjoxfQ==", b"eyJhIjoxfQ=", b"abc=", b"a", b"ab", b"abc", b"abcd", b"abcde",
+        b"ab!c", b"ab+c", b"ab/c", b"ab c", b"ab\nc", b"e30\n", b"AB", b"AA", b"====", b"A===", b"AAA=", b"AB==",
+        "é".encode(), b"-_-_", b"_w", b"_x",
+    ]
+    rng = random.Random(22)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    fuzz = [
+        "".join(rng.choice(alphabet + ("=+/ .\n" if rng.random() < 0.3 else "")) for _ in range(rng.randrange(13)))
+        .encode() for _ in range(3000)
+    ]
+    return fixed + fuzz
+
+
+def test_a_segment_is_read_exactly_as_pyjwt_reads_it() -> None:
+    for segment in _segments():
+        ours = _answer(functools.partial(auth._Segments._decode_base64url_segment, segment, "payload"))
+        theirs = _answer(functools.partial(PyJWS._decode_base64url_segment, segment, "payload"))
+        assert ours == theirs, segment
+
+
+def _development_tokens(settings: Settings) -> dict[str, str]:
+    good = mint_token(settings, subject="resident-1", role=Role.RESIDENT)
+    header, payload, signature = good.split(".")
+    now = int(time.time())
+
+    def signed(**claims: Any) -> str:
+        values = {"sub": "resident-1", "role": "resident", "iss": settings.jwt_issuer,
+                  "aud": [audience("registration")], "iat": now, "nbf": now, "exp": now + 600, **claims}
+        return jwt.encode({k: v for k, v in values.items() if v is not None}, settings.jwt_secret, algorithm="HS256")
+
+    flipped = "A" if payload[10] != "A" else "B"
+    return {
+        "good": good,
+        "expired": signed(iat=now - 4000, nbf=now - 4000, exp=now - 100),
+        "expired within the leeway": signed(iat=now - 4000, nbf=now - 4000, exp=now - 5),
+        "not yet valid": signed(nbf=now + 600),
+        "another audience": signed(aud=[audience("donation")]),
+        "another issuer": signed(iss="https://evil.example"),
+        "no expiry": signed(exp=None),
+        "payload tampered": f"{header}.{payload[:10]}{flipped}{payload[11:]}.{signature}",
+        "signature tampered": f"{header}.{payload}.{signature[:-2]}{'AA' if signature[-2:] != 'AA' else 'BA'}",
+        "signature cut": f"{header}.{payload}.{signature[:-1]}",
+        "padded segment": f"{header}.{payload}==.{signature}",
+        "bad character": f"{header}.{payload[:5]}!{payload[6:]}.{signature}",
+        "another key": jwt.encode(
+            {"sub": "x", "iss": settings.jwt_issuer, "aud": audience("registration"), "iat": now, "exp": now + 60},
+            "another-key-of-32-bytes-or-more!!", algorithm="HS256",
+        ),
+        "alg none": jwt.encode(jwt.decode(good, options={"verify_signature": False}), "", algorithm="none"),
+        "two segments": f"{header}.{payload}",
+        "not a token": "not.a.token",
+    }
+
+
+def test_the_decoder_answers_every_token_as_pyjwt_does(issuer: Issuer) -> None:
+    settings = Settings(env="development", oidc_issuer=None, redis_url=None)
+    options = {"require": ["sub", "exp", "iat", "iss", "aud"]}
+    for name, token in _development_tokens(settings).items():
+        for algorithms in (["HS256"], ["none"]):
+            kwargs: dict[str, Any] = {"algorithms": algorithms, "audience": audience("registration"),
+                                      "issuer": settings.jwt_issuer, "leeway": 30, "options": options}
+            ours = _answer(functools.partial(auth._decoder.decode, token, settings.jwt_secret, **kwargs))
+            theirs = _answer(functools.partial(jwt.decode, token, settings.jwt_secret, **kwargs))
+            assert ours == theirs, name
+    key = jwt.PyJWK(issuer.jwks()["keys"][0]).key
+    for token in (issuer.token(), issuer.token(aud=[audience("donation")]), issuer.token()[:-3] + "AAA"):
+        kwargs = {"algorithms": ["ES256"], "audience": audience("certification"), "issuer": ISSUER, "leeway": 30}
+        ours = _answer(functools.partial(auth._decoder.decode, token, key, **kwargs))
+        assert ours == _answer(functools.partial(jwt.decode, token, key, **kwargs))
+
+
+async def test_development_tokens_are_refused_when_expired_or_tampered_and_read_as_before() -> None:
+    settings = Settings(env="development", oidc_issuer=None, redis_url=None)
+    tokens = _development_tokens(settings)
+    checker = TokenVerifier(settings, "registration")
+    for _ in range(2):  # the second time from the cache of verified tokens, for the good one
+        principal = await checker.principal(tokens["good"])
+        assert (principal.subject, principal.role, principal.session) == ("resident-1", Role.RESIDENT, None)
+    for name, token in tokens.items():
+        if name not in ("good", "expired within the leeway"):
+            for _ in range(2):  # refused, and refused again
+                with pytest.raises(Unauthenticated):
+                    await checker.principal(token)
+
+
+def test_the_development_key_is_checked_once_and_a_refused_key_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    prepared: list[str | bytes] = []
+    prepare = HMACAlgorithm.prepare_key
+
+    def counting(self: HMACAlgorithm, key: str | bytes) -> bytes:
+        prepared.append(key)
+        return prepare(self, key)
+
+    settings = Settings(env="development")
+    tokens = [mint_token(settings, subject=f"resident-{index}", role=Role.RESIDENT) for index in range(3)]
+    monkeypatch.setattr(HMACAlgorithm, "prepare_key", counting)
+    decoder = auth._Decoder()
+    for token in tokens:
+        decoder.decode(token, settings.jwt_secret, algorithms=["HS256"], audience=audience("registration"))
+    assert prepared == [settings.jwt_secret]
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidKeyError):
+            decoder.decode(token, pem, algorithms=["HS256"], audience=audience("registration"))
+    assert prepared == [settings.jwt_secret, pem, pem]

@@ -26,13 +26,13 @@ def issuer() -> Issuer:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every token PyJWT verifies (its signature and claims)."""
     seen: list[str] = []
-    decode = jwt.decode
+    decode = auth._decoder.decode
 
     def counting(token: str, *args: Any, **kwargs: Any) -> Any:
         seen.append(token)
         return decode(token, *args, **kwargs)
 
-    monkeypatch.setattr(jwt, "decode", counting)  # the module the verifier calls it on
+    monkeypatch.setattr(auth._decoder, "decode", counting)  # the decoder the verifier calls
     return seen
 
 
