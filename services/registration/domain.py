@@ -23,6 +23,7 @@ each with the date they took part; the municipality's managers publish, change a
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -348,8 +349,12 @@ def municipality_from_code(code: str) -> Municipality:
         raise UnknownMunicipalityCode(f"no municipality has the code {code}") from error
 
 
+@functools.lru_cache(maxsize=4096)
 def registrable(code: str) -> Municipality:
-    """A prefecture or municipality a person can register with."""
+    """A prefecture or municipality a person can register with.
+
+    Cached: each registration asks twice, and the answer is the reference table's (fixed). Only
+    codes it accepts are kept (a refusal is raised again every time), so the table bounds it."""
     entry = municipality_from_code(code)
     if entry.kind not in REGISTRABLE_KINDS or entry.northern_territories:
         hint = f"; register with the city {entry.parent_code}" if entry.parent_code else ""
@@ -700,20 +705,21 @@ def plan_registration(
         prefecture = live.get(target.prefecture_code) if not target.is_prefecture else None
         return RegistrationPlan(upgraded, False, "upgrade", None, prefecture.id if prefecture else None)
 
+    prefecture_code = target.prefecture_code  # computed from the code each time it is read
     registration = Registration(
         id=new_id(), resident_id=resident_id, municipality_code=target.code,
-        prefecture_code=target.prefecture_code, tier=tier,
+        prefecture_code=prefecture_code, tier=tier,
         status="active" if tier == "basic" else "pending_review", derived_from=None, registered_at=now,
         pending_review="initial" if tier == "premium" else None,
     )
     if target.is_prefecture:
         return RegistrationPlan(registration, True, registration.pending_review, None, None)
-    reused = live.get(target.prefecture_code)
+    reused = live.get(prefecture_code)
     if reused is not None:
         return RegistrationPlan(registration, True, registration.pending_review, None, reused.id)
     derived = Registration(
-        id=new_id(), resident_id=resident_id, municipality_code=target.prefecture_code,
-        prefecture_code=target.prefecture_code, tier="basic", status="active", derived_from=registration.id,
+        id=new_id(), resident_id=resident_id, municipality_code=prefecture_code,
+        prefecture_code=prefecture_code, tier="basic", status="active", derived_from=registration.id,
         registered_at=now,
     )
     return RegistrationPlan(registration, True, registration.pending_review, derived, derived.id)
