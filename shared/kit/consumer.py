@@ -69,6 +69,16 @@ COMMIT_MAX_DELAY_S = 1.0
 #: How long one poll for a batch listens for records before it asks again (it returns as soon as
 #: any come): idle, a consumer wakes this often, not every few milliseconds.
 POLL_TIMEOUT_MS = 200
+#: Under load (records came within ``LINGER_WHEN_WITHIN_S`` of the last batch), a poll that fetched
+#: less than a full batch waits up to this long for the next records and takes them along: a batch
+#: costs a transaction and several round trips whatever its size (about 1.3 ms of CPU per batch in
+#: notification), and at a steady few hundred events/s each fetch brings a handful. Measured over
+#: the embedded broker at 400-800 events/s (issue #22): 30-50 % larger batches, per event 17-19 %
+#: less PostgreSQL CPU, 9-13 % less broker CPU (fewer fetches) and 3-10 % less in the consumer's
+#: process, for 2-6 ms more hop latency at the median (at most this long). Little effect at the
+#: maximum, where batches are large already. Records after a pause and full batches go at once.
+LINGER_S = 0.01
+LINGER_WHEN_WITHIN_S = 0.01
 DLQ_HEADERS = (
     "dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time",
     inbox.DEAD_LETTER_ID_HEADER, inbox.REPLAY_HEADER,
@@ -811,14 +821,45 @@ class _Dispatch:
 
 class _BatchPoll:
     """A subscriber's poll for the next batch: waits up to ``POLL_TIMEOUT_MS`` for records, returning
-    as soon as any are fetched, and never sleeps after an empty poll (FastStream's own does)."""
+    as soon as any are fetched, and never sleeps after an empty poll (FastStream's own does). Under
+    load a partial batch waits up to ``LINGER_S`` for the next records (see there)."""
 
-    def __init__(self, max_records: int) -> None:
+    def __init__(self, max_records: int, linger_s: float = LINGER_S) -> None:
         self.max_records = max_records
+        self.linger_s = linger_s
+        #: When the last poll that found records returned.
+        self._last_records_at = -1e9
+        #: A fault the lingering poll met after records were in hand: raised by the next poll.
+        self._deferred: BaseException | None = None
 
     async def __call__(self, consumer: Any) -> tuple[ConsumerRecord[bytes, bytes], ...]:
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
         batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_records)
-        return tuple(itertools.chain.from_iterable(batches.values()))
+        records = tuple(itertools.chain.from_iterable(batches.values()))
+        if not records:
+            return records
+        now = time.monotonic()
+        busy, self._last_records_at = now - self._last_records_at < LINGER_WHEN_WITHIN_S, now
+        if busy and self.linger_s > 0 and len(records) < self.max_records:
+            try:
+                # Returns as soon as more records come (or with none after the linger); bounded, as a
+                # rebalance begun meanwhile would hold the records in hand until it ends.
+                more = await asyncio.wait_for(
+                    consumer.getmany(
+                        timeout_ms=round(self.linger_s * 1000), max_records=self.max_records - len(records)
+                    ),
+                    self.linger_s * 2,
+                )
+            except TimeoutError:
+                more = {}
+            except Exception as error:  # the records in hand go first, as aiokafka's own poll does
+                self._deferred, more = error, {}
+            # Each partition's records stay in offset order: later ones come after the first part.
+            records += tuple(itertools.chain.from_iterable(more.values()))
+            self._last_records_at = time.monotonic()
+        return records
 
 
 def dead_letter_origin(headers: Sequence[tuple[str, bytes]]) -> tuple[str, list[tuple[str, bytes]]]:
