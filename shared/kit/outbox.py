@@ -121,23 +121,29 @@ _INSERT = """
     ON CONFLICT (event_id) DO NOTHING
 """
 _INSERT_AND_NOTIFY = f"WITH written AS ({_INSERT}) SELECT pg_notify($10, '')"
-#: The records as columns (``_columns``). The headers of every record are one flat array each, and a
-#: record's own are the slice ``[first:last]`` of them (records carry different numbers of headers,
-#: and PostgreSQL's arrays cannot be ragged). Rows are inserted in the records' order (the outbox id,
-#: the relay's order, is taken in that order); a record whose event is already there, or repeated
-#: among the records, is kept once, as one insert per record would.
+#: The records as columns (``_columns``). The header values of every record are one flat array, and
+#: a record's own are the slice ``[first:last]`` of it (records carry different numbers of headers,
+#: and PostgreSQL's arrays cannot be ragged); its header names are the slice ``[names_first:
+#: names_last]`` of the names, where records with the same names share one slice (most of a batch's
+#: records carry the same attributes: asyncpg spends about half a microsecond per array element, and
+#: PostgreSQL walks a long array to slice it; measured 2 µs less client and at 200-500 records 5-13 µs
+#: less server CPU per record).
+#: Rows are inserted in the records' order (the outbox id, the relay's order, is taken in that
+#: order); a record whose event is already there, or repeated among the records, is kept once, as
+#: one insert per record would.
 _INSERT_MANY = """
     INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, partition_key, traceparent,
                         tracestate)
-    SELECT r.event_id, r.topic, r.key, ($4::text[])[r.first:r.last], ($5::bytea[])[r.first:r.last], r.payload,
-           r.partition_key, r.traceparent, r.tracestate
+    SELECT r.event_id, r.topic, r.key, ($4::text[])[r.names_first:r.names_last], ($5::bytea[])[r.first:r.last],
+           r.payload, r.partition_key, r.traceparent, r.tracestate
     FROM unnest($1::uuid[], $2::text[], $3::bytea[], $6::bytea[], $7::bytea[], $8::text[], $9::text[],
-                $10::int[], $11::int[]) WITH ORDINALITY
-         AS r (event_id, topic, key, payload, partition_key, traceparent, tracestate, first, last, n)
+                $10::int[], $11::int[], $12::int[], $13::int[]) WITH ORDINALITY
+         AS r (event_id, topic, key, payload, partition_key, traceparent, tracestate, first, last, names_first,
+               names_last, n)
     ORDER BY r.n
     ON CONFLICT (event_id) DO NOTHING
 """
-_INSERT_MANY_AND_NOTIFY = f"WITH written AS ({_INSERT_MANY}) SELECT pg_notify($12, '')"
+_INSERT_MANY_AND_NOTIFY = f"WITH written AS ({_INSERT_MANY}) SELECT pg_notify($14, '')"
 _TRACEPARENT, _TRACESTATE = "traceparent", "tracestate"
 
 
@@ -164,25 +170,37 @@ def _split(headers: Sequence[tuple[str, bytes]]) -> tuple[list[str], list[bytes]
 
 
 def _columns(records: Sequence[OutgoingRecord]) -> tuple[list[Any], ...]:
-    """The parameters of ``_INSERT_MANY``: a column per field, every record's headers in one flat
-    array with the record's slice of it (1-based, inclusive; ``first > last`` where it has none)."""
+    """The parameters of ``_INSERT_MANY``: a column per field, every record's header values in one
+    flat array with the record's slice of it (1-based, inclusive; ``first > last`` where it has
+    none), and each distinct list of header names once, with each record's slice of those."""
     names: list[str] = []
     values: list[bytes] = []
     traceparents: list[str | None] = []
     tracestates: list[str | None] = []
     firsts: list[int] = []
     lasts: list[int] = []
+    names_firsts: list[int] = []
+    names_lasts: list[int] = []
+    #: Each distinct list of names: its slice of ``names``.
+    slices: dict[tuple[str, ...], tuple[int, int]] = {}
     for record in records:
         own_names, own_values, traceparent, tracestate = _split(record.headers)
-        firsts.append(len(names) + 1)
-        names += own_names
+        firsts.append(len(values) + 1)
         values += own_values
-        lasts.append(len(names))
+        lasts.append(len(values))
+        key = tuple(own_names)
+        names_slice = slices.get(key)
+        if names_slice is None:
+            names_slice = slices[key] = (len(names) + 1, len(names) + len(own_names))
+            names += own_names
+        names_firsts.append(names_slice[0])
+        names_lasts.append(names_slice[1])
         traceparents.append(traceparent)
         tracestates.append(tracestate)
     return (
         [r.event_id for r in records], [r.topic for r in records], [r.key for r in records], names, values,
         [r.value for r in records], [r.partition_key for r in records], traceparents, tracestates, firsts, lasts,
+        names_firsts, names_lasts,
     )
 
 
