@@ -48,9 +48,8 @@ def offsets(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[tuple[int, 
 
 async def test_records_after_a_pause_go_at_once() -> None:
     fetches = Fetches([{P0: [1, 2]}, {P0: [3]}])
-    begun = time.monotonic()
     assert offsets(await _BatchPoll(500)(fetches)) == [(0, 1), (0, 2)]
-    assert len(fetches.calls) == 1 and time.monotonic() - begun < kit_consumer.LINGER_S
+    assert len(fetches.calls) == 1  # no second fetch: record 3 was there to be taken, and was not
 
 
 async def test_under_load_a_partial_batch_takes_the_next_records_along_in_order() -> None:
@@ -70,7 +69,9 @@ async def test_the_linger_ends_when_nothing_more_comes() -> None:
     await poll(fetches)
     begun = time.monotonic()
     assert offsets(await poll(fetches)) == [(0, 2)]
-    assert kit_consumer.LINGER_S * 0.8 <= time.monotonic() - begun < 2 * kit_consumer.LINGER_S + 0.05
+    # it waited for more (the fetch's own timeout), and then gave up: bounded, not until records come
+    # (the upper bound is loose: a loaded machine runs the loop late, never early)
+    assert kit_consumer.LINGER_S * 0.8 <= time.monotonic() - begun < 1.0
 
 
 async def test_a_full_batch_goes_at_once() -> None:
