@@ -354,6 +354,13 @@ async def table_rows(pool: asyncpg.Pool, query: str, *volatile: str) -> list[dic
     return [without(dict(row), *volatile) for row in await pool.fetch(query)]
 
 
+async def tables_rows(
+    pool: asyncpg.Pool, queries: Mapping[str, str], *volatile: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Each named query's ``table_rows``: a snapshot of a database to compare with another's."""
+    return {name: await table_rows(pool, query, *volatile) for name, query in queries.items()}
+
+
 class QueryLog:
     """The statements of a pool's connections (give it as ``on_query``), for counting."""
 

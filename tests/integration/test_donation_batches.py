@@ -35,7 +35,7 @@ from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, 
 from shared.kit.db import Connection
 from shared.kit.settings import Settings
 from shared.reference import find_municipality_by_full_name
-from tests.support import OpenPool, PooledStatements, bearer, in_transaction, service_client, service_pools
+from tests.support import OpenPool, PooledStatements, bearer, in_transaction, service_client, service_pools, tables_rows
 
 SHIRAHAMA = "304018"  # 和歌山県白浜町 (JAL mileage program)
 TANABE = find_municipality_by_full_name("和歌山県田辺市").code
@@ -127,7 +127,7 @@ SNAPSHOT = {
 
 
 async def snapshot(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
-    return {table: [dict(r) for r in await pool.fetch(query)] for table, query in SNAPSHOT.items()}
+    return await tables_rows(pool, SNAPSHOT)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from tests.integration.test_registration_support import (
     premium,
     resident_auth,
 )
-from tests.support import OpenPool, PooledStatements, in_transaction, service_client, service_pools
+from tests.support import OpenPool, PooledStatements, in_transaction, service_client, service_pools, tables_rows
 
 AT = datetime(2026, 1, 10, 3, 0, tzinfo=UTC)
 #: What the batch statements start with (the one-write forms: ``lock_resident_for_registration(``
@@ -92,7 +92,7 @@ SNAPSHOT = {
 
 
 async def snapshot(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
-    return {table: [dict(r) for r in await pool.fetch(query)] for table, query in SNAPSHOT.items()}
+    return await tables_rows(pool, SNAPSHOT)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from tests.support import (
     in_transaction,
     membership,
     service_pools,
-    table_rows,
+    tables_rows,
     without,
 )
 
@@ -123,7 +123,7 @@ async def state(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
         "ledger": "SELECT * FROM budget_ledger ORDER BY entry_id",
         "donations": "SELECT * FROM donation_credits ORDER BY donation_id",
     }
-    rows = {table: await table_rows(pool, query, *VOLATILE) for table, query in queries.items()}
+    rows = await tables_rows(pool, queries, *VOLATILE)
     for row in rows["ledger"]:
         row.pop("entry_id")
     outbox = await pool.fetch("SELECT topic, key, header_names, header_values, payload FROM outbox ORDER BY id")
