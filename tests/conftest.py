@@ -54,6 +54,8 @@ def make_settings(backends: Backends, run_id: str, **overrides: object) -> Setti
         "kafka_session_timeout_ms": 2000,
         "kafka_heartbeat_interval_ms": 500,
         "kafka_fetch_max_wait_ms": 10,
+        # Idle consumers rest between fetches here too, briefly: a test's next event is not kept waiting.
+        "consumer_idle_rest_ms": 20,
         "outbox_poll_interval_s": 0.2,
         "log_level": "WARNING",
         "gc_freeze_after_start": False,  # many runtimes share this process

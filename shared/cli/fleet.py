@@ -30,6 +30,7 @@ def service_env(settings: Settings, backends: Backends, smtp_url: str | None) ->
         "NICHIIKI_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
         "NICHIIKI_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
         "NICHIIKI_KAFKA_FETCH_MAX_WAIT_MS": str(settings.kafka_fetch_max_wait_ms),
+        "NICHIIKI_CONSUMER_IDLE_REST_MS": str(settings.consumer_idle_rest_ms),
         "NICHIIKI_OUTBOX_POLL_INTERVAL_S": str(settings.outbox_poll_interval_s),
         "NICHIIKI_LOG_FORMAT": "json",
         "NICHIIKI_LOG_LEVEL": "INFO",

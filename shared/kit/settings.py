@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = 1_000
     kafka_max_poll_interval_ms: int = 300_000
     consumer_batch_size: int = 500
+    #: An idle consumer (no records for a second) pauses this long between fetches: the embedded
+    #: broker burns CPU all the while a fetch waits on it (``consumer.IDLE_AFTER_S``). The first
+    #: record after a quiet spell may wait this long per hop; 0 keeps a fetch waiting at all times.
+    consumer_idle_rest_ms: int = 400
     #: Offsets of applied batches are committed at most this often, not after every batch: a commit
     #: is a broker round trip on the consumer's path and about 0.35 ms of CPU, and the inbox makes
     #: re-reading the uncommitted tail after a crash harmless.
