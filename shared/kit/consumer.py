@@ -83,7 +83,7 @@ LINGER_WHEN_WITHIN_S = 0.01
 #: partitions paused for ``consumer_idle_rest_ms``) instead of keeping a fetch waiting on the broker.
 #: The embedded broker spends CPU all the while a fetch waits, in proportion to its partitions
 #: (measured: ten idle consumers of a 4-partition topic 0.23 cores at a 60 ms wait, 0.12 at 500 ms,
-#: of 1 partition 0.06-0.14, of 12 partitions 0.40), so an idle platform of a dozen groups over
+#: of 1 partition 0.06, of 12 partitions 0.40), so an idle platform of a dozen groups over
 #: 2-40 partitions each kept a third of a core of the 2-core machine busy doing nothing.
 IDLE_AFTER_S = 1.0
 DLQ_HEADERS = (
