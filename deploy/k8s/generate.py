@@ -151,6 +151,9 @@ def config_maps() -> list[Resource]:
         # behind the ingress controller the client is the last X-Forwarded-For entry (rate limits per IP)
         "NICHIIKI_RATE_LIMIT_TRUST_FORWARDED_FOR": "true",
         "NICHIIKI_STATE_DIR": STATE_DIR,
+        # Apache Kafka holds a waiting fetch at no cost: idle consumers keep one waiting, not resting
+        # between fetches as on the embedded broker (docs/architecture.md, "Latency")
+        "NICHIIKI_CONSUMER_IDLE_REST_MS": "0",
     }
     edge = {
         "NICHIIKI_PARTNER_KAFKA_BOOTSTRAP": f"{EDGE_CLUSTER}-kafka-bootstrap.{EDGE_NAMESPACE}.svc:{KAFKA_PORT}",
