@@ -61,7 +61,7 @@ async def test_a_consumer_that_just_joined_listens_at_once() -> None:
     assert consumer.calls == [("getmany", kit_consumer.POLL_TIMEOUT_MS)]
 
 
-async def test_an_idle_consumer_pauses_its_partitions_rests_and_listens_one_fetch_wait(idle_at_once: None) -> None:
+async def test_an_idle_consumer_pauses_its_partitions_rests_then_listens_its_listen(idle_at_once: None) -> None:
     consumer = Consumer({P0, P1}, [{}, {}])
     poll = _BatchPoll(500, rest_s=0.03, listen_ms=60)
     await poll(consumer)  # not idle yet: the usual listen
