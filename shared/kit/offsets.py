@@ -2,7 +2,8 @@
 
 The embedded broker (Tansu 0.6) answers ListOffsets(latest) — ``end_offsets`` — with a stale end
 under concurrent producers: measured, 374 while records ran to offset 374 (one short) and 267
-while they ran to 331; the high watermark in its *fetch* responses was right each time. Apache
+while they ran to 331, and 30-70 short after bursts of 12,000 on 4 partitions, staying so until the
+next record came; the high watermark in its *fetch* responses was right each time. Apache
 Kafka's answers agree, so nothing here costs more there than one short fetch. Two rules follow:
 
 - the end of a partition is never less than what was fetched from it: ``end_of`` takes the
