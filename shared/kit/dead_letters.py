@@ -16,6 +16,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from shared.contracts.acls import DLQ_REPLAY_GROUP
 from shared.contracts.topics import cluster_of
 from shared.kit.consumer import dead_letter_origin
 from shared.kit.inbox import DEAD_LETTER_ID_HEADER, REPLAY_HEADER
@@ -35,10 +36,13 @@ async def replay_dead_letters(
     again (a new dead letter) for the next replay. ``progress(replayed, total)`` is called after
     each batch (total: what was left to replay when the first batch came, by ``shared.kit.offsets``)."""
     internal = KafkaConnection.internal(settings)
+    if await _all_replayed(internal, dlq_topic, settings.topic(DLQ_REPLAY_GROUP)):
+        log.info("dead letters replayed", topic=dlq_topic, count=0)
+        return 0
     consumer = AIOKafkaConsumer(
         dlq_topic,
         **internal.aiokafka_kwargs(),
-        group_id=settings.topic("nichiiki.dlq-replay"),
+        group_id=settings.topic(DLQ_REPLAY_GROUP),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
@@ -108,5 +112,28 @@ async def _ends(connection: KafkaConnection, assigned: list[TopicPartition]) -> 
     await probe.start()
     try:
         return await log_end_offsets(probe, assigned)
+    finally:
+        await probe.stop()
+
+
+async def _all_replayed(connection: KafkaConnection, dlq_topic: str, group: str) -> bool:
+    """Whether the replay group has already passed every record of ``dlq_topic``.
+
+    Asked without joining the group: a join, and the first fetch that waits it out, takes seconds
+    (the session timeout and more) even where there is nothing to replay, and most dead-letter
+    topics have nothing. A topic not known yet is left to the replay itself."""
+    probe = end_probe(connection.aiokafka_kwargs(), group_id=group)
+    await probe.start()
+    try:
+        await probe.topics()  # fetches the metadata
+        partitions = probe.partitions_for_topic(dlq_topic)
+        if not partitions:
+            return False
+        tps = [TopicPartition(dlq_topic, p) for p in sorted(partitions)]
+        # Where a replay would start: the group's commit, or (none yet) the log's first record.
+        firsts = await probe.beginning_offsets(tps)
+        starts = {tp: committed if (committed := await probe.committed(tp)) is not None else firsts[tp] for tp in tps}
+        ends = await log_end_offsets(probe, tps)
+        return all(starts[tp] >= ends[tp] for tp in tps)
     finally:
         await probe.stop()

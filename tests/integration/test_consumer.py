@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 from faststream.kafka import KafkaBroker
 
+from shared.contracts.acls import DLQ_REPLAY_GROUP
 from shared.contracts.topics import Topic
 from shared.kit.consumer import EventConsumer, EventRouter, HandlerContext
 from shared.kit.dead_letters import replay_dead_letters
@@ -157,6 +158,8 @@ async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_af
 
         failing.clear()  # the fix is deployed
         assert await replay_dead_letters(settings, topic + ".dlq") == 1
+        # Its progress is kept by the group the ops ACL allows (shared.contracts.acls).
+        assert await group_offsets(settings, settings.topic(DLQ_REPLAY_GROUP), topic + ".dlq") == {0: 1}
 
         async def replayed() -> bool:
             return bool(await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 13"))
@@ -166,18 +169,37 @@ async def test_a_failing_handler_is_retried_then_parked_and_replay_applies_it_af
         assert await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 13") == 1
         assert await replay_dead_letters(settings, topic + ".dlq") == 0  # nothing new to replay
 
+        # One parked after a replay is the next replay's (the group's commit is where it starts).
+        failing.add(15)
+        await produce(settings, topic, [ping_record("r-3", 15)])
+
+        async def parked_again() -> bool:
+            return consumer.stats.parked == 2
+
+        await eventually(parked_again)
+        failing.clear()
+        assert await replay_dead_letters(settings, topic + ".dlq") == 1
+
+        async def fifteen_applied() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM pings WHERE sequence = 15"))
+
+        await eventually(fifteen_applied)
+
 
 async def committed_offsets(settings: Settings, consumer: EventConsumer) -> dict[int, int]:
     """Partition → committed offset of the consumer's group on its one-partition topic."""
+    return await group_offsets(settings, consumer.group_id, consumer.topics[0])
+
+
+async def group_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """Partition → committed offset of ``group`` on the one-partition ``topic``."""
     from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        offsets = await admin.list_consumer_group_offsets(
-            consumer.group_id, partitions=[TopicPartition(consumer.topics[0], 0)]
-        )
+        offsets = await admin.list_consumer_group_offsets(group, partitions=[TopicPartition(topic, 0)])
     finally:
         await admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
