@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dlq":
         from shared.kit.dead_letters import replay_dead_letters
 
-        sys.stderr.write(f"{args.topic}: replaying (the first read waits for the replay group to form)...\n")
+        sys.stderr.write(f"{args.topic}: replaying (if any is left, the first read waits for the group to form)...\n")
         count = asyncio.run(replay_dead_letters(_wired(settings), args.topic, progress=_progress_line(args.topic)))
         _out(f"{count} dead letters replayed from {args.topic}")
         return 0
