@@ -12,6 +12,7 @@ PostgreSQL refuses to run as root. When this process is root (containers, CI), `
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -56,17 +57,23 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
     except KeyError:
         pass
-    log.info("stack.postgres.create_user", user=name)
-    result = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    # exit code 9: the user was created concurrently (another test worker, for instance)
-    if result.returncode not in (0, 9):
-        raise RuntimeError(f"useradd {name} failed ({result.returncode}): {result.stderr.strip()}")
-    return pwd.getpwnam(name)
+    # One creator at a time (test workers start their stacks together on a fresh machine): seen here,
+    # two useradd at once left a worker holding a uid that ended up belonging to no user.
+    with open(Path(tempfile.gettempdir()) / f"{name}.useradd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+        log.info("stack.postgres.create_user", user=name)
+        result = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        # exit code 9: the user exists already (created by a process that took no lock)
+        if result.returncode not in (0, 9):
+            raise RuntimeError(f"useradd {name} failed ({result.returncode}): {result.stderr.strip()}")
+        return pwd.getpwnam(name)
 
 
 def _add_mode(path: Path, bits: int) -> None:
