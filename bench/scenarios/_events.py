@@ -382,8 +382,8 @@ def resident_registered(
     resident_id: str, municipality_code: str, *, email: str, keys: Mapping[str, bytes], language: str = "ja",
     email_consent: bool = False, share_with: Sequence[str] = (), now: datetime | None = None,
 ) -> Envelope:
-    """A basic, active registration as the registration service would announce it (v2: the contact
-    sealed with the resident's key, from ``keys``)."""
+    """A basic, active first registration as the registration service would announce it: the contact
+    sealed with the resident's key (from ``keys``), with the prefecture registration it brought."""
     now = now or datetime.now(UTC)
     town = municipalities()[municipality_code]
     consents = [ConsentState(purpose="share_certificate", partner=p, granted=True, at=now) for p in share_with]
@@ -397,6 +397,7 @@ def resident_registered(
             preferred_language="en" if language == "en" else "ja",
         )),
         consents=consents, registered_at=now,
+        derived_prefecture_registration_id=None if town.is_prefecture else f"reg-{resident_id}-prefecture",
     )
     return new_envelope("registration", event, subject=resident_id)
 

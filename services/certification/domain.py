@@ -567,7 +567,10 @@ def registrations_to_read(events: Iterable[ProjectionEvent]) -> list[str]:
     for event in events:
         if isinstance(event, ConsentChanged):
             continue
-        if not isinstance(event, ResidentRegistered) and event.registration_id not in saved:
+        if isinstance(event, ResidentRegistered):
+            saved.update(r.registration_id for r in event.registrations())
+            continue
+        if event.registration_id not in saved:
             needed.append(event.registration_id)
         saved.add(event.registration_id)
     return needed
@@ -582,7 +585,8 @@ def project_events(
     for event, at in events:
         if isinstance(event, ResidentRegistered):
             changes.touch_resident(event.resident_id, at, event.legal_address_code)
-            changes.save_registration(event.resident_id, registration_registered(event), at)
+            for registered in event.registrations():  # with the prefecture's it brought
+                changes.save_registration(event.resident_id, registration_registered(registered), at)
             for consent in share_consents(event.consents):
                 changes.set_consent(event.resident_id, consent)
         elif isinstance(event, ConsentChanged):

@@ -100,12 +100,13 @@ def changes_of(events: Iterable[EventData], erased: dict[str, date]) -> list[Cha
     for e in events:
         match e:
             case ResidentRegistered():
-                out.append(Change("register", (
-                    e.registration_id, rid(e.resident_id), e.municipality_code, e.prefecture_code, e.tier,
-                    e.status, japan_date(e.registered_at),
-                )))
-                if e.resident_id in erased:
-                    out.append(Change("end_registration", (e.registration_id, "withdrawn", erased[e.resident_id])))
+                for r in e.registrations():  # with the prefecture's it brought
+                    out.append(Change("register", (
+                        r.registration_id, rid(r.resident_id), r.municipality_code, r.prefecture_code, r.tier,
+                        r.status, japan_date(r.registered_at),
+                    )))
+                    if r.resident_id in erased:
+                        out.append(Change("end_registration", (r.registration_id, "withdrawn", erased[r.resident_id])))
             case PremiumApproved():
                 out.append(Change("approve_premium", (e.registration_id,)))
             case PremiumRejected():

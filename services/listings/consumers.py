@@ -31,8 +31,8 @@ async def registered(run: Run[ResidentRegistered]) -> None:
     # Only the ids and codes: the sealed contact is never opened or kept here. A run holds no erasure
     # (that event ends it), so the one statement's look at the erased (``store``) is exact.
     await handlers.record_registrations(run.conn, [
-        (event.registration_id, event.resident_id, event.municipality_code, event.prefecture_code)
-        for event in run.events if event.status in ("active", "pending_review")
+        (r.registration_id, r.resident_id, r.municipality_code, r.prefecture_code)
+        for event in run.events for r in event.registrations() if r.status in ("active", "pending_review")
     ])
 
 

@@ -173,8 +173,9 @@ def format_places(codes: Sequence[str], language: Language) -> str:
 # -- which events become which messages -------------------------------------------------------
 
 
-def is_derived_prefecture_row(event: ResidentRegistered) -> bool:
-    """Registering with a municipality also registers with its prefecture: that row is not news."""
+def is_prefecture_registration(event: ResidentRegistered) -> bool:
+    """A registration with a prefecture itself. The confirmation speaks of a municipality and the
+    prefecture it also registers with, which does not fit one (and has no words of its own yet)."""
     return event.municipality_code == event.prefecture_code
 
 
@@ -183,7 +184,7 @@ def notice_for(event: EventData) -> Notice | None:
     match event:
         case ResidentRegistered():
             # Premium sign-ups start pending review and are announced by PremiumRequested.
-            if event.status != "active" or is_derived_prefecture_row(event):
+            if event.status != "active" or is_prefecture_registration(event):
                 return None
             return Notice("registration_confirmed", event.resident_id, {
                 "municipality": Place(event.municipality_code),
@@ -408,8 +409,8 @@ def _fits(updates: Mapping[str, Update], update: Update | None, resident: str, t
     if update is None:
         return True
     if resident in updates:
-        # Applying the same update again changes nothing (a registration's derived prefecture row
-        # repeats its municipal row's contact and consents); another one would touch the row twice.
+        # Applying the same update again changes nothing (a second registration of the same person
+        # repeats their contact and consents); another one would touch the row twice.
         return updates[resident] == update
     return resident not in told  # a message earlier in the chunk must not see it
 

@@ -71,8 +71,8 @@ async def _open_contacts(keyring: Keyring, events: Sequence[EventData]) -> list[
     """Each registration's contact, opened in one look-up of keys (None for other events, and for a
     contact whose person was erased: their key is gone)."""
     sealed = [event.contact if isinstance(event, ResidentRegistered) else None for event in events]
-    # A registration and its derived prefecture row carry the same sealed contact: each distinct one
-    # is opened (AES-GCM) and read (JSON) once, not once per event.
+    # Each distinct sealed contact is opened (AES-GCM) and read (JSON) once, not once per event (a
+    # redelivered registration carries the same one).
     distinct: dict[tuple[str, str, str], Sealed] = {}
     for value in sealed:
         if value is not None:

@@ -538,7 +538,7 @@ class RegistrationPlan:
     registration: Registration  # the new row, or the basic row being upgraded
     is_new: bool
     review: ReviewKind | None
-    derived_prefecture: Registration | None  # a new derived prefecture row
+    derived_prefecture: Registration | None  # a new derived prefecture row (only with a new registration)
     prefecture_registration_id: str | None  # the prefecture row (new or reused); None for a prefecture
 
     @property

@@ -86,9 +86,11 @@ async def _prepare_sealing(runtime: ServiceRuntime, resident_id: str) -> None:
 
 
 async def _emit_registered(
-    uow: UnitOfWork, resident: Resident, contact: Sealed, r: Registration, consents: Sequence[Consent],
-    now: datetime,
+    uow: UnitOfWork, resident: Resident, contact: Sealed, r: Registration, derived_prefecture: Registration | None,
+    consents: Sequence[Consent], now: datetime,
 ) -> None:
+    """One event for the registration and the prefecture's it brought (a second one would cost every
+    consumer of the topic a record of its own for what the first one already implies)."""
     await uow.emit(
         RESIDENTS,
         events.ResidentRegistered(
@@ -98,6 +100,7 @@ async def _emit_registered(
             consents=[events.ConsentState(purpose=c.purpose, partner=c.partner, granted=c.granted, at=c.at)
                       for c in consents],
             registered_at=now,
+            derived_prefecture_registration_id=None if derived_prefecture is None else derived_prefecture.id,
         ),
         subject=resident.id,
     )
@@ -303,13 +306,10 @@ async def register(
                 verification_id = await _record_identity(uow, resident_id, identity, now)
             await store.insert_review(uow.conn, _new_id(), registration.id, plan.review, verification_id,
                                       activities, now)
-        consents = locked.consents if plan.is_new else []
-        if plan.is_new or plan.derived_prefecture is not None:
+        if plan.is_new:  # a derived prefecture registration comes only with a new one
             contact = await _sealed_contact(write.runtime, resident_id, resident.contact)
-            if plan.is_new:
-                await _emit_registered(uow, resident, contact, registration, consents, now)
-            if plan.derived_prefecture is not None:
-                await _emit_registered(uow, resident, contact, plan.derived_prefecture, consents, now)
+            await _emit_registered(uow, resident, contact, registration, plan.derived_prefecture, locked.consents,
+                                   now)
         if plan.review is not None:
             await _emit_premium_requested(uow, registration, activities, now)
         log.info("registered", resident_id=resident_id, registration_id=registration.id,

@@ -44,10 +44,12 @@ class ConsentState(BaseModel):
     at: datetime
 
 
-class ResidentRegistered(EventData, name="registration.resident.registered", version=2, topic=RESIDENTS):
+class ResidentRegistered(EventData, name="registration.resident.registered", version=3, topic=RESIDENTS):
     """A registration with one municipality became known (basic: active; premium: pending review).
 
-    v2: the contact is sealed with the resident's data key (a ``Contact`` as JSON)."""
+    v2: the contact is sealed with the resident's data key (a ``Contact`` as JSON).
+    v3: the registration with the prefecture that a municipal one brings travels in the same event
+    (``derived_prefecture_registration_id``), not in an event of its own: one act, one event."""
 
     resident_id: str
     registration_id: str
@@ -59,6 +61,22 @@ class ResidentRegistered(EventData, name="registration.resident.registered", ver
     contact: Sealed
     consents: list[ConsentState] = []
     registered_at: datetime
+    derived_prefecture_registration_id: str | None = Field(
+        default=None,
+        description="The registration with the prefecture (`prefecture_code`) that this one brought: basic, "
+        "active, with the same contact, consents and time. Null when the person already had one, or when this "
+        "registration is with a prefecture.",
+    )
+
+    def registrations(self) -> list[ResidentRegistered]:
+        """This event as one registration each: itself, then the prefecture's it brought (if any)."""
+        if self.derived_prefecture_registration_id is None:
+            return [self]
+        derived = self.model_copy(update={
+            "registration_id": self.derived_prefecture_registration_id, "municipality_code": self.prefecture_code,
+            "tier": "basic", "status": "active", "derived_prefecture_registration_id": None,
+        })
+        return [self, derived]
 
 
 class PremiumRequested(EventData, name="registration.premium_requested", topic=RESIDENTS):

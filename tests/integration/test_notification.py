@@ -46,7 +46,7 @@ from shared.kit.settings import Settings
 from shared.stack.ports import free_port
 from shared.stack.smtp_sink import SmtpSink
 from tests.support import bearer, eventually, produce, read_topic, seal_for_tests, sealed_for, service_client
-from tests.unit.test_notification_rendering import DECIDED, EXPECTED, SHIRAHAMA, WAKAYAMA, registration, sample_events
+from tests.unit.test_notification_rendering import DECIDED, EXPECTED, SHIRAHAMA, registration, sample_events
 
 FAST = MailerConfig(
     retry=RetryPolicy(base=timedelta(milliseconds=200), cap=timedelta(seconds=1), max_attempts=6),
@@ -251,9 +251,8 @@ async def test_every_decision_reaches_inbox_and_email_in_the_residents_language(
     async with smtp_sink(tmp_path) as sink, running(own_settings(settings, sink.url)) as run:
         await registered(
             run,
-            registration(ja, name="山田 太郎", email=address(ja), language="ja"),
-            # The derived prefecture row of the same registration: no second confirmation.
-            registration(ja, name="山田 太郎", email=address(ja), municipality=WAKAYAMA, prefecture=WAKAYAMA),
+            # With the prefecture registration it brought (和歌山県): still one confirmation.
+            registration(ja, name="山田 太郎", email=address(ja), language="ja", derived_prefecture=f"reg-{ja}-pref"),
             registration(en, name="Emma Brown", email=address(en), language="en"),
         )
         events = [e for r in (ja, en) for kind, e in sample_events(r).items() if kind != "registration_confirmed"]
@@ -269,7 +268,7 @@ async def test_every_decision_reaches_inbox_and_email_in_the_residents_language(
         languages: tuple[tuple[str, Language, str], ...] = ((ja, "ja", "山田 太郎"), (en, "en", "Emma Brown"))
         for resident, language, name in languages:
             inbox = {row["kind"]: row for row in await messages_of(run.pool, resident)}
-            assert set(inbox) == set(EXPECTED)  # one each: the prefecture row made no message
+            assert set(inbox) == set(EXPECTED)  # one each: the prefecture registration made no second
             emails = {row["kind"]: row for row in await emails_of(run.pool, resident)}
             mail = {m["X-Nichiiki-Template"]: m for m in mail_to(sink, address(resident))}
             assert len(mail_to(sink, address(resident))) == kinds

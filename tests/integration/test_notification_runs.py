@@ -43,7 +43,9 @@ from tests.support import (
     sealed_for,
     service_pools,
 )
-from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, registration, sample_events
+from tests.unit.test_notification_rendering import DECIDED, registration, sample_events
+
+HOKKAIDO = "010006"
 
 MIGRATIONS = Path(consumers.__file__).parent / "migrations"
 
@@ -152,10 +154,11 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
     ]
     copy = envelope_of(samples[emma]["certificate_issued"])
     batch = [
-        await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en")),
-        # Its derived prefecture row: the same contact and consent again, no message.
         await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en",
-                                 municipality=WAKAYAMA, prefecture=WAKAYAMA)),
+                                                    derived_prefecture=f"reg-{emma}-pref")),
+        # A registration with a prefecture itself (北海道): the same contact and consent again, no message.
+        await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en",
+                                                    municipality=HOKKAIDO, prefecture=HOKKAIDO)),
         copy,
         copy,  # a duplicate in the same batch
         envelope_of(ConsentChanged(resident_id=emma, purpose="email", granted=False, at=DECIDED + timedelta(hours=1))),
@@ -230,9 +233,8 @@ async def test_a_burst_of_registrations_and_decisions_costs_three_statements(
     events: list[EventData] = []
     for i, resident in enumerate(residents):
         language: Language = "en" if i % 2 else "ja"
-        events.append(registration(resident, email=address(resident), language=language))
         events.append(registration(resident, email=address(resident), language=language,
-                                   municipality=WAKAYAMA, prefecture=WAKAYAMA))
+                                   derived_prefecture=f"reg-{resident}-pref"))
     events += [sample_events(resident)["certificate_issued"] for resident in residents]
     log = QueryLog()
     pool = await pools("notification_runs", log)

@@ -202,7 +202,7 @@ async def test_a_premium_request_names_designated_activities_and_staff_see_the_e
     assert (shown[2]["activity"]["kind"], shown[2]["activity"]["evidence_required"]) == ("environment", True)
     assert shown[0]["activity"]["sample"] is True
     # Four picks, three distinct designated activities: the event counts those, and names none.
-    events = await events_of(settings, pool, resident_id, 3)
+    events = await events_of(settings, pool, resident_id, 2)
     requested_event = decoded(of_type(events, PremiumRequested)[0], PremiumRequested, resident_id)
     assert requested_event.activity_count == 3
     assert own["id"] not in requested_event.model_dump_json()

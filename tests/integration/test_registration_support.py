@@ -173,7 +173,9 @@ async def events_of(
 
     records = await read_topic(settings, topic, until=enough, timeout=20)
     # One key, one partition: the records are in the order they were emitted.
-    return [parse_envelope(r.headers, r.value, r.key) for r in records if r.key == key]
+    events = [parse_envelope(r.headers, r.value, r.key) for r in records if r.key == key]
+    assert len(events) >= expected, f"{[e.type for e in events]} of {resident_id}, expected {expected}"
+    return events
 
 
 def decoded(envelope: Envelope, model: type[EventData], resident_id: str) -> Any:

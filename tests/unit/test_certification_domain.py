@@ -55,8 +55,10 @@ from services.certification.domain import (
     days_left,
     expired_on,
     expiring_window,
+    project_events,
     registration_after,
     registration_registered,
+    registrations_to_read,
     scheme_after_plan_event,
     seed_schemes,
     share_consents,
@@ -237,6 +239,22 @@ def registered_event(tier: str, status: str) -> ResidentRegistered:
         contact=seal_for_tests(resident_subject("r-1"), Contact(name="山田", name_kana="ヤマダ", email="r@example.jp")),
         registered_at=AT,
     )
+
+
+def test_a_registration_saves_the_prefecture_registration_it_brought() -> None:
+    event = registered_event("premium", "pending_review").model_copy(
+        update={"derived_prefecture_registration_id": "g-pref"})
+    withdrawn = RegistrationWithdrawn(resident_id="r-1", registration_id="g-pref", municipality_code="300004",
+                                      withdrawn_at=AT)
+    # Both were saved by the run itself: nothing to read before it.
+    assert registrations_to_read([event, withdrawn]) == []
+    changes = project_events([(event, AT)], {})
+    assert {k: (r.registration.municipality_code, r.registration.tier, r.registration.status)
+            for k, r in changes.registrations.items()} == {
+        "g-1": (SHIRAHAMA, "premium", "pending_review"), "g-pref": ("300004", "basic", "active")}
+    after = project_events([(event, AT), (withdrawn, AT)], {})
+    assert after.registrations["g-pref"].registration.status == "withdrawn"
+    assert list(after.residents) == ["r-1"]
 
 
 def test_registration_events_move_the_registration() -> None:

@@ -45,6 +45,18 @@ def test_a_registration_is_dated_by_the_japanese_calendar() -> None:
     assert change.args == ("g1", "r1", SHIRAHAMA, WAKAYAMA, "basic", "active", date(2026, 1, 1))
 
 
+def test_a_registration_counts_the_prefecture_registration_it_brought() -> None:
+    event = registered("r1", "g1").model_copy(update={"derived_prefecture_registration_id": "g1-pref"})
+    town, prefecture = changes_of([event], {})
+    assert town.args == ("g1", "r1", SHIRAHAMA, WAKAYAMA, "basic", "active", date(2026, 1, 1))
+    assert prefecture.args == ("g1-pref", "r1", WAKAYAMA, WAKAYAMA, "basic", "active", date(2026, 1, 1))
+    # Read again after the person's erasure: both counted, both ended on that day, no id.
+    late = changes_of([event], {"r1": date(2026, 2, 1)})
+    assert [(c.op, c.args[0]) for c in late] == [
+        ("register", "g1"), ("end_registration", "g1"), ("register", "g1-pref"), ("end_registration", "g1-pref")]
+    assert late[0].args[1] is None and late[2].args[1] is None
+
+
 def test_an_erased_resident_leaves_counts_but_never_an_id() -> None:
     erased: dict[str, date] = {}
     changes = changes_of([

@@ -79,10 +79,11 @@ DECIDED = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
 def registration(
     resident_id: str, *, name: str = "山田 太郎", email: str = "taro@example.jp", language: Language = "ja",
     email_consent: bool = True, municipality: str = SHIRAHAMA, prefecture: str = WAKAYAMA,
-    status: str = "active", tier: str = "basic",
+    status: str = "active", tier: str = "basic", derived_prefecture: str | None = None,
 ) -> ResidentRegistered:
     """A registration as registration publishes it, its contact sealed with the tests' key
-    (``tests.support.sealed_for`` seals it again with a service's key store before it is fed)."""
+    (``tests.support.sealed_for`` seals it again with a service's key store before it is fed);
+    ``derived_prefecture``: the id of the prefecture registration it brought."""
     contact = Contact(name=name, name_kana="ヤマダ タロウ", email=email, preferred_language=language)
     return ResidentRegistered.model_validate({
         "resident_id": resident_id, "registration_id": f"reg-{resident_id}-{municipality}",
@@ -90,7 +91,7 @@ def registration(
         "legal_address_code": "131121",
         "contact": seal_for_tests(resident_subject(resident_id), contact),
         "consents": [ConsentState(purpose="email", granted=email_consent, at=DECIDED - timedelta(days=1))],
-        "registered_at": DECIDED,
+        "registered_at": DECIDED, "derived_prefecture_registration_id": derived_prefecture,
     })
 
 
@@ -312,7 +313,10 @@ def test_an_unknown_partner_is_named_by_its_code() -> None:
 
 def test_only_an_active_municipal_registration_is_confirmed() -> None:
     assert notice_for(registration("r-1")) is not None
-    # The derived prefecture row (registering with 白浜町 also registers with 和歌山県): no second message.
+    # Registering with 白浜町 also registered with 和歌山県: one event, one message.
+    with_prefecture = notice_for(registration("r-1", derived_prefecture="reg-r-1-wakayama"))
+    assert with_prefecture is not None and with_prefecture.facts["prefecture"] == Place(WAKAYAMA)
+    # A registration with the prefecture itself: the message's words ("also registered with …") do not fit.
     assert notice_for(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA)) is None
     # A premium sign-up pending review is announced by PremiumRequested, not here.
     assert notice_for(registration("r-1", status="pending_review", tier="premium")) is None

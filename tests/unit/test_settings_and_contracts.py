@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from shared.contracts.catalog import RETIRED_EVENT_TYPES, asyncapi, load_all_contracts, render_documents
+from shared.contracts.registration import ConsentState, ResidentRegistered
+from shared.contracts.sealed import Sealed
 from shared.contracts.topics import ALL_TOPICS, PARTNER_FEED, PARTNER_TRIPS, SERVICES, dead_letter_topics
 from shared.kit.settings import Settings
 
@@ -64,3 +67,26 @@ def test_committed_contract_documents_match_the_models(repo_root: Path) -> None:
     assert sorted(committed) == sorted([*generated, *retired]), "run ./nichiiki contracts"
     for path, text in generated.items():
         assert json.loads(committed[path]) == json.loads(text), f"{path} is stale: run ./nichiiki contracts"
+
+
+def test_a_registration_and_the_prefecture_registration_it_brought_are_one_event() -> None:
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    event = ResidentRegistered(
+        resident_id="r-1", registration_id="g-town", municipality_code="304018", prefecture_code="300004",
+        tier="premium", status="pending_review", legal_address_code="131016",
+        contact=Sealed(kid="resident:r-1", iv="iv", ct="ct"),
+        consents=[ConsentState(purpose="email", granted=True, at=at)], registered_at=at,
+        derived_prefecture_registration_id="g-prefecture",
+    )
+    town, prefecture = ResidentRegistered.model_validate_json(event.model_dump_json()).registrations()
+    assert town == event
+    # The prefecture's: basic and active whatever the municipal one is, the rest as it.
+    assert (prefecture.registration_id, prefecture.municipality_code, prefecture.prefecture_code) == (
+        "g-prefecture", "300004", "300004")
+    assert (prefecture.tier, prefecture.status, prefecture.derived_prefecture_registration_id) == (
+        "basic", "active", None)
+    assert (prefecture.resident_id, prefecture.contact, prefecture.consents, prefecture.registered_at) == (
+        "r-1", event.contact, event.consents, at)
+    alone = event.model_copy(update={"derived_prefecture_registration_id": None})
+    assert alone.registrations() == [alone]
+    assert "jp.nichiiki.registration.resident.registered.v2" in RETIRED_EVENT_TYPES
