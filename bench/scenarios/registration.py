@@ -156,12 +156,12 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             f"Maximum: {burst:,} registrations by {concurrency} closed-loop clients, each waiting for its event "
             f"before the next request; {peak.errors} errors; per registration {describe(peak.latencies)}.",
             cpu_note(peak_cpu, peak.seconds, peak.completed, "registration", idle) + " (maximum)",
-            f"Each registration is one transaction (resident row locked, municipal + derived 和歌山県 rows, two "
-            f"ResidentRegistered in the outbox) relayed to the topic; {len(ids):,} accounts were created "
+            f"Each registration is one transaction (resident row locked, municipal + derived 和歌山県 rows, one "
+            f"ResidentRegistered carrying both in the outbox) relayed to the topic; {len(ids):,} accounts were created "
             f"beforehand outside the timed windows ({accounts_per_s:,.0f} accounts/s, 32 clients).",
-            "Consumers downstream (certification, notification, partner gateway) project the events during the "
-            f"run, on the same 2 cores; the scenario then waited for them to catch up ({drained_after_fixed:.1f} s "
-            f"after the fixed load, {drained_after_peak:.1f} s after the maximum).",
+            "Consumers downstream (certification, insights, listings, notification, partner gateway) project the "
+            "events during the run, on the same 2 cores; the scenario then waited for them to catch up "
+            f"({drained_after_fixed:.1f} s after the fixed load, {drained_after_peak:.1f} s after the maximum).",
             "Event seen = an aiokafka consumer in the load generator (all partitions assigned before the load, "
             "fetch_max_wait_ms 10). Client: keep-alive HTTP/1.1 over asyncio, in the same process, same machine.",
         ],
