@@ -117,9 +117,8 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             + cpu_note(spread_cpu, spread_wall, max(1, spread.completed), "donation")
         )
         notes.append(
-            "downstream (subsidy, insights and notification each consume donation.received, with its receipt) "
-            f"caught up {after_spread:.1f} s after the spread window"
-            f"{'' if idle else ' (NOT idle when the wait gave up)'}; "
+            f"downstream (subsidy and notification each consume donation.received + receipt.issued) caught up "
+            f"{after_spread:.1f} s after the spread window{'' if idle else ' (NOT idle when the wait gave up)'}; "
             "their consumers ran during the window and share its CPU."
         )
 

@@ -25,6 +25,7 @@ from shared.contracts.donation import (
     DonationReceived,
     DonationRefunded,
     OneStopExceptionVoided,
+    ReceiptIssued,
 )
 from shared.contracts.registration import ResidentWithdrawn
 from shared.contracts.topics import DONATIONS
@@ -237,21 +238,29 @@ class DonationService:
             assert isinstance(named, Donor)
             donor = named
         code = record.municipality_code
-        subject = str(record.id)
-        # The receipt travels in the donation's event: one act, one event (a second one would cost
-        # every consumer of the topic a record of its own for what the first one already says).
+        subject, donor_id = str(record.id), str(donor.id)
         await work.emit(
             DONATIONS,
             DonationReceived(
-                donation_id=subject, municipality_code=code, donor_id=str(donor.id), resident_id=donor.resident_id,
+                donation_id=subject, municipality_code=code, donor_id=donor_id, resident_id=donor.resident_id,
                 kind=record.kind, unit=record.unit, amount=record.amount, earmark=record.earmark,
                 program_id=record.program_id, payment_date=record.payment_date, calendar_year=record.calendar_year,
                 received_at=record.received_at, special_deduction=record.special_deduction,
-                revitalisation_plan_id=record.revitalisation_plan_id, receipt_number=recorded.receipt_number,
+                revitalisation_plan_id=record.revitalisation_plan_id,
             ),
             subject=subject, key=code,
         )
         donation = Donation.recorded(record, donor, recorded.receipt_number)
+        if recorded.receipt_number is not None:
+            await work.emit(
+                DONATIONS,
+                ReceiptIssued(
+                    receipt_number=recorded.receipt_number, donation_id=subject, municipality_code=code,
+                    donor_id=donor_id, resident_id=donor.resident_id, amount_jpy=record.amount,
+                    calendar_year=record.calendar_year, issued_at=record.received_at,
+                ),
+                subject=subject, key=code,
+            )
         if recorded.year is not None:
             municipalities = recorded.municipalities(code)
             await _apply_one_stop(

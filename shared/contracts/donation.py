@@ -40,11 +40,17 @@ class DonationReceived(EventData, name="donation.donation.received", topic=DONAT
     special_deduction: bool | None = None
     #: The certified regional revitalisation plan (地域再生計画) a corporate donation funds.
     revitalisation_plan_id: str | None = None
-    #: The receipt (寄附金受領証明書) issued with the donation, in the same transaction: every donation in
-    #: yen gets one, numbered without gaps per municipality and year, for ``amount`` yen dated
-    #: ``received_at``. None: a donation of miles, or sent before the field existed (when receipts
-    #: were their own event, ``donation.receipt.issued.v1``, now retired).
-    receipt_number: str | None = None
+
+
+class ReceiptIssued(EventData, name="donation.receipt.issued", topic=DONATIONS):
+    receipt_number: str
+    donation_id: str
+    municipality_code: MunicipalityCode
+    donor_id: str
+    resident_id: str | None = None
+    amount_jpy: int
+    calendar_year: int
+    issued_at: datetime
 
 
 class DonationRefunded(EventData, name="donation.donation.refunded", topic=DONATIONS):

@@ -15,14 +15,12 @@ from services.notification.domain import (
 )
 from services.notification.handlers import _open_contacts
 from shared.contracts.base import EventData
-from shared.contracts.donation import DonationReceived
+from shared.contracts.donation import ReceiptIssued
 from shared.contracts.registration import ConsentChanged, Contact, ContactChanged, ResidentRegistered
 from shared.contracts.sealed import Sealed, resident_subject
 from shared.kit.keyring import Keyring
 from tests.support import opened_for_tests, seal_for_tests
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, contact_of, registration, sample_events
-
-HOKKAIDO, TANABE = "010006", "302066"
 
 
 def effect(event: EventData) -> Effect | None:
@@ -42,9 +40,8 @@ def test_a_registration_tells_after_saving_its_contact_and_consent() -> None:
     assert told.resident_id == told.notice.resident_id == "r-1"
     assert told.contact == ContactUpdate("Emma", "e@example.jp", "en")
     assert told.consent == ConsentUpdate(True, DECIDED - timedelta(days=1))
-    # With a prefecture itself: the contact is kept, but the confirmation's words do not fit it.
-    prefecture = effect(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
-    assert prefecture is not None and prefecture.notice is None and prefecture.contact is not None
+    derived = effect(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
+    assert derived is not None and derived.notice is None and derived.contact is not None
 
 
 def test_a_registration_whose_contact_does_not_open_does_nothing() -> None:
@@ -58,20 +55,17 @@ def test_what_does_nothing_here_has_no_effect() -> None:
     assert effect_of(ConsentChanged(resident_id="r-1", purpose="newsletter", granted=True, at=DECIDED)) is None
     assert effect_of(ContactChanged(resident_id="r-1", contact=contact, at=DECIDED)) is None  # handled alone
     receipt = sample_events("r-1")["receipt_issued"]
-    assert isinstance(receipt, DonationReceived) and effect_of(receipt) is not None
-    assert effect_of(receipt.model_copy(update={"resident_id": None})) is None  # a donor with no inbox
-    assert effect_of(receipt.model_copy(update={"receipt_number": None, "unit": "miles"})) is None  # no receipt
+    assert isinstance(receipt, ReceiptIssued)
+    assert effect_of(receipt.model_copy(update={"resident_id": None})) is None
     assert effect_of(ConsentChanged(resident_id="r-1", purpose="email", granted=False, at=DECIDED)) == Effect(
         "r-1", consent=ConsentUpdate(False, DECIDED)
     )
 
 
-def test_registrations_a_second_one_each_and_later_decisions_go_in_one_chunk() -> None:
+def test_registrations_their_prefecture_rows_and_later_decisions_go_in_one_chunk() -> None:
     events: list[EventData] = []
     for resident in ("a", "b", "c"):
-        # A second registration (with 北海道 itself) repeats the contact and consents: the same update.
-        events += [registration(resident, derived_prefecture=f"reg-{resident}-pref"),
-                   registration(resident, municipality=HOKKAIDO, prefecture=HOKKAIDO)]
+        events += [registration(resident), registration(resident, municipality=WAKAYAMA, prefecture=WAKAYAMA)]
     events += [sample_events(r)[kind] for r in ("a", "b", "a") for kind in ("certificate_issued", "grant_issued")]
     assert chunked(events) == [list(range(len(events)))]
 
@@ -114,9 +108,9 @@ class CountingKeyring:
         return [None if value is None else opened_for_tests(value) for value in sealed]
 
 
-async def test_a_contact_carried_by_two_registrations_is_opened_once() -> None:
+async def test_a_contact_carried_by_a_registration_and_its_prefecture_row_is_opened_once() -> None:
     municipal = registration("r-1", name="Emma", email="e@example.jp", language="en")
-    derived = municipal.model_copy(update={"municipality_code": TANABE})  # the same sealed contact
+    derived = municipal.model_copy(update={"municipality_code": WAKAYAMA})  # the same sealed contact
     other = registration("r-2", name="Bo")
     keyring = CountingKeyring()
     events: list[EventData] = [municipal, sample_events("r-1")["receipt_issued"], derived, other]

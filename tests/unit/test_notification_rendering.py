@@ -42,7 +42,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import Language
-from shared.contracts.donation import DonationReceived, OneStopExceptionVoided
+from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, ReceiptIssued
 from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.reasons import CANCELLATION_REASONS, REASONS, REVOCATION_REASONS
 from shared.contracts.registration import (
@@ -163,10 +163,9 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
         "grant_cancelled": GrantCancelled.model_validate(
             {**grant, "unit": "miles", "released": 30000, "reason": "certificate_revoked", "cancelled_at": DECIDED}
         ),
-        "receipt_issued": DonationReceived(
-            donation_id="d-1", municipality_code=SHIRAHAMA, donor_id="donor-1", resident_id=resident_id,
-            kind="hometown_tax", unit="jpy", amount=30000, earmark="general", payment_date=DECIDED.date(),
-            calendar_year=2026, received_at=DECIDED, receipt_number="304018-2026-000042",
+        "receipt_issued": ReceiptIssued(
+            receipt_number="304018-2026-000042", donation_id="d-1", municipality_code=SHIRAHAMA, donor_id="donor-1",
+            resident_id=resident_id, amount_jpy=30000, calendar_year=2026, issued_at=DECIDED,
         ),
         "one_stop_voided": OneStopExceptionVoided(
             donor_id="donor-1", resident_id=resident_id, calendar_year=2026,
