@@ -140,7 +140,9 @@ async def events_about(
     records = await read_topic(
         settings, settings.topic(DONATIONS.name), until=lambda rs: len(matching(rs)) >= expected, timeout=20
     )
-    return matching(records)
+    found = matching(records)
+    assert len(found) >= expected, f"{[e.type for e in found]} about {text}, expected {expected}"
+    return found
 
 
 async def outbox_count(pool: asyncpg.Pool, model: type[EventData], text: str) -> int:

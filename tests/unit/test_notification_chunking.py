@@ -22,6 +22,8 @@ from shared.kit.keyring import Keyring
 from tests.support import opened_for_tests, seal_for_tests
 from tests.unit.test_notification_rendering import DECIDED, WAKAYAMA, contact_of, registration, sample_events
 
+HOKKAIDO, TANABE = "010006", "302066"
+
 
 def effect(event: EventData) -> Effect | None:
     """The event's effect, a registration's contact opened as the handler opens it."""
@@ -40,8 +42,9 @@ def test_a_registration_tells_after_saving_its_contact_and_consent() -> None:
     assert told.resident_id == told.notice.resident_id == "r-1"
     assert told.contact == ContactUpdate("Emma", "e@example.jp", "en")
     assert told.consent == ConsentUpdate(True, DECIDED - timedelta(days=1))
-    derived = effect(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
-    assert derived is not None and derived.notice is None and derived.contact is not None
+    # With a prefecture itself: the contact is kept, but the confirmation's words do not fit it.
+    prefecture = effect(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
+    assert prefecture is not None and prefecture.notice is None and prefecture.contact is not None
 
 
 def test_a_registration_whose_contact_does_not_open_does_nothing() -> None:
@@ -62,10 +65,12 @@ def test_what_does_nothing_here_has_no_effect() -> None:
     )
 
 
-def test_registrations_their_prefecture_rows_and_later_decisions_go_in_one_chunk() -> None:
+def test_registrations_a_second_one_each_and_later_decisions_go_in_one_chunk() -> None:
     events: list[EventData] = []
     for resident in ("a", "b", "c"):
-        events += [registration(resident), registration(resident, municipality=WAKAYAMA, prefecture=WAKAYAMA)]
+        # A second registration (with 北海道 itself) repeats the contact and consents: the same update.
+        events += [registration(resident, derived_prefecture=f"reg-{resident}-pref"),
+                   registration(resident, municipality=HOKKAIDO, prefecture=HOKKAIDO)]
     events += [sample_events(r)[kind] for r in ("a", "b", "a") for kind in ("certificate_issued", "grant_issued")]
     assert chunked(events) == [list(range(len(events)))]
 
@@ -108,9 +113,9 @@ class CountingKeyring:
         return [None if value is None else opened_for_tests(value) for value in sealed]
 
 
-async def test_a_contact_carried_by_a_registration_and_its_prefecture_row_is_opened_once() -> None:
+async def test_a_contact_carried_by_two_registrations_is_opened_once() -> None:
     municipal = registration("r-1", name="Emma", email="e@example.jp", language="en")
-    derived = municipal.model_copy(update={"municipality_code": WAKAYAMA})  # the same sealed contact
+    derived = municipal.model_copy(update={"municipality_code": TANABE})  # the same sealed contact
     other = registration("r-2", name="Bo")
     keyring = CountingKeyring()
     events: list[EventData] = [municipal, sample_events("r-1")["receipt_issued"], derived, other]
