@@ -82,7 +82,8 @@ async def test_one_batch_of_registrations_certificates_and_an_erasure_leaves_wha
     history.add(ResidentWithdrawn(resident_id=erased_before, withdrawn_at=NOW), subject=erased_before)
 
     feed = EventFeed(settings, source="registration")
-    first = feed.add(registration(a), subject=a)
+    # With the prefecture registration it brought (和歌山県): a's place there too.
+    first = feed.add(registration(a, derived_prefecture=f"reg-{a}-{WAKAYAMA}"), subject=a)
     feed.add(registration(a, municipality=TANABE, prefecture=WAKAYAMA), subject=a)
     feed.add(registration(b, status="pending_review", tier="premium"), subject=b)
     feed.add(registration(c, status="withdrawn"), subject=c)  # not where c belongs
@@ -105,7 +106,7 @@ async def test_one_batch_of_registrations_certificates_and_an_erasure_leaves_wha
     )
     rows = outcome.snapshot
     assert [(r["resident_id"], r["municipality_code"]) for r in rows["registrations"]] == sorted(
-        [(a, SHIRAHAMA), (a, TANABE), (b, SHIRAHAMA)], key=lambda r: f"reg-{r[0]}-{r[1]}",
+        [(a, SHIRAHAMA), (a, WAKAYAMA), (a, TANABE), (b, SHIRAHAMA)], key=lambda r: f"reg-{r[0]}-{r[1]}",
     )
     assert [r["certificate_number"] for r in rows["certificates"]] == [certificate_a.certificate_number]
     # set-based: each run of registrations or certificates is one insert, which looks at the erased
