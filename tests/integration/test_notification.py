@@ -553,7 +553,9 @@ async def test_the_inbox_lists_counts_and_marks_read(settings: Settings, tmp_pat
         me = bearer(run.settings, "resident", resident)
         base = f"/v1/residents/{resident}/notifications"
 
-        page = (await run.client.get(base, headers=me)).json()
+        listed = await run.client.get(base, headers=me)
+        assert listed.status_code == 200, listed.text
+        page = listed.json()
         assert page["total"] == 3 and len(page["items"]) == 3
         kinds = [item["kind"] for item in page["items"]]
         assert set(kinds) == {"registration_confirmed", "application_received", "certificate_issued"}
