@@ -115,10 +115,10 @@ class CountingKeyring:
 
 async def test_a_contact_carried_by_two_registrations_is_opened_once() -> None:
     municipal = registration("r-1", name="Emma", email="e@example.jp", language="en")
-    derived = municipal.model_copy(update={"municipality_code": TANABE})  # the same sealed contact
+    second = municipal.model_copy(update={"municipality_code": TANABE})  # the same sealed contact
     other = registration("r-2", name="Bo")
     keyring = CountingKeyring()
-    events: list[EventData] = [municipal, sample_events("r-1")["receipt_issued"], derived, other]
+    events: list[EventData] = [municipal, sample_events("r-1")["receipt_issued"], second, other]
     contacts = await _open_contacts(cast(Keyring, keyring), events)
     assert keyring.asked == [2]  # Emma's contact once, Bo's once
     assert contacts == [contact_of(municipal), None, contact_of(municipal), contact_of(other)]
