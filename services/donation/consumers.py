@@ -1,5 +1,5 @@
-"""What the service consumes: ``registration.residents.v1``, for one event only — a resident's
-withdrawal (``ResidentWithdrawn``), which erases their donor record (``handlers.withdraw_resident``).
+"""What the service consumes: ``registration.erasures.v1``, a resident's erasure
+(``ResidentErased``), which erases their donor record (``handlers.withdraw_resident``).
 
 Thin: the handler runs in the consumer's transaction (the inbox has claimed the event, so a
 redelivery never gets here; a replay after the inbox forgot it finds the donor erased already and
@@ -10,12 +10,12 @@ residents, and nothing it consumes could write a person back.
 from __future__ import annotations
 
 from services.donation import handlers
-from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.registration import ResidentErased
 from shared.kit.consumer import EventRouter, HandlerContext
 
 router = EventRouter()
 
 
-@router.on(ResidentWithdrawn)
-async def resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
+@router.on(ResidentErased)
+async def resident_withdrawn(ctx: HandlerContext, event: ResidentErased) -> None:
     await handlers.withdraw_resident(ctx, event, ctx.clock.now())

@@ -27,7 +27,7 @@ from shared.contracts.donation import (
     OneStopExceptionVoided,
     ReceiptIssued,
 )
-from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.registration import ResidentErased
 from shared.contracts.topics import DONATIONS
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import japan_date
@@ -135,7 +135,7 @@ async def _apply_one_stop(
 # ---------------------------------------------------------------------------- erasure
 
 
-async def withdraw_resident(work: Work, event: ResidentWithdrawn, at: datetime) -> None:
+async def withdraw_resident(work: Work, event: ResidentErased, at: datetime) -> None:
     """Erasure: the resident's donor record loses everything but what its receipts must keep.
 
     Recorded in the erased-residents ledger in the same transaction, so a payment notification

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.contracts.topics import EXPORT_REQUESTS, RESIDENTS
+from shared.contracts.topics import ERASURES, EXPORT_REQUESTS
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.consumer import EventRouter
 from shared.kit.data_export import export_router
@@ -56,7 +56,7 @@ def create_app(
         consumers=[
             ConsumerSpec(
                 EventRouter.combined(consumers.router, export_router(SERVICE, EXPORT_TABLES)),
-                [RESIDENTS, EXPORT_REQUESTS], name=config.consumer_name,
+                [ERASURES, EXPORT_REQUESTS], name=config.consumer_name,
             ),
         ],
         background=[retention_scheduler(config.retention_interval_s, config.retention_years)],
@@ -76,7 +76,7 @@ def create_app(
             "gapless number per municipality and year, refunds, the yearly one-stop exception counts and each "
             "municipality's fund ledger per earmark. A donor is erased when their resident withdraws or on "
             "request; receipts keep what the law asks until its period ends. Events: donation.donations.v1; "
-            "consumes registration.residents.v1 (withdrawals)."
+            "consumes registration.erasures.v1 (erasures)."
         ),
     )
     app.state.donation = DonationService(runtime, retention_years=config.retention_years)

@@ -1,4 +1,4 @@
-"""Events in: a resident's erasure closes their account here too (``ResidentWithdrawn``).
+"""Events in: a resident's erasure closes their account here too (``ResidentErased``).
 
 The account's e-mail is its user name, so the account itself is personal data: it is deleted with
 its sessions, refresh tokens and failed sign-ins (foreign keys cascade), so no token can be
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import structlog
 
-from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.registration import ResidentErased
 from shared.kit.consumer import EventRouter, HandlerContext
 from shared.kit.erasure import forget_responses_about, record_erased
 
@@ -19,8 +19,8 @@ log = structlog.get_logger(__name__)
 router = EventRouter()
 
 
-@router.on(ResidentWithdrawn)
-async def close_account(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
+@router.on(ResidentErased)
+async def close_account(ctx: HandlerContext, event: ResidentErased) -> None:
     await record_erased(ctx.conn, event.resident_id, event.withdrawn_at)
     deleted = await ctx.conn.fetchval(
         "WITH gone AS (DELETE FROM accounts WHERE account_id = $1 AND role = 'resident' RETURNING 1) "

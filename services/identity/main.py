@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from services.identity import api, consumers
 from services.identity.domain import audiences
 from services.identity.handlers import REDIS_STATE, SERVICE, IdentityService, Provider
-from shared.contracts.topics import RESIDENTS, SERVICES
+from shared.contracts.topics import ERASURES, SERVICES
 from shared.kit.auth import ConfigurationError, current_principal
 from shared.kit.clock import SYSTEM_CLOCK, Clock
 from shared.kit.http import create_app as create_http_app
@@ -92,7 +92,7 @@ def create_app(
         SERVICE, migrations=MIGRATIONS, prepare=[ensure_signing_key, seed_development, bootstrap_admin],
         settings=settings, clock=clock or SYSTEM_CLOCK,
         # A resident's erasure closes their account.
-        consumers=[ConsumerSpec(consumers.router, [RESIDENTS])],
+        consumers=[ConsumerSpec(consumers.router, [ERASURES])],
     )
     service = holder["service"] = IdentityService(runtime, provider)
 

@@ -44,7 +44,7 @@ from shared.contracts import registration as events
 from shared.contracts.reasons import RejectionReason
 from shared.contracts.registration import ConsentPurpose, RegistrationStatus
 from shared.contracts.sealed import Sealed, resident_subject
-from shared.contracts.topics import RESIDENTS
+from shared.contracts.topics import ERASURES, RESIDENTS
 from shared.kit import csv_export
 from shared.kit.auth import Principal, Role
 from shared.kit.clock import japan_date
@@ -233,6 +233,7 @@ async def erase_resident(write: Write, resident_id: str) -> Outcome:
         await uow.emit(
             RESIDENTS, events.ResidentWithdrawn(resident_id=resident_id, withdrawn_at=now), subject=resident_id
         )
+        await uow.emit(ERASURES, events.ResidentErased(resident_id=resident_id, withdrawn_at=now), subject=resident_id)
         log.info("resident erased", resident_id=resident_id)
         # The erasure's own key is stored after this (an empty 204, nothing personal in it).
         return Outcome(204)

@@ -1,4 +1,4 @@
-"""What the subsidy service consumes: certificates, donations and withdrawals (one group), trips (another).
+"""What the subsidy service consumes: certificates, donations and erasures (one group), trips (another).
 
 Trips get a consumer group of their own so that a burst of partner reports never delays the
 grants of newly issued certificates, and the other way round. Issued and renewed certificates are
@@ -22,7 +22,7 @@ from shared.contracts.certification import (
 )
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.partners import PartnerRegistered, TripAccepted
-from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.registration import ResidentErased
 from shared.kit.consumer import EventRouter, HandlerContext, Run
 
 certificates_and_donations = EventRouter()
@@ -39,9 +39,9 @@ async def on_certificate_closed(ctx: HandlerContext, event: CertificateRevoked |
     await handlers.close_certificate(ctx, event, ctx.clock.today())
 
 
-@certificates_and_donations.on(ResidentWithdrawn)
-async def on_resident_withdrawn(ctx: HandlerContext, event: ResidentWithdrawn) -> None:
-    # registration.residents.v1: only the withdrawal matters here (the erasure); the rest is not routed.
+@certificates_and_donations.on(ResidentErased)
+async def on_resident_erased(ctx: HandlerContext, event: ResidentErased) -> None:
+    # registration.erasures.v1: the erasure, alone on its topic.
     await handlers.erase_resident(ctx, event, ctx.clock.today())
 
 

@@ -64,7 +64,7 @@ from shared.contracts.common import SealedMembership
 from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.partners import PartnerRegistered, TripKind
 from shared.contracts.reasons import RESIDENT_WITHDRAWN, BudgetChangeReason, revocation_reason
-from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.registration import ResidentErased
 from shared.contracts.sealed import Sealed
 from shared.contracts.subsidy import (
     BudgetChanged,
@@ -429,7 +429,7 @@ async def close_certificate(work: Work, event: ClosingEvent, today: date) -> Non
         await promote_waitlist(work, await load_program(work.conn, program_id), today)
 
 
-async def erase_resident(work: Work, event: ResidentWithdrawn, today: date) -> None:
+async def erase_resident(work: Work, event: ResidentErased, today: date) -> None:
     """The resident withdrew with erasure: end what is open, erase what is personal, remember it.
 
     Their open grants are cancelled (``resident_withdrawn``) and release their reservations here,

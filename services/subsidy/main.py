@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from services.subsidy import api, consumers, handlers
 from services.subsidy.config import SubsidySettings
 from services.subsidy.export import EXPORT_TABLES
-from shared.contracts.topics import CERTIFICATES, DONATIONS, EXPORT_REQUESTS, GATEWAY_PARTNERS, GATEWAY_TRIPS, RESIDENTS
+from shared.contracts.topics import CERTIFICATES, DONATIONS, ERASURES, EXPORT_REQUESTS, GATEWAY_PARTNERS, GATEWAY_TRIPS
 from shared.kit.consumer import EventRouter
 from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, config: SubsidySettings | None 
         consumers=[
             ConsumerSpec(
                 EventRouter.combined(consumers.certificates_and_donations, export_router(SERVICE, EXPORT_TABLES)),
-                [CERTIFICATES, DONATIONS, GATEWAY_PARTNERS, RESIDENTS, EXPORT_REQUESTS], name=SERVICE,
+                [CERTIFICATES, DONATIONS, GATEWAY_PARTNERS, ERASURES, EXPORT_REQUESTS], name=SERVICE,
             ),
             # Trips partners reported, as the partner gateway accepted them (the partner stamped from
             # the partner's own topic); several members of one group handle the partitions in parallel.

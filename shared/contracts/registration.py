@@ -15,7 +15,7 @@ from shared.contracts.base import EventData
 from shared.contracts.common import Language, MunicipalityCode, PartnerCode, Tier
 from shared.contracts.reasons import REJECTION_DESCRIPTION
 from shared.contracts.sealed import Sealed
-from shared.contracts.topics import RESIDENTS
+from shared.contracts.topics import ERASURES, RESIDENTS
 
 RegistrationStatus = Literal["active", "pending_review", "rejected", "expired", "withdrawn"]
 #: What a consent is for; ``share_certificate`` is per partner, the others are not.
@@ -139,6 +139,14 @@ class ContactChanged(EventData, name="registration.contact_changed", version=2, 
 
 class ResidentWithdrawn(EventData, name="registration.resident.withdrawn", topic=RESIDENTS):
     """Erasure request: every service removes or anonymises this person's personal data."""
+
+    resident_id: str
+    withdrawn_at: datetime
+
+
+class ResidentErased(EventData, name="registration.resident.erased", topic=ERASURES):
+    """The same erasure as ``ResidentWithdrawn``, written in the same transaction, on a topic of its own:
+    for the services that keep nothing of registrations, so they need not read every one to learn of it."""
 
     resident_id: str
     withdrawn_at: datetime

@@ -1,7 +1,8 @@
 """Which residents were erased, as this service learnt it: so nothing about them is written again.
 
-Every service that keeps anything about a resident records the erasure (``ResidentWithdrawn``) in
-its own ``kit_erased_residents`` in the same transaction as the erasure itself, and its consumers
+Every service that keeps anything about a resident records the erasure (``ResidentWithdrawn``, or
+``ResidentErased`` on its own topic) in its own ``kit_erased_residents`` in the same transaction as
+the erasure itself, and its consumers
 drop events about a resident found there: a late event, a replayed dead letter or a consumer
 group reset to earliest then leaves the person erased. Only the random resident id is kept.
 """

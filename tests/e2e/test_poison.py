@@ -50,7 +50,7 @@ from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerRegistered, TripAccepted, TripReported
 from shared.contracts.planning import CorporationDesignated, PlanAdopted, PlanContent
 from shared.contracts.privacy import ExportPartProvided, ExportRequested
-from shared.contracts.registration import ConsentState, Contact, ResidentRegistered, ResidentWithdrawn
+from shared.contracts.registration import ConsentState, Contact, ResidentErased, ResidentRegistered
 from shared.contracts.sealed import resident_subject
 from shared.contracts.subsidy import GrantIssued, GrantRedemptionRejected
 from shared.contracts.topics import (
@@ -59,6 +59,7 @@ from shared.contracts.topics import (
     CERTIFICATES,
     CORPORATIONS,
     DONATIONS,
+    ERASURES,
     EXPORT_PARTS,
     EXPORT_REQUESTS,
     GATEWAY_PARTNERS,
@@ -102,7 +103,8 @@ SHIRAHAMA = "304018"  # JAL only
 NAGANO = "202011"  # plans and support corporations (no grant or certificate here uses it)
 ANA_TOWNS = ("392065", "393061", "393410", "393649", "314030", "313726")  # ANA fare discount, 1,000,000 yen each
 SOURCES = {
-    RESIDENTS.name: "registration", APPLICATIONS.name: "certification", CERTIFICATES.name: "certification",
+    RESIDENTS.name: "registration", ERASURES.name: "registration", APPLICATIONS.name: "certification",
+    CERTIFICATES.name: "certification",
     GRANTS.name: "subsidy", DONATIONS.name: "donation", GATEWAY_TRIPS.name: "partner_gateway",
     GATEWAY_PARTNERS.name: "partner_gateway", EXPORT_REQUESTS.name: "registration",
     EXPORT_PARTS.name: "subsidy",  # one of the services that answer exports
@@ -389,7 +391,7 @@ PAIRS = [
     Pair(GATEWAY_TRIPS, "subsidy"),
     *[Pair(partner_trips(code), "partner_gateway") for code in PARTNER_CODES],
     Pair(GATEWAY_PARTNERS, "certification"), Pair(GATEWAY_PARTNERS, "subsidy"), Pair(GATEWAY_PARTNERS, "registration"),
-    Pair(RESIDENTS, "subsidy"), Pair(RESIDENTS, "donation"), Pair(RESIDENTS, "identity"),
+    Pair(ERASURES, "subsidy"), Pair(ERASURES, "donation"), Pair(ERASURES, "identity"),
     Pair(RESIDENTS, "insights"), Pair(RESIDENTS, "listings"),
     Pair(CERTIFICATES, "insights"), Pair(CERTIFICATES, "listings"),
     Pair(GRANTS, "insights"), Pair(DONATIONS, "insights"),
@@ -522,9 +524,9 @@ async def valid_event(stack: Stack, pair: Pair, index: int) -> tuple[Envelope, C
                 return [(t["trip_id"], t["accepted"]) for t in await trips_of(svc, code)] == [(trip_id, True)]
 
             return env, counted
-        case (RESIDENTS.name, "subsidy" | "donation" | "identity"):
+        case (ERASURES.name, "subsidy" | "donation" | "identity"):
             # these only hear the erasure: it is remembered, so nothing about the resident is written again
-            env = envelope_for(RESIDENTS, ResidentWithdrawn(resident_id=rid, withdrawn_at=NOW), rid)
+            env = envelope_for(ERASURES, ResidentErased(resident_id=rid, withdrawn_at=NOW), rid)
             return env, lambda: has_row(svc, "SELECT 1 FROM kit_erased_residents WHERE resident_id = $1", rid)
         case (RESIDENTS.name, "insights"):
             env = envelope_for(RESIDENTS, registered(rid), rid)

@@ -21,8 +21,8 @@ from services.donation import handlers
 from services.donation.domain import last_erasable_year, retention_ends
 from services.donation.main import DonationConfig, create_app
 from shared.contracts.donation import DonationReceived
-from shared.contracts.registration import ResidentWithdrawn
-from shared.contracts.topics import RESIDENTS
+from shared.contracts.registration import ResidentErased
+from shared.contracts.topics import ERASURES
 from shared.kit.clock import JAPAN, Clock
 from shared.kit.envelope import Envelope, new_envelope
 from shared.kit.settings import Settings
@@ -47,7 +47,7 @@ async def service(settings: Settings) -> AsyncIterator[Service]:
 async def withdraw(settings: Settings, resident_id: str) -> Envelope:
     """The registration service's erasure request, as it publishes it."""
     envelope = new_envelope(
-        "registration", ResidentWithdrawn(resident_id=resident_id, withdrawn_at=datetime.now(JAPAN)),
+        "registration", ResidentErased(resident_id=resident_id, withdrawn_at=datetime.now(JAPAN)),
         subject=resident_id,
     )
     await publish(settings, envelope)
@@ -55,7 +55,7 @@ async def withdraw(settings: Settings, resident_id: str) -> Envelope:
 
 
 async def publish(settings: Settings, envelope: Envelope) -> None:
-    await produce(settings, settings.topic(RESIDENTS.name), [(envelope.key, envelope.data, envelope.headers())])
+    await produce(settings, settings.topic(ERASURES.name), [(envelope.key, envelope.data, envelope.headers())])
 
 
 async def handled(pool: asyncpg.Pool, envelope: Envelope) -> None:

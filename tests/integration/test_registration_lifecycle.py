@@ -22,10 +22,11 @@ from shared.contracts.registration import (
     ConsentChanged,
     ContactChanged,
     RegistrationWithdrawn,
+    ResidentErased,
     ResidentRegistered,
     ResidentWithdrawn,
 )
-from shared.contracts.topics import GATEWAY_PARTNERS
+from shared.contracts.topics import ERASURES, GATEWAY_PARTNERS
 from shared.kit.envelope import new_envelope
 from shared.kit.service import ServiceRuntime
 from shared.kit.settings import Settings
@@ -346,7 +347,13 @@ async def test_erasure_leaves_no_personal_data(
     records = await events_of(settings, pool, resident_id, 1)
     withdrawals = of_type(records, ResidentWithdrawn)
     assert len(withdrawals) == 1
-    assert decoded(withdrawals[0], ResidentWithdrawn, resident_id).resident_id == resident_id
+    withdrawn = decoded(withdrawals[0], ResidentWithdrawn, resident_id)
+    assert withdrawn.resident_id == resident_id
+    # ... and the same erasure, alone, for the services that read no registrations.
+    erasures = await events_of(settings, pool, resident_id, 1, on=ERASURES)
+    assert [e.type for e in erasures] == [ResidentErased.event_type]
+    erased = decoded(erasures[0], ResidentErased, resident_id)
+    assert (erased.resident_id, erased.withdrawn_at) == (resident_id, withdrawn.withdrawn_at)
     assert_problem(await client.get(f"/v1/residents/{resident_id}", headers=me), 404, "resident-not-found")
     assert_problem(await client.post(f"/v1/residents/{resident_id}/registrations",
                                      json={"municipality_code": SHIRAHAMA}, headers=me), 404, "resident-not-found")

@@ -16,7 +16,7 @@ from services.registration.sample_activities import COMMON
 from shared.contracts.base import EventData
 from shared.contracts.registration import Contact
 from shared.contracts.sealed import Sealed
-from shared.contracts.topics import RESIDENTS
+from shared.contracts.topics import RESIDENTS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.envelope import Envelope, parse_envelope
 from shared.kit.keyring import Keyring
@@ -161,12 +161,12 @@ async def relayed(pool: asyncpg.Pool) -> None:
 
 
 async def events_of(
-    settings: Settings, pool: asyncpg.Pool, resident_id: str, expected: int
+    settings: Settings, pool: asyncpg.Pool, resident_id: str, expected: int, on: Topic = RESIDENTS
 ) -> list[Envelope]:
-    """Every event keyed by this resident, once the relay has published all of them."""
+    """Every event keyed by this resident on ``on``, once the relay has published all of them."""
     await relayed(pool)
     key = resident_id.encode()
-    topic = settings.topic(RESIDENTS.name)
+    topic = settings.topic(on.name)
 
     def enough(records: list[Any]) -> bool:
         return sum(1 for r in records if r.key == key) >= expected

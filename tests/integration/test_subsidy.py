@@ -37,7 +37,7 @@ from shared.contracts.donation import DonationReceived, DonationRefunded
 from shared.contracts.formats import ProgramId
 from shared.contracts.partners import TripAccepted, TripKind
 from shared.contracts.reasons import BUDGET_CHANGE_REASONS
-from shared.contracts.registration import ResidentWithdrawn
+from shared.contracts.registration import ResidentErased
 from shared.contracts.sealed import Sealed, resident_subject
 from shared.contracts.subsidy import (
     BudgetChanged,
@@ -48,7 +48,7 @@ from shared.contracts.subsidy import (
     GrantRedemptionRejected,
     GrantWaitlisted,
 )
-from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, GATEWAY_TRIPS, GRANTS, RESIDENTS, Topic
+from shared.contracts.topics import BUDGETS, CERTIFICATES, DONATIONS, ERASURES, GATEWAY_TRIPS, GRANTS, Topic
 from shared.kit.clock import SYSTEM_CLOCK
 from shared.kit.consumer import HandlerContext, Run
 from shared.kit.envelope import Envelope, new_envelope, parse_envelope
@@ -1117,7 +1117,7 @@ async def test_erasure_removes_member_numbers_from_every_table_and_no_late_certi
     assert {g["member_number"] for g in listed.json()["items"]} == {member}  # opened for whoever may read it
 
     [withdrawal] = await subsidy.publish(
-        RESIDENTS, (ResidentWithdrawn(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident, resident)
+        ERASURES, (ResidentErased(resident_id=resident, withdrawn_at=datetime.now(UTC)), resident, resident)
     )
 
     async def erased() -> bool:
@@ -1155,7 +1155,7 @@ async def test_erasure_removes_member_numbers_from_every_table_and_no_late_certi
     grants_before = await subsidy.pool.fetchval("SELECT count(*) FROM grants WHERE resident_id = $1", resident)
     await subsidy.republish(CERTIFICATES, [ended_envelope])
     [late] = await subsidy.publish(CERTIFICATES, cert_event(current))
-    await subsidy.republish(RESIDENTS, [withdrawal])
+    await subsidy.republish(ERASURES, [withdrawal])
 
     async def handled() -> bool:
         return bool(await subsidy.pool.fetchval("SELECT true FROM inbox WHERE event_id = $1", late.id))
