@@ -67,9 +67,9 @@ RESIDENTS = Topic(
     description="Residents, their furusato registrations, consents and withdrawal.",
 )
 #: A resident's erasure alone, for the services that keep something about residents but none of their
-#: registrations: on the residents topic they fetched and skipped every registration to learn of one (a
-#: sixth of the broker's work per registration, measured 2026-12-07). The residents topic still carries the
-#: erasure, in order with the registrations, for those that keep them.
+#: registrations: on the residents topic they fetched and skipped every registration to learn of one (the
+#: broker's CPU per registration 0.29 → 0.25 ms when they stopped, docs/benchmarks.md). The residents topic
+#: still carries the erasure, in order with the registrations, for those that keep them.
 ERASURES = Topic(
     "registration.erasures.v1", 2, "resident id", "registration", ("subsidy", "donation", "identity"),
     description="Residents erased (the same erasure as registration.resident.withdrawn on registration.residents.v1).",

@@ -2,9 +2,9 @@
 
 Every service that keeps anything about a resident records the erasure (``ResidentWithdrawn``, or
 ``ResidentErased`` on its own topic) in its own ``kit_erased_residents`` in the same transaction as
-the erasure itself, and its consumers
-drop events about a resident found there: a late event, a replayed dead letter or a consumer
-group reset to earliest then leaves the person erased. Only the random resident id is kept.
+the erasure itself, and its consumers drop events about a resident found there: a late event, a
+replayed dead letter or a consumer group reset to earliest then leaves the person erased. Only the
+random resident id is kept.
 """
 
 from __future__ import annotations
