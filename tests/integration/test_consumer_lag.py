@@ -23,7 +23,7 @@ from shared.kit.consumer import EventConsumer, EventRouter, HandlerContext
 from shared.kit.envelope import new_envelope
 from shared.kit.kafka_security import KafkaConnection
 from shared.kit.metrics import EventMetrics
-from shared.kit.offsets import end_of, end_probe, log_end_offsets, partition_lag
+from shared.kit.offsets import end_of, end_probe, fetch_state, log_end_offsets, partition_lag
 from shared.kit.outbox import Outbox
 from shared.kit.settings import Settings
 from tests.support import Ping, eventually, fresh_database, fresh_topic
@@ -143,7 +143,13 @@ async def test_the_lag_gauge_rises_under_a_burst_and_falls_back_to_zero(settings
             lag = scraped_lag(consumer)
             return consumer.stats.handled >= total and len(lag) == 3 and sum(lag.values()) == 0
 
-        await eventually(drained, timeout=30, interval=0.05)
+        try:
+            await eventually(drained, timeout=30, interval=0.05)
+        except AssertionError as error:  # it failed once in CI (2026-12-07): say what was left
+            raise AssertionError(
+                f"{error}: handled {consumer.stats.handled} of {total}, lag {scraped_lag(consumer)}, "
+                f"fetch state {fetch_state(consumer._reader)}, applied {consumer._applied}"
+            ) from error
         assert peak <= total
 
 
