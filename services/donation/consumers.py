@@ -17,5 +17,5 @@ router = EventRouter()
 
 
 @router.on(ResidentErased)
-async def resident_withdrawn(ctx: HandlerContext, event: ResidentErased) -> None:
+async def resident_erased(ctx: HandlerContext, event: ResidentErased) -> None:
     await handlers.withdraw_resident(ctx, event, ctx.clock.now())
