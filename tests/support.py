@@ -163,42 +163,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0
 
 @contextlib.asynccontextmanager
 async def service_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Run a service in-process (lifespan: migrations, relay, consumers) with an HTTP client on it;
-    what it writes to its outbox is kept in ``outbox_written`` (``keep_outbox_writes``)."""
+    """Run a service in-process (lifespan: migrations, relay, consumers) with an HTTP client on it."""
     async with (
         LifespanManager(app, startup_timeout=60, shutdown_timeout=30),
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://service"
         ) as client,
     ):
-        runtime = getattr(app.state, "runtime", None)  # a test's own app may have none
-        if runtime is not None:
-            await keep_outbox_writes(runtime.pool)
         yield client
-
-
-#: The tests' copy of every row written to a service's outbox: the relay deletes the outbox's own
-#: rows once the broker has them, so a test that asks what a use case emitted, and how many times,
-#: reads this table. A trigger of the tests', never part of a service's schema.
-OUTBOX_WRITTEN = "outbox_written"
-
-
-async def keep_outbox_writes(pool: asyncpg.Pool) -> None:
-    """From now on, copy each row written to the database's outbox into ``outbox_written``
-    (idempotent: runtimes sharing a database may each call it). A database without an outbox is left alone."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_written'))")
-        if await conn.fetchval("SELECT to_regclass('outbox') IS NULL"):
-            return
-        await conn.execute(
-            """
-            CREATE TABLE IF NOT EXISTS outbox_written (LIKE outbox);
-            CREATE OR REPLACE FUNCTION outbox_written_copy() RETURNS trigger LANGUAGE plpgsql AS
-                $$ BEGIN INSERT INTO outbox_written SELECT NEW.*; RETURN NULL; END $$;
-            DROP TRIGGER IF EXISTS outbox_written ON outbox;
-            CREATE TRIGGER outbox_written AFTER INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION outbox_written_copy();
-            """
-        )
 
 
 def bearer(
@@ -245,7 +217,7 @@ async def caught_up(
 
         async def done() -> bool:
             behind.clear()
-            if unpublished := await runtime.pool.fetchval("SELECT count(*) FROM outbox"):
+            if unpublished := await runtime.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
                 behind.append(f"{unpublished} outbox rows unpublished")
                 return False
             if also_empty is not None and (left := await runtime.pool.fetchval(also_empty)):

@@ -749,3 +749,7 @@ async def _expire_batch(uow: UnitOfWork, runtime: ServiceRuntime, batch_size: in
         log.info("premium registrations expired", count=len(expired))
     return len(expired), bool(expired) and len(resident_ids) >= batch_size
 
+
+async def purge_relayed_events_of_erased(runtime: ServiceRuntime) -> int:
+    async with runtime.pool.acquire() as conn:
+        return await store.purge_relayed_events_of_erased(conn)

@@ -24,12 +24,13 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 def maintenance(interval_s: float) -> BackgroundTask:
     """Every ``interval_s``: expire premium registrations past their validity (safe with several
-    replicas)."""
+    replicas) and drop relayed outbox rows of erased residents."""
 
     async def premium_expiry(runtime: ServiceRuntime) -> None:
         while True:
             try:
                 await handlers.expire_premiums(runtime)
+                await handlers.purge_relayed_events_of_erased(runtime)
             except Exception:
                 log.exception("maintenance round failed; retrying next round")
             await asyncio.sleep(interval_s)

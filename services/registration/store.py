@@ -188,6 +188,28 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
         resident_id,
     )
     await conn.execute("DELETE FROM consents WHERE resident_id = $1", resident_id)
+    await purge_relayed_events_of(conn, resident_id)
+
+
+async def purge_relayed_events_of(conn: Connection, resident_id: str) -> int:
+    """Delete the person's already relayed outbox rows (their payloads may carry the contact)."""
+    result: str = await conn.execute(
+        "DELETE FROM outbox WHERE key = $1 AND published_at IS NOT NULL", resident_id.encode()
+    )
+    return int(result.split()[-1])
+
+
+async def purge_relayed_events_of_erased(conn: Connection) -> int:
+    """Relayed outbox rows of erased residents that were still pending when the erasure committed."""
+    result: str = await conn.execute(
+        """
+        DELETE FROM outbox o
+        WHERE o.published_at IS NOT NULL AND o.key IS NOT NULL AND EXISTS (
+            SELECT 1 FROM residents p WHERE p.id = convert_from(o.key, 'UTF8') AND p.status = 'erased'
+        )
+        """
+    )
+    return int(result.split()[-1])
 
 
 # --- Registrations -------------------------------------------------------------------------------

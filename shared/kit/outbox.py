@@ -1,10 +1,8 @@
 """Transactional outbox: the state change and its events commit together, or neither does.
 
-``Outbox.add`` inserts the event in the caller's transaction. The relay publishes the rows in id
-order with ``acks=all`` and then deletes them: nothing reads a row the broker has acknowledged, and a
-delete is cheaper than marking it (an update writes the row again, with a new entry in each index,
-and left it for a later delete). A crash between publishing and deleting re-sends on restart:
-delivery is at-least-once and consumers deduplicate by ``ce_id``. Only one
+``Outbox.add`` inserts the event in the caller's transaction. The relay publishes pending rows in
+id order with ``acks=all`` and marks them published. A crash between publishing and marking
+re-sends on restart: delivery is at-least-once and consumers deduplicate by ``ce_id``. Only one
 relay per database publishes at a time (an advisory lock), which keeps per-key order across
 replicas. A record's W3C Trace Context (``traceparent``, ``tracestate``) is kept in columns of its
 own and sent as those headers again (``shared.kit.tracing``).
@@ -40,11 +38,11 @@ from shared.kit.errors import is_transient
 log = structlog.get_logger(__name__)
 
 _RELAY_LOCK_ID = 0x4F55_5442  # "OUTB"
-#: How long rows published at a trickle of commits wait to be deleted by the next commit's round
-#: (saving the round trip that deletes them alone). Only the delete waits, not any record; a crash
-#: in between re-sends them, which consumers' inboxes drop.
-DELETE_LINGER_S = 0.05
-#: While commits keep coming (one woke the relay during its last round or within ``DELETE_LINGER_S``
+#: How long rows published at a trickle of commits wait to be marked by the next commit's round
+#: (saving the round trip that marks them alone). Only the mark waits, not any record; a crash in
+#: between re-sends them, which consumers' inboxes drop.
+MARK_LINGER_S = 0.05
+#: While commits keep coming (one woke the relay during its last round or within ``MARK_LINGER_S``
 #: of it), the relay waits this long before its next round, so that it reads and produces several
 #: commits' rows together: at most this much latency per event for fewer rounds. A commit after a
 #: quiet spell goes out at once; a backlog (full rounds) is relayed without a pause.
@@ -216,12 +214,12 @@ def _headers(row: asyncpg.Record) -> list[tuple[str, bytes]]:
 
 
 _COLUMNS = "id, topic, key, header_names, header_values, payload, partition_key, traceparent, tracestate"
-_READ = f"SELECT {_COLUMNS} FROM outbox ORDER BY id LIMIT $1"
-#: The rows of the round before deleted, and the next ones read, in one statement. The read sees the
-#: table as it was before the statement (the delete is not visible to it): it skips those rows.
-_DELETE_AND_READ = f"""
-    WITH relayed AS (DELETE FROM outbox WHERE id = ANY($2::bigint[]))
-    SELECT {_COLUMNS} FROM outbox WHERE id <> ALL($2::bigint[]) ORDER BY id LIMIT $1
+_READ = f"SELECT {_COLUMNS} FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1"
+#: The rows of the round before marked, and the next pending ones read, in one statement. The read
+#: sees the table as it was before the statement (the mark is not visible to it): it skips those rows.
+_MARK_AND_READ = f"""
+    WITH marked AS (UPDATE outbox SET published_at = now() WHERE id = ANY($2::bigint[]))
+    SELECT {_COLUMNS} FROM outbox WHERE published_at IS NULL AND id <> ALL($2::bigint[]) ORDER BY id LIMIT $1
 """
 
 
@@ -295,7 +293,7 @@ class OutboxRelay:
         self._wake.set()
 
     async def _run_connected(self) -> None:
-        # Deleting published rows need not wait for the WAL flush: a delete lost in a database crash
+        # Marking rows published need not wait for the WAL flush: a mark lost in a database crash
         # only re-sends the rows, which consumers' inboxes drop. The relay's next round waits less.
         conn: Connection = await asyncpg.connect(self.dsn, server_settings={"synchronous_commit": "off"})
         try:
@@ -309,43 +307,43 @@ class OutboxRelay:
                 self._wake.clear()
                 await self._sleep(self.poll_interval_s)
             self.is_leader = True
-            # Rows published and not yet deleted: the next round's read deletes them in the same
+            # Rows published and not yet marked: the next round's read marks them in the same
             # statement (one round trip a round instead of two), under load and at a trickle of
-            # commits alike; they are deleted alone only once no commit came for ``DELETE_LINGER_S``.
-            sent: list[int] = []
+            # commits alike; they are marked alone only once no commit came for ``MARK_LINGER_S``.
+            unmarked: list[int] = []
             while not self._stopping:
                 self._wake.clear()
                 if time.monotonic() - self._last_sample >= self.sample_interval_s:
-                    await self._sample_backlog(conn, sent)
-                sent = await self._relay_batch(conn, sent)
-                if len(sent) >= self.batch_size:
+                    await self._sample_backlog(conn, unmarked)
+                unmarked = await self._relay_batch(conn, unmarked)
+                if len(unmarked) >= self.batch_size:
                     continue  # a backlog: straight on
                 if not self._wake.is_set():
-                    if not sent:
+                    if not unmarked:
                         await self._sleep(self.poll_interval_s)
                         continue
-                    if not await self._sleep(DELETE_LINGER_S):
-                        await self._delete_published(conn, sent)
-                        sent = []
+                    if not await self._sleep(MARK_LINGER_S):
+                        await self._mark_published(conn, unmarked)
+                        unmarked = []
                         # A commit after this quiet spell goes out at once, without gathering.
                         await self._sleep(self.poll_interval_s)
                         continue
                 # Commits keep coming: let the next few land too, so that one round (a read, a
                 # produce) takes them together.
                 await asyncio.sleep(GATHER_S)
-            if sent:  # stopping: delete what went out, or the next leader sends it again
-                await self._delete_published(conn, sent)
+            if unmarked:  # stopping: mark what went out, or the next leader sends it again
+                await self._mark_published(conn, unmarked)
         finally:
             self.is_leader = False
             self.backlog = self.oldest_age_s = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), timeout=2)
 
-    async def _relay_batch(self, conn: Connection, sent: list[int]) -> list[int]:
-        """Delete ``sent`` (published by the round before) and publish the next rows; the ids of the
-        rows published, for the caller to delete."""
-        if sent:
-            rows = await conn.fetch(_DELETE_AND_READ, self.batch_size, sent)
+    async def _relay_batch(self, conn: Connection, unmarked: list[int]) -> list[int]:
+        """Mark ``unmarked`` (published by the round before) and publish the next pending rows; the
+        ids of the rows published, for the caller to mark."""
+        if unmarked:
+            rows = await conn.fetch(_MARK_AND_READ, self.batch_size, unmarked)
         else:
             rows = await conn.fetch(_READ, self.batch_size)
         if not rows:
@@ -364,7 +362,7 @@ class OutboxRelay:
             for row in rows
             for producer in (self._producer_for(row["topic"]),)
         ]
-        # Wait for every ack before deleting any row: a partial failure re-sends the whole batch.
+        # Wait for every ack before marking any row: a partial failure re-sends the whole batch.
         await asyncio.gather(*futures)
         self.published += len(rows)
         for row in rows:
@@ -372,13 +370,13 @@ class OutboxRelay:
                 self.dead_letters[row["topic"]] = self.dead_letters.get(row["topic"], 0) + 1
         return [row["id"] for row in rows]
 
-    async def _sample_backlog(self, conn: Connection, sent: Sequence[int] = ()) -> None:
+    async def _sample_backlog(self, conn: Connection, unmarked: Sequence[int] = ()) -> None:
         """Count the rows not yet relayed (before this round sends them: a gauge of what waits);
-        ``sent`` went out already."""
+        ``unmarked`` went out already."""
         row = await conn.fetchrow(
             "SELECT count(*) AS rows, extract(epoch FROM now() - min(created_at)) AS age FROM outbox"
-            " WHERE id <> ALL($1::bigint[])",
-            list(sent),
+            " WHERE published_at IS NULL AND id <> ALL($1::bigint[])",
+            list(unmarked),
         )
         assert row is not None
         self.backlog = int(row["rows"])
@@ -392,8 +390,8 @@ class OutboxRelay:
             raise RuntimeError(f"{topic} lives on the partner-facing cluster, and this relay has no producer there")
         return self.edge_producer
 
-    async def _delete_published(self, conn: Connection, ids: list[int]) -> None:
-        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", ids)
+    async def _mark_published(self, conn: Connection, ids: list[int]) -> None:
+        await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", ids)
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait until woken or ``seconds`` passed; whether it was woken."""
@@ -457,5 +455,5 @@ def murmur2(data: bytes) -> int:
 
 
 async def pending_count(conn: Connection | asyncpg.Pool) -> int:
-    value = await conn.fetchval("SELECT count(*) FROM outbox")
+    value = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
     return int(value)

@@ -1,6 +1,6 @@
 """Retention: every runtime deletes the kit's old rows in the background.
 
-Two tables grow with traffic and are only needed for a while:
+Three tables grow with traffic and are only needed for a while:
 
 - the inbox (``inbox.py``): a handled event's row must outlive every way the event can reach the
   consumer again — its topic's retention (a group reset to earliest), then a replay of a dead letter
@@ -8,9 +8,8 @@ Two tables grow with traffic and are only needed for a while:
   since Kafka deletes whole segments. ``check_settings`` refuses a shorter inbox retention at
   start-up. A parked row is what a replay of its dead letter needs: it is kept at least until the
   dead letter may have left the DLQ (with the start-up rule, the inbox retention is always longer);
-- idempotency keys (``idempotency.py``): kept for the window a client may retry a write with its key.
-
-(The outbox needs no pruning: its relay deletes each row once the broker has acknowledged it.)
+- idempotency keys (``idempotency.py``): kept for the window a client may retry a write with its key;
+- published outbox rows: nothing reads them after the broker's ack; kept a while for inspection.
 
 Each DELETE takes at most ``retention_batch_size`` rows and commits on its own, so a round never
 holds many row locks for long; rows are found through the age indexes of migration 004. One replica
@@ -35,7 +34,7 @@ from shared.kit.settings import Settings
 log = structlog.get_logger(__name__)
 
 #: The tables pruned, as the ``table`` label of ``nichiiki_rows_pruned_total`` names them.
-TABLES = ("inbox", "idempotency_keys")
+TABLES = ("inbox", "idempotency_keys", "outbox")
 #: The advisory lock's class ("RETN"); its second key is the service's name, hashed.
 _LOCK_CLASS = 0x5245_544E
 
@@ -68,6 +67,7 @@ class RetentionPolicy:
     #: Parked inbox rows: never before their dead letter may have left the DLQ.
     parked: timedelta
     idempotency_keys: timedelta
+    outbox_published: timedelta
     batch_size: int = 5000
 
     @classmethod
@@ -78,6 +78,7 @@ class RetentionPolicy:
             inbox=inbox,
             parked=max(inbox, dead_letters),
             idempotency_keys=timedelta(hours=settings.idempotency_retention_hours),
+            outbox_published=timedelta(hours=settings.outbox_published_retention_hours),
             batch_size=settings.retention_batch_size,
         )
 
@@ -96,6 +97,11 @@ _PRUNE = {
             SELECT scope, key FROM idempotency_keys WHERE created_at < now() - $1::interval LIMIT $2
         ) AND created_at < now() - $1::interval
     """,
+    "outbox": """
+        DELETE FROM outbox WHERE id IN (
+            SELECT id FROM outbox WHERE published_at < now() - $1::interval LIMIT $2
+        ) AND published_at < now() - $1::interval
+    """,
 }
 
 
@@ -110,6 +116,7 @@ async def prune(conn: Connection, service: str, policy: RetentionPolicy) -> dict
             "inbox": await _prune_table(conn, "inbox", policy.inbox, size, "done")
             + await _prune_table(conn, "inbox", policy.parked, size, "parked"),
             "idempotency_keys": await _prune_table(conn, "idempotency_keys", policy.idempotency_keys, size),
+            "outbox": await _prune_table(conn, "outbox", policy.outbox_published, size),
         }
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", _LOCK_CLASS, service)

@@ -139,7 +139,7 @@ class ServiceRuntime:
         self._edge_producer: AIOKafkaProducer | None = None
         self._brokers: list[KafkaBroker] = []
         self._relay: OutboxRelay | None = None
-        #: Deletes the kit's old rows (inbox, idempotency keys) in the background.
+        #: Deletes the kit's old rows (inbox, idempotency keys, published outbox rows) in the background.
         self.retention: RetentionJob | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: Per consumer group: the release under way or last tried, and when (``_release_stuck_groups``).

@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     #: ``Idempotency-Key``s: the window the platform promises a client to retry a write with its key
     #: and get the first answer (24 h, as payment APIs do); a later repeat runs as a new request.
     idempotency_retention_hours: float = Field(default=24, gt=0)
+    #: Published outbox rows: nothing reads them after the broker's ack (a re-send comes only from
+    #: rows not yet marked), so they are kept only a while for inspection.
+    outbox_published_retention_hours: float = Field(default=1, ge=0)
     retention_interval_s: float = Field(default=600, gt=0)
     #: Rows per DELETE: each statement holds its row locks for milliseconds, never a long lock.
     retention_batch_size: int = Field(default=5000, ge=1)

@@ -702,9 +702,8 @@ async def test_poison_is_parked_with_its_reason_and_the_next_event_is_applied(
 
 
 async def outbox_events(svc: Service, event: type[EventData], **match: object) -> list[dict[str, Any]]:
-    """The events of a type the service wrote to its outbox (each once, however often relayed)."""
     rows = await svc.pool.fetch(
-        "SELECT payload FROM outbox_written WHERE header_values[array_position(header_names, 'ce_type')] = $1::bytea",
+        "SELECT payload FROM outbox WHERE header_values[array_position(header_names, 'ce_type')] = $1::bytea",
         event.event_type.encode(),
     )
     found = [json.loads(r["payload"]) for r in rows]

@@ -47,7 +47,7 @@ MUSASHINO = find_municipality_by_full_name("東京都武蔵野市").code
 
 TABLES = (
     "donors", "donations", "receipts", "fund_ledger", "donor_years", "donor_year_municipalities",
-    "one_stop_applications", "outbox_written", "idempotency_keys",
+    "one_stop_applications", "outbox", "idempotency_keys",
 )
 
 
@@ -149,8 +149,7 @@ async def outbox_count(pool: asyncpg.Pool, model: type[EventData], text: str) ->
     """Events of a type written for ``text`` (the outbox is what the relay publishes, exactly once each)."""
     return int(
         await pool.fetchval(
-            "SELECT count(*) FROM outbox_written WHERE $1::bytea = ANY (header_values)"
-            " AND position($2::bytea IN payload) > 0",
+            "SELECT count(*) FROM outbox WHERE $1::bytea = ANY (header_values) AND position($2::bytea IN payload) > 0",
             model.event_type.encode(), text.encode(),
         )
     )

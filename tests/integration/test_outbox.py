@@ -71,18 +71,18 @@ async def test_a_rolled_back_transaction_publishes_nothing(settings: Settings, p
 
 
 class CrashAfterPublish(OutboxRelay):
-    """Dies once between publishing a batch and deleting it, like a process killed at that instant."""
+    """Dies once between publishing a batch and marking it, like a process killed at that instant."""
 
     crashed = False
 
-    async def _delete_published(self, conn: Connection, row_ids: list[int]) -> None:
+    async def _mark_published(self, conn: Connection, row_ids: list[int]) -> None:
         if not self.crashed:
             CrashAfterPublish.crashed = True
-            raise RuntimeError("killed between publish and delete")
-        await super()._delete_published(conn, row_ids)
+            raise RuntimeError("killed between publish and mark")
+        await super()._mark_published(conn, row_ids)
 
 
-async def test_a_crash_between_publish_and_delete_re_sends(settings: Settings, producer: AIOKafkaProducer) -> None:
+async def test_a_crash_between_publish_and_mark_re_sends(settings: Settings, producer: AIOKafkaProducer) -> None:
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)
     conn = await asyncpg.connect(dsn)
@@ -231,29 +231,28 @@ async def eventually_leading(relay: OutboxRelay) -> None:
     raise AssertionError("the relay never took the lead")
 
 
-class CountingDeletes(OutboxRelay):
-    """Counts the statements that only delete published rows (a round trip each)."""
+class CountingMarks(OutboxRelay):
+    """Counts the statements that only mark rows published (a round trip each)."""
 
-    deletes = 0
+    marks = 0
 
-    async def _delete_published(self, conn: Connection, row_ids: list[int]) -> None:
-        self.deletes += 1
-        await super()._delete_published(conn, row_ids)
+    async def _mark_published(self, conn: Connection, row_ids: list[int]) -> None:
+        self.marks += 1
+        await super()._mark_published(conn, row_ids)
 
 
-async def test_under_load_a_round_deletes_the_rounds_before_in_its_read(
+async def test_under_load_a_round_marks_the_rounds_before_in_its_read(
     settings: Settings, producer: AIOKafkaProducer
 ) -> None:
-    """A backlog of 62 rows, 5 a round: each round's read deletes the round before's rows in the same
-    statement, and only the last (2 rows) are deleted alone before the relay waits. Every row goes
-    out once, and none is left."""
+    """A backlog of 62 rows, 5 a round: each round's read marks the round before's rows in the same
+    statement, and only the last (2 rows) marks alone before the relay waits. Every row goes out once."""
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
             written = [await add(conn, outbox, topic, f"k{i % 3}", i) for i in range(62)]
-        relay = CountingDeletes(dsn, CHANNEL, producer, batch_size=5, poll_interval_s=30)
+        relay = CountingMarks(dsn, CHANNEL, producer, batch_size=5, poll_interval_s=30)
         async with running(relay):
             records = await read_topic(settings, topic, until=lambda r: len(r) >= 62)
             for _ in range(100):
@@ -264,23 +263,23 @@ async def test_under_load_a_round_deletes_the_rounds_before_in_its_read(
             records = await read_topic(settings, topic, until=lambda r: len(r) > 62, timeout=0.5)
         assert sorted(ids(records)) == sorted(written), "each row once"
         assert relay.published == 62
-        assert relay.deletes == 1, relay.deletes  # 13 rounds: 12 deleted by the next round's read
+        assert relay.marks == 1, relay.marks  # 13 rounds: 12 marked by the next round's read
         assert await pending_count(conn) == 0
     finally:
         await conn.close()
 
 
-async def test_at_a_trickle_of_commits_a_round_deletes_the_round_before_in_its_read(
+async def test_at_a_trickle_of_commits_a_round_marks_the_round_before_in_its_read(
     settings: Settings, producer: AIOKafkaProducer
 ) -> None:
     """Commits one at a time, each soon after the one before (as at 200 registrations/s): every
-    round's read deletes the round before's row in the same statement; only the last is deleted
-    alone, once no commit came for a while. Every row goes out once and ends deleted."""
+    round's read marks the round before's row in the same statement; only the last marks alone,
+    once no commit came for a while. Every row goes out once and ends marked."""
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)  # the relay hears of each commit by its NOTIFY
     conn = await asyncpg.connect(dsn)
     try:
-        relay = CountingDeletes(dsn, CHANNEL, producer, poll_interval_s=30)
+        relay = CountingMarks(dsn, CHANNEL, producer, poll_interval_s=30)
         async with running(relay):
             await eventually_leading(relay)
             written = []
@@ -296,8 +295,8 @@ async def test_at_a_trickle_of_commits_a_round_deletes_the_round_before_in_its_r
             assert await pending_count(conn) == 0
         assert sorted(ids(records)) == sorted(written), "each row once"
         assert relay.published == 10
-        # Alone each time, it was 10; a commit late on a busy machine may leave a row or two to delete alone.
-        assert relay.deletes <= 3, relay.deletes
+        # Alone each time, it was 10; a commit late on a busy machine may leave a row or two to mark alone.
+        assert relay.marks <= 3, relay.marks
     finally:
         await conn.close()
 
@@ -307,8 +306,8 @@ class CountingRounds(OutboxRelay):
 
     rounds: list[tuple[float, int]]
 
-    async def _relay_batch(self, conn: Connection, sent: list[int]) -> list[int]:
-        published = await super()._relay_batch(conn, sent)
+    async def _relay_batch(self, conn: Connection, unmarked: list[int]) -> list[int]:
+        published = await super()._relay_batch(conn, unmarked)
         if published:
             self.rounds = [*getattr(self, "rounds", []), (time.monotonic(), len(published))]
         return published
@@ -321,7 +320,7 @@ async def test_while_commits_keep_coming_a_round_gathers_them_and_after_a_quiet_
     ``GATHER_S`` for the next: the commits of that pause go out in one round (here a long pause, so
     the timings are clear on a busy machine)."""
     monkeypatch.setattr(outbox_module, "GATHER_S", 0.4)
-    monkeypatch.setattr(outbox_module, "DELETE_LINGER_S", 1.0)  # the next commit surely comes "soon after"
+    monkeypatch.setattr(outbox_module, "MARK_LINGER_S", 1.0)  # the next commit surely comes "soon after"
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)
     conn = await asyncpg.connect(dsn)

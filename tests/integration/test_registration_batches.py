@@ -192,9 +192,9 @@ async def post_all(
 
 
 async def events(pool: asyncpg.Pool, model: Any, resident_id: str, mentioning: str = "") -> int:
-    """Events of a type written to the outbox keyed by this resident (and mentioning this text)."""
+    """Events of a type in the outbox keyed by this resident (and mentioning this text)."""
     return int(await pool.fetchval(
-        "SELECT count(*) FROM outbox_written WHERE key = $1 AND $2::bytea = ANY (header_values)"
+        "SELECT count(*) FROM outbox WHERE key = $1 AND $2::bytea = ANY (header_values)"
         " AND position(convert_to($3, 'UTF8') IN payload) > 0",
         resident_id.encode(), model.event_type.encode(), mentioning,
     ))

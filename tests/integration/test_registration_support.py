@@ -27,11 +27,10 @@ from tests.support import bearer, eventually, read_topic
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "contracts" / "schemas"
 
-#: Every table of the service, the kit's included: a refused request must change none of them. The
-#: outbox by the tests' copy of every row written to it (the relay deletes the outbox's own).
+#: Every table of the service, the kit's included: a refused request must change none of them.
 TABLES = (
     "residents", "registrations", "identity_verifications", "premium_reviews", "premium_activities", "consents",
-    "consent_log", "outbox_written", "idempotency_keys", "designated_activities",
+    "consent_log", "outbox", "idempotency_keys", "designated_activities",
 )
 
 HOME = "131016"  # 東京都千代田区

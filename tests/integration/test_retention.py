@@ -52,14 +52,14 @@ async def add_idempotency_key(pool: asyncpg.Pool, age: timedelta) -> str:
     return key
 
 
-async def add_outbox_row(pool: asyncpg.Pool, age: timedelta) -> uuid.UUID:
+async def add_outbox_row(pool: asyncpg.Pool, age: timedelta, *, published: bool) -> uuid.UUID:
     event_id = uuid.uuid4()
     await pool.execute(
         """
-        INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, created_at)
-        VALUES ($1, 't', NULL, '{}', '{}', 'x', now() - $2::interval)
+        INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, created_at, published_at)
+        VALUES ($1, 't', NULL, '{}', '{}', 'x', now() - $2::interval, CASE WHEN $3 THEN now() - $2::interval END)
         """,
-        event_id, age,
+        event_id, age, published,
     )
     return event_id
 
@@ -88,29 +88,32 @@ async def test_rows_past_their_window_go_and_the_rest_stay(settings: Settings) -
         # A short inbox window, so that parked rows (kept until their dead letter has left the DLQ)
         # visibly outlive handled ones; a batch of two, so that a table takes several statements.
         policy = RetentionPolicy(
-            inbox=DAY, parked=37 * DAY, idempotency_keys=24 * HOUR, batch_size=2
+            inbox=DAY, parked=37 * DAY, idempotency_keys=24 * HOUR, outbox_published=HOUR, batch_size=2
         )
         old_done = {await add_inbox_row(pool, "done", 2 * DAY) for _ in range(3)}
         new_done = await add_inbox_row(pool, "done", HOUR)
         parked_young = await add_inbox_row(pool, "parked", 2 * DAY)
         parked_expired = await add_inbox_row(pool, "parked", 38 * DAY)
         old_key, new_key = await add_idempotency_key(pool, 25 * HOUR), await add_idempotency_key(pool, 23 * HOUR)
-        not_yet_relayed = await add_outbox_row(pool, 10 * DAY)
+        sent_long_ago = await add_outbox_row(pool, 2 * HOUR, published=True)
+        sent_just_now = await add_outbox_row(pool, timedelta(minutes=10), published=True)
+        never_sent = await add_outbox_row(pool, 10 * DAY, published=False)
 
         job = RetentionJob(dsn, "retention-test", policy, interval_s=3600)
-        assert await job.run_once() == {"inbox": 4, "idempotency_keys": 1}
+        assert await job.run_once() == {"inbox": 4, "idempotency_keys": 1, "outbox": 1}
 
         inbox_left = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox")}
         assert inbox_left == {new_done, parked_young}
         assert not old_done & inbox_left and parked_expired not in inbox_left
         assert {r["key"] for r in await pool.fetch("SELECT key FROM idempotency_keys")} == {new_key}
         assert old_key != new_key
-        # The relay deletes an outbox row once relayed; one still there is waiting for it, however old.
-        assert {r["event_id"] for r in await pool.fetch("SELECT event_id FROM outbox")} == {not_yet_relayed}
+        outbox_left = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM outbox")}
+        assert outbox_left == {sent_just_now, never_sent}  # a row not yet relayed is never pruned
+        assert sent_long_ago not in outbox_left
 
         # Nothing left to prune: a second round deletes nothing, and the counter keeps its sum.
-        assert await job.run_once() == {"inbox": 0, "idempotency_keys": 0}
-        assert scraped_pruned(runtime_of(job)) == {"inbox": 4.0, "idempotency_keys": 1.0}
+        assert await job.run_once() == {"inbox": 0, "idempotency_keys": 0, "outbox": 0}
+        assert scraped_pruned(runtime_of(job)) == {"inbox": 4.0, "idempotency_keys": 1.0, "outbox": 1.0}
         assert (job.rounds, job.skipped) == (2, 0)
     finally:
         await pool.close()
@@ -119,7 +122,7 @@ async def test_rows_past_their_window_go_and_the_rest_stay(settings: Settings) -
 async def test_two_replicas_prune_one_at_a_time(settings: Settings) -> None:
     dsn = await fresh_database(settings, "retention_lock")
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    policy = RetentionPolicy(inbox=DAY, parked=DAY, idempotency_keys=HOUR, batch_size=10)
+    policy = RetentionPolicy(inbox=DAY, parked=DAY, idempotency_keys=HOUR, outbox_published=HOUR, batch_size=10)
     first, second = (RetentionJob(dsn, "retention-lock", policy, interval_s=3600) for _ in range(2))
     other_service = RetentionJob(dsn, "another-service", policy, interval_s=3600)
     try:
@@ -149,7 +152,7 @@ async def test_two_replicas_prune_one_at_a_time(settings: Settings) -> None:
         assert scraped_pruned(runtime_of(first))["inbox"] == 25
         assert scraped_pruned(runtime_of(second))["inbox"] == 0
         # The lock is per service, and it is released after the round: the next one gets it.
-        assert await second.run_once() == {"inbox": 0, "idempotency_keys": 0}
+        assert await second.run_once() == {"inbox": 0, "idempotency_keys": 0, "outbox": 0}
         assert await other_service.run_once() is not None
     finally:
         await pool.close()
