@@ -1,5 +1,5 @@
 """What the service consumes: ``registration.erasures.v1``, a resident's erasure
-(``ResidentErased``), which erases their donor record (``handlers.withdraw_resident``).
+(``ResidentErased``), which erases their donor record (``handlers.erase_resident``).
 
 Thin: the handler runs in the consumer's transaction (the inbox has claimed the event, so a
 redelivery never gets here; a replay after the inbox forgot it finds the donor erased already and
@@ -18,4 +18,4 @@ router = EventRouter()
 
 @router.on(ResidentErased)
 async def resident_erased(ctx: HandlerContext, event: ResidentErased) -> None:
-    await handlers.withdraw_resident(ctx, event, ctx.clock.now())
+    await handlers.erase_resident(ctx, event, ctx.clock.now())

@@ -1096,7 +1096,7 @@ class OneStopApplication:
 
 # ---------------------------------------------------------------------------- erasure and legal retention
 #
-# A donor is erased when their resident withdraws (``ResidentErased``) or on request
+# A donor is erased with their resident (``ResidentErased``) or on request
 # (``DELETE /donors/{id}``). Name, address, e-mail, the resident link and staff free text go at
 # once; the receipt (寄附金受領証明書) keeps the donor's name and address, because the municipality
 # must keep it as a record of money received and of a tax credit, until ``retention_ends``:

@@ -135,7 +135,7 @@ async def _apply_one_stop(
 # ---------------------------------------------------------------------------- erasure
 
 
-async def withdraw_resident(work: Work, event: ResidentErased, at: datetime) -> None:
+async def erase_resident(work: Work, event: ResidentErased, at: datetime) -> None:
     """Erasure: the resident's donor record loses everything but what its receipts must keep.
 
     Recorded in the erased-residents ledger in the same transaction, so a payment notification
