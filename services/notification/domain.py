@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 Kind = Literal[
     "registration_confirmed",
+    "prefecture_registration_confirmed",
     "premium_requested",
     "premium_approved",
     "premium_rejected",
@@ -174,8 +175,8 @@ def format_places(codes: Sequence[str], language: Language) -> str:
 
 
 def is_prefecture_registration(event: ResidentRegistered) -> bool:
-    """A registration with a prefecture itself. The confirmation speaks of a municipality and the
-    prefecture it also registers with, which does not fit one (and has no words of its own yet)."""
+    """A registration with a prefecture itself: its confirmation names no municipality, and no
+    second place the resident was registered with on the way."""
     return event.municipality_code == event.prefecture_code
 
 
@@ -184,8 +185,14 @@ def notice_for(event: EventData) -> Notice | None:
     match event:
         case ResidentRegistered():
             # Premium sign-ups start pending review and are announced by PremiumRequested.
-            if event.status != "active" or is_prefecture_registration(event):
+            if event.status != "active":
                 return None
+            if is_prefecture_registration(event):
+                return Notice("prefecture_registration_confirmed", event.resident_id, {
+                    "prefecture": Place(event.prefecture_code),
+                    "tier": Label(f"tier.{event.tier}"),
+                    "registered_on": event.registered_at,
+                })
             return Notice("registration_confirmed", event.resident_id, {
                 "municipality": Place(event.municipality_code),
                 "prefecture": Place(event.prefecture_code),

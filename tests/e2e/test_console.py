@@ -46,6 +46,8 @@ AXE = REPO_ROOT / "tests" / "vendor" / "axe-core" / "axe.min.js"
 #: How long a page may take to replace the last one (a loaded machine, a form's service calls).
 NAVIGATION_S = 30
 DOCS_SHOTS = REPO_ROOT / "docs" / "console"
+#: A prefecture one registers with directly (新潟県).
+NIIGATA = "150002"
 PHONE = (412, 915)
 DESKTOP = (1280, 1000)
 #: What the journeys go through, the console last (it is given the others' URLs).
@@ -316,6 +318,14 @@ def test_1_a_resident_applies_and_a_reviewer_approves(
     browser.fill(municipality_code=SHIRAHAMA)
     browser.submit("/my/registrations")
     assert "和歌山県白浜町" in browser.text and "基本登録" in browser.text, browser.text
+    # And with a prefecture itself (新潟県): its confirmation reaches the inbox in words of its own.
+    browser.fill(municipality_code=NIIGATA)
+    browser.submit("/my/registrations")
+    assert "新潟県" in browser.text, browser.text
+    browser.go("/my/inbox")
+    browser.until("both confirmations", lambda: "（新潟県）" in browser.text and "（和歌山県白浜町）" in browser.text)
+    niigata = browser.driver.find_element("xpath", "//li[contains(@class, 'message')][contains(., '（新潟県）')]")
+    assert "新潟県へのふるさと住民登録（ベーシック）" in niigata.text and "山田 花子 様" in niigata.text, niigata.text
 
     # Apply, first with too few stay days: the page says what is wrong (or that the registration is
     # still on its way to certification), in Japanese, and keeps what was typed.

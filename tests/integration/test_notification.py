@@ -46,7 +46,14 @@ from shared.kit.settings import Settings
 from shared.stack.ports import free_port
 from shared.stack.smtp_sink import SmtpSink
 from tests.support import bearer, eventually, produce, read_topic, seal_for_tests, sealed_for, service_client
-from tests.unit.test_notification_rendering import DECIDED, EXPECTED, SHIRAHAMA, registration, sample_events
+from tests.unit.test_notification_rendering import (
+    DECIDED,
+    EXPECTED,
+    SHIRAHAMA,
+    WAKAYAMA,
+    registration,
+    sample_events,
+)
 
 FAST = MailerConfig(
     retry=RetryPolicy(base=timedelta(milliseconds=200), cap=timedelta(seconds=1), max_attempts=6),
@@ -248,14 +255,16 @@ async def test_every_decision_reaches_inbox_and_email_in_the_residents_language(
     settings: Settings, tmp_path: Path
 ) -> None:
     ja, en = resident_id(), resident_id()
+    languages: tuple[tuple[str, Language, str], ...] = ((ja, "ja", "山田 太郎"), (en, "en", "Emma Brown"))
     async with smtp_sink(tmp_path) as sink, running(own_settings(settings, sink.url)) as run:
         await registered(
             run,
-            # With the prefecture registration it brought (和歌山県): still one confirmation.
-            registration(ja, name="山田 太郎", email=address(ja), language="ja", derived_prefecture=f"reg-{ja}-pref"),
-            registration(en, name="Emma Brown", email=address(en), language="en"),
+            # Each registers with 和歌山県 itself, then with 白浜町 in it: one confirmation each, in words of its own.
+            *(registration(r, name=name, email=address(r), language=language, municipality=municipality)
+              for r, language, name in languages for municipality in (WAKAYAMA, SHIRAHAMA)),
         )
-        events = [e for r in (ja, en) for kind, e in sample_events(r).items() if kind != "registration_confirmed"]
+        registrations = ("registration_confirmed", "prefecture_registration_confirmed")
+        events = [e for r in (ja, en) for kind, e in sample_events(r).items() if kind not in registrations]
         await publish(run.settings, *events)
         kinds = len(EXPECTED)
         for resident in (ja, en):
@@ -265,10 +274,9 @@ async def test_every_decision_reaches_inbox_and_email_in_the_residents_language(
             await wait_for_mail(sink, address(resident), kinds)
             await wait_for_status(run.pool, resident, "sent", kinds)
 
-        languages: tuple[tuple[str, Language, str], ...] = ((ja, "ja", "山田 太郎"), (en, "en", "Emma Brown"))
         for resident, language, name in languages:
             inbox = {row["kind"]: row for row in await messages_of(run.pool, resident)}
-            assert set(inbox) == set(EXPECTED)  # one each: the prefecture registration made no second
+            assert set(inbox) == set(EXPECTED)  # one message of each kind
             emails = {row["kind"]: row for row in await emails_of(run.pool, resident)}
             mail = {m["X-Nichiiki-Template"]: m for m in mail_to(sink, address(resident))}
             assert len(mail_to(sink, address(resident))) == kinds

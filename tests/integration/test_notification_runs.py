@@ -156,7 +156,7 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
     batch = [
         await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en",
                                                     derived_prefecture=f"reg-{emma}-pref")),
-        # A registration with a prefecture itself (北海道): the same contact and consent again, no message.
+        # A registration with a prefecture itself (北海道): the same contact and consent again, its own message.
         await sealed_envelope(keyring, registration(emma, name="Emma Brown", email=address(emma), language="en",
                                                     municipality=HOKKAIDO, prefecture=HOKKAIDO)),
         copy,
@@ -193,7 +193,8 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
 
     kinds = {(m[0], m[1], m[2]) for m in got.messages}
     assert [(m[0], m[1], m[2]) for m in got.messages if m[0] != dana] == [
-        (emma, "registration_confirmed", "en"), (emma, "certificate_issued", "en"), (emma, "grant_issued", "en"),
+        (emma, "registration_confirmed", "en"), (emma, "prefecture_registration_confirmed", "en"),
+        (emma, "certificate_issued", "en"), (emma, "grant_issued", "en"),
         (bo, "registration_confirmed", "ja"), (bo, "receipt_issued", "ja"),
         (stranger, "application_received", "ja"),
         (chris, "application_received", "ja"), (chris, "registration_confirmed", "en"),
@@ -206,7 +207,7 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
     assert "Chris Wu" not in by_event[(chris, "application_received")][4]
     assert "Chris Wu" in by_event[(chris, "certificate_issued")][4]
     assert sorted((e[0], e[1]) for e in got.emails if e[0] != dana) == sorted([
-        (emma, "registration_confirmed"), (emma, "certificate_issued"),
+        (emma, "registration_confirmed"), (emma, "prefecture_registration_confirmed"), (emma, "certificate_issued"),
         (chris, "registration_confirmed"), (chris, "certificate_issued"),
         (eri, "premium_requested"),
     ])

@@ -42,9 +42,10 @@ def test_a_registration_tells_after_saving_its_contact_and_consent() -> None:
     assert told.resident_id == told.notice.resident_id == "r-1"
     assert told.contact == ContactUpdate("Emma", "e@example.jp", "en")
     assert told.consent == ConsentUpdate(True, DECIDED - timedelta(days=1))
-    # With a prefecture itself: the contact is kept, but the confirmation's words do not fit it.
+    # With a prefecture itself: the contact is kept, and the confirmation is in words of its own.
     prefecture = effect(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA))
-    assert prefecture is not None and prefecture.notice is None and prefecture.contact is not None
+    assert prefecture is not None and prefecture.contact is not None
+    assert prefecture.notice is not None and prefecture.notice.kind == "prefecture_registration_confirmed"
 
 
 def test_a_registration_whose_contact_does_not_open_does_nothing() -> None:

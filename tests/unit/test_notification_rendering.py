@@ -12,6 +12,7 @@ import pytest
 
 from services.notification.domain import (
     KINDS,
+    LANGUAGES,
     Amount,
     Notice,
     Place,
@@ -114,6 +115,7 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
     }
     return {
         "registration_confirmed": registration(resident_id),
+        "prefecture_registration_confirmed": registration(resident_id, municipality=WAKAYAMA),
         "premium_requested": PremiumRequested(
             resident_id=resident_id, registration_id="reg-p", municipality_code=SADO, activity_count=3,
             requested_at=DECIDED,
@@ -187,6 +189,10 @@ EXPECTED: dict[str, dict[Language, list[str]]] = {
     "registration_confirmed": {
         "ja": ["和歌山県白浜町", "ベーシック", "2026年11月26日", "和歌山県"],
         "en": ["和歌山県白浜町", "basic", "26 November 2026"],
+    },
+    "prefecture_registration_confirmed": {
+        "ja": ["和歌山県へのふるさと住民登録（ベーシック）", "2026年11月26日"],
+        "en": ["with 和歌山県 was completed on 26 November 2026", "basic"],
     },
     "premium_requested": {
         "ja": ["新潟県佐渡市", "3件", "2026年11月26日"], "en": ["新潟県佐渡市", "Activities submitted: 3"],
@@ -311,13 +317,19 @@ def test_an_unknown_partner_is_named_by_its_code() -> None:
 # -- which events make a message ------------------------------------------------------------------
 
 
-def test_only_an_active_municipal_registration_is_confirmed() -> None:
-    assert notice_for(registration("r-1")) is not None
+def test_only_an_active_registration_is_confirmed_in_words_that_fit_it() -> None:
+    municipal = notice_for(registration("r-1"))
+    assert municipal is not None and municipal.kind == "registration_confirmed"
     # Registering with 白浜町 also registered with 和歌山県: one event, one message.
     with_prefecture = notice_for(registration("r-1", derived_prefecture="reg-r-1-wakayama"))
     assert with_prefecture is not None and with_prefecture.facts["prefecture"] == Place(WAKAYAMA)
-    # A registration with the prefecture itself: the message's words ("also registered with …") do not fit.
-    assert notice_for(registration("r-1", municipality=WAKAYAMA, prefecture=WAKAYAMA)) is None
+    # A registration with the prefecture itself has words of its own: no municipality, no "also registered with".
+    direct = notice_for(registration("r-1", municipality=WAKAYAMA))
+    assert direct is not None and direct.kind == "prefecture_registration_confirmed"
+    assert "municipality" not in direct.facts
+    for language in LANGUAGES:
+        text = render(direct, language, "x").body
+        assert "白浜町" not in text and "にも登録" not in text and "also registered" not in text
     # A premium sign-up pending review is announced by PremiumRequested, not here.
     assert notice_for(registration("r-1", status="pending_review", tier="premium")) is None
 
