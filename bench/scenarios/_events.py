@@ -212,7 +212,7 @@ async def pending_outboxes(ctx: BenchContext) -> int:
         except asyncpg.InvalidCatalogNameError:
             continue  # a service without a database of its own (the console): no outbox
         try:
-            pending += await conn.fetchval("SELECT count(*) FROM outbox_pending")
+            pending += await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
             if service == "notification":
                 pending += await conn.fetchval(
                     "SELECT count(*) FROM email_outbox WHERE status IN ('pending', 'sending') "
