@@ -217,7 +217,7 @@ async def caught_up(
 
         async def done() -> bool:
             behind.clear()
-            if unpublished := await runtime.pool.fetchval("SELECT count(*) FROM outbox_pending"):
+            if unpublished := await runtime.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
                 behind.append(f"{unpublished} outbox rows unpublished")
                 return False
             if also_empty is not None and (left := await runtime.pool.fetchval(also_empty)):

@@ -194,8 +194,7 @@ async def erase_resident(conn: Connection, resident_id: str, prefecture_code: st
 async def purge_relayed_events_of(conn: Connection, resident_id: str) -> int:
     """Delete the person's already relayed outbox rows (their payloads may carry the contact)."""
     result: str = await conn.execute(
-        "DELETE FROM outbox o USING outbox_relay r WHERE o.key = $1 AND pg_visible_in_snapshot(o.xid, r.relayed)",
-        resident_id.encode(),
+        "DELETE FROM outbox WHERE key = $1 AND published_at IS NOT NULL", resident_id.encode()
     )
     return int(result.split()[-1])
 
@@ -204,8 +203,8 @@ async def purge_relayed_events_of_erased(conn: Connection) -> int:
     """Relayed outbox rows of erased residents that were still pending when the erasure committed."""
     result: str = await conn.execute(
         """
-        DELETE FROM outbox o USING outbox_relay r
-        WHERE pg_visible_in_snapshot(o.xid, r.relayed) AND o.key IS NOT NULL AND EXISTS (
+        DELETE FROM outbox o
+        WHERE o.published_at IS NOT NULL AND o.key IS NOT NULL AND EXISTS (
             SELECT 1 FROM residents p WHERE p.id = convert_from(o.key, 'UTF8') AND p.status = 'erased'
         )
         """

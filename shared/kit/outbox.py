@@ -1,18 +1,10 @@
 """Transactional outbox: the state change and its events commit together, or neither does.
 
-``Outbox.add`` inserts the event in the caller's transaction. The relay publishes pending rows with
-``acks=all`` and then records its progress. A crash between publishing and recording re-sends on
-restart: delivery is at-least-once and consumers deduplicate by ``ce_id``. Only one relay per
-database publishes at a time (an advisory lock), which keeps per-key order across replicas.
-
-Progress is a snapshot of the database's transactions, not a mark on each row (kit migration 006):
-every row whose transaction (its ``xid``) the *relayed* snapshot sees is on the broker. A round takes
-a newer snapshot and publishes, in id order, the rows of the transactions it sees and the relayed one
-does not (those that committed in between, in commit order from one round to the next), then makes
-it the relayed one: one row written per round instead of an update of every published row. A round
-with more rows than one read takes goes in pages of ``batch_size`` (``upto``, ``after_id``).
-
-A record's W3C Trace Context (``traceparent``, ``tracestate``) is kept in columns of its
+``Outbox.add`` inserts the event in the caller's transaction. The relay publishes pending rows in
+id order with ``acks=all`` and marks them published. A crash between publishing and marking
+re-sends on restart: delivery is at-least-once and consumers deduplicate by ``ce_id``. Only one
+relay per database publishes at a time (an advisory lock), which keeps per-key order across
+replicas. A record's W3C Trace Context (``traceparent``, ``tracestate``) is kept in columns of its
 own and sent as those headers again (``shared.kit.tracing``).
 
 Waking the relay: when this process's relay is the leader, whoever commits an outbox write calls
@@ -46,9 +38,9 @@ from shared.kit.errors import is_transient
 log = structlog.get_logger(__name__)
 
 _RELAY_LOCK_ID = 0x4F55_5442  # "OUTB"
-#: How long the progress of a round at a trickle of commits waits to be stored by the next commit's
-#: round (saving the round trip that stores it alone). Only the record of progress waits, not any
-#: record; a crash in between re-sends the round's rows, which consumers' inboxes drop.
+#: How long rows published at a trickle of commits wait to be marked by the next commit's round
+#: (saving the round trip that marks them alone). Only the mark waits, not any record; a crash in
+#: between re-sends them, which consumers' inboxes drop.
 MARK_LINGER_S = 0.05
 #: While commits keep coming (one woke the relay during its last round or within ``MARK_LINGER_S``
 #: of it), the relay waits this long before its next round, so that it reads and produces several
@@ -222,46 +214,13 @@ def _headers(row: asyncpg.Record) -> list[tuple[str, bytes]]:
 
 
 _COLUMNS = "id, topic, key, header_names, header_values, payload, partition_key, traceparent, tracestate"
-#: The progress so far stored (when ``$5``: the round before moved it), and the next page read: the
-#: rows of the transactions that snapshot ``upto`` (``$3``, or this statement's own snapshot for a new
-#: round) sees and ``relayed`` (``$2``) does not, with an id above ``$4``, in id order. One statement,
-#: one round trip. A row's transaction id is never below the lowest one a snapshot does not see
-#: (``pg_snapshot_xmin``), nor at or above the first it has not seen begin (``pg_snapshot_xmax``): the
-#: index on ``xid`` takes the read to the rows in between. ``upto`` comes back with the rows (and
-#: alone, on a row of NULLs, when there are none).
-_STORE_AND_READ = f"""
-    WITH stored AS (
-        UPDATE outbox_relay
-        SET relayed = $2::text::pg_snapshot, upto = $3::text::pg_snapshot, after_id = $4 WHERE $5
-    ), round AS (
-        SELECT coalesce($3::text::pg_snapshot, pg_current_snapshot()) AS upto
-    )
-    SELECT round.upto::text AS upto, page.* FROM round LEFT JOIN LATERAL (
-        SELECT {_COLUMNS} FROM outbox
-        WHERE xid >= pg_snapshot_xmin($2::text::pg_snapshot) AND xid < pg_snapshot_xmax(round.upto)
-          AND pg_visible_in_snapshot(xid, round.upto) AND NOT pg_visible_in_snapshot(xid, $2::text::pg_snapshot)
-          AND id > coalesce($4::bigint, 0)
-        ORDER BY id LIMIT $1
-    ) page ON true
+_READ = f"SELECT {_COLUMNS} FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1"
+#: The rows of the round before marked, and the next pending ones read, in one statement. The read
+#: sees the table as it was before the statement (the mark is not visible to it): it skips those rows.
+_MARK_AND_READ = f"""
+    WITH marked AS (UPDATE outbox SET published_at = now() WHERE id = ANY($2::bigint[]))
+    SELECT {_COLUMNS} FROM outbox WHERE published_at IS NULL AND id <> ALL($2::bigint[]) ORDER BY id LIMIT $1
 """
-_BACKLOG = """
-    SELECT count(*) AS rows, extract(epoch FROM now() - min(created_at)) AS age FROM outbox
-    WHERE xid >= pg_snapshot_xmin($1::text::pg_snapshot) AND NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot)
-      AND NOT (pg_visible_in_snapshot(xid, coalesce($2::text::pg_snapshot, $1::text::pg_snapshot))
-               AND id <= coalesce($3::bigint, 0))
-"""
-_STORE = "UPDATE outbox_relay SET relayed = $1::text::pg_snapshot, upto = $2::text::pg_snapshot, after_id = $3"
-
-
-@dataclass(frozen=True, slots=True)
-class RelayProgress:
-    """Which rows are on the broker: those whose transaction ``relayed`` sees, and, in the round under
-    way (``upto``: the snapshot it reads up to), those with an id up to ``after_id``. Snapshots as
-    PostgreSQL writes them (``xmin:xmax:xip,...``)."""
-
-    relayed: str
-    upto: str | None = None
-    after_id: int | None = None
 
 
 class OutboxRelay:
@@ -334,8 +293,8 @@ class OutboxRelay:
         self._wake.set()
 
     async def _run_connected(self) -> None:
-        # Storing progress need not wait for the WAL flush: progress lost in a database crash only
-        # re-sends the rows, which consumers' inboxes drop. The relay's next round waits less.
+        # Marking rows published need not wait for the WAL flush: a mark lost in a database crash
+        # only re-sends the rows, which consumers' inboxes drop. The relay's next round waits less.
         conn: Connection = await asyncpg.connect(self.dsn, server_settings={"synchronous_commit": "off"})
         try:
             await conn.add_listener(self.channel, self._on_notify)
@@ -348,62 +307,47 @@ class OutboxRelay:
                 self._wake.clear()
                 await self._sleep(self.poll_interval_s)
             self.is_leader = True
-            row = await conn.fetchrow("SELECT relayed::text, upto::text, after_id FROM outbox_relay")
-            assert row is not None  # kit migration 006 inserts it
-            progress = RelayProgress(row["relayed"], row["upto"], row["after_id"])
-            # Progress made and not yet stored: the next round's read stores it in the same statement
-            # (one round trip a round instead of two), under load and at a trickle of commits alike;
-            # it is stored alone only once no commit came for ``MARK_LINGER_S``.
-            unstored = False
+            # Rows published and not yet marked: the next round's read marks them in the same
+            # statement (one round trip a round instead of two), under load and at a trickle of
+            # commits alike; they are marked alone only once no commit came for ``MARK_LINGER_S``.
+            unmarked: list[int] = []
             while not self._stopping:
-                if progress.upto is None:
-                    # A new round: it sees every commit so far. The pages of a round see only those
-                    # before it began, so a wake during them is kept for the round after.
-                    self._wake.clear()
+                self._wake.clear()
                 if time.monotonic() - self._last_sample >= self.sample_interval_s:
-                    await self._sample_backlog(conn, progress)
-                progress, published, unstored = await self._relay_batch(conn, progress, unstored)
-                if progress.upto is not None:
-                    continue  # a round in pages: straight on
+                    await self._sample_backlog(conn, unmarked)
+                unmarked = await self._relay_batch(conn, unmarked)
+                if len(unmarked) >= self.batch_size:
+                    continue  # a backlog: straight on
                 if not self._wake.is_set():
-                    if not published:
+                    if not unmarked:
                         await self._sleep(self.poll_interval_s)
                         continue
                     if not await self._sleep(MARK_LINGER_S):
-                        await self._store(conn, progress)
-                        unstored = False
+                        await self._mark_published(conn, unmarked)
+                        unmarked = []
                         # A commit after this quiet spell goes out at once, without gathering.
                         await self._sleep(self.poll_interval_s)
                         continue
                 # Commits keep coming: let the next few land too, so that one round (a read, a
                 # produce) takes them together.
                 await asyncio.sleep(GATHER_S)
-            if unstored:  # stopping: store what went out, or the next leader sends it again
-                await self._store(conn, progress)
+            if unmarked:  # stopping: mark what went out, or the next leader sends it again
+                await self._mark_published(conn, unmarked)
         finally:
             self.is_leader = False
             self.backlog = self.oldest_age_s = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), timeout=2)
 
-    async def _relay_batch(
-        self, conn: Connection, progress: RelayProgress, unstored: bool
-    ) -> tuple[RelayProgress, int, bool]:
-        """Store ``progress`` if ``unstored`` (the round before moved it) and publish the next page of
-        pending rows: the progress after it, how many rows went out, and whether that is unstored."""
-        found = await conn.fetch(
-            _STORE_AND_READ, self.batch_size, progress.relayed, progress.upto, progress.after_id, unstored
-        )
-        upto: str = found[0]["upto"]
-        rows = [row for row in found if row["id"] is not None]
-        if len(rows) < self.batch_size:  # the round's last page: everything ``upto`` sees is out
-            after = RelayProgress(upto)
+    async def _relay_batch(self, conn: Connection, unmarked: list[int]) -> list[int]:
+        """Mark ``unmarked`` (published by the round before) and publish the next pending rows; the
+        ids of the rows published, for the caller to mark."""
+        if unmarked:
+            rows = await conn.fetch(_MARK_AND_READ, self.batch_size, unmarked)
         else:
-            after = RelayProgress(progress.relayed, upto, rows[-1]["id"])
+            rows = await conn.fetch(_READ, self.batch_size)
         if not rows:
-            # Nothing new: only the snapshot moved, which need not be stored (the next read from the
-            # stored one finds no more rows, only a longer stretch of the index to look at).
-            return after, 0, unstored
+            return []
         placement = _Placement()
         futures = [
             await producer.send(
@@ -424,11 +368,16 @@ class OutboxRelay:
         for row in rows:
             if row["topic"].endswith(DLQ_SUFFIX):
                 self.dead_letters[row["topic"]] = self.dead_letters.get(row["topic"], 0) + 1
-        return after, len(rows), True
+        return [row["id"] for row in rows]
 
-    async def _sample_backlog(self, conn: Connection, progress: RelayProgress) -> None:
-        """Count the rows not yet relayed (before this round sends them: a gauge of what waits)."""
-        row = await conn.fetchrow(_BACKLOG, progress.relayed, progress.upto, progress.after_id)
+    async def _sample_backlog(self, conn: Connection, unmarked: Sequence[int] = ()) -> None:
+        """Count the rows not yet relayed (before this round sends them: a gauge of what waits);
+        ``unmarked`` went out already."""
+        row = await conn.fetchrow(
+            "SELECT count(*) AS rows, extract(epoch FROM now() - min(created_at)) AS age FROM outbox"
+            " WHERE published_at IS NULL AND id <> ALL($1::bigint[])",
+            list(unmarked),
+        )
         assert row is not None
         self.backlog = int(row["rows"])
         self.oldest_age_s = max(float(row["age"]), 0.0) if row["age"] is not None else 0.0
@@ -441,8 +390,8 @@ class OutboxRelay:
             raise RuntimeError(f"{topic} lives on the partner-facing cluster, and this relay has no producer there")
         return self.edge_producer
 
-    async def _store(self, conn: Connection, progress: RelayProgress) -> None:
-        await conn.execute(_STORE, progress.relayed, progress.upto, progress.after_id)
+    async def _mark_published(self, conn: Connection, ids: list[int]) -> None:
+        await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", ids)
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait until woken or ``seconds`` passed; whether it was woken."""
@@ -506,5 +455,5 @@ def murmur2(data: bytes) -> int:
 
 
 async def pending_count(conn: Connection | asyncpg.Pool) -> int:
-    value = await conn.fetchval("SELECT count(*) FROM outbox_pending")
+    value = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
     return int(value)

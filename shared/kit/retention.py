@@ -97,14 +97,10 @@ _PRUNE = {
             SELECT scope, key FROM idempotency_keys WHERE created_at < now() - $1::interval LIMIT $2
         ) AND created_at < now() - $1::interval
     """,
-    # Relayed rows only: those of a transaction below every one the relayed snapshot does not see
-    # (the oldest first, along the index on xid). Their age is their writing's.
     "outbox": """
         DELETE FROM outbox WHERE id IN (
-            SELECT id FROM outbox
-            WHERE xid < pg_snapshot_xmin((SELECT relayed FROM outbox_relay)) AND created_at < now() - $1::interval
-            ORDER BY xid LIMIT $2
-        ) AND created_at < now() - $1::interval
+            SELECT id FROM outbox WHERE published_at < now() - $1::interval LIMIT $2
+        ) AND published_at < now() - $1::interval
     """,
 }
 

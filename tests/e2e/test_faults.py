@@ -121,7 +121,7 @@ async def register_through_http(fleet: ServiceFleet, settings: Settings, residen
 async def outbox_pending(settings: Settings, service: str) -> int:
     conn = await asyncpg.connect(settings.database_dsn(service))
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM outbox_pending"))
+        return int(await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
     finally:
         await conn.close()
 

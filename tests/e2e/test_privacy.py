@@ -261,7 +261,7 @@ async def settle(settings: Settings, timeout: float = 120.0) -> None:
             conn = await asyncpg.connect(with_database(settings.pg_dsn or "", db))
             try:
                 has = await conn.fetchval("SELECT to_regclass('outbox') IS NOT NULL")
-                if has and await conn.fetchval("SELECT count(*) FROM outbox_pending"):
+                if has and await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
                     return False
             finally:
                 await conn.close()

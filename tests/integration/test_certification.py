@@ -1070,7 +1070,7 @@ async def test_two_replicas_send_each_expiring_and_expired_notice_exactly_once(s
         assert all(app.state.runtime.state["expiry_sweeps"] > 5 for app in (first, second))
 
         async def all_published() -> bool:
-            return not await h.pool.fetchval("SELECT count(*) FROM outbox_pending")
+            return not await h.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
 
         await eventually(all_published)
         keys = {number.encode() for number in numbers}

@@ -104,7 +104,7 @@ async def test_a_poison_record_is_parked_with_its_reason_and_the_stream_moves_on
         assert dead[0].value == b"{not json"
 
         async def outbox_drained() -> bool:  # marked right after the broker's ack
-            return int(await pool.fetchval("SELECT count(*) FROM outbox_pending")) == 0
+            return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")) == 0
 
         await eventually(outbox_drained)
 

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 from shared.kit import outbox as outbox_module
 from shared.kit.db import Connection
 from shared.kit.envelope import new_envelope, parse_envelope
-from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, RelayProgress, pending_count
+from shared.kit.outbox import Outbox, OutboxRelay, OutgoingRecord, pending_count
 from shared.kit.settings import Settings
 from tests.support import Ping, eventually, fresh_database, fresh_topic, read_topic
 
@@ -71,21 +71,18 @@ async def test_a_rolled_back_transaction_publishes_nothing(settings: Settings, p
 
 
 class CrashAfterPublish(OutboxRelay):
-    """Dies once between publishing a batch and storing its progress, like a process killed at that
-    instant."""
+    """Dies once between publishing a batch and marking it, like a process killed at that instant."""
 
     crashed = False
 
-    async def _store(self, conn: Connection, progress: RelayProgress) -> None:
+    async def _mark_published(self, conn: Connection, row_ids: list[int]) -> None:
         if not self.crashed:
             CrashAfterPublish.crashed = True
-            raise RuntimeError("killed between publish and storing progress")
-        await super()._store(conn, progress)
+            raise RuntimeError("killed between publish and mark")
+        await super()._mark_published(conn, row_ids)
 
 
-async def test_a_crash_between_publish_and_storing_progress_re_sends(
-    settings: Settings, producer: AIOKafkaProducer
-) -> None:
+async def test_a_crash_between_publish_and_mark_re_sends(settings: Settings, producer: AIOKafkaProducer) -> None:
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)
     conn = await asyncpg.connect(dsn)
@@ -106,8 +103,7 @@ async def test_order_per_key_holds_and_the_relay_wakes_on_commit(
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)
     pool = await asyncpg.create_pool(dsn, min_size=3, max_size=3)
-    # Polling every 30 s: anything delivered sooner was woken by NOTIFY. Rounds of more than 7 rows
-    # go in pages, which see only the round's commits: one woken meanwhile comes in the next round.
+    # Polling every 30 s: anything delivered sooner was woken by NOTIFY.
     relay = OutboxRelay(dsn, CHANNEL, producer, batch_size=7, poll_interval_s=30)
     try:
         async with running(relay):
@@ -235,29 +231,28 @@ async def eventually_leading(relay: OutboxRelay) -> None:
     raise AssertionError("the relay never took the lead")
 
 
-class CountingStores(OutboxRelay):
-    """Counts the statements that only store progress (a round trip each)."""
+class CountingMarks(OutboxRelay):
+    """Counts the statements that only mark rows published (a round trip each)."""
 
-    stores = 0
+    marks = 0
 
-    async def _store(self, conn: Connection, progress: RelayProgress) -> None:
-        self.stores += 1
-        await super()._store(conn, progress)
+    async def _mark_published(self, conn: Connection, row_ids: list[int]) -> None:
+        self.marks += 1
+        await super()._mark_published(conn, row_ids)
 
 
-async def test_under_load_each_page_stores_the_progress_before_in_its_read(
+async def test_under_load_a_round_marks_the_rounds_before_in_its_read(
     settings: Settings, producer: AIOKafkaProducer
 ) -> None:
-    """A backlog of 62 rows, 5 a page: each page's read stores the progress of the page before in the
-    same statement, and only the last (2 rows) stores alone before the relay waits. Every row goes
-    out once."""
+    """A backlog of 62 rows, 5 a round: each round's read marks the round before's rows in the same
+    statement, and only the last (2 rows) marks alone before the relay waits. Every row goes out once."""
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
             written = [await add(conn, outbox, topic, f"k{i % 3}", i) for i in range(62)]
-        relay = CountingStores(dsn, CHANNEL, producer, batch_size=5, poll_interval_s=30)
+        relay = CountingMarks(dsn, CHANNEL, producer, batch_size=5, poll_interval_s=30)
         async with running(relay):
             records = await read_topic(settings, topic, until=lambda r: len(r) >= 62)
             for _ in range(100):
@@ -268,23 +263,23 @@ async def test_under_load_each_page_stores_the_progress_before_in_its_read(
             records = await read_topic(settings, topic, until=lambda r: len(r) > 62, timeout=0.5)
         assert sorted(ids(records)) == sorted(written), "each row once"
         assert relay.published == 62
-        assert relay.stores == 1, relay.stores  # 13 pages: 12 stored by the next page's read
+        assert relay.marks == 1, relay.marks  # 13 rounds: 12 marked by the next round's read
         assert await pending_count(conn) == 0
     finally:
         await conn.close()
 
 
-async def test_at_a_trickle_of_commits_a_round_stores_the_progress_before_in_its_read(
+async def test_at_a_trickle_of_commits_a_round_marks_the_round_before_in_its_read(
     settings: Settings, producer: AIOKafkaProducer
 ) -> None:
     """Commits one at a time, each soon after the one before (as at 200 registrations/s): every
-    round's read stores the round before's progress in the same statement; only the last stores
-    alone, once no commit came for a while. Every row goes out once and ends relayed."""
+    round's read marks the round before's row in the same statement; only the last marks alone,
+    once no commit came for a while. Every row goes out once and ends marked."""
     dsn, topic = await fresh_database(settings, "outbox"), await fresh_topic(settings)
     outbox = Outbox(CHANNEL)  # the relay hears of each commit by its NOTIFY
     conn = await asyncpg.connect(dsn)
     try:
-        relay = CountingStores(dsn, CHANNEL, producer, poll_interval_s=30)
+        relay = CountingMarks(dsn, CHANNEL, producer, poll_interval_s=30)
         async with running(relay):
             await eventually_leading(relay)
             written = []
@@ -300,8 +295,8 @@ async def test_at_a_trickle_of_commits_a_round_stores_the_progress_before_in_its
             assert await pending_count(conn) == 0
         assert sorted(ids(records)) == sorted(written), "each row once"
         assert relay.published == 10
-        # Alone each time, it was 10; a commit late on a busy machine may leave a round or two to store alone.
-        assert relay.stores <= 3, relay.stores
+        # Alone each time, it was 10; a commit late on a busy machine may leave a row or two to mark alone.
+        assert relay.marks <= 3, relay.marks
     finally:
         await conn.close()
 
@@ -311,13 +306,11 @@ class CountingRounds(OutboxRelay):
 
     rounds: list[tuple[float, int]]
 
-    async def _relay_batch(
-        self, conn: Connection, progress: RelayProgress, unstored: bool
-    ) -> tuple[RelayProgress, int, bool]:
-        after, published, unstored = await super()._relay_batch(conn, progress, unstored)
+    async def _relay_batch(self, conn: Connection, unmarked: list[int]) -> list[int]:
+        published = await super()._relay_batch(conn, unmarked)
         if published:
-            self.rounds = [*getattr(self, "rounds", []), (time.monotonic(), published)]
-        return after, published, unstored
+            self.rounds = [*getattr(self, "rounds", []), (time.monotonic(), len(published))]
+        return published
 
 
 async def test_while_commits_keep_coming_a_round_gathers_them_and_after_a_quiet_spell_one_goes_at_once(

@@ -230,7 +230,7 @@ async def settled(gw: Gateway, envelope: Envelope) -> None:
 
     async def done() -> bool:
         handled = await gw.pool.fetchval("SELECT 1 FROM inbox WHERE event_id = $1", envelope.id)
-        pending = await gw.pool.fetchval("SELECT count(*) FROM outbox_pending")
+        pending = await gw.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         return bool(handled) and pending == 0
 
     await eventually(done, timeout=20)

@@ -56,10 +56,8 @@ async def add_outbox_row(pool: asyncpg.Pool, age: timedelta, *, published: bool)
     event_id = uuid.uuid4()
     await pool.execute(
         """
-        INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, created_at, xid)
-        VALUES ($1, 't', NULL, '{}', '{}', 'x', now() - $2::interval,
-                -- relayed: a transaction older than any; pending: one no snapshot has seen end yet
-                CASE WHEN $3 THEN '1'::xid8 ELSE '9223372036854775807'::xid8 END)
+        INSERT INTO outbox (event_id, topic, key, header_names, header_values, payload, created_at, published_at)
+        VALUES ($1, 't', NULL, '{}', '{}', 'x', now() - $2::interval, CASE WHEN $3 THEN now() - $2::interval END)
         """,
         event_id, age, published,
     )
