@@ -6,7 +6,8 @@ service, all on this machine):
 
 1. ``ResidentRegistered`` (basic, active, sharing with JAL, no e-mail consent) on the residents
    topic → certification (resident projection, registration, share consent), notification (contact
-   projection, inbox message, ``MessageDelivered``) and the partner gateway (share consent);
+   projection, inbox message, its share of an ``InboxMessagesDelivered``) and the partner gateway (share
+   consent);
 2. ``CertificateIssued`` for the same residents, sharing with JAL, in a municipality without a
    travel program → subsidy (certificate projection; no grant), notification (inbox message) and
    the partner gateway (the partner's feed record through its outbox).

@@ -1,7 +1,7 @@
 """Use cases: keep the contact projection, turn events into messages, serve the inbox.
 
 Every consumer-side use case runs inside the consumer's transaction (``ctx.conn``): the inbox
-message, the queued e-mail and the ``MessageDelivered`` event commit together with the kit's
+message, the queued e-mail and the ``InboxMessagesDelivered`` record commit together with the kit's
 inbox row, so a redelivered event finds its row and changes nothing. E-mail leaves the process
 later, from the background sender (``sender.py``), never inside this transaction.
 """
@@ -32,7 +32,7 @@ from services.notification.domain import (
 from services.notification.templates import render
 from shared.contracts.base import EventData
 from shared.contracts.listings import ListingDigestDue
-from shared.contracts.notification import MessageDelivered
+from shared.contracts.notification import MAX_INBOX_DELIVERIES, InboxDelivery, InboxMessagesDelivered
 from shared.contracts.registration import (
     ConsentChanged,
     Contact,
@@ -157,10 +157,12 @@ async def deliver(
         [uuid.uuid4() if resident is not None and resident.can_receive_email else None for _, _, resident in drafts],
         channel,
     )
-    for ctx, message, _ in drafts:
-        created_at = created.get(message.id)
-        if created_at is not None:  # else this event already produced its message
-            await emit_delivered(ctx, message, created_at)
+    delivered = [
+        (ctx, message, created[message.id]) for ctx, message, _ in drafts
+        if message.id in created  # else this event already produced its message
+    ]
+    for start in range(0, len(delivered), MAX_INBOX_DELIVERIES):
+        await emit_delivered(delivered[start:start + MAX_INBOX_DELIVERIES])
 
 
 def draft_message(ctx: HandlerContext, notice: Notice, resident: store.Resident | None) -> store.NewMessage:
@@ -174,15 +176,20 @@ def draft_message(ctx: HandlerContext, notice: Notice, resident: store.Resident 
     )
 
 
-async def emit_delivered(ctx: HandlerContext, message: store.NewMessage, created_at: datetime) -> None:
+async def emit_delivered(delivered: Sequence[tuple[HandlerContext, store.NewMessage, datetime]]) -> None:
+    """One record of the inbox messages written (caused by, and traced as, the first one's event)."""
+    ctx, first, _ = delivered[0]
     await ctx.emit(
         DELIVERIES,
-        MessageDelivered(
-            delivery_id=str(message.id), resident_id=message.resident_id, channel="inbox",
-            template=message.kind, language=message.language, source_event_id=str(message.source_event_id),
-            source_event_type=message.source_event_type, delivered_at=created_at,
-        ),
-        subject=message.resident_id,
+        InboxMessagesDelivered(deliveries=[
+            InboxDelivery(
+                delivery_id=str(message.id), resident_id=message.resident_id, template=message.kind,
+                language=message.language, source_event_id=str(message.source_event_id),
+                source_event_type=message.source_event_type, delivered_at=created_at,
+            )
+            for _, message, created_at in delivered
+        ]),
+        subject=str(first.id),
     )
 
 

@@ -96,7 +96,8 @@ DONATIONS = Topic(
     description="Donations received, receipts issued, refunds, one-stop exception voided.",
 )
 DELIVERIES = Topic(
-    "notification.deliveries.v1", 2, "resident id", "notification", (),
+    "notification.deliveries.v1", 2, "resident id (an e-mail's record); the first message's id (an inbox record)",
+    "notification", (),
     description="What was sent to whom by which channel (no message body).",
 )
 EXPORT_REQUESTS = Topic(

@@ -29,7 +29,7 @@ from services.notification.main import create_app
 from services.notification.sender import EmailSender, MailerConfig
 from shared.contracts.base import EventData
 from shared.contracts.common import Language
-from shared.contracts.notification import MessageDelivered, MessageFailed
+from shared.contracts.notification import InboxDelivery, InboxMessagesDelivered, MessageDelivered, MessageFailed
 from shared.contracts.registration import (
     ConsentChanged,
     Contact,
@@ -215,20 +215,35 @@ async def wait_for_mail(sink: SmtpSink, recipient: str, count: int, timeout: flo
     return mail_to(sink, recipient)
 
 
-async def deliveries_for(
-    settings: Settings, residents: Sequence[str], *, until: int
-) -> list[tuple[ConsumerRecord[bytes, bytes], MessageDelivered | MessageFailed]]:
-    """The records on notification.deliveries.v1 about these residents (once ``until`` of them arrived)."""
+@dataclass(frozen=True)
+class Recorded:
+    """One delivery on notification.deliveries.v1: an e-mail's record, or one message of an inbox record."""
+
+    record: ConsumerRecord[bytes, bytes]
+    event: MessageDelivered | MessageFailed | InboxMessagesDelivered
+    entry: MessageDelivered | MessageFailed | InboxDelivery
+
+    @property
+    def channel(self) -> str:
+        return "inbox" if isinstance(self.entry, InboxDelivery) else self.entry.channel
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        return type(self.event).__name__, self.channel
+
+
+async def deliveries_for(settings: Settings, residents: Sequence[str], *, until: int) -> list[Recorded]:
+    """The deliveries on notification.deliveries.v1 to these residents (once ``until`` of them arrived)."""
     wanted = set(residents)
 
-    def decode(records: list[ConsumerRecord[bytes, bytes]]) -> list[Any]:
+    def decode(records: list[ConsumerRecord[bytes, bytes]]) -> list[Recorded]:
         found = []
         for record in records:
             envelope = parse_envelope(record.headers, record.value, record.key)
             event = envelope.data_model()
-            assert isinstance(event, MessageDelivered | MessageFailed)
-            if event.resident_id in wanted:
-                found.append((record, event))
+            assert isinstance(event, MessageDelivered | MessageFailed | InboxMessagesDelivered)
+            entries = event.deliveries if isinstance(event, InboxMessagesDelivered) else [event]
+            found += [Recorded(record, event, entry) for entry in entries if entry.resident_id in wanted]
         return found
 
     records = await read_topic(
@@ -294,18 +309,32 @@ async def test_every_decision_reaches_inbox_and_email_in_the_residents_language(
                 assert email["Content-Language"] == language
                 assert emails[kind]["status"] == "sent" and emails[kind]["attempts"] == 1
 
-        # What was sent is on notification.deliveries.v1, keyed by resident, without any personal data.
-        records = await deliveries_for(run.settings, [ja, en], until=4 * kinds)
-        assert len(records) == 4 * kinds
-        for record, event in records:
-            assert isinstance(event, MessageDelivered)
-            headers = dict(record.headers)
-            assert headers["ce_type"] == MessageDelivered.event_type.encode()
-            assert record.key == event.resident_id.encode() == headers["ce_subject"]
+        # What was sent is on notification.deliveries.v1, without any personal data: each e-mail keyed
+        # by its resident, the inbox messages a transaction wrote in one record keyed by its first.
+        delivered = await deliveries_for(run.settings, [ja, en], until=4 * kinds)
+        assert len(delivered) == 4 * kinds
+        for found in delivered:
+            headers = dict(found.record.headers)
+            assert headers["ce_type"] == found.event.event_type.encode()
+            if isinstance(found.event, InboxMessagesDelivered):
+                key = found.event.deliveries[0].delivery_id
+            else:
+                assert isinstance(found.event, MessageDelivered)
+                key = found.event.resident_id
+            assert found.record.key == key.encode() == headers["ce_subject"]
             for personal in (b"Emma", "山田".encode(), b"example.jp", "証明書".encode()):
-                assert personal not in (record.value or b"")
-        by_channel = {(e.resident_id, e.channel) for _, e in records}
-        assert by_channel == {(ja, "inbox"), (ja, "email"), (en, "inbox"), (en, "email")}
+                assert personal not in (found.record.value or b"")
+        assert {found.kind for found in delivered} == {
+            ("InboxMessagesDelivered", "inbox"), ("MessageDelivered", "email"),
+        }
+        by_channel = {(found.entry.resident_id, found.channel, found.entry.template) for found in delivered}
+        assert by_channel == {(r, c, kind) for r in (ja, en) for c in ("inbox", "email") for kind in EXPECTED}
+        # Each record names the row it records: the inbox message, or the e-mail.
+        rows = {
+            "inbox": {str(m["id"]) for r in (ja, en) for m in await messages_of(run.pool, r)},
+            "email": {str(e["id"]) for r in (ja, en) for e in await emails_of(run.pool, r)},
+        }
+        assert {c: {f.entry.delivery_id for f in delivered if f.channel == c} for c in rows} == rows
 
 
 # -- exactly once -------------------------------------------------------------------------------
@@ -331,8 +360,8 @@ async def test_redelivered_events_make_one_message_and_one_email(settings: Setti
         assert len(await messages_of(run.pool, resident)) == 4
         assert [r["status"] for r in await emails_of(run.pool, resident)] == ["sent"] * 4
         assert len(mail_to(sink, address(resident))) == 4
-        records = await deliveries_for(run.settings, [resident], until=8)
-        assert sorted(e.channel for _, e in records) == ["email"] * 4 + ["inbox"] * 4
+        delivered = await deliveries_for(run.settings, [resident], until=8)
+        assert sorted(found.channel for found in delivered) == ["email"] * 4 + ["inbox"] * 4
 
 
 async def test_an_smtp_server_failing_the_first_attempts_gets_the_mail_once_later(
@@ -349,9 +378,9 @@ async def test_an_smtp_server_failing_the_first_attempts_gets_the_mail_once_late
         assert email["recipient"] == address(resident)
         await asyncio.sleep(0.5)
         assert len(mail_to(sink, address(resident))) == 1
-        records = await deliveries_for(run.settings, [resident], until=2)
-        assert sorted((type(e).__name__, e.channel) for _, e in records) == [
-            ("MessageDelivered", "email"), ("MessageDelivered", "inbox"),
+        delivered = await deliveries_for(run.settings, [resident], until=2)
+        assert sorted(found.kind for found in delivered) == [
+            ("InboxMessagesDelivered", "inbox"), ("MessageDelivered", "email"),
         ]
 
 
@@ -398,7 +427,8 @@ async def test_a_permanently_refused_address_is_recorded_and_never_retried(setti
         assert len(await messages_of(run.pool, resident)) == 2  # the inbox got both
 
         failures = [
-            e for _, e in await deliveries_for(run.settings, [resident], until=4) if isinstance(e, MessageFailed)
+            found.entry for found in await deliveries_for(run.settings, [resident], until=4)
+            if isinstance(found.entry, MessageFailed)
         ]
         assert len(failures) == 2
         assert {f.template for f in failures} == {"registration_confirmed", "certificate_issued"}
@@ -699,8 +729,8 @@ async def test_a_send_cut_short_by_a_crash_is_resent_with_the_same_message_id(
             assert len(copies) == 2
             assert {m["Message-ID"] for m in copies} == {f"<{claimed.id}@nichiiki.jp>"}
             emailed = [
-                e for _, e in await deliveries_for(restarted.settings, [resident], until=2)
-                if e.channel == "email"
+                found for found in await deliveries_for(restarted.settings, [resident], until=2)
+                if found.channel == "email"
             ]
             assert len(emailed) == 1  # the record says once; the mailbox has the same message twice
 

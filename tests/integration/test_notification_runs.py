@@ -23,7 +23,7 @@ from services.notification import consumers
 from services.notification.handlers import sender_channel
 from shared.contracts.base import EventData
 from shared.contracts.common import Language
-from shared.contracts.notification import MessageDelivered
+from shared.contracts.notification import InboxMessagesDelivered
 from shared.contracts.registration import ConsentChanged, Contact, ContactChanged, ResidentWithdrawn
 from shared.contracts.sealed import resident_subject
 from shared.kit.consumer import EventConsumer
@@ -127,9 +127,9 @@ async def outcome(pool: asyncpg.Pool) -> Outcome:
     delivered = []
     created = {row["id"]: row["created_at"] for row in messages}
     for row in await pool.fetch("SELECT payload FROM outbox ORDER BY id"):
-        event = MessageDelivered.model_validate(json.loads(row["payload"]))
-        assert created[uuid.UUID(event.delivery_id)] == event.delivered_at  # the message's own row
-        delivered.append((event.resident_id, event.channel, event.template, event.language, event.source_event_id))
+        for entry in InboxMessagesDelivered.model_validate(json.loads(row["payload"])).deliveries:
+            assert created[uuid.UUID(entry.delivery_id)] == entry.delivered_at  # the message's own row
+            delivered.append((entry.resident_id, entry.template, entry.language, entry.source_event_id))
     return Outcome(
         [tuple(row.values()) for row in residents],
         [tuple(row.values())[1:-1] for row in messages],
@@ -144,7 +144,7 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
     emma, bo, chris, dana, eri, stranger, gone = (resident_id() for _ in range(7))
     samples = {r: sample_events(r) for r in (emma, bo, chris, dana, eri, stranger, gone)}
     # Before the batch: a resident who withdrew, and an event whose message exists but whose inbox
-    # row is gone (as after a replay): it must not make a second message or MessageDelivered.
+    # row is gone (as after a replay): it must not make a second message or a delivery record.
     already = envelope_of(samples[dana]["certificate_issued"])
     before = [
         await sealed_envelope(keyring, registration(gone, email=address(gone))),
@@ -211,9 +211,7 @@ async def test_a_mixed_batch_leaves_what_one_event_at_a_time_leaves(
         (chris, "registration_confirmed"), (chris, "certificate_issued"),
         (eri, "premium_requested"),
     ])
-    assert [(d[0], d[1], d[2]) for d in got.delivered] == [
-        (m[0], "inbox", m[1]) for m in got.messages if m[0] != dana
-    ]
+    assert [(d[0], d[1]) for d in got.delivered] == [(m[0], m[1]) for m in got.messages if m[0] != dana]
     consent = {row[0]: row[4] for row in got.residents}
     assert (consent[emma], consent[bo], consent[chris], consent[gone]) == (False, False, True, False)
     [tombstone] = [row for row in got.residents if row[0] == gone]
@@ -250,11 +248,14 @@ async def test_a_burst_of_registrations_and_decisions_costs_three_statements(
     counts = await pool.fetchrow(
         """
         SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM email_outbox) AS emails,
-               (SELECT count(*) FROM outbox) AS delivered, (SELECT count(*) FROM residents) AS residents
+               (SELECT count(*) FROM residents) AS residents, (SELECT count(*) FROM outbox) AS records,
+               (SELECT sum(jsonb_array_length(convert_from(payload, 'UTF8')::jsonb -> 'deliveries'))
+                FROM outbox) AS delivered
         """
     )
     assert counts is not None
-    assert dict(counts) == {"messages": 400, "emails": 400, "delivered": 400, "residents": 200}
+    # The 400 inbox messages are recorded 100 to a record.
+    assert dict(counts) == {"messages": 400, "emails": 400, "residents": 200, "records": 4, "delivered": 400}
     assert consumer.stats.handled == len(events)
 
 
