@@ -17,7 +17,7 @@ from services.certification.handlers import CertificationService
 from services.certification.scheduler import expiry_scheduler
 from shared.contracts.topics import EXPORT_REQUESTS, GATEWAY_PARTNERS, PLANS, RESIDENTS
 from shared.kit.clock import SYSTEM_CLOCK, Clock
-from shared.kit.consumer import EventRouter
+from shared.kit.consumer import BACKGROUND_PACE_S, EventRouter
 from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
@@ -57,6 +57,7 @@ def create_app(
             ConsumerSpec(
                 EventRouter.combined(consumers.router, export_router(SERVICE, EXPORT_TABLES)),
                 [RESIDENTS, GATEWAY_PARTNERS, EXPORT_REQUESTS, PLANS], name=config.consumer_name,
+                pace_s=BACKGROUND_PACE_S,
             ),
         ],
         prepare=[seed_municipality_rules],

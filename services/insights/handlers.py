@@ -30,7 +30,7 @@ from shared.contracts.base import EventData
 from shared.contracts.registration import ResidentWithdrawn
 from shared.contracts.topics import Topic
 from shared.kit import erasure
-from shared.kit.consumer import EventConsumer, EventRouter
+from shared.kit.consumer import BACKGROUND_PACE_S, EventConsumer, EventRouter
 from shared.kit.db import Connection
 from shared.kit.service import ConsumerSpec, ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, Write
@@ -79,7 +79,10 @@ class InsightsService:
         async with runtime.pool.acquire() as conn:
             self.generation = await store.generation(conn)
         runtime.consumer_specs = [
-            ConsumerSpec(self.router_for(self.generation), self.topics, name=self.name_of(self.generation))
+            ConsumerSpec(
+                self.router_for(self.generation), self.topics, name=self.name_of(self.generation),
+                pace_s=BACKGROUND_PACE_S,
+            )
         ]
 
     def _consumer(self) -> EventConsumer | None:

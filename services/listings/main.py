@@ -15,7 +15,7 @@ from services.listings.handlers import ListingsService
 from services.listings.scheduler import listings_sweep
 from shared.contracts.topics import EXPORT_REQUESTS
 from shared.kit.clock import SYSTEM_CLOCK, Clock
-from shared.kit.consumer import EventRouter
+from shared.kit.consumer import BACKGROUND_PACE_S, EventRouter
 from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
@@ -48,7 +48,7 @@ def create_app(
         migrations=MIGRATIONS,
         consumers=[ConsumerSpec(
             EventRouter.combined(consumers.router, export_router(SERVICE, EXPORT_TABLES)),
-            [*consumers.TOPICS, EXPORT_REQUESTS],
+            [*consumers.TOPICS, EXPORT_REQUESTS], pace_s=BACKGROUND_PACE_S,
         )],
         background=[listings_sweep(config.sweep_interval_s, config.sweep_batch)],
         settings=settings,

@@ -13,7 +13,7 @@ from services.notification.export import EXPORT_TABLES
 from services.notification.sender import EmailSender, MailerConfig
 from services.notification.templates import check_templates
 from shared.contracts.topics import EXPORT_REQUESTS
-from shared.kit.consumer import EventRouter
+from shared.kit.consumer import BACKGROUND_PACE_S, EventRouter
 from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
@@ -30,7 +30,8 @@ def create_app(settings: Settings | None = None, *, mailer: MailerConfig | None 
         SERVICE,
         migrations=Path(__file__).parent / "migrations",
         consumers=[ConsumerSpec(
-            EventRouter.combined(event_router, export_router("notification", EXPORT_TABLES)), [*TOPICS, EXPORT_REQUESTS]
+            EventRouter.combined(event_router, export_router("notification", EXPORT_TABLES)),
+            [*TOPICS, EXPORT_REQUESTS], pace_s=BACKGROUND_PACE_S,
         )],
         background=[sender],
         settings=settings,

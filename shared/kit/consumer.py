@@ -86,6 +86,9 @@ LINGER_WHEN_WITHIN_S = 0.01
 #: of 1 partition 0.06, of 12 partitions 0.40), so an idle platform of a dozen groups over
 #: 2-40 partitions each kept a third of a core of the 2-core machine busy doing nothing.
 IDLE_AFTER_S = 1.0
+#: The pace of a consumer no one waits on by the millisecond (``ConsumerSpec.pace_s``): a resident's
+#: inbox, a KPI, a listing's match are as good a tenth of a second later.
+BACKGROUND_PACE_S = 0.1
 DLQ_HEADERS = (
     "dlq_reason", "dlq_service", "dlq_topic", "dlq_partition", "dlq_offset", "dlq_time",
     inbox.DEAD_LETTER_ID_HEADER, inbox.REPLAY_HEADER,
@@ -351,10 +354,13 @@ class EventConsumer:
         cluster: str = "internal",
         topics_of: Callable[[], Sequence[Topic]] | None = None,
         keyring: Keyring | None = None,
+        pace_s: float = 0.0,
     ) -> None:
         """``topics_of``: when given, asked for the topics at every (re)subscription instead of
-        ``topics``, for a set of topics that grows at run time (set ``needs_resubscribe`` when it did)."""
+        ``topics``, for a set of topics that grows at run time (set ``needs_resubscribe`` when it did).
+        ``pace_s``: see ``ConsumerSpec.pace_s``."""
         self.service = service
+        self.pace_s = pace_s
         self.clock = clock
         #: The cluster its topics are on (``internal``, or ``edge`` for partner topics).
         self.cluster = cluster
@@ -416,6 +422,7 @@ class EventConsumer:
         # record on another partition of the fetch keeps it waiting the whole wait.
         poll = _BatchPoll(
             s.consumer_batch_size, rest_s=s.consumer_idle_rest_ms / 1000, listen_ms=2 * s.kafka_fetch_max_wait_ms,
+            pace_s=self.pace_s,
         )
         setattr(subscriber, "get_msg", poll)  # noqa: B010
         # And each batch goes straight to ``_on_batch`` (see ``_Dispatch``). Registering the handler
@@ -840,11 +847,13 @@ class _BatchPoll:
 
     def __init__(
         self, max_records: int, linger_s: float = LINGER_S, rest_s: float = 0.0, listen_ms: int = POLL_TIMEOUT_MS,
+        pace_s: float = 0.0,
     ) -> None:
         self.max_records = max_records
         self.linger_s = linger_s
         self.rest_s = rest_s
         self.listen_ms = listen_ms
+        self.pace_s = pace_s
         #: When the last poll that found records returned.
         self._last_records_at = -1e9
         #: Idle is counted from here at first: a consumer that just joined listens at once.
@@ -857,9 +866,13 @@ class _BatchPoll:
             error, self._deferred = self._deferred, None
             raise error
         timeout_ms = POLL_TIMEOUT_MS
-        if self.rest_s > 0 and time.monotonic() - max(self._last_records_at, self._made_at) >= IDLE_AFTER_S:
-            await self._rest(consumer)
+        now = time.monotonic()
+        if self.rest_s > 0 and now - max(self._last_records_at, self._made_at) >= IDLE_AFTER_S:
+            await self._rest(consumer, self.rest_s)
             timeout_ms = self.listen_ms
+        elif now - self._last_records_at < self.pace_s:
+            # Paced: what comes meanwhile is fetched after, in one batch with the rest.
+            await self._rest(consumer, self.pace_s - (now - self._last_records_at))
         batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=self.max_records)
         records = tuple(itertools.chain.from_iterable(batches.values()))
         if not records:
@@ -885,12 +898,12 @@ class _BatchPoll:
             self._last_records_at = time.monotonic()
         return records
 
-    async def _rest(self, consumer: Any) -> None:
+    async def _rest(self, consumer: Any, seconds: float) -> None:
         """No fetch while paused: the fetch under way when it pauses ends on the broker, and its
         records, if any, are dropped and fetched again after (the positions do not move)."""
         consumer.pause(*consumer.assignment())
         try:
-            await asyncio.sleep(self.rest_s)
+            await asyncio.sleep(seconds)
         finally:
             # What this member holds now: a rebalance meanwhile leaves a new assignment unpaused.
             consumer.resume(*consumer.paused())

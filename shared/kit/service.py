@@ -63,6 +63,11 @@ class ConsumerSpec:
     #: Topics found at run time: asked at every (re)subscription in place of ``topics`` (flag the
     #: consumer's ``needs_resubscribe`` when they changed; the watchdog then re-subscribes it).
     topics_of: Callable[[], Sequence[Topic]] | None = None
+    #: Batches start at most this often (seconds) while records keep coming: what comes meanwhile is
+    #: fetched after, with the rest. For a consumer no one waits on by the millisecond, fewer and larger
+    #: batches at a moderate rate (a batch's transaction, fetch and round trips cost the same whatever
+    #: its size); 0 starts each batch as soon as records come.
+    pace_s: float = 0.0
 
 
 @dataclass
@@ -202,7 +207,7 @@ class ServiceRuntime:
                 EventConsumer(
                     service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
                     router=spec.router, topics=spec.topics, name=spec.name, clock=self.clock,
-                    cluster=spec.cluster, topics_of=spec.topics_of, keyring=self.keyring,
+                    cluster=spec.cluster, topics_of=spec.topics_of, keyring=self.keyring, pace_s=spec.pace_s,
                 )
                 for spec in self.consumer_specs
             ]

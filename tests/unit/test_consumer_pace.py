@@ -1,0 +1,53 @@
+"""A paced consumer (``ConsumerSpec.pace_s``) starts a batch at most once per pace while records keep
+coming: it rests with its partitions paused for what is left of the pace, so that what comes meanwhile
+is fetched after in one batch; a batch that took longer than the pace, or a quiet spell, costs no rest."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.kit import consumer as kit_consumer
+from shared.kit.consumer import _BatchPoll
+from tests.unit.test_consumer_idle_rest import P0, P1, Consumer
+
+
+async def test_after_records_a_paced_poll_rests_what_is_left_of_the_pace_then_takes_what_came() -> None:
+    consumer = Consumer({P0, P1}, [{P0: [1]}, {P0: [2, 3], P1: [9]}])
+    poll = _BatchPoll(500, linger_s=0, pace_s=0.3)
+    assert [r.offset for r in await poll(consumer)] == [1]
+    await asyncio.sleep(0.1)  # the batch's own work
+    started = asyncio.get_running_loop().time()
+    assert [(r.partition, r.offset) for r in await poll(consumer)] == [(0, 2), (0, 3), (1, 9)]
+    waited = asyncio.get_running_loop().time() - started
+    # The pace counts from the first batch's start: what is left of it, not a whole pace more (the
+    # upper bound leaves room for a loaded machine running the loop late).
+    assert 0.15 <= waited < 0.29
+    assert consumer.calls == [
+        ("getmany", kit_consumer.POLL_TIMEOUT_MS),
+        ("pause", {P0, P1}), ("resume", {P0, P1}), ("getmany", kit_consumer.POLL_TIMEOUT_MS),
+    ]
+
+
+async def test_a_batch_that_took_longer_than_the_pace_is_followed_at_once() -> None:
+    consumer = Consumer({P0}, [{P0: [1]}, {P0: [2]}])
+    poll = _BatchPoll(500, linger_s=0, pace_s=0.02)
+    await poll(consumer)
+    await asyncio.sleep(0.03)
+    assert [r.offset for r in await poll(consumer)] == [2]
+    assert [call for call, _ in consumer.calls] == ["getmany", "getmany"]
+
+
+async def test_a_poll_that_found_nothing_brings_no_rest() -> None:
+    consumer = Consumer({P0}, [{}, {P0: [4]}])
+    poll = _BatchPoll(500, linger_s=0, pace_s=0.5)
+    assert await poll(consumer) == ()
+    assert [r.offset for r in await poll(consumer)] == [4]
+    assert [call for call, _ in consumer.calls] == ["getmany", "getmany"]
+
+
+async def test_unpaced_by_default() -> None:
+    consumer = Consumer({P0}, [{P0: [1]}, {P0: [2]}])
+    poll = _BatchPoll(500, linger_s=0)
+    await poll(consumer)
+    await poll(consumer)
+    assert [call for call, _ in consumer.calls] == ["getmany", "getmany"]
