@@ -18,7 +18,7 @@ from services.subsidy import api, consumers, handlers
 from services.subsidy.config import SubsidySettings
 from services.subsidy.export import EXPORT_TABLES
 from shared.contracts.topics import CERTIFICATES, DONATIONS, ERASURES, EXPORT_REQUESTS, GATEWAY_PARTNERS, GATEWAY_TRIPS
-from shared.kit.consumer import EventRouter
+from shared.kit.consumer import BACKGROUND_PACE_S, EventRouter
 from shared.kit.data_export import export_router
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, config: SubsidySettings | None 
             ConsumerSpec(
                 EventRouter.combined(consumers.certificates_and_donations, export_router(SERVICE, EXPORT_TABLES)),
                 [CERTIFICATES, DONATIONS, GATEWAY_PARTNERS, ERASURES, EXPORT_REQUESTS], name=SERVICE,
+                pace_s=BACKGROUND_PACE_S,
             ),
             # Trips partners reported, as the partner gateway accepted them (the partner stamped from
             # the partner's own topic); several members of one group handle the partitions in parallel.
