@@ -843,7 +843,8 @@ class _BatchPoll:
     as soon as any are fetched, and never sleeps after an empty poll (FastStream's own does). Under
     load a partial batch waits up to ``LINGER_S`` for the next records (see there). Idle (no records
     for ``IDLE_AFTER_S``), it rests ``rest_s`` with its partitions paused before each listen of
-    ``listen_ms``: a record that comes while it rests waits until the rest ends."""
+    ``listen_ms``: a record that comes while it rests waits until the rest ends. Paced (``pace_s``), a
+    poll less than the pace after the last records rests, paused alike, for what is left of the pace."""
 
     def __init__(
         self, max_records: int, linger_s: float = LINGER_S, rest_s: float = 0.0, listen_ms: int = POLL_TIMEOUT_MS,
