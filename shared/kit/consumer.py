@@ -355,12 +355,14 @@ class EventConsumer:
         topics_of: Callable[[], Sequence[Topic]] | None = None,
         keyring: Keyring | None = None,
         pace_s: float = 0.0,
+        idle_rest_max_s: float = float("inf"),
     ) -> None:
         """``topics_of``: when given, asked for the topics at every (re)subscription instead of
         ``topics``, for a set of topics that grows at run time (set ``needs_resubscribe`` when it did).
-        ``pace_s``: see ``ConsumerSpec.pace_s``."""
+        ``pace_s``, ``idle_rest_max_s``: see ``ConsumerSpec``."""
         self.service = service
         self.pace_s = pace_s
+        self.idle_rest_max_s = idle_rest_max_s
         self.clock = clock
         #: The cluster its topics are on (``internal``, or ``edge`` for partner topics).
         self.cluster = cluster
@@ -395,6 +397,11 @@ class EventConsumer:
     #: How long this member has been trying to join its group (a new one per subscription).
     join_watch: JoinWatch | None = None
 
+    @property
+    def idle_rest_s(self) -> float:
+        """How long it rests between listens when idle: the setting (0: never), at most its own cap."""
+        return min(self.settings.consumer_idle_rest_ms / 1000, self.idle_rest_max_s)
+
     def attach(self, broker: KafkaBroker) -> None:
         s = self.settings
         self._uncommitted, self._client = {}, None  # a new subscription re-reads from its group's offsets
@@ -421,7 +428,7 @@ class EventConsumer:
         # Resting, it listens two fetch waits: the first fetch's answer comes in time even when a
         # record on another partition of the fetch keeps it waiting the whole wait.
         poll = _BatchPoll(
-            s.consumer_batch_size, rest_s=s.consumer_idle_rest_ms / 1000, listen_ms=2 * s.kafka_fetch_max_wait_ms,
+            s.consumer_batch_size, rest_s=self.idle_rest_s, listen_ms=2 * s.kafka_fetch_max_wait_ms,
             pace_s=self.pace_s,
         )
         setattr(subscriber, "get_msg", poll)  # noqa: B010

@@ -68,6 +68,9 @@ class ConsumerSpec:
     #: batches at a moderate rate (a batch's transaction, fetch and round trips cost the same whatever
     #: its size); 0 starts each batch as soon as records come.
     pace_s: float = 0.0
+    #: Idle, it rests at most this long between listens (the setting ``consumer_idle_rest_ms`` caps it
+    #: for all): the first record after a quiet second waits up to the rest and one listen per hop.
+    idle_rest_max_s: float = float("inf")
 
 
 @dataclass
@@ -208,6 +211,7 @@ class ServiceRuntime:
                     service=self.service, settings=s, pool=self.pool, outbox=self.outbox,
                     router=spec.router, topics=spec.topics, name=spec.name, clock=self.clock,
                     cluster=spec.cluster, topics_of=spec.topics_of, keyring=self.keyring, pace_s=spec.pace_s,
+                    idle_rest_max_s=spec.idle_rest_max_s,
                 )
                 for spec in self.consumer_specs
             ]

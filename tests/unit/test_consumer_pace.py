@@ -1,13 +1,17 @@
 """A paced consumer (``ConsumerSpec.pace_s``) starts a batch at most once per pace while records keep
 coming: it rests with its partitions paused for what is left of the pace, so that what comes meanwhile
-is fetched after in one batch; a batch that took longer than the pace, or a quiet spell, costs no rest."""
+is fetched after in one batch; a batch that took longer than the pace, or a quiet spell, costs no rest.
+And a consumer's idle rest can be capped below the setting (``ConsumerSpec.idle_rest_max_s``)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 from shared.kit import consumer as kit_consumer
-from shared.kit.consumer import _BatchPoll
+from shared.kit.consumer import EventConsumer, EventRouter, _BatchPoll
+from shared.kit.outbox import Outbox
+from shared.kit.settings import Settings
 from tests.unit.test_consumer_idle_rest import P0, P1, Consumer
 
 
@@ -51,3 +55,19 @@ async def test_unpaced_by_default() -> None:
     await poll(consumer)
     await poll(consumer)
     assert [call for call, _ in consumer.calls] == ["getmany", "getmany"]
+
+
+def consumer_with(settings: Settings, idle_rest_max_s: float = float("inf")) -> EventConsumer:
+    return EventConsumer(
+        service="svc", settings=settings, pool=cast(Any, None), outbox=Outbox("outbox_svc"), router=EventRouter(),
+        topics=[], idle_rest_max_s=idle_rest_max_s,
+    )
+
+
+def test_a_consumer_rests_as_set_unless_its_own_cap_is_shorter() -> None:
+    settings = Settings(consumer_idle_rest_ms=400)
+    assert consumer_with(settings).idle_rest_s == 0.4
+    assert consumer_with(settings, idle_rest_max_s=0.1).idle_rest_s == 0.1  # the partner feed's
+    assert consumer_with(settings, idle_rest_max_s=1.0).idle_rest_s == 0.4
+    # Turned off for all (the deployments on Apache Kafka): no consumer rests.
+    assert consumer_with(Settings(consumer_idle_rest_ms=0), idle_rest_max_s=0.1).idle_rest_s == 0
