@@ -851,7 +851,8 @@ class _BatchPoll:
     load a partial batch waits up to ``LINGER_S`` for the next records (see there). Idle (no records
     for ``IDLE_AFTER_S``), it rests ``rest_s`` with its partitions paused before each listen of
     ``listen_ms``: a record that comes while it rests waits until the rest ends. Paced (``pace_s``), a
-    poll less than the pace after the last records rests, paused alike, for what is left of the pace."""
+    poll less than the pace after the last records rests, paused alike, for what is left of the pace,
+    unless they were a full batch."""
 
     def __init__(
         self, max_records: int, linger_s: float = LINGER_S, rest_s: float = 0.0, listen_ms: int = POLL_TIMEOUT_MS,
@@ -862,8 +863,9 @@ class _BatchPoll:
         self.rest_s = rest_s
         self.listen_ms = listen_ms
         self.pace_s = pace_s
-        #: When the last poll that found records returned.
+        #: When the last poll that found records returned, and whether it brought a full batch.
         self._last_records_at = -1e9
+        self._last_full = False
         #: Idle is counted from here at first: a consumer that just joined listens at once.
         self._made_at = time.monotonic()
         #: A fault the lingering poll met after records were in hand: raised by the next poll.
@@ -878,8 +880,9 @@ class _BatchPoll:
         if self.rest_s > 0 and now - max(self._last_records_at, self._made_at) >= IDLE_AFTER_S:
             await self._rest(consumer, self.rest_s)
             timeout_ms = self.listen_ms
-        elif now - self._last_records_at < self.pace_s:
-            # Paced: what comes meanwhile is fetched after, in one batch with the rest.
+        elif now - self._last_records_at < self.pace_s and not self._last_full:
+            # Paced: what comes meanwhile is fetched after, in one batch with the rest. A backlog (full
+            # batches) goes on at once.
             await self._rest(consumer, self.pace_s - (now - self._last_records_at))
         batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=self.max_records)
         records = tuple(itertools.chain.from_iterable(batches.values()))
@@ -904,6 +907,7 @@ class _BatchPoll:
             # Each partition's records stay in offset order: later ones come after the first part.
             records += tuple(itertools.chain.from_iterable(more.values()))
             self._last_records_at = time.monotonic()
+        self._last_full = len(records) >= self.max_records
         return records
 
     async def _rest(self, consumer: Any, seconds: float) -> None:

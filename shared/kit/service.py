@@ -66,7 +66,7 @@ class ConsumerSpec:
     #: Batches start at most this often (seconds) while records keep coming: what comes meanwhile is
     #: fetched after, with the rest. For a consumer no one waits on by the millisecond, fewer and larger
     #: batches at a moderate rate (a batch's transaction, fetch and round trips cost the same whatever
-    #: its size); 0 starts each batch as soon as records come.
+    #: its size); a backlog (full batches) goes on at once; 0 starts each batch as soon as records come.
     pace_s: float = 0.0
     #: Idle, it rests at most this long between listens (the setting ``consumer_idle_rest_ms`` caps it
     #: for all): the first record after a quiet second waits up to the rest and one listen per hop.

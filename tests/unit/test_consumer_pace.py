@@ -1,6 +1,7 @@
 """A paced consumer (``ConsumerSpec.pace_s``) starts a batch at most once per pace while records keep
 coming: it rests with its partitions paused for what is left of the pace, so that what comes meanwhile
-is fetched after in one batch; a batch that took longer than the pace, or a quiet spell, costs no rest.
+is fetched after in one batch; a batch that took longer than the pace, a full batch (a backlog) or a
+quiet spell costs no rest.
 And a consumer's idle rest can be capped below the setting (``ConsumerSpec.idle_rest_max_s``)."""
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ async def test_a_batch_that_took_longer_than_the_pace_is_followed_at_once() -> N
     await asyncio.sleep(0.03)
     assert [r.offset for r in await poll(consumer)] == [2]
     assert [call for call, _ in consumer.calls] == ["getmany", "getmany"]
+
+
+async def test_a_backlog_is_not_paced() -> None:
+    consumer = Consumer({P0}, [{P0: [1, 2, 3]}, {P0: [4, 5, 6]}, {P0: [7]}, {P0: [8]}])
+    poll = _BatchPoll(3, linger_s=0, pace_s=0.5)
+    await poll(consumer)  # full: the next goes at once
+    assert [r.offset for r in await poll(consumer)] == [4, 5, 6]
+    assert [r.offset for r in await poll(consumer)] == [7]  # full again: at once
+    assert [call for call, _ in consumer.calls] == ["getmany"] * 3
+    await poll(consumer)  # after a partial batch the pace applies again
+    assert [call for call, _ in consumer.calls][3:] == ["pause", "resume", "getmany"]
 
 
 async def test_a_poll_that_found_nothing_brings_no_rest() -> None:
