@@ -25,7 +25,10 @@ def test_start_status_stop_leaves_no_process_behind(tmp_path: Path) -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("NICHIIKI_")},
         "NICHIIKI_STATE_DIR": str(tmp_path / "state"),
-        "NICHIIKI_PORT_OFFSET": "1700",  # beside a platform a developer may be running
+        # Beside a platform a developer may be running, and below the ports ``free_port`` hands the other
+        # tests' servers (from 12,000 below the ephemeral range: 20,768 here): 1,700 put the broker on
+        # 20,792, where another test's server once already listened.
+        "NICHIIKI_PORT_OFFSET": "1000",
     }
     launcher = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "start"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True,
