@@ -13,7 +13,6 @@ from services.insights.api import router
 from services.insights.consumers import TOPICS, make_router
 from services.insights.handlers import InsightsService
 from shared.kit.clock import SYSTEM_CLOCK, Clock
-from shared.kit.consumer import BACKGROUND_PACE_S
 from shared.kit.http import create_app as create_http_app
 from shared.kit.service import ConsumerSpec, ServiceRuntime
 from shared.kit.settings import Settings, get_settings
@@ -42,9 +41,7 @@ def create_app(
     runtime = ServiceRuntime(
         SERVICE, migrations=MIGRATIONS,
         # Replaced at start by the generation the database is at (``InsightsService.prepare``).
-        consumers=[
-            ConsumerSpec(make_router(1), TOPICS, name=f"{config.consumer_name}-g1", pace_s=BACKGROUND_PACE_S)
-        ],
+        consumers=[ConsumerSpec(make_router(1), TOPICS, name=f"{config.consumer_name}-g1")],
         settings=settings, clock=clock or SYSTEM_CLOCK,
     )
     service = InsightsService(

@@ -71,9 +71,7 @@ def create_app(
             ConsumerSpec(
                 EventRouter.combined(build_router(partners), export_router(SERVICE, EXPORT_TABLES)),
                 [RESIDENTS, CERTIFICATES, GRANTS, EXPORT_REQUESTS],
-                # The partners' feeds have a latency target (issue #5): idle, a short rest, so that the
-                # first certificate after a quiet spell is not held the whole rest.
-                idle_rest_max_s=FEED_IDLE_REST_MAX_S,
+                idle_rest_max_s=FEED_IDLE_REST_MAX_S,  # the feeds' lag is a target (issue #5)
             ),
             # The bridge: every partner's trips, read on the partner-facing cluster, forwarded inside.
             # The topics are those of the partners known at each (re)subscription: a partner
