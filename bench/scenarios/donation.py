@@ -2,7 +2,7 @@
 
 Each ``POST /v1/donations`` (admin token, as the payment-provider integration) is one
 transaction in the service: donor upsert, receipt counter, donation, receipt, ledger rows,
-one-stop count and two outbox events. Spread over every city, town and village without a travel
+one-stop count and one outbox event. Spread over every city, town and village without a travel
 program, then all to one hot municipality, whose receipt-counter row serialises its confirmations.
 Afterwards the receipt numbers are read back from the donation database: per municipality and
 calendar year they must be exactly 1..n in recording order.
@@ -117,7 +117,7 @@ async def run(ctx: BenchContext) -> ScenarioResult:
             + cpu_note(spread_cpu, spread_wall, max(1, spread.completed), "donation")
         )
         notes.append(
-            f"downstream (subsidy and notification each consume donation.received + receipt.issued) caught up "
+            f"downstream (subsidy, insights and notification each consume donation.received) caught up "
             f"{after_spread:.1f} s after the spread window{'' if idle else ' (NOT idle when the wait gave up)'}; "
             "their consumers ran during the window and share its CPU."
         )

@@ -25,7 +25,6 @@ from shared.contracts.donation import (
     DonationReceived,
     DonationRefunded,
     OneStopExceptionVoided,
-    ReceiptIssued,
 )
 from shared.contracts.registration import ResidentErased
 from shared.contracts.topics import DONATIONS
@@ -247,20 +246,12 @@ class DonationService:
                 program_id=record.program_id, payment_date=record.payment_date, calendar_year=record.calendar_year,
                 received_at=record.received_at, special_deduction=record.special_deduction,
                 revitalisation_plan_id=record.revitalisation_plan_id,
+                # Issued with the donation (a money donation's): one act, one event.
+                receipt_number=recorded.receipt_number,
             ),
             subject=subject, key=code,
         )
         donation = Donation.recorded(record, donor, recorded.receipt_number)
-        if recorded.receipt_number is not None:
-            await work.emit(
-                DONATIONS,
-                ReceiptIssued(
-                    receipt_number=recorded.receipt_number, donation_id=subject, municipality_code=code,
-                    donor_id=donor_id, resident_id=donor.resident_id, amount_jpy=record.amount,
-                    calendar_year=record.calendar_year, issued_at=record.received_at,
-                ),
-                subject=subject, key=code,
-            )
         if recorded.year is not None:
             municipalities = recorded.municipalities(code)
             await _apply_one_stop(

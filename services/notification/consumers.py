@@ -13,7 +13,7 @@ from shared.contracts.certification import (
     CertificateRenewed,
     CertificateRevoked,
 )
-from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.donation import DonationReceived, OneStopExceptionVoided
 from shared.contracts.listings import ListingDigestDue
 from shared.contracts.registration import (
     ConsentChanged,
@@ -39,7 +39,7 @@ router = EventRouter()
     ApplicationSubmitted, ApplicationRejected,
     CertificateIssued, CertificateRenewed, CertificateExpiring, CertificateExpired, CertificateRevoked,
     GrantIssued, GrantWaitlisted, GrantRedeemed, GrantCancelled,
-    ReceiptIssued, OneStopExceptionVoided,
+    DonationReceived, OneStopExceptionVoided,
 )
 async def on_registration_consent_or_decision(run: Run[EventData]) -> None:
     """Keep the contact projection and tell residents about every decision, a run at a time (the

@@ -25,7 +25,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import Language
-from shared.contracts.donation import OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.donation import DonationReceived, OneStopExceptionVoided
 from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.reasons import ReasonKind
 from shared.contracts.registration import (
@@ -273,15 +273,16 @@ def notice_for(event: EventData) -> Notice | None:
                 "reason": Reason("cancellation", event.reason),
                 "cancelled_on": event.cancelled_at,
             })
-        case ReceiptIssued():
-            if event.resident_id is None:  # a donor who is not a registered resident: no inbox
+        case DonationReceived():
+            # A donor who is not a registered resident has no inbox; a donation of miles, no receipt.
+            if event.resident_id is None or event.receipt_number is None:
                 return None
             return Notice("receipt_issued", event.resident_id, {
                 "municipality": Place(event.municipality_code),
                 "receipt_number": event.receipt_number,
-                "amount": Amount(event.amount_jpy, "jpy"),
+                "amount": Amount(event.amount, "jpy"),  # a receipt is only ever for yen
                 "calendar_year": str(event.calendar_year),
-                "issued_on": event.issued_at,
+                "issued_on": event.received_at,
             })
         case OneStopExceptionVoided():
             if event.resident_id is None:

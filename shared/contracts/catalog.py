@@ -60,6 +60,9 @@ RETIRED_EVENT_TYPES: dict[str, str] = {
     "jp.nichiiki.registration.resident.registered.v2": "replaced by v3 (2026-12, issue #22): a municipal "
     "registration and the prefecture registration it brings are one event (`derived_prefecture_registration_id`), "
     "not two; no producer sends v2, and no deployment's log holds it (the platform is not yet in service)",
+    "jp.nichiiki.donation.receipt.issued.v1": "replaced by `receipt_number` on donation.donation.received.v1 "
+    "(2026-12, issue #22): a money donation and its receipt are recorded in one act, so they are one event, not "
+    "two; no producer sends it, and no deployment's log holds it (the platform is not yet in service)",
     "jp.nichiiki.subsidy.budget.changed.v1": "replaced by v2 (2026-12, privacy): `reason` is a BudgetChangeReason "
     "code; v1 carried a staff member's own words of a top-up, which now stay in the subsidy service's ledger",
 }

@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Literal
 
+from pydantic import Field
+
 from shared.contracts.base import EventData
 from shared.contracts.common import MunicipalityCode
 from shared.contracts.topics import DONATIONS
@@ -19,6 +21,9 @@ DonationUnit = Literal["jpy", "miles"]
 
 
 class DonationReceived(EventData, name="donation.donation.received", topic=DONATIONS):
+    """A donation was recorded; a money donation's receipt (寄附金受領証明書) was issued with it, in the
+    same act, and travels here (``receipt_number``), not in an event of its own."""
+
     donation_id: str
     municipality_code: MunicipalityCode
     donor_id: str
@@ -40,17 +45,12 @@ class DonationReceived(EventData, name="donation.donation.received", topic=DONAT
     special_deduction: bool | None = None
     #: The certified regional revitalisation plan (地域再生計画) a corporate donation funds.
     revitalisation_plan_id: str | None = None
-
-
-class ReceiptIssued(EventData, name="donation.receipt.issued", topic=DONATIONS):
-    receipt_number: str
-    donation_id: str
-    municipality_code: MunicipalityCode
-    donor_id: str
-    resident_id: str | None = None
-    amount_jpy: int
-    calendar_year: int
-    issued_at: datetime
+    receipt_number: str | None = Field(
+        default=None,
+        description="The receipt issued with this donation (every money donation gets one, numbered per "
+        "municipality and year; never one for miles), for `amount` yen at `received_at`. Added to v1 in "
+        "2026-12 (issue #22), replacing the separate `donation.receipt.issued` event.",
+    )
 
 
 class DonationRefunded(EventData, name="donation.donation.refunded", topic=DONATIONS):

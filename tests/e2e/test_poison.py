@@ -44,7 +44,7 @@ from services.subsidy import handlers as subsidy_handlers
 from services.subsidy.config import SubsidySettings
 from shared.contracts.base import EVENT_MODELS, EventData
 from shared.contracts.certification import ApplicationSubmitted, CertificateIssued
-from shared.contracts.donation import DonationReceived, ReceiptIssued
+from shared.contracts.donation import DonationReceived
 from shared.contracts.formats import CertificateNumber, ProgramId
 from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.partners import PartnerCertificate, PartnerGrant, PartnerRegistered, TripAccepted, TripReported
@@ -495,9 +495,10 @@ async def valid_event(stack: Stack, pair: Pair, index: int) -> tuple[Envelope, C
             )
         case (DONATIONS.name, "notification"):
             code, donation_id = ANA_TOWNS[3], new_id("don")
-            receipt = ReceiptIssued(
-                receipt_number=f"R-{index:06d}", donation_id=donation_id, municipality_code=code,
-                donor_id=new_id("donor"), resident_id=rid, amount_jpy=10_000, calendar_year=TODAY.year, issued_at=NOW,
+            receipt = DonationReceived(
+                donation_id=donation_id, municipality_code=code, donor_id=new_id("donor"), resident_id=rid,
+                kind="hometown_tax", unit="jpy", amount=10_000, earmark="general", payment_date=TODAY,
+                calendar_year=TODAY.year, received_at=NOW, receipt_number=f"R-{index:06d}",
             )
             env = envelope_for(DONATIONS, receipt, donation_id, code)
 

@@ -57,7 +57,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import SealedMembership
-from shared.contracts.donation import DonationReceived, DonationRefunded, OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.donation import DonationReceived, DonationRefunded, OneStopExceptionVoided
 from shared.contracts.formats import CertificateNumber, ProgramId
 from shared.contracts.partners import TripAccepted, certificate_of_key, grant_key
 from shared.contracts.registration import (
@@ -693,9 +693,10 @@ async def test_notification_redelivered_and_reordered_ends_where_the_once_only_r
         grant(GrantWaitlisted, g2, c2, r2, 20, unit="miles", needed=30_000, position=1, waitlisted_at=at(20)),
         grant(GrantCancelled, g2, c2, r2, 21, unit="miles", released=0, reason="certificate revoked",
               cancelled_at=at(21)),
-        event(DONATIONS, ReceiptIssued(
-            receipt_number="R-000042", donation_id="don-42", municipality_code=SHIRAHAMA, donor_id="donor-1",
-            resident_id=r1, amount_jpy=30_000, calendar_year=TODAY.year, issued_at=at(22)), "don-42", SHIRAHAMA,
+        event(DONATIONS, DonationReceived(
+            donation_id="don-42", municipality_code=SHIRAHAMA, donor_id="donor-1", resident_id=r1,
+            kind="hometown_tax", unit="jpy", amount=30_000, earmark="general", payment_date=TODAY,
+            calendar_year=TODAY.year, received_at=at(22), receipt_number="R-000042"), "don-42", SHIRAHAMA,
             minute=22),
         event(DONATIONS, OneStopExceptionVoided(
             donor_id="donor-1", resident_id=r1, calendar_year=TODAY.year,

@@ -43,7 +43,7 @@ from shared.contracts.certification import (
     CertificateRevoked,
 )
 from shared.contracts.common import Language
-from shared.contracts.donation import DonationReceived, OneStopExceptionVoided, ReceiptIssued
+from shared.contracts.donation import DonationReceived, OneStopExceptionVoided
 from shared.contracts.listings import DigestEntry, ListingDigestDue
 from shared.contracts.reasons import CANCELLATION_REASONS, REASONS, REVOCATION_REASONS
 from shared.contracts.registration import (
@@ -165,9 +165,10 @@ def sample_events(resident_id: str) -> dict[str, EventData]:
         "grant_cancelled": GrantCancelled.model_validate(
             {**grant, "unit": "miles", "released": 30000, "reason": "certificate_revoked", "cancelled_at": DECIDED}
         ),
-        "receipt_issued": ReceiptIssued(
-            receipt_number="304018-2026-000042", donation_id="d-1", municipality_code=SHIRAHAMA, donor_id="donor-1",
-            resident_id=resident_id, amount_jpy=30000, calendar_year=2026, issued_at=DECIDED,
+        "receipt_issued": DonationReceived(
+            donation_id="d-1", municipality_code=SHIRAHAMA, donor_id="donor-1", resident_id=resident_id,
+            kind="hometown_tax", unit="jpy", amount=30000, earmark="general", payment_date=date(2026, 1, 1),
+            calendar_year=2026, received_at=DECIDED, receipt_number="304018-2026-000042",
         ),
         "one_stop_voided": OneStopExceptionVoided(
             donor_id="donor-1", resident_id=resident_id, calendar_year=2026,
@@ -340,9 +341,10 @@ def test_donations_without_a_resident_and_unlisted_events_make_no_message() -> N
     voided = samples["one_stop_voided"]
     assert notice_for(receipt.model_copy(update={"resident_id": None})) is None
     assert notice_for(voided.model_copy(update={"resident_id": None})) is None
+    # A donation of miles has no receipt, so nothing to tell.
     assert notice_for(DonationReceived(
-        donation_id="d", municipality_code=SHIRAHAMA, donor_id="x", resident_id="r-1", kind="hometown_tax",
-        unit="jpy", amount=10000, earmark="general", payment_date=date(2026, 1, 1), calendar_year=2026,
+        donation_id="d", municipality_code=SHIRAHAMA, donor_id="x", resident_id="r-1", kind="miles",
+        unit="miles", amount=10000, earmark="dual_residence", payment_date=date(2026, 1, 1), calendar_year=2026,
         received_at=DECIDED,
     )) is None
     assert notice_for(PremiumExpired(
