@@ -175,7 +175,18 @@ async def before_erasure(
                       "resident_id": a.resident_id, "email": a.email},
         })
         assert donation.status_code in (200, 201), donation.text
-        assert donation.json().get("receipt_number"), "a hometown-tax donation gets a receipt"
+        receipt_number = donation.json().get("receipt_number")
+        assert receipt_number, "a hometown-tax donation gets a receipt"
+
+        async def receipt_told() -> bool:
+            # The receipt travels in the donation's event: notification tells the resident donor of it.
+            inbox = await http.get(f"{fleet.url('notification')}/v1/residents/{a.resident_id}/notifications",
+                                   params={"limit": 100}, headers=resident)
+            assert inbox.status_code == 200, inbox.text
+            return any(m["kind"] == "receipt_issued" and receipt_number in json.dumps(m, ensure_ascii=False)
+                       for m in inbox.json()["items"])
+
+        await _until(receipt_told, 30, "the receipt in the donor's inbox")
 
         await _dead_letter_about(settings, a.resident_id, Contact(name=a.name, name_kana=a.name_kana, email=a.email,
                                                                   phone=a.phone))
