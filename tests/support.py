@@ -303,9 +303,13 @@ S = TypeVar("S")
 
 
 class OpenPool(Protocol):
-    """A fresh database of a service: a pool on it whose connections hand every statement to ``on_query``."""
+    """A fresh database of a service: a pool on it whose connections hand every statement to ``on_query``
+    (``max_size``: instead of the pools' own size, e.g. 1 where a count must not meet a connection that
+    has not yet looked up the statements' types)."""
 
-    def __call__(self, label: str, on_query: OnQuery | None = None) -> Awaitable[asyncpg.Pool]: ...
+    def __call__(
+        self, label: str, on_query: OnQuery | None = None, *, max_size: int | None = None
+    ) -> Awaitable[asyncpg.Pool]: ...
 
 
 class EventFeed:
@@ -391,10 +395,12 @@ async def service_pools(
     """Opens fresh databases with a service's migrations (then ``seed`` in a transaction), and
     closes every pool it opened at the end."""
     opened: list[asyncpg.Pool] = []
+    service_pool_size = max_size
 
-    async def open_pool(label: str, on_query: OnQuery | None = None) -> asyncpg.Pool:
+    async def open_pool(label: str, on_query: OnQuery | None = None, *, max_size: int | None = None) -> asyncpg.Pool:
         pool = await query_logging_pool(
-            await service_database(settings, label, migrations), on_query, max_size=max_size
+            await service_database(settings, label, migrations), on_query,
+            max_size=service_pool_size if max_size is None else max_size,
         )
         opened.append(pool)
         if seed is not None:
