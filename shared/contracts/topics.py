@@ -93,7 +93,7 @@ BUDGETS = Topic(
 )
 DONATIONS = Topic(
     "donation.donations.v1", 4, "municipality code", "donation", ("subsidy", "notification", "insights"),
-    description="Donations received, receipts issued, refunds, one-stop exception voided.",
+    description="Donations received (a money donation with its receipt), refunds, one-stop exception voided.",
 )
 DELIVERIES = Topic(
     "notification.deliveries.v1", 2, "resident id (an e-mail's record); the first message's id (an inbox record)",
