@@ -95,7 +95,9 @@ class EmbeddedBroker(ChildServer):
             "memory://tansu/",
         ]
         log.debug("stack.broker.spawn", cmd=cmd)
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def _wait_ready(self, process: subprocess.Popen[bytes], deadline: float) -> None:
         wait_for_port(LOCALHOST, self.port, max(deadline - time.monotonic(), 0.0), process=process, name=self.name)

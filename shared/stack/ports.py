@@ -247,6 +247,10 @@ class ChildServer:
 
     The port is chosen once (at construction) and kept across :meth:`restart` and :meth:`kill` +
     :meth:`start`, so clients configured with the address keep working after a fault test.
+
+    Subclasses spawn the server in a session of its own (``start_new_session``), as the launcher
+    starts the services: a terminal's Ctrl-C reaches the launcher only, which stops the services
+    first and the servers they drain into after, instead of the servers going at the same moment.
     """
 
     #: Human-readable name used in logs and error messages.

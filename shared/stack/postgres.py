@@ -214,6 +214,7 @@ class EmbeddedPostgres(ChildServer):
             stdout=output,
             stderr=subprocess.STDOUT,
             cwd=self._data_dir,
+            start_new_session=True,
             **self._user_kwargs(),
         )
 

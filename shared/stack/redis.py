@@ -92,7 +92,8 @@ class EmbeddedRedis(ChildServer):
         ]
         log.debug("stack.redis.spawn", cmd=cmd)
         return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=self._work_dir
+            cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, cwd=self._work_dir,
+            start_new_session=True,
         )
 
     def _wait_ready(self, process: subprocess.Popen[bytes], deadline: float) -> None:

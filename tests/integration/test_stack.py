@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import smtplib
@@ -318,3 +319,59 @@ def test_smtp_sink_runs_as_a_child_process_until_sigterm(tmp_path: Path) -> None
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err.decode()
+
+
+# -- a terminal's Ctrl-C -------------------------------------------------------------------------
+
+#: A launcher as ``nichiiki start`` is one: it handles SIGINT itself (here: not at all) and stops its
+#: servers when told to (a line on stdin), after its services. Prints each server's pid once ready.
+_LAUNCHER = """
+import signal, sys
+from pathlib import Path
+from shared.stack import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis
+signal.signal(signal.SIGINT, lambda *_: None)  # a handler, not SIG_IGN: that one a child would inherit
+base = Path(sys.argv[1])
+servers = [EmbeddedPostgres(base / "pg"), EmbeddedBroker(), EmbeddedRedis(base / "redis")]
+for server in servers:
+    server.start()
+print("pids", *(server.pid for server in servers), flush=True)
+sys.stdin.readline()
+for server in reversed(servers):
+    server.stop()
+"""
+
+
+def test_a_terminals_ctrl_c_reaches_the_launcher_not_its_servers(tmp_path: Path) -> None:
+    """A terminal sends Ctrl-C's SIGINT to its foreground process group: the launcher's. The servers
+    run in sessions of their own, so they keep serving while the launcher stops the services that
+    drain into them; the launcher stops them after."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, start_new_session=True,  # its own group, as a terminal's foreground job
+    )
+    assert launcher.stdin is not None and launcher.stdout is not None
+    pids: list[int] = []
+    tree: list[psutil.Process] = []
+    try:
+        for line in launcher.stdout:  # the servers' start-up logs come first
+            if line.startswith(b"pids "):
+                pids = [int(pid) for pid in line.split()[1:]]
+                break
+        assert len(pids) == 3, "the launcher did not start its servers"
+        tree = _tree(launcher.pid)
+        os.killpg(launcher.pid, signal.SIGINT)
+        time.sleep(1.0)  # PostgreSQL's fast shutdown and redis-server's take well under that
+        for pid in pids:
+            assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            assert os.getpgid(pid) != launcher.pid
+        launcher.stdin.write(b"stop\n")
+        launcher.stdin.flush()
+        assert launcher.wait(timeout=60) == 0
+    finally:
+        if launcher.poll() is None:  # a failure above: leave no server behind
+            tree = tree or _tree(launcher.pid)
+            for proc in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            launcher.wait(timeout=10)
+    _assert_gone(tree)
