@@ -323,8 +323,9 @@ def test_smtp_sink_runs_as_a_child_process_until_sigterm(tmp_path: Path) -> None
 
 # -- a terminal's Ctrl-C -------------------------------------------------------------------------
 
-#: A launcher as ``nichiiki start`` is one: it handles SIGINT itself (here: not at all) and stops its
-#: servers when told to (a line on stdin), after its services. Prints each server's pid once ready.
+#: A launcher as ``nichiiki start`` is one: it handles SIGINT itself (this one by doing nothing) and stops
+#: its servers when told to (here a line on stdin; ``nichiiki start`` after its services). Prints each
+#: server's pid once ready.
 _LAUNCHER = """
 import signal, sys
 from pathlib import Path
