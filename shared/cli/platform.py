@@ -4,19 +4,20 @@ Backends first (embedded unless the environment names external servers), then th
 topics, and every service as its own process, each named as it becomes ready; a summary when all
 are. Then a supervisor keeps the services up (``shared/cli/supervise.py``: a service that dies is
 restarted with backoff; ``nichiiki restart <service>`` restarts one). Ctrl-C (or ``nichiiki stop``
-from another terminal) stops the services gracefully, then the backends.
+from another terminal, or the terminal closing) stops the services gracefully, then the backends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,14 @@ class Platform:
         }
 
     def wait(self) -> None:
-        """Block until Ctrl-C / SIGTERM, keeping the services up (restarts with backoff)."""
+        """Block until a stop signal (``_on_stop_signals``), keeping the services up (restarts with backoff)."""
         stop = False
 
         def request_stop(*_: object) -> None:
             nonlocal stop
             stop = True
 
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        _on_stop_signals(request_stop)
         self.supervisor = Supervisor(
             self.services, say=_step, state_dir=self.state_dir, on_change=lambda: self._write_run_file(self.env),
         )
@@ -214,8 +214,10 @@ def _as_ready(processes: list[ServiceProcess], timeout: float = 120.0) -> Iterat
 
 
 def _step(what: str, message: str) -> None:
-    sys.stderr.write(f"  {what:<16} {message}\n")
-    sys.stderr.flush()
+    # After a hangup the terminal is gone and writing to it fails: the platform still stops in order.
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"  {what:<16} {message}\n")
+        sys.stderr.flush()
 
 
 def _summary(platform: Platform, env: dict[str, str], seconds: float) -> None:
@@ -244,21 +246,32 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def _on_stop_signals(handler: Callable[..., None]) -> None:
+    """Ctrl-C, SIGTERM (``nichiiki stop``) and SIGHUP (the terminal closed) all stop the platform in
+    order. Unhandled, a hangup would kill the launcher alone and leave the services and servers
+    running, each in a session of its own; a SIGHUP already ignored (``nohup``) stays ignored."""
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
+
+
 def start_platform(settings: Settings, demo: bool = False) -> int:
     platform = Platform(settings)
     outcome = 0
     try:
+        _on_stop_signals(_interrupt)  # during the start-up and the demo: stop what has started so far
         platform.start()
         if demo:
             from shared.cli.demo import run_demo
 
-            signal.signal(signal.SIGTERM, _interrupt)  # `nichiiki stop` during the demo stops everything in order
             outcome = run_demo(settings_for_running_platform(settings))
             _step("demo", "finished" if outcome == 0 else "FAILED (see above); the platform keeps running")
         platform.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        _on_stop_signals(lambda *_: None)  # a second signal must not cut the stop short
         platform.stop()
     return outcome
 
