@@ -20,7 +20,7 @@ import pyotp
 
 from shared.kit.auth import audience
 from shared.kit.errors import Conflict, DomainError, NotFound
-from shared.kit.my_number import looks_like_my_number
+from shared.kit.ids import new_id, random_hex
 from shared.reference import UnknownMunicipality, municipality
 
 #: Access tokens live 15 minutes (services accept at most NICHIIKI_TOKEN_MAX_LIFETIME_S, 3600 s).
@@ -257,13 +257,10 @@ def check_client(client_id: str, role: ClientRole, partner: str | None) -> None:
 _PARTNER_CODE = re.compile(r"^[a-z0-9][a-z0-9_-]{1,31}$")
 
 
-def new_resident_id(random_hex: Callable[[], str]) -> str:
-    """``res-<32 hex>``: registration takes the token's subject as the resident id and refuses one
-    holding twelve digits in a row (it would look like a My Number), so such a draw is drawn again."""
-    while True:
-        candidate = f"res-{random_hex()}"
-        if not looks_like_my_number(candidate):
-            return candidate
+def new_account_id(role: AccountRole, draw: Callable[[], str] = random_hex) -> str:
+    """``res-<32 hex>`` for a resident (registration takes the token's subject as the resident id),
+    ``usr-<32 hex>`` for anyone else; never one that looks like a My Number (``shared.kit.ids``)."""
+    return new_id("res" if role is AccountRole.RESIDENT else "usr", draw=draw)
 
 
 # --- lockout -------------------------------------------------------------------------------------

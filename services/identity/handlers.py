@@ -63,7 +63,7 @@ from services.identity.domain import (
     judge_refresh,
     lock_after_failure,
     must_enrol_totp,
-    new_resident_id,
+    new_account_id,
     normalise_email,
     publish_until,
     session_lifetime,
@@ -433,7 +433,7 @@ class IdentityService:
             address = normalise_email(email)
             check_password(password, address)
             account = Account(
-                account_id=new_resident_id(lambda: uuid.uuid4().hex), email=address, role=AccountRole.RESIDENT,
+                account_id=new_account_id(AccountRole.RESIDENT), email=address, role=AccountRole.RESIDENT,
                 password_hash=await asyncio.to_thread(crypto.hash_secret, password),
             )
             if not await store.insert_account(work.conn, account, at=self.clock_now, by="self"):
@@ -455,7 +455,7 @@ class IdentityService:
             check_password(password, address)
             check_account_shape(role, municipality_code=municipality, staff_role=staff_role, prefecture=prefecture)
             account = Account(
-                account_id=f"usr-{uuid.uuid4().hex}", email=address, role=role,
+                account_id=new_account_id(role), email=address, role=role,
                 password_hash=await asyncio.to_thread(crypto.hash_secret, password), municipality=municipality,
                 staff_role=staff_role, prefecture=prefecture,
             )
@@ -578,7 +578,7 @@ class IdentityService:
                 log.info("an admin account exists: the bootstrap admin is not created")
                 return None
             account = Account(
-                account_id=f"usr-{uuid.uuid4().hex}", email=address, role=AccountRole.ADMIN,
+                account_id=new_account_id(AccountRole.ADMIN), email=address, role=AccountRole.ADMIN,
                 password_hash=await asyncio.to_thread(crypto.hash_secret, password),
             )
             if not await store.insert_account(conn, account, at=self.clock_now, by="bootstrap"):

@@ -10,7 +10,6 @@ replicas.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -51,14 +50,11 @@ from shared.kit.auth import Principal, Role
 from shared.kit.clock import Clock
 from shared.kit.db import Connection
 from shared.kit.erasure import forget_responses_about, record_erased
+from shared.kit.ids import new_id
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, Write
 
 log = structlog.get_logger(__name__)
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
 def ensure_own(principal: Principal, resident_id: str) -> None:
@@ -133,7 +129,7 @@ class ListingsService:
         async def act(work: UnitOfWork, _: None) -> Outcome:
             designated = await store.designated_corporations(work.conn, new.municipality_code)
             listing = domain.draft(
-                _new_id("lst"), kind=new.kind, municipality_code=new.municipality_code, publisher=new.publisher,
+                new_id("lst", 16), kind=new.kind, municipality_code=new.municipality_code, publisher=new.publisher,
                 corporation_id=new.corporation_id, designated_corporations=designated, area=new.area,
                 title=new.title, summary=new.summary, language=new.language, available_from=new.available_from,
                 available_until=new.available_until, expires_on=new.expires_on, owner_consent=new.owner_consent,
@@ -306,7 +302,7 @@ class ListingsService:
             interest = await store.get_interest(work.conn, resident_id, listing_id, lock=True)
             registration = await store.registration_with(work.conn, resident_id, listing.municipality_code)
             delivery = domain.deliver_contact(
-                _new_id("dlv"), listing, interest, registration, write.principal.subject, self.clock.now(),
+                new_id("dlv", 16), listing, interest, registration, write.principal.subject, self.clock.now(),
             )
             await store.add_delivery(work.conn, delivery)
             log.info("contact given to a listing's owner", listing_id=listing_id, resident_id=resident_id,
@@ -353,7 +349,7 @@ class ListingsService:
         wanted = await store.interests_of(work.conn, list(by_resident))
         for resident_id, found in by_resident.items():
             interests = wanted[resident_id]
-            digest_id = _new_id("dig")
+            digest_id = new_id("dig", 16)
             await work.emit(LISTING_DIGESTS, ListingDigestDue(
                 digest_id=digest_id, resident_id=resident_id, cadence=interests.cadence,
                 listings=[listing.entry() for listing in found], due_at=now,

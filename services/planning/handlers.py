@@ -6,7 +6,6 @@ of the plan's, corporation's or council's municipality, or an admin); the domain
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
@@ -66,6 +65,7 @@ from shared.contracts.planning import (
 from shared.contracts.topics import CORPORATIONS, COUNCILS, PLANS
 from shared.kit.auth import Principal
 from shared.kit.clock import Clock
+from shared.kit.ids import new_id
 from shared.kit.service import ServiceRuntime, UnitOfWork
 from shared.kit.use_case import Outcome, Work, Write
 from shared.reference import municipality, plans, support_corporations
@@ -73,10 +73,6 @@ from shared.reference import municipality, plans, support_corporations
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
 def seeded_plan_id(code: str) -> str:
@@ -213,7 +209,7 @@ class PlanningService:
                          covers_dual_residence: bool) -> Outcome:
         async def act(work: UnitOfWork, code: str) -> Outcome:
             live = await store.live_plan(work.conn, code, level)
-            plan = domain.draft_plan(_new_id("pln"), level, code, content,
+            plan = domain.draft_plan(new_id("pln", 16), level, code, content,
                                      covers_dual_residence=covers_dual_residence, live=live)
             try:
                 await store.save_plan(work.conn, plan)
@@ -319,7 +315,7 @@ class PlanningService:
 
     async def apply(self, write: Write, code: str, name: str, services: tuple[SupportArea, ...]) -> Outcome:
         async def act(work: UnitOfWork, code: str) -> Outcome:
-            corporation = domain.apply_for_designation(_new_id("spc"), code, name, services, self.clock.today())
+            corporation = domain.apply_for_designation(new_id("spc", 16), code, name, services, self.clock.today())
             await store.save_corporation(work.conn, corporation)
             return Outcome(201, json_body(CorporationView.of(corporation)))
 
@@ -337,7 +333,7 @@ class PlanningService:
     async def receive_report(self, write: Write, corporation_id: str, period_from: date, period_until: date,
                              summary: str) -> Outcome:
         async def act(work: UnitOfWork, corporation: Corporation) -> Outcome:
-            report = domain.receive_report(corporation, _new_id("rpt"), period_from, period_until,
+            report = domain.receive_report(corporation, new_id("rpt", 16), period_from, period_until,
                                            self.clock.today(), summary)
             await store.add_report(work.conn, report)
             await work.emit(CORPORATIONS, CorporationReportReceived(
@@ -396,7 +392,7 @@ class PlanningService:
                 if plan is None:
                     raise UnknownPlan(f"no plan {plan_id}")
             today = self.clock.today()
-            proposal = domain.make_proposal(_new_id("prp"), corporation, kind, plan, summary, today,
+            proposal = domain.make_proposal(new_id("prp", 16), corporation, kind, plan, summary, today,
                                             self.answer_days)
             await store.save_proposal(work.conn, proposal)
             await work.emit(CORPORATIONS, ProposalMade(
@@ -436,8 +432,8 @@ class PlanningService:
             today = self.clock.today()
             existing = await store.council_of(work.conn, code)
             council = domain.form_council(
-                _new_id("cnc"), code, name, today,
-                tuple(CouncilMember(_new_id("mbr"), m.kind, m.name, today) for m in members), existing,
+                new_id("cnc", 16), code, name, today,
+                tuple(CouncilMember(new_id("mbr", 16), m.kind, m.name, today) for m in members), existing,
             )
             try:
                 await store.save_council(work.conn, council)
@@ -454,7 +450,7 @@ class PlanningService:
     async def add_member(self, write: Write, council_id: str, member: NewMember) -> Outcome:
         async def act(work: UnitOfWork, council: Council) -> Outcome:
             today = self.clock.today()
-            changed = domain.add_member(council, CouncilMember(_new_id("mbr"), member.kind, member.name, today))
+            changed = domain.add_member(council, CouncilMember(new_id("mbr", 16), member.kind, member.name, today))
             await store.save_council(work.conn, changed)
             await work.emit(COUNCILS, CouncilMembershipChanged(
                 council_id=council.council_id, municipality_code=council.municipality_code,
@@ -472,7 +468,7 @@ class PlanningService:
                 plan = await store.get_plan(work.conn, plan_id)
                 if plan is None:
                     raise UnknownPlan(f"no plan {plan_id}")
-            meeting = domain.hold_meeting(council, _new_id("mtg"), held_on or self.clock.today(), agenda,
+            meeting = domain.hold_meeting(council, new_id("mtg", 16), held_on or self.clock.today(), agenda,
                                           minutes_summary, plan)
             await store.add_meeting(work.conn, meeting)
             await work.emit(COUNCILS, CouncilMeetingHeld(

@@ -36,7 +36,7 @@ from services.identity.domain import (
     judge_refresh,
     lock_after_failure,
     must_enrol_totp,
-    new_resident_id,
+    new_account_id,
     normalise_email,
     publish_until,
     published,
@@ -45,6 +45,7 @@ from services.identity.domain import (
     totp_uri,
 )
 from services.registration.domain import check_resident_id
+from shared.kit.my_number import looks_like_my_number
 
 NOW = datetime(2026, 4, 1, 3, 0, 15, tzinfo=UTC)
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
@@ -110,9 +111,17 @@ def test_a_partner_client_names_a_known_partner_and_only_it_does() -> None:
 
 def test_a_resident_id_never_looks_like_a_my_number() -> None:
     draws: Iterator[str] = iter(["ab123456789018" + "cd" * 9, "abcdef" * 5 + "01"])
-    resident_id = new_resident_id(lambda: next(draws))
+    resident_id = new_account_id(AccountRole.RESIDENT, lambda: next(draws))
     assert resident_id == "res-" + "abcdef" * 5 + "01"  # the first draw held twelve digits in a row
     assert check_resident_id(resident_id) == resident_id  # registration takes it as a resident id
+
+
+@pytest.mark.parametrize("role", [AccountRole.STAFF, AccountRole.PREFECTURE, AccountRole.MINISTRY, AccountRole.ADMIN])
+def test_a_staff_or_admin_account_id_never_looks_like_a_my_number(role: AccountRole) -> None:
+    draws: Iterator[str] = iter(["ab123456789018" + "cd" * 9, "abcdef" * 5 + "01"])
+    account_id = new_account_id(role, lambda: next(draws))
+    assert account_id == "usr-" + "abcdef" * 5 + "01"  # the first draw held twelve digits in a row
+    assert not looks_like_my_number(account_id)  # it may appear in a path: /accounts/{id}/totp/reset
 
 
 # --- lockout -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import random
+import re
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from shared.kit.http import ApiModel, MultilineText, MyNumberExempt, _my_number_target, create_app
+from shared.kit.ids import new_id
 from shared.kit.my_number import (
     MyNumberNotAllowed,
     check_digit,
@@ -379,3 +381,18 @@ def test_the_check_runs_before_a_validator_of_the_models_own() -> None:
     with pytest.raises(ValidationError) as caught:
         Program.model_validate({"code": "x"})
     assert caught.value.errors()[0]["type"] == "value_error"
+
+
+# --- ids the platform draws ----------------------------------------------------------------------
+
+
+def test_a_drawn_id_that_would_look_like_a_my_number_is_drawn_again() -> None:
+    # 16 hex digits of the first draw hold KNOWN, twelve digits in a row with the right check digit.
+    draws = iter([f"ab{KNOWN}cd" + "0" * 16, "abcdef0123456789" * 2])
+    assert looks_like_my_number(f"pln-ab{KNOWN}cd")
+    assert new_id("pln", 16, draw=lambda: next(draws)) == "pln-abcdef0123456789"
+
+
+def test_drawn_ids_hold_the_digits_asked_for() -> None:
+    assert re.fullmatch(r"lst-[0-9a-f]{16}", new_id("lst", 16))
+    assert re.fullmatch(r"usr-[0-9a-f]{32}", new_id("usr"))
