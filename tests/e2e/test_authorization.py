@@ -793,7 +793,7 @@ async def test_another_partners_grant_is_answered_as_one_that_does_not_exist(wor
     ana = world.headers("other_partner", "subsidy")
     fingerprint = await Fingerprint.of(world.apps["subsidy"])
     theirs = await subsidy.post("/v1/redemptions", json=world.trip_body(), headers=ana)
-    none = await subsidy.post("/v1/redemptions", json=world.trip_body(f"no-such-{uuid.uuid4().hex}"), headers=ana)
+    none = await subsidy.post("/v1/redemptions", json=world.trip_body(f"no-such-{uuid.uuid4()}"), headers=ana)
     assert (theirs.status_code, theirs.json()["code"]) == (none.status_code, none.json()["code"]) == (
         404, "unknown-grant"), theirs.text
     assert await fingerprint.changed() == []

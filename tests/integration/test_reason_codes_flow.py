@@ -121,7 +121,7 @@ async def test_a_staff_note_never_reaches_a_partner_topic_or_the_delivery_record
     await jal_records(p, number, lambda rs: has(rs, PartnerGrant.event_type, state="issued"))
 
     # An unknown code is refused; the staff's words go in the note.
-    note = f"NOTE-{uuid.uuid4().hex} 入院のため長期不在（精神科）、家族から連絡あり"
+    note = f"NOTE-{uuid.uuid4()} 入院のため長期不在（精神科）、家族から連絡あり"
     token = note.split()[0]
     for body in ({"reason_code": "hospitalised", "note": note}, {"reason": note}):
         refused = await p.certification.post(f"/v1/certificates/{number}/revoke", json=body, headers=staff)
