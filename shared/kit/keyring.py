@@ -34,7 +34,7 @@ from shared.contracts.sealed import Sealed
 from shared.kit.auth import ConfigurationError
 from shared.kit.errors import DomainError
 from shared.kit.migrations import apply_migrations, ensure_database, load_migrations
-from shared.kit.settings import Settings, with_database
+from shared.kit.settings import Settings, database_of, with_database
 
 log = structlog.get_logger(__name__)
 
@@ -148,7 +148,7 @@ class Keyring:
         async with self._opening:
             if self._pool is None:
                 if self._admin_dsn is not None:
-                    await ensure_database(self._admin_dsn, self._dsn.rsplit("/", 1)[-1].split("?", 1)[0])
+                    await ensure_database(self._admin_dsn, database_of(self._dsn))
                 conn = await asyncpg.connect(self._dsn)
                 try:
                     await apply_migrations(conn, load_migrations(KEYRING_MIGRATIONS, "keyring"))

@@ -216,6 +216,11 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
+def database_of(dsn: str) -> str:
+    """The database a DSN names (its query may hold slashes: ``?host=/run/postgresql``)."""
+    return urlsplit(dsn).path.lstrip("/")
+
+
 @cache
 def get_settings() -> Settings:
     return Settings()

@@ -10,7 +10,7 @@ from shared.contracts.catalog import RETIRED_EVENT_TYPES, asyncapi, load_all_con
 from shared.contracts.registration import ConsentState, ResidentRegistered
 from shared.contracts.sealed import Sealed
 from shared.contracts.topics import ALL_TOPICS, PARTNER_FEED, PARTNER_TRIPS, SERVICES, dead_letter_topics
-from shared.kit.settings import Settings
+from shared.kit.settings import Settings, database_of
 
 
 def test_settings_read_the_nichiiki_prefix_and_derive_one_database_per_service(
@@ -24,6 +24,11 @@ def test_settings_read_the_nichiiki_prefix_and_derive_one_database_per_service(
         "postgresql://u:p@db.example:5432/nichiiki_registration?sslmode=disable"
     )
     assert settings.database_dsn("donation").endswith("/nichiiki_donation?sslmode=disable")
+
+
+def test_the_database_a_dsn_names_is_read_past_a_socket_directory_in_its_query() -> None:
+    assert database_of("postgresql://u:p@db.example:5432/nichiiki_keyring?sslmode=disable") == "nichiiki_keyring"
+    assert database_of("postgresql://postgres@/nichiiki_keyring?host=/run/postgresql") == "nichiiki_keyring"
 
 
 def test_unset_servers_mean_embedded_and_are_reported_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
