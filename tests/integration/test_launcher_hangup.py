@@ -62,9 +62,12 @@ def _running(pid: int) -> bool:
 
 
 def _cleanup(launcher: subprocess.Popen[bytes], service: int) -> None:
-    for pid in (launcher.pid, service):
+    """After a failure: nothing left behind (the service's pid is not ours to kill once it is gone)."""
+    if _running(service):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(service, signal.SIGKILL)
+    if launcher.poll() is None:
+        launcher.kill()
     launcher.wait(10)
 
 
