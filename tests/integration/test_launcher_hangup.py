@@ -45,8 +45,9 @@ def _launch(tmp_path: Path, *, ignore_hangup: bool = False) -> tuple[subprocess.
     launcher = subprocess.Popen(
         [sys.executable, "-c", _LAUNCHER, str(tmp_path)], cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        # as `nohup` starts it: SIGHUP ignored, which the launcher inherits through exec
-        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hangup else None,
+        # As a terminal starts it (SIGHUP's default), or as `nohup` does (ignored): either way set here,
+        # since an ignored SIGHUP is inherited through exec and this suite may itself run under nohup.
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN if ignore_hangup else signal.SIG_DFL),
     )
     assert launcher.stdout is not None
     line = launcher.stdout.readline()
