@@ -886,8 +886,8 @@ async def test_erasure_leaves_no_member_number_note_or_address_and_sealed_copies
     h: Harness,
 ) -> None:
     resident = new_id()
-    member, note, address = "918273645", f"NOTE-{uuid.uuid4().hex[:12]} 通院のため", f"白浜町{uuid.uuid4().hex[:8]}"
-    staff_note = f"STAFF-{uuid.uuid4().hex[:12]} 家族から連絡"
+    member, note, address = "918273645", f"NOTE-{uuid.uuid4().hex[:11]} 通院のため", f"白浜町{uuid.uuid4().hex[:8]}"
+    staff_note = f"STAFF-{uuid.uuid4().hex[:11]} 家族から連絡"
     await register(h, resident, SHIRAHAMA, TANABE, consents=("jal",))
     keyed = {**h.resident(resident), "Idempotency-Key": f"apply-{resident}"}
     applied = await h.client.post("/v1/applications", headers=keyed, json=application_body(

@@ -1092,7 +1092,7 @@ async def test_erasure_removes_member_numbers_from_every_table_and_no_late_certi
     their open grants, erases the numbers of all their grants (ended ones too) and certificates, keeps
     the accounts with ids only; a certificate event redelivered afterwards grants nothing."""
     program_id, partner = await create_program(subsidy, "152048", "fare_voucher", VOUCHER_PARAMETERS, 80_000)
-    resident, member = f"res-{uid()}", f"M{uuid.uuid4().hex[:12].upper()}"
+    resident, member = f"res-{uid()}", f"M{uuid.uuid4().hex[:11].upper()}"
     keyring = subsidy.runtime.keyring
     ended, current = [
         await sealed_for(keyring, certificate_issued(
