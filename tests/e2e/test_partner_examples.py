@@ -59,7 +59,7 @@ class Resident:
     """The certified resident and what the platform made of them."""
 
     def __init__(self) -> None:
-        self.id = f"res-{uuid.uuid4().hex[:8]}-{uuid.uuid4().hex[:8]}"
+        self.id = f"res-{uuid.uuid4()}"
         self.name = "小川 ゆかり"
         self.email = f"yukari.{self.id[4:12]}@example.jp"
         self.member_number = str(random.randrange(10**8, 10**9))  # JAL Mileage Bank: 9 digits

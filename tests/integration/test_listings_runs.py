@@ -55,7 +55,7 @@ async def state(pool: asyncpg.Pool) -> dict[str, list[dict[str, Any]]]:
 
 def issued(resident_id: str, municipality: str) -> CertificateIssued:
     return CertificateIssued(
-        certificate_number=f"C-{municipality}-{uuid.uuid4().hex[:8]}", resident_id=resident_id,
+        certificate_number=f"C-{municipality}-n{uuid.uuid4().hex[:8]}", resident_id=resident_id,
         municipality_code=municipality, valid_from=date(2026, 4, 1), valid_until=date(2027, 3, 31), status="valid",
         partners=[membership("jal", resident_id=resident_id)], application_id=f"app-{uuid.uuid4().hex[:8]}",
         issued_at=NOW,

@@ -67,7 +67,7 @@ class Seeding:
 def issued(municipality: str, *partners: str, valid_from: date | None = None) -> CertificateIssued:
     start = valid_from or TODAY - timedelta(days=30)
     return CertificateIssued(
-        certificate_number=f"C-{municipality}-{uuid.uuid4().hex[:8]}", resident_id=f"res-{uuid.uuid4().hex[:8]}",
+        certificate_number=f"C-{municipality}-n{uuid.uuid4().hex[:8]}", resident_id=f"res-{uuid.uuid4().hex[:8]}",
         municipality_code=municipality, valid_from=start, valid_until=start + timedelta(days=364), status="valid",
         partners=[membership(partner=p, member_number="123456789" if p == "jal" else None) for p in partners],
         application_id=f"app-{uuid.uuid4().hex[:8]}", issued_at=datetime.now(UTC),
