@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
+from shared.cli.processes import is_alive
 from shared.kit.settings import REPO_ROOT
 
 _LAUNCHER = """
@@ -55,16 +54,9 @@ def _launch(tmp_path: Path, *, ignore_hangup: bool = False) -> tuple[subprocess.
     return launcher, int(line.split()[1])
 
 
-def _running(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _cleanup(launcher: subprocess.Popen[bytes], service: int) -> None:
     """After a failure: nothing left behind (the service's pid is not ours to kill once it is gone)."""
-    if _running(service):
+    if is_alive(service):
         with contextlib.suppress(ProcessLookupError):
             os.kill(service, signal.SIGKILL)
     if launcher.poll() is None:
@@ -82,7 +74,7 @@ def test_a_closed_terminal_stops_the_services_in_order(tmp_path: Path) -> None:
         os.killpg(launcher.pid, signal.SIGHUP)
         launcher.wait(30)
         assert launcher.returncode >= 0, f"the launcher died of signal {-launcher.returncode}"
-        assert not _running(service), "the service was left running"
+        assert not is_alive(service), "the service was left running"
     finally:
         _cleanup(launcher, service)
 
@@ -92,9 +84,9 @@ def test_under_nohup_a_hangup_leaves_the_platform_running(tmp_path: Path) -> Non
     try:
         os.killpg(launcher.pid, signal.SIGHUP)
         time.sleep(0.5)
-        assert launcher.poll() is None and _running(service)
+        assert launcher.poll() is None and is_alive(service)
         launcher.send_signal(signal.SIGTERM)  # `nichiiki stop`
         assert launcher.wait(30) == 0
-        assert not _running(service)
+        assert not is_alive(service)
     finally:
         _cleanup(launcher, service)
