@@ -150,7 +150,8 @@ def render(
         "## Machine and backends",
         "",
         f"- {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB memory, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
+        f"Python {platform.python_version()} ({os.path.realpath(sys.executable)}), "
+        f"{platform.system()} {platform.release()}",
         *(f"- {name}: {where}" for name, where in backends.describe().items()),
         "- services: one process each (uvicorn, one worker; the console two workers), the load generator on "
         "the same machine",

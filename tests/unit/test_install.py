@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -185,6 +186,39 @@ def test_the_launcher_installs_from_the_lock() -> None:
     assert re.search(r'wanted="\$\(cat "\$lock" "\$root/pyproject.toml" \| cksum\)"', script)
     assert "requirements/lock.sh" in script
     assert 'exec bash "$root/requirements/lock.sh"' in script
+
+
+def _stand_in_python(path: Path, *, optimised: bool) -> Path:
+    """An executable answering the launcher's two probes (``-c <code>``) as a Python 3.11+ would: recent
+    enough, and an optimised build (the probe that imports ``ensurepip``) or a plain one."""
+    path.write_text(f'#!/bin/sh\ncase "$2" in *ensurepip*) exit {0 if optimised else 1} ;; esac\nexit 0\n')
+    path.chmod(0o755)
+    return path
+
+
+def _find_python(path: str, **env: str) -> str:
+    function = re.search(r"^find_python\(\) \{\n.*?^\}\n", LAUNCHER.read_text(encoding="utf-8"), re.S | re.M)
+    assert function, "./nichiiki has no find_python"
+    done = subprocess.run(["/bin/bash", "-c", function[0] + "find_python"], env={"PATH": path, **env},
+                          capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.strip()
+
+
+def test_the_launcher_takes_an_optimised_python_over_an_earlier_plain_one(tmp_path: Path) -> None:
+    # python3.12 comes first in the launcher's order; the optimised build comes before it all the same
+    plain = _stand_in_python(tmp_path / "python3.12", optimised=False)
+    _stand_in_python(tmp_path / "python3.11", optimised=True)
+    chosen = _find_python(str(tmp_path))
+    assert chosen != str(plain)
+    # the stand-in, or the distribution's own /usr/bin/python3.11 where the machine has one
+    assert subprocess.run([chosen, "-c", "import ensurepip"], timeout=30).returncode == 0
+
+
+def test_nichiiki_python_is_taken_outright_and_a_plain_python_is_the_fallback(tmp_path: Path) -> None:
+    plain = _stand_in_python(tmp_path / "python3.13", optimised=False)
+    assert _find_python(str(tmp_path), NICHIIKI_PYTHON=str(plain)) == str(plain)
+    if not any(Path(f"/usr/bin/python3.{minor}").exists() for minor in (11, 12, 13)):
+        assert _find_python(str(tmp_path)) == "python3.13"
 
 
 def test_ci_still_runs_the_readme_command() -> None:
