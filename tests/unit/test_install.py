@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -209,16 +210,15 @@ def test_the_launcher_takes_an_optimised_python_over_an_earlier_plain_one(tmp_pa
     plain = _stand_in_python(tmp_path / "python3.12", optimised=False)
     _stand_in_python(tmp_path / "python3.11", optimised=True)
     chosen = _find_python(str(tmp_path))
-    assert chosen != str(plain)
-    # the stand-in, or the distribution's own /usr/bin/python3.11 where the machine has one
-    assert subprocess.run([chosen, "-c", "import ensurepip"], timeout=30).returncode == 0
+    # a name found on PATH, or the distribution's own /usr/bin/python3.x where the machine has one
+    resolved = chosen if "/" in chosen else shutil.which(chosen, path=str(tmp_path))
+    assert resolved is not None and resolved != str(plain)
+    assert subprocess.run([resolved, "-c", "import ensurepip"], timeout=30).returncode == 0
 
 
-def test_nichiiki_python_is_taken_outright_and_a_plain_python_is_the_fallback(tmp_path: Path) -> None:
+def test_nichiiki_python_is_taken_outright(tmp_path: Path) -> None:
     plain = _stand_in_python(tmp_path / "python3.13", optimised=False)
     assert _find_python(str(tmp_path), NICHIIKI_PYTHON=str(plain)) == str(plain)
-    if not any(Path(f"/usr/bin/python3.{minor}").exists() for minor in (11, 12, 13)):
-        assert _find_python(str(tmp_path)) == "python3.13"
 
 
 def test_ci_still_runs_the_readme_command() -> None:
